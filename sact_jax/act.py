@@ -1,0 +1,156 @@
+"""Halting arithmetic of ACT and SACT as pure functions.
+
+Nothing here owns parameters: the functions take halting scores and unit
+outputs and return the halting distribution, the number of units used, the
+remainder and the ponder cost (Graves 2016; Figurnov et al. 2017, Algorithm 1).
+The trailing shape of every array is free: `[B]` for ACT (one score per
+image), `[B, H, W]` for SACT (one per position).
+
+Conventions follow the reference implementation (SPEC section 1):
+
+* `N = min{n : sum_{l <= n} h^l >= 1 - eps}`, with the last unit's score
+  treated as 1, so N <= L.
+* `R = 1 - sum_{l < N} h^l`; `p^l = h^l` for l < N, `R` for l = N, 0 after.
+* `rho = N + R`. N carries no gradient, so d rho / d h^l = -1 for l < N.
+"""
+
+from typing import NamedTuple
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+DEFAULT_EPS = 0.01
+
+
+class HaltingDistribution(NamedTuple):
+  """Closed-form result of ACT over L units (shapes `[L, ...]` or `[...]`)."""
+  probs: jax.Array  # [L, ...] p^l, sums to 1 over L.
+  num_units: jax.Array  # [...] int32 N in 1..L.
+  remainder: jax.Array  # [...] R.
+  ponder_cost: jax.Array  # [...] rho = N + R.
+
+
+def _threshold(eps: float, dtype) -> jax.Array:
+  return jnp.asarray(1.0 - eps, dtype)
+
+
+def halting_distribution(halting: jax.Array,
+                         eps: float = DEFAULT_EPS) -> HaltingDistribution:
+  """ACT over all L units at once.
+
+  Args:
+    halting: `[L, ...]` halting scores in [0, 1]; `halting[L-1]` is ignored
+      and treated as 1 (the last unit always halts).
+    eps: halting threshold is `1 - eps`.
+
+  Returns:
+    The `HaltingDistribution`.
+  """
+  num_layers = halting.shape[0]
+  h = halting.at[num_layers - 1].set(1.0)
+  cumulative = jnp.cumsum(h, axis=0)
+  reached = cumulative >= _threshold(eps, h.dtype)
+  n0 = jnp.argmax(reached, axis=0)  # 0-based index of the halting unit.
+  index = lax.broadcasted_iota(jnp.int32, h.shape, 0)
+  before = index < n0
+  remainder = 1.0 - jnp.sum(jnp.where(before, h, 0.0), axis=0)
+  probs = jnp.where(before, h, jnp.where(index == n0, remainder, 0.0))
+  num_units = (n0 + 1).astype(jnp.int32)
+  return HaltingDistribution(
+      probs=probs, num_units=num_units, remainder=remainder,
+      ponder_cost=num_units.astype(h.dtype) + remainder)
+
+
+class HaltingState(NamedTuple):
+  """The carry of Algorithm 1: everything ACT needs between two units.
+
+  `running` is the residual mask of the *next* unit: 1 where the position
+  (or image) has not halted yet.
+  """
+  cumulative: jax.Array  # [...] sum of the halting scores seen so far.
+  remainder: jax.Array  # [...] R, valid once halted (1 - cumulative before).
+  output: jax.Array  # [..., C] sum_l p^l x^l so far.
+  ponder_cost: jax.Array  # [...] N + R so far.
+  num_units: jax.Array  # [...] int32 units used so far.
+  running: jax.Array  # [...] float 1 = still running, 0 = halted.
+
+
+def init_state(x: jax.Array, batch_shape: tuple[int, ...]) -> HaltingState:
+  """A state before the first unit, for unit outputs shaped like `x`.
+
+  Args:
+    x: an example unit output `[*batch_shape, ..., C]`; only its dtype and the
+      shape of the accumulator are taken from it.
+    batch_shape: the halting shape, `[B]` for ACT or `[B, H, W]` for SACT.
+  """
+  zeros = jnp.zeros(batch_shape, x.dtype)
+  return HaltingState(
+      cumulative=zeros, remainder=zeros, output=jnp.zeros_like(x),
+      ponder_cost=zeros, num_units=jnp.zeros(batch_shape, jnp.int32),
+      running=jnp.ones(batch_shape, x.dtype))
+
+
+def _expand(a: jax.Array, ndim: int) -> jax.Array:
+  return a.reshape(a.shape + (1,) * (ndim - a.ndim))
+
+
+def step(state: HaltingState, halting: jax.Array, x: jax.Array,
+         eps: float = DEFAULT_EPS) -> HaltingState:
+  """Accounts for one unit: its output `x` and its halting score.
+
+  Args:
+    state: the carry after the previous units.
+    halting: `[...]` score of this unit in [0, 1]; pass ones for the last.
+    x: `[..., C...]` this unit's output; broadcast against the halting shape.
+    eps: halting threshold is `1 - eps`.
+
+  Returns:
+    The carry after this unit. Scores of halted positions are ignored.
+  """
+  running = state.running
+  h = halting * running  # Finished positions contribute nothing.
+  cumulative = state.cumulative + h
+  halts_now = (running > 0) & (cumulative >= _threshold(eps, h.dtype))
+  halts_now_f = halts_now.astype(h.dtype)
+  remainder_here = 1.0 - state.cumulative
+  p = jnp.where(halts_now, remainder_here, h)
+  output = state.output + _expand(p, x.ndim).astype(x.dtype) * x
+  remainder = jnp.where(halts_now, remainder_here, state.remainder)
+  # rho = N + R: +1 for every unit run, +R at the halting unit.
+  ponder_cost = (state.ponder_cost + running
+                 + halts_now_f * remainder_here)
+  num_units = state.num_units + (running > 0).astype(jnp.int32)
+  return HaltingState(
+      cumulative=cumulative, remainder=remainder, output=output,
+      ponder_cost=ponder_cost, num_units=num_units,
+      running=running * (1.0 - halts_now_f))
+
+
+def finish(state: HaltingState, x_last: jax.Array,
+           eps: float = DEFAULT_EPS) -> HaltingState:
+  """Accounts for the last unit, whose halting score is always 1."""
+  return step(state, jnp.ones_like(state.cumulative), x_last, eps)
+
+
+def masked_residual(x: jax.Array, residual: jax.Array,
+                    mask: jax.Array) -> jax.Array:
+  """`x + mask * residual`: halted positions keep their value.
+
+  Args:
+    x: `[B, H, W, C]` unit input.
+    residual: `[B, H, W, C]` residual branch output.
+    mask: `[B, H, W]` (SACT) or `[B]` (ACT) running mask.
+  """
+  return x + _expand(mask, x.ndim).astype(x.dtype) * residual
+
+
+def dilate_mask(mask_BxHxW: jax.Array) -> jax.Array:
+  """3x3 max-pool (stride 1, SAME) of a mask.
+
+  A conv whose output feeds a 3x3 conv must be computed on every position
+  that an active position's 3x3 window reads: the dilated active set.
+  """
+  return lax.reduce_window(
+      mask_BxHxW, jnp.array(0, mask_BxHxW.dtype), lax.max,
+      (1, 3, 3), (1, 1, 1), 'SAME')

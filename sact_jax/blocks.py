@@ -1,0 +1,145 @@
+"""A block of residual units with (spatially) adaptive computation time.
+
+The first unit (possibly strided) runs densely on its own; units 2..L run
+under one `nnx.scan` over stacked parameters (created with `nnx.vmap`), so
+compile time does not grow with depth. Algorithm 1 of the SACT paper runs on
+the fly in the scan carry (`act.HaltingState`): no unit output is kept.
+
+Scan step k (k = 2..L) holds the halting head of unit k-1 and unit k itself:
+it scores x^{k-1}, updates the halting state, then applies unit k with the
+resulting running mask. The head of the last unit does not exist (its score
+is 1), which this pairing expresses without an unused head.
+"""
+
+from typing import Callable, Literal
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+from sact_jax import act as act_lib
+from sact_jax import flops as flops_lib
+
+ModelType = Literal['vanilla', 'act', 'sact']
+MODEL_TYPES = ('vanilla', 'act', 'sact')
+
+
+class Step(nnx.Module):
+  """What one scan iteration owns: unit k and the halting head of unit k-1."""
+
+  def __init__(self, unit: nnx.Module, head: nnx.Module | None):
+    self.unit = unit
+    self.head = head
+
+
+class Block(nnx.Module):
+  """L residual units with a shared halting state.
+
+  Args:
+    make_first: builds the first unit from `rngs`.
+    make_unit: builds one of units 2..L (identity shortcut) from `rngs`.
+    make_head: builds one halting head from `rngs` (unused for vanilla).
+    num_units: L >= 1.
+    model_type: 'vanilla', 'act' (one halting score per image) or 'sact'
+      (one per position).
+    eps: halting threshold is `1 - eps`.
+    remat: rematerialise each scanned unit in the backward pass.
+  """
+
+  def __init__(self, make_first: Callable[[nnx.Rngs], nnx.Module],
+               make_unit: Callable[[nnx.Rngs], nnx.Module],
+               make_head: Callable[[nnx.Rngs], nnx.Module],
+               num_units: int, model_type: ModelType, *,
+               eps: float = act_lib.DEFAULT_EPS, remat: bool = False,
+               rngs: nnx.Rngs):
+    if model_type not in MODEL_TYPES:
+      raise ValueError(f'model_type must be one of {MODEL_TYPES}, got '
+                       f'{model_type!r}.')
+    if num_units < 1:
+      raise ValueError(f'A block needs at least one unit, got {num_units}.')
+    if not 0.0 < eps < 1.0:
+      raise ValueError(f'eps must lie in (0, 1), got {eps}.')
+    self.num_units = num_units
+    self.model_type = model_type
+    self.eps = eps
+    self.remat = remat
+    self.first = make_first(rngs)
+    adaptive = model_type != 'vanilla'
+    if num_units > 1:
+      @nnx.split_rngs(splits=num_units - 1)
+      @nnx.vmap(in_axes=(0,), out_axes=0)
+      def make_steps(rngs: nnx.Rngs) -> Step:
+        return Step(make_unit(rngs), make_head(rngs) if adaptive else None)
+      self.steps = make_steps(rngs)
+    else:
+      self.steps = None
+
+  def _scan(self, body, carry):
+    if self.remat:
+      body = nnx.remat(body)
+    return nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(
+        carry, self.steps)
+
+  def __call__(self, x_BxHxWxC: jax.Array, counter: flops_lib.FlopCounter
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Runs the block; adds its FLOPs to `counter`.
+
+    Returns:
+      The block output (for ACT/SACT the halting-weighted sum of the unit
+      outputs) and a dict with `ponder_cost` and `num_units` (`[B]` for ACT,
+      `[B, H, W]` for SACT; empty for vanilla).
+    """
+    x = self.first(x_BxHxWxC)
+    batch, height, width = x.shape[:3]
+    hw = height * width
+    counter.add(self.first.dense_flops(
+        x_BxHxWxC.shape[1] * x_BxHxWxC.shape[2], hw))
+
+    if self.model_type == 'vanilla':
+      if self.steps is None:
+        return x, {}
+      def vanilla_body(x, step):
+        return x + step.unit.residual(x)
+      x = self._scan(vanilla_body, x)
+      counter.add((self.num_units - 1) * self._unit_dense_cost(hw))
+      return x, {}
+
+    sact = self.model_type == 'sact'
+    halting_shape = (batch, height, width) if sact else (batch,)
+    state = act_lib.init_state(x, halting_shape)
+    eps = self.eps
+
+    if self.steps is not None:
+      def body(carry, step):
+        x, state, flops_B = carry
+        halting = step.head(x)
+        flops_B = flops_B + step.head.flops(state.running)
+        state = act_lib.step(state, halting, x, eps)
+        mask = state.running
+        residual = step.unit.residual(x)
+        if sact:
+          x = act_lib.masked_residual(x, residual, mask)
+          flops_B = (
+              flops_B
+              + flops_lib.spatial_count(act_lib.dilate_mask(mask))
+              * step.unit.dilated_cost
+              + flops_lib.spatial_count(mask) * step.unit.active_cost)
+        else:
+          # ACT masks nothing: a halted image's later states get weight 0.
+          x = x + residual
+          flops_B = flops_B + mask * (
+              (step.unit.dilated_cost + step.unit.active_cost) * hw)
+        return x, state, flops_B
+
+      flops_B = jnp.zeros((batch,), jnp.float32)
+      x, state, flops_B = self._scan(body, (x, state, flops_B))
+      counter.add(flops_B)
+
+    state = act_lib.finish(state, x, eps)
+    return state.output, {'ponder_cost': state.ponder_cost,
+                          'num_units': state.num_units}
+
+  def _unit_dense_cost(self, hw: int) -> int:
+    """Dense FLOPs of one of units 2..L (read from the stacked params)."""
+    unit = self.steps.unit
+    return (unit.dilated_cost + unit.active_cost) * hw

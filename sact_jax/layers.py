@@ -1,0 +1,68 @@
+"""Small building blocks shared by the CIFAR and ImageNet ResNets."""
+
+import dataclasses
+from typing import Callable
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+from sact_jax import conv as conv_lib
+
+Activation = Callable[[jax.Array], jax.Array]
+
+
+def leaky_relu(x: jax.Array) -> jax.Array:
+  """The reference CIFAR nonlinearity, `max(x, 0.1 x)`."""
+  return jnp.maximum(x, 0.1 * x)
+
+
+def identity(x: jax.Array) -> jax.Array:
+  return x
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerFactory:
+  """Builds convs, dense layers and BatchNorms with a family's settings.
+
+  Attributes:
+    bn_momentum: running-average decay of BatchNorm statistics.
+    bn_epsilon: BatchNorm epsilon.
+    fast_conv_backward: route stride-1 convs through `conv.py` (canonical
+      layout backward pass; see that module for why).
+  """
+  bn_momentum: float
+  bn_epsilon: float
+  fast_conv_backward: bool = True
+
+  def conv(self, cin: int, cout: int, kernel: int, *, rngs: nnx.Rngs,
+           stride: int = 1, padding='SAME', use_bias: bool = False,
+           bias_init: float = 0.0) -> nnx.Conv:
+    fn = (conv_lib.conv_general_dilated if self.fast_conv_backward
+          else jax.lax.conv_general_dilated)
+    return nnx.Conv(
+        cin, cout, (kernel, kernel), strides=(stride, stride),
+        padding=padding, use_bias=use_bias,
+        kernel_init=nnx.initializers.variance_scaling(
+            2.0, 'fan_in', 'truncated_normal'),
+        bias_init=nnx.initializers.constant(bias_init),
+        conv_general_dilated=fn, rngs=rngs)
+
+  def dense(self, cin: int, cout: int, *, rngs: nnx.Rngs,
+            use_bias: bool = True, bias_init: float = 0.0) -> nnx.Linear:
+    return nnx.Linear(
+        cin, cout, use_bias=use_bias,
+        kernel_init=nnx.initializers.variance_scaling(
+            1.0, 'fan_in', 'truncated_normal'),
+        bias_init=nnx.initializers.constant(bias_init), rngs=rngs)
+
+  def batch_norm(self, channels: int, *, rngs: nnx.Rngs) -> nnx.BatchNorm:
+    return nnx.BatchNorm(channels, momentum=self.bn_momentum,
+                         epsilon=self.bn_epsilon, rngs=rngs)
+
+
+def same_padding(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
+  """Symmetric explicit padding of the reference's `conv2d_same`."""
+  total = kernel - 1
+  pad = (total // 2, total - total // 2)
+  return (pad, pad)

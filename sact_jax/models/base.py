@@ -1,0 +1,58 @@
+"""What the CIFAR and ImageNet ResNets share: blocks, aux and input checks."""
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+from sact_jax import flops as flops_lib
+
+
+def check_images(images: jax.Array):
+  """One clear error for images that no ResNet here can take."""
+  if images.ndim != 4 or images.shape[-1] != 3:
+    raise ValueError(
+        'Expected images shaped [batch, height, width, 3] (NHWC, RGB), got '
+        f'shape {tuple(images.shape)}.')
+
+
+class AdaptiveResNet(nnx.Module):
+  """Stem, blocks, head; subclasses build the three parts.
+
+  Calling the model returns `(logits_BxK, aux)`, where `aux` holds:
+    flops: `[B]` FLOPs per image (reference convention);
+    ponder_cost, num_units: one entry per block, `[B]` for ACT and
+      `[B, H, W]` for SACT (empty lists for vanilla);
+    ponder_loss: scalar `sum_blocks mean(ponder_cost)`, the term the loss
+      multiplies by tau (0 for vanilla).
+  """
+  blocks: nnx.List
+  model_type: str
+
+  def stem(self, images: jax.Array, counter: flops_lib.FlopCounter):
+    raise NotImplementedError
+
+  def head(self, x: jax.Array, counter: flops_lib.FlopCounter):
+    raise NotImplementedError
+
+  def __call__(self, images_BxHxWx3: jax.Array, *,
+               counter: flops_lib.FlopCounter | None = None
+               ) -> tuple[jax.Array, dict]:
+    check_images(images_BxHxWx3)
+    counter = flops_lib.FlopCounter() if counter is None else counter
+    x = self.stem(images_BxHxWx3, counter)
+    ponder_costs, num_units = [], []
+    for block in self.blocks:
+      x, block_aux = block(x, counter)
+      if block_aux:
+        ponder_costs.append(block_aux['ponder_cost'])
+        num_units.append(block_aux['num_units'])
+    logits = self.head(x, counter)
+    ponder_loss = sum((jnp.mean(p) for p in ponder_costs),
+                      jnp.zeros((), jnp.float32))
+    aux = {
+        'flops': counter.per_image(images_BxHxWx3.shape[0]),
+        'ponder_cost': ponder_costs,
+        'num_units': num_units,
+        'ponder_loss': ponder_loss,
+    }
+    return logits, aux
