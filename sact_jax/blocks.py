@@ -44,6 +44,8 @@ class Block(nnx.Module):
       (one per position).
     eps: halting threshold is `1 - eps`.
     remat: rematerialise each scanned unit in the backward pass.
+    unroll: fully unroll the scan (for benchmarks: compile time then grows
+      with depth).
   """
 
   def __init__(self, make_first: Callable[[nnx.Rngs], nnx.Module],
@@ -51,7 +53,7 @@ class Block(nnx.Module):
                make_head: Callable[[nnx.Rngs], nnx.Module],
                num_units: int, model_type: ModelType, *,
                eps: float = act_lib.DEFAULT_EPS, remat: bool = False,
-               rngs: nnx.Rngs):
+               unroll: bool = False, rngs: nnx.Rngs):
     if model_type not in MODEL_TYPES:
       raise ValueError(f'model_type must be one of {MODEL_TYPES}, got '
                        f'{model_type!r}.')
@@ -63,6 +65,7 @@ class Block(nnx.Module):
     self.model_type = model_type
     self.eps = eps
     self.remat = remat
+    self.unroll = unroll
     self.first = make_first(rngs)
     adaptive = model_type != 'vanilla'
     if num_units > 1:
@@ -77,8 +80,8 @@ class Block(nnx.Module):
   def _scan(self, body, carry):
     if self.remat:
       body = nnx.remat(body)
-    return nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(
-        carry, self.steps)
+    return nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
+                    unroll=True if self.unroll else 1)(carry, self.steps)
 
   def __call__(self, x_BxHxWxC: jax.Array, counter: flops_lib.FlopCounter
                ) -> tuple[jax.Array, dict[str, jax.Array]]:

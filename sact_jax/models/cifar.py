@@ -35,7 +35,8 @@ class CifarResNet(base.AdaptiveResNet):
   def __init__(self, units: Sequence[int], model_type: str, *,
                num_classes: int = 10, base_channels: int = 16,
                eps: float = act_lib.DEFAULT_EPS, remat: bool = False,
-               fast_conv_backward: bool = True, rngs: nnx.Rngs):
+               unroll: bool = False, fast_conv_backward: bool = True,
+               rngs: nnx.Rngs):
     self.model_type = model_type
     self.units = tuple(units)
     factory = layers.LayerFactory(bn_momentum=0.9, bn_epsilon=1e-3,
@@ -58,7 +59,7 @@ class CifarResNet(base.AdaptiveResNet):
           lambda r, f=make_first: f(rngs=r),
           lambda r, f=make_unit: f(rngs=r),
           lambda r, f=make_head: f(rngs=r),
-          n, model_type, eps=eps, remat=remat, rngs=rngs))
+          n, model_type, eps=eps, remat=remat, unroll=unroll, rngs=rngs))
       cin = width
     self.blocks = nnx.List(blocks)
     self.head_bn = factory.batch_norm(cin, rngs=rngs)

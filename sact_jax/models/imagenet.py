@@ -35,7 +35,8 @@ class ImageNetResNet(base.AdaptiveResNet):
   def __init__(self, units: Sequence[int], model_type: str, *,
                num_classes: int = 1001, base_channels: int = 64,
                eps: float = act_lib.DEFAULT_EPS, remat: bool = False,
-               fast_conv_backward: bool = True, rngs: nnx.Rngs):
+               unroll: bool = False, fast_conv_backward: bool = True,
+               rngs: nnx.Rngs):
     self.model_type = model_type
     self.units = tuple(units)
     factory = layers.LayerFactory(bn_momentum=0.997, bn_epsilon=1e-5,
@@ -59,7 +60,7 @@ class ImageNetResNet(base.AdaptiveResNet):
           lambda r, f=make_first: f(rngs=r),
           lambda r, f=make_unit: f(rngs=r),
           lambda r, f=make_head: f(rngs=r),
-          n, model_type, eps=eps, remat=remat, rngs=rngs))
+          n, model_type, eps=eps, remat=remat, unroll=unroll, rngs=rngs))
       cin = depth
     self.blocks = nnx.List(blocks)
     self.postnorm = factory.batch_norm(cin, rngs=rngs)
