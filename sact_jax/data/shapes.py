@@ -251,15 +251,18 @@ class SactShapes(tfds.core.GeneratorBasedBuilder):
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
-    # Tensor features (not Image), so that preparing needs no TensorFlow.
+    # Tensor features, not Image: preparing then needs no TensorFlow. Stored
+    # as raw bytes: 8x faster to write and smaller than int64 lists.
     return self.dataset_info_from_configs(
         description=__doc__,
         features=tfds.features.FeaturesDict({
             'image': tfds.features.Tensor(
-                shape=(IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8),
+                shape=(IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8,
+                encoding=tfds.features.Encoding.BYTES),
             'label': tfds.features.ClassLabel(names=CLASS_NAMES),
             'mask': tfds.features.Tensor(
-                shape=(IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8),
+                shape=(IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8,
+                encoding=tfds.features.Encoding.BYTES),
         }),
         supervised_keys=('image', 'label'),
     )

@@ -1,0 +1,359 @@
+"""Input pipelines: tfds array_record data sources read by grain, no TF.
+
+`make_dataset` returns a grain dataset of dict batches of numpy arrays, with
+the preprocessing of the reference SACT code:
+
+* `cifar10`: train: zero-pad to 36x36, random 32x32 crop, random horizontal
+  flip; then (train and eval) per-image standardisation.
+* `imagenet2012`: train: Inception-style random resized crop (area 8-100%,
+  aspect 3/4-4/3) and random flip; eval: central 87.5% crop; both resized to
+  224x224 and scaled to [-1, 1].
+* `sact_shapes` (generated locally, see `shapes.py`): as `cifar10`, and the
+  object mask is cropped and flipped with its image.
+
+Random augmentation is a function of (seed, example position), so a pipeline
+is reproducible, and its iterator resumes exactly from
+`get_iterator_state` / `set_iterator_state`.
+"""
+
+import dataclasses
+import functools
+import io
+import json
+import math
+from typing import Any
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+
+from sact_jax.data import shapes
+
+Example = dict[str, Any]
+
+
+class DatasetNotFoundError(Exception):
+  """The dataset is not prepared in `data_dir` and cannot be downloaded."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What a model and a training loop need to know about a dataset.
+
+  Attributes:
+    num_classes: number of labels.
+    image_shape: (height, width, channels) of the images `make_dataset` yields.
+    num_train_examples: size of `train_split`.
+    num_eval_examples: size of `eval_split`.
+    train_split: tfds split to train on.
+    eval_split: tfds split to evaluate on.
+  """
+
+  num_classes: int
+  image_shape: tuple[int, int, int]
+  num_train_examples: int
+  num_eval_examples: int
+  train_split: str
+  eval_split: str
+
+
+_DATASET_INFO = {
+    'cifar10': DatasetInfo(10, (32, 32, 3), 50_000, 10_000, 'train', 'test'),
+    'imagenet2012': DatasetInfo(1000, (224, 224, 3), 1_281_167, 50_000,
+                                'train', 'validation'),
+    'sact_shapes': DatasetInfo(shapes.NUM_CLASSES, (32, 32, 3), 20_000, 2_000,
+                               'train', 'test'),
+}
+SUPPORTED_DATASETS = tuple(_DATASET_INFO)
+
+# How to get each dataset into a tfds `data_dir` (shown in errors).
+_PREPARE_HINTS = {
+    'cifar10': (
+        'Prepare it on a machine with network access and TensorFlow '
+        '(`pip install tensorflow tensorflow-datasets`):\n'
+        '  tfds build cifar10 --data_dir=DATA_DIR --file_format=array_record\n'
+        'then copy DATA_DIR/cifar10 into the data_dir above.'),
+    'imagenet2012': (
+        'ImageNet cannot be downloaded automatically. Put '
+        'ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from '
+        'https://image-net.org/download-images) in the manual_dir '
+        '({manual_dir}), then, with TensorFlow installed, run:\n'
+        '  tfds build imagenet2012 --data_dir=DATA_DIR '
+        '--manual_dir=MANUAL_DIR --file_format=array_record'),
+    'sact_shapes': (
+        'It is generated locally: python -c "import sact_jax.data, '
+        "tensorflow_datasets as tfds; tfds.builder('sact_shapes', "
+        "data_dir='DATA_DIR', file_format='array_record')"
+        '.download_and_prepare()"'),
+}
+
+# Pixels of zero padding on each side before a random crop (CIFAR-style).
+_CROP_PADDING = 2
+# Fraction of the image kept by the ImageNet evaluation crop.
+_EVAL_CROP_FRACTION = 0.875
+
+
+def dataset_info(name: str) -> DatasetInfo:
+  """Returns the static metadata of dataset `name` (e.g. 'sact_shapes/tiny')."""
+  base, config = _parse_name(name)
+  info = _DATASET_INFO[base]
+  if base == 'sact_shapes' and config:
+    builder_config = shapes.SactShapes.builder_configs[config]
+    info = dataclasses.replace(
+        info, num_train_examples=builder_config.num_train,
+        num_eval_examples=builder_config.num_test)
+  return info
+
+
+def make_dataset(
+    name: str,
+    split: str,
+    *,
+    batch_size: int,
+    train: bool,
+    seed: int = 0,
+    data_dir: str | None = None,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    num_epochs: int | None = None,
+    image_size: int | None = None,
+    worker_count: int = 0,
+) -> grain.IterDataset:
+  """Returns a grain dataset of preprocessed batches of one host's shard.
+
+  Batches are dicts of numpy arrays: `image` float32 [B, H, W, 3], `label`
+  int32 [B] and, for `sact_shapes`, `mask` float32 [B, H, W] (1 on the
+  object). Iterate with `iter(dataset)`; the iterator's position is
+  `get_iterator_state(iterator)`.
+
+  Args:
+    name: tfds name, one of `SUPPORTED_DATASETS`, optionally with a config
+      ('sact_shapes/tiny').
+    split: tfds split, slicing allowed ('train', 'test', 'train[:90%]').
+    batch_size: examples per batch on this host.
+    train: whether to shuffle, augment and drop the last partial batch.
+    seed: seed of shuffling and augmentation, in [0, 2**32).
+    data_dir: tfds data directory; None for the tfds default.
+    shard_index: this host's shard, usually `jax.process_index()`.
+    shard_count: number of shards, usually `jax.process_count()`.
+    num_epochs: passes over the data; None repeats forever when training and
+      makes one pass otherwise. With several epochs, batches run across epoch
+      boundaries and each epoch is shuffled and augmented differently.
+    image_size: output size of `imagenet2012` images (default 224); the other
+      datasets keep their 32x32 size.
+    worker_count: preprocessing processes; 0 preprocesses in this process (in
+      threads).
+
+  Returns:
+    A `grain.IterDataset` of batches.
+
+  Raises:
+    ValueError: unknown dataset or bad arguments.
+    DatasetNotFoundError: the dataset is not prepared in `data_dir` (except
+      `sact_shapes`, which is generated there if needed).
+  """
+  base, _ = _parse_name(name)
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f'Need 0 <= shard_index < shard_count, got {shard_index} '
+                     f'and {shard_count}.')
+  if image_size is not None and base != 'imagenet2012':
+    raise ValueError(f'image_size is only supported for imagenet2012, not '
+                     f'{name}.')
+  if num_epochs is None:
+    num_epochs = None if train else 1
+
+  ds = grain.MapDataset.source(_data_source(name, split, data_dir))
+  # Each host reads every shard_count-th example: disjoint shards whose sizes
+  # differ by at most one example.
+  ds = ds[shard_index::shard_count]
+  # Derives distinct seeds for shuffle and random_map.
+  ds = ds.seed(seed)
+  if train:
+    # Shuffle before repeat: each epoch has its own order.
+    ds = ds.shuffle()
+  if num_epochs != 1:
+    ds = ds.repeat(num_epochs)
+  preprocess = functools.partial(
+      _PREPROCESSORS[base], image_size=image_size or 224)
+  if train:
+    ds = ds.random_map(functools.partial(preprocess, train=True))
+  else:
+    ds = ds.map(functools.partial(preprocess, train=False, rng=None))
+  # Batching in the MapDataset reads each batch from the source in one call,
+  # and makes a batch the unit of prefetching and of the iterator state.
+  ds = ds.batch(batch_size, drop_remainder=train)
+  ds = ds.to_iter_dataset(
+      grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
+  if worker_count > 0:
+    ds = ds.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=worker_count))
+  return ds
+
+
+def get_iterator_state(iterator: grain.DatasetIterator) -> dict[str, Any]:
+  """Returns the position of `iterator` as JSON-compatible data.
+
+  The value survives `json.dumps`/`json.loads` unchanged, so it can go in an
+  orbax checkpoint (e.g. `ocp.args.JsonSave`) next to the model.
+
+  Args:
+    iterator: an iterator of a dataset from `make_dataset`.
+  """
+  return json.loads(json.dumps(iterator.get_state()))
+
+
+def set_iterator_state(iterator: grain.DatasetIterator,
+                       state: dict[str, Any]) -> None:
+  """Moves `iterator` to `state` (from `get_iterator_state`)."""
+  iterator.set_state(state)
+
+
+def _parse_name(name: str) -> tuple[str, str | None]:
+  """Splits 'base/config' and checks that base is supported."""
+  base, _, config = name.partition('/')
+  if base not in _DATASET_INFO:
+    raise ValueError(f'Unknown dataset {name!r}; supported datasets: '
+                     f'{", ".join(SUPPORTED_DATASETS)}.')
+  return base, config or None
+
+
+def _data_source(name: str, split: str, data_dir: str | None):
+  """Opens a tfds random-access source; never downloads."""
+  base, _ = _parse_name(name)
+  if base == 'sact_shapes':
+    builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
+    if not builder.is_prepared():
+      builder.download_and_prepare(file_format='array_record')
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir,
+                            download=False)
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    # tfds reports a missing dataset in many ways, some obscure (e.g. a
+    # NotImplementedError about the file format): explain it instead.
+    builder = tfds.builder(name, data_dir=data_dir)
+    if builder.is_prepared() and builder.info.file_format == (
+        tfds.core.FileFormat.ARRAY_RECORD):
+      raise
+    raise DatasetNotFoundError(_not_found_message(base, builder)) from e
+
+
+def _not_found_message(base: str, builder) -> str:
+  """One paragraph on what is missing and how to provide it."""
+  if builder.is_prepared():
+    problem = (f'is prepared in {builder.data_dir} as '
+               f'{builder.info.file_format.value} files, but reading without '
+               'TensorFlow needs array_record files (re-prepare it with '
+               '--file_format=array_record).')
+  else:
+    problem = f'is not prepared in {builder.data_dir}.'
+  manual_dir = f'{builder._data_dir_root}/downloads/manual'  # pylint: disable=protected-access
+  return (f'Dataset {builder.name!r} {problem} Nothing is downloaded here. '
+          f'tfds data_dir: {builder._data_dir_root}; manual_dir: '  # pylint: disable=protected-access
+          f'{manual_dir}. '
+          + _PREPARE_HINTS[base].format(manual_dir=manual_dir))
+
+
+def _standardize(image_HxWxC: np.ndarray) -> np.ndarray:
+  """TF's `per_image_standardization`: zero mean, unit variance per image."""
+  image_HxWxC = image_HxWxC.astype(np.float32)
+  std = max(float(image_HxWxC.std()), 1 / math.sqrt(image_HxWxC.size))
+  return (image_HxWxC - image_HxWxC.mean()) / np.float32(std)
+
+
+def _pad_crop_flip(arrays: list[np.ndarray], rng: np.random.Generator
+                   ) -> list[np.ndarray]:
+  """Zero-pads, randomly crops back and maybe flips, the same for all."""
+  height, width = arrays[0].shape[:2]
+  top, left = rng.integers(0, 2 * _CROP_PADDING + 1, size=2)
+  flip = rng.random() < 0.5
+  out = []
+  for array in arrays:
+    padding = [(_CROP_PADDING, _CROP_PADDING)] * 2 + [(0, 0)] * (
+        array.ndim - 2)
+    array = np.pad(array, padding)[top:top + height, left:left + width]
+    out.append(array[:, ::-1] if flip else array)
+  return out
+
+
+def _preprocess_cifar(example: Example, rng: np.random.Generator | None, *,
+                      train: bool, image_size: int) -> Example:
+  """CIFAR-10: crop and flip when training; per-image standardisation."""
+  del image_size  # Always 32.
+  image = example['image']
+  if train:
+    (image,) = _pad_crop_flip([image], rng)
+  return {'image': _standardize(image),
+          'label': np.int32(example['label'])}
+
+
+def _preprocess_shapes(example: Example, rng: np.random.Generator | None, *,
+                       train: bool, image_size: int) -> Example:
+  """sact_shapes: as CIFAR-10, moving the mask with the image."""
+  del image_size  # Always 32.
+  image, mask = example['image'], example['mask']
+  if train:
+    image, mask = _pad_crop_flip([image, mask], rng)
+  return {'image': _standardize(image),
+          'label': np.int32(example['label']),
+          'mask': mask.astype(np.float32)}
+
+
+def _preprocess_imagenet(example: Example, rng: np.random.Generator | None,
+                         *, train: bool, image_size: int) -> Example:
+  """ImageNet: Inception crop and flip, or central crop; to [-1, 1]."""
+  # Lazy: PIL is only needed for ImageNet.
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  image = example['image']
+  if isinstance(image, bytes):  # Undecoded (e.g. tfds SkipDecoding).
+    image = np.asarray(Image.open(io.BytesIO(image)).convert('RGB'))
+  height, width = image.shape[:2]
+  if train:
+    top, left, crop_h, crop_w = _inception_crop_window(height, width, rng)
+  else:
+    # As tf.image.central_crop.
+    top = int((height - height * _EVAL_CROP_FRACTION) / 2)
+    left = int((width - width * _EVAL_CROP_FRACTION) / 2)
+    crop_h, crop_w = height - 2 * top, width - 2 * left
+  pil = Image.fromarray(image).resize(
+      (image_size, image_size), Image.BILINEAR,
+      box=(left, top, left + crop_w, top + crop_h))
+  image = np.asarray(pil, dtype=np.float32)
+  if train and rng.random() < 0.5:
+    image = image[:, ::-1]
+  return {'image': image / np.float32(127.5) - 1,
+          'label': np.int32(example['label'])}
+
+
+def _inception_crop_window(height: int, width: int, rng: np.random.Generator,
+                           attempts: int = 10) -> tuple[int, int, int, int]:
+  """Random crop of 8-100% of the area, aspect 3/4-4/3, as in Inception.
+
+  Falls back to the whole image when no sampled window fits, as TF's
+  `sample_distorted_bounding_box` does.
+
+  Args:
+    height: image height.
+    width: image width.
+    rng: numpy generator.
+    attempts: windows to sample before the fallback.
+
+  Returns:
+    (top, left, crop height, crop width).
+  """
+  for _ in range(attempts):
+    area = rng.uniform(0.08, 1.0) * height * width
+    aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+    crop_w = int(round(math.sqrt(area * aspect)))
+    crop_h = int(round(math.sqrt(area / aspect)))
+    if 0 < crop_h <= height and 0 < crop_w <= width:
+      top = int(rng.integers(0, height - crop_h + 1))
+      left = int(rng.integers(0, width - crop_w + 1))
+      return top, left, crop_h, crop_w
+  return 0, 0, height, width
+
+
+_PREPROCESSORS = {
+    'cifar10': _preprocess_cifar,
+    'imagenet2012': _preprocess_imagenet,
+    'sact_shapes': _preprocess_shapes,
+}
