@@ -1,0 +1,513 @@
+"""Evaluation: accuracy, FLOPs and ponder costs of a model on a dataset split.
+
+Two layers, so that the numbers are easy to test:
+
+* `per_image_stats` (jnp, runs inside jit) reduces one batch of model outputs
+  to a few numbers per image; `summarize` (numpy, float64, host) turns the
+  per-image numbers of a whole split into the reported metrics;
+  `compute_metrics` chains the two for arrays in memory.
+* `evaluate_model` streams the eval split through a jitted forward pass,
+  keeps the per-image numbers of real (not padding) examples, summarizes
+  them, logs a table and writes `eval.json`.
+
+Ponder cost inside vs outside the object (datasets with a `mask`, SACT
+models): the image-resolution mask is area-averaged to each block's
+resolution (a cell's weight is the fraction of it the object covers) and, per
+block, `inside = sum(rho * m) / sum(m)` and `outside = sum(rho * (1 - m)) /
+sum(1 - m)`, pooled over all positions of all images (so images with bigger
+objects weigh more, and no image needs a non-empty mask). The summary is the
+sum over blocks, like the total ponder cost: in the reference architectures a
+residual unit costs the same FLOPs over a whole block's map in every block
+(channels double as each side halves), so the sum over blocks of a position's
+ponder cost is proportional to the residual-unit FLOPs spent per unit of
+image area there; the inside/outside ratio of the sums is then a ratio of
+FLOP densities.
+"""
+
+import functools
+import json
+import os
+import tempfile
+import time
+from typing import Any, Mapping, Sequence
+
+from absl import logging
+from flax import nnx
+import jax
+import jax.numpy as jnp
+from jax.experimental import multihost_utils
+import numpy as np
+
+from sact_jax import data as data_lib
+from sact_jax import flops as flops_lib
+from sact_jax import models
+
+TOP_K = 5
+# Seconds between progress log lines of a long evaluation.
+_LOG_EVERY_SECONDS = 10.0
+
+# Keys of `per_image_stats`; the last four exist only with masks and SACT.
+_MASK_KEYS = ('inside_sum', 'inside_area', 'outside_sum', 'outside_area')
+
+
+def describe_model(model: nnx.Module) -> dict[str, Any]:
+  """The `create_model` arguments that rebuild `model`'s architecture.
+
+  Read from the model itself, so that FLOPs relative to vanilla never depend
+  on a config that might disagree with a restored checkpoint.
+
+  Args:
+    model: a `CifarResNet` or `ImageNetResNet`.
+
+  Returns:
+    Dict with `family`, `units` (per block), `model_type`, `num_classes`,
+    `base_channels` and `eps`.
+  """
+  if isinstance(model, models.CifarResNet):
+    family, base_channels = 'cifar', model.stem_conv.out_features
+  elif isinstance(model, models.ImageNetResNet):
+    family = 'imagenet'
+    base_channels = model.blocks[0].first.conv1.out_features
+  else:
+    raise TypeError(f'Expected a CifarResNet or ImageNetResNet, got '
+                    f'{type(model).__name__}.')
+  return {
+      'family': family,
+      'units': list(model.units),
+      'model_type': model.model_type,
+      'num_classes': model.logits.out_features,
+      'base_channels': base_channels,
+      'eps': float(model.blocks[0].eps),
+  }
+
+
+def vanilla_flops_of(model: nnx.Module, image_shape: Sequence[int]) -> int:
+  """FLOPs per image of the vanilla network of `model`'s depth and width."""
+  spec = describe_model(model)
+  return flops_lib.vanilla_flops(
+      lambda: models.create_model(
+          spec['family'], spec['units'], 'vanilla',
+          num_classes=spec['num_classes'],
+          base_channels=spec['base_channels'], rngs=nnx.Rngs(0)),
+      tuple(image_shape))
+
+
+def _area_matrix(size_in: int, size_out: int) -> np.ndarray:
+  """Area-averaging weights [size_out, size_in]: output cells tile the input.
+
+  Output cell i covers input interval [i s, (i + 1) s) with s = size_in /
+  size_out; its weight on input pixel j is the overlap length over s, so rows
+  sum to 1 (a box filter for integer factors).
+  """
+  scale = size_in / size_out
+  lo_O = np.arange(size_out)[:, None] * scale
+  pixel_I = np.arange(size_in)[None, :]
+  overlap_OxI = np.clip(np.minimum(lo_O + scale, pixel_I + 1)
+                        - np.maximum(lo_O, pixel_I), 0, None)
+  return (overlap_OxI / scale).astype(np.float32)
+
+
+def resize_mask(mask_BxHxW: jax.Array, shape: tuple[int, int]) -> jax.Array:
+  """Fraction of each cell of a `shape` grid that the mask covers.
+
+  Args:
+    mask_BxHxW: masks in [0, 1] at image resolution.
+    shape: (h, w) of a block's ponder map.
+
+  Returns:
+    `[B, h, w]` float32 in [0, 1].
+  """
+  rows_hxH = _area_matrix(mask_BxHxW.shape[1], shape[0])
+  cols_wxW = _area_matrix(mask_BxHxW.shape[2], shape[1])
+  return jnp.einsum('yi,bij,xj->byx', rows_hxH,
+                    jnp.asarray(mask_BxHxW, jnp.float32), cols_wxW,
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def per_image_stats(logits_BxK: jax.Array, labels_B: jax.Array,
+                    flops_B: jax.Array, ponder_costs: Sequence[jax.Array],
+                    mask_BxHxW: jax.Array | None = None
+                    ) -> dict[str, jax.Array]:
+  """Reduces one batch of model outputs to a few float32 numbers per image.
+
+  Args:
+    logits_BxK: model logits.
+    labels_B: int labels in [0, K).
+    flops_B: FLOPs per image (`aux['flops']`).
+    ponder_costs: `aux['ponder_cost']`: per block `[B]` (ACT) or `[B, h, w]`
+      (SACT); empty for vanilla.
+    mask_BxHxW: optional object masks in [0, 1] at image resolution; used
+      only when every ponder cost is a map (SACT).
+
+  Returns:
+    `correct_top1`, `correct_top5` and `flops`, `[B]`; `ponder_cost`
+    `[B, num_blocks]` (spatial mean per block); with masks and SACT also
+    `inside_sum`, `inside_area`, `outside_sum`, `outside_area`, `[B,
+    num_blocks]` (sums of ponder cost and of mask area, inside and outside).
+  """
+  batch = logits_BxK.shape[0]
+  labels_B = jnp.asarray(labels_B, jnp.int32)
+  label_logit_B = jnp.take_along_axis(logits_BxK, labels_B[:, None], axis=1)
+  # As tf.nn.in_top_k: classes tied with the label's logit count for it.
+  rank_B = jnp.sum(logits_BxK > label_logit_B, axis=1)
+  stats = {
+      'correct_top1': (jnp.argmax(logits_BxK, axis=1) == labels_B).astype(
+          jnp.float32),
+      'correct_top5': (rank_B < TOP_K).astype(jnp.float32),
+      'flops': jnp.asarray(flops_B, jnp.float32),
+  }
+  means = [jnp.mean(p.reshape(batch, -1).astype(jnp.float32), axis=1)
+           for p in ponder_costs]
+  stats['ponder_cost'] = (jnp.stack(means, axis=1) if means
+                          else jnp.zeros((batch, 0), jnp.float32))
+  if (mask_BxHxW is not None and ponder_costs
+      and all(p.ndim == 3 for p in ponder_costs)):
+    sums = {k: [] for k in _MASK_KEYS}
+    for ponder_Bxhxw in ponder_costs:
+      inside_Bxhxw = resize_mask(mask_BxHxW, ponder_Bxhxw.shape[1:])
+      outside_Bxhxw = 1.0 - inside_Bxhxw
+      sums['inside_sum'].append(jnp.sum(ponder_Bxhxw * inside_Bxhxw, (1, 2)))
+      sums['inside_area'].append(jnp.sum(inside_Bxhxw, (1, 2)))
+      sums['outside_sum'].append(jnp.sum(ponder_Bxhxw * outside_Bxhxw,
+                                         (1, 2)))
+      sums['outside_area'].append(jnp.sum(outside_Bxhxw, (1, 2)))
+    stats.update({k: jnp.stack(v, axis=1) for k, v in sums.items()})
+  return stats
+
+
+def _ratio(numerator: float, denominator: float) -> float | None:
+  """numerator / denominator, None (JSON null) when undefined."""
+  return float(numerator / denominator) if denominator > 0 else None
+
+
+def summarize(stats: Mapping[str, np.ndarray], *,
+              vanilla_flops: float | None = None) -> dict[str, Any]:
+  """Metrics of a split from the per-image numbers of all its examples.
+
+  Args:
+    stats: `per_image_stats` outputs of every example, concatenated.
+    vanilla_flops: FLOPs per image of the vanilla network of the same depth
+      (for the relative FLOPs); None to leave those out.
+
+  Returns:
+    A JSON-compatible dict: `num_examples`, `top1_accuracy` and
+    `top5_accuracy` (fractions), `flops_mean`, `flops_std` (population std
+    over images), `vanilla_flops`, `flops_percent_of_vanilla`,
+    `flops_std_percent_of_vanilla`, `ponder_cost_per_block`,
+    `ponder_cost_total` (sum of block means), and `ponder_inside_per_block`,
+    `ponder_outside_per_block`, `ponder_inside_total`,
+    `ponder_outside_total`, `ponder_inside_outside_ratio` (None when the
+    stats have no masks; see the module docstring).
+  """
+  stats = {k: np.asarray(v, np.float64) for k, v in stats.items()}
+  num_examples = stats['flops'].shape[0]
+  if num_examples == 0:
+    raise ValueError('No examples to summarize: the split is empty.')
+  flops_N = stats['flops']
+  metrics = {
+      'num_examples': int(num_examples),
+      'top1_accuracy': float(stats['correct_top1'].mean()),
+      'top5_accuracy': float(stats['correct_top5'].mean()),
+      'flops_mean': float(flops_N.mean()),
+      'flops_std': float(flops_N.std()),
+      'vanilla_flops': None,
+      'flops_percent_of_vanilla': None,
+      'flops_std_percent_of_vanilla': None,
+  }
+  if vanilla_flops:
+    metrics['vanilla_flops'] = int(vanilla_flops)
+    metrics['flops_percent_of_vanilla'] = float(
+        100 * flops_N.mean() / vanilla_flops)
+    metrics['flops_std_percent_of_vanilla'] = float(
+        100 * flops_N.std() / vanilla_flops)
+  per_block = stats['ponder_cost'].mean(axis=0)
+  metrics['ponder_cost_per_block'] = [float(p) for p in per_block]
+  metrics['ponder_cost_total'] = float(per_block.sum())
+
+  inside = outside = None
+  if 'inside_sum' in stats:
+    totals = {k: stats[k].sum(axis=0) for k in _MASK_KEYS}
+    inside = [_ratio(s, a) for s, a in zip(totals['inside_sum'],
+                                           totals['inside_area'])]
+    outside = [_ratio(s, a) for s, a in zip(totals['outside_sum'],
+                                            totals['outside_area'])]
+  metrics['ponder_inside_per_block'] = inside
+  metrics['ponder_outside_per_block'] = outside
+  inside_total = (None if inside is None or None in inside
+                  else float(sum(inside)))
+  outside_total = (None if outside is None or None in outside
+                   else float(sum(outside)))
+  metrics['ponder_inside_total'] = inside_total
+  metrics['ponder_outside_total'] = outside_total
+  metrics['ponder_inside_outside_ratio'] = (
+      None if inside_total is None or outside_total is None
+      else _ratio(inside_total, outside_total))
+  return metrics
+
+
+def compute_metrics(logits_NxK, labels_N, flops_N, ponder_costs,
+                    mask_NxHxW=None, *,
+                    vanilla_flops: float | None = None) -> dict[str, Any]:
+  """`summarize(per_image_stats(...))` for outputs already in memory."""
+  stats = per_image_stats(jnp.asarray(logits_NxK), jnp.asarray(labels_N),
+                          jnp.asarray(flops_N),
+                          [jnp.asarray(p) for p in ponder_costs],
+                          None if mask_NxHxW is None
+                          else jnp.asarray(mask_NxHxW))
+  return summarize(jax.device_get(stats), vanilla_flops=vanilla_flops)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(graphdef, state, images_BxHxWx3):
+  return nnx.merge(graphdef, state)(images_BxHxWx3)
+
+
+def eval_split_model(model: nnx.Module) -> tuple[Any, Any]:
+  """`(graphdef, state)` of `model` in eval mode; `model` is left as it was."""
+  graphdef, state = nnx.split(model)
+  eval_model = nnx.merge(graphdef, state)
+  eval_model.eval()
+  return nnx.split(eval_model)
+
+
+def predict(model: nnx.Module, images_BxHxWx3) -> tuple[jax.Array, dict]:
+  """Jitted eval-mode forward pass: `(logits, aux)`.
+
+  Compiled once per architecture and image shape, and shared by evaluation
+  and the ponder-map pictures.
+  """
+  graphdef, state = eval_split_model(model)
+  return _apply(graphdef, state, jnp.asarray(images_BxHxWx3, jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_step(graphdef, state, images_BxHxWx3, labels_B, mask_BxHxW):
+  logits_BxK, aux = nnx.merge(graphdef, state)(images_BxHxWx3)
+  return per_image_stats(logits_BxK, labels_B, aux['flops'],
+                         aux['ponder_cost'], mask_BxHxW)
+
+
+def _pad_batch(batch: Mapping[str, np.ndarray], size: int
+               ) -> dict[str, np.ndarray]:
+  """Zero-pads every array of `batch` to `size` rows; adds `valid` [size]."""
+  count = batch['label'].shape[0]
+  padded = {}
+  for key, value in batch.items():
+    value = np.asarray(value)
+    padding = [(0, size - count)] + [(0, 0)] * (value.ndim - 1)
+    padded[key] = np.pad(value, padding)
+  padded['valid'] = np.arange(size) < count
+  return padded
+
+
+def _to_global(mesh, local_BxD: np.ndarray) -> jax.Array:
+  """One host's rows -> a global array sharded over the batch axis."""
+  sharding = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec('data'))
+  return jax.make_array_from_process_local_data(sharding, local_BxD)
+
+
+def _any_host(flag: bool) -> bool:
+  """Whether `flag` holds on any host (all hosts must step together)."""
+  if jax.process_count() == 1:
+    return flag
+  flags = multihost_utils.process_allgather(np.asarray([flag], np.int32))
+  return bool(np.any(flags))
+
+
+def _eval_split_name(config, info: data_lib.DatasetInfo) -> str:
+  split = config.get('eval_split', None) or info.eval_split
+  limit = config.get('num_eval_examples', None)
+  if limit is not None:
+    if '[' in split:
+      raise ValueError(f'num_eval_examples={limit} cannot be combined with '
+                       f'the sliced split {split!r}.')
+    if limit < 1:
+      raise ValueError(f'num_eval_examples must be >= 1 or None, got '
+                       f'{limit}.')
+    split = f'{split}[:{limit}]'
+  return split
+
+
+def evaluate_model(model: nnx.Module, config, *,
+                   workdir: str | None = None) -> dict[str, Any]:
+  """Evaluates `model` on the eval split of `config.dataset`.
+
+  Every example of the split (or of its first `config.num_eval_examples`) is
+  counted exactly once: the last partial batch is zero-padded to the
+  compiled batch size and its padding dropped. Batches are sharded over all
+  devices (each host reads its own shard of the split); the model runs in
+  eval mode (BatchNorm moving statistics) without changing `model`.
+
+  Args:
+    model: a CIFAR or ImageNet ResNet from `sact_jax.models`.
+    config: ConfigDict with `dataset`, `data_dir`, `eval_batch_size`,
+      `num_eval_examples` (None: the whole split) and optionally
+      `eval_split` and `image_size` (ImageNet).
+    workdir: where to write `eval.json` (process 0 only); None to skip.
+
+  Returns:
+    The metrics of `summarize`, plus `model` (`describe_model`),
+    `dataset`, `split`, `image_shape`, `seconds`.
+  """
+  start = time.time()
+  spec = describe_model(model)
+  info = data_lib.dataset_info(config.dataset)
+  split = _eval_split_name(config, info)
+  if spec['num_classes'] == info.num_classes + 1:
+    # The reference's ImageNet models have a background class 0: tfds label
+    # l is their class l + 1.
+    label_offset = 1
+  elif spec['num_classes'] == info.num_classes:
+    label_offset = 0
+  else:
+    raise ValueError(
+        f'The model has {spec["num_classes"]} classes but {config.dataset} '
+        f'has {info.num_classes}.')
+
+  num_devices, num_hosts = jax.device_count(), jax.process_count()
+  # Round up so that every device gets the same number of rows.
+  global_batch = -(-config.eval_batch_size // num_devices) * num_devices
+  local_batch = global_batch // num_hosts
+  base_name = config.dataset.partition('/')[0]
+  dataset = data_lib.make_dataset(
+      config.dataset, split, batch_size=local_batch, train=False,
+      data_dir=config.get('data_dir', None),
+      shard_index=jax.process_index(), shard_count=num_hosts,
+      image_size=(config.get('image_size', None)
+                  if base_name == 'imagenet2012' else None))
+
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ('data',))
+  graphdef, state = eval_split_model(model)
+  state = jax.device_put(state, jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec()))
+  sact = spec['model_type'] == 'sact'
+
+  iterator = iter(dataset)
+  chunks = []
+  num_seen, image_shape, vanilla, template = 0, None, None, None
+  last_log = time.time()
+  while True:
+    batch = next(iterator, None)
+    if not _any_host(batch is not None):
+      break
+    if batch is None:  # This host's shard is used up; others' are not.
+      if template is None:
+        raise ValueError(
+            f'Host {jax.process_index()} has no examples of '
+            f'{config.dataset}:{split}: use fewer hosts or a bigger split.')
+      batch = {k: v[:0] for k, v in template.items()}
+    template = batch
+    if image_shape is None:
+      image_shape = tuple(int(d) for d in batch['image'].shape[1:])
+      vanilla = vanilla_flops_of(model, image_shape)
+    labels = np.asarray(batch['label']) + label_offset
+    if labels.size and (labels.min() < 0
+                        or labels.max() >= spec['num_classes']):
+      raise ValueError(f'Labels outside [0, {spec["num_classes"]}) in '
+                       f'{config.dataset}.')
+    padded = _pad_batch(
+        {'image': batch['image'], 'label': labels,
+         'mask': batch.get('mask', np.zeros((labels.size, 1, 1), np.float32))},
+        local_batch)
+    use_mask = sact and 'mask' in batch
+    stats = _eval_step(
+        graphdef, state, _to_global(mesh, padded['image']),
+        _to_global(mesh, padded['label']),
+        _to_global(mesh, padded['mask']) if use_mask else None)
+    valid = _to_global(mesh, padded['valid'])
+    stats, valid = multihost_utils.process_allgather((stats, valid),
+                                                     tiled=True)
+    valid = np.asarray(valid)
+    chunks.append({k: np.asarray(v)[valid] for k, v in stats.items()})
+    num_seen += int(valid.sum())
+    if time.time() - last_log >= _LOG_EVERY_SECONDS:
+      elapsed = time.time() - start
+      logging.info('eval: %d images of %s:%s (%.1f images/s)', num_seen,
+                   config.dataset, split, num_seen / elapsed)
+      last_log = time.time()
+
+  if not chunks:
+    raise ValueError(f'The split {config.dataset}:{split} is empty.')
+  stats = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+  metrics = summarize(stats, vanilla_flops=vanilla)
+  metrics.update({
+      'model': spec,
+      'dataset': config.dataset,
+      'split': split,
+      'image_shape': list(image_shape),
+      'seconds': time.time() - start,
+  })
+  for line in format_table(metrics).splitlines():
+    logging.info('%s', line)
+  if workdir is not None and jax.process_index() == 0:
+    save_json(metrics, os.path.join(workdir, 'eval.json'))
+  return metrics
+
+
+def save_json(metrics: Mapping[str, Any], path: str) -> None:
+  """Writes `metrics` to `path` atomically (a reader never sees half a file)."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp_path = tempfile.mkstemp(dir=directory, prefix='.eval-',
+                                  suffix='.json.tmp')
+  try:
+    with os.fdopen(fd, 'w') as f:
+      json.dump(metrics, f, indent=2, allow_nan=False)
+      f.write('\n')
+    os.replace(tmp_path, path)
+  except BaseException:
+    os.unlink(tmp_path)
+    raise
+
+
+def _human(value: float) -> str:
+  """1234567 -> '1.23 M'."""
+  for unit, scale in (('G', 1e9), ('M', 1e6), ('K', 1e3)):
+    if abs(value) >= scale:
+      return f'{value / scale:.2f} {unit}'
+  return f'{value:.0f}'
+
+
+def _row(values: Sequence[float | None]) -> str:
+  return '  '.join('n/a' if v is None else f'{v:.3f}' for v in values)
+
+
+def format_table(metrics: Mapping[str, Any]) -> str:
+  """The metrics as a plain-text table."""
+  spec = metrics.get('model')
+  lines = []
+  if spec:
+    lines.append(
+        f'{spec["family"]} ResNet {tuple(spec["units"])} '
+        f'{spec["model_type"]} on {metrics.get("dataset")}:'
+        f'{metrics.get("split")} ({metrics["num_examples"]} images)')
+  rows = [
+      ('top-1 accuracy', f'{100 * metrics["top1_accuracy"]:.2f}%'),
+      ('top-5 accuracy', f'{100 * metrics["top5_accuracy"]:.2f}%' + (
+          ' (trivial: <= 5 classes)'
+          if spec and spec['num_classes'] <= TOP_K else '')),
+      ('FLOPs per image', f'{_human(metrics["flops_mean"])} '
+                          f'(std {_human(metrics["flops_std"])})'),
+  ]
+  if metrics.get('vanilla_flops'):
+    rows.append(('FLOPs vs vanilla',
+                 f'{metrics["flops_percent_of_vanilla"]:.1f}% (std '
+                 f'{metrics["flops_std_percent_of_vanilla"]:.1f}%) of '
+                 f'{_human(metrics["vanilla_flops"])}'))
+  if metrics['ponder_cost_per_block']:
+    rows.append(('ponder cost per block',
+                 f'{_row(metrics["ponder_cost_per_block"])}  (total '
+                 f'{metrics["ponder_cost_total"]:.3f})'))
+  if metrics.get('ponder_inside_per_block') is not None:
+    for where in ('inside', 'outside'):
+      total = metrics[f'ponder_{where}_total']
+      rows.append((f'ponder {where} objects',
+                   f'{_row(metrics[f"ponder_{where}_per_block"])}  (total '
+                   + ('n/a' if total is None else f'{total:.3f}') + ')'))
+    ratio = metrics['ponder_inside_outside_ratio']
+    rows.append(('inside / outside',
+                 'n/a' if ratio is None else f'{ratio:.3f}'))
+  width = max(len(name) for name, _ in rows)
+  lines.extend(f'  {name:<{width}}  {value}' for name, value in rows)
+  return '\n'.join(lines)
