@@ -10,9 +10,12 @@ region to concentrate on and ponder maps can be scored against it.
 The data is generated with numpy (no download, no TensorFlow) and registered
 as the tfds builder `sact_shapes` so that it is read like any other dataset::
 
-  tfds.builder('sact_shapes', data_dir=d, file_format='array_record')
-      .download_and_prepare()
-  tfds.data_source('sact_shapes', split='train', data_dir=d)
+  import sact_jax.data  # Registers the builder.
+  builder = tfds.builder('sact_shapes', data_dir=d, file_format='array_record')
+  builder.download_and_prepare()  # About 10 s for 22,000 images.
+  source = tfds.data_source('sact_shapes', split='train', data_dir=d)
+
+The 'tiny' config ('sact_shapes/tiny': 128 + 64 images) is for tests.
 """
 
 import dataclasses
@@ -252,7 +255,7 @@ class SactShapes(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     # Tensor features, not Image: preparing then needs no TensorFlow. Stored
-    # as raw bytes: 8x faster to write and smaller than int64 lists.
+    # as raw bytes: faster to write (8 s vs 19 s for 22k) than int64 lists.
     return self.dataset_info_from_configs(
         description=__doc__,
         features=tfds.features.FeaturesDict({
