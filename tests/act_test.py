@@ -1,0 +1,268 @@
+"""Tests of the pure halting arithmetic in `sact_jax.act`."""
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import chex
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+from sact_jax import act
+
+
+def _np_halting(halting, eps):
+  """Sequential float32 ACT in numpy, one position at a time.
+
+  Returns probs `[L, ...]`, num_units, remainder and ponder cost `[...]`.
+  """
+  halting = np.asarray(halting, np.float32)
+  num_layers = halting.shape[0]
+  flat = halting.reshape(num_layers, -1)
+  probs = np.zeros_like(flat)
+  num_units = np.zeros(flat.shape[1], np.int32)
+  remainder = np.zeros(flat.shape[1], np.float32)
+  threshold = np.float32(1.0 - eps)
+  for j in range(flat.shape[1]):
+    cumulative = np.float32(0.0)
+    for l in range(num_layers):
+      h = np.float32(1.0) if l == num_layers - 1 else flat[l, j]
+      if cumulative + h >= threshold:
+        num_units[j] = l + 1
+        remainder[j] = np.float32(1.0) - cumulative
+        probs[l, j] = remainder[j]
+        break
+      probs[l, j] = h
+      cumulative = cumulative + h
+  trailing = halting.shape[1:]
+  return (probs.reshape(halting.shape), num_units.reshape(trailing),
+          remainder.reshape(trailing),
+          (num_units + remainder).reshape(trailing))
+
+
+def _incremental(halting, xs, eps):
+  """Algorithm 1: `act.step` under `lax.scan`, then `act.finish`."""
+  state = act.init_state(xs[0], halting.shape[1:])
+
+  def body(state, inputs):
+    h, x = inputs
+    return act.step(state, h, x, eps), None
+
+  state, _ = lax.scan(body, state, (halting[:-1], xs[:-1]))
+  return act.finish(state, xs[-1], eps)
+
+
+def _closed_form_output(halting, xs, eps):
+  dist = act.halting_distribution(halting, eps)
+  extra = xs.ndim - halting.ndim
+  probs = dist.probs.reshape(dist.probs.shape + (1,) * extra)
+  return dist, jnp.sum(probs * xs, axis=0)
+
+
+def _straddling_halting(rng, num_layers, batch_shape, eps, delta):
+  """Scores whose partial sums land `delta` above or below `1 - eps`.
+
+  Each position gets a target unit n (1..L-1) where the cumulative sum
+  reaches `1 - eps + s * delta`, s = +-1, split over units 1..n at random:
+  s = +1 halts exactly there, s = -1 misses it by `delta`.
+  """
+  size = int(np.prod(batch_shape))
+  halting = rng.uniform(0.0, 0.2, size=(num_layers, size))
+  for j in range(size):
+    n = rng.integers(1, num_layers)
+    sign = rng.choice([-1.0, 1.0])
+    weights = rng.dirichlet(np.ones(n))
+    halting[:n, j] = weights * (1.0 - eps + sign * delta)
+  return jnp.asarray(halting.reshape((num_layers,) + batch_shape),
+                     jnp.float32)
+
+
+class HaltingDistributionTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(
+      ('halts_at_second', [0.3, 0.8, 0.5], 0.01, [0.3, 0.7, 0.0], 2, 0.7),
+      ('last_score_ignored', [0.3, 0.8, 0.0], 0.01, [0.3, 0.7, 0.0], 2, 0.7),
+      ('never_halts_early', [0.1, 0.2, 0.3, 0.9], 0.01,
+       [0.1, 0.2, 0.3, 0.4], 4, 0.4),
+      ('halts_at_first', [0.995, 0.5, 0.5], 0.01, [1.0, 0.0, 0.0], 1, 1.0),
+      ('first_exactly_at_threshold', [0.99, 0.5], 0.01, [1.0, 0.0], 1, 1.0),
+      ('small_eps_runs_on', [0.5, 0.45, 0.2], 0.01, [0.5, 0.45, 0.05], 3,
+       0.05),
+      ('large_eps_stops', [0.5, 0.45, 0.2], 0.1, [0.5, 0.5, 0.0], 2, 0.5),
+      ('single_unit', [0.2], 0.01, [1.0], 1, 1.0),
+  )
+  def test_hand_worked(self, halting, eps, probs, num_units, remainder):
+    """N, R, p and rho = N + R of small cases worked out by hand."""
+    fn = self.variant(act.halting_distribution, static_argnames='eps')
+    dist = fn(jnp.asarray(halting, jnp.float32), eps=eps)
+    chex.assert_trees_all_close(dist.probs, jnp.asarray(probs), atol=1e-6)
+    self.assertEqual(int(dist.num_units), num_units)
+    self.assertEqual(dist.num_units.dtype, jnp.int32)
+    self.assertAlmostEqual(float(dist.remainder), remainder, places=6)
+    self.assertAlmostEqual(float(dist.ponder_cost), num_units + remainder,
+                           places=5)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(((5,), 0.01), ((2, 3, 4), 0.01),
+                            ((2, 3, 4), 0.2))
+  def test_matches_numpy_on_trailing_shapes(self, batch_shape, eps):
+    """`[B]` (ACT) and `[B, H, W]` (SACT) score tensors, vs numpy."""
+    rng = np.random.default_rng(0)
+    halting = jnp.asarray(rng.uniform(0.0, 0.7, (4,) + batch_shape),
+                          jnp.float32)
+    fn = self.variant(act.halting_distribution, static_argnames='eps')
+    dist = fn(halting, eps=eps)
+    probs, num_units, remainder, ponder = _np_halting(halting, eps)
+    chex.assert_shape(dist.probs, (4,) + batch_shape)
+    chex.assert_shape((dist.num_units, dist.remainder, dist.ponder_cost),
+                      batch_shape)
+    np.testing.assert_array_equal(dist.num_units, num_units)
+    np.testing.assert_allclose(dist.probs, probs, atol=1e-6)
+    np.testing.assert_allclose(dist.remainder, remainder, atol=1e-6)
+    np.testing.assert_allclose(dist.ponder_cost, ponder, atol=1e-5)
+    np.testing.assert_allclose(jnp.sum(dist.probs, axis=0), 1.0, atol=1e-6)
+    # Several units actually occur, so the test covers more than one branch.
+    self.assertGreater(len(np.unique(num_units)), 1)
+
+  def test_last_score_is_ignored(self):
+    rng = np.random.default_rng(1)
+    halting = jnp.asarray(rng.uniform(0.0, 0.4, (3, 6)), jnp.float32)
+    a = act.halting_distribution(halting.at[-1].set(0.0))
+    b = act.halting_distribution(halting.at[-1].set(0.77))
+    chex.assert_trees_all_equal(a, b)
+
+  @parameterized.parameters(((),), ((3,),), ((2, 2, 3),))
+  def test_ponder_gradient_is_minus_one_before_halting(self, batch_shape):
+    """d rho / d h^l = -1 for l < N - 1 (0-based), 0 otherwise."""
+    rng = np.random.default_rng(2)
+    halting = jnp.asarray(rng.uniform(0.05, 0.6, (5,) + batch_shape),
+                          jnp.float32)
+    jac = jax.jit(jax.jacrev(
+        lambda h: act.halting_distribution(h).ponder_cost))(halting)
+    n = np.asarray(act.halting_distribution(halting).num_units)
+    size = int(np.prod(batch_shape, dtype=int))
+    jac = np.asarray(jac).reshape(size, 5, size)
+    n = n.reshape(size)
+    expected = np.zeros_like(jac)
+    for j in range(size):
+      expected[j, :n[j] - 1, j] = -1.0
+    np.testing.assert_array_equal(jac, expected)
+
+  def test_output_gradient_flows_through_probs(self):
+    """Output = sum_l p^l x^l; d out / d h^l = x^l - x^{N-1} before N."""
+    halting = jnp.asarray([0.2, 0.3, 0.9, 0.5], jnp.float32)  # N = 3.
+    xs = jnp.asarray([1.0, 2.0, 5.0, 11.0], jnp.float32)
+    grad = jax.jit(jax.grad(
+        lambda h: _closed_form_output(h, xs, 0.01)[1]))(halting)
+    np.testing.assert_allclose(grad, [1.0 - 5.0, 2.0 - 5.0, 0.0, 0.0])
+
+
+class IncrementalTest(parameterized.TestCase):
+  """Algorithm 1 (carry through the units) equals the closed form."""
+
+  @parameterized.named_parameters(
+      ('act_random', (6,), 0.01, None),
+      ('sact_random', (2, 3, 4), 0.01, None),
+      ('sact_random_eps', (2, 3, 4), 0.15, None),
+      ('act_straddle', (16,), 0.01, 1e-3),
+      ('sact_straddle', (2, 4, 4), 0.01, 1e-5),
+  )
+  def test_scan_equals_closed_form(self, batch_shape, eps, delta):
+    rng = np.random.default_rng(3)
+    num_layers, channels = 5, 3
+    if delta is None:
+      halting = jnp.asarray(rng.uniform(0.0, 0.6,
+                                        (num_layers,) + batch_shape),
+                            jnp.float32)
+    else:
+      halting = _straddling_halting(rng, num_layers, batch_shape, eps, delta)
+    xs = jnp.asarray(rng.normal(size=(num_layers,) + batch_shape
+                                + (channels,)), jnp.float32)
+    state = jax.jit(_incremental, static_argnums=2)(halting, xs, eps)
+    dist, output = jax.jit(_closed_form_output, static_argnums=2)(
+        halting, xs, eps)
+    np.testing.assert_array_equal(state.num_units, dist.num_units)
+    np.testing.assert_allclose(state.remainder, dist.remainder, atol=1e-6)
+    np.testing.assert_allclose(state.ponder_cost, dist.ponder_cost,
+                               atol=1e-5)
+    np.testing.assert_allclose(state.output, output, atol=1e-5)
+    np.testing.assert_array_equal(state.running, 0.0)
+    self.assertGreater(len(np.unique(dist.num_units)), 1)
+    if delta is not None:
+      # Straddling cases hit the numpy reference's decisions exactly.
+      np.testing.assert_array_equal(dist.num_units,
+                                    _np_halting(halting, eps)[1])
+
+  @parameterized.parameters(((6,),), ((2, 3, 4),))
+  def test_gradients_equal_closed_form(self, batch_shape):
+    rng = np.random.default_rng(4)
+    num_layers, channels = 4, 2
+    halting = jnp.asarray(rng.uniform(0.0, 0.6, (num_layers,) + batch_shape),
+                          jnp.float32)
+    xs = jnp.asarray(rng.normal(size=(num_layers,) + batch_shape
+                                + (channels,)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=batch_shape + (channels,)), jnp.float32)
+
+    def loss_scan(h, xs):
+      state = _incremental(h, xs, 0.01)
+      return jnp.sum(state.output * w) + jnp.sum(state.ponder_cost)
+
+    def loss_closed(h, xs):
+      dist, output = _closed_form_output(h, xs, 0.01)
+      return jnp.sum(output * w) + jnp.sum(dist.ponder_cost)
+
+    g_scan = jax.jit(jax.grad(loss_scan, argnums=(0, 1)))(halting, xs)
+    g_closed = jax.jit(jax.grad(loss_closed, argnums=(0, 1)))(halting, xs)
+    chex.assert_trees_all_close(g_scan, g_closed, atol=1e-5)
+    # Not vacuous: the halting gradient is nonzero somewhere.
+    self.assertGreater(float(jnp.max(jnp.abs(g_scan[0]))), 0.1)
+
+  def test_halted_positions_ignore_later_scores(self):
+    x = jnp.ones((2, 3))
+    state = act.init_state(x, (2,))
+    state = act.step(state, jnp.asarray([0.995, 0.2]), x)
+    np.testing.assert_array_equal(state.running, [0.0, 1.0])
+    later = act.step(state, jnp.asarray([0.7, 0.3]), 2.0 * x)
+    self.assertEqual(float(later.cumulative[0]), float(state.cumulative[0]))
+    self.assertEqual(float(later.ponder_cost[0]), float(state.ponder_cost[0]))
+    self.assertEqual(int(later.num_units[0]), 1)
+    np.testing.assert_array_equal(later.output[0], state.output[0])
+    # The running image carries on: ponder 2 units so far, output 0.2 + 0.6.
+    self.assertEqual(int(later.num_units[1]), 2)
+    np.testing.assert_allclose(later.output[1], 0.2 + 0.3 * 2.0, rtol=1e-6)
+
+
+class MaskTest(parameterized.TestCase):
+
+  @parameterized.parameters(((2, 5, 4), (2, 5, 4, 3)), ((2,), (2, 5, 4, 3)))
+  def test_masked_residual(self, mask_shape, x_shape):
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=x_shape).astype(np.float32)
+    residual = rng.normal(size=x_shape).astype(np.float32)
+    mask = (rng.uniform(size=mask_shape) < 0.5).astype(np.float32)
+    got = act.masked_residual(jnp.asarray(x), jnp.asarray(residual),
+                              jnp.asarray(mask))
+    m = mask.reshape(mask_shape + (1,) * (len(x_shape) - len(mask_shape)))
+    np.testing.assert_array_equal(got, x + m * residual)
+    # Halted positions keep their value exactly.
+    np.testing.assert_array_equal(np.asarray(got)[np.broadcast_to(
+        m == 0, x_shape)], x[np.broadcast_to(m == 0, x_shape)])
+
+  @parameterized.parameters((0.1,), (0.5,), (0.0,))
+  def test_dilate_mask_is_3x3_max_pool(self, density):
+    rng = np.random.default_rng(6)
+    mask = (rng.uniform(size=(3, 7, 6)) < density).astype(np.float32)
+    mask[0, 0, 0] = 1.0 if density else 0.0  # A corner exercises padding.
+    padded = np.pad(mask, ((0, 0), (1, 1), (1, 1)))
+    expected = np.zeros_like(mask)
+    for dy in range(3):
+      for dx in range(3):
+        expected = np.maximum(expected,
+                              padded[:, dy:dy + 7, dx:dx + 6])
+    got = jax.jit(act.dilate_mask)(jnp.asarray(mask))
+    np.testing.assert_array_equal(got, expected)
+
+
+if __name__ == '__main__':
+  absltest.main()

@@ -1,0 +1,152 @@
+"""Tests of the canonical-layout-backward convolution in `sact_jax.conv`."""
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import chex
+from flax import nnx
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax import test_util as jtu
+import numpy as np
+
+from sact_jax import conv
+from sact_jax import layers
+
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+_CASES = (
+    ('1x1_same', (1, 1), 'SAME'),
+    ('3x3_same', (3, 3), 'SAME'),
+    ('3x3_valid', (3, 3), 'VALID'),
+    ('5x5_same', (5, 5), 'SAME'),
+    ('2x2_same_asymmetric', (2, 2), 'SAME'),  # Pads (0, 1): asymmetric.
+    ('1x3_same', (1, 3), 'SAME'),
+    ('3x2_valid', (3, 2), 'VALID'),
+    ('3x3_explicit_asymmetric', (3, 3), ((0, 2), (1, 0))),
+    ('2x3_explicit_asymmetric', (2, 3), ((2, 0), (0, 1))),
+    ('3x3_explicit_wide', (3, 3), ((2, 2), (3, 1))),
+)
+
+
+def _inputs(kernel_hw, seed=0):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(2, 7, 6, 3)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=kernel_hw + (3, 4)), jnp.float32)
+  return x, w
+
+
+def _ours(padding, strides=(1, 1)):
+  return lambda x, w: conv.conv_general_dilated(
+      x, w, strides, padding, dimension_numbers=_NHWC)
+
+
+def _lax(padding, strides=(1, 1)):
+  return lambda x, w: lax.conv_general_dilated(
+      x, w, strides, padding, dimension_numbers=_NHWC)
+
+
+def _uses_custom_vjp(fn, *args) -> bool:
+  return 'custom_vjp_call' in str(jax.make_jaxpr(fn)(*args))
+
+
+class ConvTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(*_CASES)
+  def test_values_and_vjp_match_lax(self, kernel_hw, padding):
+    x, w = _inputs(kernel_hw)
+    y, vjp = jax.vjp(_ours(padding), x, w)
+    y_ref, vjp_ref = jax.vjp(_lax(padding), x, w)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    cotangent = jnp.asarray(
+        np.random.default_rng(1).normal(size=y.shape), jnp.float32)
+    dx, dw = vjp(cotangent)
+    dx_ref, dw_ref = vjp_ref(cotangent)
+    chex.assert_shape(dx, x.shape)
+    chex.assert_shape(dw, w.shape)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-4)
+    self.assertTrue(_uses_custom_vjp(_ours(padding), x, w))
+
+  @parameterized.named_parameters(
+      ('3x3_same', (3, 3), 'SAME'),
+      ('2x3_explicit', (2, 3), ((2, 0), (0, 1))))
+  def test_check_grads(self, kernel_hw, padding):
+    """Numerical gradients, to second order (reverse mode only: custom_vjp)."""
+    x, w = _inputs(kernel_hw, seed=2)
+    x = x[:1, :5, :4]
+    jtu.check_grads(jax.jit(_ours(padding)), (x, w), order=2,
+                    modes=('rev',), atol=2e-2, rtol=2e-2)
+
+  def test_gradient_inside_scan_matches_lax(self):
+    """The use case: stacked kernels under `lax.scan`, differentiated."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(2, 6, 6, 4)), jnp.float32)
+    ws = jnp.asarray(0.3 * rng.normal(size=(3, 3, 3, 4, 4)), jnp.float32)
+
+    def loss(conv_fn, x, ws):
+      def body(x, w):
+        return jnp.tanh(conv_fn(x, w, (1, 1), 'SAME',
+                                dimension_numbers=_NHWC)), None
+      y, _ = lax.scan(body, x, ws)
+      return jnp.sum(y ** 2)
+
+    grads = jax.jit(jax.grad(
+        lambda x, ws: loss(conv.conv_general_dilated, x, ws),
+        argnums=(0, 1)))(x, ws)
+    grads_ref = jax.jit(jax.grad(
+        lambda x, ws: loss(lax.conv_general_dilated, x, ws),
+        argnums=(0, 1)))(x, ws)
+    chex.assert_trees_all_close(grads, grads_ref, rtol=1e-5, atol=1e-5)
+
+  @parameterized.named_parameters(
+      ('strided', dict(window_strides=(2, 2))),
+      ('strided_explicit', dict(window_strides=(2, 1),
+                                padding=((1, 1), (0, 2)))),
+      ('rhs_dilated', dict(rhs_dilation=(2, 2))),
+      ('lhs_dilated', dict(lhs_dilation=(2, 1), padding=((1, 1), (1, 1)))),
+      ('grouped', dict(feature_group_count=3)),
+      ('nchw', dict(dimension_numbers=('NCHW', 'OIHW', 'NCHW'))),
+      ('no_dimension_numbers', dict(dimension_numbers=None)),
+  )
+  def test_falls_back_to_lax(self, overrides):
+    """Anything but stride-1 NHWC/HWIO runs `lax` itself, with equal values."""
+    rng = np.random.default_rng(4)
+    kwargs = dict(window_strides=(1, 1), padding='SAME',
+                  dimension_numbers=_NHWC)
+    kwargs.update(overrides)
+    x = jnp.asarray(rng.normal(size=(2, 6, 6, 3)), jnp.float32)
+    groups = kwargs.get('feature_group_count', 1)
+    w = jnp.asarray(rng.normal(size=(3, 3, 3 // groups, 6)), jnp.float32)
+    numbers = kwargs['dimension_numbers']
+    if numbers is None or numbers[0] == 'NCHW':  # lax default: NCHW / OIHW.
+      x, w = x.transpose(0, 3, 1, 2), w.transpose(3, 2, 0, 1)
+
+    def ours(x, w):
+      return conv.conv_general_dilated(x, w, **kwargs)
+
+    def ref(x, w):
+      return lax.conv_general_dilated(x, w, **kwargs)
+
+    self.assertFalse(_uses_custom_vjp(ours, x, w))
+    np.testing.assert_array_equal(ours(x, w), ref(x, w))
+    g = jax.grad(lambda x, w: jnp.sum(ours(x, w) ** 2), (0, 1))(x, w)
+    g_ref = jax.grad(lambda x, w: jnp.sum(ref(x, w) ** 2), (0, 1))(x, w)
+    chex.assert_trees_all_close(g, g_ref, rtol=1e-6)
+
+  @parameterized.parameters((True,), (False,))
+  def test_layer_factory_routes_stride1_convs(self, fast):
+    """`nnx.Conv` from the factory takes the custom path iff asked to."""
+    factory = layers.LayerFactory(bn_momentum=0.9, bn_epsilon=1e-3,
+                                  fast_conv_backward=fast)
+    stride1 = factory.conv(3, 4, 3, rngs=nnx.Rngs(0))
+    strided = factory.conv(3, 4, 3, stride=2, rngs=nnx.Rngs(0))
+    x = jnp.ones((1, 6, 6, 3))
+    self.assertEqual(_uses_custom_vjp(lambda x: stride1(x), x), fast)
+    self.assertFalse(_uses_custom_vjp(lambda x: strided(x), x))
+    expected = lax.conv_general_dilated(
+        x, stride1.kernel[...], (1, 1), 'SAME', dimension_numbers=_NHWC)
+    np.testing.assert_allclose(stride1(x), expected, rtol=1e-6)
+
+
+if __name__ == '__main__':
+  absltest.main()
