@@ -21,6 +21,7 @@ from absl import flags
 import tensorflow_datasets as tfds
 
 from sact_jax import data
+from sact_jax.data import shapes
 
 _DATA_DIR = flags.DEFINE_string(
     'data_dir', os.path.join(tempfile.gettempdir(), 'sact_benchmark_data'),
@@ -62,8 +63,28 @@ def _measure(name: str, workers: int) -> dict[str, float]:
   }
 
 
+def _time_generation() -> dict[str, float]:
+  """Seconds to generate sact_shapes in memory and to prepare it as tfds."""
+  start = time.perf_counter()
+  for split, size in (('train', 20_000), ('test', 2_000)):
+    shapes.generate_examples(size, shapes.SPLIT_SEEDS[split])
+  generate_s = time.perf_counter() - start
+  result = {'generate_22k_s': generate_s}
+  builder = tfds.builder('sact_shapes', data_dir=_DATA_DIR.value,
+                         file_format='array_record')
+  if not builder.is_prepared():
+    start = time.perf_counter()
+    builder.download_and_prepare()
+    result['prepare_22k_s'] = time.perf_counter() - start
+  for name, seconds in result.items():
+    print(f'sact_shapes {name}: {seconds:.1f}')
+  return result
+
+
 def main(argv):
   del argv
+  generation = (_time_generation() if 'sact_shapes' in _DATASETS.value
+                else {})
   rows = []
   for pipeline in _DATASETS.value:
     for workers in map(int, _WORKERS.value):
@@ -93,6 +114,7 @@ def main(argv):
         'batches': _BATCHES.value,
         'cpu_count': os.cpu_count(),
         'machine': platform.processor() or platform.machine(),
+        'sact_shapes_generation': generation,
         'results': rows,
     }, f, indent=2)
   print(f'Wrote {_OUT.value}')
