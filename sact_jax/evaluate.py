@@ -377,7 +377,10 @@ def evaluate_model(model: nnx.Module, config, *,
       image_size=(config.get('image_size', None)
                   if base_name == 'imagenet2012' else None))
 
-  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ('data',))
+  # The trainer's mesh: its replicated weights then need no copy.
+  mesh = jax.make_mesh((num_devices,), ('data',),
+                       axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=jax.devices())
   graphdef, state = eval_split_model(model)
   state = jax.device_put(state, jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec()))
@@ -443,6 +446,45 @@ def evaluate_model(model: nnx.Module, config, *,
   if workdir is not None and jax.process_index() == 0:
     save_json(metrics, os.path.join(workdir, 'eval.json'))
   return metrics
+
+
+def check_model_source(workdir: str | None, checkpoint: str | None) -> None:
+  """Raises ValueError unless exactly one model source is given."""
+  if (workdir is None) == (checkpoint is None):
+    raise ValueError(
+        'Give exactly one of --workdir (a training run) and --checkpoint (a '
+        'model-only checkpoint), got '
+        + ('both.' if workdir is not None else 'neither.'))
+
+
+def load_model(config, *, workdir: str | None = None,
+               checkpoint: str | None = None) -> nnx.Module:
+  """The model of a training run (`workdir`) or of a model-only checkpoint.
+
+  Args:
+    config: the run's ConfigDict (needed with `workdir`).
+    workdir: a training workdir; its latest checkpoint is restored.
+    checkpoint: a model-only checkpoint directory (`sact_jax.checkpoint`).
+
+  Returns:
+    The model, in eval mode.
+
+  Raises:
+    ValueError: not exactly one of `workdir` and `checkpoint` is given.
+  """
+  check_model_source(workdir, checkpoint)
+  if workdir is not None:
+    if config is None:
+      raise ValueError('--workdir needs the --config of the training run.')
+    # Lazy: `train` imports this module (it evaluates after training).
+    from sact_jax import train  # pylint: disable=g-import-not-at-top
+    return train.restore_latest_model(config, workdir)
+  # Lazy, like `train`: checkpoint conversion tools need not load here.
+  from sact_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  model, spec = checkpoint_lib.restore_model(checkpoint)
+  logging.info('Restored %s from %s.', spec, checkpoint)
+  model.eval()
+  return model
 
 
 def save_json(metrics: Mapping[str, Any], path: str) -> None:

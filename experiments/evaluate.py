@@ -1,0 +1,59 @@
+r"""Evaluates a model: top-1/top-5, FLOPs (vs vanilla), ponder costs.
+
+  python -m experiments.evaluate --config=sact_jax/configs/default.py \
+      --workdir=/tmp/sact_shapes
+  python -m experiments.evaluate --config=sact_jax/configs/cifar10.py \
+      --checkpoint=models/cifar10_resnet_32_sact --output=/tmp/eval.json
+
+`--workdir` restores the latest checkpoint of a training run (the config
+must be the run's); `--checkpoint` a model-only checkpoint (e.g. converted
+from TF; the config then only chooses the data). Prints a table and writes
+the metrics as JSON to `--output` (default: `eval.json` in the workdir or
+checkpoint directory).
+"""
+
+import os
+
+from absl import app
+from absl import flags
+import jax
+from ml_collections import config_flags
+
+from sact_jax import evaluate
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file: the dataset, eval batch size and, with '
+    '--workdir, the model.', lock_config=False)
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Training workdir: evaluate its latest checkpoint.')
+_CHECKPOINT = flags.DEFINE_string(
+    'checkpoint', None, 'Model-only checkpoint directory to evaluate.')
+_OUTPUT = flags.DEFINE_string(
+    'output', None, 'JSON output path (default: eval.json in the workdir or '
+    'checkpoint directory).')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  try:
+    evaluate.check_model_source(_WORKDIR.value, _CHECKPOINT.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  if _CONFIG.value is None:
+    raise app.UsageError('--config is required (it chooses the dataset).')
+  jax.config.update('jax_default_prng_impl', 'rbg')
+  config = _CONFIG.value
+  model = evaluate.load_model(config, workdir=_WORKDIR.value,
+                              checkpoint=_CHECKPOINT.value)
+  metrics = evaluate.evaluate_model(model, config)
+  output = _OUTPUT.value or os.path.join(
+      _WORKDIR.value or _CHECKPOINT.value, 'eval.json')
+  if jax.process_index() == 0:
+    evaluate.save_json(metrics, output)
+  print(evaluate.format_table(metrics))
+  print(f'Wrote {output}')
+
+
+if __name__ == '__main__':
+  app.run(main)

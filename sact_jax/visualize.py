@@ -1,0 +1,360 @@
+"""Ponder-cost maps next to their images, as in the SACT paper's figures.
+
+One row per image: the image (min-max scaled for display, with the object
+outline where the dataset has masks), then the ponder-cost map of every block
+(shown at image size, cells kept visible) and, with several blocks, their sum
+(the map of where the network spent its residual units). Every map column
+has one colour scale for all rows, drawn as a colorbar under the column, so
+rows compare directly. Drawn with matplotlib's object API on the Agg canvas:
+no pyplot state, no display needed.
+"""
+
+import os
+from typing import Any, Mapping, Sequence
+
+from flax import nnx
+from matplotlib import colors as mcolors
+from matplotlib import figure as mfigure
+from matplotlib.backends import backend_agg
+import numpy as np
+
+from sact_jax import data as data_lib
+from sact_jax import evaluate
+
+COLORMAP = 'inferno'
+# Size of one panel (inches) and resolution: a figure of R rows and C panel
+# columns is (C * PANEL_INCHES * DPI) x ((R * PANEL_INCHES + COLORBAR_INCHES)
+# * DPI) pixels (`figure_pixel_size`).
+PANEL_INCHES = 2.0
+COLORBAR_INCHES = 0.6
+DPI = 100
+# Images per file of `save_ponder_maps`.
+ROWS_PER_PAGE = 8
+# Photographs that scikit-image ships with its package (no download).
+PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket', 'immunohistochemistry',
+          'camera')
+CIFAR10_CLASS_NAMES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog',
+                       'frog', 'horse', 'ship', 'truck')
+
+
+def class_names_for(dataset: str) -> Sequence[str] | None:
+  """Label names of a dataset, or None where only indices are known."""
+  base = dataset.partition('/')[0]
+  if base == 'sact_shapes':
+    return data_lib.CLASS_NAMES
+  if base == 'cifar10':
+    return CIFAR10_CLASS_NAMES
+  return None
+
+
+def figure_pixel_size(num_rows: int, num_columns: int) -> tuple[int, int]:
+  """(width, height) in pixels of a figure of `render_ponder_figure`."""
+  width = num_columns * PANEL_INCHES * DPI
+  height = (num_rows * PANEL_INCHES + COLORBAR_INCHES) * DPI
+  return int(round(width)), int(round(height))
+
+
+def display_image(image_HxWxC: np.ndarray) -> np.ndarray:
+  """Maps an image (e.g. standardised) to [0, 1] by its own min and max."""
+  image = np.asarray(image_HxWxC, np.float64)
+  lo, hi = image.min(), image.max()
+  return (image - lo) / (hi - lo) if hi > lo else np.zeros_like(image)
+
+
+def upsample_nearest(map_Bxhxw: np.ndarray, shape: tuple[int, int]
+                     ) -> np.ndarray:
+  """Nearest-neighbour resize of maps to `shape` (any sizes)."""
+  h, w = map_Bxhxw.shape[1:]
+  rows = ((np.arange(shape[0]) + 0.5) * h / shape[0]).astype(int)
+  cols = ((np.arange(shape[1]) + 0.5) * w / shape[1]).astype(int)
+  return map_Bxhxw[:, rows][:, :, cols]
+
+
+def ponder_maps(aux: Mapping[str, Any]) -> list[np.ndarray]:
+  """Per-block ponder costs of a forward pass as `[B, h, w]` numpy maps.
+
+  ACT's one value per image becomes a 1x1 map (ACT ponders uniformly);
+  vanilla models have none.
+  """
+  maps = []
+  for ponder in aux['ponder_cost']:
+    ponder = np.asarray(ponder, np.float32)
+    maps.append(ponder[:, None, None] if ponder.ndim == 1 else ponder)
+  return maps
+
+
+def _norm(values: Sequence[np.ndarray]) -> mcolors.Normalize:
+  """One colour scale for a column: the range of all its values."""
+  lo = min(float(v.min()) for v in values)
+  hi = max(float(v.max()) for v in values)
+  if hi - lo < 1e-6:  # A flat map still needs a non-empty range.
+    lo, hi = lo - 0.5, hi + 0.5
+  return mcolors.Normalize(lo, hi)
+
+
+def render_ponder_figure(images: Sequence[np.ndarray],
+                         maps: Sequence[Sequence[np.ndarray]], *,
+                         titles: Sequence[str] | None = None,
+                         masks: Sequence[np.ndarray] | None = None,
+                         overlay: bool = False) -> mfigure.Figure:
+  """Draws images and their ponder-cost maps, one image per row.
+
+  Args:
+    images: N images `[H, W, 3]` (any range; each is min-max scaled). They
+      may differ in size.
+    maps: per image, one `[h, w]` ponder map per block (any resolution; shown
+      stretched over the image).
+    titles: per image, a title for its image panel.
+    masks: per image, an `[H, W]` object mask whose outline is drawn on
+      every panel of the row.
+    overlay: draw each map translucently over its image instead of alone.
+
+  Returns:
+    A matplotlib Figure of `figure_pixel_size(N, columns)` pixels, where
+    columns = 1 + blocks (+ 1 for the sum over blocks when blocks > 1).
+  """
+  num_rows = len(images)
+  if num_rows == 0:
+    raise ValueError('No images to draw.')
+  if len(maps) != num_rows:
+    raise ValueError(f'Got {num_rows} images but maps for {len(maps)}.')
+  num_blocks = len(maps[0])
+  if any(len(m) != num_blocks for m in maps):
+    raise ValueError('Every image needs the same number of ponder maps.')
+  # Columns of maps: the blocks, then their sum on the finest grid.
+  columns = [[np.asarray(m[b], np.float64) for m in maps]
+             for b in range(num_blocks)]
+  names = [f'block {b + 1}' for b in range(num_blocks)]
+  if num_blocks > 1:
+    total = []
+    for row_maps in maps:
+      finest = max((m.shape for m in row_maps), key=lambda s: s[0] * s[1])
+      total.append(sum(upsample_nearest(np.asarray(m, np.float64)[None],
+                                        finest)[0] for m in row_maps))
+    columns.append(total)
+    names.append('sum over blocks')
+  num_columns = 1 + len(columns)
+
+  width, height = figure_pixel_size(num_rows, num_columns)
+  fig = mfigure.Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+  backend_agg.FigureCanvasAgg(fig)
+  grid = fig.add_gridspec(
+      num_rows + 1, num_columns,
+      height_ratios=[PANEL_INCHES] * num_rows + [COLORBAR_INCHES],
+      left=0.02, right=0.98, top=1 - 0.45 / (height / DPI), bottom=0.04,
+      wspace=0.08, hspace=0.35)
+  norms = [_norm(column) for column in columns]
+
+  for row in range(num_rows):
+    image = display_image(images[row])
+    img_h, img_w = image.shape[:2]
+    extent = (0, img_w, img_h, 0)
+    mask = None if masks is None else np.asarray(masks[row], np.float64)
+    ax = fig.add_subplot(grid[row, 0])
+    ax.imshow(image, extent=extent, interpolation='nearest')
+    _outline(ax, mask, extent)
+    if titles is not None:
+      ax.set_title(titles[row], fontsize=8)
+    ax.set_axis_off()
+    for col, (column, norm) in enumerate(zip(columns, norms)):
+      ax = fig.add_subplot(grid[row, col + 1])
+      if overlay:
+        ax.imshow(image.mean(axis=-1), cmap='gray', extent=extent,
+                  interpolation='nearest')
+      ax.imshow(column[row], cmap=COLORMAP, norm=norm, extent=extent,
+                interpolation='nearest', alpha=0.6 if overlay else 1.0)
+      _outline(ax, mask, extent)
+      ax.set_xlim(0, img_w)
+      ax.set_ylim(img_h, 0)
+      ax.set_axis_off()
+      if row == 0:
+        h, w = column[row].shape
+        ax.set_title(f'{names[col]} ({h}x{w})', fontsize=8)
+
+  for col, norm in enumerate(norms):
+    cax = fig.add_subplot(grid[num_rows, col + 1])
+    mappable = fig.colorbar(
+        _scalar_mappable(norm), cax=cax, orientation='horizontal')
+    mappable.ax.tick_params(labelsize=7)
+    mappable.set_label('ponder cost', fontsize=7)
+  return fig
+
+
+def _scalar_mappable(norm):
+  from matplotlib import cm  # pylint: disable=g-import-not-at-top
+  return cm.ScalarMappable(norm=norm, cmap=COLORMAP)
+
+
+def _outline(ax, mask: np.ndarray | None, extent) -> None:
+  """Draws the 0.5 level of `mask` (the object's edge), if there is one."""
+  if mask is None or mask.min() == mask.max():
+    return
+  h, w = mask.shape
+  ys = (np.arange(h) + 0.5) * (extent[2] / h)
+  xs = (np.arange(w) + 0.5) * (extent[1] / w)
+  ax.contour(xs, ys, mask, levels=[0.5], colors='cyan', linewidths=0.8)
+
+
+def save_figure(fig: mfigure.Figure, path: str) -> str:
+  """Writes `fig` as a PNG of exactly its pixel size; returns `path`."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  # A temporary name and a rename: a reader never sees half a PNG.
+  tmp_path = os.path.join(directory, f'.{os.path.basename(path)}.tmp')
+  fig.savefig(tmp_path, dpi=DPI, format='png')
+  os.replace(tmp_path, path)
+  return path
+
+
+def _format_flops(flops: float) -> str:
+  return evaluate._human(flops)  # pylint: disable=protected-access
+
+
+def _class_name(index: int, names: Sequence[str] | None) -> str:
+  if names is not None and 0 <= index < len(names):
+    return names[index]
+  return f'class {index}'
+
+
+def save_ponder_maps(model: nnx.Module, config, out_dir: str, *,
+                     num_images: int = 8, overlay: bool = False
+                     ) -> list[str]:
+  """Draws the ponder maps of the first eval images of `config.dataset`.
+
+  Args:
+    model: a CIFAR or ImageNet ResNet (run in eval mode; not changed).
+    config: ConfigDict with `dataset`, `data_dir` and optionally
+      `eval_split` and `image_size` (ImageNet).
+    out_dir: directory for the PNGs (created if needed).
+    num_images: images to draw, `ROWS_PER_PAGE` per file.
+    overlay: draw maps over their images.
+
+  Returns:
+    Paths of the PNGs written: `ponder_maps.png`, or `ponder_maps_<k>.png`
+    for k = 0, 1, ... when there are more than `ROWS_PER_PAGE` images.
+  """
+  if num_images < 1:
+    raise ValueError(f'num_images must be >= 1, got {num_images}.')
+  info = data_lib.dataset_info(config.dataset)
+  split = config.get('eval_split', None) or info.eval_split
+  base_name = config.dataset.partition('/')[0]
+  dataset = data_lib.make_dataset(
+      config.dataset, f'{split}[:{num_images}]', batch_size=num_images,
+      train=False, data_dir=config.get('data_dir', None),
+      image_size=(config.get('image_size', None)
+                  if base_name == 'imagenet2012' else None))
+  batch = next(iter(dataset))
+  spec = evaluate.describe_model(model)
+  # Reference ImageNet models have a background class 0 (see evaluate).
+  label_offset = 1 if spec['num_classes'] == info.num_classes + 1 else 0
+  logits, aux = evaluate.predict(model, batch['image'])
+  logits = np.asarray(logits)
+  flops = np.asarray(aux['flops'])
+  maps = ponder_maps(aux)
+  names = class_names_for(config.dataset)
+  titles = []
+  for i, label in enumerate(np.asarray(batch['label'])):
+    predicted = int(logits[i].argmax()) - label_offset
+    titles.append(f'predicted {_class_name(predicted, names)}\n'
+                  f'true {_class_name(int(label), names)}, '
+                  f'{_format_flops(flops[i])}FLOPs')
+  images = list(batch['image'])
+  masks = list(batch['mask']) if 'mask' in batch else None
+  count = len(images)
+  pages = range(0, count, ROWS_PER_PAGE)
+  paths = []
+  for page, start in enumerate(pages):
+    rows = slice(start, start + ROWS_PER_PAGE)
+    name = ('ponder_maps.png' if len(pages) == 1
+            else f'ponder_maps_{page}.png')
+    fig = render_ponder_figure(
+        images[rows], [[m[i] for m in maps] for i in range(count)][rows],
+        titles=titles[rows], masks=None if masks is None else masks[rows],
+        overlay=overlay)
+    paths.append(save_figure(fig, os.path.join(out_dir, name)))
+  return paths
+
+
+def preprocess_for(family: str, image_HxWx3: np.ndarray) -> np.ndarray:
+  """An RGB image in [0, 255] as the model family's training data looked.
+
+  CIFAR family: per-image standardisation; ImageNet family: [-1, 1].
+  """
+  image = np.asarray(image_HxWx3, np.float32)
+  if family == 'cifar':
+    std = max(float(image.std()), 1 / np.sqrt(image.size))
+    return (image - image.mean()) / np.float32(std)
+  return image / np.float32(127.5) - 1
+
+
+def _as_rgb(image: np.ndarray) -> np.ndarray:
+  image = np.asarray(image)
+  if image.ndim == 2:
+    image = np.stack([image] * 3, axis=-1)
+  if image.ndim != 3 or image.shape[-1] not in (3, 4):
+    raise ValueError(f'Expected an RGB image [H, W, 3] (or grayscale '
+                     f'[H, W]), got shape {image.shape}.')
+  return image[..., :3]
+
+
+def save_ponder_maps_for_images(
+    model: nnx.Module, images: Sequence[np.ndarray], out_path: str, *,
+    names: Sequence[str] | None = None,
+    class_names: Sequence[str] | None = None,
+    overlay: bool = False) -> str:
+  """Draws the ponder maps of arbitrary images (any size: the nets are conv).
+
+  Args:
+    model: a CIFAR or ImageNet ResNet (run in eval mode; not changed).
+    images: RGB `[H, W, 3]` (or grayscale `[H, W]`) images with values in
+      [0, 255]; sizes may differ (each is run on its own).
+    out_path: PNG path.
+    names: per image, a name for its title.
+    class_names: label names of the model's classes, for the titles.
+    overlay: draw maps over their images.
+
+  Returns:
+    `out_path`.
+  """
+  family = evaluate.describe_model(model)['family']
+  rgb = [_as_rgb(image) for image in images]
+  titles, maps = [], []
+  for i, image in enumerate(rgb):
+    logits, aux = evaluate.predict(model, preprocess_for(family, image)[None])
+    predicted = int(np.asarray(logits)[0].argmax())
+    head = f'{names[i]}: ' if names is not None else ''
+    titles.append(f'{head}{image.shape[0]}x{image.shape[1]}\npredicted '
+                  f'{_class_name(predicted, class_names)}, '
+                  f'{_format_flops(float(aux["flops"][0]))}FLOPs')
+    maps.append([m[0] for m in ponder_maps(aux)])
+  fig = render_ponder_figure(rgb, maps, titles=titles, overlay=overlay)
+  return save_figure(fig, out_path)
+
+
+def load_photos(names: Sequence[str] = PHOTOS, size: int = 128
+                ) -> dict[str, np.ndarray]:
+  """Photographs shipped with scikit-image, centre-cropped to `size`^2.
+
+  Args:
+    names: functions of `skimage.data` that need no download.
+    size: side of the square output.
+
+  Returns:
+    name -> uint8 `[size, size, 3]`.
+  """
+  # Lazy: only the photo pictures need scikit-image and PIL.
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  import skimage.data  # pylint: disable=g-import-not-at-top
+  photos = {}
+  for name in names:
+    loader = getattr(skimage.data, name, None)
+    if loader is None:
+      raise ValueError(f'skimage.data has no image {name!r}; try one of '
+                       f'{", ".join(PHOTOS)}.')
+    image = _as_rgb(loader()).astype(np.uint8)
+    h, w = image.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = Image.fromarray(image[top:top + side, left:left + side])
+    photos[name] = np.asarray(square.resize((size, size), Image.BILINEAR))
+  return photos
