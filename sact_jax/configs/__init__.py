@@ -1,0 +1,141 @@
+"""Training configs: one `get_config(arg=None)` per file, shared fields here.
+
+Config files are loaded by path (`--config=sact_jax/configs/cifar10.py:sact_110`)
+and every field can be overridden on the command line
+(`--config.tau=0.005`). `base_config()` defines every field, with its
+meaning, so that all files share one schema; each file changes the values.
+
+Variants (the part after ':') are tokens separated by ',' or '_' in any
+order: a model type (`vanilla`, `act`, `sact`), a depth (`110`), and flags
+such as `smoke` (a few steps of a tiny model, for a quick end-to-end run)
+or `finetune` (ImageNet: start from a vanilla checkpoint).
+"""
+
+from typing import Iterable
+
+import ml_collections
+
+MODEL_TYPES = ('vanilla', 'act', 'sact')
+
+# Placeholder of a field that the command line must set; validation reports
+# it as a missing path, so the message says what to pass.
+REQUIRED_INIT_FROM = '<set --config.init_from=VANILLA_MODEL_CHECKPOINT_DIR>'
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field a training run reads, with neutral defaults."""
+  config = ml_collections.ConfigDict()
+
+  # --- Data ---
+  # tfds name of the dataset, optionally with a builder config
+  # ('sact_shapes/tiny'): one of sact_jax.data.SUPPORTED_DATASETS.
+  config.dataset = 'sact_shapes'
+  # tfds data_dir; None for the tfds default (~/tensorflow_datasets).
+  config.data_dir = ml_collections.config_dict.placeholder(str)
+  # Side of the (square) input images; must match the dataset (32 for
+  # CIFAR-style data; any size for ImageNet, which is resized to it).
+  config.image_size = 32
+  # Preprocessing worker processes per host (0: threads in this process).
+  config.data_workers = 0
+
+  # --- Model (see sact_jax.checkpoint.ModelSpec) ---
+  # 'cifar' (pre-activation basic units) or 'imagenet' (bottleneck units).
+  config.family = 'cifar'
+  # Residual units per block, e.g. (5, 5, 5) = CIFAR ResNet-32.
+  config.units = (5, 5, 5)
+  # 'vanilla', 'act' (one halting score per image) or 'sact' (per position).
+  config.model_type = 'sact'
+  # Size of the logits: the dataset's classes, or one more for the
+  # reference's ImageNet models (background class 0; labels are shifted).
+  config.num_classes = 10
+  # Width of the first block (CIFAR) or of its bottleneck (ImageNet); None
+  # for the family default (16 / 64).
+  config.base_channels = ml_collections.config_dict.placeholder(int)
+  # Halting threshold is 1 - eps; in (0, 1).
+  config.eps = 0.01
+  # Rematerialise each scanned residual unit in the backward pass (saves
+  # activation memory for deep models at the cost of recomputation).
+  config.remat = False
+
+  # --- Loss and optimizer ---
+  # Weight of the ponder cost in the loss (ignored by vanilla models); >= 0.
+  config.tau = 0.01
+  # Weight decay as the reference applies it: weight_decay * sum(w^2) / 2
+  # over conv and dense kernels (slim's l2_regularizer; no BN, no biases)
+  # added to the loss.
+  config.weight_decay = 2e-4
+  # Label smoothing of the cross-entropy, in [0, 1).
+  config.label_smoothing = 0.0
+  # SGD momentum (TF MomentumOptimizer / optax.sgd: v = m v + g).
+  config.momentum = 0.9
+  # Learning rate before the first boundary.
+  config.learning_rate = 0.1
+  # Piecewise constant schedule: after step lr_boundaries[i] the rate is
+  # learning_rate * lr_scales[i] (TF piecewise_constant: the boundary step
+  # itself still uses the previous rate). Increasing; same lengths.
+  config.lr_boundaries = ()
+  config.lr_scales = ()
+
+  # --- Run ---
+  # Global batch size (all hosts and devices together); the device count
+  # must divide it.
+  config.batch_size = 128
+  # Global batch size of the evaluation after training.
+  config.eval_batch_size = 500
+  # Number of optimizer steps.
+  config.num_train_steps = 100_000
+  # Seed of the initialisation, the shuffling and the augmentation.
+  config.seed = 0
+  # Steps between metric summaries and console lines.
+  config.log_every_steps = 100
+  # Steps between checkpoints (also saved at the end and on SIGTERM).
+  config.checkpoint_every_steps = 1000
+  # Number of most recent checkpoints kept.
+  config.keep_checkpoints = 3
+  # Model checkpoint directory (sact_jax.checkpoint.save_model format) to
+  # start from, e.g. a vanilla model for fine-tuning ACT/SACT: everything is
+  # restored but the halting heads. None: random initialisation.
+  config.init_from = ml_collections.config_dict.placeholder(str)
+  # Examples of the eval split used by the evaluation after training; None
+  # for the whole split.
+  config.num_eval_examples = ml_collections.config_dict.placeholder(int)
+  # Ponder-map pictures written after training (SACT models).
+  config.num_ponder_maps = 16
+  return config
+
+
+def parse_variant(arg: str | None, known_flags: Iterable[str] = ('smoke',),
+                  depths: Iterable[int] = ()) -> dict:
+  """Splits a variant string like 'sact_110,smoke' into its parts.
+
+  Args:
+    arg: the text after ':' in `--config=file.py:arg`, or None.
+    known_flags: flag tokens this file understands.
+    depths: depth presets this file understands.
+
+  Returns:
+    Dict with `model_type` (None if absent), `depth` (None if absent) and
+    one bool per known flag.
+
+  Raises:
+    ValueError: an unknown token, or two model types or depths.
+  """
+  known_flags, depths = tuple(known_flags), tuple(depths)
+  parts = {'model_type': None, 'depth': None}
+  parts.update({flag: False for flag in known_flags})
+  tokens = [t for t in (arg or '').replace(',', '_').split('_') if t]
+  for token in tokens:
+    if token in MODEL_TYPES and parts['model_type'] is None:
+      parts['model_type'] = token
+    elif token.isdigit() and int(token) in depths and parts['depth'] is None:
+      parts['depth'] = int(token)
+    elif token in known_flags and not parts[token]:
+      parts[token] = True
+    else:
+      raise ValueError(
+          f'Unknown config variant {arg!r} (token {token!r}): use '
+          f'<model_type>_<depth> with model_type in {MODEL_TYPES}'
+          + (f', depth in {depths}' if depths else '')
+          + (f', optionally with {", ".join(known_flags)}' if known_flags
+             else '') + '.')
+  return parts
