@@ -440,6 +440,8 @@ class HelpersTest(parameterized.TestCase):
       data.make_dataset('mnist', 'train', batch_size=1, train=True)
     with self.assertRaisesRegex(ValueError, 'sact_shapes'):
       data.dataset_info('cifar100')
+    with self.assertRaisesRegex(ValueError, 'default, tiny'):
+      data.dataset_info('sact_shapes/huge')
 
 
 class NotPreparedTest(parameterized.TestCase):

@@ -98,7 +98,11 @@ def dataset_info(name: str) -> DatasetInfo:
   base, config = _parse_name(name)
   info = _DATASET_INFO[base]
   if base == 'sact_shapes' and config:
-    builder_config = shapes.SactShapes.builder_configs[config]
+    configs = shapes.SactShapes.builder_configs
+    if config not in configs:
+      raise ValueError(f'Unknown config {name!r}; sact_shapes configs: '
+                       f'{", ".join(configs)}.')
+    builder_config = configs[config]
     info = dataclasses.replace(
         info, num_train_examples=builder_config.num_train,
         num_eval_examples=builder_config.num_test)
