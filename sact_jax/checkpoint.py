@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import shutil
 import uuid
 from typing import Any, Iterable, Mapping, Sequence
@@ -517,10 +518,12 @@ def _import_tf():
 
 
 def resolve_tf_checkpoint(path: str | os.PathLike) -> str:
-  """The checkpoint prefix (`.../model.ckpt`) for a prefix, index or dir.
+  """The checkpoint prefix (`.../model.ckpt-N`) for a prefix, file or dir.
 
   A directory is resolved through its `checkpoint` state file
-  (`tf.train.latest_checkpoint`), or through its only `*.index` file.
+  (`tf.train.latest_checkpoint`) or, when that names nothing that exists (a
+  released archive keeps the authors' absolute paths), its only `*.index`
+  file. A `.index`, `.data-*` or `.meta` file stands for its prefix.
   """
   path = os.fspath(path)
   if os.path.isdir(path):
@@ -530,15 +533,18 @@ def resolve_tf_checkpoint(path: str | os.PathLike) -> str:
       indexes = sorted(pathlib.Path(path).glob('*.index'))
       if len(indexes) != 1:
         raise FileNotFoundError(
-            f'No TF checkpoint in {path}: no "checkpoint" state file and '
-            f'{len(indexes)} *.index files.')
+            f'Cannot pick a TF checkpoint in {path}: no usable "checkpoint" '
+            f'state file and {len(indexes)} *.index files; pass a checkpoint '
+            'prefix (e.g. DIR/model.ckpt-100000).')
       prefix = str(indexes[0])[:-len('.index')]
     return prefix
-  prefix = path[:-len('.index')] if path.endswith('.index') else path
-  if not os.path.isfile(prefix + '.index'):
-    raise FileNotFoundError(
-        f'No TF checkpoint at {path}: {prefix}.index does not exist.')
-  return prefix
+  prefix = re.sub(r'\.(index|meta|data-\d+-of-\d+)$', '', path)
+  if os.path.isfile(prefix + '.index'):
+    return prefix
+  if os.path.isfile(path) and prefix == path:
+    return path  # A V1 (single file) checkpoint; TF reads those too.
+  raise FileNotFoundError(
+      f'No TF checkpoint at {path}: {prefix}.index does not exist.')
 
 
 def read_tf_checkpoint(path: str | os.PathLike,

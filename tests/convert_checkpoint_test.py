@@ -189,7 +189,8 @@ class TrainingCheckpointTest(absltest.TestCase):
 
   def test_checkpoint_paths(self):
     prefix = str(self.train_dir / 'model.ckpt-100000')
-    for path in (self.train_dir, prefix, prefix + '.index'):
+    for path in (self.train_dir, prefix, prefix + '.index',
+                 prefix + '.data-00000-of-00001'):
       self.assertEqual(checkpoint.resolve_tf_checkpoint(path), prefix)
     # A directory without a state file, but with one checkpoint.
     bare = _tempdir(self)
@@ -201,6 +202,12 @@ class TrainingCheckpointTest(absltest.TestCase):
       checkpoint.resolve_tf_checkpoint(bare / 'model.ckpt')
     with self.assertRaisesRegex(FileNotFoundError, '0 \\*.index files'):
       checkpoint.resolve_tf_checkpoint(_tempdir(self))
+    # A state file naming a path that does not exist here (as in the
+    # released archives) falls back to the only checkpoint present.
+    (bare / 'checkpoint').write_text(
+        'model_checkpoint_path: "/home/someone/train/model.ckpt-1"\n')
+    self.assertEqual(checkpoint.resolve_tf_checkpoint(bare),
+                     str(bare / 'model.ckpt-100000'))
 
   def test_read_tf_checkpoint(self):
     values = checkpoint.read_tf_checkpoint(self.train_dir)
