@@ -13,12 +13,14 @@ checkpoint directory).
 """
 
 import os
+import sys
 
 from absl import app
 from absl import flags
 import jax
 from ml_collections import config_flags
 
+from sact_jax import data
 from sact_jax import evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -44,9 +46,15 @@ def main(argv):
     raise app.UsageError('--config is required (it chooses the dataset).')
   jax.config.update('jax_default_prng_impl', 'rbg')
   config = _CONFIG.value
-  model = evaluate.load_model(config, workdir=_WORKDIR.value,
-                              checkpoint=_CHECKPOINT.value)
-  metrics = evaluate.evaluate_model(model, config)
+  try:
+    model = evaluate.load_model(config, workdir=_WORKDIR.value,
+                                checkpoint=_CHECKPOINT.value)
+  except (ValueError, FileNotFoundError) as e:  # Bad workdir or checkpoint.
+    sys.exit(f'Error: {e}')
+  try:
+    metrics = evaluate.evaluate_model(model, config)
+  except (evaluate.EvaluationError, data.DatasetNotFoundError) as e:
+    sys.exit(f'Error: {e}')
   output = _OUTPUT.value or os.path.join(
       _WORKDIR.value or _CHECKPOINT.value, 'eval.json')
   if jax.process_index() == 0:

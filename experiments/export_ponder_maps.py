@@ -15,12 +15,14 @@ out-of-distribution pictures for CIFAR-family ones.
 """
 
 import os
+import sys
 
 from absl import app
 from absl import flags
 import jax
 from ml_collections import config_flags
 
+from sact_jax import data
 from sact_jax import evaluate
 from sact_jax import visualize
 
@@ -60,15 +62,21 @@ def main(argv):
     raise app.UsageError('Nothing to draw: give --config (and --num_images '
                          '> 0) for dataset images, or --photos.')
   jax.config.update('jax_default_prng_impl', 'rbg')
-  model = evaluate.load_model(config, workdir=_WORKDIR.value,
-                              checkpoint=_CHECKPOINT.value)
+  try:
+    model = evaluate.load_model(config, workdir=_WORKDIR.value,
+                                checkpoint=_CHECKPOINT.value)
+  except (ValueError, FileNotFoundError) as e:  # Bad workdir or checkpoint.
+    sys.exit(f'Error: {e}')
   out_dir = _OUT_DIR.value or os.path.join(
       _WORKDIR.value or _CHECKPOINT.value, 'ponder_maps')
   paths = []
   if config is not None and _NUM_IMAGES.value > 0:
-    paths += visualize.save_ponder_maps(
-        model, config, out_dir, num_images=_NUM_IMAGES.value,
-        overlay=_OVERLAY.value)
+    try:
+      paths += visualize.save_ponder_maps(
+          model, config, out_dir, num_images=_NUM_IMAGES.value,
+          overlay=_OVERLAY.value)
+    except data.DatasetNotFoundError as e:
+      sys.exit(f'Error: {e}')
   if _PHOTOS.value:
     photos = visualize.load_photos(size=_PHOTO_SIZE.value)
     paths.append(visualize.save_ponder_maps_for_images(

@@ -38,9 +38,11 @@ import jax.numpy as jnp
 from jax.experimental import multihost_utils
 import numpy as np
 
+from sact_jax import checkpoint as checkpoint_lib
 from sact_jax import data as data_lib
 from sact_jax import flops as flops_lib
 from sact_jax import models
+from sact_jax import train as train_lib
 
 TOP_K = 5
 # Seconds between progress log lines of a long evaluation.
@@ -48,6 +50,10 @@ _LOG_EVERY_SECONDS = 10.0
 
 # Keys of `per_image_stats`; the last four exist only with masks and SACT.
 _MASK_KEYS = ('inside_sum', 'inside_area', 'outside_sum', 'outside_area')
+
+
+class EvaluationError(ValueError):
+  """The model, config or data cannot be evaluated together; one line."""
 
 
 def describe_model(model: nnx.Module) -> dict[str, Any]:
@@ -320,13 +326,36 @@ def _eval_split_name(config, info: data_lib.DatasetInfo) -> str:
   limit = config.get('num_eval_examples', None)
   if limit is not None:
     if '[' in split:
-      raise ValueError(f'num_eval_examples={limit} cannot be combined with '
-                       f'the sliced split {split!r}.')
+      raise EvaluationError(f'num_eval_examples={limit} cannot be combined '
+                            f'with the sliced split {split!r}.')
     if limit < 1:
-      raise ValueError(f'num_eval_examples must be >= 1 or None, got '
-                       f'{limit}.')
+      raise EvaluationError(f'num_eval_examples must be >= 1 or None, got '
+                            f'{limit}.')
     split = f'{split}[:{limit}]'
   return split
+
+
+def _expected_count(config, info: data_lib.DatasetInfo) -> int | None:
+  """Size of the evaluated split when the metadata knows it."""
+  if config.get('eval_split', None) not in (None, info.eval_split):
+    return None
+  limit = config.get('num_eval_examples', None)
+  return (info.num_eval_examples if limit is None
+          else min(limit, info.num_eval_examples))
+
+
+def _fetch_valid(stats: dict[str, jax.Array], valid_B: jax.Array
+                 ) -> dict[str, np.ndarray]:
+  """All hosts' per-image numbers of one batch, padding rows dropped.
+
+  Args:
+    stats: `per_image_stats` of a global batch.
+    valid_B: global bool array, sharded like the batch: real rows.
+  """
+  stats, valid_B = multihost_utils.process_allgather((stats, valid_B),
+                                                     tiled=True)
+  valid_B = np.asarray(valid_B)
+  return {k: np.asarray(v)[valid_B] for k, v in stats.items()}
 
 
 def evaluate_model(model: nnx.Module, config, *,
@@ -348,7 +377,7 @@ def evaluate_model(model: nnx.Module, config, *,
 
   Returns:
     The metrics of `summarize`, plus `model` (`describe_model`),
-    `dataset`, `split`, `image_shape`, `seconds`.
+    `dataset`, `split`, `image_shape`, `num_devices`, `seconds`.
   """
   start = time.time()
   spec = describe_model(model)
@@ -361,7 +390,7 @@ def evaluate_model(model: nnx.Module, config, *,
   elif spec['num_classes'] == info.num_classes:
     label_offset = 0
   else:
-    raise ValueError(
+    raise EvaluationError(
         f'The model has {spec["num_classes"]} classes but {config.dataset} '
         f'has {info.num_classes}.')
 
@@ -389,6 +418,11 @@ def evaluate_model(model: nnx.Module, config, *,
   iterator = iter(dataset)
   chunks = []
   num_seen, image_shape, vanilla, template = 0, None, None, None
+  pending = None
+  # Examples this host will see, for the progress lines (None: unknown).
+  expected = _expected_count(config, info)
+  if expected is not None:
+    expected = len(range(jax.process_index(), expected, num_hosts))
   last_log = time.time()
   while True:
     batch = next(iterator, None)
@@ -396,7 +430,7 @@ def evaluate_model(model: nnx.Module, config, *,
       break
     if batch is None:  # This host's shard is used up; others' are not.
       if template is None:
-        raise ValueError(
+        raise EvaluationError(
             f'Host {jax.process_index()} has no examples of '
             f'{config.dataset}:{split}: use fewer hosts or a bigger split.')
       batch = {k: v[:0] for k, v in template.items()}
@@ -407,8 +441,8 @@ def evaluate_model(model: nnx.Module, config, *,
     labels = np.asarray(batch['label']) + label_offset
     if labels.size and (labels.min() < 0
                         or labels.max() >= spec['num_classes']):
-      raise ValueError(f'Labels outside [0, {spec["num_classes"]}) in '
-                       f'{config.dataset}.')
+      raise EvaluationError(f'Labels outside [0, {spec["num_classes"]}) in '
+                            f'{config.dataset}.')
     padded = _pad_batch(
         {'image': batch['image'], 'label': labels,
          'mask': batch.get('mask', np.zeros((labels.size, 1, 1), np.float32))},
@@ -418,20 +452,23 @@ def evaluate_model(model: nnx.Module, config, *,
         graphdef, state, _to_global(mesh, padded['image']),
         _to_global(mesh, padded['label']),
         _to_global(mesh, padded['mask']) if use_mask else None)
-    valid = _to_global(mesh, padded['valid'])
-    stats, valid = multihost_utils.process_allgather((stats, valid),
-                                                     tiled=True)
-    valid = np.asarray(valid)
-    chunks.append({k: np.asarray(v)[valid] for k, v in stats.items()})
-    num_seen += int(valid.sum())
+    # Fetch the previous batch's numbers only now, so that the device works
+    # on this batch meanwhile.
+    if pending is not None:
+      chunks.append(_fetch_valid(*pending))
+    pending = (stats, _to_global(mesh, padded['valid']))
+    num_seen += int(padded['valid'].sum())
     if time.time() - last_log >= _LOG_EVERY_SECONDS:
       elapsed = time.time() - start
-      logging.info('eval: %d images of %s:%s (%.1f images/s)', num_seen,
+      logging.info('eval: %d%s images of %s:%s (%.1f images/s per host)',
+                   num_seen, f'/{expected}' if expected else '',
                    config.dataset, split, num_seen / elapsed)
       last_log = time.time()
+  if pending is not None:
+    chunks.append(_fetch_valid(*pending))
 
   if not chunks:
-    raise ValueError(f'The split {config.dataset}:{split} is empty.')
+    raise EvaluationError(f'The split {config.dataset}:{split} is empty.')
   stats = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
   metrics = summarize(stats, vanilla_flops=vanilla)
   metrics.update({
@@ -439,6 +476,7 @@ def evaluate_model(model: nnx.Module, config, *,
       'dataset': config.dataset,
       'split': split,
       'image_shape': list(image_shape),
+      'num_devices': num_devices,
       'seconds': time.time() - start,
   })
   for line in format_table(metrics).splitlines():
@@ -475,12 +513,9 @@ def load_model(config, *, workdir: str | None = None,
   check_model_source(workdir, checkpoint)
   if workdir is not None:
     if config is None:
-      raise ValueError('--workdir needs the --config of the training run.')
-    # Lazy: `train` imports this module (it evaluates after training).
-    from sact_jax import train  # pylint: disable=g-import-not-at-top
-    return train.restore_latest_model(config, workdir)
-  # Lazy, like `train`: checkpoint conversion tools need not load here.
-  from sact_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+      raise EvaluationError(
+          '--workdir needs the --config of the training run.')
+    return train_lib.restore_latest_model(config, workdir)
   model, spec = checkpoint_lib.restore_model(checkpoint)
   logging.info('Restored %s from %s.', spec, checkpoint)
   model.eval()

@@ -26,7 +26,9 @@ COLORMAP = 'inferno'
 # columns is (C * PANEL_INCHES * DPI) x ((R * PANEL_INCHES + COLORBAR_INCHES)
 # * DPI) pixels (`figure_pixel_size`).
 PANEL_INCHES = 2.0
-COLORBAR_INCHES = 0.6
+COLORBAR_INCHES = 0.9
+# Of which the bar itself (the rest: ticks, label, margin).
+_BAR_INCHES = 0.15
 DPI = 100
 # Images per file of `save_ponder_maps`.
 ROWS_PER_PAGE = 8
@@ -140,8 +142,9 @@ def render_ponder_figure(images: Sequence[np.ndarray],
   backend_agg.FigureCanvasAgg(fig)
   grid = fig.add_gridspec(
       num_rows + 1, num_columns,
-      height_ratios=[PANEL_INCHES] * num_rows + [COLORBAR_INCHES],
-      left=0.02, right=0.98, top=1 - 0.45 / (height / DPI), bottom=0.04,
+      height_ratios=[PANEL_INCHES] * num_rows + [_BAR_INCHES],
+      left=0.02, right=0.98, top=1 - 0.45 / (height / DPI),
+      bottom=0.4 / (height / DPI),
       wspace=0.08, hspace=0.35)
   norms = [_norm(column) for column in columns]
 

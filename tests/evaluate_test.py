@@ -63,6 +63,35 @@ def make_config(data_dir: str, **overrides) -> ml_collections.ConfigDict:
   return config
 
 
+def direct_metrics(model, batch, count: int):
+  """Metrics of the first `count` images of `batch` from one forward pass."""
+  logits, aux = evaluate.predict(model, batch['image'])
+  return evaluate.compute_metrics(
+      np.asarray(logits)[:count], batch['label'][:count],
+      np.asarray(aux['flops'])[:count],
+      [np.asarray(p)[:count] for p in aux['ponder_cost']],
+      batch['mask'][:count],
+      vanilla_flops=evaluate.vanilla_flops_of(model, (32, 32, 3)))
+
+
+def whole_test_split(data_dir: str):
+  """The 64 test images of the tiny dataset in one batch."""
+  (batch,) = list(data_lib.make_dataset(
+      _DATASET, 'test', batch_size=64, train=False, data_dir=data_dir))
+  return batch
+
+
+def assert_metrics_match(test, got, want):
+  for key, value in want.items():
+    if isinstance(value, list):
+      np.testing.assert_allclose(got[key], value, rtol=1e-5, err_msg=key)
+    elif isinstance(value, float):
+      test.assertAlmostEqual(got[key], value, delta=1e-5 * abs(value),
+                             msg=key)
+    else:
+      test.assertEqual(got[key], value, msg=key)
+
+
 class MetricsTest(parameterized.TestCase):
   """`compute_metrics` on hand-made arrays with known answers."""
 
@@ -164,6 +193,30 @@ class MetricsTest(parameterized.TestCase):
                           'flops': [], 'ponder_cost': np.zeros((0, 0))})
 
 
+class DescribeModelTest(absltest.TestCase):
+
+  def test_cifar_110_vanilla_flops_match_the_reference(self):
+    """The vanilla twin of an SACT ResNet-110 costs SPEC's 505,775,360."""
+    abstract = nnx.eval_shape(lambda: models.create_model(
+        'cifar', 110, 'sact', num_classes=10, rngs=nnx.Rngs(0)))
+    self.assertEqual(evaluate.describe_model(abstract), {
+        'family': 'cifar', 'units': [18, 18, 18], 'model_type': 'sact',
+        'num_classes': 10, 'base_channels': 16, 'eps': 0.01})
+    self.assertEqual(evaluate.vanilla_flops_of(abstract, (32, 32, 3)),
+                     505_775_360)
+
+  def test_imagenet_round_trip(self):
+    """describe_model gives back the create_model arguments."""
+    spec = {'family': 'imagenet', 'units': [1, 2, 1, 1], 'model_type': 'act',
+            'num_classes': 7, 'base_channels': 8, 'eps': 0.05}
+    abstract = nnx.eval_shape(lambda: models.create_model(
+        'imagenet', (1, 2, 1, 1), 'act', num_classes=7, base_channels=8,
+        eps=0.05, rngs=nnx.Rngs(0)))
+    self.assertEqual(evaluate.describe_model(abstract), spec)
+    with self.assertRaisesRegex(TypeError, 'Expected a CifarResNet'):
+      evaluate.describe_model(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+
+
 class EvaluateModelTest(absltest.TestCase):
   """`evaluate_model` on a tiny SACT model over the tiny `sact_shapes`."""
 
@@ -173,28 +226,7 @@ class EvaluateModelTest(absltest.TestCase):
     cls.data_dir = cls.enterClassContext(tempfile.TemporaryDirectory())
     cls.model = fast_model('sact')
     # The whole test split in one batch, for a direct forward pass.
-    (cls.batch,) = list(data_lib.make_dataset(
-        _DATASET, 'test', batch_size=64, train=False, data_dir=cls.data_dir))
-
-  def direct_metrics(self, count: int):
-    """Metrics of the first `count` test images from one forward pass."""
-    logits, aux = evaluate.predict(self.model, self.batch['image'])
-    return evaluate.compute_metrics(
-        np.asarray(logits)[:count], self.batch['label'][:count],
-        np.asarray(aux['flops'])[:count],
-        [np.asarray(p)[:count] for p in aux['ponder_cost']],
-        self.batch['mask'][:count],
-        vanilla_flops=evaluate.vanilla_flops_of(self.model, (32, 32, 3)))
-
-  def assert_metrics_match(self, got, want):
-    for key, value in want.items():
-      if isinstance(value, list):
-        np.testing.assert_allclose(got[key], value, rtol=1e-5, err_msg=key)
-      elif isinstance(value, float):
-        self.assertAlmostEqual(got[key], value, delta=1e-5 * abs(value),
-                               msg=key)
-      else:
-        self.assertEqual(got[key], value, msg=key)
+    cls.batch = whole_test_split(cls.data_dir)
 
   def test_matches_direct_forward_pass_and_writes_json(self):
     """Batches of 24, 24, 16: every image once, same numbers, eval.json."""
@@ -205,7 +237,8 @@ class EvaluateModelTest(absltest.TestCase):
     self.assertFalse(self.model.head_bn.use_running_average)  # Unchanged.
     self.model.eval()
     self.assertEqual(metrics['num_examples'], 64)
-    self.assert_metrics_match(metrics, self.direct_metrics(64))
+    assert_metrics_match(self, metrics,
+                         direct_metrics(self.model, self.batch, 64))
     self.assertGreater(metrics['flops_percent_of_vanilla'], 0)
     self.assertLen(metrics['ponder_inside_per_block'], 3)
     self.assertEqual(metrics['model'], {
@@ -226,7 +259,8 @@ class EvaluateModelTest(absltest.TestCase):
         self.model, make_config(self.data_dir, num_eval_examples=40))
     self.assertEqual(metrics['num_examples'], 40)
     self.assertEqual(metrics['split'], 'test[:40]')
-    self.assert_metrics_match(metrics, self.direct_metrics(40))
+    assert_metrics_match(self, metrics,
+                         direct_metrics(self.model, self.batch, 40))
 
   def test_vanilla_is_100_percent_of_vanilla(self):
     """A vanilla model's FLOPs are constant and equal to the reference."""
@@ -253,47 +287,60 @@ class EvaluateModelTest(absltest.TestCase):
       evaluate.load_model(None, workdir='a', checkpoint='b')
 
 
-def _run(args):
+def _run(args, env=None):
   return subprocess.run(
       [sys.executable, '-m', 'experiments.evaluate', *args], cwd=_REPO,
       capture_output=True, text=True, timeout=300,
-      env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu', **(env or {})})
 
 
 class LauncherTest(absltest.TestCase):
   """`python -m experiments.evaluate` end to end, in subprocesses."""
 
   def test_launcher(self):
-    """Bad flag combinations fail clearly; --checkpoint evaluates."""
+    """Bad flags fail in one line; --checkpoint evaluates on 8 devices.
+
+    The evaluation runs data-parallel on 8 fake CPU devices with a batch of
+    20 (rounded up to 24 rows) and must give the numbers of one forward pass
+    on one device.
+    """
     tmp = self.enter_context(tempfile.TemporaryDirectory())
     model = fast_model('sact')
     checkpoint = os.path.join(tmp, 'ckpt')
     checkpoint_lib.save_model(checkpoint, model, checkpoint_lib.ModelSpec(
         'cifar', (2, 2, 2), 'sact', num_classes=6, base_channels=4))
     output = os.path.join(tmp, 'out', 'metrics.json')
+    data_dir = os.path.join(tmp, 'data')
     config = ['--config=sact_jax/configs/default.py:smoke',
-              f'--config.data_dir={os.path.join(tmp, "data")}',
-              '--config.eval_batch_size=24']
+              f'--config.data_dir={data_dir}',
+              '--config.eval_batch_size=20']
     # (Both sources: see test_load_model_needs_exactly_one_source and the
     # export_ponder_maps launcher test; the launchers share the check.)
     runs = {
         'neither': config,
+        'missing': [*config, f'--checkpoint={tmp}/missing'],
         'ok': [*config, f'--checkpoint={checkpoint}', f'--output={output}'],
     }
+    envs = [{'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+            if name == 'ok' else None for name in runs]
     with concurrent.futures.ThreadPoolExecutor(len(runs)) as pool:
-      results = dict(zip(runs, pool.map(_run, runs.values())))
+      results = dict(zip(runs, pool.map(_run, runs.values(), envs)))
     self.assertNotEqual(results['neither'].returncode, 0)
     self.assertIn('Give exactly one of --workdir (a training run) and '
                   '--checkpoint (a model-only checkpoint), got neither.',
                   results['neither'].stderr)
+    missing = results['missing']
+    self.assertEqual(missing.returncode, 1)
+    self.assertRegex(missing.stderr.strip().splitlines()[-1],
+                     f'^Error: .*{tmp}/missing')
     ok = results['ok']
     self.assertEqual(ok.returncode, 0, ok.stderr[-3000:])
     self.assertIn('top-1 accuracy', ok.stdout)
     with open(output) as f:
       metrics = json.load(f)
-    self.assertEqual(metrics['num_examples'], 64)
-    self.assertEqual(metrics['model']['units'], [2, 2, 2])
-    self.assertLen(metrics['ponder_inside_per_block'], 3)
+    self.assertEqual(metrics['num_devices'], 8)
+    assert_metrics_match(self, metrics,
+                         direct_metrics(model, whole_test_split(data_dir), 64))
 
 
 if __name__ == '__main__':
