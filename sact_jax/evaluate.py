@@ -538,7 +538,7 @@ def save_json(metrics: Mapping[str, Any], path: str) -> None:
     raise
 
 
-def _human(value: float) -> str:
+def human_count(value: float) -> str:
   """1234567 -> '1.23 M'."""
   for unit, scale in (('G', 1e9), ('M', 1e6), ('K', 1e3)):
     if abs(value) >= scale:
@@ -564,14 +564,14 @@ def format_table(metrics: Mapping[str, Any]) -> str:
       ('top-5 accuracy', f'{100 * metrics["top5_accuracy"]:.2f}%' + (
           ' (trivial: <= 5 classes)'
           if spec and spec['num_classes'] <= TOP_K else '')),
-      ('FLOPs per image', f'{_human(metrics["flops_mean"])} '
-                          f'(std {_human(metrics["flops_std"])})'),
+      ('FLOPs per image', f'{human_count(metrics["flops_mean"])} '
+                          f'(std {human_count(metrics["flops_std"])})'),
   ]
   if metrics.get('vanilla_flops'):
     rows.append(('FLOPs vs vanilla',
                  f'{metrics["flops_percent_of_vanilla"]:.1f}% (std '
                  f'{metrics["flops_std_percent_of_vanilla"]:.1f}%) of '
-                 f'{_human(metrics["vanilla_flops"])}'))
+                 f'{human_count(metrics["vanilla_flops"])}'))
   if metrics['ponder_cost_per_block']:
     rows.append(('ponder cost per block',
                  f'{_row(metrics["ponder_cost_per_block"])}  (total '

@@ -13,6 +13,7 @@ import os
 from typing import Any, Mapping, Sequence
 
 from flax import nnx
+from matplotlib import cm
 from matplotlib import colors as mcolors
 from matplotlib import figure as mfigure
 from matplotlib.backends import backend_agg
@@ -183,8 +184,7 @@ def render_ponder_figure(images: Sequence[np.ndarray],
   return fig
 
 
-def _scalar_mappable(norm):
-  from matplotlib import cm  # pylint: disable=g-import-not-at-top
+def _scalar_mappable(norm: mcolors.Normalize) -> cm.ScalarMappable:
   return cm.ScalarMappable(norm=norm, cmap=COLORMAP)
 
 
@@ -207,10 +207,6 @@ def save_figure(fig: mfigure.Figure, path: str) -> str:
   fig.savefig(tmp_path, dpi=DPI, format='png')
   os.replace(tmp_path, path)
   return path
-
-
-def _format_flops(flops: float) -> str:
-  return evaluate._human(flops)  # pylint: disable=protected-access
 
 
 def _class_name(index: int, names: Sequence[str] | None) -> str:
@@ -260,7 +256,7 @@ def save_ponder_maps(model: nnx.Module, config, out_dir: str, *,
     predicted = int(logits[i].argmax()) - label_offset
     titles.append(f'predicted {_class_name(predicted, names)}\n'
                   f'true {_class_name(int(label), names)}, '
-                  f'{_format_flops(flops[i])}FLOPs')
+                  f'{evaluate.human_count(flops[i])}FLOPs')
   images = list(batch['image'])
   masks = list(batch['mask']) if 'mask' in batch else None
   count = len(images)
@@ -328,7 +324,7 @@ def save_ponder_maps_for_images(
     head = f'{names[i]}: ' if names is not None else ''
     titles.append(f'{head}{image.shape[0]}x{image.shape[1]}\npredicted '
                   f'{_class_name(predicted, class_names)}, '
-                  f'{_format_flops(float(aux["flops"][0]))}FLOPs')
+                  f'{evaluate.human_count(float(aux["flops"][0]))}FLOPs')
     maps.append([m[0] for m in ponder_maps(aux)])
   fig = render_ponder_figure(rgb, maps, titles=titles, overlay=overlay)
   return save_figure(fig, out_path)
