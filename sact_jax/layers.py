@@ -29,16 +29,21 @@ class LayerFactory:
     bn_momentum: running-average decay of BatchNorm statistics.
     bn_epsilon: BatchNorm epsilon.
     fast_conv_backward: route stride-1 convs through `conv.py` (canonical
-      layout backward pass; see that module for why).
+      layout backward pass; see that module for why). None: only where the
+      default backend is the CPU, whose scan backward it fixes; GPUs and TPUs
+      keep their native backward kernels.
   """
   bn_momentum: float
   bn_epsilon: float
-  fast_conv_backward: bool = True
+  fast_conv_backward: bool | None = None
 
   def conv(self, cin: int, cout: int, kernel: int, *, rngs: nnx.Rngs,
            stride: int = 1, padding='SAME', use_bias: bool = False,
            bias_init: float = 0.0) -> nnx.Conv:
-    fn = (conv_lib.conv_general_dilated if self.fast_conv_backward
+    fast = self.fast_conv_backward
+    if fast is None:
+      fast = jax.default_backend() == 'cpu'
+    fn = (conv_lib.conv_general_dilated if fast
           else jax.lax.conv_general_dilated)
     return nnx.Conv(
         cin, cout, (kernel, kernel), strides=(stride, stride),

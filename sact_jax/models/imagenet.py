@@ -35,7 +35,8 @@ class ImageNetResNet(base.AdaptiveResNet):
   def __init__(self, units: Sequence[int], model_type: str, *,
                num_classes: int = 1001, base_channels: int = 64,
                eps: float = act_lib.DEFAULT_EPS, remat: bool = False,
-               unroll: bool = False, fast_conv_backward: bool = True,
+               unroll: bool = False,
+               fast_conv_backward: bool | None = None,
                rngs: nnx.Rngs):
     self.model_type = model_type
     self.units = tuple(units)
