@@ -1,0 +1,152 @@
+"""A block's `nnx.scan` against its plain-loop twin (values, grads, stats).
+
+The twin slices the stacked parameters of `block.steps` one unit at a time
+(`nnx.split`, `a[i]`, `nnx.merge`) and runs Algorithm 1 with `act.step` in a
+Python loop, so it shares no scan machinery with `blocks.Block`.
+"""
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import chex
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sact_jax import act
+from sact_jax import flops as flops_lib
+import testing_utils as tu
+
+_UNITS = 3  # Units per block: 2 scanned steps.
+
+
+def _loop_twin(block, x_BxHxWxC):
+  """Block.__call__ with the scan written as a Python loop over units."""
+  x = block.first(x_BxHxWxC)
+  batch, height, width = x.shape[:3]
+  graphdef, stacked = nnx.split(block.steps)
+  new_states = []
+  sact = block.model_type == 'sact'
+  if block.model_type != 'vanilla':
+    state = act.init_state(x, (batch, height, width) if sact else (batch,))
+  for i in range(block.num_units - 1):
+    step = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], stacked))
+    if block.model_type == 'vanilla':
+      x = x + step.unit.residual(x)
+    else:
+      # Step i holds the head of unit i + 1 (1-based) and unit i + 2.
+      state = act.step(state, step.head(x), x, block.eps)
+      residual = step.unit.residual(x)
+      if sact:
+        x = act.masked_residual(x, residual, state.running)
+      else:
+        x = x + residual
+    new_states.append(nnx.state(step))
+  # Write the BatchNorm statistics the units updated back into the stack.
+  nnx.update(block.steps,
+             jax.tree.map(lambda *a: jnp.stack(a), *new_states))
+  if block.model_type == 'vanilla':
+    return x, {}
+  state = act.finish(state, x, block.eps)
+  return state.output, {'ponder_cost': state.ponder_cost,
+                        'num_units': state.num_units}
+
+
+def _scan(block, x):
+  return block(x, flops_lib.FlopCounter())
+
+
+def _train_step_fn(forward):
+  """Output, aux and parameter gradients of a loss using every output."""
+
+  def train_step(block, x, w):
+    def loss_fn(block):
+      y, aux = forward(block, x)
+      loss = jnp.sum(y * w)
+      if aux:
+        loss = loss + jnp.mean(aux['ponder_cost'])
+      return loss, (y, aux)
+
+    (_, (y, aux)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(block)
+    return y, aux, grads
+
+  return tu.jit(train_step)
+
+
+_twin_step = _train_step_fn(_loop_twin)
+_scan_step = _train_step_fn(_scan)
+
+
+def _make_block(family, model_type, **kwargs):
+  """Block 1 of a one-block model, halting mid-block, and its input."""
+  if family == 'cifar':
+    model = tu.build('cifar', (_UNITS,), model_type, base_channels=6,
+                     seed=7, **kwargs)
+    x = tu.images((3, 8, 8, 6), seed=1)
+  else:  # Block input: the 64-channel stem; output depth 4 x 2.
+    model = tu.build('imagenet', (_UNITS,), model_type, base_channels=2,
+                     seed=7, **kwargs)
+    x = tu.images((3, 8, 8, 64), seed=1)
+  if model_type != 'vanilla':
+    tu.set_halting_bias(model, 0.0)  # Halting spreads over the units.
+  return model.blocks[0], x
+
+
+def _batch_stats(block):
+  return nnx.state(block.steps, nnx.BatchStat)
+
+
+class BlockScanTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ('cifar_vanilla', 'cifar', 'vanilla', ('remat',)),
+      ('cifar_act', 'cifar', 'act', ('remat', 'unroll')),
+      ('cifar_sact', 'cifar', 'sact', ('remat', 'unroll')),
+      ('imagenet_sact', 'imagenet', 'sact', ()),
+  )
+  def test_scan_equals_loop_twin(self, family, model_type, variants):
+    """Train mode: outputs, halting, parameter grads and BN statistics."""
+    block, x = _make_block(family, model_type)
+    block.train()
+    w = tu.images(x.shape[:3] + (6 if family == 'cifar' else 8,), seed=2)
+    before = _batch_stats(block)
+
+    twin = nnx.clone(block)
+    y_ref, aux_ref, grads_ref = _twin_step(twin, x, w)
+    stats_ref = _batch_stats(twin)
+
+    if model_type != 'vanilla':
+      # Not vacuous: halting happens at different units.
+      self.assertGreater(len(np.unique(aux_ref['num_units'])), 1)
+    # BN statistics of every stacked unit (and head) moved.
+    for path, moved in nnx.to_flat_state(
+        jax.tree.map(lambda a, b: jnp.any(a != b, axis=tuple(
+            range(1, a.ndim))), stats_ref, before)):
+      self.assertTrue(bool(jnp.all(moved[...])), path)
+
+    for variant in ('scan',) + tuple(variants):
+      with self.subTest(variant):
+        kwargs = {variant: True} if variant != 'scan' else {}
+        block, _ = _make_block(family, model_type, **kwargs)
+        block.train()
+        y, aux, grads = _scan_step(block, x, w)
+        np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+        if aux_ref:
+          np.testing.assert_array_equal(aux['num_units'],
+                                        aux_ref['num_units'])
+          np.testing.assert_allclose(aux['ponder_cost'],
+                                     aux_ref['ponder_cost'], rtol=1e-6)
+        chex.assert_trees_all_close(grads, grads_ref, rtol=1e-4, atol=1e-5)
+        chex.assert_trees_all_close(_batch_stats(block), stats_ref,
+                                    rtol=1e-5, atol=1e-6)
+        # Halting parameters receive gradient (through output and ponder).
+        if model_type != 'vanilla':
+          head_grads = jax.tree.leaves(grads['steps']['head'])
+          self.assertTrue(all(bool(jnp.all(jnp.isfinite(g)))
+                              for g in head_grads))
+          self.assertGreater(
+              max(float(jnp.max(jnp.abs(g))) for g in head_grads), 1e-3)
+
+
+if __name__ == '__main__':
+  absltest.main()

@@ -1,0 +1,235 @@
+"""Whole-model properties: ACT/SACT generalise ResNet, SACT reduces to ACT."""
+
+import functools
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import chex
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sact_jax.models import create_model
+from sact_jax.models import resolve_units
+import testing_utils as tu
+
+_CIFAR = dict(family='cifar', units=(2, 3, 2), base_channels=4)
+_CIFAR_IMAGES = (2, 16, 16, 3)
+_IMAGENET = dict(family='imagenet', units=(1, 2, 2, 1), base_channels=2)
+_IMAGENET_IMAGES = (2, 32, 32, 3)
+
+
+@functools.cache
+def _model(config: str, model_type: str) -> nnx.Module:
+  """Eval-mode models sharing a seed: equal paths get equal weights."""
+  spec = _CIFAR if config == 'cifar' else _IMAGENET
+  model = tu.build(spec['family'], spec['units'], model_type,
+                   base_channels=spec['base_channels'], seed=3)
+  model.eval()
+  return model
+
+
+def _images(config: str) -> jax.Array:
+  return tu.images(_CIFAR_IMAGES if config == 'cifar' else _IMAGENET_IMAGES)
+
+
+def _constant_halting_pair():
+  """A SACT model whose halting map is constant over space, and its ACT twin.
+
+  The SACT local conv kernel is zeroed, so the logit is local bias + global
+  term; the ACT head gets the same global BN and kernel and that bias.
+  """
+  sact = nnx.clone(_model('cifar', 'sact'))
+  act = nnx.clone(_model('cifar', 'act'))
+  tu.set_halting_bias(sact, 0.0)
+  for head in tu.heads(sact):
+    head.local_conv.kernel[...] = jnp.zeros_like(head.local_conv.kernel[...])
+  # Trunk, global BN and global kernel have the same paths in both.
+  tu.copy_shared(sact, act)
+  for act_head, sact_head in zip(tu.heads(act), tu.heads(sact)):
+    act_head.global_conv.bias[...] = sact_head.local_conv.bias[...]
+  return sact, act
+
+
+class ModelTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ('cifar_act', 'cifar', 'act'),
+      ('cifar_sact', 'cifar', 'sact'),
+      ('imagenet_sact', 'imagenet', 'sact'),
+  )
+  def test_never_halting_equals_vanilla(self, config, model_type):
+    """With halting out of reach, ACT/SACT give the vanilla ResNet's logits."""
+    vanilla = _model(config, 'vanilla')
+    model = nnx.clone(_model(config, model_type))
+    copied = tu.copy_shared(vanilla, model)
+    self.assertEqual(copied, len(nnx.to_flat_state(nnx.state(vanilla))))
+    tu.set_halting_bias(model, -1000.0)  # Beats any local/global term.
+    images = _images(config)
+    logits_ref, aux_ref = tu.forward(vanilla, images)
+    logits, aux = tu.forward(model, images)
+    np.testing.assert_allclose(logits, logits_ref, rtol=1e-5, atol=1e-5)
+    self.assertEqual(aux_ref['ponder_cost'], [])
+    units = _CIFAR['units'] if config == 'cifar' else _IMAGENET['units']
+    self.assertLen(aux['num_units'], len(units))
+    for n, num_units, ponder in zip(units, aux['num_units'],
+                                    aux['ponder_cost']):
+      np.testing.assert_array_equal(num_units, n)
+      # rho = N + R with R = 1 - sum of (vanishing) scores.
+      np.testing.assert_allclose(ponder, n + 1.0, rtol=1e-6)
+    np.testing.assert_allclose(aux['ponder_loss'],
+                               sum(units) + len(units), rtol=1e-6)
+    # The logits are not trivially equal (the model sees its input).
+    self.assertGreater(float(jnp.std(logits)), 1e-3)
+
+  def test_sact_with_constant_halting_map_is_act(self):
+    sact, act = _constant_halting_pair()
+    images = _images('cifar')
+    logits_sact, aux_sact = tu.forward(sact, images)
+    logits_act, aux_act = tu.forward(act, images)
+    np.testing.assert_allclose(logits_sact, logits_act, rtol=1e-5,
+                               atol=1e-5)
+    halted_early = False
+    expected_extra = np.zeros(images.shape[0])
+    for i, (n_act, n_sact, p_act, p_sact) in enumerate(zip(
+        aux_act['num_units'], aux_sact['num_units'], aux_act['ponder_cost'],
+        aux_sact['ponder_cost'])):
+      chex.assert_shape(n_act, (images.shape[0],))
+      np.testing.assert_array_equal(
+          n_sact, np.broadcast_to(n_act[:, None, None], n_sact.shape))
+      np.testing.assert_allclose(
+          p_sact, np.broadcast_to(p_act[:, None, None], p_sact.shape),
+          rtol=1e-6)
+      halted_early |= bool(np.any(n_act < _CIFAR['units'][i]))
+      # SACT heads cost a 3x3 local conv on running positions (all or none
+      # here) and always the global 2C; ACT heads 2C while running.
+      block = sact.blocks[i]
+      hw = int(np.prod(n_sact.shape[1:]))
+      channels = block.first.cout
+      for k in range(2, block.num_units + 1):
+        ran = np.asarray(n_act) >= k - 1
+        expected_extra += ran * 2 * 9 * channels * hw + 2 * channels * (~ran)
+    self.assertTrue(halted_early)  # Not vacuous.
+    np.testing.assert_array_equal(
+        np.asarray(aux_sact['flops'], np.int64)
+        - np.asarray(aux_act['flops'], np.int64),
+        expected_extra.astype(np.int64))
+
+  @parameterized.parameters(('act',), ('sact',))
+  def test_ponder_gradient_reaches_halting_params(self, model_type):
+    model = nnx.clone(_model('cifar', model_type))
+    tu.set_halting_bias(model, 0.0)
+    images = _images('cifar')
+
+    @tu.jit
+    def grads_fn(model, images):
+      return nnx.grad(lambda m: m(images)[1]['ponder_loss'])(model)
+
+    grads = grads_fn(model, images)
+    chex.assert_tree_all_finite(grads)
+    for i, block_grads in enumerate(grads['blocks'].values()):
+      for path, g in nnx.to_flat_state(block_grads['steps']['head']):
+        if path[-1] in ('kernel',) or path[-2:] == ('local_conv', 'bias') or (
+            model_type == 'act' and path[-2:] == ('global_conv', 'bias')):
+          self.assertGreater(float(jnp.max(jnp.abs(g[...]))), 0.0,
+                             (i, path))
+    # Halting depends on the trunk, never on the classifier.
+    self.assertGreater(float(jnp.max(jnp.abs(
+        grads['stem_conv']['kernel'][...]))), 0.0)
+    np.testing.assert_array_equal(grads['logits']['kernel'][...], 0.0)
+
+  def test_no_retracing(self):
+    model = nnx.clone(_model('cifar', 'sact'))
+    graphdef, state = nnx.split(model)
+
+    @chex.assert_max_traces(n=1)
+    def forward(state, images):
+      return nnx.merge(graphdef, state)(images)
+
+    forward = jax.jit(forward, compiler_options=tu.FAST_COMPILE)
+    a = forward(state, _images('cifar'))
+    b = forward(state, _images('cifar') + 1.0)
+    state2 = jax.tree.map(lambda v: v * 1.01, state)
+    c = forward(state2, _images('cifar'))
+    self.assertFalse(np.allclose(a[0], b[0]))
+    self.assertFalse(np.allclose(a[0], c[0]))
+
+  @parameterized.named_parameters(
+      ('rank3', (16, 16, 3)),
+      ('one_channel', (2, 16, 16, 1)),
+      ('channels_first', (2, 3, 16, 16)),
+  )
+  def test_bad_images_raise(self, shape):
+    with self.assertRaisesRegex(ValueError,
+                                r'Expected images shaped \[batch, height, '
+                                r'width, 3\].*' + str(shape).replace(
+                                    '(', r'\(').replace(')', r'\)')):
+      _model('cifar', 'vanilla')(jnp.zeros(shape))
+
+  def test_one_unit_block(self):
+    """A block of one unit: output x^1, N = 1, R = 1, rho = 2, in all types."""
+    models = {t: tu.build('cifar', (1,), t, base_channels=4, seed=5)
+              for t in ('vanilla', 'act', 'sact')}
+    images = _images('cifar')
+    outputs = {}
+    for model_type, model in models.items():
+      model.eval()
+      outputs[model_type] = tu.forward(model, images)
+    logits_ref, aux_ref = outputs['vanilla']
+    for model_type in ('act', 'sact'):
+      logits, aux = outputs[model_type]
+      np.testing.assert_allclose(logits, logits_ref, rtol=1e-6)
+      np.testing.assert_array_equal(aux['flops'], aux_ref['flops'])
+      shape = (2,) if model_type == 'act' else (2, 16, 16)
+      chex.assert_shape(aux['num_units'][0], shape)
+      np.testing.assert_array_equal(aux['num_units'][0], 1)
+      np.testing.assert_array_equal(aux['ponder_cost'][0], 2.0)
+      self.assertEqual(float(aux['ponder_loss']), 2.0)
+
+
+class CreateModelTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      ('cifar', 20, (3, 3, 3)), ('cifar', 32, (5, 5, 5)),
+      ('cifar', 56, (9, 9, 9)), ('cifar', 110, (18, 18, 18)),
+      ('imagenet', 50, (3, 4, 6, 3)), ('imagenet', 101, (3, 4, 23, 3)),
+      ('imagenet', 152, (3, 8, 36, 3)), ('imagenet', 200, (3, 24, 36, 3)),
+  )
+  def test_presets(self, family, depth, units):
+    self.assertEqual(resolve_units(family, depth), units)
+    model = nnx.eval_shape(lambda: create_model(
+        family, depth, 'sact', num_classes=7, rngs=nnx.Rngs(0)))
+    self.assertEqual(tuple(b.num_units for b in model.blocks), units)
+    for block, n in zip(model.blocks, units):
+      stacked = jax.tree.leaves(nnx.state(block.steps, nnx.Param))
+      self.assertTrue(all(a.shape[0] == n - 1 for a in stacked))
+    self.assertEqual(model.logits.out_features, 7)
+
+  def test_explicit_units(self):
+    self.assertEqual(resolve_units('cifar', [1, 2, 4]), (1, 2, 4))
+
+  @parameterized.named_parameters(
+      ('unknown_cifar_depth', dict(family='cifar', units=44),
+       r'No cifar preset of depth 44; presets: \[20, 32, 56, 110\]'),
+      ('unknown_imagenet_depth', dict(family='imagenet', units=34),
+       r'No imagenet preset of depth 34'),
+      ('bad_family', dict(family='mnist'), r"family must be one of .*'mnist'"),
+      ('bad_model_type', dict(model_type='adaptive'),
+       r"model_type must be one of .*'adaptive'"),
+      ('zero_units', dict(units=(2, 0, 2)), r'units per block must be >= 1'),
+      ('no_units', dict(units=()), r'units per block must be >= 1'),
+      ('eps_zero', dict(eps=0.0), r'eps must lie in \(0, 1\), got 0.0'),
+      ('eps_one', dict(eps=1.0), r'eps must lie in \(0, 1\), got 1.0'),
+      ('eps_negative', dict(eps=-0.1), r'eps must lie in \(0, 1\)'),
+  )
+  def test_errors(self, overrides, message):
+    kwargs = dict(family='cifar', units=(1, 1, 1), model_type='sact',
+                  num_classes=10)
+    kwargs.update(overrides)
+    with self.assertRaisesRegex(ValueError, message):
+      nnx.eval_shape(lambda: create_model(rngs=nnx.Rngs(0), **kwargs))
+
+
+if __name__ == '__main__':
+  absltest.main()
