@@ -16,6 +16,7 @@ from flax import nnx
 from matplotlib import cm
 from matplotlib import colors as mcolors
 from matplotlib import figure as mfigure
+from matplotlib import ticker
 from matplotlib.backends import backend_agg
 import numpy as np
 
@@ -176,11 +177,17 @@ def render_ponder_figure(images: Sequence[np.ndarray],
         ax.set_title(f'{names[col]} ({h}x{w})', fontsize=8)
 
   for col, norm in enumerate(norms):
-    cax = fig.add_subplot(grid[num_rows, col + 1])
-    mappable = fig.colorbar(
-        _scalar_mappable(norm), cax=cax, orientation='horizontal')
-    mappable.ax.tick_params(labelsize=7)
-    mappable.set_label('ponder cost', fontsize=7)
+    # The bar spans the middle of its column, so that the end tick labels
+    # of neighbouring bars do not run into each other.
+    cell = grid[num_rows, col + 1].subgridspec(1, 3,
+                                               width_ratios=[1, 8, 1])
+    colorbar = fig.colorbar(_scalar_mappable(norm),
+                            cax=fig.add_subplot(cell[0, 1]),
+                            orientation='horizontal')
+    colorbar.locator = ticker.MaxNLocator(nbins=4)
+    colorbar.update_ticks()
+    colorbar.ax.tick_params(labelsize=7)
+    colorbar.set_label('ponder cost', fontsize=7)
   return fig
 
 
