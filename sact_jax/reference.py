@@ -82,7 +82,7 @@ def _fit(name: str, value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
   value = np.asarray(value, np.float32)
   if value.shape != shape:
     # 1x1 convs of the reference are dense layers here: [1, 1, C, K] -> [C, K].
-    if value.size == int(np.prod(shape)) and value.shape[:2] == (1, 1):
+    if value.shape[:2] == (1, 1) and value.shape[2:] == shape:
       return value.reshape(shape)
     raise ReferenceMismatchError(
         f'Variable {name} has shape {value.shape}, the model expects '
