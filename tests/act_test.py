@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sact_jax import act
+import testing_utils as tu
 
 
 def _np_halting(halting, eps):
@@ -102,6 +103,17 @@ class HaltingDistributionTest(chex.TestCase):
     self.assertAlmostEqual(float(dist.remainder), remainder, places=6)
     self.assertAlmostEqual(float(dist.ponder_cost), num_units + remainder,
                            places=5)
+    # Algorithm 1 makes the same decisions; output = sum_l p^l x^l.
+    xs = jnp.arange(1.0, len(halting) + 1.0)[:, None] ** 2
+    state = self.variant(_incremental, static_argnames='eps')(
+        jnp.asarray(halting, jnp.float32), xs, eps=eps)
+    self.assertEqual(int(state.num_units), num_units)
+    self.assertAlmostEqual(float(state.remainder), remainder, places=6)
+    self.assertAlmostEqual(float(state.ponder_cost), num_units + remainder,
+                           places=5)
+    self.assertAlmostEqual(float(state.output[0]),
+                           float(np.dot(probs, np.asarray(xs)[:, 0])),
+                           places=4)
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.parameters(((5,), 0.01), ((2, 3, 4), 0.01),
@@ -254,14 +266,20 @@ class MaskTest(parameterized.TestCase):
     rng = np.random.default_rng(6)
     mask = (rng.uniform(size=(3, 7, 6)) < density).astype(np.float32)
     mask[0, 0, 0] = 1.0 if density else 0.0  # A corner exercises padding.
-    padded = np.pad(mask, ((0, 0), (1, 1), (1, 1)))
-    expected = np.zeros_like(mask)
-    for dy in range(3):
-      for dx in range(3):
-        expected = np.maximum(expected,
-                              padded[:, dy:dy + 7, dx:dx + 6])
     got = jax.jit(act.dilate_mask)(jnp.asarray(mask))
-    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(got, tu.np_dilate(mask))
+
+  def test_dilate_mask_hand_case(self):
+    """A corner dilates to 2 x 2 (SAME, zeros outside), a centre to 3 x 3."""
+    mask = np.zeros((1, 5, 5), np.float32)
+    mask[0, 0, 0] = mask[0, 3, 3] = 1.0
+    expected = [[1, 1, 0, 0, 0],
+                [1, 1, 0, 0, 0],
+                [0, 0, 1, 1, 1],
+                [0, 0, 1, 1, 1],
+                [0, 0, 1, 1, 1]]
+    np.testing.assert_array_equal(act.dilate_mask(jnp.asarray(mask))[0],
+                                  expected)
 
 
 if __name__ == '__main__':

@@ -5,6 +5,8 @@ The twin slices the stacked parameters of `block.steps` one unit at a time
 Python loop, so it shares no scan machinery with `blocks.Block`.
 """
 
+import re
+
 from absl.testing import absltest
 from absl.testing import parameterized
 import chex
@@ -17,7 +19,7 @@ from sact_jax import act
 from sact_jax import flops as flops_lib
 import testing_utils as tu
 
-_UNITS = 3  # Units per block: 2 scanned steps.
+_UNITS = 4  # Units per block: 3 scanned steps.
 
 
 def _loop_twin(block, x_BxHxWxC):
@@ -146,6 +148,23 @@ class BlockScanTest(parameterized.TestCase):
                               for g in head_grads))
           self.assertGreater(
               max(float(jnp.max(jnp.abs(g))) for g in head_grads), 1e-3)
+
+  @parameterized.named_parameters(
+      ('scan', {}, False, 1),
+      ('remat', dict(remat=True), True, 1),
+      ('unroll', dict(unroll=True), False, _UNITS - 1),
+  )
+  def test_flags_reach_the_scan(self, kwargs, remat, unroll):
+    """The variants above really differ: remat and unroll show in the jaxpr."""
+    block, x = _make_block('cifar', 'sact', **kwargs)
+    graphdef, state = nnx.split(block)
+    jaxpr = str(jax.make_jaxpr(
+        lambda state, x: _scan(nnx.merge(graphdef, state), x)[0])(state, x))
+    self.assertEqual(len(re.findall(r'= scan\[', jaxpr)), 1)
+    self.assertIn(f'unroll={unroll}', jaxpr)
+    self.assertEqual(bool(re.search(r'(remat2?|checkpoint)\[', jaxpr)), remat)
+    # Stride-1 convs of the scanned units take the fast-backward path.
+    self.assertIn('custom_vjp_call', jaxpr)
 
 
 if __name__ == '__main__':

@@ -107,6 +107,15 @@ class ParityTest(parameterized.TestCase):
                                 'halting_proba'):
       _load('cifar_act', params)
 
+  def test_transposed_1x1_kernel_of_equal_size(self):
+    """A [1, 1, K, C] logits kernel must not be reshaped into [C, K]."""
+    params = dict(tu.load_npz(_case('cifar_vanilla')['params_npz']))
+    victim = 'resnet_residual/logits/weights'
+    params[victim] = params[victim].transpose(0, 1, 3, 2)
+    with self.assertRaisesRegex(reference.ReferenceMismatchError,
+                                victim + '.*shape'):
+      _load('cifar_vanilla', params)
+
   @parameterized.parameters(
       ('cifar_sact', 'resnet_residual/block_2/unit_2/residual/conv1/weights'),
       ('imagenet_vanilla', 'resnet_v2/block1/unit_1/bottleneck_v2/conv1/'

@@ -138,6 +138,18 @@ def images(shape: tuple[int, ...], seed: int = 0) -> jax.Array:
   return jnp.asarray(gain * rng.normal(size=shape) + offset, jnp.float32)
 
 
+def np_dilate(mask_BxHxW: np.ndarray) -> np.ndarray:
+  """3x3 max over each position's neighbourhood, zeros beyond the border."""
+  mask = np.asarray(mask_BxHxW)
+  height, width = mask.shape[1:]
+  padded = np.pad(mask, ((0, 0), (1, 1), (1, 1)))
+  out = np.zeros_like(mask)
+  for dy in range(3):
+    for dx in range(3):
+      out = np.maximum(out, padded[:, dy:dy + height, dx:dx + width])
+  return out
+
+
 def abstract_block_flops(model_fn: Callable[[], nnx.Module],
                          image_shape: tuple[int, int, int]
                          ) -> tuple[int, list[int]]:
