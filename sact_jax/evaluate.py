@@ -27,7 +27,6 @@ FLOP densities.
 import functools
 import json
 import os
-import tempfile
 import time
 from typing import Any, Mapping, Sequence
 
@@ -524,17 +523,20 @@ def load_model(config, *, workdir: str | None = None,
 
 def save_json(metrics: Mapping[str, Any], path: str) -> None:
   """Writes `metrics` to `path` atomically (a reader never sees half a file)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp_path = tempfile.mkstemp(dir=directory, prefix='.eval-',
-                                  suffix='.json.tmp')
+  path = os.path.abspath(path)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  # Same directory (so the rename is atomic), and made by open() so that it
+  # gets the umask's permissions (mkstemp's are 0600).
+  tmp_path = os.path.join(os.path.dirname(path),
+                          f'.{os.path.basename(path)}.{os.getpid()}.tmp')
   try:
-    with os.fdopen(fd, 'w') as f:
+    with open(tmp_path, 'w') as f:
       json.dump(metrics, f, indent=2, allow_nan=False)
       f.write('\n')
     os.replace(tmp_path, path)
   except BaseException:
-    os.unlink(tmp_path)
+    if os.path.exists(tmp_path):
+      os.unlink(tmp_path)
     raise
 
 

@@ -187,6 +187,18 @@ class MetricsTest(parameterized.TestCase):
       box = mask.reshape(2, size_out, k, size_out, k).mean((2, 4))
       np.testing.assert_allclose(small, box, atol=1e-6)
 
+  def test_save_json_writes_all_or_nothing(self):
+    path = os.path.join(self.enter_context(tempfile.TemporaryDirectory()),
+                        'new', 'eval.json')
+    evaluate.save_json({'a': 1.5, 'b': None}, path)
+    with open(path) as f:
+      self.assertEqual(json.load(f), {'a': 1.5, 'b': None})
+    with self.assertRaises(ValueError):  # NaN is not JSON.
+      evaluate.save_json({'a': float('nan')}, path)
+    with open(path) as f:  # The old file is intact, no temp file left.
+      self.assertEqual(json.load(f), {'a': 1.5, 'b': None})
+    self.assertEqual(os.listdir(os.path.dirname(path)), ['eval.json'])
+
   def test_summarize_rejects_empty(self):
     with self.assertRaisesRegex(ValueError, 'No examples'):
       evaluate.summarize({'correct_top1': [], 'correct_top5': [],
@@ -247,6 +259,10 @@ class EvaluateModelTest(absltest.TestCase):
     self.assertEqual(metrics['split'], 'test')
     self.assertEqual(metrics['image_shape'], [32, 32, 3])
     self.assertEqual(os.listdir(workdir), ['eval.json'])  # No temp files.
+    umask = os.umask(0)
+    os.umask(umask)
+    self.assertEqual(os.stat(os.path.join(workdir, 'eval.json')).st_mode
+                     & 0o777, 0o666 & ~umask)
     with open(os.path.join(workdir, 'eval.json')) as f:
       self.assertEqual(json.load(f), metrics)
     table = evaluate.format_table(metrics)
