@@ -95,7 +95,12 @@ def main(argv):
                jax.__version__, jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),
                ', '.join(str(d) for d in jax.local_devices()))
-  config = _CONFIG.value
+  try:
+    # A config file that cannot be loaded is only reported on first use.
+    config = _CONFIG.value
+    config.get('dataset')
+  except OSError as e:
+    _fail(_one_line(e), 2)
   try:
     train.validate_config(config, _WORKDIR.value)
     train.train_and_evaluate(config, _WORKDIR.value)
@@ -106,6 +111,30 @@ def main(argv):
     _fail(str(e), 1)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, but bad flags end with one line and exit status 2.
+
+  ml_collections puts the config file's whole traceback into the flag error
+  (e.g. for an unknown variant); only its last line, the error, is kept.
+  """
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    # Raised by ml_collections for --config.<field> that the config lacks.
+    _fail(f'Unknown config field {str(e).strip(chr(34))}: overrides can only '
+          'set fields that the config file defines.', 2)
+  except (flags.Error, TypeError, ValueError) as e:
+    _fail(_one_line(e), 2)
+
+
+def _one_line(error: Exception) -> str:
+  """The first and last lines of a message that may embed a traceback."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  if not lines:
+    return type(error).__name__
+  return lines[0] if len(lines) == 1 else f'{lines[0]} {lines[-1]}'
+
+
 if __name__ == '__main__':
   flags.mark_flag_as_required('config')
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -82,6 +82,12 @@ def model_spec(config: ml_collections.ConfigDict) -> checkpoint_lib.ModelSpec:
     raise ConfigError(f'Invalid model in config: {e}') from None
 
 
+def model_options(config: ml_collections.ConfigDict) -> dict[str, bool]:
+  """Runtime options of `create_model` (not part of the weights' spec)."""
+  return {'remat': config.get('remat', False),
+          'unroll': config.get('unroll', False)}
+
+
 def label_offset(config: ml_collections.ConfigDict) -> int:
   """Shift of dataset labels into the model's classes (1: background class).
 
@@ -341,7 +347,7 @@ class Trainer:
   def create(cls, config: ml_collections.ConfigDict,
              mesh: jax.sharding.Mesh) -> 'Trainer':
     spec = model_spec(config)
-    abstract = spec.abstract_model(remat=config.remat)
+    abstract = spec.abstract_model(**model_options(config))
     abstract.train()
     graphdef = nnx.graphdef(abstract)
     tx = make_optimizer(config)
@@ -359,7 +365,7 @@ class Trainer:
 
   def _init(self) -> TrainState:
     model = self.spec.create(nnx.Rngs(self.config.seed),
-                             remat=self.config.remat)
+                             **model_options(self.config))
     _, params, model_state = nnx.split(model, nnx.Param, ...)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       model_state=model_state,
@@ -582,7 +588,7 @@ def restore_latest_model(config: ml_collections.ConfigDict,
     raise ConfigError(
         f'The checkpoint in {workdir} holds another model '
         f'({_spec_text(saved)}) than the config ({_spec_text(spec)}).')
-  abstract = spec.abstract_model(remat=config.get('remat', False))
+  abstract = spec.abstract_model(**model_options(config))
   graphdef, params, model_state = nnx.split(abstract, nnx.Param, ...)
   sharding = replicated(make_mesh())
 

@@ -1,7 +1,8 @@
 """Training configs: one `get_config(arg=None)` per file, shared fields here.
 
-Config files are loaded by path (`--config=sact_jax/configs/cifar10.py:sact_110`)
-and every field can be overridden on the command line
+Config files are loaded by path
+(`--config=sact_jax/configs/cifar10.py:sact_110`) and every field can be
+overridden on the command line
 (`--config.tau=0.005`). `base_config()` defines every field, with its
 meaning, so that all files share one schema; each file changes the values.
 
@@ -56,6 +57,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Rematerialise each scanned residual unit in the backward pass (saves
   # activation memory for deep models at the cost of recomputation).
   config.remat = False
+  # Unroll the scan over each block's units 2..L: faster steps for shallow
+  # blocks on CPU (no while loop), but compile time grows with depth.
+  config.unroll = False
 
   # --- Loss and optimizer ---
   # Weight of the ponder cost in the loss (ignored by vanilla models); >= 0.

@@ -1,7 +1,8 @@
 r"""ImageNet ResNet-v2 (bottleneck) models of the reference (SPEC section 3).
 
   # A vanilla ResNet-101 from scratch:
-  python -m experiments.train --config=sact_jax/configs/imagenet.py:vanilla_101 \
+  python -m experiments.train \
+      --config=sact_jax/configs/imagenet.py:vanilla_101 \
       --workdir=/tmp/imagenet_vanilla_101
   # SACT fine-tuned from it (as the reference trained its ACT/SACT models):
   python -m experiments.train \

@@ -1,0 +1,194 @@
+r"""Shared pieces of the training tests, and the script their subprocesses run.
+
+As a module: a tiny config, synthetic batches, `run_steps` and flattening of
+train states, used in-process by `train_test.py` and `multidevice_test.py`.
+
+As a script (the multi-device tests start it in fresh processes, because the
+device count and `jax.distributed` are fixed once per process):
+
+  # 8 fake CPU devices (the caller sets XLA_FLAGS):
+  python tests/train_helpers.py devices --out=DIR
+  # One of 2 processes joined through jax.distributed on localhost:
+  python tests/train_helpers.py multihost --out=DIR --port=P --process_id=I \
+      --data_dir=D --workdir=W
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+import jax
+
+if __name__ == '__main__':
+  # As in tests/conftest.py, before any computation.
+  jax.config.update('jax_default_prng_impl', 'rbg')
+  jax.config.update('jax_default_matmul_precision', 'highest')
+
+import ml_collections  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+from sact_jax import train  # pylint: disable=g-import-not-at-top
+from sact_jax.configs import default  # pylint: disable=g-import-not-at-top
+
+NUM_STEPS = 3
+GLOBAL_BATCH = 16
+
+
+def enable_compilation_cache() -> str:
+  """A persistent XLA cache shared by the test processes (big win on CPU).
+
+  Must run before the first compilation of the process.
+  """
+  directory = os.environ.get('SACT_TEST_JAX_CACHE') or os.path.join(
+      os.path.expanduser('~'), '.cache', 'sact_jax', 'test_jax_cache')
+  jax.config.update('jax_compilation_cache_dir', directory)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  return directory
+
+
+def tempdir(test) -> str:
+  """A fresh directory removed after `test` (absltest's create_tempdir
+  needs parsed absl flags, which pytest does not provide)."""
+  path = tempfile.mkdtemp()
+  test.addCleanup(shutil.rmtree, path, ignore_errors=True)
+  return path
+
+
+def tiny_config(data_dir: str | None = None,
+                **overrides) -> ml_collections.ConfigDict:
+  """A SACT model small enough to compile and train in seconds.
+
+  Two units in the first block, so that it has a halting head and a
+  ponder cost that depends on the weights.
+  """
+  config = default.get_config('smoke')
+  config.unlock()
+  config.dataset = 'sact_shapes/tiny'
+  config.data_dir = data_dir
+  config.units = (2, 1, 1)
+  config.base_channels = 4
+  config.batch_size = GLOBAL_BATCH
+  config.eval_batch_size = 32
+  config.num_train_steps = 4
+  config.lr_boundaries = (2,)
+  config.lr_scales = (0.5,)
+  config.log_every_steps = 1
+  config.checkpoint_every_steps = 2
+  config.num_eval_examples = 32
+  config.num_ponder_maps = 2
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def synthetic_batches(num: int, batch_size: int = GLOBAL_BATCH,
+                      seed: int = 0) -> list[dict[str, np.ndarray]]:
+  """Deterministic random images and labels (6 classes)."""
+  rng = np.random.default_rng(seed)
+  return [{'image': rng.normal(size=(batch_size, 32, 32, 3)).astype(
+              np.float32),
+           'label': rng.integers(0, 6, batch_size).astype(np.int32)}
+          for _ in range(num)]
+
+
+def flat_state(state: train.TrainState) -> dict[str, np.ndarray]:
+  """Every array of a train state by path, as numpy (process-local copy)."""
+  tree = train._state_tree(state)  # pylint: disable=protected-access
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {jax.tree_util.keystr(path): train._fetch(leaf)  # pylint: disable=protected-access
+          for path, leaf in flat}
+
+
+def run_steps(config: ml_collections.ConfigDict,
+              batches: list[dict[str, np.ndarray]]
+              ) -> tuple[dict[str, np.ndarray], list[float], train.Trainer]:
+  """Trains from scratch on `batches` (global batches) on all devices.
+
+  Returns:
+    The flattened final state, the loss of every step and the trainer.
+  """
+  mesh = train.make_mesh()
+  trainer = train.Trainer.create(config, mesh)
+  state = trainer.init_state()
+  losses = []
+  for batch in batches:
+    local = {k: v[_local_rows(len(v))] for k, v in batch.items()}
+    state, metrics = trainer.train_step(state, train.shard_batch(local, mesh))
+    losses.append(float(train._fetch(metrics['loss'])))  # pylint: disable=protected-access
+  return flat_state(state), losses, trainer
+
+
+def _local_rows(global_rows: int) -> slice:
+  """This process's rows of a global batch (processes in mesh order)."""
+  per_process = global_rows // jax.process_count()
+  start = jax.process_index() * per_process
+  return slice(start, start + per_process)
+
+
+def _save(out: str, flat: dict[str, np.ndarray], info: dict) -> None:
+  os.makedirs(out, exist_ok=True)
+  np.savez(os.path.join(out, f'state_{jax.process_index()}.npz'), **flat)
+  with open(os.path.join(out, f'info_{jax.process_index()}.json'), 'w') as f:
+    json.dump(info, f)
+
+
+def _devices_main(args) -> None:
+  """Same steps as the single-device test, on 8 devices; plus checks."""
+  config = tiny_config()
+  flat, losses, trainer = run_steps(config, synthetic_batches(NUM_STEPS))
+  batch = train.shard_batch(synthetic_batches(1)[0], trainer.mesh)
+  hlo = trainer.train_step.lower(trainer.init_state(), batch).compile(
+  ).as_text()
+  try:
+    train.validate_config(tiny_config(batch_size=12))
+    batch_error = None
+  except train.ConfigError as e:
+    batch_error = str(e)
+  _save(args.out, flat, {
+      'device_count': jax.device_count(),
+      'batch_devices': len(batch['image'].sharding.device_set),
+      'rows_per_device': [s.data.shape[0]
+                          for s in batch['image'].addressable_shards],
+      'all_reduce': 'all-reduce' in hlo,
+      'losses': losses,
+      'batch_error': batch_error,
+  })
+
+
+def _multihost_main(args) -> None:
+  """One process of a 2-process run of the real training loop."""
+  jax.distributed.initialize(
+      coordinator_address=f'localhost:{args.port}', num_processes=2,
+      process_id=args.process_id)
+  config = tiny_config(args.data_dir, num_train_steps=NUM_STEPS,
+                       checkpoint_every_steps=2)
+  result = train.train(config, args.workdir)
+  _save(args.out, flat_state(result.state), {
+      'process_count': jax.process_count(),
+      'device_count': jax.device_count(),
+      'preempted': result.preempted,
+  })
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('mode', choices=['devices', 'multihost'])
+  parser.add_argument('--out', required=True)
+  parser.add_argument('--port', type=int)
+  parser.add_argument('--process_id', type=int)
+  parser.add_argument('--data_dir')
+  parser.add_argument('--workdir')
+  args = parser.parse_args()
+  enable_compilation_cache()
+  if args.mode == 'devices':
+    _devices_main(args)
+  else:
+    _multihost_main(args)
+
+
+if __name__ == '__main__':
+  sys.exit(main())

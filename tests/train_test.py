@@ -1,0 +1,430 @@
+"""Tests of the training system: loss, optimizer, loop, checkpoints, errors.
+
+Runs tiny SACT models (a few thousand parameters) on synthetic batches or on
+the 128-image `sact_shapes/tiny` split, so every test trains for real in
+seconds. Multi-device runs are in `multidevice_test.py`.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from unittest import mock
+import warnings
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import chex
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from sact_jax import checkpoint
+from sact_jax import train
+from sact_jax.configs import cifar10
+from sact_jax.configs import default
+from sact_jax.configs import imagenet
+import train_helpers
+
+_CACHE_DIR = train_helpers.enable_compilation_cache()
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _data_dir() -> str:
+  """One prepared `sact_shapes/tiny` for the whole module."""
+  global _DATA_DIR
+  if _DATA_DIR is None:
+    import tempfile  # pylint: disable=g-import-not-at-top
+    _DATA_DIR = tempfile.mkdtemp(prefix='sact_train_test_data_')
+  return _DATA_DIR
+_DATA_DIR = None
+
+
+def _config(**overrides):
+  return train_helpers.tiny_config(_data_dir(), **overrides)
+
+
+def _saved_state(workdir: str, step: int | None = None
+                 ) -> tuple[int, dict[str, np.ndarray], dict]:
+  """(step, flat state, data iterator position) of a checkpoint on disk."""
+  with train.checkpoint_manager(workdir, read_only=True) as manager, \
+      warnings.catch_warnings():
+    # Restoring without a target reads the shardings from the checkpoint,
+    # which orbax warns about; fine for reading values back here.
+    warnings.simplefilter('ignore', UserWarning)
+    step = manager.latest_step() if step is None else step
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore()))['state']
+  flat, _ = jax.tree_util.tree_flatten_with_path(restored)
+  arrays = {jax.tree_util.keystr(p): np.asarray(v) for p, v in flat}
+  with open(os.path.join(workdir, train.CHECKPOINT_DIR, str(step), 'data',
+                         'process_0-of-1.json')) as f:
+    position = json.load(f)
+  return step, arrays, position
+
+
+def _assert_flat_equal(test, actual, expected, rtol=0.0, atol=0.0):
+  test.assertEqual(sorted(actual), sorted(expected))
+  for key in expected:
+    np.testing.assert_allclose(actual[key], expected[key], rtol=rtol,
+                               atol=atol, err_msg=key)
+
+
+class LossTest(parameterized.TestCase):
+
+  @parameterized.parameters(0.0, 0.1)
+  def test_cross_entropy_matches_formula(self, smoothing):
+    """Smoothed targets are onehot * (1 - s) + s / K, as TF's loss."""
+    logits = jnp.array([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]])
+    labels = jnp.array([0, 2])
+    log_p = jax.nn.log_softmax(logits)
+    targets = jax.nn.one_hot(labels, 3) * (1 - smoothing) + smoothing / 3
+    expected = -jnp.mean(jnp.sum(targets * log_p, axis=-1))
+    chex.assert_trees_all_close(
+        train.cross_entropy(logits, labels, smoothing), expected, rtol=1e-6)
+
+  def test_weight_decay_covers_kernels_only(self):
+    """slim's l2_regularizer: wd * sum(w^2) / 2 over conv/dense kernels."""
+    params = train.Trainer.create(_config(), train.make_mesh()).init_state(
+    ).params
+    kernels = [v[...] for p, v in nnx.to_flat_state(params)
+               if p[-1] == 'kernel']
+    # Stem, 2 convs per unit (4 units), halting local + global convs of the
+    # one scanned step, logits.
+    self.assertLen(kernels, 1 + 2 * 4 + 2 + 1)
+    expected = 0.5 * 1e-3 * sum(float(jnp.sum(k**2)) for k in kernels)
+    self.assertAlmostEqual(
+        float(train.weight_decay_penalty(params, 1e-3)), expected, places=5)
+    # BatchNorm scales and biases are not decayed.
+    for path, variable in nnx.to_flat_state(params):
+      if path[-1] in ('scale', 'bias'):
+        variable[...] = variable[...] + 100.0
+    self.assertAlmostEqual(
+        float(train.weight_decay_penalty(params, 1e-3)), expected, places=5)
+
+  def test_learning_rate_schedule_is_tf_piecewise_constant(self):
+    """The boundary step itself still uses the previous rate."""
+    config = cifar10.get_config('sact_32')
+    schedule = train.learning_rate_schedule(config)
+    steps = jnp.array([0, 60_000, 60_001, 75_000, 75_001, 90_001, 99_999])
+    np.testing.assert_allclose(
+        schedule(steps), [0.1, 0.1, 0.01, 0.01, 0.001, 0.0001, 0.0001],
+        rtol=1e-6)
+
+
+class TrainStepTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    config = _config(lr_boundaries=(), lr_scales=(), tau=0.01)
+    cls.mesh = train.make_mesh()
+    cls.trainer = train.Trainer.create(config, cls.mesh)
+
+  def test_loss_decreases(self):
+    """SGD steps on one fixed batch fit it: the loss falls by a third."""
+    state = self.trainer.init_state()
+    batch = train.shard_batch(train_helpers.synthetic_batches(1)[0],
+                              self.mesh)
+    losses = []
+    for _ in range(8):
+      state, metrics = self.trainer.train_step(state, batch)
+      losses.append(float(metrics['loss']))
+    self.assertEqual(int(state.step), 8)
+    self.assertLess(losses[-1], 0.67 * losses[0], losses)
+    self.assertTrue(all(np.isfinite(losses)))
+
+  def test_loss_terms_and_metrics(self):
+    """loss = CE + tau * ponder + decay; the halting heads get gradients."""
+    state = self.trainer.init_state()
+    heads_before = nnx.to_flat_state(nnx.state(
+        self.trainer.model(state), checkpoint.HALTING_HEADS))
+    heads_before = {p: np.array(v[...]) for p, v in heads_before}
+    batch = train.shard_batch(train_helpers.synthetic_batches(1)[0],
+                              self.mesh)
+    state, m = self.trainer.train_step(state, batch)
+    m = jax.tree.map(float, m)
+    self.assertAlmostEqual(
+        m['loss'],
+        m['cross_entropy'] + 0.01 * m['ponder_loss'] + m['weight_decay_loss'],
+        places=5)
+    # A fresh SACT network uses every unit: 2 + 1 + 1 units, and a
+    # remainder of ~1 - h at each of the 3 blocks' last unit.
+    self.assertBetween(m['ponder_loss'], 4.0, 7.0)
+    self.assertAlmostEqual(m['learning_rate'], 0.1, places=6)
+    self.assertEqual(m['finite'], 1.0)
+    self.assertBetween(m['accuracy'], 0.0, 1.0)
+    self.assertIn('ponder_cost/block_2', m)
+    changed = [
+        p for p, v in nnx.to_flat_state(nnx.state(
+            self.trainer.model(state), checkpoint.HALTING_HEADS))
+        if p[-1] == 'kernel' and not np.allclose(v[...], heads_before[p])]
+    self.assertNotEmpty(changed)
+
+
+class TrainLoopTest(absltest.TestCase):
+
+  def test_writes_checkpoints_metrics_and_summaries(self):
+    workdir = train_helpers.tempdir(self)
+    config = _config(num_train_steps=4, checkpoint_every_steps=2,
+                     keep_checkpoints=1)
+    result = train.train(config, workdir)
+    self.assertFalse(result.preempted)
+    self.assertEqual(int(result.state.step), 4)
+
+    with train.checkpoint_manager(workdir, read_only=True) as manager:
+      self.assertEqual(list(manager.all_steps()), [4])  # keep_checkpoints=1
+    with open(os.path.join(workdir, train.METRICS_FILE)) as f:
+      records = [json.loads(line) for line in f]
+    self.assertEqual([r['step'] for r in records], [1, 2, 3, 4])
+    for key in ('loss', 'accuracy', 'learning_rate', 'flops',
+                'flops_fraction', 'ponder_cost/block_0', 'ponder_loss'):
+      self.assertIn(key, records[-1])
+    self.assertIn('steps_per_sec', records[-1])
+    self.assertAlmostEqual(records[-1]['learning_rate'], 0.05)  # After 2.
+    events = os.listdir(os.path.join(workdir, train.TENSORBOARD_DIR))
+    self.assertTrue(any(e.startswith('events.out.tfevents') for e in events))
+
+    # The evaluator's view of the run: the final weights, eval mode.
+    model = train.restore_latest_model(config, workdir)
+    self.assertTrue(model.head_bn.use_running_average)
+    chex.assert_trees_all_equal(
+        nnx.to_pure_dict(nnx.state(model)),
+        nnx.to_pure_dict(nnx.state(result.model)))
+
+    # A workdir that is done trains no more and keeps its checkpoint.
+    again = train.train(config, workdir)
+    self.assertEqual(int(again.state.step), 4)
+
+  def test_resume_equals_uninterrupted_run(self):
+    """Stop after 3 steps, restart: same params, opt state, data position."""
+    full_dir, split_dir = (train_helpers.tempdir(self),
+                           train_helpers.tempdir(self))
+    train.train(_config(num_train_steps=6, checkpoint_every_steps=3),
+                full_dir)
+    train.train(_config(num_train_steps=3, checkpoint_every_steps=3),
+                split_dir)
+    self.assertEqual(_saved_state(split_dir)[0], 3)
+    train.train(_config(num_train_steps=6, checkpoint_every_steps=3),
+                split_dir)
+    step, full, full_position = _saved_state(full_dir)
+    split_step, split, split_position = _saved_state(split_dir)
+    self.assertEqual((step, split_step), (6, 6))
+    _assert_flat_equal(self, split, full)
+    self.assertEqual(split_position, full_position)
+    # 6 batches of 16 from 128 images: still in the first epoch.
+    self.assertEqual(full_position, {'next_index': 6})
+
+  def test_sigterm_saves_and_resumes_exactly(self):
+    """SIGTERM mid-run: save at the current step, stop; resume = no stop."""
+    full_dir, split_dir = (train_helpers.tempdir(self),
+                           train_helpers.tempdir(self))
+    config = _config(num_train_steps=5, checkpoint_every_steps=100)
+    train.train(config, full_dir)
+
+    calls = []
+    real_shard_batch = train.shard_batch
+
+    def shard_then_signal(*args, **kwargs):
+      calls.append(1)
+      if len(calls) == 2:  # During step 2: the process gets SIGTERM.
+        os.kill(os.getpid(), signal.SIGTERM)
+      return real_shard_batch(*args, **kwargs)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    with mock.patch.object(train, 'shard_batch', shard_then_signal):
+      result = train.train(config, split_dir)
+    self.assertIs(signal.getsignal(signal.SIGTERM), handler)  # Restored.
+    self.assertTrue(result.preempted)
+    self.assertEqual(int(result.state.step), 2)
+    self.assertEqual(_saved_state(split_dir)[0], 2)
+
+    resumed = train.train(config, split_dir)
+    self.assertFalse(resumed.preempted)
+    _, full, full_position = _saved_state(full_dir)
+    step, split, split_position = _saved_state(split_dir)
+    self.assertEqual(step, 5)
+    _assert_flat_equal(self, split, full)
+    self.assertEqual(split_position, full_position)
+
+  def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(self):
+    """A diverging run stops with the message; step 4's checkpoint stays."""
+    workdir = train_helpers.tempdir(self)
+    # Sane steps 1-4, then a learning rate that blows the weights up.
+    config = _config(num_train_steps=8, checkpoint_every_steps=2,
+                     log_every_steps=100, lr_boundaries=(3,),
+                     lr_scales=(1e30,))
+    with self.assertRaisesRegex(train.NonFiniteLossError,
+                                r'Non-finite loss or parameters at step '
+                                r'[5-6].*last good checkpoint \(step 4\)'):
+      train.train(config, workdir)
+    step, saved, _ = _saved_state(workdir)
+    self.assertEqual(step, 4)
+    for key, value in saved.items():
+      self.assertTrue(np.all(np.isfinite(value)), key)
+    # Still loadable for evaluation.
+    train.restore_latest_model(config, workdir)
+
+
+class ConfigTest(parameterized.TestCase):
+
+  @parameterized.product(model_type=['vanilla', 'act', 'sact'],
+                         depth=[20, 32, 56, 110])
+  def test_cifar10_variants(self, model_type, depth):
+    config = cifar10.get_config(f'{model_type}_{depth}')
+    train.validate_config(config)
+    self.assertEqual(train.model_spec(config).units,
+                     cifar10.DEPTHS[depth])
+    self.assertEqual((config.batch_size, config.num_train_steps,
+                      config.weight_decay, config.momentum),
+                     (128, 100_000, 2e-4, 0.9))
+    self.assertEqual(config.tau, 0.001 if (model_type, depth) == (
+        'act', 110) else 0.01)
+
+  @parameterized.product(model_type=['vanilla', 'act', 'sact'],
+                         depth=[50, 101])
+  def test_imagenet_variants(self, model_type, depth):
+    config = imagenet.get_config(f'{model_type}_{depth}')
+    train.validate_config(config)
+    self.assertEqual(train.label_offset(config), 1)  # 1001 classes.
+    self.assertEqual((config.learning_rate, config.label_smoothing,
+                      config.weight_decay, config.tau),
+                     (0.05, 0.1, 1e-4, 0.005))
+    epoch = 1_281_167 // config.batch_size
+    self.assertEqual(tuple(config.lr_boundaries), (30 * epoch, 60 * epoch))
+
+  def test_imagenet_finetune_needs_init_from(self):
+    config = imagenet.get_config('sact_101_finetune')
+    with self.assertRaisesRegex(train.ConfigError,
+                                r'init_from=.*--config.init_from='):
+      train.validate_config(config)
+
+  @parameterized.parameters(
+      (default, 'smoke'), (default, None), (cifar10, 'smoke'),
+      (cifar10, 'act_110,smoke'), (imagenet, 'smoke'))
+  def test_configs_validate(self, module, arg):
+    train.validate_config(module.get_config(arg))
+
+  @parameterized.parameters(
+      (cifar10, 'sact_33'), (cifar10, 'bogus'), (default, 'sact'),
+      (imagenet, 'act_101_finetune_finetune'))
+  def test_unknown_variant(self, module, arg):
+    with self.assertRaisesRegex(ValueError, 'Unknown config variant'):
+      module.get_config(arg)
+
+
+class BadInputTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ('unknown_dataset', {'dataset': 'mnist'}, r"Unknown dataset 'mnist'"),
+      ('negative_tau', {'tau': -0.1}, r'tau must be >= 0, got -0.1'),
+      ('eps_zero', {'eps': 0.0}, r'eps must lie in \(0, 1\), got 0.0'),
+      ('eps_one', {'eps': 1.0}, r'eps must lie in \(0, 1\), got 1.0'),
+      ('model_type', {'model_type': 'dense'}, r'model_type must be one of'),
+      ('classes', {'num_classes': 10}, r'num_classes=10 does not fit'),
+      ('image_size', {'image_size': 64}, r'image_size=64 does not match'),
+      ('schedule', {'lr_boundaries': (5, 3), 'lr_scales': (0.1, 0.01)},
+       r'lr_boundaries must be increasing'),
+      ('init_from', {'init_from': '/nonexistent'},
+       r"init_from='/nonexistent' is not a sact_jax model checkpoint"),
+  )
+  def test_config_errors(self, overrides, pattern):
+    with self.assertRaisesRegex(train.ConfigError, pattern):
+      train.validate_config(_config(**overrides))
+
+  def test_batch_not_divisible_by_devices(self):
+    with mock.patch.object(jax, 'device_count', return_value=8):
+      with self.assertRaisesRegex(
+          train.ConfigError,
+          r'batch_size=12 is not divisible by the 8 devices'):
+        train.validate_config(_config(batch_size=12))
+
+  @parameterized.parameters((16, 32, 32), (16, 32, 32, 1), (16, 32, 32, 4))
+  def test_images_of_wrong_shape(self, *shape):
+    batch = {'image': np.zeros(shape, np.float32),
+             'label': np.zeros(16, np.int32)}
+    with self.assertRaisesRegex(ValueError, r'\[batch, height, width, 3\]'):
+      train.check_batch(batch, _config())
+    # The model's own check, before any weight is touched.
+    model = checkpoint.ModelSpec('cifar', (1, 1, 1), 'sact', 6,
+                                 base_channels=4).abstract_model()
+    with self.assertRaisesRegex(ValueError, r'\[batch, height, width, 3\]'):
+      model(jnp.zeros(shape))
+
+  def test_workdir_of_another_model(self):
+    workdir = train_helpers.tempdir(self)
+    train.train(_config(num_train_steps=1), workdir)
+    with self.assertRaisesRegex(
+        train.ConfigError, r'holds a checkpoint of a different model \(cifar '
+        r'sact units=\[2, 1, 1\].*than the config \(cifar sact units=\[1, 1, '
+        r'1\]'):
+      train.validate_config(_config(units=(1, 1, 1)), workdir)
+    with self.assertRaisesRegex(train.ConfigError, 'another model'):
+      train.restore_latest_model(_config(model_type='act'), workdir)
+
+  def test_no_checkpoint_to_restore(self):
+    with self.assertRaisesRegex(FileNotFoundError, 'No training checkpoint'):
+      train.restore_latest_model(_config(), train_helpers.tempdir(self))
+
+
+class LauncherTest(parameterized.TestCase):
+  """`python -m experiments.train`: one error line, no traceback."""
+
+  def _run(self, *args, timeout=240):
+    env = dict(os.environ, JAX_PLATFORMS='cpu')
+    env.pop('XLA_FLAGS', None)
+    return subprocess.run(
+        [sys.executable, '-m', 'experiments.train',
+         f'--compilation_cache_dir={_CACHE_DIR}', *args],
+        cwd=_REPO, env=env, capture_output=True, text=True, timeout=timeout,
+        check=False)
+
+  @parameterized.named_parameters(
+      ('negative_tau', ['--config=sact_jax/configs/default.py:smoke',
+                        '--config.tau=-1'], 'tau must be >= 0, got -1'),
+  )
+  def test_bad_config_fails_cleanly(self, args, message):
+    workdir = train_helpers.tempdir(self)
+    proc = self._run(*args, f'--workdir={workdir}')
+    self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
+    self.assertIn(f'error: {message}', proc.stderr)
+    self.assertNotIn('Traceback', proc.stderr)
+    self.assertEqual(os.listdir(workdir), [])  # No work started.
+
+  @parameterized.named_parameters(
+      ('variant', ['--config=sact_jax/configs/cifar10.py:sact_33'],
+       "Unknown config variant 'sact_33'"),
+      ('file', ['--config=sact_jax/configs/nope.py'],
+       "No such file or directory: 'sact_jax/configs/nope.py'"),
+      ('field', ['--config=sact_jax/configs/default.py', '--config.tua=1'],
+       "Unknown config field 'tua'"),
+  )
+  def test_unknown_config(self, args, message):
+    proc = self._run(*args, f'--workdir={train_helpers.tempdir(self)}')
+    self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
+    errors = [line for line in proc.stderr.splitlines()
+              if line.startswith('error: ')]
+    self.assertLen(errors, 1)
+    self.assertIn(message, errors[0])
+    self.assertNotIn('Traceback', proc.stderr)
+
+  def test_main_job_smoke_run(self):
+    """The launcher trains, evaluates and draws into the workdir."""
+    workdir = train_helpers.tempdir(self)
+    common = ['--config=sact_jax/configs/default.py:smoke',
+              f'--config.data_dir={_data_dir()}', f'--workdir={workdir}']
+    proc = self._run(*common)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    self.assertRegex(proc.stderr, r'step 6/6 \| loss [0-9.]+ \| accuracy')
+    for name in ('eval.json', train.METRICS_FILE, train.CHECKPOINT_DIR,
+                 train.TENSORBOARD_DIR, train.PONDER_MAPS_DIR):
+      self.assertTrue(os.path.exists(os.path.join(workdir, name)), name)
+    with open(os.path.join(workdir, 'eval.json')) as f:
+      self.assertIn('top1_accuracy', f.read())
+
+
+if __name__ == '__main__':
+  absltest.main()
