@@ -740,73 +740,75 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   iterator = iter(dataset)
 
   manager = checkpoint_manager(workdir, keep=config.keep_checkpoints)
-  latest = manager.latest_step()
-  start = time.time()
-  if latest is not None:
-    state = _restore(manager, latest, trainer, iterator)
-    logging.info('Resumed from the step-%d checkpoint in %s.', latest, workdir)
-  else:
-    state = trainer.init_state()
-  step = int(_fetch(state.step))
-  logging.info('Model: %s, %d parameters; state ready in %.1f s.',
-               _spec_text(spec), flops_lib.param_count(trainer.model(state)),
-               time.time() - start)
-
-  info = data_lib.dataset_info(config.dataset)
-  image_shape = ((config.image_size, config.image_size, 3)
-                 if config.dataset.startswith('imagenet2012')
-                 else info.image_shape)
-  vanilla = flops_lib.vanilla_flops(
-      lambda: dataclasses.replace(spec, model_type='vanilla').create(
-          nnx.Rngs(0)), image_shape)
-
-  writer = MetricWriter(workdir)
-  watcher = _PreemptionWatcher()
-  total = config.num_train_steps
-  pending: list[Metrics] = []
-  last_saved = latest
-  preempted = False
-  timer_step, timer_start = step, None
-
-  def flush() -> None:
-    """Fetches pending metrics; stops on non-finite ones; writes summaries."""
-    nonlocal timer_step, timer_start
-    if not pending:
-      return
-    fetched = jax.tree.map(_fetch, pending)
-    first_step = step - len(pending) + 1
-    for i, m in enumerate(fetched):
-      if not m['finite']:
-        bad = first_step + i
-        raise NonFiniteLossError(
-            f'Non-finite loss or parameters at step {bad} (loss '
-            f'{float(m["loss"])}); training stopped. The last good '
-            f'checkpoint (step {last_saved}) in '
-            f'{os.path.join(workdir, CHECKPOINT_DIR)} is kept; try a lower '
-            'learning rate.')
-    pending.clear()
-    scalars = {k: float(np.mean([m[k] for m in fetched]))
-               for k in fetched[0] if k != 'finite'}
-    scalars['flops_fraction'] = scalars['flops'] / vanilla
-    now = time.time()
-    if timer_start is None:  # The first step includes compilation.
-      rate = None
-    else:
-      rate = (step - timer_step) / max(now - timer_start, 1e-9)
-      scalars['steps_per_sec'] = rate
-    timer_step, timer_start = step, now
-    writer.write(step, scalars)
-    if is_main:
-      left = (f'{_format_seconds((total - step) / rate)} left' if rate
-              else 'compiled')
-      logging.info(
-          'step %d/%d | loss %.4f | accuracy %.3f | ponder %.3f | FLOPs '
-          '%.1f%% | %s | %s', step, total, scalars['loss'],
-          scalars['accuracy'], scalars['ponder_loss'],
-          100 * scalars['flops_fraction'],
-          f'{rate:.2f} steps/s' if rate else '-', left)
-
+  writer = watcher = None
   try:
+    latest = manager.latest_step()
+    start = time.time()
+    if latest is not None:
+      state = _restore(manager, latest, trainer, iterator)
+      logging.info('Resumed from the step-%d checkpoint in %s.', latest,
+                   workdir)
+    else:
+      state = trainer.init_state()
+    step = int(_fetch(state.step))
+    logging.info('Model: %s, %d parameters; state ready in %.1f s.',
+                 _spec_text(spec), flops_lib.param_count(trainer.model(state)),
+                 time.time() - start)
+
+    info = data_lib.dataset_info(config.dataset)
+    image_shape = ((config.image_size, config.image_size, 3)
+                   if config.dataset.startswith('imagenet2012')
+                   else info.image_shape)
+    vanilla = flops_lib.vanilla_flops(
+        lambda: dataclasses.replace(spec, model_type='vanilla').create(
+            nnx.Rngs(0)), image_shape)
+
+    writer = MetricWriter(workdir)
+    watcher = _PreemptionWatcher()
+    total = config.num_train_steps
+    pending: list[Metrics] = []
+    last_saved = latest
+    preempted = False
+    timer_step, timer_start = step, None
+
+    def flush() -> None:
+      """Fetches pending metrics; stops on non-finite ones; writes summaries."""
+      nonlocal timer_step, timer_start
+      if not pending:
+        return
+      fetched = jax.tree.map(_fetch, pending)
+      first_step = step - len(pending) + 1
+      for i, m in enumerate(fetched):
+        if not m['finite']:
+          kept = (f'The last good checkpoint (step {last_saved}) in '
+                  f'{os.path.join(workdir, CHECKPOINT_DIR)} is kept'
+                  if last_saved is not None else 'No checkpoint was written')
+          raise NonFiniteLossError(
+              f'Non-finite loss or parameters at step {first_step + i} (loss '
+              f'{float(m["loss"])}); training stopped. {kept}; try a lower '
+              'learning rate.')
+      pending.clear()
+      scalars = {k: float(np.mean([m[k] for m in fetched]))
+                 for k in fetched[0] if k != 'finite'}
+      scalars['flops_fraction'] = scalars['flops'] / vanilla
+      now = time.time()
+      if timer_start is None:  # The first step includes compilation.
+        rate = None
+      else:
+        rate = (step - timer_step) / max(now - timer_start, 1e-9)
+        scalars['steps_per_sec'] = rate
+      timer_step, timer_start = step, now
+      writer.write(step, scalars)
+      if is_main:
+        left = (f'{_format_seconds((total - step) / rate)} left' if rate
+                else 'compiled')
+        logging.info(
+            'step %d/%d | loss %.4f | accuracy %.3f | ponder %.3f | FLOPs '
+            '%.1f%% | %s | %s', step, total, scalars['loss'],
+            scalars['accuracy'], scalars['ponder_loss'],
+            100 * scalars['flops_fraction'],
+            f'{rate:.2f} steps/s' if rate else '-', left)
+
     first = True
     while step < total:
       if watcher.should_stop(step):
@@ -835,11 +837,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
                       ' run the same command again to resume.', step,
                       os.path.join(workdir, CHECKPOINT_DIR))
   finally:
-    watcher.close()
+    if watcher is not None:
+      watcher.close()
     manager.wait_until_finished()
     manager.close()
-    writer.close()
-    pending.clear()
+    if writer is not None:
+      writer.close()
 
   model = trainer.model(state)
   model.eval()
