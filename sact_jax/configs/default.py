@@ -28,25 +28,29 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.dataset = 'sact_shapes'
   config.image_size = 32
   config.family = 'cifar'
-  # A CIFAR-style SACT ResNet-14, half the reference width: small enough to
-  # train well in minutes on 2 CPU cores.
+  # A CIFAR-style SACT ResNet-14 (two units per block, so one halting
+  # decision per position and block) at half the reference width (8/16/32
+  # channels): it learns this data to ~98% in ~1200 steps, a few minutes on
+  # 2 CPU cores. Width 16 gives crisper ponder maps at twice the time.
   config.units = (2, 2, 2)
   config.model_type = 'sact'
   config.num_classes = 6
-  config.base_channels = 16
+  config.base_channels = 8
   config.eps = 0.01
   config.tau = 0.01
   config.weight_decay = 2e-4
   config.label_smoothing = 0.0
   config.momentum = 0.9
   config.learning_rate = 0.1
-  config.lr_boundaries = (1200,)
+  # Accuracy jumps after ~40k images (~600-900 steps); the last 200 steps
+  # at a tenth of the rate settle it.
+  config.lr_boundaries = (1000,)
   config.lr_scales = (0.1,)
   config.batch_size = 64
   config.eval_batch_size = 500
-  config.num_train_steps = 1500
+  config.num_train_steps = 1200
   config.log_every_steps = 50
-  config.checkpoint_every_steps = 500
+  config.checkpoint_every_steps = 400
   config.keep_checkpoints = 3
   config.num_ponder_maps = 16
 
