@@ -36,9 +36,9 @@ class Block(nnx.Module):
   """L residual units with a shared halting state.
 
   Args:
-    make_first: builds the first unit from `rngs`.
-    make_unit: builds one of units 2..L (identity shortcut) from `rngs`.
-    make_head: builds one halting head from `rngs` (unused for vanilla).
+    make_first: builds the first unit, called as `make_first(rngs=rngs)`.
+    make_unit: builds one of units 2..L (identity shortcut), likewise.
+    make_head: builds one halting head, likewise (unused for vanilla).
     num_units: L >= 1.
     model_type: 'vanilla', 'act' (one halting score per image) or 'sact'
       (one per position).
@@ -48,9 +48,9 @@ class Block(nnx.Module):
       with depth).
   """
 
-  def __init__(self, make_first: Callable[[nnx.Rngs], nnx.Module],
-               make_unit: Callable[[nnx.Rngs], nnx.Module],
-               make_head: Callable[[nnx.Rngs], nnx.Module],
+  def __init__(self, make_first: Callable[..., nnx.Module],
+               make_unit: Callable[..., nnx.Module],
+               make_head: Callable[..., nnx.Module],
                num_units: int, model_type: ModelType, *,
                eps: float = act_lib.DEFAULT_EPS, remat: bool = False,
                unroll: bool = False, rngs: nnx.Rngs):
@@ -66,13 +66,14 @@ class Block(nnx.Module):
     self.eps = eps
     self.remat = remat
     self.unroll = unroll
-    self.first = make_first(rngs)
+    self.first = make_first(rngs=rngs)
     adaptive = model_type != 'vanilla'
     if num_units > 1:
       @nnx.split_rngs(splits=num_units - 1)
       @nnx.vmap(in_axes=(0,), out_axes=0)
       def make_steps(rngs: nnx.Rngs) -> Step:
-        return Step(make_unit(rngs), make_head(rngs) if adaptive else None)
+        return Step(make_unit(rngs=rngs),
+                    make_head(rngs=rngs) if adaptive else None)
       self.steps = make_steps(rngs)
     else:
       self.steps = None

@@ -47,6 +47,10 @@ class FlopCounter:
     else:
       self.dynamic = flops if self.dynamic is None else self.dynamic + flops
 
+  def add_dense_conv(self, conv: nnx.Conv, y_BxHxWxC: jax.Array):
+    """Adds a conv computed at every position of its output `y`."""
+    self.add(conv_cost(conv) * y_BxHxWxC.shape[1] * y_BxHxWxC.shape[2])
+
   def per_image(self, batch_size: int) -> jax.Array:
     """Total FLOPs per image, `[B]` float32."""
     total = jnp.full((batch_size,), float(self.static), jnp.float32)

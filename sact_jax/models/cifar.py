@@ -57,10 +57,8 @@ class CifarResNet(base.AdaptiveResNet):
       make_head = functools.partial(head_cls, width, factory=factory,
                                     activation=layers.leaky_relu)
       blocks.append(blocks_lib.Block(
-          lambda r, f=make_first: f(rngs=r),
-          lambda r, f=make_unit: f(rngs=r),
-          lambda r, f=make_head: f(rngs=r),
-          n, model_type, eps=eps, remat=remat, unroll=unroll, rngs=rngs))
+          make_first, make_unit, make_head, n, model_type, eps=eps,
+          remat=remat, unroll=unroll, rngs=rngs))
       cin = width
     self.blocks = nnx.List(blocks)
     self.head_bn = factory.batch_norm(cin, rngs=rngs)
@@ -68,8 +66,7 @@ class CifarResNet(base.AdaptiveResNet):
 
   def stem(self, images, counter: flops_lib.FlopCounter):
     x = self.stem_conv(images)
-    counter.add(flops_lib.conv_cost(self.stem_conv)
-                * x.shape[1] * x.shape[2])
+    counter.add_dense_conv(self.stem_conv, x)
     return x
 
   def head(self, x, counter: flops_lib.FlopCounter):

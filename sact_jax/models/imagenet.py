@@ -58,10 +58,8 @@ class ImageNetResNet(base.AdaptiveResNet):
       make_head = functools.partial(head_cls, depth, factory=factory,
                                     activation=layers.identity)
       blocks.append(blocks_lib.Block(
-          lambda r, f=make_first: f(rngs=r),
-          lambda r, f=make_unit: f(rngs=r),
-          lambda r, f=make_head: f(rngs=r),
-          n, model_type, eps=eps, remat=remat, unroll=unroll, rngs=rngs))
+          make_first, make_unit, make_head, n, model_type, eps=eps,
+          remat=remat, unroll=unroll, rngs=rngs))
       cin = depth
     self.blocks = nnx.List(blocks)
     self.postnorm = factory.batch_norm(cin, rngs=rngs)
@@ -69,8 +67,7 @@ class ImageNetResNet(base.AdaptiveResNet):
 
   def stem(self, images, counter: flops_lib.FlopCounter):
     x = self.stem_conv(images)
-    counter.add(flops_lib.conv_cost(self.stem_conv)
-                * x.shape[1] * x.shape[2])
+    counter.add_dense_conv(self.stem_conv, x)
     return nnx.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
 
   def head(self, x, counter: flops_lib.FlopCounter):
