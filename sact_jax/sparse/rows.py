@@ -1,0 +1,163 @@
+"""Feature maps as rows: gather, convolve and scatter chosen positions.
+
+A `[B, H, W, C]` map is kept flat as `[N, C]` rows, `N = B * H * W`, and a set
+of positions as sorted flat row indices padded to a static length with the
+out-of-range index `N + 1`. Padding rows gather a clipped (harmless) row and
+their results are dropped by every scatter (`mode='drop'`).
+
+Convolutions at a set of rows are matmuls: a 1x1 conv on the gathered rows, a
+3x3 conv on an im2col gather of the 9 neighbours of each row (ENVIRONMENT.md:
+per-position gather beat tiles on this CPU). Zero padding is honoured in one
+of two ways: a map whose row `N` is zero (neighbours outside the image read
+it), or a validity mask applied after the pre-activation that the conv reads.
+
+Rows are processed in chunks (`row_loop`): full chunks of a static size in a
+loop whose trip count is an argument, then one tail of a static bucketed
+size. Only the tail size reaches the compiler, so jit compiles at most a few
+shapes per map size whatever the masks, and no active row is ever dropped.
+"""
+
+import math
+from typing import Callable, NamedTuple
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+PreFn = Callable[[jax.Array], jax.Array]
+
+
+class RowPlan(NamedTuple):
+  """How `count` rows are processed: `n_full` chunks of `chunk`, then `tail`.
+
+  `tail >= count - n_full * chunk`; the difference is padding (wasted rows).
+  """
+  n_full: int
+  tail: int
+  count: int
+  chunk: int
+
+  @property
+  def padding(self) -> int:
+    """Rows computed that are not in the set."""
+    return self.n_full * self.chunk + self.tail - self.count
+
+
+def plan_rows(count: int, chunk: int, granule: int) -> RowPlan:
+  """Splits `count` rows into full chunks and a tail bucketed to `granule`."""
+  if count < 0 or chunk < 1 or granule < 1:
+    raise ValueError(f'Bad row plan: count={count}, chunk={chunk}, '
+                     f'granule={granule}.')
+  n_full, rest = divmod(count, chunk)
+  tail = min(chunk, -(-rest // granule) * granule)
+  return RowPlan(n_full=n_full, tail=tail, count=count, chunk=chunk)
+
+
+def granule_for(num_rows: int, chunk: int, buckets: int) -> int:
+  """Tail sizes are multiples of this: `buckets` sizes cover a chunk."""
+  return max(1, math.ceil(min(chunk, num_rows) / buckets))
+
+
+def padded_length(num_rows: int, chunk: int) -> int:
+  """Length of an index vector that every plan can slice without clamping.
+
+  `lax.dynamic_slice` clamps out-of-range starts, which would re-read rows
+  already processed; the index vector is padded so that it never does.
+  """
+  return num_rows + 2 * chunk
+
+
+def indices(mask_N: jax.Array, length: int) -> jax.Array:
+  """Sorted flat indices of the nonzero entries, padded with `N + 1`."""
+  num_rows = mask_N.shape[0]
+  (idx,) = jnp.nonzero(mask_N > 0, size=length, fill_value=num_rows + 1)
+  return idx.astype(jnp.int32)
+
+
+def row_loop(idx_L: jax.Array, n_full: jax.Array | int, chunk: int,
+             tail: int, body: Callable, carry):
+  """Runs `carry = body(idx_S, carry)` over the planned chunks of `idx_L`.
+
+  Args:
+    idx_L: padded row indices (`padded_length` long).
+    n_full: number of full chunks (traced: no recompilation as it varies).
+    chunk: static size of a full chunk.
+    tail: static size of the last, partial chunk (0 for none).
+    body: called with `[chunk]` or `[tail]` indices.
+    carry: the loop state (maps updated in place).
+  """
+  def full(i, carry):
+    return body(lax.dynamic_slice_in_dim(idx_L, i * chunk, chunk), carry)
+  carry = lax.fori_loop(0, n_full, full, carry)
+  if tail:
+    start = jnp.asarray(n_full, jnp.int32) * chunk
+    carry = body(lax.dynamic_slice_in_dim(idx_L, start, tail), carry)
+  return carry
+
+
+def neighbours(idx_S: jax.Array, height: int, width: int, num_rows: int
+               ) -> tuple[jax.Array, jax.Array]:
+  """Flat indices of the 3x3 neighbourhood of each row, in HWIO tap order.
+
+  Returns:
+    `[S, 9]` indices, `num_rows` where the neighbour lies outside the image,
+    and the `[S, 9]` validity mask.
+  """
+  rem = idx_S % (height * width)
+  i, j = rem // width, rem % width
+  nbrs, valid = [], []
+  for di in (-1, 0, 1):
+    for dj in (-1, 0, 1):
+      ok = ((i + di >= 0) & (i + di < height) & (j + dj >= 0)
+            & (j + dj < width) & (idx_S < num_rows))
+      nbrs.append(jnp.where(ok, idx_S + di * width + dj, num_rows))
+      valid.append(ok)
+  return jnp.stack(nbrs, -1), jnp.stack(valid, -1)
+
+
+def gather(src_NxC: jax.Array, idx: jax.Array) -> jax.Array:
+  """Rows of `src` (padding indices read a clipped row)."""
+  return src_NxC.at[idx].get(mode='clip', indices_are_sorted=False)
+
+
+def conv_rows(src_NxC: jax.Array, idx_S: jax.Array, kernel_KxKxIxO: jax.Array,
+              *, height: int, width: int, pre: PreFn | None = None
+              ) -> jax.Array:
+  """A stride-1 SAME conv evaluated at rows `idx_S` only: `[S, O]`.
+
+  Args:
+    src_NxC: the conv's input. For a 3x3 kernel without `pre` it must hold
+      `N + 1` rows, the last one zero (the padding value).
+    idx_S: flat output positions (padding `N + 1` allowed).
+    kernel_KxKxIxO: a 1x1 or 3x3 kernel.
+    height, width: the map's spatial shape.
+    pre: elementwise function of `src` that the conv reads (e.g. BatchNorm
+      and activation); neighbours outside the image read zero after it.
+  """
+  k = kernel_KxKxIxO.shape[0]
+  cin, cout = kernel_KxKxIxO.shape[2:]
+  if k == 1:
+    rows = gather(src_NxC, idx_S)
+    if pre is not None:
+      rows = pre(rows)
+    return rows @ kernel_KxKxIxO.reshape(cin, cout)
+  if k != 3 or kernel_KxKxIxO.shape[1] != 3:
+    raise ValueError(f'conv_rows supports 1x1 and 3x3 kernels, got '
+                     f'{kernel_KxKxIxO.shape[:2]}.')
+  num_rows = src_NxC.shape[0] if pre is not None else src_NxC.shape[0] - 1
+  nbr_Sx9, valid_Sx9 = neighbours(idx_S, height, width, num_rows)
+  cols_Sx9xI = gather(src_NxC, nbr_Sx9)
+  if pre is not None:
+    cols_Sx9xI = jnp.where(valid_Sx9[..., None], pre(cols_Sx9xI), 0.0)
+  return (cols_Sx9xI.reshape(idx_S.shape[0], 9 * cin)
+          @ kernel_KxKxIxO.reshape(9 * cin, cout))
+
+
+def scatter_set(dst_NxC: jax.Array, idx_S: jax.Array,
+                rows_SxC: jax.Array) -> jax.Array:
+  return dst_NxC.at[idx_S].set(rows_SxC, mode='drop', indices_are_sorted=True)
+
+
+def scatter_add(dst_NxC: jax.Array, idx_S: jax.Array,
+                rows_SxC: jax.Array) -> jax.Array:
+  return dst_NxC.at[idx_S].add(rows_SxC, mode='drop', indices_are_sorted=True)

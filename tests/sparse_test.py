@@ -1,0 +1,359 @@
+"""Sparse inference (`sact_jax.sparse`) gives the dense model's outputs.
+
+Every test compares `sparse` with the dense model on the same weights:
+logits within 1e-4 of their scale, identical `num_units` maps and FLOPs,
+ponder costs within 1e-4. The SACT cases force each execution mode
+('rows': gathered active/dilated rows; 'dense'; 'device': one while loop per
+block) and check that the halting regimes the test means to cover really
+occur (fractions of positions halting early, units skipped).
+"""
+
+import functools
+
+from absl.testing import absltest
+from absl.testing import parameterized
+from flax import nnx
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+from sact_jax import reference
+from sact_jax import sparse
+from sact_jax.sparse import rows as rows_lib
+from sact_jax.sparse import stages
+import testing_utils as tu
+
+# LLVM -O0: compile time dominates these tests (see testing_utils).
+_FAST = tuple(tu.FAST_COMPILE.items())
+
+
+def _runner(model, **options) -> sparse.SparseRunner:
+  return sparse.SparseRunner(model, compiler_options=_FAST, **options)
+
+
+def _fixture(name: str):
+  case = tu.manifest()['cases'][name]
+  model = reference.load_reference_model(
+      tu.load_npz(case['params_npz']), family=case['family'],
+      units=case['units_per_block'], model_type=case['model_type'],
+      num_classes=case['num_classes'], base_channels=case['base_channels'])
+  return model, jnp.asarray(tu.load_npz(case['input_file'])['images'])
+
+
+def _assert_same(test, dense, sparse_out):
+  """Sparse outputs equal the dense model's (module docstring)."""
+  (logits, aux), (s_logits, s_aux) = dense, sparse_out
+  scale = float(jnp.max(jnp.abs(logits)))
+  test.assertLess(float(jnp.max(jnp.abs(s_logits - logits))) / scale, 1e-4)
+  np.testing.assert_array_equal(np.asarray(s_aux['flops']),
+                                np.asarray(aux['flops']))
+  test.assertLen(s_aux['num_units'], len(aux['num_units']))
+  for expected, got in zip(aux['num_units'], s_aux['num_units']):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+  for expected, got in zip(aux['ponder_cost'], s_aux['ponder_cost']):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected),
+                               rtol=0, atol=1e-4)
+  np.testing.assert_allclose(float(s_aux['ponder_loss']),
+                             float(aux['ponder_loss']), rtol=0, atol=1e-4)
+  overhead = float(s_aux['flops_overhead'])
+  test.assertTrue(np.isfinite(overhead) and overhead >= 0, overhead)
+
+
+def _partial_row_units(runner) -> list[dict]:
+  """Units run at gathered rows with some, not all, positions active."""
+  return [u for u in runner.last_units
+          if 'active' in u and not u['dense'] and 0 < u['active'] < u['rows']]
+
+
+def _early_fractions(aux, model) -> list[float]:
+  """Per block with heads: fraction of positions halting before the end."""
+  return [float(np.mean(np.asarray(n) < b.num_units))
+          for n, b in zip(aux['num_units'], model.blocks)
+          if b.num_units > 1]
+
+
+@functools.cache
+def _model(family: str):
+  """A small random SACT model and one image (one per family: shared jits).
+
+  Batch 1 and an odd, non-square size on purpose; larger batches come with
+  the fixtures and `test_bounded_compilations_over_varied_inputs`.
+  """
+  if family == 'cifar':
+    model = tu.build('cifar', (4, 4), 'sact', seed=1, base_channels=8)
+    images = tu.images((1, 23, 29, 3), seed=3)
+  else:
+    model = tu.build('imagenet', (3, 4), 'sact', seed=2, base_channels=8)
+    images = tu.images((1, 61, 53, 3), seed=4)
+  model.eval()
+  # Random features are large: tame the halting logits so that a bias can
+  # move the fraction of early halting positions across its whole range.
+  for head in tu.heads(model):
+    for conv in (head.local_conv, head.global_conv):
+      conv.kernel[...] = conv.kernel[...] * 0.05
+  return model, images
+
+
+@functools.cache
+def _regime_biases(family: str, target: float) -> tuple[float, ...]:
+  """Per-block halting biases with which `target` of positions halt early.
+
+  Blocks are tuned in order (a block's input depends on the ones before),
+  each by bisection on the dense model.
+  """
+  model, images = _model(family)
+  heads = tu.heads(model)
+  biases = [-16.0] * len(heads)
+  for i, head in enumerate(heads):
+    lo, hi = -16.0, 16.0
+    for _ in range(20):
+      biases[i] = 0.5 * (lo + hi)
+      _set_biases(model, biases)
+      achieved = _early_fractions(tu.forward(model, images)[1], model)[i]
+      if abs(achieved - target) < 0.03:
+        break
+      if achieved < target:
+        lo = biases[i]  # A higher bias halts earlier.
+      else:
+        hi = biases[i]
+    del head
+  return tuple(biases)
+
+
+def _set_biases(model, biases):
+  for head, bias in zip(tu.heads(model), biases):
+    param = tu.halting_bias(head)
+    param[...] = jnp.full(param.shape, bias, jnp.float32)
+
+
+def _random_sact(family: str, target: float):
+  """The family's model set to a halting regime; its batch; fractions."""
+  model, images = _model(family)
+  _set_biases(model, _regime_biases(family, target))
+  return model, images, _early_fractions(tu.forward(model, images)[1], model)
+
+
+def _runner_for(model, **options) -> sparse.SparseRunner:
+  """Runners shared across tests (jit caches live in the runner).
+
+  Two tail buckets keep the number of compiled shapes (and the test time)
+  small; `test_bounded_compilations_over_varied_inputs` uses more.
+  """
+  options = {'compiler_options': _FAST, 'buckets': 2, **options}
+  return sparse.runner_for(model, **options)
+
+
+class FixtureTest(parameterized.TestCase):
+  """Equivalence on the reference's parity fixtures (its weights, inputs)."""
+
+  @parameterized.named_parameters(
+      ('cifar_vanilla', 'cifar_vanilla', {}),
+      ('imagenet_vanilla', 'imagenet_vanilla', {}),
+      ('cifar_act', 'cifar_act', {'act_loop': 'host'}),
+      ('cifar_sact_rows', 'cifar_sact', {'sact_mode': 'rows'}),
+      ('imagenet_sact_rows', 'imagenet_sact', {'sact_mode': 'rows'}),
+      ('imagenet_sact_dense', 'imagenet_sact', {'sact_mode': 'dense'}),
+  )
+  def test_matches_dense_model(self, name, options):
+    model, images = _fixture(name)
+    runner = _runner(model, **options)
+    _assert_same(self, tu.forward(model, images), runner(images))
+    if options.get('sact_mode') == 'rows':
+      self.assertNotEmpty(_partial_row_units(runner))
+    if model.model_type == 'vanilla':
+      self.assertEqual(float(runner(images)[1]['flops_overhead']), 0.0)
+
+
+class RandomModelTest(parameterized.TestCase):
+  """Random models whose halting bias sets how many positions halt early."""
+
+  @parameterized.product(family=('cifar', 'imagenet'),
+                         target=(0.1, 0.5, 0.9))
+  def test_halting_regimes(self, family, target):
+    model, images, achieved = _random_sact(family, target)
+    # The regime is really covered: about `target` of the positions of
+    # every block halt before its last unit.
+    for fraction in achieved:
+      self.assertBetween(fraction, target - 0.1, target + 0.1)
+    dense = tu.forward(model, images)
+    runner = _runner_for(model, sact_mode='rows')
+    _assert_same(self, dense, runner(images))
+    self.assertNotEmpty(_partial_row_units(runner))
+    if target == 0.5:
+      _assert_same(self, dense,
+                   _runner_for(model, sact_mode='device')(images))
+
+  def test_dense_units_inside_a_sparse_block(self):
+    """'auto' with free gathers still runs full units densely."""
+    model, images, _ = _random_sact('cifar', 0.1)
+    runner = _runner_for(model, sact_mode='auto', device_flops=0,
+                         gather_cost=0.0)
+    _assert_same(self, tu.forward(model, images), runner(images))
+    modes = {u['dense'] for u in runner.last_units if 'dense' in u}
+    self.assertEqual(modes, {True, False})
+
+  @parameterized.parameters('rows', 'device')
+  def test_all_halted_skips_units(self, mode):
+    """Every position halts at the first head: units 2..L never run, yet
+    the skipped heads' global convs count, as in the reference."""
+    model, images = _model('cifar')
+    _set_biases(model, [16.0, 16.0])
+    dense = tu.forward(model, images)
+    for units in dense[1]['num_units']:
+      np.testing.assert_array_equal(np.asarray(units), 1)
+    runner = _runner_for(model, sact_mode=mode)
+    _assert_same(self, dense, runner(images))
+    if mode == 'rows':
+      self.assertEqual(runner.last_units, [{'units_skipped': 3}] * 2)
+    else:
+      self.assertEqual([int(u['steps']) for u in runner.last_units], [0, 0])
+
+  def test_tiny_capacity_falls_back_to_chunk_loop(self):
+    """Rows beyond a (tiny) chunk are looped over, never dropped."""
+    model, images, _ = _random_sact('cifar', 0.5)
+    runner = _runner_for(model, sact_mode='rows', chunk_rows=3, buckets=2)
+    _assert_same(self, tu.forward(model, images), runner(images))
+    units = [u for u in runner.last_units if 'active' in u]
+    self.assertTrue(any(u['chunks_a'] > 10 for u in units))
+    self.assertTrue(all(u['tail_a'] <= 3 and u['tail_d'] <= 3
+                        for u in units))
+
+  def test_bounded_compilations_over_varied_inputs(self):
+    """Six inputs with different masks: few traces, none when repeated."""
+    model, _, _ = _random_sact('cifar', 0.5)
+    buckets = 4
+    runner = _runner(model, sact_mode='rows', buckets=buckets)
+    inputs = [tu.images((3, 16, 16, 3), seed=10 + i) for i in range(6)]
+    active = set()
+    calls = 0
+    for images in inputs:
+      _assert_same(self, tu.forward(model, images), runner(images))
+      units = [u for u in runner.last_units if 'active' in u]
+      active.update(u['active'] for u in units)
+      calls += 2 * len(units)
+    traces = dict(runner.trace_counts)
+    self.assertGreater(len(active), 8)  # The masks really differ.
+    # Per block and stage: at most buckets + 1 tails, with/without head.
+    blocks = len(model.blocks)
+    self.assertLessEqual(traces['stage_a'], blocks * 2 * (buckets + 1))
+    self.assertLessEqual(traces['stage_b'], blocks * 2 * (buckets + 1))
+    self.assertLess(traces['stage_a'] + traces['stage_b'], calls)
+    for key in ('stem', 'head'):
+      self.assertEqual(traces[key], 1)
+    self.assertEqual(traces['block_start'], blocks)
+    for images in inputs:
+      runner(images)
+    self.assertEqual(dict(runner.trace_counts), traces)
+
+
+class ActTest(parameterized.TestCase):
+  """ACT early stopping: units after every image has halted are skipped."""
+
+  @parameterized.parameters('host', 'device')
+  def test_skips_units_once_all_halted(self, act_loop):
+    model = tu.build('cifar', (4, 4), 'act', seed=5, base_channels=8)
+    model.eval()
+    halt_now, never = 10.0, -10.0
+    for head, bias in zip(tu.heads(model), (halt_now, never)):
+      head.global_conv.bias[...] = jnp.full(head.global_conv.bias.shape,
+                                            bias)
+    images = tu.images((3, 16, 16, 3), seed=6)
+    dense = tu.forward(model, images)
+    np.testing.assert_array_equal(np.asarray(dense[1]['num_units'][0]), 1)
+    np.testing.assert_array_equal(np.asarray(dense[1]['num_units'][1]), 4)
+    runner = _runner(model, act_loop=act_loop)
+    out = runner(images)
+    _assert_same(self, dense, out)
+    # All images run in lockstep here, so nothing is wasted.
+    self.assertEqual(float(out[1]['flops_overhead']), 0.0)
+    if act_loop == 'host':
+      self.assertEqual(runner.last_units,
+                       [{'units_skipped': 3}, {'unit': 2}, {'unit': 3},
+                        {'unit': 4}])
+    self.assertEqual(runner.trace_counts['act_unit'],
+                     2 if act_loop == 'host' else 0)
+
+
+class ApiTest(absltest.TestCase):
+
+  def test_apply_caches_runner_and_follows_weight_changes(self):
+    model, images, _ = _random_sact('cifar', 0.5)
+    opts = {'sact_mode': 'rows', 'compiler_options': _FAST, 'buckets': 2}
+    self.assertIs(sparse.runner_for(model, **opts),
+                  sparse.runner_for(model, **opts))
+    _assert_same(self, tu.forward(model, images),
+                 sparse.apply(model, images, **opts))
+    kernel = model.blocks[1].steps.unit.conv2.kernel
+    old = kernel.get_value()
+    try:
+      kernel.set_value(old * 1.5)
+      _assert_same(self, tu.forward(model, images),
+                   sparse.apply(model, images, **opts))
+    finally:
+      kernel.set_value(old)
+
+  def test_errors(self):
+    model, images, _ = _random_sact('cifar', 0.5)
+    with self.assertRaisesRegex(ValueError, 'NHWC'):
+      sparse.apply(model, images[..., 0])
+    with self.assertRaisesRegex(ValueError, 'sact_mode'):
+      sparse.SparseOptions(sact_mode='tiles')
+    train_model = tu.build('cifar', (2,), 'sact', seed=0, base_channels=8)
+    train_model.train()
+    with self.assertRaisesRegex(ValueError, 'eval mode'):
+      sparse.apply(train_model, images)
+
+
+class RowsTest(parameterized.TestCase):
+  """The row primitives against dense references."""
+
+  @parameterized.product(kernel=(1, 3), pre=(False, True))
+  def test_conv_rows_matches_dense_conv(self, kernel, pre):
+    rng = np.random.default_rng(0)
+    batch, height, width, cin, cout = 2, 5, 7, 3, 4
+    num_rows = batch * height * width
+    x = jnp.asarray(rng.normal(size=(batch, height, width, cin)),
+                    jnp.float32)
+    w = jnp.asarray(rng.normal(size=(kernel, kernel, cin, cout)),
+                    jnp.float32)
+    fn = (lambda v: jnp.maximum(2.0 * v + 1.0, 0.0)) if pre else None
+    dense = lax.conv_general_dilated(
+        fn(x) if pre else x, w, (1, 1), 'SAME',
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC')).reshape(num_rows, cout)
+    src = x.reshape(num_rows, cin)
+    if not pre:  # The padding value lives in an extra zero row.
+      src = jnp.concatenate([src, jnp.zeros((1, cin))])
+    idx = jnp.asarray([0, 6, 7, 34, 35, 69, num_rows + 1], jnp.int32)
+    got = rows_lib.conv_rows(src, idx, w, height=height, width=width,
+                             pre=fn)
+    np.testing.assert_allclose(got[:-1], dense[idx[:-1]], atol=1e-5)
+
+  def test_plans_cover_every_count_without_clamping(self):
+    for num_rows in (1, 7, 50):
+      for chunk in (1, 3, 16):
+        for buckets in (1, 4):
+          granule = rows_lib.granule_for(num_rows, chunk, buckets)
+          tails = set()
+          for count in range(num_rows + 1):
+            plan = rows_lib.plan_rows(count, chunk, granule)
+            covered = plan.n_full * chunk + plan.tail
+            self.assertGreaterEqual(covered, count)
+            self.assertLess(plan.padding, granule)
+            self.assertLessEqual(plan.tail, chunk)
+            self.assertLessEqual(covered,
+                                 rows_lib.padded_length(num_rows, chunk))
+            tails.add(plan.tail)
+          self.assertLessEqual(len(tails), buckets + 1)
+
+  def test_dense_head_matches_module(self):
+    model, _, _ = _random_sact('imagenet', 0.5)
+    graphdef, state = nnx.split(model.blocks[0].steps.head)
+    head = nnx.merge(graphdef, jax.tree.map(lambda a: a[0],
+                                            nnx.to_pure_dict(state)))
+    x = tu.images((2, 6, 5, head.local_bn.num_features), seed=9)
+    np.testing.assert_allclose(stages.head_dense(head, x), head(x),
+                               atol=1e-5)
+
+if __name__ == '__main__':
+  absltest.main()
