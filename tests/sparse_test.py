@@ -180,6 +180,11 @@ class RandomModelTest(parameterized.TestCase):
     runner = _runner_for(model, sact_mode='rows')
     _assert_same(self, dense, runner(images))
     self.assertNotEmpty(_partial_row_units(runner))
+    # Pipelined plans (the default) bound the exact sets, from the unit
+    # before when the host did not wait.
+    units = [u for u in runner.last_units if 'active' in u]
+    self.assertTrue(all(u['planned_active'] >= u['active'] and
+                        u['planned_dilated'] >= u['dilated'] for u in units))
     if target == 0.5:
       _assert_same(self, dense,
                    _runner_for(model, sact_mode='device')(images))
@@ -188,7 +193,7 @@ class RandomModelTest(parameterized.TestCase):
     """'auto' with free gathers still runs full units densely."""
     model, images, _ = _random_sact('cifar', 0.1)
     runner = _runner_for(model, sact_mode='auto', device_flops=0,
-                         gather_cost=0.0)
+                         gather_cost=0.0, pipeline=False)
     _assert_same(self, tu.forward(model, images), runner(images))
     modes = {u['dense'] for u in runner.last_units if 'dense' in u}
     self.assertEqual(modes, {True, False})
@@ -212,19 +217,21 @@ class RandomModelTest(parameterized.TestCase):
   def test_tiny_capacity_falls_back_to_chunk_loop(self):
     """Rows beyond a (tiny) chunk are looped over, never dropped."""
     model, images, _ = _random_sact('cifar', 0.5)
-    runner = _runner_for(model, sact_mode='rows', chunk_rows=3, buckets=2)
+    runner = _runner_for(model, sact_mode='rows', chunk_rows=3, buckets=2,
+                         pipeline=False)
     _assert_same(self, tu.forward(model, images), runner(images))
     units = [u for u in runner.last_units if 'active' in u]
     self.assertTrue(any(u['chunks_a'] > 10 for u in units))
     self.assertTrue(all(u['tail_a'] <= 3 and u['tail_d'] <= 3
                         for u in units))
+    self.assertTrue(all(u['planned_active'] == u['active'] for u in units))
 
   def test_bounded_compilations_over_varied_inputs(self):
     """Six inputs with different masks: few traces, none when repeated."""
     model, _, _ = _random_sact('cifar', 0.5)
-    buckets = 4
-    runner = _runner(model, sact_mode='rows', buckets=buckets)
-    inputs = [tu.images((3, 16, 16, 3), seed=10 + i) for i in range(6)]
+    runner = _runner_for(model, sact_mode='rows')
+    buckets = runner.options.buckets
+    inputs = [tu.images((1, 23, 29, 3), seed=10 + i) for i in range(6)]
     active = set()
     calls = 0
     for images in inputs:
@@ -234,7 +241,7 @@ class RandomModelTest(parameterized.TestCase):
       calls += 2 * len(units)
     traces = dict(runner.trace_counts)
     self.assertGreater(len(active), 8)  # The masks really differ.
-    # Per block and stage: at most buckets + 1 tails, with/without head.
+    # Per block and stage: at most buckets + 1 tails, with or without head.
     blocks = len(model.blocks)
     self.assertLessEqual(traces['stage_a'], blocks * 2 * (buckets + 1))
     self.assertLessEqual(traces['stage_b'], blocks * 2 * (buckets + 1))

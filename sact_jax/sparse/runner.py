@@ -89,6 +89,10 @@ class SparseOptions:
     act_loop: 'host' (a jitted call per unit, the host checks whether any
       image is still running) or 'device' (one `lax.while_loop` over the
       units of a block; unit parameters are sliced on the device).
+    pipeline: plan each SACT unit from the counts of the unit before it
+      (an upper bound: halted positions never resume) so that the host
+      never waits for the unit it just queued; costs the rows that halted
+      in between as padding. False: wait for the exact counts.
     compiler_options: XLA compiler options for every jitted phase, as
       `(name, value)` pairs (e.g. `(('xla_backend_optimization_level', 0),)`
       halves compile times for tests, at a large cost in speed).
@@ -100,6 +104,7 @@ class SparseOptions:
   gather_cost: float = 30.0
   device_flops: float = 50e6
   act_loop: str = 'host'
+  pipeline: bool = True
   compiler_options: tuple[tuple[str, Any], ...] = ()
 
   def __post_init__(self):
@@ -686,40 +691,33 @@ class _SactBlock:
     granule_d = rows_lib.granule_for(num_rows, self.chunk_d, opts.buckets)
     granule_a = rows_lib.granule_for(num_rows, self.chunk_a, opts.buckets)
     dense_cost = num_rows * (self.dilated_cost + self.active_cost)
-    waste = 0
+    # unit_counts[i]: device counts of unit i's index sets. Unit i is
+    # planned from counts[i] (exact: the host waits for the previous unit)
+    # or, pipelined, from counts[i - 1]: sets only shrink (halted positions
+    # never resume), so those bound unit i's, and the device still has unit
+    # i - 1 queued while the host reads them.
+    unit_counts = [counts]
+    planned = []
     skipped = 0
     for i in range(self.num_units - 1):
-      n_d, n_a = _counts(counts, clock)
+      lag = 1 if opts.pipeline and i > 0 else 0
+      n_d, n_a = _counts(unit_counts[i - lag], clock)
       if n_a == 0:
         skipped = self.num_units - 2 - i
-        self.runner.last_units.append({'units_skipped': skipped + 1})
         break
       start = time.perf_counter()
       with_head = i < self.num_units - 2
       head = params.heads[i + 1] if with_head else None
       plan_d = rows_lib.plan_rows(n_d, self.chunk_d, granule_d)
       plan_a = rows_lib.plan_rows(n_a, self.chunk_a, granule_a)
-      cost = n_d * self.dilated_cost + n_a * self.active_cost
       if opts.sact_mode == 'auto':
         kappa = opts.gather_cost
-        dense = (cost + kappa * (n_d * self.floats_d + n_a * self.floats_a)
+        dense = (n_d * (self.dilated_cost + kappa * self.floats_d)
+                 + n_a * (self.active_cost + kappa * self.floats_a)
                  >= dense_cost + kappa * num_rows * self.floats_dense)
       else:
         dense = opts.sact_mode == 'dense'
-      if dense:
-        waste += dense_cost - cost
-        if with_head:  # The head's local conv runs on the whole map.
-          waste += (num_rows - n_a) * self.local_cost
-      else:
-        waste += (plan_d.padding * self.dilated_cost
-                  + plan_a.padding * self.active_cost)
-        if with_head:  # Taps on dilated and active rows, sums on active.
-          waste += (plan_d.count + plan_d.padding + plan_a.padding) * (
-              self.local_cost)
-      self.runner.last_units.append({
-          'rows': num_rows, 'dilated': n_d, 'active': n_a, 'dense': dense,
-          'tail_d': plan_d.tail, 'tail_a': plan_a.tail,
-          'chunks_d': plan_d.n_full, 'chunks_a': plan_a.n_full})
+      planned.append((plan_d, plan_a, dense, with_head))
       clock.host('host', start)
       if not dense:
         maps = clock('stage_a', self.stage_a, params.units[i], head, maps,
@@ -728,10 +726,44 @@ class _SactBlock:
       maps, new_small, counts = clock(
           'stage_b', self.stage_b, params.units[i], head, maps, small,
           plan_a.n_full, tail=plan_a.tail, dense=dense, with_head=with_head)
-      small = new_small if with_head else small
+      if with_head:
+        small = new_small
+        unit_counts.append(counts)
     out, ponder, units, flops_B = clock('block_finish', self.finish, maps,
                                         small, skipped)
+    waste = self._account(unit_counts, planned, num_rows, clock)
+    if len(planned) < self.num_units - 1:
+      self.runner.last_units.append(
+          {'units_skipped': self.num_units - 1 - len(planned)})
     return out, ponder, units, flops_B, waste
+
+  def _account(self, unit_counts, planned, num_rows, clock) -> int:
+    """Records the units run; returns the FLOPs computed beyond the count.
+
+    Reads the exact counts of every unit run (the block is done by then).
+    """
+    waste = 0
+    dense_cost = num_rows * (self.dilated_cost + self.active_cost)
+    for counts, (plan_d, plan_a, dense, with_head) in zip(unit_counts,
+                                                          planned):
+      n_d, n_a = _counts(counts, clock)
+      if dense:
+        waste += dense_cost - n_d * self.dilated_cost - n_a * self.active_cost
+        if with_head:  # The head's local conv runs on the whole map.
+          waste += (num_rows - n_a) * self.local_cost
+      else:
+        rows_d = plan_d.n_full * plan_d.chunk + plan_d.tail
+        rows_a = plan_a.n_full * plan_a.chunk + plan_a.tail
+        waste += ((rows_d - n_d) * self.dilated_cost
+                  + (rows_a - n_a) * self.active_cost)
+        if with_head:  # Taps on dilated and active rows, sums on active.
+          waste += (rows_d + rows_a - n_a) * self.local_cost
+      self.runner.last_units.append({
+          'rows': num_rows, 'dilated': n_d, 'active': n_a, 'dense': dense,
+          'planned_dilated': plan_d.count, 'planned_active': plan_a.count,
+          'tail_d': plan_d.tail, 'tail_a': plan_a.tail,
+          'chunks_d': plan_d.n_full, 'chunks_a': plan_a.n_full})
+    return waste
 
 
 class _ActBlock:
