@@ -193,7 +193,7 @@ class RandomModelTest(parameterized.TestCase):
     """'auto' with free gathers still runs full units densely."""
     model, images, _ = _random_sact('cifar', 0.1)
     runner = _runner_for(model, sact_mode='auto', device_flops=0,
-                         gather_cost=0.0, pipeline=False)
+                         gather_cost=0.0, slice_cost=0.0, pipeline=False)
     _assert_same(self, tu.forward(model, images), runner(images))
     modes = {u['dense'] for u in runner.last_units if 'dense' in u}
     self.assertEqual(modes, {True, False})
@@ -335,6 +335,15 @@ class RowsTest(parameterized.TestCase):
     got = rows_lib.conv_rows(src, idx, w, height=height, width=width,
                              pre=fn)
     np.testing.assert_allclose(got[:-1], dense[idx[:-1]], atol=1e-5)
+
+  def test_indices_match_nonzero(self):
+    rng = np.random.default_rng(1)
+    for num_rows in (1, 5, 128, 300):
+      mask = jnp.asarray(rng.random(num_rows) < 0.4, jnp.float32)
+      expected = jnp.nonzero(mask, size=num_rows + 7,
+                             fill_value=num_rows + 1)[0]
+      np.testing.assert_array_equal(
+          rows_lib.indices(mask, num_rows + 7, block=16), expected)
 
   def test_plans_cover_every_count_without_clamping(self):
     for num_rows in (1, 7, 50):

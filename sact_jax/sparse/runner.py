@@ -79,20 +79,24 @@ class SparseOptions:
       for blocks whose units are cheap (`device_flops`), else per unit
       'rows' or 'dense', whichever the cost model (`gather_cost`) favours.
     gather_cost: cost of moving one float through a gather or scatter, in
-      FLOPs, for 'auto' (measured on the 2-core CPU: 20-30). Rows pay when
-      a unit's convs do many FLOPs per gathered float (wide channels): a
-      CIFAR unit (16-64 channels) needs a far smaller active fraction than
-      an ImageNet bottleneck to gain.
+      FLOPs, for 'auto'; `slice_cost`: cost per gathered or scattered row
+      segment. Measured on the 2-core CPU: about 0.6 ns per float and 15 ns
+      per segment, at about 50 GFLOP/s. Rows pay when a unit's convs do many
+      FLOPs per gathered float and segment (wide channels): a CIFAR unit
+      (16-64 channels, 16-float neighbour segments) needs an active fraction
+      under about 0.3, an ImageNet bottleneck under about 0.75-0.85.
     device_flops: under 'auto', blocks whose dense unit costs fewer FLOPs
       (for the whole batch) run in 'device' mode: per-call dispatch and
       the count read-back would cost more than the unit.
     act_loop: 'host' (a jitted call per unit, the host checks whether any
       image is still running) or 'device' (one `lax.while_loop` over the
       units of a block; unit parameters are sliced on the device).
-    pipeline: plan each SACT unit from the counts of the unit before it
-      (an upper bound: halted positions never resume) so that the host
-      never waits for the unit it just queued; costs the rows that halted
-      in between as padding. False: wait for the exact counts.
+    pipeline: plan a SACT unit from the counts of the unit before it (an
+      upper bound: halted positions never resume), so that the host does
+      not wait for the unit it just queued, when the active count fell by
+      at most this fraction of the positions at the previous unit (the
+      rows that halted in between become padding); otherwise, and with 0,
+      wait for the exact counts.
     compiler_options: XLA compiler options for every jitted phase, as
       `(name, value)` pairs (e.g. `(('xla_backend_optimization_level', 0),)`
       halves compile times for tests, at a large cost in speed).
@@ -102,9 +106,10 @@ class SparseOptions:
   chunk_rows: int | None = None
   sact_mode: str = 'auto'
   gather_cost: float = 30.0
+  slice_cost: float = 750.0
   device_flops: float = 50e6
   act_loop: str = 'host'
-  pipeline: bool = True
+  pipeline: float = 0.05
   compiler_options: tuple[tuple[str, Any], ...] = ()
 
   def __post_init__(self):
@@ -117,8 +122,9 @@ class SparseOptions:
     if self.sact_mode not in SACT_MODES:
       raise ValueError(f'sact_mode must be one of {SACT_MODES}, got '
                        f'{self.sact_mode!r}.')
-    if self.gather_cost < 0:
-      raise ValueError(f'gather_cost must be >= 0, got {self.gather_cost}.')
+    if self.gather_cost < 0 or self.slice_cost < 0:
+      raise ValueError('gather_cost and slice_cost must be >= 0, got '
+                       f'{self.gather_cost}, {self.slice_cost}.')
     if self.act_loop not in ACT_LOOPS:
       raise ValueError(f'act_loop must be one of {ACT_LOOPS}, got '
                        f'{self.act_loop!r}.')
@@ -420,6 +426,11 @@ class _SactBlock:
     self.floats_d = k1 * channels + channels + self.mid
     self.floats_a = 9 * self.mid + 4 * channels
     self.floats_dense = 3 * channels
+    # Row segments: stage A gathers k1 neighbours (and the row for the
+    # taps) and scatters `y`; stage B gathers 9 neighbours and `x`, and
+    # scatters `x`, `out`, `xsum` and the taps.
+    self.slices_d = k1 + 2
+    self.slices_a = 9 + 5
     self.start = runner.jit(self._start)
     self.device_loop = runner.jit(self._device_loop)
     self.stage_a = runner.jit(
@@ -450,7 +461,11 @@ class _SactBlock:
     return x, state.ponder_cost, state.num_units, flops_B
 
   def _step(self, head, halting_BxHxW, state, flops_B):
-    """Halting step; index sets, counts and FLOPs of the next unit."""
+    """Halting step; set sizes and FLOPs of the next unit.
+
+    The index sets themselves are built by the stages that use them
+    (`_rows`), so units run densely never pay for them.
+    """
     flops_B = flops_B + head.flops(state.running)
     state = act_lib.step(state, halting_BxHxW,
                          _dummy(halting_BxHxW.shape), self.eps)
@@ -459,15 +474,8 @@ class _SactBlock:
     flops_B = (flops_B
                + flops_lib.spatial_count(dilated) * self.dilated_cost
                + flops_lib.spatial_count(mask) * self.active_cost)
-    num_rows = mask.size
-    idx_d = rows_lib.indices(dilated.reshape(-1),
-                             rows_lib.padded_length(num_rows, self.chunk_d))
-    idx_a = rows_lib.indices(mask.reshape(-1),
-                             rows_lib.padded_length(num_rows, self.chunk_a))
     counts = jnp.stack([jnp.sum(dilated > 0), jnp.sum(mask > 0)])
-    small = {'state': state, 'flops': flops_B, 'idx_d': idx_d,
-             'idx_a': idx_a}
-    return small, counts.astype(jnp.int32)
+    return {'state': state, 'flops': flops_B}, counts.astype(jnp.int32)
 
   def _start(self, first_pure, head_pure, x_in, flops_B):
     """First unit and first head, densely (every position runs them)."""
@@ -493,7 +501,16 @@ class _SactBlock:
     }
     return maps, small, counts
 
-  def _stage_a(self, unit_pure, head_pure, maps, idx_d, n_full, *, tail, hw,
+  def _rows(self, state, dilated: bool) -> jax.Array:
+    """Padded flat indices of the (dilated) running positions."""
+    mask = state.running
+    if dilated:
+      mask = act_lib.dilate_mask(mask)
+    chunk = self.chunk_d if dilated else self.chunk_a
+    return rows_lib.indices(mask.reshape(-1),
+                            rows_lib.padded_length(mask.size, chunk))
+
+  def _stage_a(self, unit_pure, head_pure, maps, state, n_full, *, tail, hw,
                with_head):
     """The dilated stage at the dilated rows, into `y`; next head's taps.
 
@@ -514,6 +531,7 @@ class _SactBlock:
         taps = rows_lib.scatter_set(
             taps, idx_S, stages.head_taps(head, rows_lib.gather(x, idx_S)))
       return y, taps
+    idx_d = self._rows(state, dilated=True)
     y, taps = rows_lib.row_loop(idx_d, n_full, self.chunk_d, tail, body,
                                 (maps['y'], maps['taps']))
     return dict(maps, y=y, taps=taps)
@@ -567,7 +585,7 @@ class _SactBlock:
       out = rows_lib.scatter_add(out, idx_S, weight[:, None] * residual)
       xsum = rows_lib.scatter_add(xsum, idx_S // hw, residual)
       return x, out, xsum, taps
-    idx_a = small['idx_a']
+    idx_a = self._rows(state, dilated=False)
     x, out, xsum, taps = rows_lib.row_loop(idx_a, n_full, self.chunk_a, tail,
                                            body, (x, out, xsum, taps))
     maps = dict(maps, x=x, out=out, xsum=xsum, taps=taps)
@@ -690,7 +708,6 @@ class _SactBlock:
     num_rows = batch * height * width
     granule_d = rows_lib.granule_for(num_rows, self.chunk_d, opts.buckets)
     granule_a = rows_lib.granule_for(num_rows, self.chunk_a, opts.buckets)
-    dense_cost = num_rows * (self.dilated_cost + self.active_cost)
     # unit_counts[i]: device counts of unit i's index sets. Unit i is
     # planned from counts[i] (exact: the host waits for the previous unit)
     # or, pipelined, from counts[i - 1]: sets only shrink (halted positions
@@ -699,9 +716,21 @@ class _SactBlock:
     unit_counts = [counts]
     planned = []
     skipped = 0
+    # known[j + 1]: host copy of unit j's counts; known[0]: all positions.
+    known = [(num_rows, num_rows)]
     for i in range(self.num_units - 1):
-      lag = 1 if opts.pipeline and i > 0 else 0
-      n_d, n_a = _counts(unit_counts[i - lag], clock)
+      while len(known) < i + 1:  # Units before i-1 are done: no wait.
+        known.append(_counts(unit_counts[len(known) - 1], clock))
+      drop = known[i - 1][1] - known[i][1] if i > 0 else num_rows
+      exact = drop > opts.pipeline * num_rows or opts.pipeline <= 0
+      if exact:
+        known.append(_counts(unit_counts[i], clock))  # Wait for unit i-1.
+      dense = self._dense(*known[-1], num_rows)
+      if dense and not exact:
+        # Never run a whole map on a stale bound: the unit may be sparse.
+        known.append(_counts(unit_counts[i], clock))
+        dense = self._dense(*known[-1], num_rows)
+      n_d, n_a = known[-1]
       if n_a == 0:
         skipped = self.num_units - 2 - i
         break
@@ -710,18 +739,11 @@ class _SactBlock:
       head = params.heads[i + 1] if with_head else None
       plan_d = rows_lib.plan_rows(n_d, self.chunk_d, granule_d)
       plan_a = rows_lib.plan_rows(n_a, self.chunk_a, granule_a)
-      if opts.sact_mode == 'auto':
-        kappa = opts.gather_cost
-        dense = (n_d * (self.dilated_cost + kappa * self.floats_d)
-                 + n_a * (self.active_cost + kappa * self.floats_a)
-                 >= dense_cost + kappa * num_rows * self.floats_dense)
-      else:
-        dense = opts.sact_mode == 'dense'
       planned.append((plan_d, plan_a, dense, with_head))
       clock.host('host', start)
       if not dense:
         maps = clock('stage_a', self.stage_a, params.units[i], head, maps,
-                     small['idx_d'], plan_d.n_full, tail=plan_d.tail,
+                     small['state'], plan_d.n_full, tail=plan_d.tail,
                      hw=(height, width), with_head=with_head)
       maps, new_small, counts = clock(
           'stage_b', self.stage_b, params.units[i], head, maps, small,
@@ -736,6 +758,19 @@ class _SactBlock:
       self.runner.last_units.append(
           {'units_skipped': self.num_units - 1 - len(planned)})
     return out, ponder, units, flops_B, waste
+
+  def _dense(self, n_d: int, n_a: int, num_rows: int) -> bool:
+    """Whether a unit with these set sizes runs densely (`sact_mode`)."""
+    opts = self.runner.options
+    if opts.sact_mode != 'auto':
+      return opts.sact_mode == 'dense'
+    kappa, sigma = opts.gather_cost, opts.slice_cost
+    return (n_d * (self.dilated_cost + kappa * self.floats_d
+                   + sigma * self.slices_d)
+            + n_a * (self.active_cost + kappa * self.floats_a
+                     + sigma * self.slices_a)
+            >= num_rows * (self.dilated_cost + self.active_cost
+                           + kappa * self.floats_dense))
 
   def _account(self, unit_counts, planned, num_rows, clock) -> int:
     """Records the units run; returns the FLOPs computed beyond the count.
