@@ -44,6 +44,7 @@ def _fixture(name: str):
 def _assert_same(test, dense, sparse_out):
   """Sparse outputs equal the dense model's (module docstring)."""
   (logits, aux), (s_logits, s_aux) = dense, sparse_out
+  test.assertEqual(set(s_aux), set(aux) | {'flops_overhead'})
   scale = float(jnp.max(jnp.abs(logits)))
   test.assertLess(float(jnp.max(jnp.abs(s_logits - logits))) / scale, 1e-4)
   np.testing.assert_array_equal(np.asarray(s_aux['flops']),

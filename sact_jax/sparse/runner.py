@@ -9,8 +9,10 @@ that the saved FLOPs become saved time:
   reference's early stopping);
 * SACT: units 2..L of a block run only at their active positions (plus the
   dilated set for the convs that feed a 3x3 conv), gathered into rows
-  (`rows.py`, `stages.py`); halting heads run their local conv at the active
-  positions only and their global term on the mean of the whole map.
+  (`rows.py`, `stages.py`); a halting head scores only the positions still
+  running (its local conv as per-row tap products on the dilated set plus a
+  neighbour sum) and takes its global term from the mean of the whole map,
+  kept as per-image sums updated with each unit's residuals.
 
 A host loop drives the units: each unit is one or two calls to jitted
 functions (the unit's parameters are arguments, so every unit of a block
@@ -65,7 +67,8 @@ class SparseOptions:
   Attributes:
     buckets: tail sizes per chunk: a unit wastes at most `chunk / buckets`
       rows (or `N / buckets` when the whole map is smaller than a chunk) and
-      jit compiles at most `buckets` tail shapes per stage and map size.
+      jit compiles at most `buckets + 1` tail shapes per stage, map size and
+      head/no head.
     chunk_bytes: target size of the gathered rows of one chunk; rows beyond
       it are processed in a loop (keeps im2col buffers in cache at large
       batch sizes).
@@ -78,13 +81,15 @@ class SparseOptions:
       position has halted (no host round trip per unit); 'auto': 'device'
       for blocks whose units are cheap (`device_flops`), else per unit
       'rows' or 'dense', whichever the cost model (`gather_cost`) favours.
-    gather_cost: cost of moving one float through a gather or scatter, in
-      FLOPs, for 'auto'; `slice_cost`: cost per gathered or scattered row
-      segment. Measured on the 2-core CPU: about 0.6 ns per float and 15 ns
-      per segment, at about 50 GFLOP/s. Rows pay when a unit's convs do many
-      FLOPs per gathered float and segment (wide channels): a CIFAR unit
-      (16-64 channels, 16-float neighbour segments) needs an active fraction
-      under about 0.3, an ImageNet bottleneck under about 0.75-0.85.
+    gather_cost: for 'auto', the cost of moving one float through a gather
+      or scatter, in FLOPs (measured on the 2-core CPU: about 0.6 ns, at
+      about 50 GFLOP/s).
+    slice_cost: for 'auto', the cost of one gathered or scattered row
+      segment, in FLOPs (measured: about 15 ns). Rows pay when a unit's
+      convs do many FLOPs per gathered float and segment (wide channels): a
+      CIFAR unit (16-64 channels, 16-float neighbour segments) needs an
+      active fraction under about 0.3, an ImageNet bottleneck under about
+      0.75-0.85.
     device_flops: under 'auto', blocks whose dense unit costs fewer FLOPs
       (for the whole batch) run in 'device' mode: per-call dispatch and
       the count read-back would cost more than the unit.

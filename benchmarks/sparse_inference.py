@@ -1,0 +1,566 @@
+r"""Wall-clock speed of sparse SACT inference (`sact_jax.sparse`) on this CPU.
+
+For CIFAR ResNet-110 (32x32) and ImageNet ResNet-101 (224x224) SACT models
+whose halting is tuned to several FLOP fractions of the vanilla network,
+times in one process, interleaved: the dense vanilla network of the same
+depth (scanned and unrolled; the faster is the baseline), the dense SACT
+model (compute everything, then mask, as the reference) and the sparse path.
+Reports FLOP fraction, time ratio and efficiency =
+(t_vanilla / t_sparse) / (flops_vanilla / flops_sparse), the split of the
+sparse time into its phases, and a gather / matmul / scatter breakdown of a
+representative unit.
+
+Halting is tuned on a randomly initialised model: every head's local conv
+becomes a 3x3 box filter over the mean of its input channels (so the
+halting logit follows the smooth content of the feature maps, as trained
+ponder maps do), scaled per block to a spatial standard deviation of
+`--sigma` logits; a bias shared by all heads is then bisected until the
+batch's FLOPs reach the target fraction. Inputs are scikit-image's bundled
+photographs (random crops and flips for larger batches).
+
+  python benchmarks/sparse_inference.py --families=imagenet --batch_sizes=1
+  python benchmarks/sparse_inference.py --families=cifar,imagenet \
+      --batch_sizes=1,32 --fractions=0.3,0.5,0.7 \
+      --out=benchmarks/results/sparse_inference.json
+
+Other engineers share the 2 cores: the load average is recorded beside each
+measurement, and the minimum over repetitions is reported with the median.
+"""
+
+import json
+import os
+import platform
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+
+os.environ.setdefault('JAX_DEFAULT_PRNG_IMPL', 'rbg')
+
+# pylint: disable=g-import-not-at-top
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+from sact_jax import act as act_lib
+from sact_jax import flops as flops_lib
+from sact_jax import sparse
+from sact_jax.models import create_model
+from sact_jax.sparse import rows as rows_lib
+from sact_jax.sparse import stages
+# pylint: enable=g-import-not-at-top
+
+_FAMILIES = flags.DEFINE_list('families', ['cifar', 'imagenet'],
+                              'Families to measure.')
+_BATCH_SIZES = flags.DEFINE_list('batch_sizes', ['1', '32'], 'Batch sizes.')
+_FRACTIONS = flags.DEFINE_list('fractions', ['0.3', '0.5', '0.7'],
+                               'Target FLOP fractions of vanilla.')
+_REPS = flags.DEFINE_integer('reps', 7, 'Timed repetitions (batch 1).')
+_REPS_LARGE = flags.DEFINE_integer(
+    'reps_large', 3, 'Timed repetitions when batch * pixels is large '
+    '(ImageNet batch 32).')
+_SIGMA = flags.DEFINE_float('sigma', 1.5,
+                            'Spatial std of the halting logit per block.')
+_RESIDUAL_SCALE = flags.DEFINE_float(
+    'residual_scale', 0.2,
+    'Factor on the last conv of every residual branch of units 2..L (see '
+    'module docstring).')
+_BREAKDOWN = flags.DEFINE_bool('breakdown', True,
+                               'Also time the phases of the sparse path.')
+_UNIT_BREAKDOWN = flags.DEFINE_integer(
+    'unit_breakdown_block', 2,
+    'Block whose unit is split into gathers / matmuls / scatters (at 50%% '
+    'active positions, once per batch size); -1 to skip.')
+_UNROLLED = flags.DEFINE_bool('unrolled', True,
+                              'Also time the unrolled dense vanilla model.')
+_SPARSE_OPTIONS = flags.DEFINE_string(
+    'sparse_options', '{}', 'JSON dict of sparse.SparseOptions fields.')
+_CACHE = flags.DEFINE_string(
+    'cache_dir', os.path.join(os.path.expanduser('~'), '.cache',
+                              'sact_jax_jit'),
+    'Persistent compilation cache ("" to disable).')
+_OUT = flags.DEFINE_string(
+    'out', os.path.join(os.path.dirname(__file__), 'results',
+                        'sparse_inference.json'),
+    'Where to write the results as JSON.')
+
+_CONFIGS = {
+    'cifar': dict(depth=110, size=32, num_classes=10),
+    'imagenet': dict(depth=101, size=224, num_classes=1001),
+}
+
+
+def _load() -> float:
+  return os.getloadavg()[0]
+
+
+def _images(batch: int, size: int, seed: int = 0) -> jax.Array:
+  """Bundled photographs, random crops and flips, per-image standardised."""
+  import skimage.data  # pylint: disable=g-import-not-at-top
+  import skimage.transform  # pylint: disable=g-import-not-at-top
+  names = ['astronaut', 'coffee', 'chelsea', 'rocket',
+           'immunohistochemistry', 'cat']
+  rng = np.random.default_rng(seed)
+  out = []
+  for i in range(batch):
+    image = getattr(skimage.data, names[i % len(names)])()
+    h, w = image.shape[:2]
+    side = int(min(h, w) * (1.0 if i < len(names) else rng.uniform(0.6, 1)))
+    top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+    crop = image[top:top + side, left:left + side]
+    if i >= len(names) and rng.random() < 0.5:
+      crop = crop[:, ::-1]
+    crop = skimage.transform.resize(crop, (size, size), anti_aliasing=True)
+    crop = (crop - crop.mean()) / max(crop.std(), 1e-3)
+    out.append(crop.astype(np.float32))
+  return jnp.asarray(np.stack(out))
+
+
+class _Dense:
+  """The jitted dense model; `refresh()` after changing its weights."""
+
+  def __init__(self, model):
+    self.model = model
+    graphdef, self.state = nnx.split(model)
+    self.fn = jax.jit(lambda s, images: nnx.merge(graphdef, s)(images))
+
+  def refresh(self):
+    self.state = nnx.state(self.model)
+
+  def __call__(self, images):
+    return self.fn(self.state, images)
+
+
+def _block_inputs(model, images):
+  """x^1 of every block (output of its first unit), via the model's layers.
+
+  Blocks after the first get the dense SACT block output of the previous
+  block, which is what their first unit sees.
+  """
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def run(state, images):
+    m = nnx.merge(graphdef, state)
+    counter = flops_lib.FlopCounter()
+    x = m.stem(images, counter)
+    firsts = []
+    for block in m.blocks:
+      firsts.append(block.first(x))
+      x, _ = block(x, counter)
+    return firsts
+  return run(state, images)
+
+
+def scale_residuals(model, factor: float):
+  """Scales the last conv of the residual branch of units 2..L.
+
+  A randomly initialised pre-activation ResNet in eval mode (BatchNorm
+  statistics at their initial values) adds residuals as large as its trunk,
+  so features, and halting logits with them, drift from unit to unit; in a
+  trained ResNet the branches are small next to the trunk and ponder maps
+  follow stable image content. Scaling the branches reproduces that. The
+  dense and sparse paths run the same weights, so timings are unaffected.
+  """
+  for block in model.blocks:
+    if block.steps is None:
+      continue
+    unit = block.steps.unit
+    last = unit.conv3 if hasattr(unit, 'conv3') else unit.conv2
+    last.kernel.set_value(last.kernel.get_value() * factor)
+    if last.bias is not None:
+      last.bias.set_value(last.bias.get_value() * factor)
+
+
+def tune_halting(model, dense: '_Dense', images, fraction: float,
+                 vanilla: float, sigma: float) -> dict:
+  """Sets every SACT head so that the batch uses `fraction` of `vanilla`."""
+  # Box filter over the channel mean, normalised per block on x^1.
+  for block in model.blocks:
+    if block.steps is None:
+      continue
+    head = block.steps.head
+    kernel = head.local_conv.kernel.get_value()
+    channels = kernel.shape[-2]
+    head.local_conv.kernel.set_value(
+        jnp.full(kernel.shape, 1.0 / (9 * channels), kernel.dtype))
+    head.local_conv.bias.set_value(
+        jnp.zeros_like(head.local_conv.bias.get_value()))
+    head.global_conv.kernel.set_value(
+        jnp.zeros_like(head.global_conv.kernel.get_value()))
+  firsts = _block_inputs(model, images)
+  scales = []
+  for block, x1 in zip(model.blocks, firsts):
+    if block.steps is None:
+      scales.append(None)
+      continue
+    head0 = nnx.merge(*_first_head(block))
+    local = head0.local_conv(head0.activation(head0.local_bn(x1)))[..., 0]
+    mean, std = float(jnp.mean(local)), float(jnp.std(local))
+    scales.append((sigma / max(std, 1e-6), mean))
+
+  def set_bias(bias):
+    for block, scale in zip(model.blocks, scales):
+      if scale is None:
+        continue
+      s, mean = scale
+      head = block.steps.head
+      kernel = head.local_conv.kernel.get_value()
+      channels = kernel.shape[-2]
+      head.local_conv.kernel.set_value(
+          jnp.full(kernel.shape, s / (9 * channels), kernel.dtype))
+      head.local_conv.bias.set_value(jnp.full(
+          head.local_conv.bias.get_value().shape, bias - s * mean))
+
+  lo, hi = -12.0, 12.0
+  achieved = None
+  for _ in range(18):
+    mid = 0.5 * (lo + hi)
+    set_bias(mid)
+    dense.refresh()
+    _, aux = dense(images)
+    achieved = float(jnp.mean(aux['flops'])) / vanilla
+    if abs(achieved - fraction) < 0.004:
+      break
+    if achieved > fraction:
+      lo = mid  # Higher bias halts earlier.
+    else:
+      hi = mid
+  return {'bias': mid, 'achieved_fraction': achieved}
+
+
+def _first_head(block):
+  graphdef, state = nnx.split(block.steps.head)
+  return graphdef, jax.tree.map(lambda a: a[0], nnx.to_pure_dict(state))
+
+
+def _time(fns: dict, reps: int) -> dict:
+  """Interleaved repetitions; min and median wall and process-CPU seconds."""
+  for fn in fns.values():
+    jax.block_until_ready(fn())
+  samples = {k: [] for k in fns}
+  loads = []
+  for _ in range(reps):
+    for name, fn in fns.items():
+      wall, cpu = time.perf_counter(), time.process_time()
+      jax.block_until_ready(fn())
+      samples[name].append((time.perf_counter() - wall,
+                            time.process_time() - cpu))
+    loads.append(_load())
+  out = {}
+  for name, values in samples.items():
+    values = np.array(values)
+    out[name] = {'wall_min': float(values[:, 0].min()),
+                 'wall_median': float(np.median(values[:, 0])),
+                 'cpu_min': float(values[:, 1].min()),
+                 'cpu_median': float(np.median(values[:, 1]))}
+  out['load_avg_1min'] = float(np.mean(loads))
+  return out
+
+
+def _clustered_mask(batch: int, height: int, width: int, fraction: float,
+                    seed: int = 0) -> jax.Array:
+  """A blob-like mask: smoothed noise above its (1 - fraction) quantile."""
+  import scipy.ndimage  # pylint: disable=g-import-not-at-top
+  noise = np.random.default_rng(seed).normal(size=(batch, height, width))
+  field = scipy.ndimage.gaussian_filter(noise, (0, height / 5, width / 5))
+  return jnp.asarray(field > np.quantile(field, 1 - fraction), jnp.float32)
+
+
+def unit_breakdown(runner, block_index: int, x_BxHxWxC: jax.Array,
+                   fraction: float, reps: int) -> dict:
+  """Where one unit's time goes: gathers, matmuls, scatters, bookkeeping.
+
+  Times, apart and in the same process, the pieces of the sparse unit of
+  block `block_index` (its first stacked unit and head) at a clustered mask
+  of `fraction` active positions, the whole sparse unit (`stage_a` +
+  `stage_b` of the runner), and the dense vanilla unit `x + f(x)`.
+  """
+  # pylint: disable=protected-access
+  block = runner._blocks[block_index]
+  params = runner._params.blocks[block_index]
+  unit = nnx.merge(block.unit_gd, params.units[0])
+  head = nnx.merge(block.head_gd, params.heads[1])
+  batch, height, width, channels = x_BxHxWxC.shape
+  num_rows = batch * height * width
+  hw = height * width
+  mask = _clustered_mask(batch, height, width, fraction)
+  dilated = act_lib.dilate_mask(mask)
+  n_d, n_a = int(dilated.sum()), int(mask.sum())
+  plan_d = rows_lib.plan_rows(n_d, block.chunk_d, rows_lib.granule_for(
+      num_rows, block.chunk_d, runner.options.buckets))
+  plan_a = rows_lib.plan_rows(n_a, block.chunk_a, rows_lib.granule_for(
+      num_rows, block.chunk_a, runner.options.buckets))
+  idx_d = rows_lib.indices(dilated.reshape(-1), rows_lib.padded_length(
+      num_rows, block.chunk_d))
+  idx_a = rows_lib.indices(mask.reshape(-1), rows_lib.padded_length(
+      num_rows, block.chunk_a))
+  rows_d, rows_a = plan_d.n_full * block.chunk_d + plan_d.tail, (
+      plan_a.n_full * block.chunk_a + plan_a.tail)
+  sel_d, sel_a = idx_d[:rows_d], idx_a[:rows_a]
+  x = x_BxHxWxC.reshape(num_rows, channels)
+  y = jnp.zeros((num_rows + 1, block.mid))
+  taps = jnp.zeros((num_rows + 1, 9))
+  kernel1 = unit.conv1.kernel[...]
+  k1 = kernel1.shape[0]
+  width_d = k1 * k1 * channels
+  pieces = {}
+
+  def timed(name, fn, *args, donate=None):
+    """Min wall time; `donate`: index of a map updated in place, as in the
+    runner (a fresh copy per call, made outside the timing)."""
+    if donate is None:
+      jitted = jax.jit(fn)
+      pieces[name] = _time({name: lambda: jitted(*args)}, reps)[name][
+          'wall_min']
+      return
+    jitted = jax.jit(fn, donate_argnums=donate)
+    copy = jax.jit(lambda a: a + 0)
+    best = float('inf')
+    for _ in range(reps + 1):
+      fresh = list(args)
+      fresh[donate] = jax.block_until_ready(copy(args[donate]))
+      start = time.perf_counter()
+      jax.block_until_ready(jitted(*fresh))
+      best = min(best, time.perf_counter() - start)
+    pieces[name] = best
+
+  def gather_d(x, idx):
+    if k1 == 1:
+      return jax.nn.relu(unit.preact(rows_lib.gather(x, idx)))
+    nbr, valid = rows_lib.neighbours(idx, height, width, num_rows)
+    pre = rows_lib.gather(x, nbr)
+    return jnp.where(valid[..., None], pre, 0.0).reshape(idx.shape[0], -1)
+  gathered_d = jax.jit(gather_d)(x, sel_d)
+  timed('A: gather rows (+BN, act)', gather_d, x, sel_d)
+  timed('A: conv1 matmul (+BN, act)',
+        lambda r: jax.nn.relu(unit.conv1_bn(r @ kernel1.reshape(
+            width_d, -1))), gathered_d)
+  timed('A: scatter into y', lambda y, i, r: rows_lib.scatter_set(y, i, r),
+        y, sel_d, jnp.ones((rows_d, block.mid)), donate=0)
+  timed('A: head taps (matmul + scatter)',
+        lambda t, i, r: rows_lib.scatter_set(t, i, stages.head_taps(head, r)),
+        taps, sel_d, rows_lib.gather(x, sel_d), donate=0)
+
+  def im2col(y, idx):
+    nbr, _ = rows_lib.neighbours(idx, height, width, num_rows)
+    return rows_lib.gather(y, nbr).reshape(idx.shape[0], -1)
+  cols = jax.jit(im2col)(y, sel_a)
+  timed('B: im2col gather', im2col, y, sel_a)
+  if hasattr(unit, 'conv3'):
+    mm = lambda c: (jax.nn.relu(unit.conv2_bn(
+        c @ unit.conv2.kernel[...].reshape(c.shape[1], -1)))
+                    @ unit.conv3.kernel[...].reshape(block.mid, -1))
+  else:
+    mm = lambda c: c @ unit.conv2.kernel[...].reshape(c.shape[1], -1)
+  timed('B: conv matmuls (+BN, act)', mm, cols)
+  res = jnp.ones((rows_a, channels))
+
+  timed('B: gather + scatter x', lambda x, i, r: rows_lib.scatter_set(
+      x, i, rows_lib.gather(x, i) + r), x, sel_a, res, donate=0)
+  timed('B: scatter-add out, xsum', lambda out, xsum, i, r: (
+      rows_lib.scatter_add(out, i, 0.5 * r),
+      rows_lib.scatter_add(xsum, i // hw, r)), x + 0,
+        jnp.zeros((batch, channels)), sel_a, res, donate=0)
+  timed('B: head taps + local sums',
+        lambda t, i, r: stages.head_local(head, rows_lib.scatter_set(
+            t, i, stages.head_taps(head, r)), i, height=height, width=width),
+        taps, sel_a, res, donate=0)
+
+  state = act_lib.init_state(jnp.zeros((batch, height, width, 1)),
+                             (batch, height, width))
+  def step_and_sets(state, halting):
+    small, counts = block._step(head, halting, state, jnp.zeros((batch,)))
+    return (small, counts, block._rows(state, dilated=True),
+            block._rows(state, dilated=False))
+  timed('halting step + index sets', step_and_sets,
+        state._replace(running=mask), 0.1 * mask)
+  vanilla_unit = jax.jit(lambda x: x + unit.residual(x))
+  whole = {}
+  whole['vanilla unit (dense)'] = _time(
+      {'v': lambda: vanilla_unit(x_BxHxWxC)}, reps)['v']['wall_min']
+  flop_fraction = ((n_d * block.dilated_cost + n_a * block.active_cost)
+                   / (num_rows * (block.dilated_cost + block.active_cost)))
+  return {'block': block_index, 'shape': [batch, height, width, channels],
+          'active': n_a / num_rows, 'dilated': n_d / num_rows,
+          'unit_flop_fraction': flop_fraction, 'rows_d': rows_d,
+          'rows_a': rows_a, 'pieces_s': pieces, 'whole_s': whole}
+
+
+def measure_family(family: str, batch_sizes, fractions, options) -> list:
+  cfg = _CONFIGS[family]
+  size = cfg['size']
+  results = []
+  start = time.time()
+  vanilla = create_model(family, cfg['depth'], 'vanilla',
+                         num_classes=cfg['num_classes'], rngs=nnx.Rngs(0))
+  vanilla.eval()
+  sact = create_model(family, cfg['depth'], 'sact',
+                      num_classes=cfg['num_classes'], rngs=nnx.Rngs(1))
+  sact.eval()
+  scale_residuals(sact, _RESIDUAL_SCALE.value)
+  unrolled = None
+  if _UNROLLED.value:
+    unrolled = create_model(family, cfg['depth'], 'vanilla',
+                            num_classes=cfg['num_classes'], rngs=nnx.Rngs(0),
+                            unroll=True)
+    unrolled.eval()
+  print(f'[{family}] models built in {time.time() - start:.0f} s')
+  vanilla_flops = flops_lib.vanilla_flops(
+      lambda: create_model(family, cfg['depth'], 'vanilla',
+                           num_classes=cfg['num_classes'], rngs=nnx.Rngs(0)),
+      (size, size, 3))
+  vanilla_fn = _Dense(vanilla)
+  unrolled_fn = _Dense(unrolled) if unrolled is not None else None
+  sact_fn = _Dense(sact)
+  del vanilla_fn.state  # Rebuilt below from the scaled weights.
+  scale_residuals(vanilla, _RESIDUAL_SCALE.value)
+  vanilla_fn.refresh()
+  if unrolled_fn is not None:
+    scale_residuals(unrolled, _RESIDUAL_SCALE.value)
+    unrolled_fn.refresh()
+  for batch in batch_sizes:
+    images = _images(batch, size)
+    large = batch * size * size > 32 * 32 * 32 * 4
+    reps = _REPS_LARGE.value if large else _REPS.value
+    for fraction in fractions:
+      # Tuned on (at most) the first 4 images: bisection runs the dense
+      # model ~15 times; the fraction reported is the whole batch's.
+      tuned = tune_halting(sact, sact_fn, images[:4], fraction,
+                           vanilla_flops, _SIGMA.value)
+      runner = sparse.SparseRunner(sact, **options)
+      logits_dense, aux_dense = sact_fn(images)
+      logits, aux = runner(images)
+      scale = float(jnp.max(jnp.abs(logits_dense)))
+      err = float(jnp.max(jnp.abs(logits - logits_dense))) / scale
+      fns = {'vanilla': lambda: vanilla_fn(images),
+             'sact_dense': lambda: sact_fn(images),
+             'sparse': lambda: runner(images)}
+      if unrolled_fn is not None:
+        fns['vanilla_unrolled'] = lambda: unrolled_fn(images)
+      t0 = time.time()
+      timing = _time(fns, reps)
+      flops_sparse = float(jnp.mean(aux['flops']))
+      overhead = float(aux['flops_overhead']) / batch
+      units = [{k: (int(v) if isinstance(v, jax.Array) else v)
+                for k, v in u.items()} for u in runner.last_units]
+      active = sum(u.get('active', 0) for u in units)
+      dilated = sum(u.get('dilated', 0) for u in units)
+      phases = {}
+      if _BREAKDOWN.value:
+        for _ in range(2):
+          trial = {}
+          runner(images, timings=trial)
+          phases = {k: min(v, phases.get(k, v)) for k, v in trial.items()}
+      base = min(timing['vanilla']['wall_min'],
+                 timing.get('vanilla_unrolled', timing['vanilla'])['wall_min'])
+      speedup = base / timing['sparse']['wall_min']
+      flop_ratio = flops_sparse / vanilla_flops
+      row = {
+          'family': family, 'depth': cfg['depth'], 'image_size': size,
+          'batch': batch, 'target_fraction': fraction,
+          'flop_fraction': flop_ratio,
+          'padding_overhead_fraction': overhead / vanilla_flops,
+          'dilated_over_active': dilated / max(active, 1),
+          'dense_units': sum(1 for u in units if u.get('dense')),
+          'device_loop_blocks': sum(1 for u in units if 'steps' in u),
+          'sparse_units': sum(1 for u in units if 'dense' in u and
+                              not u['dense']),
+          'logits_rel_err': err,
+          'tuning': tuned,
+          'timing': timing,
+          'baseline_s': base,
+          'speedup': speedup,
+          'efficiency': speedup * flop_ratio,
+          'sparse_vs_sact_dense': (timing['sact_dense']['wall_min']
+                                   / timing['sparse']['wall_min']),
+          'phases_s': phases,
+          'units': units,
+          'seconds_measuring': time.time() - t0,
+      }
+      results.append(row)
+      _print_row(row)
+    if _UNIT_BREAKDOWN.value >= 0:
+      index = _UNIT_BREAKDOWN.value
+      channels = sact.blocks[index].steps.unit.preact.num_features
+      side = size // 4 // 2**index if family == 'imagenet' else size // 2**index
+      x = jnp.asarray(np.random.default_rng(0).normal(
+          size=(batch, side, side, channels)), jnp.float32)
+      breakdown = unit_breakdown(runner, index, x, 0.5, reps)
+      breakdown.update(family=family, batch=batch)
+      results.append({'unit_breakdown': breakdown})
+      _print_breakdown(breakdown)
+  return results
+
+
+def _print_breakdown(b):
+  pieces = b['pieces_s']
+  total = sum(pieces.values())
+  print(f"   unit of block {b['block']} {tuple(b['shape'])}, "
+        f"{b['active']:.2f} active / {b['dilated']:.2f} dilated "
+        f"(unit FLOP fraction {b['unit_flop_fraction']:.2f}; rows "
+        f"{b['rows_d']}, {b['rows_a']}); pieces timed apart:")
+  for name, seconds in pieces.items():
+    print(f'     {name:36s} {seconds * 1e3:7.2f} ms  '
+          f'{100 * seconds / total:4.0f}%')
+  vanilla = b['whole_s']['vanilla unit (dense)']
+  print(f'     {"sum of pieces":36s} {total * 1e3:7.2f} ms;'
+        f' vanilla unit {vanilla * 1e3:.2f} ms (ratio '
+        f'{total / vanilla:.2f} at FLOP fraction '
+        f"{b['unit_flop_fraction']:.2f})", flush=True)
+
+
+def _describe(unit: dict) -> str:
+  if 'active' in unit:
+    return f"{unit['active'] / unit['rows']:.2f}" + ('D' if unit['dense']
+                                                      else '')
+  if 'units_skipped' in unit:
+    return f"skip{unit['units_skipped']}"
+  if 'steps' in unit:
+    return f"device_loop({unit['steps']} units)"
+  return str(unit)
+
+
+def _print_row(row):
+  t = row['timing']
+  print(f"{row['family']:8s} b{row['batch']:<3d} "
+        f"flops {row['flop_fraction']:.3f}"
+        f" vanilla {t['vanilla']['wall_min'] * 1e3:8.1f}"
+        + (f" unrolled {t['vanilla_unrolled']['wall_min'] * 1e3:8.1f}"
+           if 'vanilla_unrolled' in t else '')
+        + f" sact_dense {t['sact_dense']['wall_min'] * 1e3:8.1f}"
+        f" sparse {t['sparse']['wall_min'] * 1e3:8.1f} ms"
+        f"  speedup {row['speedup']:.2f} eff {row['efficiency']:.2f}"
+        f"  load {t['load_avg_1min']:.1f}", flush=True)
+  print('   units (active fraction, D = run densely): ' + ' '.join(
+      _describe(u) for u in row['units']), flush=True)
+  if row['phases_s']:
+    total = sum(row['phases_s'].values())
+    print('   phases: ' + ', '.join(
+        f'{k} {v * 1e3:.1f}' for k, v in sorted(
+            row['phases_s'].items(), key=lambda kv: -kv[1]))
+          + f' (sum {total * 1e3:.1f} ms)', flush=True)
+
+
+def main(argv):
+  del argv
+  jax.config.update('jax_default_prng_impl', 'rbg')
+  if _CACHE.value:
+    jax.config.update('jax_compilation_cache_dir', _CACHE.value)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  options = json.loads(_SPARSE_OPTIONS.value)
+  results = []
+  for family in _FAMILIES.value:
+    results += measure_family(family, [int(b) for b in _BATCH_SIZES.value],
+                              [float(f) for f in _FRACTIONS.value], options)
+  os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
+  with open(_OUT.value, 'w') as f:
+    json.dump({'machine': platform.machine(), 'cpus': os.cpu_count(),
+               'jax': jax.__version__, 'options': options,
+               'results': results}, f, indent=1)
+  print(f'wrote {_OUT.value}')
+
+
+if __name__ == '__main__':
+  app.run(main)
