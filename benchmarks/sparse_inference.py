@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import time
+from typing import Callable
 
 from absl import app
 from absl import flags
@@ -388,10 +389,11 @@ def unit_breakdown(runner, block_index: int, x_BxHxWxC: jax.Array,
           'rows_a': rows_a, 'pieces_s': pieces, 'whole_s': whole}
 
 
-def measure_family(family: str, batch_sizes, fractions, options) -> list:
+def measure_family(family: str, batch_sizes, fractions, options,
+                   results: list, on_row: Callable[[], None]) -> None:
+  """Appends one row per (batch, fraction) to `results`, calling `on_row`."""
   cfg = _CONFIGS[family]
   size = cfg['size']
-  results = []
   start = time.time()
   vanilla = create_model(family, cfg['depth'], 'vanilla',
                          num_classes=cfg['num_classes'], rngs=nnx.Rngs(0))
@@ -480,6 +482,7 @@ def measure_family(family: str, batch_sizes, fractions, options) -> list:
           'seconds_measuring': time.time() - t0,
       }
       results.append(row)
+      on_row()
       _print_row(row)
     if _UNIT_BREAKDOWN.value >= 0:
       index = _UNIT_BREAKDOWN.value
@@ -490,8 +493,8 @@ def measure_family(family: str, batch_sizes, fractions, options) -> list:
       breakdown = unit_breakdown(runner, index, x, 0.5, reps)
       breakdown.update(family=family, batch=batch)
       results.append({'unit_breakdown': breakdown})
+      on_row()
       _print_breakdown(breakdown)
-  return results
 
 
 def _print_breakdown(b):
@@ -551,14 +554,26 @@ def main(argv):
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   options = json.loads(_SPARSE_OPTIONS.value)
   results = []
+  device = jax.devices()[0]
+  header = {'machine': platform.machine(), 'cpus': os.cpu_count(),
+            'backend': jax.default_backend(),
+            'device': getattr(device, 'device_kind', str(device)),
+            'jax': jax.__version__, 'options': options}
+
+  def write():
+    # Rewritten after each row, so that a run cut short keeps its rows.
+    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+    tmp = _OUT.value + '.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(dict(header, results=results), f, indent=1)
+    os.replace(tmp, _OUT.value)
+
+  print(f"backend {header['backend']} ({header['device']}), jax "
+        f'{jax.__version__}', flush=True)
   for family in _FAMILIES.value:
-    results += measure_family(family, [int(b) for b in _BATCH_SIZES.value],
-                              [float(f) for f in _FRACTIONS.value], options)
-  os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
-  with open(_OUT.value, 'w') as f:
-    json.dump({'machine': platform.machine(), 'cpus': os.cpu_count(),
-               'jax': jax.__version__, 'options': options,
-               'results': results}, f, indent=1)
+    measure_family(family, [int(b) for b in _BATCH_SIZES.value],
+                   [float(f) for f in _FRACTIONS.value], options,
+                   results, write)
   print(f'wrote {_OUT.value}')
 
 

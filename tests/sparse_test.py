@@ -9,6 +9,7 @@ occur (fractions of positions halting early, units skipped).
 """
 
 import functools
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -300,6 +301,19 @@ class ApiTest(absltest.TestCase):
                    sparse.apply(model, images, **opts))
     finally:
       kernel.set_value(old)
+
+  def test_device_flops_default_follows_backend(self):
+    """'auto' runs every block in one device loop off the CPU."""
+    model, images, _ = _random_sact('cifar', 0.5)
+    self.assertEqual(sparse.SparseRunner(model).device_flops, 50e6)
+    self.assertEqual(sparse.SparseRunner(model, device_flops=7.0)
+                     .device_flops, 7.0)
+    with mock.patch.object(jax, 'default_backend', return_value='gpu'):
+      runner = sparse.SparseRunner(model, compiler_options=_FAST,
+                                   buckets=2)
+    self.assertEqual(runner.device_flops, float('inf'))
+    _assert_same(self, tu.forward(model, images), runner(images))
+    self.assertTrue(all('steps' in u for u in runner.last_units))
 
   def test_errors(self):
     model, images, _ = _random_sact('cifar', 0.5)

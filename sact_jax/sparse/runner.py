@@ -92,7 +92,12 @@ class SparseOptions:
       0.75-0.85.
     device_flops: under 'auto', blocks whose dense unit costs fewer FLOPs
       (for the whole batch) run in 'device' mode: per-call dispatch and
-      the count read-back would cost more than the unit.
+      the count read-back would cost more than the unit. None: 50e6 on the
+      CPU; on other backends every block ('device' mode), since a GPU runs
+      a whole unit of these networks (H200: 0.1-0.25 ms for CIFAR and
+      ImageNet units up to batch 32) in less time than the gather, scatter
+      and read-back kernels of the row path cost apart (each about 0.07 ms;
+      benchmarks/sparse_inference.py).
     act_loop: 'host' (a jitted call per unit, the host checks whether any
       image is still running) or 'device' (one `lax.while_loop` over the
       units of a block; unit parameters are sliced on the device).
@@ -112,7 +117,7 @@ class SparseOptions:
   sact_mode: str = 'auto'
   gather_cost: float = 30.0
   slice_cost: float = 750.0
-  device_flops: float = 50e6
+  device_flops: float | None = None
   act_loop: str = 'host'
   pipeline: float = 0.05
   compiler_options: tuple[tuple[str, Any], ...] = ()
@@ -232,6 +237,10 @@ class SparseRunner:
       raise TypeError('SparseRunner takes a model built by create_model, got '
                       f'{type(model).__name__}.')
     self.options = options
+    if options.device_flops is not None:
+      self.device_flops = options.device_flops
+    else:
+      self.device_flops = 50e6 if jax.default_backend() == 'cpu' else math.inf
     self.jit = functools.partial(
         jax.jit, compiler_options=dict(options.compiler_options) or None)
     self.model_type = model.model_type
@@ -700,8 +709,8 @@ class _SactBlock:
     opts = self.runner.options
     unit_flops = (x_in.shape[0] * self.out_hw(x_in.shape[1:3])
                   * (self.dilated_cost + self.active_cost))
-    if opts.sact_mode == 'device' or (opts.sact_mode == 'auto'
-                                      and unit_flops < opts.device_flops):
+    cheap = unit_flops < self.runner.device_flops
+    if opts.sact_mode == 'device' or (opts.sact_mode == 'auto' and cheap):
       out, ponder, units, flops_B, waste, steps = clock(
           'block_device_loop', self.device_loop, params.first,
           params.stacked_units, params.stacked_heads, x_in, flops_B)
