@@ -4,12 +4,15 @@ r"""Evaluates a model: top-1/top-5, FLOPs (vs vanilla), ponder costs.
       --workdir=/tmp/sact_shapes
   python -m experiments.evaluate --config=sact_jax/configs/cifar10.py \
       --checkpoint=models/cifar10_resnet_32_sact --output=/tmp/eval.json
+  python -m experiments.evaluate --config=sact_jax/configs/default.py \
+      --workdir=/tmp/sact_shapes --inference=sparse
 
 `--workdir` restores the latest checkpoint of a training run (the config
 must be the run's); `--checkpoint` a model-only checkpoint (e.g. converted
 from TF; the config then only chooses the data). Prints a table and writes
 the metrics as JSON to `--output` (default: `eval.json` in the workdir or
-checkpoint directory).
+checkpoint directory). `--inference=sparse` runs the model through
+`sact_jax.sparse` (see BUILD.md, "Sparse inference").
 """
 
 import os
@@ -30,6 +33,11 @@ _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Training workdir: evaluate its latest checkpoint.')
 _CHECKPOINT = flags.DEFINE_string(
     'checkpoint', None, 'Model-only checkpoint directory to evaluate.')
+_INFERENCE = flags.DEFINE_enum(
+    'inference', 'dense', ['dense', 'sparse'],
+    'dense: the jitted model on all devices; sparse: sact_jax.sparse on one '
+    'device, computing only the units and positions halting keeps (same '
+    'metrics, plus its wall time in the model).')
 _OUTPUT = flags.DEFINE_string(
     'output', None, 'JSON output path (default: eval.json in the workdir or '
     'checkpoint directory).')
@@ -52,7 +60,8 @@ def main(argv):
   except (ValueError, FileNotFoundError) as e:  # Bad workdir or checkpoint.
     sys.exit(f'Error: {e}')
   try:
-    metrics = evaluate.evaluate_model(model, config)
+    metrics = evaluate.evaluate_model(model, config,
+                                      sparse=_INFERENCE.value == 'sparse')
   except (evaluate.EvaluationError, data.DatasetNotFoundError) as e:
     sys.exit(f'Error: {e}')
   output = _OUTPUT.value or os.path.join(

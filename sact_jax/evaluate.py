@@ -6,9 +6,11 @@ Two layers, so that the numbers are easy to test:
   to a few numbers per image; `summarize` (numpy, float64, host) turns the
   per-image numbers of a whole split into the reported metrics;
   `compute_metrics` chains the two for arrays in memory.
-* `evaluate_model` streams the eval split through a jitted forward pass,
-  keeps the per-image numbers of real (not padding) examples, summarizes
-  them, logs a table and writes `eval.json`.
+* `evaluate_model` streams the eval split through a jitted forward pass
+  (or, with `sparse=True`, through `sact_jax.sparse`, which computes only
+  what the halting decisions keep and reports its own wall time), keeps the
+  per-image numbers of real (not padding) examples, summarizes them, logs a
+  table and writes `eval.json`.
 
 Ponder cost inside vs outside the object (datasets with a `mask`, SACT
 models): the image-resolution mask is area-averaged to each block's
@@ -292,6 +294,28 @@ def _eval_step(graphdef, state, images_BxHxWx3, labels_B, mask_BxHxW):
                          aux['ponder_cost'], mask_BxHxW)
 
 
+_stats_step = jax.jit(per_image_stats)
+
+
+class _SparseStep:
+  """`_eval_step` through `sact_jax.sparse`, timing the model alone."""
+
+  def __init__(self, model: nnx.Module):
+    from sact_jax import sparse  # pylint: disable=g-import-not-at-top
+    self.model = nnx.merge(*eval_split_model(model))
+    self.apply = functools.partial(sparse.apply, self.model)
+    self.seconds = 0.0
+    self.flops_overhead = 0.0
+
+  def __call__(self, images_BxHxWx3, labels_B, mask_BxHxW):
+    start = time.perf_counter()
+    logits_BxK, aux = jax.block_until_ready(self.apply(images_BxHxWx3))
+    self.seconds += time.perf_counter() - start
+    self.flops_overhead += float(aux['flops_overhead'])
+    return _stats_step(logits_BxK, labels_B, aux['flops'],
+                       aux['ponder_cost'], mask_BxHxW)
+
+
 def _pad_batch(batch: Mapping[str, np.ndarray], size: int
                ) -> dict[str, np.ndarray]:
   """Zero-pads every array of `batch` to `size` rows; adds `valid` [size]."""
@@ -358,7 +382,8 @@ def _fetch_valid(stats: dict[str, jax.Array], valid_B: jax.Array
 
 
 def evaluate_model(model: nnx.Module, config, *,
-                   workdir: str | None = None) -> dict[str, Any]:
+                   workdir: str | None = None,
+                   sparse: bool = False) -> dict[str, Any]:
   """Evaluates `model` on the eval split of `config.dataset`.
 
   Every example of the split (or of its first `config.num_eval_examples`) is
@@ -373,12 +398,21 @@ def evaluate_model(model: nnx.Module, config, *,
       `num_eval_examples` (None: the whole split) and optionally
       `eval_split` and `image_size` (ImageNet).
     workdir: where to write `eval.json` (process 0 only); None to skip.
+    sparse: run the model through `sact_jax.sparse` (one process, its
+      default device, batches of `eval_batch_size`): the same metrics, plus
+      `model_seconds` (wall time of the model calls alone, the first batch
+      size's compilations included) and `flops_overhead_per_image` (FLOPs
+      computed beyond the count: bucket padding, units run densely).
 
   Returns:
     The metrics of `summarize`, plus `model` (`describe_model`),
-    `dataset`, `split`, `image_shape`, `num_devices`, `seconds`.
+    `dataset`, `split`, `image_shape`, `num_devices`, `seconds` and
+    `inference` ('dense' or 'sparse').
   """
   start = time.time()
+  if sparse and jax.process_count() > 1:
+    raise EvaluationError('Sparse evaluation runs on one process; got '
+                          f'{jax.process_count()}.')
   spec = describe_model(model)
   info = data_lib.dataset_info(config.dataset)
   split = _eval_split_name(config, info)
@@ -394,6 +428,8 @@ def evaluate_model(model: nnx.Module, config, *,
         f'has {info.num_classes}.')
 
   num_devices, num_hosts = jax.device_count(), jax.process_count()
+  if sparse:
+    num_devices = 1
   # Round up so that every device gets the same number of rows.
   global_batch = -(-config.eval_batch_size // num_devices) * num_devices
   local_batch = global_batch // num_hosts
@@ -408,10 +444,14 @@ def evaluate_model(model: nnx.Module, config, *,
   # The trainer's mesh: its replicated weights then need no copy.
   mesh = jax.make_mesh((num_devices,), ('data',),
                        axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=jax.devices())
-  graphdef, state = eval_split_model(model)
-  state = jax.device_put(state, jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec()))
+                       devices=jax.devices()[:num_devices])
+  if sparse:
+    step = _SparseStep(model)
+  else:
+    graphdef, state = eval_split_model(model)
+    state = jax.device_put(state, jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec()))
+    step = functools.partial(_eval_step, graphdef, state)
   sact = spec['model_type'] == 'sact'
 
   iterator = iter(dataset)
@@ -447,8 +487,8 @@ def evaluate_model(model: nnx.Module, config, *,
          'mask': batch.get('mask', np.zeros((labels.size, 1, 1), np.float32))},
         local_batch)
     use_mask = sact and 'mask' in batch
-    stats = _eval_step(
-        graphdef, state, _to_global(mesh, padded['image']),
+    stats = step(
+        _to_global(mesh, padded['image']),
         _to_global(mesh, padded['label']),
         _to_global(mesh, padded['mask']) if use_mask else None)
     # Fetch the previous batch's numbers only now, so that the device works
@@ -477,7 +517,12 @@ def evaluate_model(model: nnx.Module, config, *,
       'image_shape': list(image_shape),
       'num_devices': num_devices,
       'seconds': time.time() - start,
+      'inference': 'sparse' if sparse else 'dense',
   })
+  if sparse:
+    metrics['model_seconds'] = step.seconds
+    metrics['flops_overhead_per_image'] = (step.flops_overhead
+                                           / metrics['num_examples'])
   for line in format_table(metrics).splitlines():
     logging.info('%s', line)
   if workdir is not None and jax.process_index() == 0:
@@ -587,6 +632,11 @@ def format_table(metrics: Mapping[str, Any]) -> str:
     ratio = metrics['ponder_inside_outside_ratio']
     rows.append(('inside / outside',
                  'n/a' if ratio is None else f'{ratio:.3f}'))
+  if metrics.get('inference') == 'sparse':
+    rows.append(('sparse inference',
+                 f'{metrics["model_seconds"]:.2f} s in the model, '
+                 f'{human_count(metrics["flops_overhead_per_image"])} '
+                 'overhead FLOPs per image'))
   width = max(len(name) for name, _ in rows)
   lines.extend(f'  {name:<{width}}  {value}' for name, value in rows)
   return '\n'.join(lines)

@@ -278,6 +278,19 @@ class EvaluateModelTest(absltest.TestCase):
     assert_metrics_match(self, metrics,
                          direct_metrics(self.model, self.batch, 40))
 
+  def test_sparse_inference_gives_the_same_metrics(self):
+    """`sparse=True`: the dense numbers, plus the sparse path's timing."""
+    metrics = evaluate.evaluate_model(
+        self.model, make_config(self.data_dir, num_eval_examples=40),
+        sparse=True)
+    self.assertEqual(metrics['inference'], 'sparse')
+    self.assertEqual(metrics['num_examples'], 40)
+    assert_metrics_match(self, metrics,
+                         direct_metrics(self.model, self.batch, 40))
+    self.assertGreater(metrics['model_seconds'], 0.0)
+    self.assertGreaterEqual(metrics['flops_overhead_per_image'], 0.0)
+    self.assertIn('sparse inference', evaluate.format_table(metrics))
+
   def test_vanilla_is_100_percent_of_vanilla(self):
     """A vanilla model's FLOPs are constant and equal to the reference."""
     metrics = evaluate.evaluate_model(
