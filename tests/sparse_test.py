@@ -195,7 +195,8 @@ class RandomModelTest(parameterized.TestCase):
     """'auto' with free gathers still runs full units densely."""
     model, images, _ = _random_sact('cifar', 0.1)
     runner = _runner_for(model, sact_mode='auto', device_flops=0,
-                         gather_cost=0.0, slice_cost=0.0, pipeline=False)
+                         gather_cost=0.0, slice_cost=0.0, unit_cost=0.0,
+                         pipeline=False)
     _assert_same(self, tu.forward(model, images), runner(images))
     modes = {u['dense'] for u in runner.last_units if 'dense' in u}
     self.assertEqual(modes, {True, False})

@@ -90,6 +90,13 @@ class SparseOptions:
       CIFAR unit (16-64 channels, 16-float neighbour segments) needs an
       active fraction under about 0.3, an ImageNet bottleneck under about
       0.75-0.85.
+    unit_cost: for 'auto', what running a unit at rows costs beyond its
+      FLOPs, gathers and segments, in FLOPs: the halting head's second pass,
+      index sets and extra kernels (measured: a block-3 unit of ImageNet
+      ResNet-101 at batch 1 with a handful of rows takes about 0.9 ms more
+      than its FLOPs). It matters only when a dense unit is cheap (small
+      batches): it moves ImageNet units at batch 1 with 75-90% of their
+      positions active to dense, which measured 10-15% less CPU time there.
     device_flops: under 'auto', blocks whose dense unit costs fewer FLOPs
       (for the whole batch) run in 'device' mode: per-call dispatch and
       the count read-back would cost more than the unit. None: 50e6 on the
@@ -117,6 +124,7 @@ class SparseOptions:
   sact_mode: str = 'auto'
   gather_cost: float = 30.0
   slice_cost: float = 750.0
+  unit_cost: float = 45e6
   device_flops: float | None = None
   act_loop: str = 'host'
   pipeline: float = 0.05
@@ -132,9 +140,10 @@ class SparseOptions:
     if self.sact_mode not in SACT_MODES:
       raise ValueError(f'sact_mode must be one of {SACT_MODES}, got '
                        f'{self.sact_mode!r}.')
-    if self.gather_cost < 0 or self.slice_cost < 0:
-      raise ValueError('gather_cost and slice_cost must be >= 0, got '
-                       f'{self.gather_cost}, {self.slice_cost}.')
+    if min(self.gather_cost, self.slice_cost, self.unit_cost) < 0:
+      raise ValueError('gather_cost, slice_cost and unit_cost must be >= 0, '
+                       f'got {self.gather_cost}, {self.slice_cost}, '
+                       f'{self.unit_cost}.')
     if self.act_loop not in ACT_LOOPS:
       raise ValueError(f'act_loop must be one of {ACT_LOOPS}, got '
                        f'{self.act_loop!r}.')
@@ -779,8 +788,9 @@ class _SactBlock:
     if opts.sact_mode != 'auto':
       return opts.sact_mode == 'dense'
     kappa, sigma = opts.gather_cost, opts.slice_cost
-    return (n_d * (self.dilated_cost + kappa * self.floats_d
-                   + sigma * self.slices_d)
+    return (opts.unit_cost
+            + n_d * (self.dilated_cost + kappa * self.floats_d
+                     + sigma * self.slices_d)
             + n_a * (self.active_cost + kappa * self.floats_a
                      + sigma * self.slices_a)
             >= num_rows * (self.dilated_cost + self.active_cost
