@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from sact_jax import act as act_lib
+from sact_jax import evaluate
 from sact_jax import flops as flops_lib
 from sact_jax import sparse
 from sact_jax.models import create_model
@@ -401,13 +402,15 @@ def measure_family(family: str, batch_sizes, fractions, options,
   sact = create_model(family, cfg['depth'], 'sact',
                       num_classes=cfg['num_classes'], rngs=nnx.Rngs(1))
   sact.eval()
-  scale_residuals(sact, _RESIDUAL_SCALE.value)
   unrolled = None
   if _UNROLLED.value:
     unrolled = create_model(family, cfg['depth'], 'vanilla',
                             num_classes=cfg['num_classes'], rngs=nnx.Rngs(0),
                             unroll=True)
     unrolled.eval()
+  for model in (vanilla, sact, unrolled):
+    if model is not None:
+      scale_residuals(model, _RESIDUAL_SCALE.value)
   print(f'[{family}] models built in {time.time() - start:.0f} s')
   vanilla_flops = flops_lib.vanilla_flops(
       lambda: create_model(family, cfg['depth'], 'vanilla',
@@ -416,12 +419,6 @@ def measure_family(family: str, batch_sizes, fractions, options,
   vanilla_fn = _Dense(vanilla)
   unrolled_fn = _Dense(unrolled) if unrolled is not None else None
   sact_fn = _Dense(sact)
-  del vanilla_fn.state  # Rebuilt below from the scaled weights.
-  scale_residuals(vanilla, _RESIDUAL_SCALE.value)
-  vanilla_fn.refresh()
-  if unrolled_fn is not None:
-    scale_residuals(unrolled, _RESIDUAL_SCALE.value)
-    unrolled_fn.refresh()
   for batch in batch_sizes:
     images = _images(batch, size)
     large = batch * size * size > 32 * 32 * 32 * 4
@@ -562,11 +559,7 @@ def main(argv):
 
   def write():
     # Rewritten after each row, so that a run cut short keeps its rows.
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    tmp = _OUT.value + '.tmp'
-    with open(tmp, 'w') as f:
-      json.dump(dict(header, results=results), f, indent=1)
-    os.replace(tmp, _OUT.value)
+    evaluate.save_json(dict(header, results=results), _OUT.value)
 
   print(f"backend {header['backend']} ({header['device']}), jax "
         f'{jax.__version__}', flush=True)

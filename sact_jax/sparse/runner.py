@@ -173,6 +173,12 @@ def _unstack(tree):
   return [jax.tree.map(lambda a, i=i: a[i], tree) for i in range(count)]
 
 
+def _pick(tree, i: jax.Array):
+  """Slice `i` (traced) of stacked parameters, inside a device loop."""
+  return jax.tree.map(
+      lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False), tree)
+
+
 def _dummy(batch_shape) -> jax.Array:
   """A `[..., 1]` stand-in for unit outputs in `act_lib.step`.
 
@@ -647,11 +653,9 @@ class _SactBlock:
     flops_B = flops_B + first.dense_flops(
         x_in.shape[1] * x_in.shape[2], height * width)
     last = self.num_units - 2
-    pick = lambda tree, i: jax.tree.map(
-        lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False), tree)
 
     def apply_head(i, x, state, flops_B, waste):
-      head = nnx.merge(self.head_gd, pick(stacked_heads, i))
+      head = nnx.merge(self.head_gd, _pick(stacked_heads, i))
       flops_B = flops_B + head.flops(state.running)
       waste = waste + (num_rows - jnp.sum(state.running)) * self.local_cost
       state = act_lib.step(state, stages.head_dense(head, x), x, self.eps)
@@ -667,7 +671,7 @@ class _SactBlock:
 
     def body(loop):
       i, x, state, flops_B, waste = loop
-      unit = nnx.merge(self.unit_gd, pick(stacked_units, i))
+      unit = nnx.merge(self.unit_gd, _pick(stacked_units, i))
       mask = state.running
       dilated_B = flops_lib.spatial_count(act_lib.dilate_mask(mask))
       active_B = flops_lib.spatial_count(mask)
@@ -918,13 +922,11 @@ class _ActBlock:
 
     def body(loop):
       i, carry = loop
-      pick = lambda tree, j: jax.tree.map(
-          lambda a: lax.dynamic_index_in_dim(a, j, keepdims=False), tree)
       carry = self._apply_unit(
-          nnx.merge(self.unit_gd, pick(stacked_units, i)), carry)
+          nnx.merge(self.unit_gd, _pick(stacked_units, i)), carry)
       headed = self._apply_head(
           nnx.merge(self.head_gd,
-                    pick(stacked_heads, jnp.minimum(i + 1, last))), carry)
+                    _pick(stacked_heads, jnp.minimum(i + 1, last))), carry)
       carry = jax.tree.map(lambda a, b: jnp.where(i < last, a, b), headed,
                            carry)
       return i + 1, carry
