@@ -3,6 +3,26 @@
 Device counts and `jax.distributed` are fixed once per process, so the
 multi-device runs happen in subprocesses (`tests/train_helpers.py`); the
 single-device references run in this process.
+
+Why the comparisons look the way they do. A data-parallel step sums BatchNorm
+statistics and gradients in another order than one device does, so results
+differ by float rounding (~1e-7 relative). The network is piecewise linear
+(leaky ReLU kinks), so its gradient is discontinuous: a pre-activation within
+rounding of a kink flips sides, and the gradient jumps by a finite amount
+(measured: a 3e-8 change in one kernel moved some gradients by 1e-3, 2% of
+their size; over 12 seeds of this test's model, 1-in-6 had such a flip in
+the first step). Element-wise comparisons of parameters after a few steps are
+therefore a matter of luck, different on every CPU. So:
+
+* Against one device, the tests assert what continuity guarantees: the first
+  step's loss (identical parameters, rounding only) and the size of the
+  difference between the updates relative to the update itself, over all
+  parameters. Rounding gives ~1e-5, a kink flip up to 1e-2 (the worst of 12
+  seeds), a real data-parallel bug (statistics or gradients of one shard)
+  ~1.
+* 2 processes against 1 process with 2 devices: the same partitioned program
+  on the same rows, with a two-way all-reduce (exactly commutative), so the
+  results must agree bit for bit.
 """
 
 import json
@@ -32,32 +52,64 @@ def _env(**extra) -> dict[str, str]:
   return env
 
 
-def _load(out: str, process: int = 0) -> tuple[dict[str, np.ndarray], dict]:
-  with np.load(os.path.join(out, f'state_{process}.npz')) as f:
+def _load(out: str, process: int = 0, name: str = 'state'
+          ) -> tuple[dict[str, np.ndarray], dict]:
+  with np.load(os.path.join(out, f'{name}_{process}.npz')) as f:
     flat = dict(f)
-  with open(os.path.join(out, f'info_{process}.json')) as f:
-    info = json.load(f)
+  info_file = os.path.join(out, f'info_{process}.json')
+  info = {}
+  if os.path.exists(info_file):
+    with open(info_file) as f:
+      info = json.load(f)
   return flat, info
 
 
-def _assert_states_close(test, actual, expected, rtol=1e-4, atol=1e-5):
-  test.assertEqual(sorted(actual), sorted(expected))
-  for key in expected:
-    np.testing.assert_allclose(actual[key], expected[key], rtol=rtol,
-                               atol=atol, err_msg=key)
+def _update_mismatch(actual: dict[str, np.ndarray],
+                     expected: dict[str, np.ndarray],
+                     initial: dict[str, np.ndarray]) -> float:
+  """|actual - expected| / |expected - initial| over all parameters (L2)."""
+  keys = [k for k in expected if k.startswith("['params']")]
+  diff = sum(np.sum(np.square(actual[k] - expected[k])) for k in keys)
+  update = sum(np.sum(np.square(expected[k] - initial[k])) for k in keys)
+  return float(np.sqrt(diff / update))
+
+
+def _assert_like_one_device(test, multi_first, multi_last, multi_losses,
+                            single_states, single_losses):
+  """The multi-device run took the single-device steps (see module doc)."""
+  test.assertEqual(sorted(multi_last), sorted(single_states[-1]))
+  np.testing.assert_allclose(multi_losses[0], single_losses[0], rtol=1e-5)
+  np.testing.assert_allclose(multi_losses, single_losses, rtol=1e-2)
+  initial = single_states[0]
+  # The run changed the parameters (the comparison is not vacuous).
+  kernel = "['params']['stem_conv']['kernel']"
+  test.assertGreater(
+      np.abs(single_states[-1][kernel] - initial[kernel]).max(), 1e-3)
+  test.assertLess(
+      _update_mismatch(multi_first, single_states[1], initial), 0.05)
+  test.assertLess(
+      _update_mismatch(multi_last, single_states[-1], initial), 0.25)
+
+
+def _run_devices(test, num_devices: int, out: str, **flags) -> None:
+  """`train_helpers.py devices` in a process with `num_devices` devices."""
+  proc = subprocess.run(
+      [sys.executable, _HELPER, 'devices', f'--out={out}',
+       *(f'--{k}={v}' for k, v in flags.items())],
+      env=_env(XLA_FLAGS=f'--xla_force_host_platform_device_count='
+               f'{num_devices}'),
+      capture_output=True, text=True, timeout=_TIMEOUT_S, check=False)
+  test.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
 
 
 class EightDevicesTest(absltest.TestCase):
 
-  def test_same_parameters_as_one_device(self):
+  def test_same_steps_as_one_device(self):
     """3 SGD steps on a batch split over 8 devices = on 1 device."""
     out = train_helpers.tempdir(self)
-    proc = subprocess.run(
-        [sys.executable, _HELPER, 'devices', f'--out={out}'],
-        env=_env(XLA_FLAGS='--xla_force_host_platform_device_count=8'),
-        capture_output=True, text=True, timeout=_TIMEOUT_S, check=False)
-    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    _run_devices(self, 8, out)
     multi, info = _load(out)
+    multi_first, _ = _load(out, name='first')
 
     self.assertEqual(jax.device_count(), 1)
     single, losses, _ = train_helpers.run_steps(
@@ -68,15 +120,8 @@ class EightDevicesTest(absltest.TestCase):
     self.assertEqual(info['batch_devices'], 8)
     self.assertEqual(info['rows_per_device'], [2] * 8)
     self.assertTrue(info['all_reduce'], 'no all-reduce in the 8-device step')
-    np.testing.assert_allclose(info['losses'], losses, rtol=1e-5)
-    # The run changed the parameters (the comparison is not vacuous).
-    initial = train.Trainer.create(train_helpers.tiny_config(),
-                                   train.make_mesh()).init_state()
-    kernel = "['params']['stem_conv']['kernel']"
-    self.assertGreater(
-        np.abs(single[kernel] - train_helpers.flat_state(initial)[kernel])
-        .max(), 1e-3)
-    _assert_states_close(self, multi, single)
+    _assert_like_one_device(self, multi_first, multi, info['losses'], single,
+                            losses)
     # A global batch that 8 devices cannot split is refused up front.
     self.assertIn('batch_size=12 is not divisible by the 8 devices',
                   info['batch_error'])
@@ -84,8 +129,13 @@ class EightDevicesTest(absltest.TestCase):
 
 class TwoProcessesTest(absltest.TestCase):
 
-  def test_same_parameters_as_one_process(self):
-    """2 processes (own data shards, gloo collectives) = 1 process."""
+  def test_same_steps_as_one_process(self):
+    """2 processes (own data shards, gloo collectives) = 1 process.
+
+    The 2 processes run the real training loop; the reference is one process
+    with 2 devices taking the same global batches, bit for bit, and one
+    device, as continuity allows (see the module docstring).
+    """
     data_dir = train_helpers.tempdir(self)
     workdir = train_helpers.tempdir(self)
     out = train_helpers.tempdir(self)
@@ -112,28 +162,42 @@ class TwoProcessesTest(absltest.TestCase):
       self.assertEqual(proc.returncode, 0,
                        f'process {i}:\n{outputs[i][-3000:]}')
 
-    # The reference: one process, one device, each global batch made of
-    # shard 0's rows then shard 1's (the mesh's process order).
+    # The global batches of the 2-process run: shard 0's rows then shard
+    # 1's (the mesh's process order).
     batches = []
     for _ in range(train_helpers.NUM_STEPS):
       parts = [next(it) for it in references]
       batches.append({k: np.concatenate([p[k] for p in parts])
                       for k in ('image', 'label')})
-    single, _, _ = train_helpers.run_steps(config, batches)
+    batches_file = os.path.join(out, 'batches.npz')
+    train_helpers.save_batches(batches_file, batches)
+    two_devices = os.path.join(out, 'two_devices')
+    _run_devices(self, 2, two_devices, batches=batches_file,
+                 data_dir=data_dir)
+    reference, reference_info = _load(two_devices)
+    reference_first, _ = _load(two_devices, name='first')
+    with open(os.path.join(workdir, train.METRICS_FILE)) as f:
+      losses = [json.loads(line)['loss'] for line in f]
 
+    self.assertEqual(losses, reference_info['losses'])
     for process in range(2):
       multi, info = _load(out, process)
       self.assertEqual(info['process_count'], 2)
       self.assertEqual(info['device_count'], 2)
       self.assertFalse(info['preempted'])
-      _assert_states_close(self, multi, single)
+      self.assertEqual(sorted(multi), sorted(reference))
+      for key in reference:
+        np.testing.assert_array_equal(multi[key], reference[key],
+                                      err_msg=key)
+
+    single, single_losses, _ = train_helpers.run_steps(config, batches)
+    _assert_like_one_device(self, reference_first, reference, losses, single,
+                            single_losses)
     # Each host saved its own data iterator position.
     step_dir = os.path.join(workdir, train.CHECKPOINT_DIR,
                             str(train_helpers.NUM_STEPS), 'data')
     self.assertContainsSubset(['process_0-of-2.json', 'process_1-of-2.json'],
                               os.listdir(step_dir))
-    self.assertTrue(os.path.exists(os.path.join(workdir,
-                                                train.METRICS_FILE)))
 
 
 if __name__ == '__main__':

@@ -6,8 +6,9 @@ train states, used in-process by `train_test.py` and `multidevice_test.py`.
 As a script (the multi-device tests start it in fresh processes, because the
 device count and `jax.distributed` are fixed once per process):
 
-  # 8 fake CPU devices (the caller sets XLA_FLAGS):
-  python tests/train_helpers.py devices --out=DIR
+  # All devices of one process (the caller sets XLA_FLAGS to fake 8 or 2),
+  # on synthetic batches or on the global batches saved in an npz file:
+  python tests/train_helpers.py devices --out=DIR [--batches=FILE.npz]
   # One of 2 processes joined through jax.distributed on localhost:
   python tests/train_helpers.py multihost --out=DIR --port=P --process_id=I \
       --data_dir=D --workdir=W
@@ -105,21 +106,36 @@ def flat_state(state: train.TrainState) -> dict[str, np.ndarray]:
 
 def run_steps(config: ml_collections.ConfigDict,
               batches: list[dict[str, np.ndarray]]
-              ) -> tuple[dict[str, np.ndarray], list[float], train.Trainer]:
+              ) -> tuple[list[dict[str, np.ndarray]], list[float],
+                         train.Trainer]:
   """Trains from scratch on `batches` (global batches) on all devices.
 
   Returns:
-    The flattened final state, the loss of every step and the trainer.
+    The flattened state before the first step and after every step (so
+    `states[-1]` is the final one), the loss of every step and the trainer.
   """
   mesh = train.make_mesh()
   trainer = train.Trainer.create(config, mesh)
   state = trainer.init_state()
-  losses = []
+  states, losses = [flat_state(state)], []
   for batch in batches:
     local = {k: v[_local_rows(len(v))] for k, v in batch.items()}
     state, metrics = trainer.train_step(state, train.shard_batch(local, mesh))
+    states.append(flat_state(state))
     losses.append(float(train._fetch(metrics['loss'])))  # pylint: disable=protected-access
-  return flat_state(state), losses, trainer
+  return states, losses, trainer
+
+
+def save_batches(path: str, batches: list[dict[str, np.ndarray]]) -> None:
+  np.savez(path, **{f'{key}_{i}': value for i, batch in enumerate(batches)
+                    for key, value in batch.items()})
+
+
+def load_batches(path: str) -> list[dict[str, np.ndarray]]:
+  with np.load(path) as f:
+    num = len(f.files) // 2
+    return [{'image': f[f'image_{i}'], 'label': f[f'label_{i}']}
+            for i in range(num)]
 
 
 def _local_rows(global_rows: int) -> slice:
@@ -129,17 +145,22 @@ def _local_rows(global_rows: int) -> slice:
   return slice(start, start + per_process)
 
 
-def _save(out: str, flat: dict[str, np.ndarray], info: dict) -> None:
+def _save(out: str, flat: dict[str, np.ndarray], info: dict,
+          name: str = 'state') -> None:
   os.makedirs(out, exist_ok=True)
-  np.savez(os.path.join(out, f'state_{jax.process_index()}.npz'), **flat)
+  np.savez(os.path.join(out, f'{name}_{jax.process_index()}.npz'), **flat)
   with open(os.path.join(out, f'info_{jax.process_index()}.json'), 'w') as f:
     json.dump(info, f)
 
 
 def _devices_main(args) -> None:
-  """Same steps as the single-device test, on 8 devices; plus checks."""
-  config = tiny_config()
-  flat, losses, trainer = run_steps(config, synthetic_batches(NUM_STEPS))
+  """`run_steps` on every device of this process; plus sharding checks."""
+  config = tiny_config(args.data_dir)
+  batches = (load_batches(args.batches) if args.batches
+             else synthetic_batches(NUM_STEPS))
+  states, losses, trainer = run_steps(config, batches)
+  # After the first step too: the tests compare both.
+  _save(args.out, states[1], {}, name='first')
   batch = train.shard_batch(synthetic_batches(1)[0], trainer.mesh)
   hlo = trainer.train_step.lower(trainer.init_state(), batch).compile(
   ).as_text()
@@ -148,7 +169,7 @@ def _devices_main(args) -> None:
     batch_error = None
   except train.ConfigError as e:
     batch_error = str(e)
-  _save(args.out, flat, {
+  _save(args.out, states[-1], {
       'device_count': jax.device_count(),
       'batch_devices': len(batch['image'].sharding.device_set),
       'rows_per_device': [s.data.shape[0]
@@ -182,6 +203,7 @@ def main():
   parser.add_argument('--process_id', type=int)
   parser.add_argument('--data_dir')
   parser.add_argument('--workdir')
+  parser.add_argument('--batches')
   args = parser.parse_args()
   enable_compilation_cache()
   if args.mode == 'devices':
