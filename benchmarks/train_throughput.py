@@ -47,15 +47,16 @@ _JSON_OUT = flags.DEFINE_string(
 
 def _time_steps(trainer, state, batches) -> tuple[float, object]:
   """Seconds per step over `batches` (an iterator of host batches)."""
+  from sact_jax import parallel  # pylint: disable=g-import-not-at-top
   from sact_jax import train  # pylint: disable=g-import-not-at-top
   for _ in range(_WARMUP_STEPS.value):
     state, metrics = trainer.train_step(
-        state, train.shard_batch(next(batches), trainer.mesh))
+        state, parallel.shard_batch(next(batches), trainer.mesh))
   jax.block_until_ready(metrics)
   start = time.perf_counter()
   for _ in range(_STEPS.value):
     state, metrics = trainer.train_step(
-        state, train.shard_batch(next(batches), trainer.mesh))
+        state, parallel.shard_batch(next(batches), trainer.mesh))
   jax.block_until_ready(metrics)
   return (time.perf_counter() - start) / _STEPS.value, state
 
@@ -63,11 +64,12 @@ def _time_steps(trainer, state, batches) -> tuple[float, object]:
 def main(argv):
   del argv
   jax.config.update('jax_default_prng_impl', 'rbg')
+  from sact_jax import parallel  # pylint: disable=g-import-not-at-top
   from sact_jax import train  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   train.validate_config(config)
   batch_size = config.batch_size
-  mesh = train.make_mesh()
+  mesh = parallel.make_mesh()
   info = {
       'config': train.model_spec(config).to_dict(),
       'dataset': config.dataset,
@@ -92,7 +94,7 @@ def main(argv):
            'label': rng.integers(0, config.num_classes, batch_size).astype(
                np.int32)}
   start = time.perf_counter()
-  state, metrics = trainer.train_step(state, train.shard_batch(batch, mesh))
+  state, metrics = trainer.train_step(state, parallel.shard_batch(batch, mesh))
   jax.block_until_ready(metrics)
   compile_s = time.perf_counter() - start
 

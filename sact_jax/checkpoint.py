@@ -1,4 +1,4 @@
-"""Model-only checkpoints, fine-tuning restores and the TF checkpoint converter.
+"""Checkpoints: model-only, training runs, fine-tuning restores, TF converter.
 
 A model checkpoint is a directory holding everything needed to rebuild a
 model, and nothing about training:
@@ -8,9 +8,13 @@ model, and nothing about training:
                                 plain nested dict (params and BN statistics)
 
 The state is stored as a pure dict (no NNX `Variable` wrappers) so the files
-do not depend on how a Flax version serialises variables. Training runs keep
-their own orbax `CheckpointManager` directories (model + optimizer + step);
-this module is what the evaluator, fine-tuning and the converter use.
+do not depend on how a Flax version serialises variables.
+
+A training run keeps an orbax `CheckpointManager` in `<workdir>/checkpoints`:
+per step, the train state (params, BatchNorm statistics, optimizer state,
+step) as plain nested dicts, the position of every host's data iterator, and
+the model spec with the run's config (`save_run`, `restore_run`,
+`restore_latest_model`).
 
 TensorFlow is imported lazily, only to read the reference's TF checkpoints.
 """
@@ -28,14 +32,18 @@ from absl import logging
 from flax import nnx
 import jax
 import numpy as np
+import grain
 import orbax.checkpoint as ocp
 
 from sact_jax import act as act_lib
 from sact_jax import blocks as blocks_lib
+from sact_jax import data as data_lib
 from sact_jax import reference
 from sact_jax.models import factory
 
 SPEC_FILE = 'model_spec.json'
+# Subdirectory of a training workdir with the run's CheckpointManager.
+RUN_DIR = 'checkpoints'
 STATE_DIR = 'state'
 _FORMAT = 'sact_jax.model_checkpoint'
 _FORMAT_VERSION = 1
@@ -131,6 +139,22 @@ class ModelSpec:
     if isinstance(d.get('units'), list):
       d['units'] = tuple(d['units'])
     return cls(**d)
+
+  @classmethod
+  def from_config(cls, config: Mapping[str, Any]) -> 'ModelSpec':
+    """The architecture a training config describes (ValueError if bad)."""
+    # One value is a depth: `--config.units=3` arrives as (3,).
+    units = factory.depth_or_units(config['units'])
+    return cls(family=config['family'], units=units,
+               model_type=config['model_type'],
+               num_classes=config['num_classes'],
+               base_channels=config.get('base_channels'), eps=config['eps'])
+
+  def describe(self) -> str:
+    """One line for messages: 'cifar sact units=[2, 2, 2] classes=6 ...'."""
+    return (f'{self.family} {self.model_type} units={list(self.units)} '
+            f'classes={self.num_classes} base_channels={self.base_channels} '
+            f'eps={self.eps}')
 
   def create(self, rngs: nnx.Rngs, **kwargs) -> nnx.Module:
     """Builds the model; `kwargs` are runtime options (`remat`, ...)."""
@@ -707,3 +731,154 @@ def convert_tf_checkpoint(tf_checkpoint: str | os.PathLike,
   })
   return Conversion(model=model, spec=spec, source=prefix, output=path,
                     selection=selection)
+
+
+# ---------------------------------------------------------------------------
+# Training-run checkpoints
+# ---------------------------------------------------------------------------
+
+
+def to_pure(tree: Any) -> Any:
+  """nnx.State nodes of `tree` -> plain nested dicts (the on-disk format)."""
+  return jax.tree.map(
+      lambda x: nnx.to_pure_dict(x) if isinstance(x, nnx.State) else x,
+      tree, is_leaf=lambda x: isinstance(x, nnx.State))
+
+
+def from_pure(template: Any, pure: Any) -> Any:
+  """Inverse of `to_pure`, with `template` giving the nnx.State structure."""
+  def restore(t, p):
+    if isinstance(t, nnx.State):
+      t = jax.tree.map(lambda x: x, t)  # New Variables: leave `t` untouched.
+      nnx.replace_by_pure_dict(t, p)
+    else:
+      t = p
+    return t
+  return jax.tree.map(restore, template, pure,
+                      is_leaf=lambda x: isinstance(x, nnx.State))
+
+
+def run_manager(workdir: str, *, keep: int = 3,
+                read_only: bool = False) -> ocp.CheckpointManager:
+  """The run's CheckpointManager in `workdir/checkpoints`."""
+  directory = os.path.join(os.path.abspath(workdir), RUN_DIR)
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=not read_only, read_only=read_only)
+  return ocp.CheckpointManager(directory, options=options)
+
+
+def saved_run_spec(workdir: str) -> ModelSpec | None:
+  """The model spec of the latest run checkpoint in `workdir`, if any."""
+  if not os.path.isdir(os.path.join(workdir, RUN_DIR)):
+    return None
+  with run_manager(workdir, read_only=True) as manager:
+    step = manager.latest_step()
+    if step is None:
+      return None
+    meta = manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))['meta']
+  return ModelSpec.from_dict(meta['model_spec'])
+
+
+class _IteratorPosition:
+  """A data iterator's position frozen at save time.
+
+  grain's orbax handler (one `process_<i>-of-<n>.json` per host) may write
+  in a background thread while training already draws the next batches; it
+  reads the state from this snapshot instead of the live iterator.
+  """
+
+  def __init__(self, iterator: grain.DatasetIterator):
+    self._state = json.dumps(data_lib.get_iterator_state(iterator))
+
+  def get_state(self) -> bytes:
+    return self._state.encode()
+
+
+def save_run(manager: ocp.CheckpointManager, step: int,
+             state: Mapping[str, Any], iterator: grain.DatasetIterator,
+             spec: ModelSpec, config: Mapping[str, Any]) -> None:
+  """Saves a train state (a dict of arrays / nnx.States) at `step`.
+
+  Args:
+    manager: from `run_manager`.
+    step: the step number of the checkpoint.
+    state: the train state's fields; nnx.States are stored as pure dicts.
+    iterator: the training data iterator, whose position is saved.
+    spec: the model's architecture.
+    config: the run's config as JSON-compatible data.
+  """
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeSave(to_pure(dict(state))),
+      data=grain.checkpoint.CheckpointSave(_IteratorPosition(iterator)),
+      meta=ocp.args.JsonSave({'model_spec': spec.to_dict(),
+                              'config': dict(config)})), force=True)
+  logging.info('Saving the step-%d checkpoint to %s.', step, manager.directory)
+
+
+def restore_run(manager: ocp.CheckpointManager, step: int,
+                template: Mapping[str, Any],
+                iterator: grain.DatasetIterator) -> dict[str, Any]:
+  """Restores `save_run`'s state into `template`'s structure and shardings.
+
+  `template` has the same keys as the saved state, with nnx.States of
+  `jax.ShapeDtypeStruct`s (carrying the target shardings); `iterator` is
+  moved to the saved data position.
+  """
+  target = to_pure(dict(template))
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(
+          target,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(target)),
+      data=grain.checkpoint.CheckpointRestore(iterator)))['state']
+  return {k: from_pure(v, restored[k]) for k, v in template.items()}
+
+
+def restore_latest_model(workdir: str, spec: ModelSpec,
+                         **options) -> nnx.Module:
+  """The model of the latest training checkpoint in `workdir`, eval mode.
+
+  Only the model variables are read (not the optimizer state), replicated
+  over all devices.
+
+  Args:
+    workdir: a training run's workdir.
+    spec: the architecture expected; the checkpoint's must be the same.
+    **options: runtime options of `ModelSpec.create` (`remat`, `unroll`).
+
+  Raises:
+    CheckpointError: `workdir` holds no training checkpoint, or one of
+      another model.
+  """
+  saved = saved_run_spec(workdir)
+  if saved is None:
+    raise CheckpointError(
+        f'No training checkpoint in {os.path.join(workdir, RUN_DIR)}.')
+  if saved != spec:
+    raise CheckpointError(
+        f'The checkpoint in {workdir} holds another model '
+        f'({saved.describe()}) than the config ({spec.describe()}).')
+  abstract = spec.abstract_model(**options)
+  graphdef, params, model_state = nnx.split(abstract, nnx.Param, ...)
+  mesh = jax.make_mesh((jax.device_count(),), ('data',),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def target_of(state):
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+        nnx.to_pure_dict(state))
+  target = {'params': target_of(params), 'model_state': target_of(model_state)}
+  with run_manager(workdir, read_only=True) as manager:
+    step = manager.latest_step()
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            target,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True)))['state']
+  nnx.replace_by_pure_dict(params, restored['params'])
+  nnx.replace_by_pure_dict(model_state, restored['model_state'])
+  model = nnx.merge(graphdef, params, model_state)
+  model.eval()
+  logging.info('Restored the step-%d model from %s.', step, workdir)
+  return model

@@ -43,7 +43,7 @@ from sact_jax import checkpoint as checkpoint_lib
 from sact_jax import data as data_lib
 from sact_jax import flops as flops_lib
 from sact_jax import models
-from sact_jax import train as train_lib
+from sact_jax import parallel
 
 TOP_K = 5
 # Seconds between progress log lines of a long evaluation.
@@ -329,13 +329,6 @@ def _pad_batch(batch: Mapping[str, np.ndarray], size: int
   return padded
 
 
-def _to_global(mesh, local_BxD: np.ndarray) -> jax.Array:
-  """One host's rows -> a global array sharded over the batch axis."""
-  sharding = jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec('data'))
-  return jax.make_array_from_process_local_data(sharding, local_BxD)
-
-
 def _any_host(flag: bool) -> bool:
   """Whether `flag` holds on any host (all hosts must step together)."""
   if jax.process_count() == 1:
@@ -383,7 +376,8 @@ def _fetch_valid(stats: dict[str, jax.Array], valid_B: jax.Array
 
 def evaluate_model(model: nnx.Module, config, *,
                    workdir: str | None = None,
-                   sparse: bool = False) -> dict[str, Any]:
+                   sparse: bool = False,
+                   verbose: bool = True) -> dict[str, Any]:
   """Evaluates `model` on the eval split of `config.dataset`.
 
   Every example of the split (or of its first `config.num_eval_examples`) is
@@ -398,6 +392,7 @@ def evaluate_model(model: nnx.Module, config, *,
       `num_eval_examples` (None: the whole split) and optionally
       `eval_split` and `image_size` (ImageNet).
     workdir: where to write `eval.json` (process 0 only); None to skip.
+    verbose: log the metrics table at the end (`log_table`).
     sparse: run the model through `sact_jax.sparse` (one process, its
       default device, batches of `eval_batch_size`): the same metrics, plus
       `model_seconds` (wall time of the model calls alone, the first batch
@@ -416,16 +411,10 @@ def evaluate_model(model: nnx.Module, config, *,
   spec = describe_model(model)
   info = data_lib.dataset_info(config.dataset)
   split = _eval_split_name(config, info)
-  if spec['num_classes'] == info.num_classes + 1:
-    # The reference's ImageNet models have a background class 0: tfds label
-    # l is their class l + 1.
-    label_offset = 1
-  elif spec['num_classes'] == info.num_classes:
-    label_offset = 0
-  else:
-    raise EvaluationError(
-        f'The model has {spec["num_classes"]} classes but {config.dataset} '
-        f'has {info.num_classes}.')
+  try:
+    label_offset = data_lib.label_offset(config.dataset, spec['num_classes'])
+  except ValueError as e:
+    raise EvaluationError(str(e)) from None
 
   num_devices, num_hosts = jax.device_count(), jax.process_count()
   if sparse:
@@ -442,15 +431,12 @@ def evaluate_model(model: nnx.Module, config, *,
                   if base_name == 'imagenet2012' else None))
 
   # The trainer's mesh: its replicated weights then need no copy.
-  mesh = jax.make_mesh((num_devices,), ('data',),
-                       axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=jax.devices()[:num_devices])
+  mesh = parallel.make_mesh(jax.devices()[:num_devices])
   if sparse:
     step = _SparseStep(model)
   else:
     graphdef, state = eval_split_model(model)
-    state = jax.device_put(state, jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec()))
+    state = jax.device_put(state, parallel.replicated(mesh))
     step = functools.partial(_eval_step, graphdef, state)
   sact = spec['model_type'] == 'sact'
 
@@ -488,14 +474,14 @@ def evaluate_model(model: nnx.Module, config, *,
         local_batch)
     use_mask = sact and 'mask' in batch
     stats = step(
-        _to_global(mesh, padded['image']),
-        _to_global(mesh, padded['label']),
-        _to_global(mesh, padded['mask']) if use_mask else None)
+        parallel.to_global(mesh, padded['image']),
+        parallel.to_global(mesh, padded['label']),
+        parallel.to_global(mesh, padded['mask']) if use_mask else None)
     # Fetch the previous batch's numbers only now, so that the device works
     # on this batch meanwhile.
     if pending is not None:
       chunks.append(_fetch_valid(*pending))
-    pending = (stats, _to_global(mesh, padded['valid']))
+    pending = (stats, parallel.to_global(mesh, padded['valid']))
     num_seen += int(padded['valid'].sum())
     if time.time() - last_log >= _LOG_EVERY_SECONDS:
       elapsed = time.time() - start
@@ -523,8 +509,8 @@ def evaluate_model(model: nnx.Module, config, *,
     metrics['model_seconds'] = step.seconds
     metrics['flops_overhead_per_image'] = (step.flops_overhead
                                            / metrics['num_examples'])
-  for line in format_table(metrics).splitlines():
-    logging.info('%s', line)
+  if verbose:
+    log_table(metrics)
   if workdir is not None and jax.process_index() == 0:
     save_json(metrics, os.path.join(workdir, 'eval.json'))
   return metrics
@@ -559,7 +545,13 @@ def load_model(config, *, workdir: str | None = None,
     if config is None:
       raise EvaluationError(
           '--workdir needs the --config of the training run.')
-    return train_lib.restore_latest_model(config, workdir)
+    try:
+      spec = checkpoint_lib.ModelSpec.from_config(config)
+      return checkpoint_lib.restore_latest_model(
+          workdir, spec, remat=config.get('remat', False),
+          unroll=config.get('unroll', False))
+    except (ValueError, TypeError) as e:
+      raise EvaluationError(str(e)) from None
   model, spec = checkpoint_lib.restore_model(checkpoint)
   logging.info('Restored %s from %s.', spec, checkpoint)
   model.eval()
@@ -595,6 +587,12 @@ def human_count(value: float) -> str:
 
 def _row(values: Sequence[float | None]) -> str:
   return '  '.join('n/a' if v is None else f'{v:.3f}' for v in values)
+
+
+def log_table(metrics: Mapping[str, Any]) -> None:
+  """`format_table` as INFO lines."""
+  for line in format_table(metrics).splitlines():
+    logging.info('%s', line)
 
 
 def format_table(metrics: Mapping[str, Any]) -> str:

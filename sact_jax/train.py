@@ -45,12 +45,18 @@ import orbax.checkpoint as ocp
 
 from sact_jax import checkpoint as checkpoint_lib
 from sact_jax import data as data_lib
+from sact_jax import evaluate
 from sact_jax import flops as flops_lib
+from sact_jax import parallel
+from sact_jax import visualize
 
-CHECKPOINT_DIR = 'checkpoints'
+CHECKPOINT_DIR = checkpoint_lib.RUN_DIR
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
-PONDER_MAPS_DIR = 'ponder_maps'
+
+# Evaluation metrics written as `eval/<name>` summaries.
+_EVAL_SCALARS = ('top1_accuracy', 'flops_percent_of_vanilla',
+                 'ponder_cost_total', 'ponder_inside_outside_ratio')
 
 Batch = dict[str, np.ndarray]
 Metrics = dict[str, jax.Array]
@@ -71,13 +77,8 @@ class NonFiniteLossError(RuntimeError):
 
 def model_spec(config: ml_collections.ConfigDict) -> checkpoint_lib.ModelSpec:
   """The architecture `config` describes (raises ConfigError if invalid)."""
-  base_channels = config.get('base_channels')
   try:
-    return checkpoint_lib.ModelSpec(
-        family=config.family, units=tuple(config.units)
-        if not isinstance(config.units, int) else config.units,
-        model_type=config.model_type, num_classes=config.num_classes,
-        base_channels=base_channels, eps=config.eps)
+    return checkpoint_lib.ModelSpec.from_config(config)
   except (ValueError, TypeError) as e:
     raise ConfigError(f'Invalid model in config: {e}') from None
 
@@ -89,19 +90,11 @@ def model_options(config: ml_collections.ConfigDict) -> dict[str, bool]:
 
 
 def label_offset(config: ml_collections.ConfigDict) -> int:
-  """Shift of dataset labels into the model's classes (1: background class).
-
-  The reference's ImageNet models have 1001 classes with the background as
-  class 0, so tfds label l is their class l + 1.
-  """
-  info = data_lib.dataset_info(config.dataset)
-  offset = config.num_classes - info.num_classes
-  if offset not in (0, 1):
-    raise ConfigError(
-        f'num_classes={config.num_classes} does not fit {config.dataset}, '
-        f'which has {info.num_classes} classes (use {info.num_classes}, or '
-        f'{info.num_classes + 1} with a background class 0).')
-  return offset
+  """Shift of dataset labels into the model's classes (see data.label_offset)."""
+  try:
+    return data_lib.label_offset(config.dataset, config.num_classes)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def validate_config(config: ml_collections.ConfigDict,
@@ -157,6 +150,15 @@ def validate_config(config: ml_collections.ConfigDict,
         f'num_train_steps must be >= 0, got {config.num_train_steps}.')
   check(config.learning_rate > 0,
         f'learning_rate must be > 0, got {config.learning_rate}.')
+  schedule = config.get('lr_schedule', 'piecewise')
+  check(schedule in ('piecewise', 'cosine'),
+        f"lr_schedule must be 'piecewise' or 'cosine', got {schedule!r}.")
+  warmup = config.get('warmup_steps', 0)
+  check(isinstance(warmup, int) and warmup >= 0,
+        f'warmup_steps must be an integer >= 0, got {warmup!r}.')
+  check(schedule != 'cosine' or warmup < max(config.num_train_steps, 1),
+        f'warmup_steps={warmup} must be below num_train_steps='
+        f'{config.num_train_steps}.')
   boundaries, scales = tuple(config.lr_boundaries), tuple(config.lr_scales)
   check(len(boundaries) == len(scales),
         f'lr_boundaries {boundaries} and lr_scales {scales} must have the '
@@ -173,6 +175,10 @@ def validate_config(config: ml_collections.ConfigDict,
   for name in ('log_every_steps', 'checkpoint_every_steps',
                'keep_checkpoints'):
     check(config[name] >= 1, f'{name} must be >= 1, got {config[name]}.')
+  for name in ('eval_every_steps', 'num_eval_ponder_maps'):
+    value = config.get(name, 0)
+    check(isinstance(value, int) and value >= 0,
+          f'{name} must be an integer >= 0, got {value!r}.')
   num_eval = config.get('num_eval_examples')
   check(num_eval is None or num_eval >= 1,
         f'num_eval_examples must be >= 1 or None, got {num_eval}.')
@@ -182,18 +188,12 @@ def validate_config(config: ml_collections.ConfigDict,
           'checkpoint directory (written by sact_jax.checkpoint.save_model '
           'or experiments.convert_checkpoint).')
   if workdir is not None:
-    saved = saved_model_spec(workdir)
+    saved = checkpoint_lib.saved_run_spec(workdir)
     if saved is not None and saved != spec:
       raise ConfigError(
           f'{os.path.join(workdir, CHECKPOINT_DIR)} holds a checkpoint of a '
-          f'different model ({_spec_text(saved)}) than the config '
-          f'({_spec_text(spec)}); use another --workdir.')
-
-
-def _spec_text(spec: checkpoint_lib.ModelSpec) -> str:
-  return (f'{spec.family} {spec.model_type} units={list(spec.units)} '
-          f'classes={spec.num_classes} base_channels={spec.base_channels} '
-          f'eps={spec.eps}')
+          f'different model ({saved.describe()}) than the config '
+          f'({spec.describe()}); use another --workdir.')
 
 
 def check_batch(batch: Batch, config: ml_collections.ConfigDict) -> None:
@@ -216,12 +216,20 @@ def check_batch(batch: Batch, config: ml_collections.ConfigDict) -> None:
 
 def learning_rate_schedule(config: ml_collections.ConfigDict
                            ) -> Callable[[jax.Array], jax.Array]:
-  """Piecewise constant, as TF `piecewise_constant(step, boundaries, ...)`.
+  """The rate of the update made at `step` (0-based).
 
-  The rate of the update made at `step` (0-based) is
+  'piecewise', as TF `piecewise_constant(step, boundaries, ...)`:
   `learning_rate * scales[i]` where i is the number of boundaries strictly
-  below `step` (scale 1 before the first).
+  below `step` (scale 1 before the first). 'cosine': optax's linear warm-up
+  from 0 to `learning_rate` over `warmup_steps`, then cosine decay to 0 at
+  `num_train_steps`.
   """
+  if config.get('lr_schedule', 'piecewise') == 'cosine':
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        decay_steps=max(config.num_train_steps, config.warmup_steps + 1),
+        end_value=0.0)
   boundaries = np.asarray(config.lr_boundaries, np.int64)
   values = config.learning_rate * np.asarray(
       (1.0, *config.lr_scales), np.float32)
@@ -292,37 +300,6 @@ class TrainState:
   opt_state: Any
 
 
-def make_mesh(devices: Any = None) -> jax.sharding.Mesh:
-  """A 1-D 'data' mesh over all devices (of all hosts).
-
-  Auto axis type (jax.make_mesh's default is Explicit in jax 0.10): the
-  model carries no sharding annotations, so XLA propagates the batch
-  sharding from the inputs and inserts the collectives.
-  """
-  devices = jax.devices() if devices is None else devices
-  return jax.make_mesh((len(devices),), ('data',),
-                       axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=devices)
-
-
-def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-
-def batch_sharded(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
-
-
-def shard_batch(batch: Batch, mesh: jax.sharding.Mesh,
-                keys: tuple[str, ...] = ('image', 'label')
-                ) -> dict[str, jax.Array]:
-  """This host's batch rows -> global arrays sharded over the 'data' axis."""
-  sharding = batch_sharded(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding,
-                                                    np.asarray(batch[k]))
-          for k in keys}
-
-
 @dataclasses.dataclass
 class Trainer:
   """The compiled pieces of a run: model structure, optimizer, step.
@@ -358,8 +335,8 @@ class Trainer:
         label_smoothing=config.label_smoothing,
         label_offset=label_offset(config))
     train_step = jax.jit(
-        step_fn, in_shardings=(replicated(mesh), batch_sharded(mesh)),
-        out_shardings=(replicated(mesh), replicated(mesh)),
+        step_fn, in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
+        out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
         donate_argnums=0)
     return cls(config, mesh, spec, graphdef, tx, train_step)
 
@@ -377,7 +354,7 @@ class Trainer:
     Initialised inside one jit: one compilation instead of one per
     parameter shape, and the arrays are created in place on every device.
     """
-    state = jax.jit(self._init, out_shardings=replicated(self.mesh))()
+    state = jax.jit(self._init, out_shardings=parallel.replicated(self.mesh))()
     if self.config.get('init_from'):
       model = self.model(state)
       report = checkpoint_lib.restore_into(
@@ -387,13 +364,13 @@ class Trainer:
       _, params, model_state = nnx.split(model, nnx.Param, ...)
       state = jax.device_put(
           state.replace(params=params, model_state=model_state),
-          replicated(self.mesh))
+          parallel.replicated(self.mesh))
     return state
 
   def abstract_state(self) -> TrainState:
     """The state's shapes and dtypes, replicated on the mesh; no compute."""
     abstract = jax.eval_shape(self._init)
-    sharding = replicated(self.mesh)
+    sharding = parallel.replicated(self.mesh)
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
         abstract)
@@ -470,158 +447,29 @@ def make_train_dataset(config: ml_collections.ConfigDict,
       worker_count=config.get('data_workers', 0))
 
 
-class _IteratorPosition:
-  """A data iterator's position frozen at save time.
-
-  grain's orbax handler (one `process_<i>-of-<n>.json` per host) may write
-  in a background thread while training already draws the next batches; it
-  reads the state from this snapshot instead of the live iterator.
-  """
-
-  def __init__(self, iterator: grain.DatasetIterator):
-    self._state = json.dumps(data_lib.get_iterator_state(iterator))
-
-  def get_state(self) -> bytes:
-    return self._state.encode()
-
-
-# ---------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------
-
-
-def _pure(tree: Any) -> Any:
-  """nnx.State nodes -> plain nested dicts (the on-disk format)."""
-  return jax.tree.map(
-      lambda x: nnx.to_pure_dict(x) if isinstance(x, nnx.State) else x,
-      tree, is_leaf=lambda x: isinstance(x, nnx.State))
-
-
-def _unpure(template: Any, pure: Any) -> Any:
-  """Inverse of `_pure`, with `template` giving the nnx.State structure."""
-  def restore(t, p):
-    if isinstance(t, nnx.State):
-      t = jax.tree.map(lambda x: x, t)  # New Variables: leave `t` untouched.
-      nnx.replace_by_pure_dict(t, p)
-    else:
-      t = p
-    return t
-  return jax.tree.map(restore, template, pure,
-                      is_leaf=lambda x: isinstance(x, nnx.State))
-
-
 def _state_tree(state: TrainState) -> dict[str, Any]:
-  return {'step': state.step, 'params': _pure(state.params),
-          'model_state': _pure(state.model_state),
-          'opt_state': _pure(state.opt_state)}
-
-
-def checkpoint_manager(workdir: str, *, keep: int = 3,
-                       read_only: bool = False) -> ocp.CheckpointManager:
-  """The run's CheckpointManager in `workdir/checkpoints`."""
-  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=not read_only, read_only=read_only)
-  return ocp.CheckpointManager(directory, options=options)
-
-
-def saved_model_spec(workdir: str) -> checkpoint_lib.ModelSpec | None:
-  """The model spec of the latest checkpoint in `workdir`, if any."""
-  directory = os.path.join(workdir, CHECKPOINT_DIR)
-  if not os.path.isdir(directory):
-    return None
-  with checkpoint_manager(workdir, read_only=True) as manager:
-    step = manager.latest_step()
-    if step is None:
-      return None
-    meta = manager.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore()))['meta']
-  return checkpoint_lib.ModelSpec.from_dict(meta['model_spec'])
+  return {'step': state.step, 'params': state.params,
+          'model_state': state.model_state, 'opt_state': state.opt_state}
 
 
 def _save(manager: ocp.CheckpointManager, state: TrainState,
           iterator: grain.DatasetIterator, spec: checkpoint_lib.ModelSpec,
           config: ml_collections.ConfigDict) -> None:
-  step = int(_fetch(state.step))
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeSave(_state_tree(state)),
-      data=grain.checkpoint.CheckpointSave(_IteratorPosition(iterator)),
-      meta=ocp.args.JsonSave({'model_spec': spec.to_dict(),
-                              'config': json.loads(config.to_json_best_effort())
-                              })), force=True)
-  logging.info('Saving the step-%d checkpoint to %s.', step, manager.directory)
+  checkpoint_lib.save_run(
+      manager, int(parallel.fetch(state.step)), _state_tree(state), iterator,
+      spec, json.loads(config.to_json_best_effort()))
 
 
 def _restore(manager: ocp.CheckpointManager, step: int, trainer: Trainer,
              iterator: grain.DatasetIterator) -> TrainState:
-  template = trainer.abstract_state()
-  target = _state_tree(template)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(
-          target,
-          restore_args=ocp.checkpoint_utils.construct_restore_args(target)),
-      data=grain.checkpoint.CheckpointRestore(iterator)))['state']
-  return TrainState(
-      step=restored['step'],
-      params=_unpure(template.params, restored['params']),
-      model_state=_unpure(template.model_state, restored['model_state']),
-      opt_state=_unpure(template.opt_state, restored['opt_state']))
-
-
-def restore_latest_model(config: ml_collections.ConfigDict,
-                         workdir: str) -> nnx.Module:
-  """The model of the latest training checkpoint in `workdir`, eval mode.
-
-  Only the model variables are read (not the optimizer state). The
-  checkpoint's model spec must match `config`'s.
-
-  Raises:
-    FileNotFoundError: `workdir` holds no training checkpoint.
-    ConfigError: the checkpoint holds another model than `config`'s.
-  """
-  spec = model_spec(config)
-  saved = saved_model_spec(workdir)
-  if saved is None:
-    raise FileNotFoundError(
-        f'No training checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)}.')
-  if saved != spec:
-    raise ConfigError(
-        f'The checkpoint in {workdir} holds another model '
-        f'({_spec_text(saved)}) than the config ({_spec_text(spec)}).')
-  abstract = spec.abstract_model(**model_options(config))
-  graphdef, params, model_state = nnx.split(abstract, nnx.Param, ...)
-  sharding = replicated(make_mesh())
-
-  def target_of(state):
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-        nnx.to_pure_dict(state))
-  target = {'params': target_of(params), 'model_state': target_of(model_state)}
-  with checkpoint_manager(workdir, read_only=True) as manager:
-    step = manager.latest_step()
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(
-            target,
-            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True)))['state']
-  nnx.replace_by_pure_dict(params, restored['params'])
-  nnx.replace_by_pure_dict(model_state, restored['model_state'])
-  model = nnx.merge(graphdef, params, model_state)
-  model.eval()
-  logging.info('Restored the step-%d model from %s.', step, workdir)
-  return model
+  restored = checkpoint_lib.restore_run(
+      manager, step, _state_tree(trainer.abstract_state()), iterator)
+  return TrainState(**restored)
 
 
 # ---------------------------------------------------------------------------
 # Metrics
 # ---------------------------------------------------------------------------
-
-
-def _fetch(x: jax.Array) -> np.ndarray:
-  """A replicated (possibly multi-host) array as numpy."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    x = x.addressable_data(0)
-  return np.asarray(x)
 
 
 class MetricWriter:
@@ -647,6 +495,11 @@ class MetricWriter:
     record = {'step': step, 'time': time.time(), **scalars}
     self._jsonl.write(json.dumps(record) + '\n')
     self._jsonl.flush()
+
+  def write_image(self, step: int, tag: str, image_HxWx3: np.ndarray) -> None:
+    """An RGB uint8 picture, shown in TensorBoard's Images tab."""
+    if self._active:
+      self._tb.add_image(tag, image_HxWx3, step, dataformats='HWC')
 
   def close(self) -> None:
     if self._active:
@@ -714,10 +567,14 @@ class TrainResult:
     model: the trained model, eval mode.
     state: the final train state.
     preempted: training stopped early on SIGTERM (after saving).
+    eval_metrics: `evaluate.evaluate_model`'s metrics of the final model
+      when the loop evaluated at the last step (`eval_every_steps` divides
+      `num_train_steps`), else None.
   """
   model: nnx.Module
   state: TrainState
   preempted: bool
+  eval_metrics: dict[str, Any] | None = None
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
@@ -730,7 +587,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
       good checkpoint is kept.
   """
   validate_config(config, workdir)
-  mesh = make_mesh()
+  mesh = parallel.make_mesh()
   trainer = Trainer.create(config, mesh)
   spec = trainer.spec
   is_main = jax.process_index() == 0
@@ -739,7 +596,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   dataset = make_train_dataset(config)
   iterator = iter(dataset)
 
-  manager = checkpoint_manager(workdir, keep=config.keep_checkpoints)
+  manager = checkpoint_lib.run_manager(workdir, keep=config.keep_checkpoints)
   writer = watcher = None
   try:
     latest = manager.latest_step()
@@ -750,9 +607,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
                    workdir)
     else:
       state = trainer.init_state()
-    step = int(_fetch(state.step))
+    step = int(parallel.fetch(state.step))
     logging.info('Model: %s, %d parameters; state ready in %.1f s.',
-                 _spec_text(spec), flops_lib.param_count(trainer.model(state)),
+                 spec.describe(), flops_lib.param_count(trainer.model(state)),
                  time.time() - start)
 
     info = data_lib.dataset_info(config.dataset)
@@ -776,7 +633,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
       nonlocal timer_step, timer_start
       if not pending:
         return
-      fetched = jax.tree.map(_fetch, pending)
+      fetched = jax.tree.map(parallel.fetch, pending)
       first_step = step - len(pending) + 1
       for i, m in enumerate(fetched):
         if not m['finite']:
@@ -809,6 +666,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
             100 * scalars['flops_fraction'],
             f'{rate:.2f} steps/s' if rate else '-', left)
 
+    eval_every = config.get('eval_every_steps') or 0
+    eval_metrics = None
+
+    def evaluate_now() -> dict[str, Any]:
+      model = trainer.model(state)
+      model.eval()
+      metrics = evaluate.evaluate_model(model, config, verbose=False)
+      log_evaluation(writer, step, metrics, model, config)
+      return metrics
+
     first = True
     while step < total:
       if watcher.should_stop(step):
@@ -817,7 +684,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
       batch = next(iterator)
       if first:
         check_batch(batch, config)
-      state, metrics = trainer.train_step(state, shard_batch(batch, mesh))
+      state, metrics = trainer.train_step(state,
+                                          parallel.shard_batch(batch, mesh))
       step += 1
       pending.append(metrics)
       save_now = step % config.checkpoint_every_steps == 0 or step == total
@@ -827,6 +695,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
       if save_now:
         _save(manager, state, iterator, spec, config)
         last_saved = step
+      if eval_every and step % eval_every == 0:
+        eval_metrics = evaluate_now()
     if preempted or (last_saved != step and step > 0):
       flush()
       if last_saved != step:
@@ -846,36 +716,31 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
 
   model = trainer.model(state)
   model.eval()
-  return TrainResult(model=model, state=state, preempted=preempted)
+  final = eval_every and step == total and total % eval_every == 0
+  return TrainResult(model=model, state=state, preempted=preempted,
+                     eval_metrics=eval_metrics if final else None)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> dict[str, Any] | None:
-  """Trains, then evaluates and draws ponder maps (SACT) into `workdir`.
-
-  Returns:
-    The evaluation metrics (also in `workdir/eval.json`), or None when
-    training was preempted.
-  """
-  # Imported here: evaluation pulls in plotting, which training alone
-  # does not need.
-  from sact_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from sact_jax import visualize  # pylint: disable=g-import-not-at-top
-
-  result = train(config, workdir)
-  if result.preempted:
-    return None
-  metrics = evaluate.evaluate_model(result.model, config, workdir=workdir)
-  num_maps = config.get('num_ponder_maps', 0)
+def log_evaluation(writer: 'MetricWriter', step: int,
+                   metrics: dict[str, Any], model: nnx.Module,
+                   config: ml_collections.ConfigDict) -> None:
+  """Test-split metrics as `eval/...` summaries, a console line, and (SACT)
+  a picture of ponder maps in TensorBoard."""
+  scalars = {f'eval/{k}': metrics[k] for k in _EVAL_SCALARS
+             if metrics.get(k) is not None}
+  writer.write(step, scalars)
+  num_maps = config.get('num_eval_ponder_maps', 0)
   if config.model_type == 'sact' and num_maps > 0:
-    model = result.model
-    if jax.process_count() > 1:
-      # Drawn by process 0 alone, from a copy of the replicated weights on
-      # its own devices (a global array would wait for the other hosts).
-      graphdef, state = nnx.split(model)
-      model = nnx.merge(graphdef, jax.tree.map(_fetch, state))
+    model = parallel.local_copy(model)
     if jax.process_index() == 0:
-      visualize.save_ponder_maps(model, config,
-                                 os.path.join(workdir, PONDER_MAPS_DIR),
-                                 num_images=num_maps)
-  return metrics
+      figures = visualize.ponder_figures(model, config, num_images=num_maps)
+      writer.write_image(step, 'eval/ponder_maps',
+                         visualize.figure_array(figures[0]))
+  ratio = metrics.get('ponder_inside_outside_ratio')
+  flops = metrics.get('flops_percent_of_vanilla')
+  logging.info(
+      'eval at step %d | test top-1 %.2f%% | FLOPs %s | ponder %.3f | '
+      'inside/outside %s', step, 100 * metrics['top1_accuracy'],
+      'n/a' if flops is None else f'{flops:.1f}%',
+      metrics['ponder_cost_total'],
+      'n/a' if ratio is None else f'{ratio:.3f}')

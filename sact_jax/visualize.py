@@ -222,22 +222,16 @@ def _class_name(index: int, names: Sequence[str] | None) -> str:
   return f'class {index}'
 
 
-def save_ponder_maps(model: nnx.Module, config, out_dir: str, *,
-                     num_images: int = 8, overlay: bool = False
-                     ) -> list[str]:
-  """Draws the ponder maps of the first eval images of `config.dataset`.
+def ponder_figures(model: nnx.Module, config, *, num_images: int = 8,
+                   overlay: bool = False) -> list[mfigure.Figure]:
+  """Ponder maps of the first eval images of `config.dataset`, as figures.
 
   Args:
     model: a CIFAR or ImageNet ResNet (run in eval mode; not changed).
     config: ConfigDict with `dataset`, `data_dir` and optionally
       `eval_split` and `image_size` (ImageNet).
-    out_dir: directory for the PNGs (created if needed).
-    num_images: images to draw, `ROWS_PER_PAGE` per file.
+    num_images: images to draw, `ROWS_PER_PAGE` per figure.
     overlay: draw maps over their images.
-
-  Returns:
-    Paths of the PNGs written: `ponder_maps.png`, or `ponder_maps_<k>.png`
-    for k = 0, 1, ... when there are more than `ROWS_PER_PAGE` images.
   """
   if num_images < 1:
     raise ValueError(f'num_images must be >= 1, got {num_images}.')
@@ -251,8 +245,7 @@ def save_ponder_maps(model: nnx.Module, config, out_dir: str, *,
                   if base_name == 'imagenet2012' else None))
   batch = next(iter(dataset))
   spec = evaluate.describe_model(model)
-  # Reference ImageNet models have a background class 0 (see evaluate).
-  label_offset = 1 if spec['num_classes'] == info.num_classes + 1 else 0
+  label_offset = data_lib.label_offset(config.dataset, spec['num_classes'])
   logits, aux = evaluate.predict(model, batch['image'])
   logits = np.asarray(logits)
   flops = np.asarray(aux['flops'])
@@ -267,18 +260,40 @@ def save_ponder_maps(model: nnx.Module, config, out_dir: str, *,
   images = list(batch['image'])
   masks = list(batch['mask']) if 'mask' in batch else None
   count = len(images)
-  pages = range(0, count, ROWS_PER_PAGE)
-  paths = []
-  for page, start in enumerate(pages):
+  figures = []
+  for start in range(0, count, ROWS_PER_PAGE):
     rows = slice(start, start + ROWS_PER_PAGE)
-    name = ('ponder_maps.png' if len(pages) == 1
-            else f'ponder_maps_{page}.png')
-    fig = render_ponder_figure(
+    figures.append(render_ponder_figure(
         images[rows], [[m[i] for m in maps] for i in range(count)][rows],
         titles=titles[rows], masks=None if masks is None else masks[rows],
-        overlay=overlay)
-    paths.append(save_figure(fig, os.path.join(out_dir, name)))
-  return paths
+        overlay=overlay))
+  return figures
+
+
+def save_ponder_maps(model: nnx.Module, config, out_dir: str, *,
+                     num_images: int = 8, overlay: bool = False
+                     ) -> list[str]:
+  """Writes `ponder_figures` as PNGs into `out_dir` (created if needed).
+
+  Returns:
+    Paths of the PNGs written: `ponder_maps.png`, or `ponder_maps_<k>.png`
+    for k = 0, 1, ... when there are more than `ROWS_PER_PAGE` images.
+  """
+  figures = ponder_figures(model, config, num_images=num_images,
+                           overlay=overlay)
+  names = (['ponder_maps.png'] if len(figures) == 1
+           else [f'ponder_maps_{k}.png' for k in range(len(figures))])
+  return [save_figure(fig, os.path.join(out_dir, name))
+          for fig, name in zip(figures, names)]
+
+
+def figure_array(fig: mfigure.Figure) -> np.ndarray:
+  """The figure rendered as an RGB uint8 array [H, W, 3] (for TensorBoard)."""
+  canvas = fig.canvas
+  if not isinstance(canvas, backend_agg.FigureCanvasAgg):
+    canvas = backend_agg.FigureCanvasAgg(fig)
+  canvas.draw()
+  return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 def preprocess_for(family: str, image_HxWx3: np.ndarray) -> np.ndarray:

@@ -31,6 +31,8 @@ if __name__ == '__main__':
 import ml_collections  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
+from sact_jax import checkpoint  # pylint: disable=g-import-not-at-top
+from sact_jax import parallel  # pylint: disable=g-import-not-at-top
 from sact_jax import train  # pylint: disable=g-import-not-at-top
 from sact_jax.configs import default  # pylint: disable=g-import-not-at-top
 
@@ -98,9 +100,9 @@ def synthetic_batches(num: int, batch_size: int = GLOBAL_BATCH,
 
 def flat_state(state: train.TrainState) -> dict[str, np.ndarray]:
   """Every array of a train state by path, as numpy (process-local copy)."""
-  tree = train._state_tree(state)  # pylint: disable=protected-access
+  tree = checkpoint.to_pure(train._state_tree(state))  # pylint: disable=protected-access
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {jax.tree_util.keystr(path): train._fetch(leaf)  # pylint: disable=protected-access
+  return {jax.tree_util.keystr(path): parallel.fetch(leaf)
           for path, leaf in flat}
 
 
@@ -114,15 +116,15 @@ def run_steps(config: ml_collections.ConfigDict,
     The flattened state before the first step and after every step (so
     `states[-1]` is the final one), the loss of every step and the trainer.
   """
-  mesh = train.make_mesh()
+  mesh = parallel.make_mesh()
   trainer = train.Trainer.create(config, mesh)
   state = trainer.init_state()
   states, losses = [flat_state(state)], []
   for batch in batches:
     local = {k: v[_local_rows(len(v))] for k, v in batch.items()}
-    state, metrics = trainer.train_step(state, train.shard_batch(local, mesh))
+    state, metrics = trainer.train_step(state, parallel.shard_batch(local, mesh))
     states.append(flat_state(state))
-    losses.append(float(train._fetch(metrics['loss'])))  # pylint: disable=protected-access
+    losses.append(float(parallel.fetch(metrics['loss'])))
   return states, losses, trainer
 
 
@@ -161,7 +163,7 @@ def _devices_main(args) -> None:
   states, losses, trainer = run_steps(config, batches)
   # After the first step too: the tests compare both.
   _save(args.out, states[1], {}, name='first')
-  batch = train.shard_batch(synthetic_batches(1)[0], trainer.mesh)
+  batch = parallel.shard_batch(synthetic_batches(1)[0], trainer.mesh)
   hlo = trainer.train_step.lower(trainer.init_state(), batch).compile(
   ).as_text()
   try:

@@ -5,9 +5,11 @@ the 128-image `sact_shapes/tiny` split, so every test trains for real in
 seconds. Multi-device runs are in `multidevice_test.py`.
 """
 
+import io
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 from unittest import mock
@@ -21,8 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import PIL.Image
+from tensorboardX.proto import event_pb2
 
 from sact_jax import checkpoint
+from sact_jax import evaluate
+from sact_jax import main_job
+from sact_jax import parallel
 from sact_jax import train
 from sact_jax.configs import cifar10
 from sact_jax.configs import default
@@ -50,7 +57,7 @@ def _config(**overrides):
 def _saved_state(workdir: str, step: int | None = None
                  ) -> tuple[int, dict[str, np.ndarray], dict]:
   """(step, flat state, data iterator position) of a checkpoint on disk."""
-  with train.checkpoint_manager(workdir, read_only=True) as manager, \
+  with checkpoint.run_manager(workdir, read_only=True) as manager, \
       warnings.catch_warnings():
     # Restoring without a target reads the shardings from the checkpoint,
     # which orbax warns about; fine for reading values back here.
@@ -88,7 +95,7 @@ class LossTest(parameterized.TestCase):
 
   def test_weight_decay_covers_kernels_only(self):
     """slim's l2_regularizer: wd * sum(w^2) / 2 over conv/dense kernels."""
-    params = train.Trainer.create(_config(), train.make_mesh()).init_state(
+    params = train.Trainer.create(_config(), parallel.make_mesh()).init_state(
     ).params
     kernels = [v[...] for p, v in nnx.to_flat_state(params)
                if p[-1] == 'kernel']
@@ -121,13 +128,13 @@ class TrainStepTest(absltest.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     config = _config(lr_boundaries=(), lr_scales=(), tau=0.01)
-    cls.mesh = train.make_mesh()
+    cls.mesh = parallel.make_mesh()
     cls.trainer = train.Trainer.create(config, cls.mesh)
 
   def test_loss_decreases(self):
     """SGD steps on one fixed batch fit it: the loss falls by a third."""
     state = self.trainer.init_state()
-    batch = train.shard_batch(train_helpers.synthetic_batches(1)[0],
+    batch = parallel.shard_batch(train_helpers.synthetic_batches(1)[0],
                               self.mesh)
     losses = []
     for _ in range(8):
@@ -143,7 +150,7 @@ class TrainStepTest(absltest.TestCase):
     heads_before = nnx.to_flat_state(nnx.state(
         self.trainer.model(state), checkpoint.HALTING_HEADS))
     heads_before = {p: np.array(v[...]) for p, v in heads_before}
-    batch = train.shard_batch(train_helpers.synthetic_batches(1)[0],
+    batch = parallel.shard_batch(train_helpers.synthetic_batches(1)[0],
                               self.mesh)
     state, m = self.trainer.train_step(state, batch)
     m = jax.tree.map(float, m)
@@ -165,7 +172,62 @@ class TrainStepTest(absltest.TestCase):
     self.assertNotEmpty(changed)
 
 
+def _tensorboard_events(workdir: str) -> list[event_pb2.Event]:
+  """Every event of the run's TensorBoard files (TFRecord framing)."""
+  events = []
+  directory = os.path.join(workdir, train.TENSORBOARD_DIR)
+  for name in sorted(os.listdir(directory)):
+    with open(os.path.join(directory, name), 'rb') as f:
+      data = f.read()
+    offset = 0
+    while offset < len(data):
+      (length,) = struct.unpack('<Q', data[offset:offset + 8])
+      record = data[offset + 12:offset + 12 + length]
+      offset += 12 + length + 4  # Length, its CRC, data, data CRC.
+      events.append(event_pb2.Event.FromString(record))
+  return events
+
+
 class TrainLoopTest(absltest.TestCase):
+
+  def test_evaluates_during_training(self):
+    """Test-split metrics and ponder-map pictures every eval_every_steps."""
+    workdir = train_helpers.tempdir(self)
+    config = _config(num_train_steps=4, eval_every_steps=2,
+                     num_eval_ponder_maps=2)
+    with self.assertLogs(level='INFO') as logs:
+      result = train.train(config, workdir)
+    with open(os.path.join(workdir, train.METRICS_FILE)) as f:
+      records = [json.loads(line) for line in f]
+    evals = [r for r in records if 'eval/top1_accuracy' in r]
+    self.assertEqual([r['step'] for r in evals], [2, 4])
+    for record in evals:
+      self.assertBetween(record['eval/top1_accuracy'], 0.0, 1.0)
+      # Above 100% when every unit runs: the halting heads cost FLOPs too.
+      self.assertBetween(record['eval/flops_percent_of_vanilla'], 1.0, 110.0)
+      self.assertGreater(record['eval/ponder_inside_outside_ratio'], 0.0)
+    # The last evaluation is of the final model, and the main job reuses it.
+    self.assertIsNotNone(result.eval_metrics)
+    again = evaluate.evaluate_model(result.model, config, verbose=False)
+    self.assertEqual(result.eval_metrics['top1_accuracy'],
+                     again['top1_accuracy'])
+    self.assertEqual(evals[-1]['eval/top1_accuracy'],
+                     again['top1_accuracy'])
+    self.assertTrue(any('eval at step 4 | test top-1' in line
+                        for line in logs.output))
+    images = [(e.step, v.image) for e in _tensorboard_events(workdir)
+              for v in e.summary.value if v.tag == 'eval/ponder_maps']
+    self.assertEqual([step for step, _ in images], [2, 4])
+    picture = np.asarray(PIL.Image.open(io.BytesIO(
+        images[0][1].encoded_image_string)))
+    self.assertEqual(picture.shape, (images[0][1].height,
+                                     images[0][1].width, 3))
+    self.assertGreater(picture.std(), 10)  # Not a blank picture.
+
+  def test_no_final_evaluation_unless_at_the_last_step(self):
+    result = train.train(_config(num_train_steps=3, eval_every_steps=2),
+                         train_helpers.tempdir(self))
+    self.assertIsNone(result.eval_metrics)
 
   def test_writes_checkpoints_metrics_and_summaries(self):
     workdir = train_helpers.tempdir(self)
@@ -175,7 +237,7 @@ class TrainLoopTest(absltest.TestCase):
     self.assertFalse(result.preempted)
     self.assertEqual(int(result.state.step), 4)
 
-    with train.checkpoint_manager(workdir, read_only=True) as manager:
+    with checkpoint.run_manager(workdir, read_only=True) as manager:
       self.assertEqual(list(manager.all_steps()), [4])  # keep_checkpoints=1
     with open(os.path.join(workdir, train.METRICS_FILE)) as f:
       records = [json.loads(line) for line in f]
@@ -189,7 +251,7 @@ class TrainLoopTest(absltest.TestCase):
     self.assertTrue(any(e.startswith('events.out.tfevents') for e in events))
 
     # The evaluator's view of the run: the final weights, eval mode.
-    model = train.restore_latest_model(config, workdir)
+    model = checkpoint.restore_latest_model(workdir, train.model_spec(config))
     self.assertTrue(model.head_bn.use_running_average)
     chex.assert_trees_all_equal(
         nnx.to_pure_dict(nnx.state(model)),
@@ -226,7 +288,7 @@ class TrainLoopTest(absltest.TestCase):
     train.train(config, full_dir)
 
     calls = []
-    real_shard_batch = train.shard_batch
+    real_shard_batch = parallel.shard_batch
 
     def shard_then_signal(*args, **kwargs):
       calls.append(1)
@@ -235,7 +297,7 @@ class TrainLoopTest(absltest.TestCase):
       return real_shard_batch(*args, **kwargs)
 
     handler = signal.getsignal(signal.SIGTERM)
-    with mock.patch.object(train, 'shard_batch', shard_then_signal):
+    with mock.patch.object(parallel, 'shard_batch', shard_then_signal):
       result = train.train(config, split_dir)
     self.assertIs(signal.getsignal(signal.SIGTERM), handler)  # Restored.
     self.assertTrue(result.preempted)
@@ -266,7 +328,7 @@ class TrainLoopTest(absltest.TestCase):
     for key, value in saved.items():
       self.assertTrue(np.all(np.isfinite(value)), key)
     # Still loadable for evaluation.
-    train.restore_latest_model(config, workdir)
+    evaluate.load_model(config, workdir=workdir)
 
 
 class ConfigTest(parameterized.TestCase):
@@ -362,12 +424,13 @@ class BadInputTest(parameterized.TestCase):
         r'sact units=\[2, 1, 1\].*than the config \(cifar sact units=\[1, 1, '
         r'1\]'):
       train.validate_config(_config(units=(1, 1, 1)), workdir)
-    with self.assertRaisesRegex(train.ConfigError, 'another model'):
-      train.restore_latest_model(_config(model_type='act'), workdir)
+    with self.assertRaisesRegex(evaluate.EvaluationError, 'another model'):
+      evaluate.load_model(_config(model_type='act'), workdir=workdir)
 
   def test_no_checkpoint_to_restore(self):
-    with self.assertRaisesRegex(FileNotFoundError, 'No training checkpoint'):
-      train.restore_latest_model(_config(), train_helpers.tempdir(self))
+    with self.assertRaisesRegex(evaluate.EvaluationError,
+                                'No training checkpoint'):
+      evaluate.load_model(_config(), workdir=train_helpers.tempdir(self))
 
 
 class LauncherTest(parameterized.TestCase):
@@ -420,7 +483,7 @@ class LauncherTest(parameterized.TestCase):
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     self.assertRegex(proc.stderr, r'step 6/6 \| loss [0-9.]+ \| accuracy')
     for name in ('eval.json', train.METRICS_FILE, train.CHECKPOINT_DIR,
-                 train.TENSORBOARD_DIR, train.PONDER_MAPS_DIR):
+                 train.TENSORBOARD_DIR, main_job.PONDER_MAPS_DIR):
       self.assertTrue(os.path.exists(os.path.join(workdir, name)), name)
     with open(os.path.join(workdir, 'eval.json')) as f:
       self.assertIn('top1_accuracy', f.read())

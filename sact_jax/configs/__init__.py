@@ -72,13 +72,19 @@ def base_config() -> ml_collections.ConfigDict:
   config.label_smoothing = 0.0
   # SGD momentum (TF MomentumOptimizer / optax.sgd: v = m v + g).
   config.momentum = 0.9
-  # Learning rate before the first boundary.
+  # Peak learning rate (the rate before the first boundary for 'piecewise').
   config.learning_rate = 0.1
-  # Piecewise constant schedule: after step lr_boundaries[i] the rate is
+  # 'piecewise' (the reference's): after step lr_boundaries[i] the rate is
   # learning_rate * lr_scales[i] (TF piecewise_constant: the boundary step
-  # itself still uses the previous rate). Increasing; same lengths.
+  # itself still uses the previous rate). 'cosine': linear warm-up from 0 over
+  # warmup_steps, then cosine decay to 0 at num_train_steps; no step at which
+  # the rate drops, so the result does not depend on when training takes off.
+  config.lr_schedule = 'piecewise'
+  # Increasing; same lengths ('piecewise' only).
   config.lr_boundaries = ()
   config.lr_scales = ()
+  # Steps of linear warm-up ('cosine' only); < num_train_steps.
+  config.warmup_steps = 0
 
   # --- Run ---
   # Global batch size (all hosts and devices together); the device count
@@ -100,11 +106,18 @@ def base_config() -> ml_collections.ConfigDict:
   # start from, e.g. a vanilla model for fine-tuning ACT/SACT: everything is
   # restored but the halting heads. None: random initialisation.
   config.init_from = ml_collections.config_dict.placeholder(str)
-  # Examples of the eval split used by the evaluation after training; None
-  # for the whole split.
+  # Steps between evaluations on the eval split during training (top-1,
+  # FLOPs, ponder cost, inside/outside as `eval/...` summaries and a console
+  # line); 0: only after training.
+  config.eval_every_steps = 0
+  # Examples of the eval split used by every evaluation; None for the whole
+  # split.
   config.num_eval_examples = ml_collections.config_dict.placeholder(int)
   # Ponder-map pictures written after training (SACT models).
   config.num_ponder_maps = 16
+  # Ponder maps drawn into TensorBoard at each evaluation during training
+  # (SACT models); 0: none.
+  config.num_eval_ponder_maps = 4
   return config
 
 

@@ -7,6 +7,7 @@ from sact_jax.data.pipeline import dataset_info
 from sact_jax.data.pipeline import DatasetInfo
 from sact_jax.data.pipeline import DatasetNotFoundError
 from sact_jax.data.pipeline import get_iterator_state
+from sact_jax.data.pipeline import label_offset
 from sact_jax.data.pipeline import make_dataset
 from sact_jax.data.pipeline import set_iterator_state
 from sact_jax.data.pipeline import SUPPORTED_DATASETS

@@ -109,6 +109,26 @@ def dataset_info(name: str) -> DatasetInfo:
   return info
 
 
+def label_offset(name: str, num_classes: int) -> int:
+  """Shift of `name`'s labels into a model's classes (1: background class).
+
+  The reference's ImageNet models have 1001 classes with the background as
+  class 0, so tfds label l is their class l + 1; other models have exactly
+  the dataset's classes.
+
+  Raises:
+    ValueError: `num_classes` fits neither.
+  """
+  info = dataset_info(name)
+  offset = num_classes - info.num_classes
+  if offset not in (0, 1):
+    raise ValueError(
+        f'num_classes={num_classes} does not fit {name}, which has '
+        f'{info.num_classes} classes (use {info.num_classes}, or '
+        f'{info.num_classes + 1} with a background class 0).')
+  return offset
+
+
 def make_dataset(
     name: str,
     split: str,
