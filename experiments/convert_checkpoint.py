@@ -9,15 +9,19 @@ r"""Converts a released TF checkpoint of the reference into a model checkpoint.
 `.index` file, or a directory with a `checkpoint` state file. Needs
 TensorFlow (`pip install -e .[tf]`). The result is read back with
 `sact_jax.checkpoint.restore_model(output)`.
+
+Bad input (flags, a missing or mismatched TF checkpoint, an existing output,
+no TensorFlow) ends with one `error:` line and exit status 2, nothing
+written (see experiments/_cli.py).
 """
 
 import collections
 import os
-import sys
 
-from absl import app
 from absl import flags
 from absl import logging
+
+from experiments import _cli
 
 _TF_CHECKPOINT = flags.DEFINE_string(
     'tf_checkpoint', None, 'TF checkpoint prefix, .index file or directory.',
@@ -72,7 +76,7 @@ def _print_skipped(skipped: dict[str, str]):
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    _cli.fail(f'Unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     # app.run turns INFO on, and orbax logs every write at INFO; the summary
     # below says what matters. --verbosity=0 brings the logs back.
@@ -94,7 +98,7 @@ def main(argv):
   except (checkpoint.TensorFlowMissingError, checkpoint.CheckpointError,
           reference.ReferenceMismatchError, FileNotFoundError,
           FileExistsError, ValueError) as e:
-    sys.exit(f'error: {e}')
+    _cli.fail(_cli.one_line(e))
 
   selection = result.selection
   print(f'Read {len(selection.sources)} model variables from {result.source}'
@@ -108,4 +112,4 @@ if __name__ == '__main__':
   # TF's C++ start-up chatter would bury the summary.
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   os.environ.setdefault('JAX_DEFAULT_PRNG_IMPL', 'rbg')
-  app.run(main)
+  _cli.run(main)

@@ -13,18 +13,21 @@ from TF; the config then only chooses the data). Prints a table and writes
 the metrics as JSON to `--output` (default: `eval.json` in the workdir or
 checkpoint directory). `--inference=sparse` runs the model through
 `sact_jax.sparse` (see BUILD.md, "Sparse inference").
+
+Bad input (flags, a missing checkpoint, an output that cannot be written)
+ends with one `error:` line and exit status 2 (see experiments/_cli.py).
 """
 
 import os
-import sys
 
-from absl import app
 from absl import flags
 import jax
 from ml_collections import config_flags
 
+from experiments import _cli
 from sact_jax import data
 from sact_jax import evaluate
+from sact_jax import workdirs
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file: the dataset, eval batch size and, with '
@@ -45,27 +48,30 @@ _OUTPUT = flags.DEFINE_string(
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+    _cli.fail(f'Unexpected arguments: {" ".join(argv[1:])}')
   try:
     evaluate.check_model_source(_WORKDIR.value, _CHECKPOINT.value)
   except ValueError as e:
-    raise app.UsageError(str(e)) from None
-  if _CONFIG.value is None:
-    raise app.UsageError('--config is required (it chooses the dataset).')
+    _cli.fail(str(e))
+  config = _cli.config_value(_CONFIG)
+  if config is None:
+    _cli.fail('--config is required (it chooses the dataset).')
   jax.config.update('jax_default_prng_impl', 'rbg')
-  config = _CONFIG.value
+  output = _OUTPUT.value or os.path.join(
+      _WORKDIR.value or _CHECKPOINT.value, 'eval.json')
   try:
     model = evaluate.load_model(config, workdir=_WORKDIR.value,
                                 checkpoint=_CHECKPOINT.value)
-  except (ValueError, FileNotFoundError) as e:  # Bad workdir or checkpoint.
-    sys.exit(f'Error: {e}')
+    # Before the evaluation, which may take long, not after it.
+    workdirs.ensure_writable_dir(os.path.dirname(os.path.abspath(output)))
+  except (ValueError, FileNotFoundError) as e:
+    # Bad workdir, checkpoint or output (WorkdirError is a ValueError).
+    _cli.fail(_cli.one_line(e))
   try:
     metrics = evaluate.evaluate_model(model, config,
                                       sparse=_INFERENCE.value == 'sparse')
   except (evaluate.EvaluationError, data.DatasetNotFoundError) as e:
-    sys.exit(f'Error: {e}')
-  output = _OUTPUT.value or os.path.join(
-      _WORKDIR.value or _CHECKPOINT.value, 'eval.json')
+    _cli.fail(_cli.one_line(e))
   if jax.process_index() == 0:
     evaluate.save_json(metrics, output)
   print(evaluate.format_table(metrics))
@@ -73,4 +79,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  _cli.run(main)

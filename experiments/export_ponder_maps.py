@@ -12,19 +12,23 @@ r"""Draws ponder-cost maps next to their images (PNGs), as in the paper.
 the photographs scikit-image ships (astronaut, coffee, chelsea, ...) at
 `--photo_size` pixels: in-distribution for ImageNet-family models,
 out-of-distribution pictures for CIFAR-family ones.
+
+Bad input (flags, a missing checkpoint, an output directory that cannot be
+written) ends with one `error:` line and exit status 2 (see
+experiments/_cli.py).
 """
 
 import os
-import sys
 
-from absl import app
 from absl import flags
 import jax
 from ml_collections import config_flags
 
+from experiments import _cli
 from sact_jax import data
 from sact_jax import evaluate
 from sact_jax import visualize
+from sact_jax import workdirs
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file: the dataset to draw images from and, with '
@@ -50,25 +54,27 @@ _OVERLAY = flags.DEFINE_bool(
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+    _cli.fail(f'Unexpected arguments: {" ".join(argv[1:])}')
   try:
     evaluate.check_model_source(_WORKDIR.value, _CHECKPOINT.value)
   except ValueError as e:
-    raise app.UsageError(str(e)) from None
-  config = _CONFIG.value
+    _cli.fail(str(e))
+  config = _cli.config_value(_CONFIG)
   if config is None and _WORKDIR.value is not None:
-    raise app.UsageError('--workdir needs the --config of the training run.')
+    _cli.fail('--workdir needs the --config of the training run.')
   if (config is None or _NUM_IMAGES.value == 0) and not _PHOTOS.value:
-    raise app.UsageError('Nothing to draw: give --config (and --num_images '
-                         '> 0) for dataset images, or --photos.')
+    _cli.fail('Nothing to draw: give --config (and --num_images > 0) for '
+              'dataset images, or --photos.')
   jax.config.update('jax_default_prng_impl', 'rbg')
+  out_dir = _OUT_DIR.value or os.path.join(
+      _WORKDIR.value or _CHECKPOINT.value, 'ponder_maps')
   try:
     model = evaluate.load_model(config, workdir=_WORKDIR.value,
                                 checkpoint=_CHECKPOINT.value)
-  except (ValueError, FileNotFoundError) as e:  # Bad workdir or checkpoint.
-    sys.exit(f'Error: {e}')
-  out_dir = _OUT_DIR.value or os.path.join(
-      _WORKDIR.value or _CHECKPOINT.value, 'ponder_maps')
+    workdirs.ensure_writable_dir(out_dir)
+  except (ValueError, FileNotFoundError) as e:
+    # Bad workdir, checkpoint or out_dir (WorkdirError is a ValueError).
+    _cli.fail(_cli.one_line(e))
   paths = []
   if config is not None and _NUM_IMAGES.value > 0:
     try:
@@ -76,7 +82,7 @@ def main(argv):
           model, config, out_dir, num_images=_NUM_IMAGES.value,
           overlay=_OVERLAY.value)
     except data.DatasetNotFoundError as e:
-      sys.exit(f'Error: {e}')
+      _cli.fail(_cli.one_line(e))
   if _PHOTOS.value:
     photos = visualize.load_photos(size=_PHOTO_SIZE.value)
     paths.append(visualize.save_ponder_maps_for_images(
@@ -91,4 +97,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  _cli.run(main)

@@ -11,19 +11,20 @@ detects (TPU pods, SLURM, Open MPI) pass `--multihost`; elsewhere give
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`. The
 workdir must be on a filesystem all hosts share.
 
-Bad input (config, dataset, workdir of another model) ends with one error
-line and exit status 2; a non-finite loss with exit status 1.
+Bad input (flags, config, dataset, a workdir that cannot be written or holds
+another model) ends with one `error:` line and exit status 2 before any work
+starts; a non-finite loss with exit status 1 (see experiments/_cli.py).
 """
 
 import logging as py_logging
 import os
-import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
+
+from experiments import _cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Training config file, e.g. '
@@ -61,15 +62,9 @@ class _QuietLibraries:
         part in record.pathname for part in self._NOISY)
 
 
-def _fail(message: str, status: int) -> None:
-  """One error line on stderr, no traceback."""
-  print(f'error: {message}', file=sys.stderr, flush=True)
-  sys.exit(status)
-
-
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    _cli.fail(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_logger().addFilter(_QuietLibraries())
   # Before any other jax use: rbg keys make model init several times faster
   # on CPU (no compilation per parameter shape), and the cache skips
@@ -89,52 +84,28 @@ def main(argv):
   # Imported after jax is configured.
   from sact_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from sact_jax import data  # pylint: disable=g-import-not-at-top
+  from sact_jax import main_job  # pylint: disable=g-import-not-at-top
   from sact_jax import train  # pylint: disable=g-import-not-at-top
+  from sact_jax import workdirs  # pylint: disable=g-import-not-at-top
 
   logging.info('JAX %s, process %d of %d, %d local / %d global devices: %s',
                jax.__version__, jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),
                ', '.join(str(d) for d in jax.local_devices()))
-  try:
-    # A config file that cannot be loaded is only reported on first use.
-    config = _CONFIG.value
-    config.get('dataset')
-  except OSError as e:
-    _fail(_one_line(e), 2)
+  config = _cli.config_value(_CONFIG)
   try:
     train.validate_config(config, _WORKDIR.value)
-    train.train_and_evaluate(config, _WORKDIR.value)
+    # After the config (a bad one leaves no directory behind), before any
+    # work: training would only find out when it first writes.
+    workdirs.ensure_writable_dir(_WORKDIR.value)
+    main_job.train_and_evaluate(config, _WORKDIR.value)
   except (train.ConfigError, data.DatasetNotFoundError,
-          checkpoint.CheckpointError) as e:
-    _fail(str(e), 2)
+          checkpoint.CheckpointError, workdirs.WorkdirError) as e:
+    _cli.fail(str(e))
   except train.NonFiniteLossError as e:
-    _fail(str(e), 1)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing, but bad flags end with one line and exit status 2.
-
-  ml_collections puts the config file's whole traceback into the flag error
-  (e.g. for an unknown variant); only its last line, the error, is kept.
-  """
-  try:
-    return flags.FLAGS(argv)
-  except (AttributeError, KeyError) as e:
-    # Raised by ml_collections for --config.<field> that the config lacks.
-    _fail(f'Unknown config field {str(e).strip(chr(34))}: overrides can only '
-          'set fields that the config file defines.', 2)
-  except (flags.Error, TypeError, ValueError) as e:
-    _fail(_one_line(e), 2)
-
-
-def _one_line(error: Exception) -> str:
-  """The first and last lines of a message that may embed a traceback."""
-  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-  if not lines:
-    return type(error).__name__
-  return lines[0] if len(lines) == 1 else f'{lines[0]} {lines[-1]}'
+    _cli.fail(str(e), _cli.RUN_FAILED)
 
 
 if __name__ == '__main__':
   flags.mark_flag_as_required('config')
-  app.run(main, flags_parser=_parse_flags)
+  _cli.run(main)

@@ -87,7 +87,7 @@ class ModelSpecTest(parameterized.TestCase):
       dict(kwargs=dict(model_type='pact'), message='model_type'),
       dict(kwargs=dict(num_classes=0), message='num_classes'),
       dict(kwargs=dict(units=(2, 0)), message='units'),
-      dict(kwargs=dict(units=7), message='preset'),
+      dict(kwargs=dict(units=7), message='units=7 is not a known cifar depth'),
       dict(kwargs=dict(eps=1.0), message='eps'),
       dict(kwargs=dict(base_channels=0), message='base_channels'),
   )
@@ -97,6 +97,27 @@ class ModelSpecTest(parameterized.TestCase):
     fields.update(kwargs)
     with self.assertRaisesRegex(ValueError, message):
       checkpoint.ModelSpec(**fields)
+
+  @parameterized.named_parameters(
+      ('depth', (110,), (18, 18, 18)),
+      ('per_block', (2, 1, 3), (2, 1, 3)),
+  )
+  def test_from_config(self, units, expected):
+    config = dict(family='cifar', units=units, model_type='sact',
+                  num_classes=10, eps=0.01)
+    self.assertEqual(checkpoint.ModelSpec.from_config(config).units, expected)
+
+  def test_from_config_refuses_one_value_that_is_no_depth(self):
+    """`--config.units=3` arrives as (3,): a depth, not one block of 3."""
+    config = dict(family='cifar', units=(3,), model_type='sact',
+                  num_classes=10, eps=0.01)
+    with self.assertRaisesRegex(
+        ValueError, r'^units=3 is not a known cifar depth \(20, 32, 56, '
+        r'110\); give units per block, e\.g\. \(3, 3, 3\)\.$'):
+      checkpoint.ModelSpec.from_config(config)
+    # Outside configs a one-block model stays possible.
+    self.assertEqual(checkpoint.ModelSpec('cifar', (3,), 'sact',
+                                          num_classes=10).units, (3,))
 
   def test_unknown_field(self):
     with self.assertRaisesRegex(ValueError, 'Unknown ModelSpec field'):

@@ -290,7 +290,7 @@ class LauncherTest(absltest.TestCase):
 
     # A second run must not replace it silently, and says so in one line.
     run = _run_launcher(*args)
-    self.assertEqual(run.returncode, 1)
+    self.assertEqual(run.returncode, 2, run.stderr[-2000:])  # Bad input.
     self.assertNotIn('Traceback', run.stderr)
     self.assertEqual(run.stderr.strip().splitlines()[-1],
                      f'error: {output} already exists; pass overwrite=True '
@@ -306,7 +306,7 @@ class LauncherTest(absltest.TestCase):
             "run_name='__main__')\n")
     run = _run_launcher(f'--tf_checkpoint={_TESTDATA / "cifar_sact"}',
                         *_LAUNCHER_FLAGS, f'--output={output}', code=code)
-    self.assertEqual(run.returncode, 1)
+    self.assertEqual(run.returncode, 2, run.stderr[-2000:])  # Bad input.
     self.assertNotIn('Traceback', run.stderr)
     self.assertEqual(run.stderr.strip().splitlines()[-1],
                      f'error: {checkpoint.TF_MISSING_MESSAGE}')

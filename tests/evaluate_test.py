@@ -354,14 +354,18 @@ class LauncherTest(absltest.TestCase):
             if name == 'ok' else None for name in runs]
     with concurrent.futures.ThreadPoolExecutor(len(runs)) as pool:
       results = dict(zip(runs, pool.map(_run, runs.values(), envs)))
-    self.assertNotEqual(results['neither'].returncode, 0)
-    self.assertIn('Give exactly one of --workdir (a training run) and '
-                  '--checkpoint (a model-only checkpoint), got neither.',
-                  results['neither'].stderr)
+    # Bad input: one line, exit status 2 (experiments/_cli.py).
+    neither = results['neither']
+    self.assertEqual(neither.returncode, 2, neither.stderr[-2000:])
+    self.assertEqual(neither.stderr.strip().splitlines()[-1],
+                     'error: Give exactly one of --workdir (a training run) '
+                     'and --checkpoint (a model-only checkpoint), got '
+                     'neither.')
     missing = results['missing']
-    self.assertEqual(missing.returncode, 1)
+    self.assertEqual(missing.returncode, 2, missing.stderr[-2000:])
     self.assertRegex(missing.stderr.strip().splitlines()[-1],
-                     f'^Error: .*{tmp}/missing')
+                     f'^error: .*{tmp}/missing')
+    self.assertNotIn('Traceback', missing.stderr)
     ok = results['ok']
     self.assertEqual(ok.returncode, 0, ok.stderr[-3000:])
     self.assertIn('top-1 accuracy', ok.stdout)

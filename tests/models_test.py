@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sact_jax.models import create_model
+from sact_jax.models import depth_or_units
 from sact_jax.models import resolve_units
 import testing_utils as tu
 
@@ -208,12 +209,41 @@ class CreateModelTest(parameterized.TestCase):
 
   def test_explicit_units(self):
     self.assertEqual(resolve_units('cifar', [1, 2, 4]), (1, 2, 4))
+    self.assertEqual(resolve_units('cifar', (4,)), (4,))  # One block.
+
+  @parameterized.named_parameters(
+      ('depth', 110, 110),
+      ('one_value', (3,), 3),  # What `--config.units=3` gives.
+      ('one_item_list', [101], 101),
+      ('per_block', (2, 2, 2), (2, 2, 2)),
+      ('numpy', np.array([1, 2]), (1, 2)),
+  )
+  def test_depth_or_units(self, units, expected):
+    self.assertEqual(depth_or_units(units), expected)
+
+  @parameterized.parameters(
+      dict(units=3.5), dict(units=(3, 2.5)), dict(units='3'),
+      dict(units=(True,)))
+  def test_depth_or_units_needs_integers(self, units):
+    with self.assertRaisesRegex(ValueError, 'units must be integers'):
+      depth_or_units(units)
+
+  def test_one_value_is_a_depth_not_a_block(self):
+    """A config's (3,) is refused in one line instead of one block of 3."""
+    with self.assertRaisesRegex(
+        ValueError, r'^units=3 is not a known cifar depth \(20, 32, 56, '
+        r'110\); give units per block, e\.g\. \(3, 3, 3\)\.$'):
+      resolve_units('cifar', depth_or_units((3,)))
+    self.assertEqual(resolve_units('cifar', depth_or_units((110,))),
+                     (18, 18, 18))
 
   @parameterized.named_parameters(
       ('unknown_cifar_depth', dict(family='cifar', units=44),
-       r'No cifar preset of depth 44; presets: \[20, 32, 56, 110\]'),
+       r'^units=44 is not a known cifar depth \(20, 32, 56, 110\); give '
+       r'units per block, e\.g\. \(44, 44, 44\)\.$'),
       ('unknown_imagenet_depth', dict(family='imagenet', units=34),
-       r'No imagenet preset of depth 34'),
+       r'units=34 is not a known imagenet depth \(50, 101, 152, 200\); .*'
+       r'\(34, 34, 34, 34\)'),
       ('bad_family', dict(family='mnist'), r"family must be one of .*'mnist'"),
       ('bad_model_type', dict(model_type='adaptive'),
        r"model_type must be one of .*'adaptive'"),

@@ -183,12 +183,15 @@ class LauncherTest(absltest.TestCase):
     }
     with concurrent.futures.ThreadPoolExecutor(len(runs)) as pool:
       results = dict(zip(runs, pool.map(_run, runs.values())))
-    self.assertNotEqual(results['both'].returncode, 0)
-    self.assertIn('Give exactly one of --workdir (a training run) and '
-                  '--checkpoint (a model-only checkpoint), got both.',
-                  results['both'].stderr)
-    self.assertNotEqual(results['nothing'].returncode, 0)
-    self.assertIn('Nothing to draw', results['nothing'].stderr)
+    # Bad input: one line, exit status 2 (experiments/_cli.py).
+    both, nothing = results['both'], results['nothing']
+    self.assertEqual(both.returncode, 2, both.stderr[-2000:])
+    self.assertEqual(both.stderr.strip().splitlines()[-1],
+                     'error: Give exactly one of --workdir (a training run) '
+                     'and --checkpoint (a model-only checkpoint), got both.')
+    self.assertEqual(nothing.returncode, 2, nothing.stderr[-2000:])
+    self.assertTrue(nothing.stderr.strip().splitlines()[-1].startswith(
+        'error: Nothing to draw'), nothing.stderr[-2000:])
     ok = results['ok']
     self.assertEqual(ok.returncode, 0, ok.stderr[-3000:])
     self.assertCountEqual(os.listdir(out_dir),

@@ -3,6 +3,7 @@
 from sact_jax.models.cifar import CIFAR_PRESETS
 from sact_jax.models.cifar import CifarResNet
 from sact_jax.models.factory import create_model
+from sact_jax.models.factory import depth_or_units
 from sact_jax.models.factory import FAMILIES
 from sact_jax.models.factory import resolve_units
 from sact_jax.models.imagenet import IMAGENET_PRESETS

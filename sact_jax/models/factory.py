@@ -1,5 +1,7 @@
 """`create_model`: one entry point for every family, depth and model type."""
 
+import collections.abc
+import numbers
 from typing import Sequence
 
 from flax import nnx
@@ -18,16 +20,47 @@ def resolve_units(family: str, units: int | Sequence[int]) -> tuple[int, ...]:
     raise ValueError(f'family must be one of {FAMILIES}, got {family!r}.')
   presets = (cifar.CIFAR_PRESETS if family == 'cifar'
              else imagenet.IMAGENET_PRESETS)
-  if isinstance(units, int):
+  if isinstance(units, numbers.Integral):
     if units not in presets:
+      num_blocks = len(next(iter(presets.values())))
+      example = ', '.join([str(max(int(units), 1))] * num_blocks)
       raise ValueError(
-          f'No {family} preset of depth {units}; presets: '
-          f'{sorted(presets)}. Pass a list of units per block instead.')
-    return presets[units]
+          f'units={units} is not a known {family} depth '
+          f'({", ".join(str(d) for d in sorted(presets))}); give units per '
+          f'block, e.g. ({example}).')
+    return presets[int(units)]
   units = tuple(int(u) for u in units)
   if not units or any(u < 1 for u in units):
     raise ValueError(f'units per block must be >= 1, got {units}.')
   return units
+
+
+def depth_or_units(units: int | Sequence[int]) -> int | tuple[int, ...]:
+  """Units as configs and flags give them: a single value is a depth.
+
+  A command line cannot tell a scalar from a one-element tuple
+  (ml_collections turns `--config.units=3` into `(3,)`), so one value from
+  there is read as a preset depth, which `resolve_units` checks: 3 is
+  refused rather than silently building a one-block model. One-block models
+  are made by passing `(n,)` to `create_model` or `ModelSpec` directly.
+
+  Args:
+    units: a config's or flag's units.
+
+  Returns:
+    The depth (one value) or the units per block (a tuple).
+
+  Raises:
+    ValueError: a value is not an integer.
+  """
+  iterable = (isinstance(units, collections.abc.Iterable)
+              and not isinstance(units, str))
+  values = tuple(units) if iterable else (units,)
+  if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+             for v in values):
+    raise ValueError(f'units must be integers, got {units!r}.')
+  values = tuple(int(v) for v in values)
+  return values[0] if len(values) == 1 else values
 
 
 def create_model(family: str, units: int | Sequence[int], model_type: str, *,

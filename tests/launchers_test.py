@@ -1,0 +1,124 @@
+"""Every launcher under experiments/ ends bad input the same way.
+
+One `error: ...` line last on stderr, exit status 2, no traceback, nothing
+written (experiments/_cli.py). Each launcher gets a bad flag, a path that
+does not exist and an output directory that cannot be made.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from absl.testing import absltest
+from absl.testing import parameterized
+
+from sact_jax import checkpoint
+import testing_utils as tu
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CONFIG = '--config=sact_jax/configs/default.py'
+_CONVERT = ('--family=cifar', '--units=2,2,2', '--model_type=sact',
+            '--num_classes=10')
+
+# {tmp}: a fresh directory; {ckpt}: a model checkpoint in it; {file}: a
+# regular file in it (a directory below it cannot be made, even by root).
+# Each case: launcher, arguments, a part of the error line.
+_CASES = (
+    ('train_bad_flag', 'train', [_CONFIG, '--workdir={tmp}/w', '--nope=1'],
+     "Unknown command line flag 'nope'"),
+    ('train_bad_config_field', 'train',
+     [_CONFIG, '--config.tua=1', '--workdir={tmp}/w'],
+     "Unknown config field 'tua'"),
+    ('train_uncreatable_workdir', 'train', [_CONFIG, '--workdir=/proc/nope'],
+     'Cannot create or write to the directory /proc/nope: '),
+    ('train_workdir_below_a_file', 'train', [_CONFIG, '--workdir={file}/w'],
+     'Cannot create or write to the directory {file}/w: Not a directory.'),
+    ('train_units_not_a_depth', 'train',
+     [_CONFIG, '--config.units=3', '--workdir={tmp}/w'],
+     'units=3 is not a known cifar depth (20, 32, 56, 110); give units per '
+     'block, e.g. (3, 3, 3).'),
+    ('evaluate_bad_flag', 'evaluate',
+     [_CONFIG, '--checkpoint={ckpt}', '--inference=tiles'],
+     'flag --inference=tiles'),
+    ('evaluate_both_sources', 'evaluate',
+     [_CONFIG, '--checkpoint={ckpt}', '--workdir={tmp}'],
+     'Give exactly one of --workdir'),
+    ('evaluate_missing_checkpoint', 'evaluate',
+     [_CONFIG, '--checkpoint={tmp}/missing'],
+     'No model checkpoint at {tmp}/missing'),
+    ('evaluate_unwritable_output', 'evaluate',
+     [_CONFIG, '--checkpoint={ckpt}', '--output={file}/eval.json'],
+     'directory {file}: it exists and is not a directory.'),
+    ('export_bad_flag', 'export_ponder_maps',
+     ['--checkpoint={ckpt}', '--photos', '--num_images=-1'],
+     'flag --num_images=-1'),
+    ('export_missing_checkpoint', 'export_ponder_maps',
+     ['--checkpoint={tmp}/missing', '--photos'],
+     'No model checkpoint at {tmp}/missing'),
+    ('export_unwritable_out_dir', 'export_ponder_maps',
+     ['--checkpoint={ckpt}', '--photos', '--out_dir={file}/maps'],
+     'directory {file}/maps: Not a directory.'),
+    ('convert_bad_flag', 'convert_checkpoint',
+     ['--tf_checkpoint={tmp}', *_CONVERT[1:], '--family=mnist',
+      '--output={tmp}/out'],
+     'flag --family=mnist'),
+    ('convert_missing_tf_checkpoint', 'convert_checkpoint',
+     ['--tf_checkpoint={tmp}/missing', *_CONVERT, '--output={tmp}/out'],
+     'No TF checkpoint at {tmp}/missing'),
+)
+
+
+class LauncherConventionTest(parameterized.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.tmp = tempfile.mkdtemp()
+    cls.ckpt = os.path.join(cls.tmp, 'ckpt')
+    spec = checkpoint.ModelSpec('cifar', (1, 1, 1), 'vanilla', num_classes=6,
+                                base_channels=4)
+    model = tu.build('cifar', spec.units, 'vanilla', num_classes=6,
+                     base_channels=4)
+    checkpoint.save_model(cls.ckpt, model, spec)
+    cls.file = os.path.join(cls.tmp, 'file')
+    with open(cls.file, 'w') as f:
+      f.write('not a directory')
+
+  @classmethod
+  def tearDownClass(cls):
+    shutil.rmtree(cls.tmp, ignore_errors=True)
+    super().tearDownClass()
+
+  def _listing(self) -> list[tuple[str, list[str], list[str]]]:
+    return sorted((os.path.relpath(root, self.tmp), sorted(dirs),
+                   sorted(files)) for root, dirs, files in os.walk(self.tmp))
+
+  @parameterized.named_parameters(*_CASES)
+  def test_bad_input_is_one_error_line_and_status_2(self, launcher, args,
+                                                     message):
+    paths = dict(tmp=self.tmp, ckpt=self.ckpt, file=self.file)
+    args = [a.format(**paths) for a in args]
+    before = self._listing()
+    # The CPU on any host: a GPU is held by this test process, and the
+    # convention does not depend on the backend.
+    env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
+    proc = subprocess.run(
+        [sys.executable, '-m', f'experiments.{launcher}', *args,
+         *(['--compilation_cache_dir='] if launcher == 'train' else [])],
+        cwd=_REPO, env=env, capture_output=True, text=True, timeout=300,
+        check=False)
+    lines = proc.stderr.strip().splitlines()
+    self.assertEqual(proc.returncode, 2, proc.stderr[-3000:])
+    self.assertNotEmpty(lines)
+    self.assertStartsWith(lines[-1], 'error: ')
+    self.assertIn(message.format(**paths), lines[-1])
+    self.assertLen([l for l in lines if l.startswith('error: ')], 1,
+                   proc.stderr[-3000:])
+    self.assertNotIn('Traceback', proc.stderr)
+    self.assertEqual(self._listing(), before)  # Nothing written.
+
+
+if __name__ == '__main__':
+  absltest.main()
