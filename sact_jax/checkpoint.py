@@ -37,7 +37,6 @@ import orbax.checkpoint as ocp
 
 from sact_jax import act as act_lib
 from sact_jax import blocks as blocks_lib
-from sact_jax import data as data_lib
 from sact_jax import reference
 from sact_jax.models import factory
 
@@ -780,23 +779,23 @@ def saved_run_spec(workdir: str) -> ModelSpec | None:
   return ModelSpec.from_dict(meta['model_spec'])
 
 
-class _IteratorPosition:
-  """A data iterator's position frozen at save time.
+class _DataPosition:
+  """A data iterator's position, frozen at save time, for grain's handler.
 
   grain's orbax handler (one `process_<i>-of-<n>.json` per host) may write
   in a background thread while training already draws the next batches; it
-  reads the state from this snapshot instead of the live iterator.
+  reads this snapshot instead of the live iterator.
   """
 
-  def __init__(self, iterator: grain.DatasetIterator):
-    self._state = json.dumps(data_lib.get_iterator_state(iterator))
+  def __init__(self, position: Mapping[str, Any]):
+    self._state = json.dumps(position)
 
   def get_state(self) -> bytes:
     return self._state.encode()
 
 
 def save_run(manager: ocp.CheckpointManager, step: int,
-             state: Mapping[str, Any], iterator: grain.DatasetIterator,
+             state: Mapping[str, Any], data_position: Mapping[str, Any],
              spec: ModelSpec, config: Mapping[str, Any]) -> None:
   """Saves a train state (a dict of arrays / nnx.States) at `step`.
 
@@ -804,13 +803,14 @@ def save_run(manager: ocp.CheckpointManager, step: int,
     manager: from `run_manager`.
     step: the step number of the checkpoint.
     state: the train state's fields; nnx.States are stored as pure dicts.
-    iterator: the training data iterator, whose position is saved.
+    data_position: this host's data iterator position (JSON-compatible,
+      `data.get_iterator_state`).
     spec: the model's architecture.
     config: the run's config as JSON-compatible data.
   """
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.PyTreeSave(to_pure(dict(state))),
-      data=grain.checkpoint.CheckpointSave(_IteratorPosition(iterator)),
+      data=grain.checkpoint.CheckpointSave(_DataPosition(data_position)),
       meta=ocp.args.JsonSave({'model_spec': spec.to_dict(),
                               'config': dict(config)})), force=True)
   logging.info('Saving the step-%d checkpoint to %s.', step, manager.directory)

@@ -456,8 +456,9 @@ def _save(manager: ocp.CheckpointManager, state: TrainState,
           iterator: grain.DatasetIterator, spec: checkpoint_lib.ModelSpec,
           config: ml_collections.ConfigDict) -> None:
   checkpoint_lib.save_run(
-      manager, int(parallel.fetch(state.step)), _state_tree(state), iterator,
-      spec, json.loads(config.to_json_best_effort()))
+      manager, int(parallel.fetch(state.step)), _state_tree(state),
+      data_lib.get_iterator_state(iterator), spec,
+      json.loads(config.to_json_best_effort()))
 
 
 def _restore(manager: ocp.CheckpointManager, step: int, trainer: Trainer,

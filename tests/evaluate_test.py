@@ -306,7 +306,7 @@ class EvaluateModelTest(absltest.TestCase):
     abstract = nnx.eval_shape(lambda: models.create_model(
         'cifar', (1, 1, 1), 'sact', num_classes=10, base_channels=4,
         rngs=nnx.Rngs(0)))
-    with self.assertRaisesRegex(ValueError, '10 classes but'):
+    with self.assertRaisesRegex(ValueError, 'num_classes=10 does not fit'):
       evaluate.evaluate_model(abstract, make_config('/nonexistent'))
 
   def test_load_model_needs_exactly_one_source(self):
