@@ -1,4 +1,4 @@
-"""Checkpoints: model-only, training runs, fine-tuning restores, TF converter.
+"""Checkpoints: model-only, training runs, fine-tuning restores.
 
 A model checkpoint is a directory holding everything needed to rebuild a
 model, and nothing about training:
@@ -16,29 +16,29 @@ step) as plain nested dicts, the position of every host's data iterator, and
 the model spec with the run's config (`save_run`, `restore_run`,
 `restore_latest_model`).
 
-TensorFlow is imported lazily, only to read the reference's TF checkpoints.
+The architecture is a `models.ModelSpec`; the reference's TF checkpoints are
+read and converted by `tf_checkpoint.py`.
 """
 
 import dataclasses
 import json
 import os
 import pathlib
-import re
 import shutil
 import uuid
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from absl import logging
 from flax import nnx
-import jax
-import numpy as np
 import grain
+import jax
 import orbax.checkpoint as ocp
 
-from sact_jax import act as act_lib
-from sact_jax import blocks as blocks_lib
-from sact_jax import reference
-from sact_jax.models import factory
+from sact_jax import models
+from sact_jax import parallel
+
+# The architecture stored with every checkpoint (it used to be defined here).
+ModelSpec = models.ModelSpec
 
 SPEC_FILE = 'model_spec.json'
 # Subdirectory of a training workdir with the run's CheckpointManager.
@@ -51,120 +51,9 @@ _FORMAT_VERSION = 1
 # exact path component, so the CIFAR `head_bn` (trunk) is not caught.
 HALTING_HEADS = nnx.PathContains('head')
 
-# Top TF scope of each family's variables (as in `reference.py`).
-_TF_SCOPES = {'cifar': 'resnet_residual', 'imagenet': 'resnet_v2'}
-
-TF_MISSING_MESSAGE = (
-    'Reading TF checkpoints needs TensorFlow, which is not installed: '
-    'pip install -e .[tf]')
-
-# Last name component of variables that TF optimizers and
-# `tf.train.ExponentialMovingAverage` add next to each model variable.
-_EMA_SUFFIX = 'ExponentialMovingAverage'
-_SLOT_SUFFIXES = frozenset({
-    'Momentum', 'RMSProp', 'RMSProp_1', 'Adam', 'Adam_1', 'Adagrad',
-    'AdagradDA', 'Ftrl', 'Ftrl_1', 'Adadelta', 'Adadelta_1', _EMA_SUFFIX})
-
 
 class CheckpointError(ValueError):
   """A checkpoint is missing, malformed, or does not fit the model."""
-
-
-class TensorFlowMissingError(ImportError):
-  """Reading a TF checkpoint was asked for, but TensorFlow is absent."""
-
-
-# ---------------------------------------------------------------------------
-# ModelSpec
-# ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-  """What `models.create_model` needs to rebuild a checkpointed model.
-
-  Runtime options that do not change the weights (`remat`, `unroll`,
-  `fast_conv_backward`) are not part of the spec; pass them to `create` or
-  `restore_model`.
-
-  Attributes:
-    family: 'cifar' or 'imagenet'.
-    units: units per block; a preset depth (e.g. 110) is resolved on
-      construction.
-    model_type: 'vanilla', 'act' or 'sact'.
-    num_classes: size of the logits.
-    base_channels: None for the family default.
-    eps: halting threshold is `1 - eps`.
-  """
-  family: str
-  units: tuple[int, ...]
-  model_type: str
-  num_classes: int
-  base_channels: int | None = None
-  eps: float = act_lib.DEFAULT_EPS
-
-  def __post_init__(self):
-    # Frozen: normalise through object.__setattr__ (the documented idiom).
-    object.__setattr__(self, 'units',
-                       factory.resolve_units(self.family, self.units))
-    if self.model_type not in blocks_lib.MODEL_TYPES:
-      raise ValueError(f'model_type must be one of {blocks_lib.MODEL_TYPES}, '
-                       f'got {self.model_type!r}.')
-    if int(self.num_classes) < 1:
-      raise ValueError(f'num_classes must be >= 1, got {self.num_classes}.')
-    object.__setattr__(self, 'num_classes', int(self.num_classes))
-    if self.base_channels is not None:
-      if int(self.base_channels) < 1:
-        raise ValueError(
-            f'base_channels must be >= 1, got {self.base_channels}.')
-      object.__setattr__(self, 'base_channels', int(self.base_channels))
-    if not 0.0 < float(self.eps) < 1.0:
-      raise ValueError(f'eps must lie in (0, 1), got {self.eps}.')
-    object.__setattr__(self, 'eps', float(self.eps))
-
-  def to_dict(self) -> dict[str, Any]:
-    """JSON-ready dict (units as a list)."""
-    d = dataclasses.asdict(self)
-    d['units'] = list(self.units)
-    return d
-
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> 'ModelSpec':
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - fields)
-    if unknown:
-      raise ValueError(f'Unknown ModelSpec field(s) {unknown}.')
-    d = dict(d)
-    if isinstance(d.get('units'), list):
-      d['units'] = tuple(d['units'])
-    return cls(**d)
-
-  @classmethod
-  def from_config(cls, config: Mapping[str, Any]) -> 'ModelSpec':
-    """The architecture a training config describes (ValueError if bad)."""
-    # One value is a depth: `--config.units=3` arrives as (3,).
-    units = factory.depth_or_units(config['units'])
-    return cls(family=config['family'], units=units,
-               model_type=config['model_type'],
-               num_classes=config['num_classes'],
-               base_channels=config.get('base_channels'), eps=config['eps'])
-
-  def describe(self) -> str:
-    """One line for messages: 'cifar sact units=[2, 2, 2] classes=6 ...'."""
-    return (f'{self.family} {self.model_type} units={list(self.units)} '
-            f'classes={self.num_classes} base_channels={self.base_channels} '
-            f'eps={self.eps}')
-
-  def create(self, rngs: nnx.Rngs, **kwargs) -> nnx.Module:
-    """Builds the model; `kwargs` are runtime options (`remat`, ...)."""
-    return factory.create_model(
-        self.family, self.units, self.model_type,
-        num_classes=self.num_classes, base_channels=self.base_channels,
-        eps=self.eps, rngs=rngs, **kwargs)
-
-  def abstract_model(self, **kwargs) -> nnx.Module:
-    """The model with `ShapeDtypeStruct`s instead of arrays (no init cost)."""
-    return nnx.eval_shape(lambda: self.create(nnx.Rngs(0), **kwargs))
 
 
 # ---------------------------------------------------------------------------
@@ -528,211 +417,6 @@ def restore_into(model: nnx.Module, source: str | os.PathLike | nnx.Module,
 
 
 # ---------------------------------------------------------------------------
-# TF checkpoints of the reference implementation
-# ---------------------------------------------------------------------------
-
-
-def _import_tf():
-  try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise TensorFlowMissingError(TF_MISSING_MESSAGE) from None
-  return tf
-
-
-def resolve_tf_checkpoint(path: str | os.PathLike) -> str:
-  """The checkpoint prefix (`.../model.ckpt-N`) for a prefix, file or dir.
-
-  A directory is resolved through its `checkpoint` state file
-  (`tf.train.latest_checkpoint`) or, when that names nothing that exists (a
-  released archive keeps the authors' absolute paths), its only `*.index`
-  file. A `.index`, `.data-*` or `.meta` file stands for its prefix.
-  """
-  path = os.fspath(path)
-  if os.path.isdir(path):
-    tf = _import_tf()
-    prefix = tf.train.latest_checkpoint(path)
-    if prefix is None:
-      indexes = sorted(pathlib.Path(path).glob('*.index'))
-      if len(indexes) != 1:
-        raise FileNotFoundError(
-            f'Cannot pick a TF checkpoint in {path}: no usable "checkpoint" '
-            f'state file and {len(indexes)} *.index files; pass a checkpoint '
-            'prefix (e.g. DIR/model.ckpt-100000).')
-      prefix = str(indexes[0])[:-len('.index')]
-    return prefix
-  prefix = re.sub(r'\.(index|meta|data-\d+-of-\d+)$', '', path)
-  if os.path.isfile(prefix + '.index'):
-    return prefix
-  if os.path.isfile(path) and prefix == path:
-    return path  # A V1 (single file) checkpoint; TF reads those too.
-  raise FileNotFoundError(
-      f'No TF checkpoint at {path}: {prefix}.index does not exist.')
-
-
-def read_tf_checkpoint(path: str | os.PathLike,
-                       names: Iterable[str] | None = None
-                       ) -> dict[str, np.ndarray]:
-  """Variables of a TF (V2, name-based) checkpoint as numpy arrays.
-
-  Args:
-    path: checkpoint prefix, its `.index` file, or a directory.
-    names: variables to read (default: all).
-
-  Raises:
-    TensorFlowMissingError: TensorFlow is not installed (`pip install -e
-      .[tf]`).
-    FileNotFoundError: no checkpoint at `path`.
-    CheckpointError: a requested name is not in the checkpoint.
-  """
-  tf = _import_tf()
-  prefix = resolve_tf_checkpoint(path)
-  reader = tf.train.load_checkpoint(prefix)
-  available = reader.get_variable_to_shape_map()
-  names = sorted(available) if names is None else list(names)
-  absent = [n for n in names if n not in available]
-  if absent:
-    raise CheckpointError(f'{len(absent)} variable(s) not in {prefix}: '
-                          f'{absent[:5]}.')
-  return {n: np.asarray(reader.get_tensor(n)) for n in names}
-
-
-def tf_variable_names(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
-  """Name -> shape of every variable in a TF checkpoint (reads no values)."""
-  tf = _import_tf()
-  reader = tf.train.load_checkpoint(resolve_tf_checkpoint(path))
-  return {n: tuple(s) for n, s in reader.get_variable_to_shape_map().items()}
-
-
-@dataclasses.dataclass(frozen=True)
-class VariableSelection:
-  """Which TF checkpoint variables make up the model.
-
-  Attributes:
-    sources: model variable name -> checkpoint variable to read it from (the
-      name itself, or its `/ExponentialMovingAverage` shadow).
-    skipped: checkpoint variable -> why it is not part of the model.
-    used_ema: whether moving-average shadows were used.
-  """
-  sources: dict[str, str]
-  skipped: dict[str, str]
-  used_ema: bool
-
-
-def select_model_variables(names: Iterable[str], family: str, *,
-                           ema: bool | None = None) -> VariableSelection:
-  """Separates model variables from what training added to a TF checkpoint.
-
-  The reference's checkpoints also hold `global_step`, optimizer slots
-  (`<var>/Momentum`) and, for ImageNet, `tf.train.ExponentialMovingAverage`
-  shadows (`<var>/ExponentialMovingAverage`, decay 0.9999) of every model
-  variable, BN statistics included; its ImageNet evaluator restores the
-  shadows in place of the raw values.
-
-  Args:
-    names: every variable name in the checkpoint.
-    family: 'cifar' or 'imagenet' (fixes the model's top scope).
-    ema: True: take every model variable from its moving-average shadow;
-      False: take the raw values; None: shadows if the checkpoint has any,
-      as the reference's evaluator does.
-
-  Returns:
-    A `VariableSelection`.
-
-  Raises:
-    CheckpointError: shadows were asked for (or found) but some model
-      variables have none.
-  """
-  if family not in _TF_SCOPES:
-    raise ValueError(f'family must be one of {sorted(_TF_SCOPES)}, got '
-                     f'{family!r}.')
-  prefix = _TF_SCOPES[family] + '/'
-  raw, shadows, skipped = set(), {}, {}
-  for name in names:
-    base, _, last = name.rpartition('/')
-    if not name.startswith(prefix):
-      skipped[name] = f'outside the model scope {prefix[:-1]!r}'
-    elif last == _EMA_SUFFIX:
-      shadows[base] = name
-    elif last in _SLOT_SUFFIXES:
-      skipped[name] = f'optimizer slot ({last})'
-    else:
-      raw.add(name)
-  use_ema = bool(shadows) if ema is None else ema
-  if use_ema and not shadows:
-    raise CheckpointError(
-        'Moving-average weights were asked for, but the checkpoint has no '
-        f'{_EMA_SUFFIX} variables under {prefix[:-1]!r}.')
-  if not use_ema:
-    for shadow in shadows.values():
-      skipped[shadow] = 'moving-average shadow (raw values used)'
-    return VariableSelection({n: n for n in sorted(raw)}, skipped, False)
-  no_shadow = sorted(raw - set(shadows))
-  if no_shadow:
-    raise CheckpointError(
-        f'{len(no_shadow)} of {len(raw)} model variables have no '
-        f'{_EMA_SUFFIX} shadow (e.g. {no_shadow[:3]}); convert the raw '
-        'values with ema=False (--ema=no).')
-  for name in raw:
-    skipped[name] = 'raw value (moving-average shadow used)'
-  return VariableSelection(dict(sorted(shadows.items())), skipped, True)
-
-
-@dataclasses.dataclass(frozen=True)
-class Conversion:
-  """Result of `convert_tf_checkpoint`."""
-  model: nnx.Module
-  spec: ModelSpec
-  source: str
-  output: pathlib.Path
-  selection: VariableSelection
-
-
-def convert_tf_checkpoint(tf_checkpoint: str | os.PathLike,
-                          output: str | os.PathLike, spec: ModelSpec, *,
-                          ema: bool | None = None,
-                          overwrite: bool = False) -> Conversion:
-  """Converts a reference TF checkpoint into a sact_jax model checkpoint.
-
-  Args:
-    tf_checkpoint: checkpoint prefix, `.index` file, or a directory with a
-      `checkpoint` state file.
-    output: model checkpoint directory to write.
-    spec: the architecture the TF checkpoint was trained with.
-    ema: see `select_model_variables`.
-    overwrite: replace an existing model checkpoint at `output`.
-
-  Returns:
-    A `Conversion` with the model (eval mode) and what was skipped.
-
-  Raises:
-    TensorFlowMissingError: TensorFlow is not installed.
-    FileNotFoundError: no TF checkpoint at `tf_checkpoint`.
-    FileExistsError: `output` exists (see `save_model`).
-    CheckpointError: EMA shadows incomplete (see `select_model_variables`).
-    reference.ReferenceMismatchError: the variables do not fit `spec`.
-  """
-  # Fail before the slow part (TF import, reading) if output is taken.
-  check_output_directory(output, overwrite=overwrite)
-  _import_tf()
-  prefix = resolve_tf_checkpoint(tf_checkpoint)
-  selection = select_model_variables(tf_variable_names(prefix), spec.family,
-                                     ema=ema)
-  values = read_tf_checkpoint(prefix, selection.sources.values())
-  params = {name: values[src] for name, src in selection.sources.items()}
-  model = reference.load_reference_model(
-      params, family=spec.family, units=spec.units,
-      model_type=spec.model_type, num_classes=spec.num_classes,
-      base_channels=spec.base_channels, eps=spec.eps)
-  path = save_model(output, model, spec, overwrite=overwrite, metadata={
-      'converted_from': os.path.abspath(prefix),
-      'moving_average_weights': selection.used_ema,
-  })
-  return Conversion(model=model, spec=spec, source=prefix, output=path,
-                    selection=selection)
-
-
-# ---------------------------------------------------------------------------
 # Training-run checkpoints
 # ---------------------------------------------------------------------------
 
@@ -766,17 +450,22 @@ def run_manager(workdir: str, *, keep: int = 3,
   return ocp.CheckpointManager(directory, options=options)
 
 
-def saved_run_spec(workdir: str) -> ModelSpec | None:
-  """The model spec of the latest run checkpoint in `workdir`, if any."""
+def _latest_run_meta(workdir: str) -> dict[str, Any] | None:
+  """`save_run`'s metadata of the latest run checkpoint, if any."""
   if not os.path.isdir(os.path.join(workdir, RUN_DIR)):
     return None
   with run_manager(workdir, read_only=True) as manager:
     step = manager.latest_step()
     if step is None:
       return None
-    meta = manager.restore(step, args=ocp.args.Composite(
+    return manager.restore(step, args=ocp.args.Composite(
         meta=ocp.args.JsonRestore()))['meta']
-  return ModelSpec.from_dict(meta['model_spec'])
+
+
+def saved_run_spec(workdir: str) -> ModelSpec | None:
+  """The model spec of the latest run checkpoint in `workdir`, if any."""
+  meta = _latest_run_meta(workdir)
+  return None if meta is None else ModelSpec.from_dict(meta['model_spec'])
 
 
 class _DataPosition:
@@ -812,7 +501,8 @@ def save_run(manager: ocp.CheckpointManager, step: int,
       state=ocp.args.PyTreeSave(to_pure(dict(state))),
       data=grain.checkpoint.CheckpointSave(_DataPosition(data_position)),
       meta=ocp.args.JsonSave({'model_spec': spec.to_dict(),
-                              'config': dict(config)})), force=True)
+                              'config': dict(config),
+                              'ema': 'ema' in state})), force=True)
   logging.info('Saving the step-%d checkpoint to %s.', step, manager.directory)
 
 
@@ -839,7 +529,8 @@ def restore_latest_model(workdir: str, spec: ModelSpec,
   """The model of the latest training checkpoint in `workdir`, eval mode.
 
   Only the model variables are read (not the optimizer state), replicated
-  over all devices.
+  over all devices: their moving averages when the run kept them
+  (`ema_decay`), else the variables themselves.
 
   Args:
     workdir: a training run's workdir.
@@ -850,7 +541,8 @@ def restore_latest_model(workdir: str, spec: ModelSpec,
     CheckpointError: `workdir` holds no training checkpoint, or one of
       another model.
   """
-  saved = saved_run_spec(workdir)
+  meta = _latest_run_meta(workdir)
+  saved = None if meta is None else ModelSpec.from_dict(meta['model_spec'])
   if saved is None:
     raise CheckpointError(
         f'No training checkpoint in {os.path.join(workdir, RUN_DIR)}.')
@@ -860,15 +552,17 @@ def restore_latest_model(workdir: str, spec: ModelSpec,
         f'({saved.describe()}) than the config ({spec.describe()}).')
   abstract = spec.abstract_model(**options)
   graphdef, params, model_state = nnx.split(abstract, nnx.Param, ...)
-  mesh = jax.make_mesh((jax.device_count(),), ('data',),
-                       axis_types=(jax.sharding.AxisType.Auto,))
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  # The trainer's mesh: the restored weights are placed as it places them.
+  sharding = parallel.replicated(parallel.make_mesh())
 
   def target_of(state):
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
         nnx.to_pure_dict(state))
   target = {'params': target_of(params), 'model_state': target_of(model_state)}
+  use_ema = meta.get('ema', False)
+  if use_ema:
+    target = {'ema': target}
   with run_manager(workdir, read_only=True) as manager:
     step = manager.latest_step()
     restored = manager.restore(step, args=ocp.args.Composite(
@@ -876,9 +570,12 @@ def restore_latest_model(workdir: str, spec: ModelSpec,
             target,
             restore_args=ocp.checkpoint_utils.construct_restore_args(target),
             partial_restore=True)))['state']
+  if use_ema:
+    restored = restored['ema']
   nnx.replace_by_pure_dict(params, restored['params'])
   nnx.replace_by_pure_dict(model_state, restored['model_state'])
   model = nnx.merge(graphdef, params, model_state)
   model.eval()
-  logging.info('Restored the step-%d model from %s.', step, workdir)
+  logging.info('Restored the step-%d model%s from %s.', step,
+               ' (moving averages)' if use_ema else '', workdir)
   return model

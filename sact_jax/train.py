@@ -179,6 +179,9 @@ def validate_config(config: ml_collections.ConfigDict,
     value = config.get(name, 0)
     check(isinstance(value, int) and value >= 0,
           f'{name} must be an integer >= 0, got {value!r}.')
+  ema_decay = config.get('ema_decay')
+  check(ema_decay is None or 0 < ema_decay < 1,
+        f'ema_decay must lie in (0, 1) or be None, got {ema_decay}.')
   num_eval = config.get('num_eval_examples')
   check(num_eval is None or num_eval >= 1,
         f'num_eval_examples must be >= 1 or None, got {num_eval}.')
@@ -293,11 +296,30 @@ class TrainState:
     params: `nnx.Param` variables of the model.
     model_state: the other model variables (BatchNorm statistics).
     opt_state: optax state.
+    ema: with `config.ema_decay`, the exponential moving averages of the
+      model variables, `{'params': ..., 'model_state': ...}`; else None.
   """
   step: jax.Array
   params: nnx.State
   model_state: nnx.State
   opt_state: Any
+  ema: dict[str, nnx.State] | None = None
+
+
+def ema_update(ema: Any, new: Any, decay: float, num_updates: jax.Array
+               ) -> Any:
+  """One step of an exponential moving average, as TF's.
+
+  `tf.train.ExponentialMovingAverage(decay, num_updates)` (what the original
+  evaluates its ImageNet models with) uses `min(decay, (1 + n) / (10 + n))`,
+  so that early averages are not dominated by the initialisation. Written as
+  `ema - (1 - d) * (ema - new)`: a variable that does not change keeps its
+  average exactly.
+  """
+  n = jnp.asarray(num_updates, jnp.float32)
+  d = jnp.minimum(decay, (1.0 + n) / (10.0 + n))
+  return jax.tree.map(lambda e, x: e - (1.0 - d).astype(e.dtype) * (e - x),
+                      ema, new)
 
 
 @dataclasses.dataclass
@@ -333,7 +355,8 @@ class Trainer:
         schedule=learning_rate_schedule(config), tau=config.tau,
         weight_decay=config.weight_decay,
         label_smoothing=config.label_smoothing,
-        label_offset=label_offset(config))
+        label_offset=label_offset(config),
+        ema_decay=config.get('ema_decay'))
     train_step = jax.jit(
         step_fn, in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
         out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
@@ -346,7 +369,16 @@ class Trainer:
     _, params, model_state = nnx.split(model, nnx.Param, ...)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       model_state=model_state,
-                      opt_state=self.tx.init(params))
+                      opt_state=self.tx.init(params),
+                      ema=self._initial_ema(params, model_state))
+
+  def _initial_ema(self, params: nnx.State, model_state: nnx.State
+                   ) -> dict[str, nnx.State] | None:
+    """The averages start at the initial variables (copies)."""
+    if self.config.get('ema_decay') is None:
+      return None
+    return {'params': jax.tree.map(jnp.copy, params),
+            'model_state': jax.tree.map(jnp.copy, model_state)}
 
   def init_state(self) -> TrainState:
     """A fresh state (or `config.init_from`), replicated on the mesh.
@@ -363,7 +395,8 @@ class Trainer:
                    report.summary())
       _, params, model_state = nnx.split(model, nnx.Param, ...)
       state = jax.device_put(
-          state.replace(params=params, model_state=model_state),
+          state.replace(params=params, model_state=model_state,
+                        ema=self._initial_ema(params, model_state)),
           parallel.replicated(self.mesh))
     return state
 
@@ -379,12 +412,23 @@ class Trainer:
     """The model holding `state`'s variables (training mode)."""
     return nnx.merge(self.graphdef, state.params, state.model_state)
 
+  def eval_model(self, state: TrainState) -> nnx.Module:
+    """The model to evaluate, eval mode: the moving averages when kept."""
+    if state.ema is None:
+      model = self.model(state)
+    else:
+      model = nnx.merge(self.graphdef, state.ema['params'],
+                        state.ema['model_state'])
+    model.eval()
+    return model
+
 
 def _train_step(state: TrainState, batch: dict[str, jax.Array], *,
                 graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                 schedule: Callable[[jax.Array], jax.Array], tau: float,
                 weight_decay: float, label_smoothing: float,
-                label_offset: int) -> tuple[TrainState, Metrics]:
+                label_offset: int, ema_decay: float | None = None
+                ) -> tuple[TrainState, Metrics]:
   """One SGD update on a global batch; returns the new state and metrics."""
   images = batch['image']
   labels = batch['label'].astype(jnp.int32) + label_offset
@@ -420,8 +464,13 @@ def _train_step(state: TrainState, batch: dict[str, jax.Array], *,
   }
   for i, ponder_cost in enumerate(aux['ponder_cost']):
     metrics[f'ponder_cost/block_{i}'] = jnp.mean(ponder_cost)
+  ema = state.ema
+  if ema is not None:
+    ema = ema_update(ema, {'params': params, 'model_state': model_state},
+                     ema_decay, state.step + 1)
   new_state = TrainState(step=state.step + 1, params=params,
-                         model_state=model_state, opt_state=opt_state)
+                         model_state=model_state, opt_state=opt_state,
+                         ema=ema)
   return new_state, metrics
 
 
@@ -448,8 +497,11 @@ def make_train_dataset(config: ml_collections.ConfigDict,
 
 
 def _state_tree(state: TrainState) -> dict[str, Any]:
-  return {'step': state.step, 'params': state.params,
+  tree = {'step': state.step, 'params': state.params,
           'model_state': state.model_state, 'opt_state': state.opt_state}
+  if state.ema is not None:
+    tree['ema'] = state.ema
+  return tree
 
 
 def _save(manager: ocp.CheckpointManager, state: TrainState,
@@ -565,7 +617,8 @@ class TrainResult:
   """What `train` returns.
 
   Attributes:
-    model: the trained model, eval mode.
+    model: the trained model, eval mode (the moving averages with
+      `ema_decay`).
     state: the final train state.
     preempted: training stopped early on SIGTERM (after saving).
     eval_metrics: `evaluate.evaluate_model`'s metrics of the final model
@@ -671,8 +724,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     eval_metrics = None
 
     def evaluate_now() -> dict[str, Any]:
-      model = trainer.model(state)
-      model.eval()
+      model = trainer.eval_model(state)
       metrics = evaluate.evaluate_model(model, config, verbose=False)
       log_evaluation(writer, step, metrics, model, config)
       return metrics
@@ -715,8 +767,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     if writer is not None:
       writer.close()
 
-  model = trainer.model(state)
-  model.eval()
+  model = trainer.eval_model(state)
   final = eval_every and step == total and total % eval_every == 0
   return TrainResult(model=model, state=state, preempted=preempted,
                      eval_metrics=eval_metrics if final else None)

@@ -122,6 +122,30 @@ class LossTest(parameterized.TestCase):
         rtol=1e-6)
 
 
+class EmaTest(parameterized.TestCase):
+
+  @parameterized.parameters(0.9, 0.999, 0.9999)
+  def test_average_of_a_constant_is_that_constant(self, decay):
+    value = jax.random.normal(jax.random.key(0), (3, 5))
+    ema = value
+    for n in range(1, 30):
+      ema = train.ema_update(ema, value, decay, n)
+    np.testing.assert_array_equal(ema, value)
+
+  def test_tf_decay_schedule(self):
+    """decay_n = min(decay, (1 + n) / (10 + n)), as TF's num_updates."""
+    ema, expected = jnp.zeros(()), 0.0
+    for n, x in enumerate([1.0, 2.0, 3.0], start=1):
+      ema = train.ema_update(ema, jnp.asarray(x), 0.5, n)
+      d = min(0.5, (1 + n) / (10 + n))
+      expected = d * expected + (1 - d) * x
+    np.testing.assert_allclose(ema, expected, rtol=1e-6)
+
+  def test_bad_decay_refused(self):
+    with self.assertRaisesRegex(train.ConfigError, 'ema_decay must lie in'):
+      train.validate_config(_config(ema_decay=1.0))
+
+
 class TrainStepTest(absltest.TestCase):
 
   @classmethod
@@ -279,6 +303,30 @@ class TrainLoopTest(absltest.TestCase):
     self.assertEqual(split_position, full_position)
     # 6 batches of 16 from 128 images: still in the first epoch.
     self.assertEqual(full_position, {'next_index': 6})
+
+  def test_ema_resumes_exactly_and_is_what_evaluation_sees(self):
+    """ema_decay: averages checkpointed, resumed bit for bit, restored."""
+    full_dir, split_dir = (train_helpers.tempdir(self),
+                           train_helpers.tempdir(self))
+    config = _config(num_train_steps=6, checkpoint_every_steps=3,
+                     ema_decay=0.9)
+    result = train.train(config, full_dir)
+    train.train(_config(num_train_steps=3, checkpoint_every_steps=3,
+                        ema_decay=0.9), split_dir)
+    train.train(config, split_dir)
+    _, full, _ = _saved_state(full_dir)
+    _, split, _ = _saved_state(split_dir)
+    _assert_flat_equal(self, split, full)
+    kernel = "['stem_conv']['kernel']"
+    average, live = full["['ema']['params']" + kernel], full[
+        "['params']" + kernel]
+    self.assertGreater(np.abs(average - live).max(), 1e-4)  # Not a copy.
+    # The run's model, and the evaluator's view of the run, are the averages.
+    np.testing.assert_array_equal(result.model.stem_conv.kernel[...],
+                                  average)
+    restored = evaluate.load_model(config, workdir=full_dir)
+    chex.assert_trees_all_equal(nnx.to_pure_dict(nnx.state(restored)),
+                                nnx.to_pure_dict(nnx.state(result.model)))
 
   def test_sigterm_saves_and_resumes_exactly(self):
     """SIGTERM mid-run: save at the current step, stop; resume = no stop."""

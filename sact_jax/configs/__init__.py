@@ -86,6 +86,13 @@ def base_config() -> ml_collections.ConfigDict:
   # Steps of linear warm-up ('cosine' only); < num_train_steps.
   config.warmup_steps = 0
 
+  # Exponential moving average of the model variables (as TF's
+  # ExponentialMovingAverage with the step as num_updates; the original
+  # evaluates its ImageNet models with 0.9999); None: off. When set, the
+  # averages are checkpointed and are what evaluation, pictures and restored
+  # models use.
+  config.ema_decay = ml_collections.config_dict.placeholder(float)
+
   # --- Run ---
   # Global batch size (all hosts and devices together); the device count
   # must divide it.
