@@ -6,7 +6,7 @@ remainder and the ponder cost (Graves 2016; Figurnov et al. 2017, Algorithm 1).
 The trailing shape of every array is free: `[B]` for ACT (one score per
 image), `[B, H, W]` for SACT (one per position).
 
-Conventions follow the reference implementation (SPEC section 1):
+Conventions follow the reference implementation (docs/method.md, section 1):
 
 * `N = min{n : sum_{l <= n} h^l >= 1 - eps}`, with the last unit's score
   treated as 1, so N <= L.

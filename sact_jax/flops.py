@@ -1,4 +1,4 @@
-"""FLOP accounting in the reference convention (SPEC section 4).
+"""FLOP accounting in the reference convention (docs/method.md, section 4).
 
 A convolution costs `2 * kh * kw * C_in * C_out` FLOPs per *computed* output
 position; biases, BatchNorm, activations, pooling and the halting bookkeeping

@@ -71,7 +71,8 @@ def direct_metrics(model, batch, count: int):
       np.asarray(aux['flops'])[:count],
       [np.asarray(p)[:count] for p in aux['ponder_cost']],
       batch['mask'][:count],
-      vanilla_flops=evaluate.vanilla_flops_of(model, (32, 32, 3)))
+      vanilla_flops=models.ModelSpec.from_model(model).vanilla_flops(
+          (32, 32, 3)))
 
 
 def whole_test_split(data_dir: str):
@@ -205,30 +206,6 @@ class MetricsTest(parameterized.TestCase):
                           'flops': [], 'ponder_cost': np.zeros((0, 0))})
 
 
-class DescribeModelTest(absltest.TestCase):
-
-  def test_cifar_110_vanilla_flops_match_the_reference(self):
-    """The vanilla twin of an SACT ResNet-110 costs SPEC's 505,775,360."""
-    abstract = nnx.eval_shape(lambda: models.create_model(
-        'cifar', 110, 'sact', num_classes=10, rngs=nnx.Rngs(0)))
-    self.assertEqual(evaluate.describe_model(abstract), {
-        'family': 'cifar', 'units': [18, 18, 18], 'model_type': 'sact',
-        'num_classes': 10, 'base_channels': 16, 'eps': 0.01})
-    self.assertEqual(evaluate.vanilla_flops_of(abstract, (32, 32, 3)),
-                     505_775_360)
-
-  def test_imagenet_round_trip(self):
-    """describe_model gives back the create_model arguments."""
-    spec = {'family': 'imagenet', 'units': [1, 2, 1, 1], 'model_type': 'act',
-            'num_classes': 7, 'base_channels': 8, 'eps': 0.05}
-    abstract = nnx.eval_shape(lambda: models.create_model(
-        'imagenet', (1, 2, 1, 1), 'act', num_classes=7, base_channels=8,
-        eps=0.05, rngs=nnx.Rngs(0)))
-    self.assertEqual(evaluate.describe_model(abstract), spec)
-    with self.assertRaisesRegex(TypeError, 'Expected a CifarResNet'):
-      evaluate.describe_model(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
-
-
 class EvaluateModelTest(absltest.TestCase):
   """`evaluate_model` on a tiny SACT model over the tiny `sact_shapes`."""
 
@@ -336,7 +313,7 @@ class LauncherTest(absltest.TestCase):
     tmp = self.enter_context(tempfile.TemporaryDirectory())
     model = fast_model('sact')
     checkpoint = os.path.join(tmp, 'ckpt')
-    checkpoint_lib.save_model(checkpoint, model, checkpoint_lib.ModelSpec(
+    checkpoint_lib.save_model(checkpoint, model, models.ModelSpec(
         'cifar', (2, 2, 2), 'sact', num_classes=6, base_channels=4))
     output = os.path.join(tmp, 'out', 'metrics.json')
     data_dir = os.path.join(tmp, 'data')

@@ -1,4 +1,4 @@
-r"""CIFAR-10 ResNets of the reference (SPEC section 3).
+r"""CIFAR-10 ResNets of the reference (docs/method.md, section 3).
 
   python -m experiments.train --config=sact_jax/configs/cifar10.py:sact_32 \
       --workdir=/tmp/cifar10_sact_32
@@ -19,7 +19,7 @@ DEPTHS = {20: (3, 3, 3), 32: (5, 5, 5), 56: (9, 9, 9), 110: (18, 18, 18)}
 
 
 def _tau(model_type: str, depth: int) -> float:
-  """Ponder cost weights of the reference's models (SPEC section 5).
+  """Ponder cost weights of the reference's models (docs/method.md, 3).
 
   SACT ResNet-32 (released): 0.01; ACT ResNet-110 (released): 0.001; the
   reference README trains ACT and SACT ResNet-32 with 0.01, which is used

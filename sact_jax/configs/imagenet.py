@@ -1,4 +1,4 @@
-r"""ImageNet ResNet-v2 (bottleneck) models of the reference (SPEC section 3).
+r"""ImageNet ResNet-v2 bottleneck models of the reference (docs/method.md, 3).
 
   # A vanilla ResNet-101 from scratch:
   python -m experiments.train \
