@@ -84,18 +84,20 @@ def main(argv):
   # Imported here so that flag errors come before the slow imports.
   from sact_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from sact_jax import flops  # pylint: disable=g-import-not-at-top
+  from sact_jax import models  # pylint: disable=g-import-not-at-top
   from sact_jax import reference  # pylint: disable=g-import-not-at-top
+  from sact_jax import tf_checkpoint  # pylint: disable=g-import-not-at-top
 
   ema = {'auto': None, 'yes': True, 'no': False}[_EMA.value]
   try:
-    spec = checkpoint.ModelSpec(
+    spec = models.ModelSpec(
         family=_FAMILY.value, units=_parse_units(_UNITS.value),
         model_type=_MODEL_TYPE.value, num_classes=_NUM_CLASSES.value,
         base_channels=_BASE_CHANNELS.value, eps=_EPS.value)
-    result = checkpoint.convert_tf_checkpoint(
+    result = tf_checkpoint.convert_tf_checkpoint(
         _TF_CHECKPOINT.value, _OUTPUT.value, spec, ema=ema,
         overwrite=_OVERWRITE.value)
-  except (checkpoint.TensorFlowMissingError, checkpoint.CheckpointError,
+  except (tf_checkpoint.TensorFlowMissingError, checkpoint.CheckpointError,
           reference.ReferenceMismatchError, FileNotFoundError,
           FileExistsError, ValueError) as e:
     _cli.fail(_cli.one_line(e))

@@ -34,6 +34,14 @@ class ReferenceMismatchError(ValueError):
   """The reference variables do not fit the requested architecture."""
 
 
+def top_scope(family: str) -> str:
+  """The TF scope that holds all of a family's model variables."""
+  if family not in _SCOPES:
+    raise ValueError(f'family must be one of {sorted(_SCOPES)}, got '
+                     f'{family!r}.')
+  return _SCOPES[family][0]
+
+
 def _leaf(module: str, leaf: str) -> str:
   table = _BN_LEAVES if module in _NORMS else _CONV_LEAVES
   return table[leaf]

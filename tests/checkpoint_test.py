@@ -8,19 +8,19 @@ import tempfile
 from unittest import mock
 
 from absl.testing import absltest
-from absl.testing import parameterized
 from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sact_jax import checkpoint
+from sact_jax import models
 
 # Small enough to build and run in well under a second once compiled.
-SACT = checkpoint.ModelSpec('cifar', (2, 2), 'sact', num_classes=5,
-                            base_channels=4)
-VANILLA = checkpoint.ModelSpec('cifar', (2, 2), 'vanilla', num_classes=5,
-                               base_channels=4)
+SACT = models.ModelSpec('cifar', (2, 2), 'sact', num_classes=5,
+                        base_channels=4)
+VANILLA = models.ModelSpec('cifar', (2, 2), 'vanilla', num_classes=5,
+                           base_channels=4)
 
 
 def _tempdir(test) -> pathlib.Path:
@@ -30,7 +30,7 @@ def _tempdir(test) -> pathlib.Path:
   return pathlib.Path(path)
 
 
-def _random_model(spec: checkpoint.ModelSpec, seed: int) -> nnx.Module:
+def _random_model(spec: models.ModelSpec, seed: int) -> nnx.Module:
   """A model whose every variable, BN statistics included, is random.
 
   Filled through `eval_shape` + numpy: a real init compiles every random op
@@ -64,70 +64,6 @@ def _forward(model, images):
 
 def _images(seed=0):
   return jax.random.normal(jax.random.key(seed), (2, 8, 8, 3))
-
-
-class ModelSpecTest(parameterized.TestCase):
-
-  def test_dict_and_json_round_trip(self):
-    """to_dict/from_dict (through JSON) gives back an equal spec."""
-    for spec in (SACT, VANILLA, checkpoint.ModelSpec(
-        'imagenet', 101, 'act', num_classes=1001, eps=0.05)):
-      again = checkpoint.ModelSpec.from_dict(
-          json.loads(json.dumps(spec.to_dict())))
-      self.assertEqual(again, spec)
-      self.assertIsInstance(again.units, tuple)
-
-  def test_preset_depth_is_resolved(self):
-    spec = checkpoint.ModelSpec('cifar', 110, 'sact', num_classes=10)
-    self.assertEqual(spec.units, (18, 18, 18))
-    self.assertEqual(spec.to_dict()['units'], [18, 18, 18])
-
-  @parameterized.parameters(
-      dict(kwargs=dict(family='mnist'), message='family'),
-      dict(kwargs=dict(model_type='pact'), message='model_type'),
-      dict(kwargs=dict(num_classes=0), message='num_classes'),
-      dict(kwargs=dict(units=(2, 0)), message='units'),
-      dict(kwargs=dict(units=7), message='units=7 is not a known cifar depth'),
-      dict(kwargs=dict(eps=1.0), message='eps'),
-      dict(kwargs=dict(base_channels=0), message='base_channels'),
-  )
-  def test_invalid_fields(self, kwargs, message):
-    fields = dict(family='cifar', units=(2, 2), model_type='sact',
-                  num_classes=5)
-    fields.update(kwargs)
-    with self.assertRaisesRegex(ValueError, message):
-      checkpoint.ModelSpec(**fields)
-
-  @parameterized.named_parameters(
-      ('depth', (110,), (18, 18, 18)),
-      ('per_block', (2, 1, 3), (2, 1, 3)),
-  )
-  def test_from_config(self, units, expected):
-    config = dict(family='cifar', units=units, model_type='sact',
-                  num_classes=10, eps=0.01)
-    self.assertEqual(checkpoint.ModelSpec.from_config(config).units, expected)
-
-  def test_from_config_refuses_one_value_that_is_no_depth(self):
-    """`--config.units=3` arrives as (3,): a depth, not one block of 3."""
-    config = dict(family='cifar', units=(3,), model_type='sact',
-                  num_classes=10, eps=0.01)
-    with self.assertRaisesRegex(
-        ValueError, r'^units=3 is not a known cifar depth \(20, 32, 56, '
-        r'110\); give units per block, e\.g\. \(3, 3, 3\)\.$'):
-      checkpoint.ModelSpec.from_config(config)
-    # Outside configs a one-block model stays possible.
-    self.assertEqual(checkpoint.ModelSpec('cifar', (3,), 'sact',
-                                          num_classes=10).units, (3,))
-
-  def test_unknown_field(self):
-    with self.assertRaisesRegex(ValueError, 'Unknown ModelSpec field'):
-      checkpoint.ModelSpec.from_dict(dict(SACT.to_dict(), depth=3))
-
-  def test_create_builds_the_spec(self):
-    model = SACT.abstract_model()
-    self.assertEqual(model.units, (2, 2))
-    self.assertEqual(model.model_type, 'sact')
-    self.assertEqual(model.logits.kernel.shape, (8, 5))
 
 
 class SaveRestoreTest(absltest.TestCase):
@@ -226,13 +162,13 @@ class SaveRestoreTest(absltest.TestCase):
                                   self.model.logits.kernel[...])
 
   def test_save_checks_the_spec(self):
-    wrong = checkpoint.ModelSpec('cifar', (2, 2), 'sact', num_classes=6,
-                                 base_channels=4)
+    wrong = models.ModelSpec('cifar', (2, 2), 'sact', num_classes=6,
+                             base_channels=4)
     with self.assertRaisesRegex(checkpoint.CheckpointError,
                                 r'logits/bias: .*\(5,\).*\(6,\)'):
       checkpoint.save_model(self.root / 'ckpt', self.model, wrong)
-    act = checkpoint.ModelSpec('cifar', (2, 2), 'act', num_classes=5,
-                               base_channels=4)
+    act = models.ModelSpec('cifar', (2, 2), 'act', num_classes=5,
+                           base_channels=4)
     with self.assertRaisesRegex(checkpoint.CheckpointError, 'model_type'):
       checkpoint.save_model(self.root / 'ckpt', self.model, act)
     self._assert_no_leftovers()
@@ -314,7 +250,7 @@ class RestoreIntoTest(absltest.TestCase):
         checkpoint.CheckpointError,
         r'22 model variable\(s\) missing .*steps/head.*exclude='):
       checkpoint.restore_into(sact, self.vanilla_dir)
-    deeper = _random_model(checkpoint.ModelSpec(
+    deeper = _random_model(models.ModelSpec(
         'cifar', (2, 3), 'sact', num_classes=5, base_channels=4), seed=6)
     deeper_before = _flat(deeper)
     with self.assertRaisesRegex(

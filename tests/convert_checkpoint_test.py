@@ -19,18 +19,20 @@ from flax import nnx
 import numpy as np
 
 from sact_jax import checkpoint
+from sact_jax import models
 from sact_jax import reference
+from sact_jax import tf_checkpoint
 
 _REPO = pathlib.Path(__file__).resolve().parent.parent
 _TESTDATA = _REPO / 'tests' / 'testdata'
 _CASES = {
     'cifar_sact': (
-        checkpoint.ModelSpec('cifar', (2, 2, 2), 'sact', num_classes=10,
-                             base_channels=16),
+        models.ModelSpec('cifar', (2, 2, 2), 'sact', num_classes=10,
+                         base_channels=16),
         'inputs_cifar_32x32.npz', ('block_1', 'block_2', 'block_3')),
     'imagenet_sact': (
-        checkpoint.ModelSpec('imagenet', (2, 3, 2, 1), 'sact',
-                             num_classes=1001, base_channels=8),
+        models.ModelSpec('imagenet', (2, 3, 2, 1), 'sact',
+                         num_classes=1001, base_channels=8),
         'inputs_imagenet_96x96.npz', ('block1', 'block2', 'block3', 'block4')),
 }
 _CIFAR_SPEC = _CASES['cifar_sact'][0]
@@ -84,7 +86,8 @@ class ConvertFixturesTest(parameterized.TestCase):
   def test_converted_model_matches_reference_outputs(self, case):
     spec, inputs_file, blocks = _CASES[case]
     output = _tempdir(self) / 'converted'
-    result = checkpoint.convert_tf_checkpoint(_TESTDATA / case, output, spec)
+    result = tf_checkpoint.convert_tf_checkpoint(_TESTDATA / case, output,
+                                                 spec)
     self.assertEqual(result.source, str(_TESTDATA / case / 'model.ckpt'))
     self.assertFalse(result.selection.used_ema)
     self.assertEqual(result.selection.skipped, {})  # Only model variables.
@@ -147,8 +150,8 @@ class TrainingCheckpointTest(absltest.TestCase):
   def test_moving_averages_by_default(self):
     """As the reference's evaluator: EMA shadows replace the raw values."""
     output = _tempdir(self) / 'ema'
-    result = checkpoint.convert_tf_checkpoint(self.train_dir, output,
-                                              _CIFAR_SPEC)
+    result = tf_checkpoint.convert_tf_checkpoint(self.train_dir, output,
+                                                 _CIFAR_SPEC)
     self.assertEqual(result.source,
                      str(self.train_dir / 'model.ckpt-100000'))
     self.assertTrue(result.selection.used_ema)
@@ -173,51 +176,51 @@ class TrainingCheckpointTest(absltest.TestCase):
     self.assertTrue(checkpoint.read_metadata(output)['moving_average_weights'])
 
   def test_raw_values_on_request(self):
-    result = checkpoint.convert_tf_checkpoint(
+    result = tf_checkpoint.convert_tf_checkpoint(
         self.train_dir / 'model.ckpt-100000.index', _tempdir(self) / 'raw',
         _CIFAR_SPEC, ema=False)
     self.assertFalse(result.selection.used_ema)
     _assert_same_state(self, result.model, _reference_model(self.raw))
 
   def test_wrong_architecture(self):
-    act = checkpoint.ModelSpec('cifar', (2, 2, 2), 'act', num_classes=10)
+    act = models.ModelSpec('cifar', (2, 2, 2), 'act', num_classes=10)
     output = _tempdir(self) / 'act'
     with self.assertRaisesRegex(reference.ReferenceMismatchError,
                                 'missing from the reference weights'):
-      checkpoint.convert_tf_checkpoint(self.train_dir, output, act)
+      tf_checkpoint.convert_tf_checkpoint(self.train_dir, output, act)
     self.assertFalse(output.exists())
 
   def test_checkpoint_paths(self):
     prefix = str(self.train_dir / 'model.ckpt-100000')
     for path in (self.train_dir, prefix, prefix + '.index',
                  prefix + '.data-00000-of-00001'):
-      self.assertEqual(checkpoint.resolve_tf_checkpoint(path), prefix)
+      self.assertEqual(tf_checkpoint.resolve_tf_checkpoint(path), prefix)
     # A directory without a state file, but with one checkpoint.
     bare = _tempdir(self)
     for f in self.train_dir.glob('model.ckpt-*'):
       shutil.copy(f, bare)
-    self.assertEqual(checkpoint.resolve_tf_checkpoint(bare),
+    self.assertEqual(tf_checkpoint.resolve_tf_checkpoint(bare),
                      str(bare / 'model.ckpt-100000'))
     with self.assertRaisesRegex(FileNotFoundError, 'No TF checkpoint'):
-      checkpoint.resolve_tf_checkpoint(bare / 'model.ckpt')
+      tf_checkpoint.resolve_tf_checkpoint(bare / 'model.ckpt')
     with self.assertRaisesRegex(FileNotFoundError, '0 \\*.index files'):
-      checkpoint.resolve_tf_checkpoint(_tempdir(self))
+      tf_checkpoint.resolve_tf_checkpoint(_tempdir(self))
     # A state file naming a path that does not exist here (as in the
     # released archives) falls back to the only checkpoint present.
     (bare / 'checkpoint').write_text(
         'model_checkpoint_path: "/home/someone/train/model.ckpt-1"\n')
-    self.assertEqual(checkpoint.resolve_tf_checkpoint(bare),
+    self.assertEqual(tf_checkpoint.resolve_tf_checkpoint(bare),
                      str(bare / 'model.ckpt-100000'))
 
   def test_read_tf_checkpoint(self):
-    values = checkpoint.read_tf_checkpoint(self.train_dir)
+    values = tf_checkpoint.read_tf_checkpoint(self.train_dir)
     self.assertEqual(int(values['global_step']), 100000)
     name = 'resnet_residual/Conv/weights'
     np.testing.assert_array_equal(values[name], self.raw[name])
-    some = checkpoint.read_tf_checkpoint(self.train_dir, [name])
+    some = tf_checkpoint.read_tf_checkpoint(self.train_dir, [name])
     self.assertEqual(list(some), [name])
     with self.assertRaisesRegex(checkpoint.CheckpointError, 'not in'):
-      checkpoint.read_tf_checkpoint(self.train_dir, ['nope'])
+      tf_checkpoint.read_tf_checkpoint(self.train_dir, ['nope'])
 
 
 class SelectModelVariablesTest(absltest.TestCase):
@@ -227,7 +230,7 @@ class SelectModelVariablesTest(absltest.TestCase):
     names = ['resnet_v2/conv1/weights', 'resnet_v2/conv1/weights/Momentum',
              'resnet_v2/logits/biases', 'global_step', 'learning_rate',
              'resnet_residual/Conv/weights']
-    selection = checkpoint.select_model_variables(names, 'imagenet')
+    selection = tf_checkpoint.select_model_variables(names, 'imagenet')
     self.assertEqual(selection.sources, {
         'resnet_v2/conv1/weights': 'resnet_v2/conv1/weights',
         'resnet_v2/logits/biases': 'resnet_v2/logits/biases'})
@@ -241,19 +244,19 @@ class SelectModelVariablesTest(absltest.TestCase):
              'ExponentialMovingAverage', 'resnet_v2/b/weights']
     with self.assertRaisesRegex(checkpoint.CheckpointError,
                                 r'1 of 2 .*resnet_v2/b/weights.*--ema=no'):
-      checkpoint.select_model_variables(names, 'imagenet')
-    selection = checkpoint.select_model_variables(names, 'imagenet',
-                                                  ema=False)
+      tf_checkpoint.select_model_variables(names, 'imagenet')
+    selection = tf_checkpoint.select_model_variables(names, 'imagenet',
+                                                     ema=False)
     self.assertEqual(sorted(selection.sources),
                      ['resnet_v2/a/weights', 'resnet_v2/b/weights'])
     with self.assertRaisesRegex(checkpoint.CheckpointError,
                                 'no ExponentialMovingAverage'):
-      checkpoint.select_model_variables(['resnet_v2/b/weights'], 'imagenet',
-                                        ema=True)
+      tf_checkpoint.select_model_variables(['resnet_v2/b/weights'],
+                                           'imagenet', ema=True)
 
   def test_unknown_family(self):
     with self.assertRaisesRegex(ValueError, 'family'):
-      checkpoint.select_model_variables([], 'mnist')
+      tf_checkpoint.select_model_variables([], 'mnist')
 
 
 class WithoutTensorFlowTest(absltest.TestCase):
@@ -261,13 +264,13 @@ class WithoutTensorFlowTest(absltest.TestCase):
   def test_clear_error(self):
     output = _tempdir(self) / 'out'
     with mock.patch.dict(sys.modules, {'tensorflow': None}):
-      with self.assertRaises(checkpoint.TensorFlowMissingError) as caught:
-        checkpoint.read_tf_checkpoint(_TESTDATA / 'cifar_sact')
+      with self.assertRaises(tf_checkpoint.TensorFlowMissingError) as caught:
+        tf_checkpoint.read_tf_checkpoint(_TESTDATA / 'cifar_sact')
       self.assertIn('pip install -e .[tf]', str(caught.exception))
       self.assertIsNone(caught.exception.__cause__)
-      with self.assertRaises(checkpoint.TensorFlowMissingError):
-        checkpoint.convert_tf_checkpoint(_TESTDATA / 'cifar_sact', output,
-                                         _CIFAR_SPEC)
+      with self.assertRaises(tf_checkpoint.TensorFlowMissingError):
+        tf_checkpoint.convert_tf_checkpoint(_TESTDATA / 'cifar_sact', output,
+                                            _CIFAR_SPEC)
     self.assertFalse(output.exists())
 
 
@@ -283,8 +286,8 @@ class LauncherTest(absltest.TestCase):
     self.assertIn('174,317 parameters', run.stdout)
     model, spec = checkpoint.restore_model(output)
     # No --base_channels: the family default, stored as None.
-    self.assertEqual(spec, checkpoint.ModelSpec('cifar', (2, 2, 2), 'sact',
-                                                num_classes=10))
+    self.assertEqual(spec, models.ModelSpec('cifar', (2, 2, 2), 'sact',
+                                            num_classes=10))
     params = dict(np.load(_TESTDATA / 'cifar_sact' / 'params.npz'))
     _assert_same_state(self, model, _reference_model(params))
 
@@ -309,7 +312,7 @@ class LauncherTest(absltest.TestCase):
     self.assertEqual(run.returncode, 2, run.stderr[-2000:])  # Bad input.
     self.assertNotIn('Traceback', run.stderr)
     self.assertEqual(run.stderr.strip().splitlines()[-1],
-                     f'error: {checkpoint.TF_MISSING_MESSAGE}')
+                     f'error: {tf_checkpoint.TF_MISSING_MESSAGE}')
     self.assertFalse(output.exists())
 
 

@@ -15,6 +15,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 
 from sact_jax import checkpoint
+from sact_jax import models
 import testing_utils as tu
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,8 +78,8 @@ class LauncherConventionTest(parameterized.TestCase):
     super().setUpClass()
     cls.tmp = tempfile.mkdtemp()
     cls.ckpt = os.path.join(cls.tmp, 'ckpt')
-    spec = checkpoint.ModelSpec('cifar', (1, 1, 1), 'vanilla', num_classes=6,
-                                base_channels=4)
+    spec = models.ModelSpec('cifar', (1, 1, 1), 'vanilla', num_classes=6,
+                            base_channels=4)
     model = tu.build('cifar', spec.units, 'vanilla', num_classes=6,
                      base_channels=4)
     checkpoint.save_model(cls.ckpt, model, spec)

@@ -8,3 +8,4 @@ from sact_jax.models.factory import FAMILIES
 from sact_jax.models.factory import resolve_units
 from sact_jax.models.imagenet import IMAGENET_PRESETS
 from sact_jax.models.imagenet import ImageNetResNet
+from sact_jax.models.spec import ModelSpec
