@@ -47,6 +47,7 @@ import jax.numpy as jnp
 from sact_jax import act as act_lib
 from sact_jax import evaluate
 from sact_jax import flops as flops_lib
+from sact_jax import models
 from sact_jax import sparse
 from sact_jax.models import create_model
 from sact_jax.sparse import rows as rows_lib
@@ -412,9 +413,7 @@ def measure_family(family: str, batch_sizes, fractions, options,
     if model is not None:
       scale_residuals(model, _RESIDUAL_SCALE.value)
   print(f'[{family}] models built in {time.time() - start:.0f} s')
-  vanilla_flops = flops_lib.vanilla_flops(
-      lambda: create_model(family, cfg['depth'], 'vanilla',
-                           num_classes=cfg['num_classes'], rngs=nnx.Rngs(0)),
+  vanilla_flops = models.ModelSpec.from_model(sact).vanilla_flops(
       (size, size, 3))
   vanilla_fn = _Dense(vanilla)
   unrolled_fn = _Dense(unrolled) if unrolled is not None else None

@@ -90,7 +90,7 @@ def main(argv):
         os.path.join(out_dir, f'photos_{_PHOTO_SIZE.value}.png'),
         names=list(photos),
         class_names=(None if config is None
-                     else visualize.class_names_for(config.dataset)),
+                     else data.dataset_info(config.dataset).class_names),
         overlay=_OVERLAY.value))
   for path in paths:
     print(f'Wrote {path}')

@@ -41,7 +41,6 @@ import numpy as np
 
 from sact_jax import checkpoint as checkpoint_lib
 from sact_jax import data as data_lib
-from sact_jax import flops as flops_lib
 from sact_jax import models
 from sact_jax import parallel
 
@@ -55,48 +54,6 @@ _MASK_KEYS = ('inside_sum', 'inside_area', 'outside_sum', 'outside_area')
 
 class EvaluationError(ValueError):
   """The model, config or data cannot be evaluated together; one line."""
-
-
-def describe_model(model: nnx.Module) -> dict[str, Any]:
-  """The `create_model` arguments that rebuild `model`'s architecture.
-
-  Read from the model itself, so that FLOPs relative to vanilla never depend
-  on a config that might disagree with a restored checkpoint.
-
-  Args:
-    model: a `CifarResNet` or `ImageNetResNet`.
-
-  Returns:
-    Dict with `family`, `units` (per block), `model_type`, `num_classes`,
-    `base_channels` and `eps`.
-  """
-  if isinstance(model, models.CifarResNet):
-    family, base_channels = 'cifar', model.stem_conv.out_features
-  elif isinstance(model, models.ImageNetResNet):
-    family = 'imagenet'
-    base_channels = model.blocks[0].first.conv1.out_features
-  else:
-    raise TypeError(f'Expected a CifarResNet or ImageNetResNet, got '
-                    f'{type(model).__name__}.')
-  return {
-      'family': family,
-      'units': list(model.units),
-      'model_type': model.model_type,
-      'num_classes': model.logits.out_features,
-      'base_channels': base_channels,
-      'eps': float(model.blocks[0].eps),
-  }
-
-
-def vanilla_flops_of(model: nnx.Module, image_shape: Sequence[int]) -> int:
-  """FLOPs per image of the vanilla network of `model`'s depth and width."""
-  spec = describe_model(model)
-  return flops_lib.vanilla_flops(
-      lambda: models.create_model(
-          spec['family'], spec['units'], 'vanilla',
-          num_classes=spec['num_classes'],
-          base_channels=spec['base_channels'], rngs=nnx.Rngs(0)),
-      tuple(image_shape))
 
 
 def _area_matrix(size_in: int, size_out: int) -> np.ndarray:
@@ -400,7 +357,8 @@ def evaluate_model(model: nnx.Module, config, *,
       computed beyond the count: bucket padding, units run densely).
 
   Returns:
-    The metrics of `summarize`, plus `model` (`describe_model`),
+    The metrics of `summarize`, plus `model` (`ModelSpec.from_model` as a
+    dict),
     `dataset`, `split`, `image_shape`, `num_devices`, `seconds` and
     `inference` ('dense' or 'sparse').
   """
@@ -408,11 +366,13 @@ def evaluate_model(model: nnx.Module, config, *,
   if sparse and jax.process_count() > 1:
     raise EvaluationError('Sparse evaluation runs on one process; got '
                           f'{jax.process_count()}.')
-  spec = describe_model(model)
+  # Read from the model, so that the numbers never depend on a config that
+  # might disagree with a restored checkpoint.
+  spec = models.ModelSpec.from_model(model)
   info = data_lib.dataset_info(config.dataset)
   split = _eval_split_name(config, info)
   try:
-    label_offset = data_lib.label_offset(config.dataset, spec['num_classes'])
+    label_offset = data_lib.label_offset(config.dataset, spec.num_classes)
   except ValueError as e:
     raise EvaluationError(str(e)) from None
 
@@ -422,13 +382,14 @@ def evaluate_model(model: nnx.Module, config, *,
   # Round up so that every device gets the same number of rows.
   global_batch = -(-config.eval_batch_size // num_devices) * num_devices
   local_batch = global_batch // num_hosts
-  base_name = config.dataset.partition('/')[0]
-  dataset = data_lib.make_dataset(
-      config.dataset, split, batch_size=local_batch, train=False,
-      data_dir=config.get('data_dir', None),
-      shard_index=jax.process_index(), shard_count=num_hosts,
-      image_size=(config.get('image_size', None)
-                  if base_name == 'imagenet2012' else None))
+  try:
+    dataset = data_lib.make_dataset(
+        config.dataset, split, batch_size=local_batch, train=False,
+        data_dir=config.get('data_dir', None),
+        shard_index=jax.process_index(), shard_count=num_hosts,
+        image_size=config.get('image_size', None))
+  except ValueError as e:  # An image_size the dataset cannot have.
+    raise EvaluationError(str(e)) from None
 
   # The trainer's mesh: its replicated weights then need no copy.
   mesh = parallel.make_mesh(jax.devices()[:num_devices])
@@ -438,7 +399,7 @@ def evaluate_model(model: nnx.Module, config, *,
     graphdef, state = eval_split_model(model)
     state = jax.device_put(state, parallel.replicated(mesh))
     step = functools.partial(_eval_step, graphdef, state)
-  sact = spec['model_type'] == 'sact'
+  sact = spec.model_type == 'sact'
 
   iterator = iter(dataset)
   chunks = []
@@ -462,11 +423,11 @@ def evaluate_model(model: nnx.Module, config, *,
     template = batch
     if image_shape is None:
       image_shape = tuple(int(d) for d in batch['image'].shape[1:])
-      vanilla = vanilla_flops_of(model, image_shape)
+      vanilla = spec.vanilla_flops(image_shape)
     labels = np.asarray(batch['label']) + label_offset
     if labels.size and (labels.min() < 0
-                        or labels.max() >= spec['num_classes']):
-      raise EvaluationError(f'Labels outside [0, {spec["num_classes"]}) in '
+                        or labels.max() >= spec.num_classes):
+      raise EvaluationError(f'Labels outside [0, {spec.num_classes}) in '
                             f'{config.dataset}.')
     padded = _pad_batch(
         {'image': batch['image'], 'label': labels,
@@ -497,7 +458,7 @@ def evaluate_model(model: nnx.Module, config, *,
   stats = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
   metrics = summarize(stats, vanilla_flops=vanilla)
   metrics.update({
-      'model': spec,
+      'model': spec.to_dict(),
       'dataset': config.dataset,
       'split': split,
       'image_shape': list(image_shape),
@@ -546,7 +507,7 @@ def load_model(config, *, workdir: str | None = None,
       raise EvaluationError(
           '--workdir needs the --config of the training run.')
     try:
-      spec = checkpoint_lib.ModelSpec.from_config(config)
+      spec = models.ModelSpec.from_config(config)
       return checkpoint_lib.restore_latest_model(
           workdir, spec, remat=config.get('remat', False),
           unroll=config.get('unroll', False))

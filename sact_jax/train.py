@@ -47,6 +47,7 @@ from sact_jax import checkpoint as checkpoint_lib
 from sact_jax import data as data_lib
 from sact_jax import evaluate
 from sact_jax import flops as flops_lib
+from sact_jax import models
 from sact_jax import parallel
 from sact_jax import visualize
 
@@ -75,10 +76,10 @@ class NonFiniteLossError(RuntimeError):
 # ---------------------------------------------------------------------------
 
 
-def model_spec(config: ml_collections.ConfigDict) -> checkpoint_lib.ModelSpec:
+def model_spec(config: ml_collections.ConfigDict) -> models.ModelSpec:
   """The architecture `config` describes (raises ConfigError if invalid)."""
   try:
-    return checkpoint_lib.ModelSpec.from_config(config)
+    return models.ModelSpec.from_config(config)
   except (ValueError, TypeError) as e:
     raise ConfigError(f'Invalid model in config: {e}') from None
 
@@ -124,11 +125,10 @@ def validate_config(config: ml_collections.ConfigDict,
   check(0 < config.eps < 1, f'eps must lie in (0, 1), got {config.eps}.')
   spec = model_spec(config)
   label_offset(config)
-  base = config.dataset.partition('/')[0]
-  if base != 'imagenet2012':
-    check(config.image_size == info.image_shape[0],
-          f'image_size={config.image_size} does not match {config.dataset}, '
-          f'whose images are {info.image_shape[0]}x{info.image_shape[1]}.')
+  try:
+    data_lib.image_shape(config.dataset, config.image_size)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   check(config.image_size >= 8,
         f'image_size must be >= 8, got {config.image_size}.')
   check(info.image_shape[-1] == 3,
@@ -336,7 +336,7 @@ class Trainer:
   """
   config: ml_collections.ConfigDict
   mesh: jax.sharding.Mesh
-  spec: checkpoint_lib.ModelSpec
+  spec: models.ModelSpec
   graphdef: nnx.GraphDef
   tx: optax.GradientTransformation
   train_step: Callable[[TrainState, dict[str, jax.Array]],
@@ -486,13 +486,12 @@ def make_train_dataset(config: ml_collections.ConfigDict,
   shard_index = jax.process_index() if shard_index is None else shard_index
   shard_count = jax.process_count() if shard_count is None else shard_count
   info = data_lib.dataset_info(config.dataset)
-  base = config.dataset.partition('/')[0]
   return data_lib.make_dataset(
       config.dataset, info.train_split,
       batch_size=config.batch_size // shard_count, train=True,
       seed=config.seed, data_dir=config.get('data_dir'),
       shard_index=shard_index, shard_count=shard_count,
-      image_size=config.image_size if base == 'imagenet2012' else None,
+      image_size=config.image_size,
       worker_count=config.get('data_workers', 0))
 
 
@@ -505,7 +504,7 @@ def _state_tree(state: TrainState) -> dict[str, Any]:
 
 
 def _save(manager: ocp.CheckpointManager, state: TrainState,
-          iterator: grain.DatasetIterator, spec: checkpoint_lib.ModelSpec,
+          iterator: grain.DatasetIterator, spec: models.ModelSpec,
           config: ml_collections.ConfigDict) -> None:
   checkpoint_lib.save_run(
       manager, int(parallel.fetch(state.step)), _state_tree(state),
@@ -666,13 +665,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
                  spec.describe(), flops_lib.param_count(trainer.model(state)),
                  time.time() - start)
 
-    info = data_lib.dataset_info(config.dataset)
-    image_shape = ((config.image_size, config.image_size, 3)
-                   if config.dataset.startswith('imagenet2012')
-                   else info.image_shape)
-    vanilla = flops_lib.vanilla_flops(
-        lambda: dataclasses.replace(spec, model_type='vanilla').create(
-            nnx.Rngs(0)), image_shape)
+    vanilla = spec.vanilla_flops(
+        data_lib.image_shape(config.dataset, config.image_size))
 
     writer = MetricWriter(workdir)
     watcher = _PreemptionWatcher()

@@ -22,6 +22,7 @@ import numpy as np
 
 from sact_jax import data as data_lib
 from sact_jax import evaluate
+from sact_jax import models
 
 COLORMAP = 'inferno'
 # Size of one panel (inches) and resolution: a figure of R rows and C panel
@@ -37,20 +38,6 @@ ROWS_PER_PAGE = 8
 # Photographs that scikit-image ships with its package (no download).
 PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket', 'immunohistochemistry',
           'camera')
-CIFAR10_CLASS_NAMES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog',
-                       'frog', 'horse', 'ship', 'truck')
-
-
-def class_names_for(dataset: str) -> Sequence[str] | None:
-  """Label names of a dataset, or None where only indices are known."""
-  base = dataset.partition('/')[0]
-  if base == 'sact_shapes':
-    return data_lib.CLASS_NAMES
-  if base == 'cifar10':
-    return CIFAR10_CLASS_NAMES
-  return None
-
-
 def figure_pixel_size(num_rows: int, num_columns: int) -> tuple[int, int]:
   """(width, height) in pixels of a figure of `render_ponder_figure`."""
   width = num_columns * PANEL_INCHES * DPI
@@ -237,20 +224,18 @@ def ponder_figures(model: nnx.Module, config, *, num_images: int = 8,
     raise ValueError(f'num_images must be >= 1, got {num_images}.')
   info = data_lib.dataset_info(config.dataset)
   split = config.get('eval_split', None) or info.eval_split
-  base_name = config.dataset.partition('/')[0]
   dataset = data_lib.make_dataset(
       config.dataset, f'{split}[:{num_images}]', batch_size=num_images,
       train=False, data_dir=config.get('data_dir', None),
-      image_size=(config.get('image_size', None)
-                  if base_name == 'imagenet2012' else None))
+      image_size=config.get('image_size', None))
   batch = next(iter(dataset))
-  spec = evaluate.describe_model(model)
-  label_offset = data_lib.label_offset(config.dataset, spec['num_classes'])
+  spec = models.ModelSpec.from_model(model)
+  label_offset = data_lib.label_offset(config.dataset, spec.num_classes)
   logits, aux = evaluate.predict(model, batch['image'])
   logits = np.asarray(logits)
   flops = np.asarray(aux['flops'])
   maps = ponder_maps(aux)
-  names = class_names_for(config.dataset)
+  names = info.class_names
   titles = []
   for i, label in enumerate(np.asarray(batch['label'])):
     predicted = int(logits[i].argmax()) - label_offset
@@ -296,18 +281,6 @@ def figure_array(fig: mfigure.Figure) -> np.ndarray:
   return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
-def preprocess_for(family: str, image_HxWx3: np.ndarray) -> np.ndarray:
-  """An RGB image in [0, 255] as the model family's training data looked.
-
-  CIFAR family: per-image standardisation; ImageNet family: [-1, 1].
-  """
-  image = np.asarray(image_HxWx3, np.float32)
-  if family == 'cifar':
-    std = max(float(image.std()), 1 / np.sqrt(image.size))
-    return (image - image.mean()) / np.float32(std)
-  return image / np.float32(127.5) - 1
-
-
 def _as_rgb(image: np.ndarray) -> np.ndarray:
   image = np.asarray(image)
   if image.ndim == 2:
@@ -337,11 +310,13 @@ def save_ponder_maps_for_images(
   Returns:
     `out_path`.
   """
-  family = evaluate.describe_model(model)['family']
+  family = models.ModelSpec.from_model(model).family
   rgb = [_as_rgb(image) for image in images]
   titles, maps = [], []
   for i, image in enumerate(rgb):
-    logits, aux = evaluate.predict(model, preprocess_for(family, image)[None])
+    # Normalised as the family's training data (no resize: any size runs).
+    logits, aux = evaluate.predict(
+        model, data_lib.preprocess_image(family, image)[None])
     predicted = int(np.asarray(logits)[0].argmax())
     head = f'{names[i]}: ' if names is not None else ''
     titles.append(f'{head}{image.shape[0]}x{image.shape[1]}\npredicted '

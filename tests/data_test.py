@@ -204,6 +204,17 @@ class ShapesPipelineTest(parameterized.TestCase):
       np.testing.assert_array_equal(batch['mask'][row], example['mask'])
       self.assertEqual(batch['label'][row], example['label'])
 
+  def test_preprocess_image_is_the_eval_pipeline(self):
+    """One raw image normalised alone = its row of an eval batch, exactly."""
+    source = tfds.data_source('sact_shapes/tiny', split='test',
+                              data_dir=self.data_dir)
+    batch = _take(self.make('test', batch_size=4, train=False), 1)[0]
+    for row in range(4):
+      for name in ('sact_shapes/tiny', 'cifar'):
+        np.testing.assert_array_equal(
+            data.preprocess_image(name, source[row]['image']),
+            batch['image'][row])
+
   def test_mask_moves_with_the_image(self):
     """Crops and flips of a training batch act alike on image and mask."""
     source = tfds.data_source('sact_shapes/tiny', split='train',
@@ -341,6 +352,14 @@ class Cifar10PipelineTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, 'shard_index'):
       self.make(shard_index=2, shard_count=2)
 
+  def test_image_size_must_be_its_own(self):
+    _assert_batches_equal(self, _take(self.make(image_size=32), 1),
+                          _take(self.make(), 1))
+    with self.assertRaisesRegex(
+        ValueError, r'image_size=64 does not match cifar10, whose images are '
+        r'32x32\.'):
+      self.make(image_size=64)
+
 
 class ImagenetPipelineTest(parameterized.TestCase):
   """`imagenet2012` under mock_data: random images of random small sizes."""
@@ -422,6 +441,36 @@ class HelpersTest(parameterized.TestCase):
     flipped = [np.array_equal(o[2:6, 2:6], i[2:6, 2:6][:, ::-1])
                for o, i in zip(image_out, image)]
     self.assertTrue(any(flipped))
+
+  def test_image_shape(self):
+    self.assertEqual(data.image_shape('imagenet2012'), (224, 224, 3))
+    self.assertEqual(data.image_shape('imagenet2012', 64), (64, 64, 3))
+    self.assertEqual(data.image_shape('sact_shapes/tiny', 32), (32, 32, 3))
+    self.assertEqual(data.image_shape('cifar10'), (32, 32, 3))
+    with self.assertRaisesRegex(ValueError, 'image_size=224 does not match'):
+      data.image_shape('sact_shapes', 224)
+    self.assertEqual([n for n in data.SUPPORTED_DATASETS
+                      if data.dataset_info(n).resizable], ['imagenet2012'])
+
+  def test_class_names(self):
+    self.assertEqual(data.dataset_info('sact_shapes/tiny').class_names,
+                     shapes.CLASS_NAMES)
+    cifar = data.dataset_info('cifar10')
+    self.assertLen(cifar.class_names, cifar.num_classes)
+    self.assertEqual(cifar.class_names[0], 'airplane')
+    self.assertIsNone(data.dataset_info('imagenet2012').class_names)
+
+  def test_preprocess_image_imagenet(self):
+    """ImageNet models take [-1, 1], whatever the image size."""
+    image = np.arange(5 * 7 * 3).reshape(5, 7, 3).astype(np.uint8)
+    out = data.preprocess_image('imagenet', image)
+    self.assertEqual(out.dtype, np.float32)
+    np.testing.assert_array_equal(
+        out, image.astype(np.float32) / np.float32(127.5) - 1)
+    np.testing.assert_array_equal(
+        data.preprocess_image('imagenet2012', image), out)
+    with self.assertRaisesRegex(ValueError, 'Unknown dataset'):
+      data.preprocess_image('resnet', image)
 
   def test_dataset_info(self):
     info = data.dataset_info('sact_shapes')

@@ -13,7 +13,9 @@ import numpy as np
 from PIL import Image
 
 from sact_jax import checkpoint as checkpoint_lib
+from sact_jax import data
 from sact_jax import evaluate
+from sact_jax import models
 from sact_jax import visualize
 
 import evaluate_test  # Same directory: its fast model builder.
@@ -143,7 +145,7 @@ class ModelPicturesTest(absltest.TestCase):
     self.assertEqual(read_png(out).shape, (height, width, 3))
     # Different photos, different ponder maps (at photo resolution).
     maps = [visualize.ponder_maps(evaluate.predict(
-        self.model, visualize.preprocess_for('cifar', p)[None])[1])
+        self.model, data.preprocess_image('cifar', p)[None])[1])
             for p in photos.values()]
     self.assertEqual(maps[0][0].shape, (1, 48, 48))
     self.assertEqual(maps[0][2].shape, (1, 12, 12))
@@ -169,8 +171,8 @@ class LauncherTest(absltest.TestCase):
     checkpoint = os.path.join(tmp, 'ckpt')
     checkpoint_lib.save_model(
         checkpoint, evaluate_test.fast_model('sact'),
-        checkpoint_lib.ModelSpec('cifar', (2, 2, 2), 'sact', num_classes=6,
-                                 base_channels=4))
+        models.ModelSpec('cifar', (2, 2, 2), 'sact', num_classes=6,
+                         base_channels=4))
     config = ['--config=sact_jax/configs/default.py:smoke',
               f'--config.data_dir={os.path.join(tmp, "data")}']
     out_dir = os.path.join(tmp, 'out')

@@ -16,7 +16,9 @@ from typing import Iterable
 
 import ml_collections
 
-MODEL_TYPES = ('vanilla', 'act', 'sact')
+from sact_jax import blocks as blocks_lib
+
+MODEL_TYPES = blocks_lib.MODEL_TYPES
 
 # Placeholder of a field that the command line must set; validation reports
 # it as a missing path, so the message says what to pass.
@@ -39,7 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Preprocessing worker processes per host (0: threads in this process).
   config.data_workers = 0
 
-  # --- Model (see sact_jax.checkpoint.ModelSpec) ---
+  # --- Model (see sact_jax.models.ModelSpec) ---
   # 'cifar' (pre-activation basic units) or 'imagenet' (bottleneck units).
   config.family = 'cifar'
   # Residual units per block, e.g. (5, 5, 5) = CIFAR ResNet-32.

@@ -11,9 +11,11 @@ the preprocessing of the reference SACT code:
 * `sact_shapes` (generated locally, see `shapes.py`): as `cifar10`, and the
   object mask is cropped and flipped with its image.
 
-Random augmentation is a function of (seed, example position), so a pipeline
-is reproducible, and its iterator resumes exactly from
-`get_iterator_state` / `set_iterator_state`.
+The last step, the per-image normalisation (standardisation or [-1, 1]),
+is also `preprocess_image`, for images from elsewhere. Random augmentation
+is a function of (seed, example position), so a pipeline is reproducible,
+and its iterator resumes exactly from `get_iterator_state` /
+`set_iterator_state`.
 """
 
 import dataclasses
@@ -42,11 +44,15 @@ class DatasetInfo:
 
   Attributes:
     num_classes: number of labels.
-    image_shape: (height, width, channels) of the images `make_dataset` yields.
+    image_shape: (height, width, channels) of the images `make_dataset`
+      yields by default (see `image_shape` for other sizes).
     num_train_examples: size of `train_split`.
     num_eval_examples: size of `eval_split`.
     train_split: tfds split to train on.
     eval_split: tfds split to evaluate on.
+    resizable: whether `make_dataset` resizes the images to any
+      `image_size`; the others have one size.
+    class_names: name of each label, or None where only indices are known.
   """
 
   num_classes: int
@@ -55,14 +61,20 @@ class DatasetInfo:
   num_eval_examples: int
   train_split: str
   eval_split: str
+  resizable: bool = False
+  class_names: tuple[str, ...] | None = None
 
 
+_CIFAR10_CLASS_NAMES = ('airplane', 'automobile', 'bird', 'cat', 'deer',
+                        'dog', 'frog', 'horse', 'ship', 'truck')
 _DATASET_INFO = {
-    'cifar10': DatasetInfo(10, (32, 32, 3), 50_000, 10_000, 'train', 'test'),
+    'cifar10': DatasetInfo(10, (32, 32, 3), 50_000, 10_000, 'train', 'test',
+                           class_names=_CIFAR10_CLASS_NAMES),
     'imagenet2012': DatasetInfo(1000, (224, 224, 3), 1_281_167, 50_000,
-                                'train', 'validation'),
+                                'train', 'validation', resizable=True),
     'sact_shapes': DatasetInfo(shapes.NUM_CLASSES, (32, 32, 3), 20_000, 2_000,
-                               'train', 'test'),
+                               'train', 'test',
+                               class_names=shapes.CLASS_NAMES),
 }
 SUPPORTED_DATASETS = tuple(_DATASET_INFO)
 
@@ -129,6 +141,30 @@ def label_offset(name: str, num_classes: int) -> int:
   return offset
 
 
+def image_shape(name: str, image_size: int | None = None
+                ) -> tuple[int, int, int]:
+  """The shape of the images `make_dataset(name, image_size=...)` yields.
+
+  Args:
+    name: a dataset of `SUPPORTED_DATASETS`, optionally with a config.
+    image_size: side of the (square) images of a resizable dataset; None for
+      the default. Other datasets accept only their own size (or None).
+
+  Raises:
+    ValueError: `image_size` does not fit the dataset.
+  """
+  info = dataset_info(name)
+  height, width, channels = info.image_shape
+  if image_size is None:
+    return info.image_shape
+  if info.resizable:
+    return (int(image_size), int(image_size), channels)
+  if (image_size, image_size) != (height, width):
+    raise ValueError(f'image_size={image_size} does not match {name}, whose '
+                     f'images are {height}x{width}.')
+  return info.image_shape
+
+
 def make_dataset(
     name: str,
     split: str,
@@ -163,8 +199,9 @@ def make_dataset(
     num_epochs: passes over the data; None repeats forever when training and
       makes one pass otherwise. With several epochs, batches run across epoch
       boundaries and each epoch is shuffled and augmented differently.
-    image_size: output size of `imagenet2012` images (default 224); the other
-      datasets keep their 32x32 size.
+    image_size: side of the output images of a resizable dataset
+      (`imagenet2012`, default 224); the others accept only their own size
+      or None (see `image_shape`).
     worker_count: preprocessing processes; 0 preprocesses in this process (in
       threads). Workers need parsed absl flags (as under `absl.app.run`).
 
@@ -180,9 +217,7 @@ def make_dataset(
   if not 0 <= shard_index < shard_count:
     raise ValueError(f'Need 0 <= shard_index < shard_count, got {shard_index} '
                      f'and {shard_count}.')
-  if image_size is not None and base != 'imagenet2012':
-    raise ValueError(f'image_size is only supported for imagenet2012, not '
-                     f'{name}.')
+  size = image_shape(name, image_size)[0]
   if num_epochs is None:
     num_epochs = None if train else 1
 
@@ -203,8 +238,9 @@ def make_dataset(
     ds = ds.repeat(num_epochs)
   ds = ds.batch(batch_size, drop_remainder=train)
   load = functools.partial(_load_batch, source=source,
-                           preprocess=_PREPROCESSORS[base], train=train,
-                           image_size=image_size or 224)
+                           preprocess=_PREPROCESSORS[base],
+                           normalize=_NORMALIZERS[base], train=train,
+                           image_size=size)
   if train:
     # The generator is seeded from (seed, batch position): augmentation is
     # reproducible and differs between epochs.
@@ -222,7 +258,8 @@ def make_dataset(
 
 
 def _load_batch(indices_B: np.ndarray, rng: np.random.Generator | None, *,
-                source, preprocess, train: bool, image_size: int) -> Example:
+                source, preprocess, normalize, train: bool,
+                image_size: int) -> Example:
   """Reads the examples at `indices_B` and preprocesses them into a batch."""
   indices = [int(i) for i in indices_B]
   try:
@@ -230,7 +267,9 @@ def _load_batch(indices_B: np.ndarray, rng: np.random.Generator | None, *,
   except TypeError:
     # The source of `tfds.testing.mock_data` has a broken `__getitems__`.
     examples = [source[i] for i in indices]
-  return preprocess(examples, rng, train=train, image_size=image_size)
+  batch = preprocess(examples, rng, train=train, image_size=image_size)
+  batch['image'] = normalize(batch['image'])
+  return batch
 
 
 def get_iterator_state(iterator: grain.DatasetIterator) -> dict[str, Any]:
@@ -317,6 +356,11 @@ def _standardize(image_BxHxWxC: np.ndarray) -> np.ndarray:
   return centred / np.maximum(std, np.float32(min_std))
 
 
+def _to_unit_range(image_BxHxWxC: np.ndarray) -> np.ndarray:
+  """[0, 255] -> [-1, 1] float32 (the reference's Inception preprocessing)."""
+  return image_BxHxWxC.astype(np.float32) / np.float32(127.5) - 1
+
+
 def _pad_crop_flip(arrays: list[np.ndarray], rng: np.random.Generator
                    ) -> list[np.ndarray]:
   """Zero-pads, randomly crops back and maybe flips each example.
@@ -354,12 +398,12 @@ def _stack(examples: list[Example], key: str) -> np.ndarray:
 def _preprocess_cifar(examples: list[Example],
                       rng: np.random.Generator | None, *, train: bool,
                       image_size: int) -> Example:
-  """CIFAR-10: crop and flip when training; per-image standardisation."""
+  """CIFAR-10: crop and flip when training."""
   del image_size  # Always 32.
   image = _stack(examples, 'image')
   if train:
     (image,) = _pad_crop_flip([image], rng)
-  return {'image': _standardize(image),
+  return {'image': image,
           'label': _stack(examples, 'label').astype(np.int32)}
 
 
@@ -371,7 +415,7 @@ def _preprocess_shapes(examples: list[Example],
   image, mask = _stack(examples, 'image'), _stack(examples, 'mask')
   if train:
     image, mask = _pad_crop_flip([image, mask], rng)
-  return {'image': _standardize(image),
+  return {'image': image,
           'label': _stack(examples, 'label').astype(np.int32),
           'mask': mask.astype(np.float32)}
 
@@ -379,12 +423,11 @@ def _preprocess_shapes(examples: list[Example],
 def _preprocess_imagenet(examples: list[Example],
                          rng: np.random.Generator | None, *, train: bool,
                          image_size: int) -> Example:
-  """ImageNet: Inception crop and flip, or central crop; to [-1, 1]."""
+  """ImageNet: Inception crop and flip, or central crop; resized."""
   images = [_crop_resize_imagenet(example['image'], rng, train=train,
                                   image_size=image_size)
             for example in examples]
-  image = np.stack(images).astype(np.float32)
-  return {'image': image / np.float32(127.5) - 1,
+  return {'image': np.stack(images),
           'label': _stack(examples, 'label').astype(np.int32)}
 
 
@@ -440,8 +483,36 @@ def _inception_crop_window(height: int, width: int, rng: np.random.Generator,
   return 0, 0, height, width
 
 
+# Per dataset: the geometry (crops, flips, resizing; masks move along) ...
 _PREPROCESSORS = {
     'cifar10': _preprocess_cifar,
     'imagenet2012': _preprocess_imagenet,
     'sact_shapes': _preprocess_shapes,
 }
+# ... then the per-image normalisation of the pixel values.
+_NORMALIZERS = {
+    'cifar10': _standardize,
+    'imagenet2012': _to_unit_range,
+    'sact_shapes': _standardize,
+}
+# The data each model family is trained on, whose normalisation its models
+# expect of any image.
+_FAMILY_DATASETS = {'cifar': 'cifar10', 'imagenet': 'imagenet2012'}
+
+
+def preprocess_image(name: str, image_HxWxC: np.ndarray) -> np.ndarray:
+  """An image in [0, 255] normalised as the pipeline of `name` does it.
+
+  Only the per-image normalisation, no crop or resize: the models are fully
+  convolutional and take images of any size.
+
+  Args:
+    name: a dataset (e.g. 'sact_shapes/tiny'), or a model family ('cifar',
+      'imagenet') for the data its models are trained on.
+    image_HxWxC: the image, any real dtype.
+
+  Returns:
+    float32 [H, W, C].
+  """
+  base = _FAMILY_DATASETS.get(name) or _parse_name(name)[0]
+  return _NORMALIZERS[base](np.asarray(image_HxWxC)[None])[0]
