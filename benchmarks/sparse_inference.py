@@ -271,124 +271,122 @@ def _clustered_mask(batch: int, height: int, width: int, fraction: float,
   return jnp.asarray(field > np.quantile(field, 1 - fraction), jnp.float32)
 
 
+def _time_piece(fn: Callable, args, reps: int, donate: int | None) -> float:
+  """Min wall time of `jit(fn)(*args)`.
+
+  `donate`: index of a map updated in place, as in the runner (a fresh copy
+  per call, made outside the timing).
+  """
+  if donate is None:
+    jitted = jax.jit(fn)
+    return _time({'piece': lambda: jitted(*args)}, reps)['piece']['wall_min']
+  jitted = jax.jit(fn, donate_argnums=donate)
+  copy = jax.jit(lambda a: a + 0)
+  best = float('inf')
+  for _ in range(reps + 1):
+    fresh = list(args)
+    fresh[donate] = jax.block_until_ready(copy(args[donate]))
+    start = time.perf_counter()
+    jax.block_until_ready(jitted(*fresh))
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
+def _planned_rows(mask_BxHxW: jax.Array, chunk: int, buckets: int
+                  ) -> jax.Array:
+  """The indices of `mask`'s rows that the runner's plan computes."""
+  num_rows = mask_BxHxW.size
+  plan = rows_lib.plan_rows(int(mask_BxHxW.sum()), chunk,
+                            rows_lib.granule_for(num_rows, chunk, buckets))
+  idx = rows_lib.indices(mask_BxHxW.reshape(-1),
+                         rows_lib.padded_length(num_rows, chunk))
+  return idx[:plan.rows]
+
+
 def unit_breakdown(runner, block_index: int, x_BxHxWxC: jax.Array,
                    fraction: float, reps: int) -> dict:
   """Where one unit's time goes: gathers, matmuls, scatters, bookkeeping.
 
   Times, apart and in the same process, the pieces of the sparse unit of
-  block `block_index` (its first stacked unit and head) at a clustered mask
-  of `fraction` active positions, the whole sparse unit (`stage_a` +
-  `stage_b` of the runner), and the dense vanilla unit `x + f(x)`.
+  block `block_index` (its first stacked unit and the head after it; the
+  block needs 3 units or more) at a clustered mask of `fraction` active
+  positions, and the dense vanilla unit `x + f(x)`. Uses the runner's
+  public pieces (`sact_block`, `stage_modules`), so the math is the one the
+  runner's `stage_dilated` and `stage_active` run.
   """
-  # pylint: disable=protected-access
-  block = runner._blocks[block_index]
-  params = runner._params.blocks[block_index]
-  unit = nnx.merge(block.unit_gd, params.units[0])
-  head = nnx.merge(block.head_gd, params.heads[1])
+  block = runner.sact_block(block_index)
+  unit, head = runner.stage_modules(block_index, 0)
+  if head is None:
+    raise ValueError('unit_breakdown needs a block of 3 units or more.')
+  costs = block.costs
+  chunk_d, chunk_a = costs.chunk_dilated, costs.chunk_active
   batch, height, width, channels = x_BxHxWxC.shape
-  num_rows = batch * height * width
-  hw = height * width
+  num_rows, hw = batch * height * width, height * width
   mask = _clustered_mask(batch, height, width, fraction)
   dilated = act_lib.dilate_mask(mask)
   n_d, n_a = int(dilated.sum()), int(mask.sum())
-  plan_d = rows_lib.plan_rows(n_d, block.chunk_d, rows_lib.granule_for(
-      num_rows, block.chunk_d, runner.options.buckets))
-  plan_a = rows_lib.plan_rows(n_a, block.chunk_a, rows_lib.granule_for(
-      num_rows, block.chunk_a, runner.options.buckets))
-  idx_d = rows_lib.indices(dilated.reshape(-1), rows_lib.padded_length(
-      num_rows, block.chunk_d))
-  idx_a = rows_lib.indices(mask.reshape(-1), rows_lib.padded_length(
-      num_rows, block.chunk_a))
-  rows_d, rows_a = plan_d.n_full * block.chunk_d + plan_d.tail, (
-      plan_a.n_full * block.chunk_a + plan_a.tail)
-  sel_d, sel_a = idx_d[:rows_d], idx_a[:rows_a]
+  sel_d = _planned_rows(dilated, chunk_d, runner.options.buckets)
+  sel_a = _planned_rows(mask, chunk_a, runner.options.buckets)
+  rows_d, rows_a = sel_d.shape[0], sel_a.shape[0]
   x = x_BxHxWxC.reshape(num_rows, channels)
-  y = jnp.zeros((num_rows + 1, block.mid))
+  y = jnp.zeros((num_rows + 1, block.dilated_channels))
   taps = jnp.zeros((num_rows + 1, 9))
-  kernel1 = unit.conv1.kernel[...]
-  k1 = kernel1.shape[0]
-  width_d = k1 * k1 * channels
   pieces = {}
 
   def timed(name, fn, *args, donate=None):
-    """Min wall time; `donate`: index of a map updated in place, as in the
-    runner (a fresh copy per call, made outside the timing)."""
-    if donate is None:
-      jitted = jax.jit(fn)
-      pieces[name] = _time({name: lambda: jitted(*args)}, reps)[name][
-          'wall_min']
-      return
-    jitted = jax.jit(fn, donate_argnums=donate)
-    copy = jax.jit(lambda a: a + 0)
-    best = float('inf')
-    for _ in range(reps + 1):
-      fresh = list(args)
-      fresh[donate] = jax.block_until_ready(copy(args[donate]))
-      start = time.perf_counter()
-      jax.block_until_ready(jitted(*fresh))
-      best = min(best, time.perf_counter() - start)
-    pieces[name] = best
+    pieces[name] = _time_piece(fn, args, reps, donate)
 
   def gather_d(x, idx):
-    if k1 == 1:
-      return jax.nn.relu(unit.preact(rows_lib.gather(x, idx)))
-    nbr, valid = rows_lib.neighbours(idx, height, width, num_rows)
-    pre = rows_lib.gather(x, nbr)
-    return jnp.where(valid[..., None], pre, 0.0).reshape(idx.shape[0], -1)
-  gathered_d = jax.jit(gather_d)(x, sel_d)
-  timed('A: gather rows (+BN, act)', gather_d, x, sel_d)
-  timed('A: conv1 matmul (+BN, act)',
-        lambda r: jax.nn.relu(unit.conv1_bn(r @ kernel1.reshape(
-            width_d, -1))), gathered_d)
-  timed('A: scatter into y', lambda y, i, r: rows_lib.scatter_set(y, i, r),
-        y, sel_d, jnp.ones((rows_d, block.mid)), donate=0)
-  timed('A: head taps (matmul + scatter)',
-        lambda t, i, r: rows_lib.scatter_set(t, i, stages.head_taps(head, r)),
+    return rows_lib.patches(x, idx, unit.dilated_kernel_size, height=height,
+                            width=width, num_rows=num_rows)
+  patches_d, valid_d = jax.jit(gather_d)(x, sel_d)
+  timed('dilated: gather patches', gather_d, x, sel_d)
+  timed('dilated: unit rows (conv1 matmul, BN, act)', unit.dilated_rows,
+        patches_d, valid_d)
+  timed('dilated: scatter into y',
+        lambda y, i, r: rows_lib.scatter_set(y, i, r), y, sel_d,
+        jnp.ones((rows_d, block.dilated_channels)), donate=0)
+  timed('dilated: head taps (matmul + scatter)',
+        lambda t, i, r: rows_lib.scatter_set(t, i, head.local_taps(r)),
         taps, sel_d, rows_lib.gather(x, sel_d), donate=0)
 
   def im2col(y, idx):
-    nbr, _ = rows_lib.neighbours(idx, height, width, num_rows)
-    return rows_lib.gather(y, nbr).reshape(idx.shape[0], -1)
+    return rows_lib.patches(y, idx, 3, height=height, width=width,
+                            num_rows=num_rows)[0]
   cols = jax.jit(im2col)(y, sel_a)
-  timed('B: im2col gather', im2col, y, sel_a)
-  if hasattr(unit, 'conv3'):
-    mm = lambda c: (jax.nn.relu(unit.conv2_bn(
-        c @ unit.conv2.kernel[...].reshape(c.shape[1], -1)))
-                    @ unit.conv3.kernel[...].reshape(block.mid, -1))
-  else:
-    mm = lambda c: c @ unit.conv2.kernel[...].reshape(c.shape[1], -1)
-  timed('B: conv matmuls (+BN, act)', mm, cols)
+  timed('active: im2col gather', im2col, y, sel_a)
+  timed('active: unit rows (conv matmuls, BN, act)', unit.active_rows, cols)
   res = jnp.ones((rows_a, channels))
-
-  timed('B: gather + scatter x', lambda x, i, r: rows_lib.scatter_set(
+  timed('active: gather + scatter x', lambda x, i, r: rows_lib.scatter_set(
       x, i, rows_lib.gather(x, i) + r), x, sel_a, res, donate=0)
-  timed('B: scatter-add out, xsum', lambda out, xsum, i, r: (
+  timed('active: scatter-add out, xsum', lambda out, xsum, i, r: (
       rows_lib.scatter_add(out, i, 0.5 * r),
       rows_lib.scatter_add(xsum, i // hw, r)), x + 0,
         jnp.zeros((batch, channels)), sel_a, res, donate=0)
-  timed('B: head taps + local sums',
+  timed('active: head taps + local sums',
         lambda t, i, r: stages.head_local(head, rows_lib.scatter_set(
-            t, i, stages.head_taps(head, r)), i, height=height, width=width),
+            t, i, head.local_taps(r)), i, height=height, width=width),
         taps, sel_a, res, donate=0)
 
   state = act_lib.init_state(jnp.zeros((batch, height, width, 1)),
                              (batch, height, width))
   def step_and_sets(state, halting):
-    small, counts = block._step(head, halting, state, jnp.zeros((batch,)))
-    return (small, counts, block._rows(state, dilated=True),
-            block._rows(state, dilated=False))
+    carry, sizes = block.halting_step(head, halting, state,
+                                      jnp.zeros((batch,)))
+    return (carry, sizes, block.index_rows(state, dilated=True),
+            block.index_rows(state, dilated=False))
   timed('halting step + index sets', step_and_sets,
         state._replace(running=mask), 0.1 * mask)
   vanilla_unit = jax.jit(lambda x: x + unit.residual(x))
   whole = {}
   whole['vanilla unit (dense)'] = _time(
       {'v': lambda: vanilla_unit(x_BxHxWxC)}, reps)['v']['wall_min']
-  flop_fraction = ((n_d * block.dilated_cost + n_a * block.active_cost)
-                   / (num_rows * (block.dilated_cost + block.active_cost)))
+  flop_fraction = ((n_d * costs.dilated_cost + n_a * costs.active_cost)
+                   / (num_rows * (costs.dilated_cost + costs.active_cost)))
   return {'block': block_index, 'shape': [batch, height, width, channels],
           'active': n_a / num_rows, 'dilated': n_d / num_rows,
-          'unit_flop_fraction': flop_fraction, 'rows_d': rows_d,
-          'rows_a': rows_a, 'pieces_s': pieces, 'whole_s': whole}
+          'unit_flop_fraction': flop_fraction, 'rows_dilated': rows_d,
+          'rows_active': rows_a, 'pieces_s': pieces, 'whole_s': whole}
 
 
 def measure_family(family: str, batch_sizes, fractions, options,
@@ -482,7 +480,7 @@ def measure_family(family: str, batch_sizes, fractions, options,
       _print_row(row)
     if _UNIT_BREAKDOWN.value >= 0:
       index = _UNIT_BREAKDOWN.value
-      channels = sact.blocks[index].steps.unit.preact.num_features
+      channels = sact.blocks[index].steps.unit.cin
       side = size // 4 // 2**index if family == 'imagenet' else size // 2**index
       x = jnp.asarray(np.random.default_rng(0).normal(
           size=(batch, side, side, channels)), jnp.float32)
@@ -499,12 +497,12 @@ def _print_breakdown(b):
   print(f"   unit of block {b['block']} {tuple(b['shape'])}, "
         f"{b['active']:.2f} active / {b['dilated']:.2f} dilated "
         f"(unit FLOP fraction {b['unit_flop_fraction']:.2f}; rows "
-        f"{b['rows_d']}, {b['rows_a']}); pieces timed apart:")
+        f"{b['rows_dilated']}, {b['rows_active']}); pieces timed apart:")
   for name, seconds in pieces.items():
-    print(f'     {name:36s} {seconds * 1e3:7.2f} ms  '
+    print(f'     {name:44s} {seconds * 1e3:7.2f} ms  '
           f'{100 * seconds / total:4.0f}%')
   vanilla = b['whole_s']['vanilla unit (dense)']
-  print(f'     {"sum of pieces":36s} {total * 1e3:7.2f} ms;'
+  print(f'     {"sum of pieces":44s} {total * 1e3:7.2f} ms;'
         f' vanilla unit {vanilla * 1e3:.2f} ms (ratio '
         f'{total / vanilla:.2f} at FLOP fraction '
         f"{b['unit_flop_fraction']:.2f})", flush=True)

@@ -24,8 +24,11 @@ ModelType = Literal['vanilla', 'act', 'sact']
 MODEL_TYPES = ('vanilla', 'act', 'sact')
 
 
-class Step(nnx.Module):
-  """What one scan iteration owns: unit k and the halting head of unit k-1."""
+class ScanStep(nnx.Module):
+  """What one scan iteration owns: unit k and the halting head of unit k-1.
+
+  Its attributes name the parameters (`steps/unit/...`, `steps/head/...`).
+  """
 
   def __init__(self, unit: nnx.Module, head: nnx.Module | None):
     self.unit = unit
@@ -71,8 +74,8 @@ class Block(nnx.Module):
     if num_units > 1:
       @nnx.split_rngs(splits=num_units - 1)
       @nnx.vmap(in_axes=(0,), out_axes=0)
-      def make_steps(rngs: nnx.Rngs) -> Step:
-        return Step(make_unit(rngs=rngs),
+      def make_steps(rngs: nnx.Rngs) -> ScanStep:
+        return ScanStep(make_unit(rngs=rngs),
                     make_head(rngs=rngs) if adaptive else None)
       self.steps = make_steps(rngs)
     else:

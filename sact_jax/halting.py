@@ -1,4 +1,4 @@
-"""Halting branches: the small heads that score when to stop (SPEC section 2).
+"""Halting branches: the small heads that score when to stop.
 
 * ACT (per image): `sigmoid(global_conv(act(global_bn(mean_HW(x)))))`.
 * SACT (per position): `sigmoid(local_conv(act(local_bn(x))) +
@@ -7,6 +7,11 @@
 
 `act` is the model's nonlinearity on CIFAR and the identity on ImageNet. The
 halting bias starts at -3, so a fresh network uses every unit.
+
+Each term is its own method so that the sparse path (`sact_jax.sparse`) can
+evaluate the local term at chosen rows and the global term from running sums
+without restating either: a subclass that changes a method changes the dense
+and the sparse model alike.
 """
 
 from flax import nnx
@@ -29,19 +34,32 @@ class ActHead(nnx.Module):
     self.global_conv = factory.dense(channels, 1, bias_init=INIT_BIAS,
                                      rngs=rngs)
 
+  def global_logits(self, mean_BxC: jax.Array) -> jax.Array:
+    """The halting logit `[B]` from the spatial mean of the unit output."""
+    return self.global_conv(self.activation(self.global_bn(mean_BxC)))[:, 0]
+
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
     """Returns the halting probability `[B]`."""
-    pooled_BxC = jnp.mean(x_BxHxWxC, axis=(1, 2))
-    logit_Bx1 = self.global_conv(self.activation(self.global_bn(pooled_BxC)))
-    return jax.nn.sigmoid(logit_Bx1[:, 0])
+    return jax.nn.sigmoid(
+        self.global_logits(jnp.mean(x_BxHxWxC, axis=(1, 2))))
+
+  @property
+  def global_cost(self) -> int:
+    """FLOPs per image of the head."""
+    return flops_lib.conv_cost(self.global_conv)
 
   def flops(self, running_B: jax.Array) -> jax.Array:
     """ACT counts the head of a unit iff the unit ran."""
-    return running_B * flops_lib.conv_cost(self.global_conv)
+    return running_B * self.global_cost
 
 
 class SactHead(nnx.Module):
-  """One halting score per spatial position."""
+  """One halting score per spatial position.
+
+  The sparse path relies on this structure: the local term is the 3x3
+  `local_conv` (one output channel) of the elementwise `local_features`, and
+  the global term reads the map only through its spatial mean.
+  """
 
   def __init__(self, channels: int, *, factory: layers.LayerFactory,
                activation: layers.Activation, rngs: nnx.Rngs):
@@ -52,16 +70,62 @@ class SactHead(nnx.Module):
     self.global_bn = factory.batch_norm(channels, rngs=rngs)
     self.global_conv = factory.dense(channels, 1, use_bias=False, rngs=rngs)
 
+  def local_features(self, x_XxC: jax.Array) -> jax.Array:
+    """What the local conv reads, elementwise (maps or rows)."""
+    return self.activation(self.local_bn(x_XxC))
+
+  def local_logits(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    """The local term `[B, H, W]` at every position."""
+    return self.local_conv(self.local_features(x_BxHxWxC))[..., 0]
+
+  def local_taps(self, x_SxC: jax.Array) -> jax.Array:
+    """What each of the 9 taps of the local conv takes from rows: `[S, 9]`.
+
+    With one output channel the 3x3 conv factors into this `[C, 9]` matmul
+    per row and a sum over the 9 neighbours of each output position
+    (`local_logits_from_taps`), which is cheaper at rows than an im2col of
+    the neighbours.
+    """
+    kernel_9xC = self.local_conv.kernel[...].reshape(9, -1)
+    return self.local_features(x_SxC) @ kernel_9xC.T
+
+  def local_logits_from_taps(self, taps_Sx9: jax.Array) -> jax.Array:
+    """The local term `[S]` from tap d of neighbour d (`local_taps`).
+
+    Args:
+      taps_Sx9: per output position, tap d of its neighbour d in HWIO order
+        (zero for neighbours outside the image).
+    """
+    local_S = jnp.sum(taps_Sx9, axis=1)
+    if self.local_conv.bias is not None:
+      local_S = local_S + self.local_conv.bias[...][0]
+    return local_S
+
+  def global_logits(self, mean_BxC: jax.Array) -> jax.Array:
+    """The global term `[B]` from the spatial mean of the unit output."""
+    return self.global_conv(self.activation(self.global_bn(mean_BxC)))[:, 0]
+
+  def probability(self, local: jax.Array, global_: jax.Array) -> jax.Array:
+    """The halting score from the two terms (broadcast to one shape)."""
+    return jax.nn.sigmoid(local + global_)
+
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
     """Returns the halting probability `[B, H, W]`."""
-    local_BxHxWx1 = self.local_conv(self.activation(self.local_bn(x_BxHxWxC)))
-    pooled_BxC = jnp.mean(x_BxHxWxC, axis=(1, 2))
-    global_Bx1 = self.global_conv(self.activation(self.global_bn(pooled_BxC)))
-    logit_BxHxW = local_BxHxWx1[..., 0] + global_Bx1[:, :, None]
-    return jax.nn.sigmoid(logit_BxHxW)
+    global_B = self.global_logits(jnp.mean(x_BxHxWxC, axis=(1, 2)))
+    return self.probability(self.local_logits(x_BxHxWxC),
+                            global_B[:, None, None])
+
+  @property
+  def local_cost(self) -> int:
+    """FLOPs of the local conv per position where it runs."""
+    return flops_lib.conv_cost(self.local_conv)
+
+  @property
+  def global_cost(self) -> int:
+    """FLOPs of the global conv per image."""
+    return flops_lib.conv_cost(self.global_conv)
 
   def flops(self, running_BxHxW: jax.Array) -> jax.Array:
     """The local conv counts active positions; the global conv always."""
-    return (flops_lib.spatial_count(running_BxHxW)
-            * flops_lib.conv_cost(self.local_conv)
-            + flops_lib.conv_cost(self.global_conv))
+    return (flops_lib.spatial_count(running_BxHxW) * self.local_cost
+            + self.global_cost)

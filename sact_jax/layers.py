@@ -71,3 +71,26 @@ def same_padding(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
   total = kernel - 1
   pad = (total // 2, total - total // 2)
   return (pad, pad)
+
+
+def patch_conv(conv: nnx.Conv, patches_SxKxC: jax.Array) -> jax.Array:
+  """A stride-1 conv at chosen positions, from their input patches: `[S, O]`.
+
+  Lets a conv run at a few rows of a map as one matmul (the sparse path
+  gathers the patches); bias included.
+
+  Args:
+    conv: the conv; stride 1.
+    patches_SxKxC: per output position, the conv's input at the `K = kh * kw`
+      positions of its window in row-major (HWIO) order, zero where the
+      window leaves the image (SAME zero padding).
+  """
+  strides = (conv.strides,) if isinstance(conv.strides, int) else conv.strides
+  if any(s != 1 for s in strides):
+    raise ValueError('Only stride-1 convolutions run on patches.')
+  kernel = conv.kernel[...]
+  y_SxO = (patches_SxKxC.reshape(patches_SxKxC.shape[0], -1)
+           @ kernel.reshape(-1, kernel.shape[-1]))
+  if conv.bias is not None:
+    y_SxO = y_SxO + conv.bias[...]
+  return y_SxO

@@ -1,4 +1,4 @@
-"""Residual units of the reference CIFAR and ImageNet ResNets (SPEC section 3).
+"""Residual units of the reference CIFAR and ImageNet ResNets.
 
 Every unit is pre-activation and offers two entry points:
 
@@ -7,9 +7,13 @@ Every unit is pre-activation and offers two entry points:
 * `residual(x)`: the residual branch `f(x)` of a unit whose shortcut is the
   identity, so a block can apply the masked update `x + mask * f(x)`.
 
-`dilated_cost` / `active_cost` are the FLOPs per position of the convs that
-must run on the dilated active set (they feed a 3x3 conv) and on the active
-set itself.
+The branch is written once, as `ResidualUnit` splits it where SACT's two
+position sets meet: everything up to the input of the 3x3 conv that reads
+neighbours runs on the dilated active set, the rest on the active set.
+`dilated_rows` / `active_rows` compute the two parts at chosen rows (for
+`sact_jax.sparse`) with the same methods the dense branch uses, so a
+subclass that changes a nonlinearity changes both. `dilated_cost` /
+`active_cost` are the FLOPs per position of the two parts.
 """
 
 from flax import nnx
@@ -41,11 +45,96 @@ def _avg_pool_2x2(x: jax.Array) -> jax.Array:
   return total / count
 
 
-class CifarUnit(nnx.Module):
+class ResidualUnit(nnx.Module):
+  """A pre-activation unit whose branch splits at its neighbour-reading conv.
+
+  `f(x) = post_conv2(conv2(post_conv1(conv1(preactivation(x)))))`, where
+  `conv2` is a 3x3 conv: `post_conv1(conv1(...))` is needed at every
+  neighbour of an active position (the dilated set), `post_conv2(conv2(...))`
+  at the active positions only. Subclasses build `conv1`, `conv2` and `cin`
+  and define the three elementwise-or-rowwise steps; they must accept maps
+  `[B, H, W, C]` and rows `[S, C]` alike (BatchNorm in eval mode is a
+  per-channel affine map, so it does).
+  """
+  cin: int
+  conv1: nnx.Conv
+  conv2: nnx.Conv
+
+  def preactivation(self, x_XxC: jax.Array) -> jax.Array:
+    """conv1's input, elementwise."""
+    raise NotImplementedError
+
+  def post_conv1(self, y_XxD: jax.Array) -> jax.Array:
+    """conv1's output to conv2's input, per position."""
+    raise NotImplementedError
+
+  def post_conv2(self, z_XxD: jax.Array) -> jax.Array:
+    """conv2's output to the residual, per position."""
+    raise NotImplementedError
+
+  @property
+  def identity_shortcut(self) -> bool:
+    """Whether `self(x) == x + self.residual(x)` (units 2..L of a block)."""
+    raise NotImplementedError
+
+  def _branch(self, preact_BxHxWxC: jax.Array) -> jax.Array:
+    y = self.post_conv1(self.conv1(preact_BxHxWxC))
+    return self.post_conv2(self.conv2(y))
+
+  def residual(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    return self._branch(self.preactivation(x_BxHxWxC))
+
+  def dilated_rows(self, x_SxKxC: jax.Array, valid_SxK: jax.Array
+                   ) -> jax.Array:
+    """conv2's input at rows, from patches of the unit input: `[S, D]`.
+
+    Args:
+      x_SxKxC: per row, the unit input at the `K` positions of conv1's
+        window (`dilated_kernel_size` squared), row-major.
+      valid_SxK: where the window lies inside the image; elsewhere conv1
+        reads zero after the pre-activation (SAME padding).
+    """
+    preact = jnp.where(valid_SxK[..., None], self.preactivation(x_SxKxC),
+                       0.0)
+    return self.post_conv1(layers.patch_conv(self.conv1, preact))
+
+  def active_rows(self, y_Sx9xD: jax.Array) -> jax.Array:
+    """The residual at rows from 3x3 patches of `dilated_rows`: `[S, C]`.
+
+    Args:
+      y_Sx9xD: per row, conv2's input at its 9 neighbours, row-major, zero
+        outside the image.
+    """
+    return self.post_conv2(layers.patch_conv(self.conv2, y_Sx9xD))
+
+  @property
+  def dilated_kernel_size(self) -> int:
+    """Side of conv1's window: the neighbourhood `dilated_rows` reads."""
+    return self.conv1.kernel_size[0]
+
+  @property
+  def dilated_channels(self) -> int:
+    """Channels of conv2's input (what `dilated_rows` returns)."""
+    return self.conv1.out_features
+
+  @property
+  def dilated_cost(self) -> int:
+    return flops_lib.conv_cost(self.conv1)
+
+
+def _pointwise(conv: nnx.Conv, x: jax.Array) -> jax.Array:
+  """A 1x1 conv on a map `[B, H, W, C]` or on rows `[S, C]`."""
+  if x.ndim == 2:
+    return layers.patch_conv(conv, x[:, None, :])
+  return conv(x)
+
+
+class CifarUnit(ResidualUnit):
   """Pre-activation basic unit with leaky ReLU 0.1 (cifar_model.py).
 
   `conv1` is followed by BN and the leaky ReLU *twice* (the slim BN inherits
   the activation and the conv applies it again), as in the reference.
+  Subclasses may change the nonlinearity through `activation`.
   """
 
   def __init__(self, cin: int, cout: int, *, stride: int = 1,
@@ -58,26 +147,31 @@ class CifarUnit(nnx.Module):
     self.conv1_bn = factory.batch_norm(cout, rngs=rngs)
     self.conv2 = factory.conv(cout, cout, 3, use_bias=True, rngs=rngs)
 
-  def _branch(self, preact: jax.Array) -> jax.Array:
-    y = self.conv1(preact)
-    y = layers.leaky_relu(layers.leaky_relu(self.conv1_bn(y)))
-    return self.conv2(y)
+  def activation(self, x: jax.Array) -> jax.Array:
+    return layers.leaky_relu(x)
 
-  def residual(self, x_BxHxWxC: jax.Array) -> jax.Array:
-    return self._branch(layers.leaky_relu(self.preact(x_BxHxWxC)))
+  def preactivation(self, x_XxC: jax.Array) -> jax.Array:
+    return self.activation(self.preact(x_XxC))
+
+  def post_conv1(self, y_XxD: jax.Array) -> jax.Array:
+    return self.activation(self.activation(self.conv1_bn(y_XxD)))
+
+  def post_conv2(self, z_XxD: jax.Array) -> jax.Array:
+    return z_XxD
+
+  @property
+  def identity_shortcut(self) -> bool:
+    return (self.stride == 1 and self.cin == self.cout
+            and not self.activate_before_residual)
 
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
-    preact = layers.leaky_relu(self.preact(x_BxHxWxC))
+    preact = self.preactivation(x_BxHxWxC)
     shortcut = preact if self.activate_before_residual else x_BxHxWxC
     if self.stride != 1:
       shortcut = _avg_pool_2x2(shortcut)
     if self.cout != self.cin:
       shortcut = _pad_channels(shortcut, self.cout)
     return shortcut + self._branch(preact)
-
-  @property
-  def dilated_cost(self) -> int:
-    return flops_lib.conv_cost(self.conv1)
 
   @property
   def active_cost(self) -> int:
@@ -89,7 +183,7 @@ class CifarUnit(nnx.Module):
     return (self.dilated_cost + self.active_cost) * out_hw
 
 
-class BottleneckUnit(nnx.Module):
+class BottleneckUnit(ResidualUnit):
   """Pre-activation ResNet-v2 bottleneck (imagenet_model.py).
 
   The stride sits in the 3x3 `conv2` of the *first* unit of a block, which
@@ -114,25 +208,29 @@ class BottleneckUnit(nnx.Module):
     self.conv2_bn = factory.batch_norm(bottleneck, rngs=rngs)
     self.conv3 = factory.conv(bottleneck, depth, 1, use_bias=True, rngs=rngs)
 
-  def _branch(self, preact: jax.Array) -> jax.Array:
-    y = jax.nn.relu(self.conv1_bn(self.conv1(preact)))
-    y = jax.nn.relu(self.conv2_bn(self.conv2(y)))
-    return self.conv3(y)
+  def activation(self, x: jax.Array) -> jax.Array:
+    return jax.nn.relu(x)
 
-  def residual(self, x_BxHxWxC: jax.Array) -> jax.Array:
-    return self._branch(jax.nn.relu(self.preact(x_BxHxWxC)))
+  def preactivation(self, x_XxC: jax.Array) -> jax.Array:
+    return self.activation(self.preact(x_XxC))
+
+  def post_conv1(self, y_XxD: jax.Array) -> jax.Array:
+    return self.activation(self.conv1_bn(y_XxD))
+
+  def post_conv2(self, z_XxD: jax.Array) -> jax.Array:
+    return _pointwise(self.conv3, self.activation(self.conv2_bn(z_XxD)))
+
+  @property
+  def identity_shortcut(self) -> bool:
+    return self.stride == 1 and self.shortcut is None
 
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
-    preact = jax.nn.relu(self.preact(x_BxHxWxC))
+    preact = self.preactivation(x_BxHxWxC)
     if self.shortcut is not None:
       shortcut = self.shortcut(preact)
     else:
       shortcut = x_BxHxWxC[:, ::self.stride, ::self.stride, :]
     return shortcut + self._branch(preact)
-
-  @property
-  def dilated_cost(self) -> int:
-    return flops_lib.conv_cost(self.conv1)
 
   @property
   def active_cost(self) -> int:

@@ -12,18 +12,23 @@ precision (TF32 on GPUs), with bounds for its rounding.
 """
 
 import functools
+import importlib.util
+import os
 from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
 from flax import nnx
 import jax
-from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from sact_jax import halting
+from sact_jax import layers
 from sact_jax import reference
 from sact_jax import sparse
+from sact_jax import units as units_lib
+from sact_jax.sparse import planner as planner_lib
 from sact_jax.sparse import rows as rows_lib
 from sact_jax.sparse import stages
 import testing_utils as tu
@@ -91,26 +96,31 @@ def _model(family: str):
   else:
     model = tu.build('imagenet', (3, 4), 'sact', seed=2, base_channels=8)
     images = tu.images((1, 61, 53, 3), seed=4)
-  model.eval()
-  # Random features are large: tame the halting logits so that a bias can
-  # move the fraction of early halting positions across its whole range.
-  for head in tu.heads(model):
-    for conv in (head.local_conv, head.global_conv):
-      conv.kernel[...] = conv.kernel[...] * 0.05
+  _tame(model)
   return model, images
 
 
-@functools.cache
-def _regime_biases(family: str, target: float) -> tuple[float, ...]:
+def _tame(model):
+  """Eval mode, halting logits scaled down.
+
+  Random features are large: tamed logits let a bias move the fraction of
+  early halting positions across its whole range.
+  """
+  model.eval()
+  for head in tu.heads(model):
+    for conv in (head.local_conv, head.global_conv):
+      conv.kernel[...] = conv.kernel[...] * 0.05
+
+
+def _tune_biases(model, images, target: float) -> tuple[float, ...]:
   """Per-block halting biases with which `target` of positions halt early.
 
   Blocks are tuned in order (a block's input depends on the ones before),
   each by bisection on the dense model.
   """
-  model, images = _model(family)
   heads = tu.heads(model)
   biases = [-16.0] * len(heads)
-  for i, head in enumerate(heads):
+  for i in range(len(heads)):
     lo, hi = -16.0, 16.0
     for _ in range(20):
       biases[i] = 0.5 * (lo + hi)
@@ -122,8 +132,13 @@ def _regime_biases(family: str, target: float) -> tuple[float, ...]:
         lo = biases[i]  # A higher bias halts earlier.
       else:
         hi = biases[i]
-    del head
   return tuple(biases)
+
+
+@functools.cache
+def _regime_biases(family: str, target: float) -> tuple[float, ...]:
+  """`_tune_biases` for the family's shared model."""
+  return _tune_biases(*_model(family), target)
 
 
 def _set_biases(model, biases):
@@ -227,8 +242,8 @@ class RandomModelTest(parameterized.TestCase):
                          pipeline=False)
     _assert_same(self, tu.forward(model, images), runner(images))
     units = [u for u in runner.last_units if 'active' in u]
-    self.assertTrue(any(u['chunks_a'] > 10 for u in units))
-    self.assertTrue(all(u['tail_a'] <= 3 and u['tail_d'] <= 3
+    self.assertTrue(any(u['chunks_active'] > 10 for u in units))
+    self.assertTrue(all(u['tail_active'] <= 3 and u['tail_dilated'] <= 3
                         for u in units))
     self.assertTrue(all(u['planned_active'] == u['active'] for u in units))
 
@@ -249,9 +264,10 @@ class RandomModelTest(parameterized.TestCase):
     self.assertGreater(len(active), 8)  # The masks really differ.
     # Per block and stage: at most buckets + 1 tails, with or without head.
     blocks = len(model.blocks)
-    self.assertLessEqual(traces['stage_a'], blocks * 2 * (buckets + 1))
-    self.assertLessEqual(traces['stage_b'], blocks * 2 * (buckets + 1))
-    self.assertLess(traces['stage_a'] + traces['stage_b'], calls)
+    self.assertLessEqual(traces['stage_dilated'], blocks * 2 * (buckets + 1))
+    self.assertLessEqual(traces['stage_active'], blocks * 2 * (buckets + 1))
+    self.assertLess(traces['stage_dilated'] + traces['stage_active'],
+                    calls)
     for key in ('stem', 'head'):
       self.assertEqual(traces[key], 1)
     self.assertEqual(traces['block_start'], blocks)
@@ -394,24 +410,27 @@ class RowsTest(parameterized.TestCase):
   """The row primitives against dense references."""
 
   @parameterized.product(kernel=(1, 3), pre=(False, True))
-  def test_conv_rows_matches_dense_conv(self, kernel, pre):
+  def test_patches_conv_matches_dense_conv(self, kernel, pre):
+    """Gathered patches and `layers.patch_conv` give the dense conv."""
     rng = np.random.default_rng(0)
     batch, height, width, cin, cout = 2, 5, 7, 3, 4
     num_rows = batch * height * width
     x = jnp.asarray(rng.normal(size=(batch, height, width, cin)),
                     jnp.float32)
-    w = jnp.asarray(rng.normal(size=(kernel, kernel, cin, cout)),
-                    jnp.float32)
-    fn = (lambda v: jnp.maximum(2.0 * v + 1.0, 0.0)) if pre else None
-    dense = lax.conv_general_dilated(
-        fn(x) if pre else x, w, (1, 1), 'SAME',
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC')).reshape(num_rows, cout)
+    conv = nnx.Conv(cin, cout, (kernel, kernel), padding='SAME',
+                    rngs=nnx.Rngs(0))
+    fn = (lambda v: jnp.maximum(2.0 * v + 1.0, 0.0)) if pre else (
+        lambda v: v)
+    dense = conv(fn(x)).reshape(num_rows, cout)
     src = x.reshape(num_rows, cin)
     if not pre:  # The padding value lives in an extra zero row.
       src = jnp.concatenate([src, jnp.zeros((1, cin))])
     idx = jnp.asarray([0, 6, 7, 34, 35, 69, num_rows + 1], jnp.int32)
-    got = rows_lib.conv_rows(src, idx, w, height=height, width=width,
-                             pre=fn)
+    patches, valid = rows_lib.patches(src, idx, kernel, height=height,
+                                      width=width, num_rows=num_rows)
+    if pre:  # Padding applies after the pre-activation.
+      patches = jnp.where(valid[..., None], fn(patches), 0.0)
+    got = layers.patch_conv(conv, patches)
     np.testing.assert_allclose(got[:-1], dense[idx[:-1]], atol=1e-5)
 
   def test_indices_match_nonzero(self):
@@ -448,6 +467,142 @@ class RowsTest(parameterized.TestCase):
     x = tu.images((2, 6, 5, head.local_bn.num_features), seed=9)
     np.testing.assert_allclose(stages.head_dense(head, x), head(x),
                                atol=1e-5)
+
+
+class _TanhUnit(units_lib.CifarUnit):
+  """The CIFAR unit with tanh for its leaky ReLUs."""
+
+  def activation(self, x):
+    return jnp.tanh(x)
+
+
+class _VariantHead(halting.SactHead):
+  """A head with other local features and another way to join the terms."""
+
+  def local_features(self, x):
+    return jax.nn.relu(self.local_bn(x)) - 0.5
+
+  def probability(self, local, global_):
+    return jax.nn.sigmoid(local - 0.5 * global_)
+
+
+@functools.cache
+def _variant_model():
+  """A CIFAR SACT model of `_TanhUnit`s and `_VariantHead`s, half halting."""
+  kwargs = dict(seed=1, base_channels=8)
+  model = tu.build('cifar', (4, 4), 'sact', unit_cls=_TanhUnit,
+                   head_cls=_VariantHead, **kwargs)
+  reference_model = tu.build('cifar', (4, 4), 'sact', **kwargs)
+  _tame(model)
+  _tame(reference_model)
+  images = tu.images((1, 23, 29, 3), seed=3)
+  _set_biases(model, _tune_biases(model, images, 0.5))
+  return model, reference_model, images
+
+
+class VariantTest(parameterized.TestCase):
+  """Units and heads that change a formula run sparsely unchanged."""
+
+  @parameterized.parameters('rows', 'auto')
+  def test_variant_unit_and_head_match_dense(self, sact_mode):
+    model, reference_model, images = _variant_model()
+    dense = tu.forward(model, images)
+    # The variants are in effect: same weights, other outputs.
+    logits = dense[0]
+    other = tu.forward(reference_model, images)[0]
+    self.assertGreater(float(jnp.max(jnp.abs(logits - other))),
+                       1e-2 * float(jnp.max(jnp.abs(logits))))
+    for fraction in _early_fractions(dense[1], model):
+      self.assertBetween(fraction, 0.3, 0.7)
+    opts = {'sact_mode': sact_mode, 'compiler_options': _FAST, 'buckets': 2}
+    _assert_same(self, dense, sparse.apply(model, images, **opts))
+    if sact_mode == 'rows':
+      self.assertNotEmpty(_partial_row_units(sparse.runner_for(model,
+                                                               **opts)))
+
+
+class PlannerTest(absltest.TestCase):
+  """Which set sizes plan each unit, and when the host waits for them."""
+
+  def _planner(self, first, pipeline, reads):
+    def read(values):
+      reads.append(tuple(int(v) for v in values))
+      return reads[-1]
+    return planner_lib.Planner(
+        np.asarray(first), num_rows=100, chunk_dilated=16, chunk_active=8,
+        buckets=4, pipeline=pipeline, read=read)
+
+  def test_pipelined_plans_wait_only_when_sets_shrink_fast(self):
+    reads = []
+    planner = self._planner([90, 80], 0.05, reads)
+    # Unit 0 waits: the bound (every position) is far from its sets.
+    self.assertEqual(planner.sizes(0), ((90, 80), True))
+    planner.plan((90, 80), dense=False, with_head=True)
+    planner.add_sizes(np.asarray([88, 78]))
+    # The active set fell by 20 of 100 positions at unit 0: wait again.
+    self.assertEqual(planner.sizes(1), ((88, 78), True))
+    planner.plan((88, 78), dense=False, with_head=True)
+    planner.add_sizes(np.asarray([87, 77]))
+    # It fell by 2 <= 5 at unit 1: plan unit 2 from unit 1's sizes, whose
+    # step is done, without reading unit 2's.
+    self.assertEqual(planner.sizes(2), ((88, 78), False))
+    self.assertEqual(reads, [(90, 80), (88, 78)])
+    planner.plan((88, 78), dense=False, with_head=True)
+    planner.add_sizes(np.asarray([60, 50]))
+    self.assertEqual(planner.sizes(3), ((87, 77), False))
+    self.assertEqual(planner.exact_sizes(3), (60, 50))
+    planner.plan((60, 50), dense=True, with_head=False)
+    planned = list(planner.planned())
+    self.assertEqual([sizes for sizes, _ in planned],
+                     [(90, 80), (88, 78), (87, 77), (60, 50)])
+    self.assertLen(reads, 4)  # Each device value is read once.
+    for (n_dilated, n_active), plan in planned:
+      self.assertGreaterEqual(plan.dilated.rows, n_dilated)
+      self.assertGreaterEqual(plan.active.rows, n_active)
+      self.assertLess(plan.active.padding, 8)
+    self.assertEqual([p.dense for _, p in planned],
+                     [False, False, False, True])
+    self.assertEqual(planned[2][1].active.count, 78)  # Planned on the bound.
+
+  def test_no_pipeline_always_waits(self):
+    reads = []
+    planner = self._planner([90, 80], 0, reads)
+    for i, sizes in enumerate([(90, 80), (89, 79), (88, 78)]):
+      self.assertEqual(planner.sizes(i), (sizes, True))
+      planner.plan(sizes, dense=False, with_head=True)
+      planner.add_sizes(np.asarray([sizes[0] - 1, sizes[1] - 1]))
+    self.assertLen(reads, 3)
+
+
+@functools.cache
+def _benchmark():
+  """benchmarks/sparse_inference.py as a module (it is not installed)."""
+  path = os.path.join(os.path.dirname(__file__), os.pardir, 'benchmarks',
+                      'sparse_inference.py')
+  spec = importlib.util.spec_from_file_location('sparse_inference', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+class BenchmarkTest(absltest.TestCase):
+
+  def test_unit_breakdown_runs_on_the_public_api(self):
+    model, _, _ = _random_sact('cifar', 0.5)
+    runner = _runner_for(model, sact_mode='rows')
+    channels = model.blocks[0].steps.unit.cin
+    x = tu.images((1, 12, 10, channels), seed=7)
+    out = _benchmark().unit_breakdown(runner, 0, x, 0.5, reps=1)
+    self.assertEqual(set(out), {
+        'block', 'shape', 'active', 'dilated', 'unit_flop_fraction',
+        'rows_dilated', 'rows_active', 'pieces_s', 'whole_s'})
+    self.assertEqual(out['shape'], [1, 12, 10, channels])
+    self.assertTrue(all(k.startswith(('dilated: ', 'active: ', 'halting '))
+                        for k in out['pieces_s']))
+    self.assertLen(out['pieces_s'], 10)
+    self.assertTrue(all(v > 0 for v in out['pieces_s'].values()))
+    self.assertEqual(set(out['whole_s']), {'vanilla unit (dense)'})
+
 
 if __name__ == '__main__':
   absltest.main()

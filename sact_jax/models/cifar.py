@@ -30,13 +30,20 @@ CIFAR_PRESETS = {
 
 
 class CifarResNet(base.AdaptiveResNet):
-  """CIFAR ResNet in 'vanilla', 'act' or 'sact' form."""
+  """CIFAR ResNet in 'vanilla', 'act' or 'sact' form.
+
+  `unit_cls` and `head_cls` build variants with other units or halting heads
+  (subclasses of `CifarUnit` and of `SactHead` / `ActHead`, same
+  constructor); None for the head picks the model type's reference head.
+  """
 
   def __init__(self, units: Sequence[int], model_type: str, *,
                num_classes: int = 10, base_channels: int = 16,
                eps: float = act_lib.DEFAULT_EPS, remat: bool = False,
                unroll: bool = False,
                fast_conv_backward: bool | None = None,
+               unit_cls: type[units_lib.CifarUnit] = units_lib.CifarUnit,
+               head_cls: type[nnx.Module] | None = None,
                rngs: nnx.Rngs):
     self.model_type = model_type
     self.units = tuple(units)
@@ -44,15 +51,17 @@ class CifarResNet(base.AdaptiveResNet):
                                   fast_conv_backward=fast_conv_backward)
     self.stem_conv = factory.conv(3, base_channels, 3, use_bias=True,
                                   rngs=rngs)
-    head_cls = halting.SactHead if model_type == 'sact' else halting.ActHead
+    if head_cls is None:
+      head_cls = (halting.SactHead if model_type == 'sact'
+                  else halting.ActHead)
     blocks = []
     cin = base_channels
     for i, n in enumerate(self.units):
       width = base_channels * 2**i
       make_first = functools.partial(
-          units_lib.CifarUnit, cin, width, stride=1 if i == 0 else 2,
+          unit_cls, cin, width, stride=1 if i == 0 else 2,
           activate_before_residual=i == 0, factory=factory)
-      make_unit = functools.partial(units_lib.CifarUnit, width, width,
+      make_unit = functools.partial(unit_cls, width, width,
                                     factory=factory)
       make_head = functools.partial(head_cls, width, factory=factory,
                                     activation=layers.leaky_relu)

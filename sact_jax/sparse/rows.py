@@ -1,15 +1,16 @@
-"""Feature maps as rows: gather, convolve and scatter chosen positions.
+"""Feature maps as rows: gather and scatter chosen positions.
 
 A `[B, H, W, C]` map is kept flat as `[N, C]` rows, `N = B * H * W`, and a set
 of positions as sorted flat row indices padded to a static length with the
 out-of-range index `N + 1`. Padding rows gather a clipped (harmless) row and
 their results are dropped by every scatter (`mode='drop'`).
 
-Convolutions at a set of rows are matmuls: a 1x1 conv on the gathered rows, a
-3x3 conv on an im2col gather of the 9 neighbours of each row (ENVIRONMENT.md:
-per-position gather beat tiles on this CPU). Zero padding is honoured in one
-of two ways: a map whose row `N` is zero (neighbours outside the image read
-it), or a validity mask applied after the pre-activation that the conv reads.
+A conv at a set of rows is a matmul on the patches gathered here (the units
+and heads do the math, `layers.patch_conv`): its input at the 1 or 9
+positions of each row's window (an im2col gather per position, which beat
+gathering tiles). Zero padding is honoured in one of two ways: a map whose row
+`N` is zero (neighbours outside the image read it), or a validity mask applied
+after the pre-activation that the conv reads.
 
 Rows are processed in chunks (`row_loop`): full chunks of a static size in a
 loop whose trip count is an argument, then one tail of a static bucketed
@@ -24,9 +25,6 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-PreFn = Callable[[jax.Array], jax.Array]
-
-
 class RowPlan(NamedTuple):
   """How `count` rows are processed: `n_full` chunks of `chunk`, then `tail`.
 
@@ -38,9 +36,14 @@ class RowPlan(NamedTuple):
   chunk: int
 
   @property
+  def rows(self) -> int:
+    """Rows computed: the set and its padding."""
+    return self.n_full * self.chunk + self.tail
+
+  @property
   def padding(self) -> int:
     """Rows computed that are not in the set."""
-    return self.n_full * self.chunk + self.tail - self.count
+    return self.rows - self.count
 
 
 def plan_rows(count: int, chunk: int, granule: int) -> RowPlan:
@@ -70,11 +73,11 @@ def padded_length(num_rows: int, chunk: int) -> int:
 def indices(mask_N: jax.Array, length: int, block: int = 128) -> jax.Array:
   """Sorted flat indices of the nonzero entries, padded with `N + 1`.
 
-  Same as `jnp.nonzero(mask, size=length, fill_value=N + 1)`, 1.2-2.5x
-  faster on XLA:CPU (measured): the prefix sum that places each entry is
-  a matmul with a triangular matrix within blocks of `block` entries plus
-  a short cumsum over blocks, instead of a cumsum over all N. The sums are
-  integers below 2**24, exact in float32.
+  Same as `jnp.nonzero(mask, size=length, fill_value=N + 1)`, faster on
+  XLA:CPU: the prefix sum that places each entry is a matmul with a
+  triangular matrix within blocks of `block` entries plus a short cumsum
+  over blocks, instead of a cumsum over all N. The sums are integers below
+  2**24, exact in float32.
   """
   num_rows = mask_N.shape[0]
   flat_N = mask_N > 0
@@ -136,37 +139,29 @@ def gather(src_NxC: jax.Array, idx: jax.Array) -> jax.Array:
   return src_NxC.at[idx].get(mode='clip', indices_are_sorted=False)
 
 
-def conv_rows(src_NxC: jax.Array, idx_S: jax.Array, kernel_KxKxIxO: jax.Array,
-              *, height: int, width: int, pre: PreFn | None = None
-              ) -> jax.Array:
-  """A stride-1 SAME conv evaluated at rows `idx_S` only: `[S, O]`.
+def patches(src_NxC: jax.Array, idx_S: jax.Array, kernel_size: int, *,
+            height: int, width: int, num_rows: int
+            ) -> tuple[jax.Array, jax.Array]:
+  """Each row's `kernel_size`-square window of `src` (1 or 3), row-major.
 
   Args:
-    src_NxC: the conv's input. For a 3x3 kernel without `pre` it must hold
-      `N + 1` rows, the last one zero (the padding value).
-    idx_S: flat output positions (padding `N + 1` allowed).
-    kernel_KxKxIxO: a 1x1 or 3x3 kernel.
+    src_NxC: the map the window reads; `N + 1` rows with a zero last row if
+      the caller relies on it for padding (no pre-activation after).
+    idx_S: window centres (padding `N + 1` allowed).
+    kernel_size: 1 or 3.
     height, width: the map's spatial shape.
-    pre: elementwise function of `src` that the conv reads (e.g. BatchNorm
-      and activation); neighbours outside the image read zero after it.
+    num_rows: `N`, the map's positions.
+
+  Returns:
+    `[S, K, C]` patches (`K = kernel_size ** 2`; positions outside the image
+    read row `num_rows`, clipped) and the `[S, K]` validity mask.
   """
-  k = kernel_KxKxIxO.shape[0]
-  cin, cout = kernel_KxKxIxO.shape[2:]
-  if k == 1:
-    rows = gather(src_NxC, idx_S)
-    if pre is not None:
-      rows = pre(rows)
-    return rows @ kernel_KxKxIxO.reshape(cin, cout)
-  if k != 3 or kernel_KxKxIxO.shape[1] != 3:
-    raise ValueError(f'conv_rows supports 1x1 and 3x3 kernels, got '
-                     f'{kernel_KxKxIxO.shape[:2]}.')
-  num_rows = src_NxC.shape[0] if pre is not None else src_NxC.shape[0] - 1
+  if kernel_size == 1:
+    return gather(src_NxC, idx_S)[:, None, :], (idx_S < num_rows)[:, None]
+  if kernel_size != 3:
+    raise ValueError(f'Row windows are 1x1 or 3x3, got {kernel_size}.')
   nbr_Sx9, valid_Sx9 = neighbours(idx_S, height, width, num_rows)
-  cols_Sx9xI = gather(src_NxC, nbr_Sx9)
-  if pre is not None:
-    cols_Sx9xI = jnp.where(valid_Sx9[..., None], pre(cols_Sx9xI), 0.0)
-  return (cols_Sx9xI.reshape(idx_S.shape[0], 9 * cin)
-          @ kernel_KxKxIxO.reshape(9 * cin, cout))
+  return gather(src_NxC, nbr_Sx9), valid_Sx9
 
 
 def scatter_set(dst_NxC: jax.Array, idx_S: jax.Array,

@@ -1,0 +1,116 @@
+"""What the sparse blocks and the runner share: compiled phases, weights.
+
+A runner calls jitted *phases* (stem, a block's first unit, one SACT stage,
+...) whose module weights are plain arrays passed as arguments, so that all
+units of a block share one compilation. `Phases` compiles them and keeps the
+bookkeeping tests and benchmarks read; `Clock` calls them, optionally timing
+each.
+"""
+
+import collections
+import functools
+import time
+from typing import Any, Callable
+
+from flax import nnx
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+from sact_jax.sparse import options as options_lib
+
+
+class Phases:
+  """Compiles one runner's phases and keeps its records.
+
+  Attributes:
+    options: the runner's options.
+    device_flops: blocks whose dense unit costs fewer FLOPs run in one
+      device loop under 'auto' (`SparseOptions.device_flops`, resolved).
+    trace_counts: how many times each phase was traced, by name.
+    unit_records: per-unit records of the current call.
+  """
+
+  def __init__(self, options: options_lib.SparseOptions):
+    self.options = options
+    self.device_flops = options_lib.device_flops(options)
+    self.trace_counts = collections.Counter()
+    self.unit_records = []
+    self._jit = functools.partial(
+        jax.jit, compiler_options=dict(options.compiler_options) or None)
+
+  def jit(self, fn: Callable, **kwargs) -> Callable:
+    """`jax.jit` with the runner's compiler options."""
+    return self._jit(fn, **kwargs)
+
+  def trace(self, name: str):
+    """Called by a phase while it is traced."""
+    self.trace_counts[name] += 1
+
+  def new_call(self):
+    """Starts the records of a new call."""
+    self.unit_records = []
+
+  def record(self, entry: dict[str, Any]):
+    self.unit_records.append(entry)
+
+
+class Clock:
+  """Calls jitted phases; optionally waits for each and sums the times."""
+
+  def __init__(self, timings: dict[str, float] | None):
+    self.timings = timings
+
+  def __call__(self, name: str, fn: Callable, *args, **kwargs):
+    if self.timings is None:
+      return fn(*args, **kwargs)
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn(*args, **kwargs))
+    self.host(name, start)
+    return out
+
+  def host(self, name: str, start: float):
+    """Adds the host time since `start` under `name`."""
+    if self.timings is not None:
+      self.timings[name] = (self.timings.get(name, 0.0)
+                            + time.perf_counter() - start)
+
+
+def read_counts(values: jax.Array, clock: Clock) -> tuple[int, ...]:
+  """Reads small device integers on the host (waits for the device)."""
+  start = time.perf_counter()
+  out = tuple(int(v) for v in np.asarray(values))
+  clock.host('sync', start)
+  return out
+
+
+def graphdef(module: nnx.Module):
+  return nnx.split(module)[0]
+
+
+def variable_arrays(module: nnx.Module) -> dict:
+  """The module's variables as a nested dict of arrays (cheap to pass)."""
+  return nnx.to_pure_dict(nnx.split(module)[1])
+
+
+@jax.jit
+def unstack(tree):
+  """Per-unit slices of stacked variables (one device call)."""
+  count = jax.tree.leaves(tree)[0].shape[0]
+  return [jax.tree.map(lambda a, i=i: a[i], tree) for i in range(count)]
+
+
+def pick(tree, i: jax.Array):
+  """Slice `i` (traced) of stacked variables, inside a device loop."""
+  return jax.tree.map(
+      lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False), tree)
+
+
+def dummy_output(batch_shape) -> jax.Array:
+  """A `[..., 1]` stand-in for unit outputs in `act.step`.
+
+  The SACT block accumulates the halting-weighted output itself, so the
+  halting state's accumulator only needs a valid shape.
+  """
+  return jnp.zeros((*batch_shape, 1), jnp.float32)

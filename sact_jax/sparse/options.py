@@ -1,0 +1,194 @@
+"""Options of the sparse path and the cost model that applies them.
+
+`SparseOptions` holds the knobs; `CostModel` turns them into the decisions
+of one SACT block: rows per chunk of each stage, whether a unit runs at rows
+or densely ('auto'), and the FLOPs computed beyond the reference count.
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+
+from sact_jax import halting
+from sact_jax import units as units_lib
+from sact_jax.sparse import planner as planner_lib
+
+ACT_LOOPS = ('host', 'device')
+SACT_MODES = ('auto', 'rows', 'dense', 'device')
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseOptions:
+  """Knobs of the sparse path.
+
+  The defaults are tuned on a CPU (BUILD.md has the measurements). Costs are
+  in FLOPs so that the cost model compares like with like: a cost of c is
+  the time the machine takes for c FLOPs of conv matmuls.
+
+  Attributes:
+    buckets: tail sizes per chunk: a unit wastes at most `chunk / buckets`
+      rows (or `N / buckets` when the whole map is smaller than a chunk) and
+      jit compiles at most `buckets + 1` tail shapes per stage, map size and
+      head/no head.
+    chunk_bytes: target size of the gathered rows of one chunk; rows beyond
+      it are processed in a loop (keeps im2col buffers in cache at large
+      batch sizes).
+    chunk_rows: fixed rows per chunk, overriding `chunk_bytes` (tests force
+      tiny chunks to exercise the loop).
+    sact_mode: how SACT units 2..L run. 'rows': at their active and dilated
+      rows (gathered); 'dense': on the whole map, masked (a host loop that
+      still stops once every position has halted); 'device': a block's
+      units in one `lax.while_loop`, dense and masked, stopping once every
+      position has halted (no host round trip per unit); 'auto': 'device'
+      for blocks whose units are cheap (`device_flops`), else per unit
+      'rows' or 'dense', whichever the cost model favours.
+    gather_cost: for 'auto', the cost of moving one float through a gather
+      or scatter. Rows pay when a unit's convs do many FLOPs per gathered
+      float (wide channels).
+    slice_cost: for 'auto', the cost of one gathered or scattered row
+      segment (a fixed price per row and neighbour, whatever its width), so
+      narrow rows (CIFAR) need fewer active positions to pay than wide ones.
+    unit_cost: for 'auto', what running a unit at rows costs beyond its
+      FLOPs, gathers and segments: the halting head's second pass, index
+      sets and extra kernels. It matters only where a dense unit is cheap
+      (small batches), where it sends units with most positions active to
+      dense.
+    device_flops: under 'auto', blocks whose dense unit costs fewer FLOPs
+      (for the whole batch) run in 'device' mode: per-call dispatch and the
+      count read-back would cost more than the unit. None: 50e6 on the CPU;
+      on other backends every block ('device' mode), since an accelerator
+      runs a whole unit of these networks in less time than the row path's
+      separate gather, scatter and read-back kernels.
+    act_loop: 'host' (a jitted call per unit, the host checks whether any
+      image is still running) or 'device' (one `lax.while_loop` over the
+      units of a block; unit parameters are sliced on the device).
+    pipeline: plan a SACT unit from the counts of the unit before it (an
+      upper bound: halted positions never resume), so that the host does
+      not wait for the unit it just queued, when the active count fell by
+      at most this fraction of the positions at the previous unit (the
+      rows that halted in between become padding); otherwise, and with 0,
+      wait for the exact counts.
+    compiler_options: XLA compiler options for every jitted phase, as
+      `(name, value)` pairs (e.g. `(('xla_backend_optimization_level', 0),)`
+      for fast compiles in tests, at a large cost in speed).
+  """
+  buckets: int = 16
+  chunk_bytes: int = 2 << 20
+  chunk_rows: int | None = None
+  sact_mode: str = 'auto'
+  gather_cost: float = 30.0
+  slice_cost: float = 750.0
+  unit_cost: float = 45e6
+  device_flops: float | None = None
+  act_loop: str = 'host'
+  pipeline: float = 0.05
+  compiler_options: tuple[tuple[str, Any], ...] = ()
+
+  def __post_init__(self):
+    if self.buckets < 1:
+      raise ValueError(f'buckets must be >= 1, got {self.buckets}.')
+    if self.chunk_bytes < 1:
+      raise ValueError(f'chunk_bytes must be >= 1, got {self.chunk_bytes}.')
+    if self.chunk_rows is not None and self.chunk_rows < 1:
+      raise ValueError(f'chunk_rows must be >= 1, got {self.chunk_rows}.')
+    if self.sact_mode not in SACT_MODES:
+      raise ValueError(f'sact_mode must be one of {SACT_MODES}, got '
+                       f'{self.sact_mode!r}.')
+    if min(self.gather_cost, self.slice_cost, self.unit_cost) < 0:
+      raise ValueError('gather_cost, slice_cost and unit_cost must be >= 0, '
+                       f'got {self.gather_cost}, {self.slice_cost}, '
+                       f'{self.unit_cost}.')
+    if self.act_loop not in ACT_LOOPS:
+      raise ValueError(f'act_loop must be one of {ACT_LOOPS}, got '
+                       f'{self.act_loop!r}.')
+
+
+def device_flops(options: SparseOptions) -> float:
+  """`options.device_flops`, None resolved for the default backend."""
+  if options.device_flops is not None:
+    return options.device_flops
+  return 50e6 if jax.default_backend() == 'cpu' else math.inf
+
+
+def chunk_rows(options: SparseOptions, floats_per_row: int) -> int:
+  """Rows per chunk: a power of two near `chunk_bytes` of gathered rows."""
+  if options.chunk_rows is not None:
+    return options.chunk_rows
+  rows = options.chunk_bytes // (4 * floats_per_row)
+  return int(min(16384, max(16, 2 ** int(math.log2(max(rows, 1))))))
+
+
+class CostModel:
+  """What the units 2..L of one SACT block cost, in FLOPs.
+
+  Attributes:
+    dilated_cost, active_cost: conv FLOPs per position of a unit's dilated
+      and active stages.
+    local_cost: FLOPs per position of the halting head's local conv.
+    chunk_dilated, chunk_active: rows per chunk of the two stages.
+  """
+
+  def __init__(self, options: SparseOptions, unit: units_lib.ResidualUnit,
+               head: halting.SactHead):
+    self.options = options
+    self.dilated_cost = unit.dilated_cost
+    self.active_cost = unit.active_cost
+    self.local_cost = head.local_cost
+    channels, mid = unit.cin, unit.dilated_channels
+    window = unit.dilated_kernel_size ** 2
+    # Floats per gathered row: the dilated stage reads `window` * C and
+    # writes `mid`; the active stage reads a 3x3 im2col of `mid` and writes
+    # C.
+    self.chunk_dilated = chunk_rows(options, window * channels + mid)
+    self.chunk_active = chunk_rows(options, 10 * mid + channels)
+    # Floats gathered or scattered per row: the dilated stage reads its conv
+    # input (and the rows for the head's taps) and writes `mid`; the active
+    # stage reads a 3x3 im2col and `x`, writes `x`, `out`, `xsum`; a dense
+    # unit streams about 3 maps of C (masked update, `out`, `xsum`).
+    self._floats_dilated = window * channels + channels + mid
+    self._floats_active = 9 * mid + 4 * channels
+    self._floats_dense = 3 * channels
+    # Row segments: the dilated stage gathers `window` neighbours (and the
+    # row for the taps) and scatters `y`; the active stage gathers 9
+    # neighbours and `x`, and scatters `x`, `out`, `xsum` and the taps.
+    self._slices_dilated = window + 2
+    self._slices_active = 9 + 5
+
+  def runs_dense(self, n_dilated: int, n_active: int, num_rows: int) -> bool:
+    """Whether a unit with these set sizes runs densely (`sact_mode`)."""
+    opts = self.options
+    if opts.sact_mode != 'auto':
+      return opts.sact_mode == 'dense'
+    kappa, sigma = opts.gather_cost, opts.slice_cost
+    at_rows = (opts.unit_cost
+               + n_dilated * (self.dilated_cost + kappa * self._floats_dilated
+                              + sigma * self._slices_dilated)
+               + n_active * (self.active_cost + kappa * self._floats_active
+                             + sigma * self._slices_active))
+    dense = num_rows * (self.dilated_cost + self.active_cost
+                        + kappa * self._floats_dense)
+    return at_rows >= dense
+
+  def waste(self, plan: planner_lib.UnitPlan, n_dilated: int, n_active: int,
+            num_rows: int) -> int:
+    """Conv FLOPs a unit run as `plan` computes beyond the reference count.
+
+    Args:
+      plan: how the unit ran.
+      n_dilated, n_active: the exact sizes of its sets.
+      num_rows: positions of the map.
+    """
+    if plan.dense:
+      waste = (num_rows * (self.dilated_cost + self.active_cost)
+               - n_dilated * self.dilated_cost - n_active * self.active_cost)
+      if plan.with_head:  # The head's local conv runs on the whole map.
+        waste += (num_rows - n_active) * self.local_cost
+      return waste
+    rows_dilated, rows_active = plan.dilated.rows, plan.active.rows
+    waste = ((rows_dilated - n_dilated) * self.dilated_cost
+             + (rows_active - n_active) * self.active_cost)
+    if plan.with_head:  # Taps on dilated and active rows, sums on active.
+      waste += (rows_dilated + rows_active - n_active) * self.local_cost
+    return waste

@@ -1,0 +1,432 @@
+"""One SACT block, sparsely: units 2..L at their active and dilated rows.
+
+The block's state lives in flat maps (`maps`, donated to every phase so XLA
+updates them in place): `x` `[N, C]` (the current unit input), `out` `[N, C]`
+(the halting-weighted block output), `y` `[N + 1, D]` (the dilated stage's
+output) and `taps` `[N + 1, 9]` (the next head's per-tap products,
+`SactHead.local_taps`), the last row of the two latter zero (padding);
+`xsum` `[B, C]` holds per-image sums of `x` for the heads' global term. The
+halting carry (`halting_carry`: the `act.HaltingState` and the FLOPs per
+image) is small and passed alongside.
+
+Instead of adding `p^l x^l` at every position after each unit, `out` starts
+as `x^1` and each unit adds `(1 - c^{l-1}) f^l(x^{l-1})` at its active rows,
+`c^{l-1}` being the cumulative halting score before the unit: the same sum
+regrouped (`x^l = x^1 + sum_{j<=l} f^j`, the weights sum to 1), touching
+active rows only.
+
+Per unit the host makes two calls: `stage_dilated` (dilated rows: the
+dilated stage, and the next head's tap products of rows this unit leaves
+unchanged) and `stage_active` (active rows: the rest of the unit, the tap
+products of the updated rows, then the next head's local sums at the active
+rows, the halting step and the next unit's set sizes, which the host reads
+back to plan the next unit, `planner.Planner`).
+"""
+
+import math
+import time
+
+from flax import nnx
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+from sact_jax import act as act_lib
+from sact_jax import flops as flops_lib
+from sact_jax.sparse import common
+from sact_jax.sparse import options as options_lib
+from sact_jax.sparse import planner as planner_lib
+from sact_jax.sparse import rows as rows_lib
+from sact_jax.sparse import stages
+
+
+class SactBlock:
+  """Jitted phases and the host loop of one SACT block.
+
+  Attributes:
+    costs: the cost model of units 2..L (None for a one-unit block).
+    dilated_channels: channels of the dilated stage's output `y`.
+  """
+
+  def __init__(self, phases: common.Phases, block: nnx.Module):
+    self.phases = phases
+    self.num_units = block.num_units
+    self.eps = block.eps
+    self.first_gd = common.graphdef(block.first)
+    self.stride = block.first.stride
+    self.costs = None
+    if block.steps is None:
+      self.single = phases.jit(self._single)
+      return
+    unit, head = block.steps.unit, block.steps.head
+    stages.check_unit(unit)
+    self.unit_gd = common.graphdef(unit)
+    self.head_gd = common.graphdef(head)
+    self.costs = options_lib.CostModel(phases.options, unit, head)
+    self.dilated_channels = unit.dilated_channels
+    # What the reference counts for a head at which no position runs.
+    self.idle_head_flops = head.global_cost
+    self.start = phases.jit(self._start)
+    self.device_loop = phases.jit(self._device_loop)
+    self.stage_dilated = phases.jit(
+        self._stage_dilated, static_argnames=('tail', 'hw', 'with_head'),
+        donate_argnames=('maps',))
+    self.stage_active = phases.jit(
+        self._stage_active, static_argnames=('tail', 'dense', 'with_head'),
+        donate_argnames=('maps',))
+    self.finish = phases.jit(self._finish)
+
+  def out_hw(self, in_hw: tuple[int, int]) -> int:
+    """Positions of the block's maps for an input of `in_hw`."""
+    return math.prod(-(-s // self.stride) for s in in_hw)
+
+  # Pieces of the phases (also timed apart by benchmarks) -----------------
+
+  def halting_step(self, head, halting_BxHxW, state, flops_B):
+    """Halting step; the halting carry and set sizes of the next unit.
+
+    The index sets themselves are built by the stages that use them
+    (`index_rows`), so units run densely never pay for them.
+    """
+    costs = self.costs
+    flops_B = flops_B + head.flops(state.running)
+    state = act_lib.step(state, halting_BxHxW,
+                         common.dummy_output(halting_BxHxW.shape), self.eps)
+    mask = state.running
+    dilated = act_lib.dilate_mask(mask)
+    flops_B = (flops_B
+               + flops_lib.spatial_count(dilated) * costs.dilated_cost
+               + flops_lib.spatial_count(mask) * costs.active_cost)
+    sizes = jnp.stack([jnp.sum(dilated > 0), jnp.sum(mask > 0)])
+    return {'state': state, 'flops': flops_B}, sizes.astype(jnp.int32)
+
+  def index_rows(self, state, dilated: bool) -> jax.Array:
+    """Padded flat indices of the (dilated) running positions."""
+    mask = state.running
+    if dilated:
+      mask = act_lib.dilate_mask(mask)
+    chunk = self.costs.chunk_dilated if dilated else self.costs.chunk_active
+    return rows_lib.indices(mask.reshape(-1),
+                            rows_lib.padded_length(mask.size, chunk))
+
+  # Jitted phases ---------------------------------------------------------
+
+  def _first(self, first_vars, x_in, flops_B):
+    """The first unit, densely; its output and the FLOPs with it."""
+    first = nnx.merge(self.first_gd, first_vars)
+    x = first(x_in)
+    flops_B = flops_B + first.dense_flops(
+        x_in.shape[1] * x_in.shape[2], x.shape[1] * x.shape[2])
+    return x, flops_B
+
+  def _single(self, first_vars, x_in, flops_B):
+    """A block of one unit: dense, ponder cost 2, one unit used."""
+    self.phases.trace('block_single')
+    x, flops_B = self._first(first_vars, x_in, flops_B)
+    halting_shape = x.shape[:3]
+    state = act_lib.init_state(common.dummy_output(halting_shape),
+                               halting_shape)
+    state = act_lib.finish(state, common.dummy_output(halting_shape),
+                           self.eps)
+    return x, state.ponder_cost, state.num_units, flops_B
+
+  def _start(self, first_vars, head_vars, x_in, flops_B):
+    """First unit and first head, densely (every position runs them)."""
+    self.phases.trace('block_start')
+    x, flops_B = self._first(first_vars, x_in, flops_B)
+    batch, height, width, channels = x.shape
+    num_rows = batch * height * width
+    head = nnx.merge(self.head_gd, head_vars)
+    state = act_lib.init_state(common.dummy_output((batch, height, width)),
+                               (batch, height, width))
+    halting_carry, sizes = self.halting_step(head, stages.head_dense(head, x),
+                                             state, flops_B)
+    x_NxC = x.reshape(num_rows, channels)
+    maps = {
+        'x': x_NxC,
+        'out': x_NxC,
+        'y': jnp.zeros((num_rows + 1, self.dilated_channels), x.dtype),
+        'taps': jnp.zeros((num_rows + 1, 9), x.dtype),
+        'xsum': jnp.sum(x, axis=(1, 2)),
+    }
+    return maps, halting_carry, sizes
+
+  def _stage_dilated(self, unit_vars, head_vars, maps, state, n_full, *,
+                     tail, hw, with_head):
+    """The dilated stage at the dilated rows, into `y`; next head's taps.
+
+    Tap products are computed from the rows before the unit's update: right
+    for the rows the unit leaves unchanged, and overwritten in
+    `stage_active` for the active rows.
+    """
+    self.phases.trace('stage_dilated')
+    unit = nnx.merge(self.unit_gd, unit_vars)
+    head = nnx.merge(self.head_gd, head_vars) if with_head else None
+    height, width = hw
+    x = maps['x']
+    def body(idx_S, carry):
+      y, taps = carry
+      rows = stages.dilated_stage(unit, x, idx_S, height=height, width=width)
+      y = rows_lib.scatter_set(y, idx_S, rows)
+      if with_head:
+        taps = rows_lib.scatter_set(
+            taps, idx_S, head.local_taps(rows_lib.gather(x, idx_S)))
+      return y, taps
+    idx_dilated = self.index_rows(state, dilated=True)
+    y, taps = rows_lib.row_loop(idx_dilated, n_full, self.costs.chunk_dilated,
+                                tail, body, (maps['y'], maps['taps']))
+    return dict(maps, y=y, taps=taps)
+
+  def _stage_active(self, unit_vars, head_vars, maps, halting_carry, n_full,
+                    *, tail, dense, with_head):
+    """The rest of the unit at its active rows, then the next head.
+
+    Updates `x`, `out`, `xsum`; with a head, also its tap products at the
+    updated rows, its scores at the active rows (the only ones that matter:
+    `act.step` ignores halted positions), the halting step and the set
+    sizes of the next unit (without a head, `None` for both: the halting
+    state is unchanged).
+    """
+    self.phases.trace('stage_active')
+    unit = nnx.merge(self.unit_gd, unit_vars)
+    head = nnx.merge(self.head_gd, head_vars) if with_head else None
+    state = halting_carry['state']
+    if dense:
+      maps, new_x = self._update_dense(unit, maps, state)
+      if not with_head:
+        return maps, None, None
+      halting = stages.head_dense(head, new_x)
+    else:
+      idx_active = self.index_rows(state, dilated=False)
+      maps = self._update_rows(unit, head, maps, state, idx_active, n_full,
+                               tail)
+      if not with_head:
+        return maps, None, None
+      halting = self._halting_rows(head, maps, state, idx_active, n_full,
+                                   tail)
+    halting_carry, sizes = self.halting_step(head, halting, state,
+                                             halting_carry['flops'])
+    return maps, halting_carry, sizes
+
+  def _update_dense(self, unit, maps, state):
+    """The unit on the whole map, masked; the maps and the new `x` map."""
+    batch, height, width = state.running.shape
+    num_rows, channels = maps['x'].shape
+    x_map = maps['x'].reshape(batch, height, width, channels)
+    residual = unit.residual(x_map)
+    new_x = act_lib.masked_residual(x_map, residual, state.running)
+    weight = (state.running * (1.0 - state.cumulative))[..., None]
+    out = maps['out'] + (weight * residual).reshape(num_rows, channels)
+    maps = dict(maps, x=new_x.reshape(num_rows, channels), out=out,
+                xsum=jnp.sum(new_x, axis=(1, 2)))
+    return maps, new_x
+
+  def _update_rows(self, unit, head, maps, state, idx_active, n_full, tail):
+    """The active stage at the active rows: `x`, `out`, `xsum`, `taps`."""
+    height, width = state.running.shape[1:]
+    hw = height * width
+    cumulative_N = state.cumulative.reshape(-1)
+    y = maps['y']
+    def body(idx_S, carry):
+      x, out, xsum, taps = carry
+      residual = stages.active_stage(unit, y, idx_S, height=height,
+                                     width=width)
+      weight = 1.0 - rows_lib.gather(cumulative_N, idx_S)
+      # Gather, add, set (not scatter-add): the new rows feed the head's
+      # taps, and the data dependency lets XLA update `x` in place.
+      new_rows = rows_lib.gather(x, idx_S) + residual
+      if head is not None:
+        taps = rows_lib.scatter_set(taps, idx_S, head.local_taps(new_rows))
+      x = rows_lib.scatter_set(x, idx_S, new_rows)
+      out = rows_lib.scatter_add(out, idx_S, weight[:, None] * residual)
+      xsum = rows_lib.scatter_add(xsum, idx_S // hw, residual)
+      return x, out, xsum, taps
+    x, out, xsum, taps = rows_lib.row_loop(
+        idx_active, n_full, self.costs.chunk_active, tail, body,
+        (maps['x'], maps['out'], maps['xsum'], maps['taps']))
+    return dict(maps, x=x, out=out, xsum=xsum, taps=taps)
+
+  def _halting_rows(self, head, maps, state, idx_active, n_full, tail):
+    """The head's scores `[B, H, W]` at the active rows (0 elsewhere)."""
+    batch, height, width = state.running.shape
+    hw = height * width
+    taps = maps['taps']
+    global_B = head.global_logits(maps['xsum'] / hw)
+    def body(idx_S, halting_N):
+      local_S = stages.head_local(head, taps, idx_S, height=height,
+                                  width=width)
+      halting_S = head.probability(
+          local_S, rows_lib.gather(global_B, idx_S // hw))
+      return rows_lib.scatter_set(halting_N, idx_S, halting_S)
+    halting_N = rows_lib.row_loop(
+        idx_active, n_full, self.costs.chunk_active, tail, body,
+        jnp.zeros((batch * hw,), maps['x'].dtype))
+    return halting_N.reshape(batch, height, width)
+
+  def _device_loop(self, first_vars, stacked_units, stacked_heads, x_in,
+                   flops_B):
+    """The whole block on the device: dense masked units in a while loop.
+
+    Numerically the dense model's block (`blocks.py`), except that the loop
+    stops once no position runs; the heads it then skips still count, as
+    the reference counts them. Iteration i runs unit i+2 and then the head
+    of unit i+2 (stacked at index i+1). Returns the block output, ponder
+    cost, units, FLOPs, the FLOPs computed beyond the count (at halted
+    positions; the head computed after the last unit) and the number of
+    units run after the first.
+    """
+    self.phases.trace('block_device_loop')
+    x, flops_B = self._first(first_vars, x_in, flops_B)
+    batch, height, width = x.shape[:3]
+    num_rows = batch * height * width
+    costs = self.costs
+    last = self.num_units - 2
+
+    def apply_head(i, x, state, flops_B, waste):
+      head = nnx.merge(self.head_gd, common.pick(stacked_heads, i))
+      running = state.running
+      flops_B = flops_B + head.flops(running)
+      waste = waste + jnp.sum(head.flops(jnp.ones_like(running))
+                              - head.flops(running))
+      state = act_lib.step(state, stages.head_dense(head, x), x, self.eps)
+      return state, flops_B, waste
+
+    state = act_lib.init_state(x, (batch, height, width))
+    state, flops_B, waste = apply_head(0, x, state, flops_B,
+                                       jnp.zeros((), jnp.float32))
+
+    def cond(loop):
+      i, _, state, _, _ = loop
+      return (i <= last) & jnp.any(state.running > 0)
+
+    def body(loop):
+      i, x, state, flops_B, waste = loop
+      unit = nnx.merge(self.unit_gd, common.pick(stacked_units, i))
+      mask = state.running
+      dilated_B = flops_lib.spatial_count(act_lib.dilate_mask(mask))
+      active_B = flops_lib.spatial_count(mask)
+      flops_B = (flops_B + dilated_B * costs.dilated_cost
+                 + active_B * costs.active_cost)
+      waste = waste + (
+          (num_rows - jnp.sum(dilated_B)) * costs.dilated_cost
+          + (num_rows - jnp.sum(active_B)) * costs.active_cost)
+      x = act_lib.masked_residual(x, unit.residual(x), mask)
+      # The head of the next unit; after the last unit it is computed (on a
+      # clamped index) and dropped, all of it beyond the count.
+      headed = apply_head(jnp.minimum(i + 1, last), x, state, flops_B, waste)
+      dropped = (state, flops_B, waste + num_rows * costs.local_cost
+                 + batch * self.idle_head_flops)
+      state, flops_B, waste = jax.tree.map(
+          lambda a, b: jnp.where(i < last, a, b), headed, dropped)
+      return i + 1, x, state, flops_B, waste
+
+    steps, x, state, flops_B, waste = lax.while_loop(
+        cond, body, (jnp.int32(0), x, state, flops_B, waste))
+    flops_B = (flops_B
+               + (last - jnp.minimum(steps, last)) * self.idle_head_flops)
+    state = act_lib.finish(state, x, self.eps)
+    return (state.output, state.ponder_cost, state.num_units, flops_B, waste,
+            steps)
+
+  def _finish(self, maps, halting_carry, skipped_heads):
+    """The last halting step and the block output.
+
+    Heads skipped because every position had halted still count (their
+    global conv): the reference counts it for every unit.
+    """
+    self.phases.trace('block_finish')
+    state = halting_carry['state']
+    halting_shape = state.running.shape
+    state = act_lib.finish(state, common.dummy_output(halting_shape),
+                           self.eps)
+    flops_B = halting_carry['flops'] + skipped_heads * self.idle_head_flops
+    out = maps['out'].reshape(*halting_shape, -1)
+    return out, state.ponder_cost, state.num_units, flops_B
+
+  # Host loop -------------------------------------------------------------
+
+  def run(self, weights, x_in, flops_B, clock: common.Clock):
+    """Runs the block; returns its output, aux maps, FLOPs and waste."""
+    if self.num_units == 1:
+      out, ponder, units, flops_B = clock('block_single', self.single,
+                                          weights.first, x_in, flops_B)
+      return out, ponder, units, flops_B, 0
+    opts = self.phases.options
+    unit_flops = (x_in.shape[0] * self.out_hw(x_in.shape[1:3])
+                  * (self.costs.dilated_cost + self.costs.active_cost))
+    cheap = unit_flops < self.phases.device_flops
+    if opts.sact_mode == 'device' or (opts.sact_mode == 'auto' and cheap):
+      out, ponder, units, flops_B, waste, steps = clock(
+          'block_device_loop', self.device_loop, weights.first,
+          weights.stacked_units, weights.stacked_heads, x_in, flops_B)
+      self.phases.record({'device_loop': True, 'steps': steps})
+      return out, ponder, units, flops_B, waste
+    maps, halting_carry, sizes = clock('block_start', self.start,
+                                       weights.first, weights.heads[0], x_in,
+                                       flops_B)
+    halting_shape = halting_carry['state'].running.shape
+    planner = planner_lib.Planner(
+        sizes, num_rows=math.prod(halting_shape),
+        chunk_dilated=self.costs.chunk_dilated,
+        chunk_active=self.costs.chunk_active, buckets=opts.buckets,
+        pipeline=opts.pipeline,
+        read=lambda values: common.read_counts(values, clock))
+    maps, halting_carry, skipped = self._run_units(
+        weights, planner, maps, halting_carry, clock)
+    out, ponder, units, flops_B = clock('block_finish', self.finish, maps,
+                                        halting_carry, skipped)
+    waste = self._account(planner)
+    if len(planner.plans) < self.num_units - 1:
+      self.phases.record(
+          {'units_skipped': self.num_units - 1 - len(planner.plans)})
+    return out, ponder, units, flops_B, waste
+
+  def _run_units(self, weights, planner, maps, halting_carry, clock):
+    """Units 2..L until none is active; returns the heads skipped too."""
+    height, width = halting_carry['state'].running.shape[1:]
+    num_rows = planner.num_rows
+    for i in range(self.num_units - 1):
+      sizes, exact = planner.sizes(i)
+      dense = self.costs.runs_dense(*sizes, num_rows)
+      if dense and not exact:
+        # Never run a whole map on a stale bound: the unit may be sparse.
+        sizes = planner.exact_sizes(i)
+        dense = self.costs.runs_dense(*sizes, num_rows)
+      if sizes[1] == 0:
+        return maps, halting_carry, self.num_units - 2 - i
+      start = time.perf_counter()
+      with_head = i < self.num_units - 2
+      head = weights.heads[i + 1] if with_head else None
+      plan = planner.plan(sizes, dense=dense, with_head=with_head)
+      clock.host('host', start)
+      if not dense:
+        maps = clock('stage_dilated', self.stage_dilated, weights.units[i],
+                     head, maps, halting_carry['state'], plan.dilated.n_full,
+                     tail=plan.dilated.tail, hw=(height, width),
+                     with_head=with_head)
+      maps, new_carry, sizes = clock(
+          'stage_active', self.stage_active, weights.units[i], head, maps,
+          halting_carry, plan.active.n_full, tail=plan.active.tail,
+          dense=dense, with_head=with_head)
+      if with_head:
+        halting_carry = new_carry
+        planner.add_sizes(sizes)
+    return maps, halting_carry, 0
+
+  def _account(self, planner: planner_lib.Planner) -> int:
+    """Records the units run; returns the FLOPs computed beyond the count.
+
+    Reads the exact sizes of every unit run (the block is done by then).
+    """
+    waste = 0
+    for (n_dilated, n_active), plan in planner.planned():
+      waste += self.costs.waste(plan, n_dilated, n_active, planner.num_rows)
+      self.phases.record({
+          'rows': planner.num_rows, 'dilated': n_dilated,
+          'active': n_active, 'dense': plan.dense,
+          'planned_dilated': plan.dilated.count,
+          'planned_active': plan.active.count,
+          'tail_dilated': plan.dilated.tail, 'tail_active': plan.active.tail,
+          'chunks_dilated': plan.dilated.n_full,
+          'chunks_active': plan.active.n_full})
+    return waste
