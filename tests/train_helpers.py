@@ -77,8 +77,14 @@ def tiny_config(data_dir: str | None = None,
   config.batch_size = GLOBAL_BATCH
   config.eval_batch_size = 32
   config.num_train_steps = 4
+  # Fixed here, not inherited from the main job's choices: the tests'
+  # expectations (and the multi-device investigation) use these.
+  config.tau = 0.01
+  config.learning_rate = 0.1
+  config.lr_schedule = 'piecewise'
   config.lr_boundaries = (2,)
   config.lr_scales = (0.5,)
+  config.eval_every_steps = 0
   config.log_every_steps = 1
   config.checkpoint_every_steps = 2
   config.num_eval_examples = 32
