@@ -292,7 +292,7 @@ def _restore_state(directory: pathlib.Path, spec: ModelSpec,
       raise CheckpointError(
           f'The state in {directory} does not fit the model of its spec '
           f'{spec}: {problem}.')
-    # `args=` always: without it orbax returns empty items (ENVIRONMENT.md).
+    # `args=` always: without it orbax returns empty items (docs/method.md).
     restored = ckptr.restore(state_dir,
                              args=ocp.args.StandardRestore(target))
   nnx.replace_by_pure_dict(abstract_state, restored)

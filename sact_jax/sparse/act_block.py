@@ -37,11 +37,7 @@ class ActBlock:
                                   donate_argnames=('carry',))
 
   def _first(self, first_vars, x_in, flops_B):
-    first = nnx.merge(self.first_gd, first_vars)
-    x = first(x_in)
-    flops_B = flops_B + first.dense_flops(
-        x_in.shape[1] * x_in.shape[2], x.shape[1] * x.shape[2])
-    return x, flops_B
+    return common.run_first_unit(self.first_gd, first_vars, x_in, flops_B)
 
   def _single(self, first_vars, x_in, flops_B):
     self.phases.trace('block_single')

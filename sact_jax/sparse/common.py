@@ -114,3 +114,13 @@ def dummy_output(batch_shape) -> jax.Array:
   halting state's accumulator only needs a valid shape.
   """
   return jnp.zeros((*batch_shape, 1), jnp.float32)
+
+
+def run_first_unit(first_gd, first_vars, x_in: jax.Array, flops_B: jax.Array
+                   ) -> tuple[jax.Array, jax.Array]:
+  """A block's first unit, densely; its output and the FLOPs with it."""
+  first = nnx.merge(first_gd, first_vars)
+  x = first(x_in)
+  flops_B = flops_B + first.dense_flops(
+      x_in.shape[1] * x_in.shape[2], x.shape[1] * x.shape[2])
+  return x, flops_B

@@ -112,12 +112,7 @@ class SactBlock:
   # Jitted phases ---------------------------------------------------------
 
   def _first(self, first_vars, x_in, flops_B):
-    """The first unit, densely; its output and the FLOPs with it."""
-    first = nnx.merge(self.first_gd, first_vars)
-    x = first(x_in)
-    flops_B = flops_B + first.dense_flops(
-        x_in.shape[1] * x_in.shape[2], x.shape[1] * x.shape[2])
-    return x, flops_B
+    return common.run_first_unit(self.first_gd, first_vars, x_in, flops_B)
 
   def _single(self, first_vars, x_in, flops_B):
     """A block of one unit: dense, ponder cost 2, one unit used."""
