@@ -48,7 +48,6 @@ _JSON_OUT = flags.DEFINE_string(
 def _time_steps(trainer, state, batches) -> tuple[float, object]:
   """Seconds per step over `batches` (an iterator of host batches)."""
   from sact_jax import parallel  # pylint: disable=g-import-not-at-top
-  from sact_jax import train  # pylint: disable=g-import-not-at-top
   for _ in range(_WARMUP_STEPS.value):
     state, metrics = trainer.train_step(
         state, parallel.shard_batch(next(batches), trainer.mesh))
@@ -66,12 +65,13 @@ def main(argv):
   jax.config.update('jax_default_prng_impl', 'rbg')
   from sact_jax import parallel  # pylint: disable=g-import-not-at-top
   from sact_jax import train  # pylint: disable=g-import-not-at-top
+  from sact_jax.configs import validation  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
-  train.validate_config(config)
+  validation.validate_config(config)
   batch_size = config.batch_size
   mesh = parallel.make_mesh()
   info = {
-      'config': train.model_spec(config).to_dict(),
+      'config': validation.model_spec(config).to_dict(),
       'dataset': config.dataset,
       'batch_size': batch_size,
       'devices': jax.device_count(),

@@ -87,6 +87,7 @@ def main(argv):
   from sact_jax import main_job  # pylint: disable=g-import-not-at-top
   from sact_jax import train  # pylint: disable=g-import-not-at-top
   from sact_jax import workdirs  # pylint: disable=g-import-not-at-top
+  from sact_jax.configs import validation  # pylint: disable=g-import-not-at-top
 
   logging.info('JAX %s, process %d of %d, %d local / %d global devices: %s',
                jax.__version__, jax.process_index(), jax.process_count(),
@@ -94,12 +95,12 @@ def main(argv):
                ', '.join(str(d) for d in jax.local_devices()))
   config = _cli.config_value(_CONFIG)
   try:
-    train.validate_config(config, _WORKDIR.value)
+    validation.validate_config(config, _WORKDIR.value)
     # After the config (a bad one leaves no directory behind), before any
     # work: training would only find out when it first writes.
     workdirs.ensure_writable_dir(_WORKDIR.value)
     main_job.train_and_evaluate(config, _WORKDIR.value)
-  except (train.ConfigError, data.DatasetNotFoundError,
+  except (validation.ConfigError, data.DatasetNotFoundError,
           checkpoint.CheckpointError, workdirs.WorkdirError) as e:
     _cli.fail(str(e))
   except train.NonFiniteLossError as e:

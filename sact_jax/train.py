@@ -7,16 +7,17 @@
   inserts the all-reduces (gradients and BatchNorm statistics are over the
   global batch, so 1 and N devices compute the same step). No pmap.
 * Loss: cross-entropy (+ label smoothing) + tau * ponder loss + the
-  reference's L2 weight decay on conv/dense kernels; optax SGD with momentum
-  and a piecewise constant learning rate.
+  reference's L2 weight decay on conv/dense kernels (`losses.py`); SGD with
+  momentum, a piecewise constant or warm-up + cosine learning rate, and an
+  optional moving average of the weights (`optimizers.py`).
 * orbax `CheckpointManager` in `workdir/checkpoints`: train state (params,
   BatchNorm statistics, optimizer state, step) as plain nested dicts, the
   position of every host's data iterator, and the model spec. Saved every
   `checkpoint_every_steps`, at the end, and on SIGTERM (preemption); a
   workdir with a checkpoint resumes from it.
-* Metrics at a steady cadence: TensorBoard (tensorboardX: no TensorFlow
-  needed), `workdir/metrics.jsonl` and a console line. Files are written by
-  process 0 only.
+* Metrics at a steady cadence (`metric_writer.py`): TensorBoard,
+  `workdir/metrics.jsonl` and a console line; every `eval_every_steps`, the
+  test split's metrics and (SACT) a picture of ponder maps.
 * A non-finite loss (or parameters) stops training before the next
   checkpoint, so the last good checkpoint is never overwritten.
 """
@@ -24,12 +25,11 @@
 import dataclasses
 import functools
 import json
-import math
 import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from absl import logging
 import flax
@@ -47,13 +47,17 @@ from sact_jax import checkpoint as checkpoint_lib
 from sact_jax import data as data_lib
 from sact_jax import evaluate
 from sact_jax import flops as flops_lib
+from sact_jax import losses
+from sact_jax import metric_writer
 from sact_jax import models
+from sact_jax import optimizers
 from sact_jax import parallel
 from sact_jax import visualize
+from sact_jax.configs import validation
 
 CHECKPOINT_DIR = checkpoint_lib.RUN_DIR
-METRICS_FILE = 'metrics.jsonl'
-TENSORBOARD_DIR = 'tensorboard'
+METRICS_FILE = metric_writer.METRICS_FILE
+TENSORBOARD_DIR = metric_writer.TENSORBOARD_DIR
 
 # Evaluation metrics written as `eval/<name>` summaries.
 _EVAL_SCALARS = ('top1_accuracy', 'flops_percent_of_vanilla',
@@ -63,10 +67,6 @@ Batch = dict[str, np.ndarray]
 Metrics = dict[str, jax.Array]
 
 
-class ConfigError(ValueError):
-  """A config (or workdir) that training cannot start with; one line."""
-
-
 class NonFiniteLossError(RuntimeError):
   """Training produced a non-finite loss or parameters and stopped."""
 
@@ -74,129 +74,6 @@ class NonFiniteLossError(RuntimeError):
 # ---------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------
-
-
-def model_spec(config: ml_collections.ConfigDict) -> models.ModelSpec:
-  """The architecture `config` describes (raises ConfigError if invalid)."""
-  try:
-    return models.ModelSpec.from_config(config)
-  except (ValueError, TypeError) as e:
-    raise ConfigError(f'Invalid model in config: {e}') from None
-
-
-def model_options(config: ml_collections.ConfigDict) -> dict[str, bool]:
-  """Runtime options of `create_model` (not part of the weights' spec)."""
-  return {'remat': config.get('remat', False),
-          'unroll': config.get('unroll', False)}
-
-
-def label_offset(config: ml_collections.ConfigDict) -> int:
-  """Shift of dataset labels into the model's classes (see data.label_offset)."""
-  try:
-    return data_lib.label_offset(config.dataset, config.num_classes)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-
-
-def validate_config(config: ml_collections.ConfigDict,
-                    workdir: str | None = None) -> None:
-  """Checks everything that can be checked before any work starts.
-
-  Args:
-    config: a training config (see `sact_jax.configs.base_config`).
-    workdir: if given and it holds a checkpoint, the checkpoint's model must
-      be the model of `config`.
-
-  Raises:
-    ConfigError: one line naming the problem.
-  """
-  def check(condition, message):
-    if not condition:
-      raise ConfigError(message)
-
-  try:
-    info = data_lib.dataset_info(config.dataset)
-  except (ValueError, KeyError) as e:
-    raise ConfigError(
-        f'Unknown dataset {config.dataset!r}: supported datasets are '
-        f'{", ".join(data_lib.SUPPORTED_DATASETS)} (sact_shapes also as '
-        f'sact_shapes/tiny). ({e})') from None
-  check(config.tau >= 0, f'tau must be >= 0, got {config.tau}.')
-  check(0 < config.eps < 1, f'eps must lie in (0, 1), got {config.eps}.')
-  spec = model_spec(config)
-  label_offset(config)
-  try:
-    data_lib.image_shape(config.dataset, config.image_size)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  check(config.image_size >= 8,
-        f'image_size must be >= 8, got {config.image_size}.')
-  check(info.image_shape[-1] == 3,
-        f'{config.dataset} has {info.image_shape[-1]}-channel images; the '
-        'models take RGB (3 channels).')
-
-  num_devices, num_hosts = jax.device_count(), jax.process_count()
-  for name in ('batch_size', 'eval_batch_size'):
-    value = config[name]
-    check(isinstance(value, int) and value >= 1,
-          f'{name} must be a positive integer, got {value!r}.')
-  check(config.batch_size % num_devices == 0,
-        f'batch_size={config.batch_size} is not divisible by the '
-        f'{num_devices} devices; use a multiple of {num_devices}.')
-  check(config.batch_size % num_hosts == 0,
-        f'batch_size={config.batch_size} is not divisible by the '
-        f'{num_hosts} hosts.')
-  check(config.num_train_steps >= 0,
-        f'num_train_steps must be >= 0, got {config.num_train_steps}.')
-  check(config.learning_rate > 0,
-        f'learning_rate must be > 0, got {config.learning_rate}.')
-  schedule = config.get('lr_schedule', 'piecewise')
-  check(schedule in ('piecewise', 'cosine'),
-        f"lr_schedule must be 'piecewise' or 'cosine', got {schedule!r}.")
-  warmup = config.get('warmup_steps', 0)
-  check(isinstance(warmup, int) and warmup >= 0,
-        f'warmup_steps must be an integer >= 0, got {warmup!r}.')
-  check(schedule != 'cosine' or warmup < max(config.num_train_steps, 1),
-        f'warmup_steps={warmup} must be below num_train_steps='
-        f'{config.num_train_steps}.')
-  boundaries, scales = tuple(config.lr_boundaries), tuple(config.lr_scales)
-  check(len(boundaries) == len(scales),
-        f'lr_boundaries {boundaries} and lr_scales {scales} must have the '
-        'same length.')
-  check(all(b > a for a, b in zip(boundaries, boundaries[1:]))
-        and all(b >= 0 for b in boundaries),
-        f'lr_boundaries must be increasing and >= 0, got {boundaries}.')
-  check(0 <= config.momentum < 1,
-        f'momentum must lie in [0, 1), got {config.momentum}.')
-  check(config.weight_decay >= 0,
-        f'weight_decay must be >= 0, got {config.weight_decay}.')
-  check(0 <= config.label_smoothing < 1,
-        f'label_smoothing must lie in [0, 1), got {config.label_smoothing}.')
-  for name in ('log_every_steps', 'checkpoint_every_steps',
-               'keep_checkpoints'):
-    check(config[name] >= 1, f'{name} must be >= 1, got {config[name]}.')
-  for name in ('eval_every_steps', 'num_eval_ponder_maps'):
-    value = config.get(name, 0)
-    check(isinstance(value, int) and value >= 0,
-          f'{name} must be an integer >= 0, got {value!r}.')
-  ema_decay = config.get('ema_decay')
-  check(ema_decay is None or 0 < ema_decay < 1,
-        f'ema_decay must lie in (0, 1) or be None, got {ema_decay}.')
-  num_eval = config.get('num_eval_examples')
-  check(num_eval is None or num_eval >= 1,
-        f'num_eval_examples must be >= 1 or None, got {num_eval}.')
-  if config.get('init_from'):
-    check(checkpoint_lib.is_model_checkpoint(config.init_from),
-          f'init_from={config.init_from!r} is not a sact_jax model '
-          'checkpoint directory (written by sact_jax.checkpoint.save_model '
-          'or experiments.convert_checkpoint).')
-  if workdir is not None:
-    saved = checkpoint_lib.saved_run_spec(workdir)
-    if saved is not None and saved != spec:
-      raise ConfigError(
-          f'{os.path.join(workdir, CHECKPOINT_DIR)} holds a checkpoint of a '
-          f'different model ({saved.describe()}) than the config '
-          f'({spec.describe()}); use another --workdir.')
 
 
 def check_batch(batch: Batch, config: ml_collections.ConfigDict) -> None:
@@ -210,76 +87,6 @@ def check_batch(batch: Batch, config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'Expected one label per image, got labels shaped '
                      f'{tuple(batch["label"].shape)} for images shaped '
                      f'{tuple(image.shape)}.')
-
-
-# ---------------------------------------------------------------------------
-# Loss and optimizer
-# ---------------------------------------------------------------------------
-
-
-def learning_rate_schedule(config: ml_collections.ConfigDict
-                           ) -> Callable[[jax.Array], jax.Array]:
-  """The rate of the update made at `step` (0-based).
-
-  'piecewise', as TF `piecewise_constant(step, boundaries, ...)`:
-  `learning_rate * scales[i]` where i is the number of boundaries strictly
-  below `step` (scale 1 before the first). 'cosine': optax's linear warm-up
-  from 0 to `learning_rate` over `warmup_steps`, then cosine decay to 0 at
-  `num_train_steps`.
-  """
-  if config.get('lr_schedule', 'piecewise') == 'cosine':
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=config.learning_rate,
-        warmup_steps=config.warmup_steps,
-        decay_steps=max(config.num_train_steps, config.warmup_steps + 1),
-        end_value=0.0)
-  boundaries = np.asarray(config.lr_boundaries, np.int64)
-  values = config.learning_rate * np.asarray(
-      (1.0, *config.lr_scales), np.float32)
-
-  def schedule(step):
-    index = jnp.sum(jnp.asarray(step)[..., None] > boundaries, axis=-1)
-    return jnp.asarray(values)[index]
-  return schedule
-
-
-def make_optimizer(config: ml_collections.ConfigDict
-                   ) -> optax.GradientTransformation:
-  """SGD with (heavy-ball) momentum, as TF's MomentumOptimizer."""
-  return optax.sgd(learning_rate_schedule(config), momentum=config.momentum)
-
-
-def _is_kernel(path: tuple[Any, ...]) -> bool:
-  return str(path[-1]) == 'kernel'
-
-
-def weight_decay_penalty(params: nnx.State, weight_decay: float) -> jax.Array:
-  """`weight_decay * sum(w^2) / 2` over conv and dense kernels.
-
-  This is slim's `l2_regularizer(weight_decay)`, which the reference puts on
-  every conv (logits and halting convs included); BatchNorm parameters and
-  biases are not decayed.
-  """
-  total = jnp.zeros((), jnp.float32)
-  for path, variable in nnx.to_flat_state(params):
-    if _is_kernel(path):
-      total += jnp.sum(jnp.square(variable[...]))
-  return 0.5 * weight_decay * total
-
-
-def cross_entropy(logits_BxK: jax.Array, labels_B: jax.Array,
-                  label_smoothing: float = 0.0) -> jax.Array:
-  """Mean softmax cross-entropy with TF-style label smoothing.
-
-  Targets are `onehot * (1 - s) + s / K`, as `tf.losses.softmax_cross_entropy`
-  with `label_smoothing=s`.
-  """
-  num_classes = logits_BxK.shape[-1]
-  targets_BxK = jax.nn.one_hot(labels_B, num_classes, dtype=jnp.float32)
-  if label_smoothing:
-    targets_BxK = (targets_BxK * (1 - label_smoothing)
-                   + label_smoothing / num_classes)
-  return jnp.mean(optax.softmax_cross_entropy(logits_BxK, targets_BxK))
 
 
 # ---------------------------------------------------------------------------
@@ -306,22 +113,6 @@ class TrainState:
   ema: dict[str, nnx.State] | None = None
 
 
-def ema_update(ema: Any, new: Any, decay: float, num_updates: jax.Array
-               ) -> Any:
-  """One step of an exponential moving average, as TF's.
-
-  `tf.train.ExponentialMovingAverage(decay, num_updates)` (what the original
-  evaluates its ImageNet models with) uses `min(decay, (1 + n) / (10 + n))`,
-  so that early averages are not dominated by the initialisation. Written as
-  `ema - (1 - d) * (ema - new)`: a variable that does not change keeps its
-  average exactly.
-  """
-  n = jnp.asarray(num_updates, jnp.float32)
-  d = jnp.minimum(decay, (1.0 + n) / (10.0 + n))
-  return jax.tree.map(lambda e, x: e - (1.0 - d).astype(e.dtype) * (e - x),
-                      ema, new)
-
-
 @dataclasses.dataclass
 class Trainer:
   """The compiled pieces of a run: model structure, optimizer, step.
@@ -345,17 +136,17 @@ class Trainer:
   @classmethod
   def create(cls, config: ml_collections.ConfigDict,
              mesh: jax.sharding.Mesh) -> 'Trainer':
-    spec = model_spec(config)
-    abstract = spec.abstract_model(**model_options(config))
+    spec = validation.model_spec(config)
+    abstract = spec.abstract_model(**validation.model_options(config))
     abstract.train()
     graphdef = nnx.graphdef(abstract)
-    tx = make_optimizer(config)
+    tx = optimizers.make_optimizer(config)
     step_fn = functools.partial(
         _train_step, graphdef=graphdef, tx=tx,
-        schedule=learning_rate_schedule(config), tau=config.tau,
+        schedule=optimizers.learning_rate_schedule(config), tau=config.tau,
         weight_decay=config.weight_decay,
         label_smoothing=config.label_smoothing,
-        label_offset=label_offset(config),
+        label_offset=validation.label_offset(config),
         ema_decay=config.get('ema_decay'))
     train_step = jax.jit(
         step_fn, in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
@@ -365,7 +156,7 @@ class Trainer:
 
   def _init(self) -> TrainState:
     model = self.spec.create(nnx.Rngs(self.config.seed),
-                             **model_options(self.config))
+                             **validation.model_options(self.config))
     _, params, model_state = nnx.split(model, nnx.Param, ...)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       model_state=model_state,
@@ -439,8 +230,8 @@ def _train_step(state: TrainState, batch: dict[str, jax.Array], *,
     model_state = jax.tree.map(lambda x: x, state.model_state)
     model = nnx.merge(graphdef, params, model_state)
     logits, aux = model(images)
-    ce = cross_entropy(logits, labels, label_smoothing)
-    decay = weight_decay_penalty(params, weight_decay)
+    ce = losses.cross_entropy(logits, labels, label_smoothing)
+    decay = losses.weight_decay_penalty(params, weight_decay)
     loss = ce + tau * aux['ponder_loss'] + decay
     _, _, model_state = nnx.split(model, nnx.Param, ...)
     return loss, (model_state, logits, aux, ce, decay)
@@ -466,8 +257,9 @@ def _train_step(state: TrainState, batch: dict[str, jax.Array], *,
     metrics[f'ponder_cost/block_{i}'] = jnp.mean(ponder_cost)
   ema = state.ema
   if ema is not None:
-    ema = ema_update(ema, {'params': params, 'model_state': model_state},
-                     ema_decay, state.step + 1)
+    ema = optimizers.ema_update(
+        ema, {'params': params, 'model_state': model_state}, ema_decay,
+        state.step + 1)
   new_state = TrainState(step=state.step + 1, params=params,
                          model_state=model_state, opt_state=opt_state,
                          ema=ema)
@@ -517,54 +309,6 @@ def _restore(manager: ocp.CheckpointManager, step: int, trainer: Trainer,
   restored = checkpoint_lib.restore_run(
       manager, step, _state_tree(trainer.abstract_state()), iterator)
   return TrainState(**restored)
-
-
-# ---------------------------------------------------------------------------
-# Metrics
-# ---------------------------------------------------------------------------
-
-
-class MetricWriter:
-  """TensorBoard scalars and JSON lines; a no-op except on process 0."""
-
-  def __init__(self, workdir: str):
-    self._active = jax.process_index() == 0
-    self._tb = None
-    self._jsonl = None
-    if self._active:
-      os.makedirs(workdir, exist_ok=True)
-      # tensorboardX: event files without TensorFlow.
-      import tensorboardX  # pylint: disable=g-import-not-at-top
-      self._tb = tensorboardX.SummaryWriter(
-          os.path.join(workdir, TENSORBOARD_DIR), flush_secs=30)
-      self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a')
-
-  def write(self, step: int, scalars: dict[str, float]) -> None:
-    if not self._active:
-      return
-    for name, value in scalars.items():
-      self._tb.add_scalar(name, value, step)
-    record = {'step': step, 'time': time.time(), **scalars}
-    self._jsonl.write(json.dumps(record) + '\n')
-    self._jsonl.flush()
-
-  def write_image(self, step: int, tag: str, image_HxWx3: np.ndarray) -> None:
-    """An RGB uint8 picture, shown in TensorBoard's Images tab."""
-    if self._active:
-      self._tb.add_image(tag, image_HxWx3, step, dataformats='HWC')
-
-  def close(self) -> None:
-    if self._active:
-      self._tb.close()
-      self._jsonl.close()
-      self._active = False
-
-
-def _format_seconds(seconds: float) -> str:
-  seconds = int(round(seconds))
-  if seconds >= 3600:
-    return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
-  return f'{seconds // 60}m{seconds % 60:02d}s'
 
 
 # ---------------------------------------------------------------------------
@@ -634,12 +378,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   """Trains (or resumes) the model of `config`, checkpointing in `workdir`.
 
   Raises:
-    ConfigError: bad config, or `workdir` holds another model.
+    validation.ConfigError: bad config, or `workdir` holds another model.
     data.DatasetNotFoundError: the dataset is not prepared.
     NonFiniteLossError: the loss or parameters became non-finite; the last
       good checkpoint is kept.
   """
-  validate_config(config, workdir)
+  validation.validate_config(config, workdir)
   mesh = parallel.make_mesh()
   trainer = Trainer.create(config, mesh)
   spec = trainer.spec
@@ -668,7 +412,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     vanilla = spec.vanilla_flops(
         data_lib.image_shape(config.dataset, config.image_size))
 
-    writer = MetricWriter(workdir)
+    writer = metric_writer.MetricWriter(workdir)
     watcher = _PreemptionWatcher()
     total = config.num_train_steps
     pending: list[Metrics] = []
@@ -705,8 +449,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
       timer_step, timer_start = step, now
       writer.write(step, scalars)
       if is_main:
-        left = (f'{_format_seconds((total - step) / rate)} left' if rate
-                else 'compiled')
+        left = (f'{metric_writer.format_seconds((total - step) / rate)} left'
+                if rate else 'compiled')
         logging.info(
             'step %d/%d | loss %.4f | accuracy %.3f | ponder %.3f | FLOPs '
             '%.1f%% | %s | %s', step, total, scalars['loss'],
@@ -767,7 +511,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
                      eval_metrics=eval_metrics if final else None)
 
 
-def log_evaluation(writer: 'MetricWriter', step: int,
+def log_evaluation(writer: metric_writer.MetricWriter, step: int,
                    metrics: dict[str, Any], model: nnx.Module,
                    config: ml_collections.ConfigDict) -> None:
   """Test-split metrics as `eval/...` summaries, a console line, and (SACT)

@@ -35,6 +35,7 @@ from sact_jax import checkpoint  # pylint: disable=g-import-not-at-top
 from sact_jax import parallel  # pylint: disable=g-import-not-at-top
 from sact_jax import train  # pylint: disable=g-import-not-at-top
 from sact_jax.configs import default  # pylint: disable=g-import-not-at-top
+from sact_jax.configs import validation  # pylint: disable=g-import-not-at-top
 
 NUM_STEPS = 3
 GLOBAL_BATCH = 16
@@ -173,9 +174,9 @@ def _devices_main(args) -> None:
   hlo = trainer.train_step.lower(trainer.init_state(), batch).compile(
   ).as_text()
   try:
-    train.validate_config(tiny_config(batch_size=12))
+    validation.validate_config(tiny_config(batch_size=12))
     batch_error = None
-  except train.ConfigError as e:
+  except validation.ConfigError as e:
     batch_error = str(e)
   _save(args.out, states[-1], {
       'device_count': jax.device_count(),

@@ -28,12 +28,15 @@ from tensorboardX.proto import event_pb2
 
 from sact_jax import checkpoint
 from sact_jax import evaluate
+from sact_jax import losses
 from sact_jax import main_job
+from sact_jax import optimizers
 from sact_jax import parallel
 from sact_jax import train
 from sact_jax.configs import cifar10
 from sact_jax.configs import default
 from sact_jax.configs import imagenet
+from sact_jax.configs import validation
 import train_helpers
 
 _CACHE_DIR = train_helpers.enable_compilation_cache()
@@ -91,7 +94,7 @@ class LossTest(parameterized.TestCase):
     targets = jax.nn.one_hot(labels, 3) * (1 - smoothing) + smoothing / 3
     expected = -jnp.mean(jnp.sum(targets * log_p, axis=-1))
     chex.assert_trees_all_close(
-        train.cross_entropy(logits, labels, smoothing), expected, rtol=1e-6)
+        losses.cross_entropy(logits, labels, smoothing), expected, rtol=1e-6)
 
   def test_weight_decay_covers_kernels_only(self):
     """slim's l2_regularizer: wd * sum(w^2) / 2 over conv/dense kernels."""
@@ -104,18 +107,18 @@ class LossTest(parameterized.TestCase):
     self.assertLen(kernels, 1 + 2 * 4 + 2 + 1)
     expected = 0.5 * 1e-3 * sum(float(jnp.sum(k**2)) for k in kernels)
     self.assertAlmostEqual(
-        float(train.weight_decay_penalty(params, 1e-3)), expected, places=5)
+        float(losses.weight_decay_penalty(params, 1e-3)), expected, places=5)
     # BatchNorm scales and biases are not decayed.
     for path, variable in nnx.to_flat_state(params):
       if path[-1] in ('scale', 'bias'):
         variable[...] = variable[...] + 100.0
     self.assertAlmostEqual(
-        float(train.weight_decay_penalty(params, 1e-3)), expected, places=5)
+        float(losses.weight_decay_penalty(params, 1e-3)), expected, places=5)
 
   def test_learning_rate_schedule_is_tf_piecewise_constant(self):
     """The boundary step itself still uses the previous rate."""
     config = cifar10.get_config('sact_32')
-    schedule = train.learning_rate_schedule(config)
+    schedule = optimizers.learning_rate_schedule(config)
     steps = jnp.array([0, 60_000, 60_001, 75_000, 75_001, 90_001, 99_999])
     np.testing.assert_allclose(
         schedule(steps), [0.1, 0.1, 0.01, 0.01, 0.001, 0.0001, 0.0001],
@@ -129,21 +132,21 @@ class EmaTest(parameterized.TestCase):
     value = jax.random.normal(jax.random.key(0), (3, 5))
     ema = value
     for n in range(1, 30):
-      ema = train.ema_update(ema, value, decay, n)
+      ema = optimizers.ema_update(ema, value, decay, n)
     np.testing.assert_array_equal(ema, value)
 
   def test_tf_decay_schedule(self):
     """decay_n = min(decay, (1 + n) / (10 + n)), as TF's num_updates."""
     ema, expected = jnp.zeros(()), 0.0
     for n, x in enumerate([1.0, 2.0, 3.0], start=1):
-      ema = train.ema_update(ema, jnp.asarray(x), 0.5, n)
+      ema = optimizers.ema_update(ema, jnp.asarray(x), 0.5, n)
       d = min(0.5, (1 + n) / (10 + n))
       expected = d * expected + (1 - d) * x
     np.testing.assert_allclose(ema, expected, rtol=1e-6)
 
   def test_bad_decay_refused(self):
-    with self.assertRaisesRegex(train.ConfigError, 'ema_decay must lie in'):
-      train.validate_config(_config(ema_decay=1.0))
+    with self.assertRaisesRegex(validation.ConfigError, 'ema_decay must lie in'):
+      validation.validate_config(_config(ema_decay=1.0))
 
 
 class TrainStepTest(absltest.TestCase):
@@ -275,7 +278,7 @@ class TrainLoopTest(absltest.TestCase):
     self.assertTrue(any(e.startswith('events.out.tfevents') for e in events))
 
     # The evaluator's view of the run: the final weights, eval mode.
-    model = checkpoint.restore_latest_model(workdir, train.model_spec(config))
+    model = checkpoint.restore_latest_model(workdir, validation.model_spec(config))
     self.assertTrue(model.head_bn.use_running_average)
     chex.assert_trees_all_equal(
         nnx.to_pure_dict(nnx.state(model)),
@@ -385,8 +388,8 @@ class ConfigTest(parameterized.TestCase):
                          depth=[20, 32, 56, 110])
   def test_cifar10_variants(self, model_type, depth):
     config = cifar10.get_config(f'{model_type}_{depth}')
-    train.validate_config(config)
-    self.assertEqual(train.model_spec(config).units,
+    validation.validate_config(config)
+    self.assertEqual(validation.model_spec(config).units,
                      cifar10.DEPTHS[depth])
     self.assertEqual((config.batch_size, config.num_train_steps,
                       config.weight_decay, config.momentum),
@@ -398,8 +401,8 @@ class ConfigTest(parameterized.TestCase):
                          depth=[50, 101])
   def test_imagenet_variants(self, model_type, depth):
     config = imagenet.get_config(f'{model_type}_{depth}')
-    train.validate_config(config)
-    self.assertEqual(train.label_offset(config), 1)  # 1001 classes.
+    validation.validate_config(config)
+    self.assertEqual(validation.label_offset(config), 1)  # 1001 classes.
     self.assertEqual((config.learning_rate, config.label_smoothing,
                       config.weight_decay, config.tau),
                      (0.05, 0.1, 1e-4, 0.005))
@@ -408,15 +411,15 @@ class ConfigTest(parameterized.TestCase):
 
   def test_imagenet_finetune_needs_init_from(self):
     config = imagenet.get_config('sact_101_finetune')
-    with self.assertRaisesRegex(train.ConfigError,
+    with self.assertRaisesRegex(validation.ConfigError,
                                 r'init_from=.*--config.init_from='):
-      train.validate_config(config)
+      validation.validate_config(config)
 
   @parameterized.parameters(
       (default, 'smoke'), (default, None), (cifar10, 'smoke'),
       (cifar10, 'act_110,smoke'), (imagenet, 'smoke'))
   def test_configs_validate(self, module, arg):
-    train.validate_config(module.get_config(arg))
+    validation.validate_config(module.get_config(arg))
 
   @parameterized.parameters(
       (cifar10, 'sact_33'), (cifar10, 'bogus'), (default, 'sact'),
@@ -442,15 +445,15 @@ class BadInputTest(parameterized.TestCase):
        r"init_from='/nonexistent' is not a sact_jax model checkpoint"),
   )
   def test_config_errors(self, overrides, pattern):
-    with self.assertRaisesRegex(train.ConfigError, pattern):
-      train.validate_config(_config(**overrides))
+    with self.assertRaisesRegex(validation.ConfigError, pattern):
+      validation.validate_config(_config(**overrides))
 
   def test_batch_not_divisible_by_devices(self):
     with mock.patch.object(jax, 'device_count', return_value=8):
       with self.assertRaisesRegex(
-          train.ConfigError,
+          validation.ConfigError,
           r'batch_size=12 is not divisible by the 8 devices'):
-        train.validate_config(_config(batch_size=12))
+        validation.validate_config(_config(batch_size=12))
 
   @parameterized.parameters((16, 32, 32), (16, 32, 32, 1), (16, 32, 32, 4))
   def test_images_of_wrong_shape(self, *shape):
@@ -468,10 +471,10 @@ class BadInputTest(parameterized.TestCase):
     workdir = train_helpers.tempdir(self)
     train.train(_config(num_train_steps=1), workdir)
     with self.assertRaisesRegex(
-        train.ConfigError, r'holds a checkpoint of a different model \(cifar '
+        validation.ConfigError, r'holds a checkpoint of a different model \(cifar '
         r'sact units=\[2, 1, 1\].*than the config \(cifar sact units=\[1, 1, '
         r'1\]'):
-      train.validate_config(_config(units=(1, 1, 1)), workdir)
+      validation.validate_config(_config(units=(1, 1, 1)), workdir)
     with self.assertRaisesRegex(evaluate.EvaluationError, 'another model'):
       evaluate.load_model(_config(model_type='act'), workdir=workdir)
 

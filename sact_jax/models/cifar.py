@@ -9,7 +9,6 @@ import functools
 from typing import Sequence
 
 from flax import nnx
-import jax
 import jax.numpy as jnp
 
 from sact_jax import act as act_lib
