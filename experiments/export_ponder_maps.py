@@ -13,12 +13,33 @@ the photographs scikit-image ships (astronaut, coffee, chelsea, ...) at
 `--photo_size` pixels: in-distribution for ImageNet-family models,
 out-of-distribution pictures for CIFAR-family ones.
 
+  python -m experiments.export_ponder_maps \
+      --checkpoint=models/imagenet_resnet_101_sact \
+      --images='photos/*.jpg' --image_size=224 --export=/tmp/maps.npz
+
+`--images` (files, folders or globs, comma-separated; JPEG or PNG) draws
+image files at their own aspect ratio, the short side resized to
+`--image_size` pixels (default: the model family's training size), into
+`images.png` (`images_<k>.png` with more than 8). `--export=PATH.npz`
+also writes their per-block maps, total map, ponder cost, FLOPs, predicted
+class and name as plain numpy arrays; the keys are listed in
+sact_jax/ponder_export.py. A file that is not an image gets one `warning:`
+line on stderr and is skipped; the others are still drawn and exported
+(exit status 0 if at least one image was processed).
+
+`--by_cost` ranks the first `--num_images` eval images of the config's
+dataset by total ponder cost and draws the `--per_group` cheapest, median
+and dearest ones into `ponder_maps_by_cost.png`, as the SACT paper's
+ImageNet figure.
+
 Bad input (flags, a missing checkpoint, an output directory that cannot be
-written) ends with one `error:` line and exit status 2 (see
+written, an `--images` pattern that matches no file or only non-images)
+ends with one `error:` line and exit status 2 (see
 experiments/_cli.py).
 """
 
 import os
+import sys
 
 from absl import flags
 import jax
@@ -27,6 +48,8 @@ from ml_collections import config_flags
 from experiments import _cli
 from sact_jax import data
 from sact_jax import evaluate
+from sact_jax import models
+from sact_jax import ponder_export
 from sact_jax import visualize
 from sact_jax import workdirs
 
@@ -48,6 +71,20 @@ _PHOTOS = flags.DEFINE_bool(
 _PHOTO_SIZE = flags.DEFINE_integer(
     'photo_size', 128, 'Side of the (centre-cropped, square) photographs.',
     lower_bound=8)
+_IMAGES = flags.DEFINE_list(
+    'images', None, 'Image files, folders or globs (JPEG, PNG) to draw at '
+    'their own aspect ratio.')
+_IMAGE_SIZE = flags.DEFINE_integer(
+    'image_size', None, 'Short side (pixels) the --images are resized to; '
+    'default: the model family\'s training size.', lower_bound=8)
+_EXPORT = flags.DEFINE_string(
+    'export', None, 'Also write the maps of the --images to this .npz file.')
+_BY_COST = flags.DEFINE_bool(
+    'by_cost', False, 'Draw the --num_images eval images ranked by ponder '
+    'cost (low, median and high rows) instead of the first ones.')
+_PER_GROUP = flags.DEFINE_integer(
+    'per_group', 3, 'With --by_cost: images of low, median and high cost.',
+    lower_bound=1)
 _OVERLAY = flags.DEFINE_bool(
     'overlay', False, 'Draw the maps over their images.')
 
@@ -62,37 +99,76 @@ def main(argv):
   config = _cli.config_value(_CONFIG)
   if config is None and _WORKDIR.value is not None:
     _cli.fail('--workdir needs the --config of the training run.')
-  if (config is None or _NUM_IMAGES.value == 0) and not _PHOTOS.value:
+  if ((config is None or _NUM_IMAGES.value == 0) and not _PHOTOS.value
+      and not _IMAGES.value):
     _cli.fail('Nothing to draw: give --config (and --num_images > 0) for '
-              'dataset images, or --photos.')
+              'dataset images, --photos or --images.')
+  if _BY_COST.value and config is None:
+    _cli.fail('--by_cost needs a --config (the dataset to rank).')
+  if _EXPORT.value is not None:
+    if not _IMAGES.value:
+      _cli.fail('--export writes the maps of --images; give --images.')
+    if not _EXPORT.value.endswith('.npz'):
+      _cli.fail(f'--export={_EXPORT.value} must end in .npz.')
+  try:
+    paths = ponder_export.find_images(_IMAGES.value or [])
+  except ponder_export.NoImagesError as e:
+    _cli.fail(str(e))
   jax.config.update('jax_default_prng_impl', 'rbg')
   out_dir = _OUT_DIR.value or os.path.join(
       _WORKDIR.value or _CHECKPOINT.value, 'ponder_maps')
   try:
     model = evaluate.load_model(config, workdir=_WORKDIR.value,
                                 checkpoint=_CHECKPOINT.value)
-    workdirs.ensure_writable_dir(out_dir)
   except (ValueError, FileNotFoundError) as e:
-    # Bad workdir, checkpoint or out_dir (WorkdirError is a ValueError).
+    # Bad workdir or checkpoint (WorkdirError is a ValueError).
     _cli.fail(_cli.one_line(e))
-  paths = []
+  images = {}
+  if paths:
+    family = models.ModelSpec.from_model(model).family
+    try:
+      images, skipped = ponder_export.load_images(
+          paths, _IMAGE_SIZE.value
+          or ponder_export.DEFAULT_IMAGE_SIZE[family])
+    except ponder_export.NoImagesError as e:
+      _cli.fail(str(e))
+    for message in skipped:
+      print(f'warning: skipped {message}', file=sys.stderr, flush=True)
+  try:
+    workdirs.ensure_writable_dir(out_dir)
+    if _EXPORT.value is not None:
+      workdirs.ensure_writable_dir(
+          os.path.dirname(os.path.abspath(_EXPORT.value)))
+  except ValueError as e:  # WorkdirError.
+    _cli.fail(_cli.one_line(e))
+  class_names = (None if config is None
+                 else data.dataset_info(config.dataset).class_names)
+  written = []
   if config is not None and _NUM_IMAGES.value > 0:
     try:
-      paths += visualize.save_ponder_maps(
-          model, config, out_dir, num_images=_NUM_IMAGES.value,
-          overlay=_OVERLAY.value)
+      if _BY_COST.value:
+        written.append(ponder_export.save_ponder_maps_by_cost(
+            model, config, out_dir, num_images=_NUM_IMAGES.value,
+            per_group=_PER_GROUP.value, overlay=_OVERLAY.value))
+      else:
+        written += visualize.save_ponder_maps(
+            model, config, out_dir, num_images=_NUM_IMAGES.value,
+            overlay=_OVERLAY.value)
     except data.DatasetNotFoundError as e:
       _cli.fail(_cli.one_line(e))
+  if images:
+    written += ponder_export.save_image_maps(
+        model, images, out_dir, config=config, export=_EXPORT.value,
+        overlay=_OVERLAY.value)
   if _PHOTOS.value:
     photos = visualize.load_photos(size=_PHOTO_SIZE.value)
-    paths.append(visualize.save_ponder_maps_for_images(
+    written.append(visualize.save_ponder_maps_for_images(
         model, list(photos.values()),
         os.path.join(out_dir, f'photos_{_PHOTO_SIZE.value}.png'),
         names=list(photos),
-        class_names=(None if config is None
-                     else data.dataset_info(config.dataset).class_names),
+        class_names=class_names,
         overlay=_OVERLAY.value))
-  for path in paths:
+  for path in written:
     print(f'Wrote {path}')
 
 

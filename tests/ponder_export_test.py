@@ -1,0 +1,216 @@
+"""Tests of sact_jax/ponder_export.py and the launcher's --images/--export."""
+
+import concurrent.futures
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+from absl.testing import absltest
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from sact_jax import checkpoint as checkpoint_lib
+from sact_jax import models
+from sact_jax import ponder_export
+from sact_jax import visualize
+
+import evaluate_test  # Same directory: its fast model builder.
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_images(directory: str) -> dict[str, tuple[int, int]]:
+  """Two small PNGs (one non-square) and a text file named like an image.
+
+  Returns:
+    file name -> (height, width) of the images.
+  """
+  rng = np.random.default_rng(0)
+  sizes = {'wide.png': (24, 40), 'square.png': (20, 20)}
+  for name, (height, width) in sizes.items():
+    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(os.path.join(directory, name))
+  with open(os.path.join(directory, 'notes.png'), 'w') as f:
+    f.write('not an image')
+  return sizes
+
+
+def block_shapes(height: int, width: int) -> list[tuple[int, int]]:
+  """Block resolutions of a CIFAR ResNet: stride 1, 2, 2 ('SAME')."""
+  shapes = [(height, width)]
+  for _ in range(2):
+    h, w = shapes[-1]
+    shapes.append((math.ceil(h / 2), math.ceil(w / 2)))
+  return shapes
+
+
+class LibraryTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.model = evaluate_test.fast_model('sact')
+    cls.tmp = cls.enterClassContext(tempfile.TemporaryDirectory())
+    # Only the images in their folder: other tests write next to it.
+    cls.images = os.path.join(cls.tmp, 'images')
+    os.makedirs(cls.images)
+    write_images(cls.images)
+
+  def test_find_images(self):
+    folder = ponder_export.find_images([self.images])
+    self.assertEqual([os.path.basename(p) for p in folder],
+                     ['notes.png', 'square.png', 'wide.png'])
+    self.assertEqual(
+        ponder_export.find_images([os.path.join(self.images, 'w*.png')]),
+        [os.path.join(self.images, 'wide.png')])
+    with self.assertRaisesRegex(ponder_export.NoImagesError,
+                                'matches no file'):
+      ponder_export.find_images([os.path.join(self.images, '*.jpg')])
+
+  def test_aspect_ratio_and_block_resolutions(self):
+    """Short side = image_size; maps at the blocks' resolutions."""
+    paths = ponder_export.find_images([self.images])
+    images, skipped = ponder_export.load_images(paths, 16)
+    self.assertLen(skipped, 1)
+    self.assertIn('notes.png is not an image', skipped[0])
+    shapes = {os.path.basename(p): im.shape for p, im in images.items()}
+    self.assertEqual(shapes, {'wide.png': (16, 27, 3),
+                              'square.png': (16, 16, 3)})
+    results = ponder_export.ponder_results(
+        self.model, list(images.values()), list(images), preprocess='cifar')
+    for result in results:
+      height, width = result.image.shape[:2]
+      self.assertEqual([m.shape for m in result.block_maps],
+                       block_shapes(height, width))
+      self.assertEqual(result.total_map.shape, (height, width))
+      self.assertAlmostEqual(result.ponder_cost,
+                             sum(m.mean() for m in result.block_maps),
+                             places=5)
+      self.assertGreater(result.flops, 0)
+
+  def test_npz_loads_with_plain_numpy(self):
+    paths = ponder_export.find_images([os.path.join(self.images, '*e.png')])
+    images, _ = ponder_export.load_images(paths, 16)
+    results = ponder_export.ponder_results(
+        self.model, list(images.values()), list(images), preprocess='cifar')
+    path = ponder_export.save_npz(results, os.path.join(self.tmp, 'out.npz'))
+    with np.load(path, allow_pickle=False) as npz:
+      arrays = dict(npz)
+    count = len(results)
+    self.assertEqual(arrays['names'].tolist(), list(images))
+    self.assertEqual(int(arrays['num_blocks']), 3)
+    for key in ('ponder_cost', 'flops', 'predicted_class'):
+      self.assertEqual(arrays[key].shape, (count,))
+    self.assertEqual(
+        sorted(arrays),
+        sorted(['names', 'num_blocks', 'ponder_cost', 'flops',
+                'predicted_class', 'image_shape']
+               + [f'{key}_{i}' for i in range(count)
+                  for key in ('image', 'ponder_total', 'ponder_block0',
+                              'ponder_block1', 'ponder_block2')]))
+    for i in range(count):
+      height, width = arrays['image_shape'][i]
+      self.assertEqual(arrays[f'image_{i}'].shape, (height, width, 3))
+      blocks = [arrays[f'ponder_block{b}_{i}'] for b in range(3)]
+      self.assertEqual([b.shape for b in blocks],
+                       block_shapes(height, width))
+      upsampled = [visualize.upsample_nearest(b[None], (height, width))[0]
+                   for b in blocks]
+      np.testing.assert_allclose(arrays[f'ponder_total_{i}'], sum(upsampled),
+                                 rtol=1e-6)
+      self.assertAlmostEqual(float(arrays['ponder_cost'][i]),
+                             sum(float(b.mean()) for b in blocks), places=4)
+
+  def test_select_by_cost(self):
+    costs = [5.0, 1.0, 9.0, 3.0, 7.0, 2.0, 8.0, 4.0, 6.0]
+    self.assertEqual(ponder_export.select_by_cost(costs, 1),
+                     [('low', 1), ('median', 0), ('high', 2)])
+    self.assertEqual(
+        [i for _, i in ponder_export.select_by_cost(costs, 2)],
+        [1, 5, 7, 0, 6, 2])
+    # Too few costs for the groups: all of them, in order.
+    self.assertEqual(ponder_export.select_by_cost([2.0, 1.0], 3),
+                     [('low', 1), ('high', 0)])
+
+  def test_figure_by_cost_orders_images_by_cost(self):
+    config = ml_collections.ConfigDict(
+        {'dataset': 'sact_shapes/tiny', 'data_dir': self.tmp})
+    fig, drawn = ponder_export.ponder_figure_by_cost(
+        self.model, config, num_images=12, per_group=2)
+    costs = [r.ponder_cost for r in drawn]
+    self.assertLen(costs, 6)
+    self.assertEqual(costs, sorted(costs))
+    self.assertGreater(costs[-1], costs[0])
+    # Image, 3 blocks and the sum per row: the titles on the image panels.
+    titles = [fig.axes[5 * row].get_title() for row in range(6)]
+    self.assertEqual([t.split(':')[0] for t in titles],
+                     ['low'] * 2 + ['median'] * 2 + ['high'] * 2)
+    title_costs = [float(re.search(r'cost ([\d.]+)', t).group(1))
+                   for t in titles]
+    np.testing.assert_allclose(title_costs, costs, atol=1e-3)
+    out = ponder_export.save_ponder_maps_by_cost(
+        self.model, config, os.path.join(self.tmp, 'by_cost'),
+        num_images=12, per_group=2)
+    with Image.open(out) as image:
+      self.assertEqual(image.size, visualize.figure_pixel_size(6, 5))
+
+
+def _run(args):
+  return subprocess.run(
+      [sys.executable, '-m', 'experiments.export_ponder_maps', *args],
+      cwd=_REPO, capture_output=True, text=True, timeout=300,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '2'})
+
+
+class LauncherTest(absltest.TestCase):
+  """`export_ponder_maps --images ... --export ...` end to end."""
+
+  def test_images_and_export(self):
+    tmp = self.enter_context(tempfile.TemporaryDirectory())
+    checkpoint = os.path.join(tmp, 'ckpt')
+    checkpoint_lib.save_model(
+        checkpoint, evaluate_test.fast_model('sact'),
+        models.ModelSpec('cifar', (2, 2, 2), 'sact', num_classes=6,
+                         base_channels=4))
+    images_dir = os.path.join(tmp, 'images')
+    os.makedirs(images_dir)
+    write_images(images_dir)
+    out_dir = os.path.join(tmp, 'out')
+    export = os.path.join(tmp, 'maps.npz')
+    runs = {
+        'no_match': [f'--checkpoint={checkpoint}',
+                     f'--images={images_dir}/*.jpg', f'--out_dir={out_dir}'],
+        'ok': [f'--checkpoint={checkpoint}', f'--images={images_dir}',
+               '--image_size=16', f'--out_dir={out_dir}',
+               f'--export={export}'],
+    }
+    with concurrent.futures.ThreadPoolExecutor(len(runs)) as pool:
+      results = dict(zip(runs, pool.map(_run, runs.values())))
+    no_match = results['no_match']
+    self.assertEqual(no_match.returncode, 2, no_match.stderr[-2000:])
+    lines = no_match.stderr.strip().splitlines()
+    self.assertEqual(lines[-1],
+                     f'error: --images={images_dir}/*.jpg matches no file.')
+    self.assertLen([l for l in lines if l.startswith('error: ')], 1)
+    self.assertNotIn('Traceback', no_match.stderr)
+    ok = results['ok']
+    self.assertEqual(ok.returncode, 0, ok.stderr[-3000:])
+    warnings = [l for l in ok.stderr.splitlines()
+                if l.startswith('warning: ')]
+    self.assertLen(warnings, 1)
+    self.assertIn(os.path.join(images_dir, 'notes.png'), warnings[0])
+    self.assertEqual(os.listdir(out_dir), ['images.png'])
+    with np.load(export, allow_pickle=False) as npz:
+      self.assertEqual(
+          [os.path.basename(n) for n in npz['names']],
+          ['square.png', 'wide.png'])
+      self.assertEqual(npz['image_shape'].tolist(), [[16, 16], [16, 27]])
+      self.assertEqual(npz['ponder_block2_1'].shape, (4, 7))
+
+
+if __name__ == '__main__':
+  absltest.main()
