@@ -17,6 +17,7 @@ from typing import Callable, NoReturn, Sequence
 
 from absl import app
 from absl import flags
+from ml_collections import config_flags
 
 BAD_INPUT = 2
 RUN_FAILED = 1
@@ -65,6 +66,44 @@ def config_value(config_flag: flags.FlagHolder):
     return config
   except OSError as e:
     fail(one_line(e))
+
+
+class ModelFlags:
+  """--config, --workdir and --checkpoint of a launcher that reads a model.
+
+  Args:
+    config_help: what the launcher takes from its --config.
+    verb: what it does with the model ('evaluate', 'draw', 'score').
+  """
+
+  def __init__(self, config_help: str, verb: str):
+    self.config = config_flags.DEFINE_config_file(
+        'config', None, f'Config file: {config_help} and, with --workdir, '
+        'the model.', lock_config=False)
+    self.workdir = flags.DEFINE_string(
+        'workdir', None, f'Training workdir: {verb} its latest checkpoint.')
+    self.checkpoint = flags.DEFINE_string(
+        'checkpoint', None, f'Model-only checkpoint directory to {verb}.')
+
+  def checked_config(self, argv: Sequence[str]):
+    """The preamble every such launcher shares; returns the config or None.
+
+    No stray arguments, exactly one model source, and a config with
+    --workdir; each refused with one line.
+    """
+    if len(argv) > 1:
+      fail(f'Unexpected arguments: {" ".join(argv[1:])}')
+    # Imported here: launchers configure jax before the library loads.
+    from sact_jax import evaluate  # pylint: disable=g-import-not-at-top
+    workdir, checkpoint = self.workdir.value, self.checkpoint.value
+    try:
+      evaluate.check_model_source(workdir, checkpoint)
+    except ValueError as e:
+      fail(str(e))
+    config = config_value(self.config)
+    if config is None and workdir is not None:
+      fail('--workdir needs the --config of the training run.')
+    return config
 
 
 def run(main: Callable[[list[str]], None]) -> None:

@@ -22,20 +22,13 @@ import os
 
 from absl import flags
 import jax
-from ml_collections import config_flags
 
 from experiments import _cli
 from sact_jax import data
 from sact_jax import evaluate
 from sact_jax import workdirs
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Config file: the dataset, eval batch size and, with '
-    '--workdir, the model.', lock_config=False)
-_WORKDIR = flags.DEFINE_string(
-    'workdir', None, 'Training workdir: evaluate its latest checkpoint.')
-_CHECKPOINT = flags.DEFINE_string(
-    'checkpoint', None, 'Model-only checkpoint directory to evaluate.')
+_MODEL = _cli.ModelFlags('the dataset, eval batch size', 'evaluate')
 _INFERENCE = flags.DEFINE_enum(
     'inference', 'dense', ['dense', 'sparse'],
     'dense: the jitted model on all devices; sparse: sact_jax.sparse on one '
@@ -47,21 +40,15 @@ _OUTPUT = flags.DEFINE_string(
 
 
 def main(argv):
-  if len(argv) > 1:
-    _cli.fail(f'Unexpected arguments: {" ".join(argv[1:])}')
-  try:
-    evaluate.check_model_source(_WORKDIR.value, _CHECKPOINT.value)
-  except ValueError as e:
-    _cli.fail(str(e))
-  config = _cli.config_value(_CONFIG)
+  config = _MODEL.checked_config(argv)
   if config is None:
     _cli.fail('--config is required (it chooses the dataset).')
   jax.config.update('jax_default_prng_impl', 'rbg')
   output = _OUTPUT.value or os.path.join(
-      _WORKDIR.value or _CHECKPOINT.value, 'eval.json')
+      _MODEL.workdir.value or _MODEL.checkpoint.value, 'eval.json')
   try:
-    model = evaluate.load_model(config, workdir=_WORKDIR.value,
-                                checkpoint=_CHECKPOINT.value)
+    model = evaluate.load_model(config, workdir=_MODEL.workdir.value,
+                                checkpoint=_MODEL.checkpoint.value)
     # Before the evaluation, which may take long, not after it.
     workdirs.ensure_writable_dir(os.path.dirname(os.path.abspath(output)))
   except (ValueError, FileNotFoundError) as e:

@@ -43,7 +43,6 @@ import sys
 
 from absl import flags
 import jax
-from ml_collections import config_flags
 
 from experiments import _cli
 from sact_jax import data
@@ -53,13 +52,7 @@ from sact_jax import ponder_export
 from sact_jax import visualize
 from sact_jax import workdirs
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Config file: the dataset to draw images from and, with '
-    '--workdir, the model.', lock_config=False)
-_WORKDIR = flags.DEFINE_string(
-    'workdir', None, 'Training workdir: draw its latest checkpoint.')
-_CHECKPOINT = flags.DEFINE_string(
-    'checkpoint', None, 'Model-only checkpoint directory to draw.')
+_MODEL = _cli.ModelFlags('the dataset to draw images from', 'draw')
 _OUT_DIR = flags.DEFINE_string(
     'out_dir', None, 'Directory for the PNGs (default: ponder_maps/ in the '
     'workdir or checkpoint directory).')
@@ -90,15 +83,7 @@ _OVERLAY = flags.DEFINE_bool(
 
 
 def main(argv):
-  if len(argv) > 1:
-    _cli.fail(f'Unexpected arguments: {" ".join(argv[1:])}')
-  try:
-    evaluate.check_model_source(_WORKDIR.value, _CHECKPOINT.value)
-  except ValueError as e:
-    _cli.fail(str(e))
-  config = _cli.config_value(_CONFIG)
-  if config is None and _WORKDIR.value is not None:
-    _cli.fail('--workdir needs the --config of the training run.')
+  config = _MODEL.checked_config(argv)
   if ((config is None or _NUM_IMAGES.value == 0) and not _PHOTOS.value
       and not _IMAGES.value):
     _cli.fail('Nothing to draw: give --config (and --num_images > 0) for '
@@ -116,10 +101,10 @@ def main(argv):
     _cli.fail(str(e))
   jax.config.update('jax_default_prng_impl', 'rbg')
   out_dir = _OUT_DIR.value or os.path.join(
-      _WORKDIR.value or _CHECKPOINT.value, 'ponder_maps')
+      _MODEL.workdir.value or _MODEL.checkpoint.value, 'ponder_maps')
   try:
-    model = evaluate.load_model(config, workdir=_WORKDIR.value,
-                                checkpoint=_CHECKPOINT.value)
+    model = evaluate.load_model(config, workdir=_MODEL.workdir.value,
+                                checkpoint=_MODEL.checkpoint.value)
   except (ValueError, FileNotFoundError) as e:
     # Bad workdir or checkpoint (WorkdirError is a ValueError).
     _cli.fail(_cli.one_line(e))

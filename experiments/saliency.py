@@ -24,7 +24,6 @@ import os
 
 from absl import flags
 import jax
-from ml_collections import config_flags
 import numpy as np
 
 from experiments import _cli
@@ -35,13 +34,7 @@ from sact_jax import ponder_export
 from sact_jax import saliency_eval
 from sact_jax import workdirs
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Config file: the dataset to score on and, with '
-    '--workdir, the model.', lock_config=False)
-_WORKDIR = flags.DEFINE_string(
-    'workdir', None, 'Training workdir: score its latest checkpoint.')
-_CHECKPOINT = flags.DEFINE_string(
-    'checkpoint', None, 'Model-only checkpoint directory to score.')
+_MODEL = _cli.ModelFlags('the dataset to score on', 'score')
 _CAT2000_DIR = flags.DEFINE_string(
     'cat2000_dir', None, 'A CAT2000-layout folder (Stimuli/, FIXATIONMAPS/) '
     'to score on instead of the config\'s dataset.')
@@ -61,15 +54,7 @@ _OUTPUT = flags.DEFINE_string(
 
 
 def main(argv):
-  if len(argv) > 1:
-    _cli.fail(f'Unexpected arguments: {" ".join(argv[1:])}')
-  try:
-    evaluate.check_model_source(_WORKDIR.value, _CHECKPOINT.value)
-  except ValueError as e:
-    _cli.fail(str(e))
-  config = _cli.config_value(_CONFIG)
-  if config is None and _WORKDIR.value is not None:
-    _cli.fail('--workdir needs the --config of the training run.')
+  config = _MODEL.checked_config(argv)
   cat2000 = _CAT2000_DIR.value
   if cat2000 is None and config is None:
     _cli.fail('Nothing to score on: give --config (its dataset) or '
@@ -87,8 +72,8 @@ def main(argv):
       _cli.fail(_cli.one_line(e))
   jax.config.update('jax_default_prng_impl', 'rbg')
   try:
-    model = evaluate.load_model(config, workdir=_WORKDIR.value,
-                                checkpoint=_CHECKPOINT.value)
+    model = evaluate.load_model(config, workdir=_MODEL.workdir.value,
+                                checkpoint=_MODEL.checkpoint.value)
   except (ValueError, FileNotFoundError) as e:
     _cli.fail(_cli.one_line(e))
   rng = np.random.default_rng(_SEED.value)

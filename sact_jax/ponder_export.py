@@ -309,11 +309,7 @@ def ponder_figure_by_cost(model: nnx.Module, config, *,
                      f'{num_images} and {per_group}.')
   info = data_lib.dataset_info(config.dataset)
   split = config.get('eval_split', None) or info.eval_split
-  dataset = data_lib.make_dataset(
-      config.dataset, f'{split}[:{num_images}]', batch_size=num_images,
-      train=False, data_dir=config.get('data_dir', None),
-      image_size=config.get('image_size', None))
-  batch = next(iter(dataset))
+  batch = next(iter(visualize.eval_images(config, num_images)))
   images = list(np.asarray(batch['image']))
   results = ponder_results(model, images,
                            [f'{split}[{i}]' for i in range(len(images))])

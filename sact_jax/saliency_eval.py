@@ -23,9 +23,9 @@ import numpy as np
 from PIL import Image
 import scipy.ndimage
 
-from sact_jax import data as data_lib
 from sact_jax import ponder_export
 from sact_jax import saliency
+from sact_jax import visualize
 
 SOURCES = ('sact', 'center_bias', 'uniform')
 SOURCE_NAMES = {'sact': 'SACT ponder maps', 'center_bias': 'centre bias',
@@ -119,13 +119,9 @@ def evaluate_saliency_on_dataset(model: nnx.Module, config, *,
   """
   if num_images < 2:
     raise ValueError(f'num_images must be >= 2, got {num_images}.')
-  info = data_lib.dataset_info(config.dataset)
-  split = config.get('eval_split', None) or info.eval_split
-  dataset = data_lib.make_dataset(
-      config.dataset, f'{split}[:{num_images}]',
-      batch_size=min(num_images, config.get('eval_batch_size', None) or 100),
-      train=False, data_dir=config.get('data_dir', None),
-      image_size=config.get('image_size', None))
+  dataset = visualize.eval_images(
+      config, num_images,
+      batch_size=min(num_images, config.get('eval_batch_size', None) or 100))
   ponder_maps, fixation_maps, densities = [], [], []
   for batch in dataset:
     if 'mask' not in batch:

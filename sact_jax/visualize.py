@@ -209,6 +209,21 @@ def _class_name(index: int, names: Sequence[str] | None) -> str:
   return f'class {index}'
 
 
+def eval_images(config, num_images: int, batch_size: int | None = None):
+  """The first `num_images` eval images of `config.dataset`, preprocessed.
+
+  Batches of `batch_size` (default: all in one) with `image`, `label` and,
+  where the dataset has them, `mask`.
+  """
+  info = data_lib.dataset_info(config.dataset)
+  split = config.get('eval_split', None) or info.eval_split
+  return data_lib.make_dataset(
+      config.dataset, f'{split}[:{num_images}]',
+      batch_size=batch_size or num_images, train=False,
+      data_dir=config.get('data_dir', None),
+      image_size=config.get('image_size', None))
+
+
 def ponder_figures(model: nnx.Module, config, *, num_images: int = 8,
                    overlay: bool = False) -> list[mfigure.Figure]:
   """Ponder maps of the first eval images of `config.dataset`, as figures.
@@ -222,20 +237,14 @@ def ponder_figures(model: nnx.Module, config, *, num_images: int = 8,
   """
   if num_images < 1:
     raise ValueError(f'num_images must be >= 1, got {num_images}.')
-  info = data_lib.dataset_info(config.dataset)
-  split = config.get('eval_split', None) or info.eval_split
-  dataset = data_lib.make_dataset(
-      config.dataset, f'{split}[:{num_images}]', batch_size=num_images,
-      train=False, data_dir=config.get('data_dir', None),
-      image_size=config.get('image_size', None))
-  batch = next(iter(dataset))
+  batch = next(iter(eval_images(config, num_images)))
   spec = models.ModelSpec.from_model(model)
   label_offset = data_lib.label_offset(config.dataset, spec.num_classes)
   logits, aux = evaluate.predict(model, batch['image'])
   logits = np.asarray(logits)
   flops = np.asarray(aux['flops'])
   maps = ponder_maps(aux)
-  names = info.class_names
+  names = data_lib.dataset_info(config.dataset).class_names
   titles = []
   for i, label in enumerate(np.asarray(batch['label'])):
     predicted = int(logits[i].argmax()) - label_offset
