@@ -55,6 +55,14 @@ def fast_model(model_type: str, units=(2, 2, 2), *, num_classes: int = 6,
   return model
 
 
+def save_fast_model(directory: str, model_type: str = 'sact') -> str:
+  """`fast_model(model_type)` as a model checkpoint, for launcher tests."""
+  model = fast_model(model_type)
+  checkpoint_lib.save_model(directory, model,
+                            models.ModelSpec.from_model(model))
+  return directory
+
+
 def make_config(data_dir: str, **overrides) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict({
       'dataset': _DATASET, 'data_dir': data_dir, 'eval_batch_size': 24,

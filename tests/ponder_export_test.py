@@ -13,8 +13,6 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from sact_jax import checkpoint as checkpoint_lib
-from sact_jax import models
 from sact_jax import ponder_export
 from sact_jax import visualize
 
@@ -172,10 +170,7 @@ class LauncherTest(absltest.TestCase):
   def test_images_and_export(self):
     tmp = self.enter_context(tempfile.TemporaryDirectory())
     checkpoint = os.path.join(tmp, 'ckpt')
-    checkpoint_lib.save_model(
-        checkpoint, evaluate_test.fast_model('sact'),
-        models.ModelSpec('cifar', (2, 2, 2), 'sact', num_classes=6,
-                         base_channels=4))
+    evaluate_test.save_fast_model(checkpoint)
     images_dir = os.path.join(tmp, 'images')
     os.makedirs(images_dir)
     write_images(images_dir)

@@ -7,35 +7,14 @@ import tempfile
 
 from absl.testing import absltest
 import numpy as np
-from PIL import Image
 
-from sact_jax import checkpoint as checkpoint_lib
-from sact_jax import models
 from sact_jax import saliency
 from sact_jax import saliency_eval
 
 import evaluate_test  # Same directory: its fast model builder and config.
+import saliency_test  # Its CAT2000-layout folder writer.
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def write_cat2000(root: str) -> None:
-  """2 categories x 2 random 16x24 stimuli, a few fixations each."""
-  rng = np.random.default_rng(0)
-  for category in ('Action', 'Indoor'):
-    os.makedirs(os.path.join(root, 'Stimuli', category))
-    os.makedirs(os.path.join(root, 'FIXATIONMAPS', category))
-    for i in range(2):
-      stem = f'{i + 1:03d}'
-      pixels = rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)
-      Image.fromarray(pixels).save(
-          os.path.join(root, 'Stimuli', category, stem + '.jpg'))
-      fixations = np.zeros((16, 24), np.uint8)
-      fixations[rng.integers(0, 16, 5), rng.integers(0, 24, 5)] = 255
-      # PNG data under the .jpg name: lossless, and PIL reads by content.
-      Image.fromarray(fixations, 'L').save(
-          os.path.join(root, 'FIXATIONMAPS', category, stem + '.jpg'),
-          format='PNG')
 
 
 def assert_scores(test, scores):
@@ -86,7 +65,7 @@ class EvaluateTest(absltest.TestCase):
 
   def test_cat2000(self):
     root = os.path.join(self.tmp, 'cat2000')
-    write_cat2000(root)
+    saliency_test.write_cat2000(root)
     scores = saliency_eval.evaluate_saliency_on_cat2000(
         self.model, 'cifar', root, image_size=16,
         rng=np.random.default_rng(0))
@@ -113,11 +92,9 @@ class LauncherTest(absltest.TestCase):
   def test_launcher(self):
     tmp = self.enter_context(tempfile.TemporaryDirectory())
     checkpoint = os.path.join(tmp, 'ckpt')
-    checkpoint_lib.save_model(
-        checkpoint, evaluate_test.fast_model('sact'), models.ModelSpec(
-            'cifar', (2, 2, 2), 'sact', num_classes=6, base_channels=4))
+    evaluate_test.save_fast_model(checkpoint)
     root = os.path.join(tmp, 'cat2000')
-    write_cat2000(root)
+    saliency_test.write_cat2000(root)
     missing = _run([f'--checkpoint={checkpoint}',
                     f'--cat2000_dir={tmp}/missing'])
     self.assertEqual(missing.returncode, 2, missing.stderr[-2000:])

@@ -260,41 +260,43 @@ class BadInputTest(parameterized.TestCase):
       saliency.auc_borji(np.ones((4, 4)), np.eye(4), num_splits=0, rng=rng)
 
 
+def write_cat2000(root: str) -> dict[str, np.ndarray]:
+  """Writes a CAT2000-layout folder; returns each image's fixation map.
+
+  2 categories x 2 images, fixations as 8x8 blocks (one image's as exact
+  locations in a .mat instead). Uniform 8x8-aligned blocks in a greyscale JPEG at quality 100 decode
+  exactly, so "nonzero = fixated" gives back the blocks.
+  """
+  expected = {}
+  rng = np.random.default_rng(0)
+  for c, category in enumerate(('Action', 'Indoor')):
+    os.makedirs(os.path.join(root, 'Stimuli', category))
+    os.makedirs(os.path.join(root, 'FIXATIONMAPS', category))
+    for i in range(2):
+      stem = f'{i + 1:03d}'
+      pixels = rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)
+      Image.fromarray(pixels).save(
+          os.path.join(root, 'Stimuli', category, stem + '.jpg'))
+      fixations = np.zeros((16, 24), bool)
+      fixations[8 * (i % 2):8 * (i % 2) + 8, 8 * c:8 * c + 8] = True
+      Image.fromarray(fixations.astype(np.uint8) * 255, 'L').save(
+          os.path.join(root, 'FIXATIONMAPS', category, stem + '.jpg'),
+          quality=100)
+      expected[f'{category}/{stem}'] = fixations
+  # One stimulus with exact locations in a .mat, overriding its map image.
+  locations = np.zeros((16, 24), np.uint8)
+  locations[3, 7] = locations[10, 20] = 1
+  scipy.io.savemat(os.path.join(root, 'Stimuli', 'Indoor', '002.mat'),
+                   {'fixLocs': locations})
+  expected['Indoor/002'] = locations.astype(bool)
+  return expected
+
+
 class LoadCat2000Test(absltest.TestCase):
-
-  def _write_folder(self, root):
-    """2 categories x 2 images; fixations as 8x8 white blocks.
-
-    Uniform 8x8-aligned blocks in a greyscale JPEG at quality 100 decode
-    exactly, so "nonzero = fixated" gives back the blocks.
-    """
-    expected = {}
-    rng = np.random.default_rng(0)
-    for c, category in enumerate(('Action', 'Indoor')):
-      os.makedirs(os.path.join(root, 'Stimuli', category))
-      os.makedirs(os.path.join(root, 'FIXATIONMAPS', category))
-      for i in range(2):
-        stem = f'{i + 1:03d}'
-        pixels = rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(
-            os.path.join(root, 'Stimuli', category, stem + '.jpg'))
-        fixations = np.zeros((16, 24), bool)
-        fixations[8 * (i % 2):8 * (i % 2) + 8, 8 * c:8 * c + 8] = True
-        Image.fromarray(fixations.astype(np.uint8) * 255, 'L').save(
-            os.path.join(root, 'FIXATIONMAPS', category, stem + '.jpg'),
-            quality=100)
-        expected[f'{category}/{stem}'] = fixations
-    # One stimulus with exact locations in a .mat, overriding its map image.
-    locations = np.zeros((16, 24), np.uint8)
-    locations[3, 7] = locations[10, 20] = 1
-    scipy.io.savemat(os.path.join(root, 'Stimuli', 'Indoor', '002.mat'),
-                     {'fixLocs': locations})
-    expected['Indoor/002'] = locations.astype(bool)
-    return expected
 
   def test_loads(self):
     with tempfile.TemporaryDirectory() as root:
-      expected = self._write_folder(root)
+      expected = write_cat2000(root)
       loaded = list(saliency.load_cat2000(root))
     self.assertEqual([name for name, _, _ in loaded], sorted(expected))
     for name, image, fixations in loaded:
@@ -307,7 +309,7 @@ class LoadCat2000Test(absltest.TestCase):
     with tempfile.TemporaryDirectory() as root:
       with self.assertRaisesRegex(FileNotFoundError, 'No Stimuli folder'):
         list(saliency.load_cat2000(root))
-      self._write_folder(root)
+      write_cat2000(root)
       os.remove(os.path.join(root, 'FIXATIONMAPS', 'Action', '002.jpg'))
       with self.assertRaisesRegex(FileNotFoundError,
                                   'Action/002 has no fixation map'):

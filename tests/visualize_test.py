@@ -12,10 +12,8 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from sact_jax import checkpoint as checkpoint_lib
 from sact_jax import data
 from sact_jax import evaluate
-from sact_jax import models
 from sact_jax import visualize
 
 import evaluate_test  # Same directory: its fast model builder.
@@ -169,10 +167,7 @@ class LauncherTest(absltest.TestCase):
   def test_launcher(self):
     tmp = self.enter_context(tempfile.TemporaryDirectory())
     checkpoint = os.path.join(tmp, 'ckpt')
-    checkpoint_lib.save_model(
-        checkpoint, evaluate_test.fast_model('sact'),
-        models.ModelSpec('cifar', (2, 2, 2), 'sact', num_classes=6,
-                         base_channels=4))
+    evaluate_test.save_fast_model(checkpoint)
     config = ['--config=sact_jax/configs/default.py:smoke',
               f'--config.data_dir={os.path.join(tmp, "data")}']
     out_dir = os.path.join(tmp, 'out')
