@@ -450,21 +450,22 @@ def run_manager(workdir: str, *, keep: int = 3,
   return ocp.CheckpointManager(directory, options=options)
 
 
-def _latest_run_meta(workdir: str) -> dict[str, Any] | None:
-  """`save_run`'s metadata of the latest run checkpoint, if any."""
-  if not os.path.isdir(os.path.join(workdir, RUN_DIR)):
-    return None
-  with run_manager(workdir, read_only=True) as manager:
-    step = manager.latest_step()
-    if step is None:
-      return None
-    return manager.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore()))['meta']
+def _latest_run_meta(manager: ocp.CheckpointManager
+                     ) -> tuple[int | None, dict[str, Any] | None]:
+  """The latest run checkpoint's step and `save_run` metadata, if any."""
+  step = manager.latest_step()
+  if step is None:
+    return None, None
+  return step, manager.restore(step, args=ocp.args.Composite(
+      meta=ocp.args.JsonRestore()))['meta']
 
 
 def saved_run_spec(workdir: str) -> ModelSpec | None:
   """The model spec of the latest run checkpoint in `workdir`, if any."""
-  meta = _latest_run_meta(workdir)
+  if not os.path.isdir(os.path.join(workdir, RUN_DIR)):
+    return None
+  with run_manager(workdir, read_only=True) as manager:
+    _, meta = _latest_run_meta(manager)
   return None if meta is None else ModelSpec.from_dict(meta['model_spec'])
 
 
@@ -541,15 +542,29 @@ def restore_latest_model(workdir: str, spec: ModelSpec,
     CheckpointError: `workdir` holds no training checkpoint, or one of
       another model.
   """
-  meta = _latest_run_meta(workdir)
-  saved = None if meta is None else ModelSpec.from_dict(meta['model_spec'])
-  if saved is None:
-    raise CheckpointError(
-        f'No training checkpoint in {os.path.join(workdir, RUN_DIR)}.')
-  if saved != spec:
-    raise CheckpointError(
-        f'The checkpoint in {workdir} holds another model '
-        f'({saved.describe()}) than the config ({spec.describe()}).')
+  missing = CheckpointError(
+      f'No training checkpoint in {os.path.join(workdir, RUN_DIR)}.')
+  if not os.path.isdir(os.path.join(workdir, RUN_DIR)):
+    raise missing
+  with run_manager(workdir, read_only=True) as manager:
+    # One manager and one step for the metadata and the weights: a run that
+    # saves meanwhile cannot mix two checkpoints.
+    step, meta = _latest_run_meta(manager)
+    if meta is None:
+      raise missing
+    saved = ModelSpec.from_dict(meta['model_spec'])
+    if saved != spec:
+      raise CheckpointError(
+          f'The checkpoint in {workdir} holds another model '
+          f'({saved.describe()}) than the config ({spec.describe()}).')
+    return _restore_model_variables(manager, step, spec,
+                                    meta.get('ema', False), workdir, options)
+
+
+def _restore_model_variables(manager: ocp.CheckpointManager, step: int,
+                             spec: ModelSpec, use_ema: bool, workdir: str,
+                             options: Mapping[str, Any]) -> nnx.Module:
+  """The model variables (or their averages) of one run checkpoint."""
   abstract = spec.abstract_model(**options)
   graphdef, params, model_state = nnx.split(abstract, nnx.Param, ...)
   # The trainer's mesh: the restored weights are placed as it places them.
@@ -560,16 +575,13 @@ def restore_latest_model(workdir: str, spec: ModelSpec,
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
         nnx.to_pure_dict(state))
   target = {'params': target_of(params), 'model_state': target_of(model_state)}
-  use_ema = meta.get('ema', False)
   if use_ema:
     target = {'ema': target}
-  with run_manager(workdir, read_only=True) as manager:
-    step = manager.latest_step()
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(
-            target,
-            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True)))['state']
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(
+          target,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True)))['state']
   if use_ema:
     restored = restored['ema']
   nnx.replace_by_pure_dict(params, restored['params'])
