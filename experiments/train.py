@@ -16,9 +16,6 @@ another model) ends with one `error:` line and exit status 2 before any work
 starts; a non-finite loss with exit status 1 (see experiments/_cli.py).
 """
 
-import logging as py_logging
-import os
-
 from absl import flags
 from absl import logging
 import jax
@@ -43,37 +40,13 @@ _NUM_PROCESSES = flags.DEFINE_integer(
     'num_processes', None, 'Number of processes (with --coordinator_address).')
 _PROCESS_ID = flags.DEFINE_integer(
     'process_id', None, 'This process (with --coordinator_address).')
-_CACHE_DIR = flags.DEFINE_string(
-    'compilation_cache_dir',
-    os.path.join(os.environ.get('XDG_CACHE_HOME',
-                                os.path.expanduser('~/.cache')),
-                 'sact_jax', 'jax_compilation_cache'),
-    'Persistent XLA compilation cache (cuts start-up of later runs by '
-    "seconds to minutes); '' disables it.")
-
-
-class _QuietLibraries:
-  """Drops INFO records of orbax and tfds (dozens per checkpoint)."""
-
-  _NOISY = (f'{os.sep}orbax{os.sep}', f'{os.sep}tensorflow_datasets{os.sep}')
-
-  def filter(self, record) -> bool:
-    return record.levelno >= py_logging.WARNING or not any(
-        part in record.pathname for part in self._NOISY)
+_CACHE_DIR = _cli.define_cache_flag()
 
 
 def main(argv):
   if len(argv) > 1:
     _cli.fail(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_logger().addFilter(_QuietLibraries())
-  # Before any other jax use: rbg keys make model init several times faster
-  # on CPU (no compilation per parameter shape), and the cache skips
-  # compilations made by earlier runs.
-  jax.config.update('jax_default_prng_impl', 'rbg')
-  if _CACHE_DIR.value:
-    jax.config.update('jax_compilation_cache_dir', _CACHE_DIR.value)
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-    jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  _cli.configure_training(_CACHE_DIR.value)
   if _COORDINATOR.value:
     jax.distributed.initialize(
         coordinator_address=_COORDINATOR.value,

@@ -35,6 +35,18 @@ def resolve_units(family: str, units: int | Sequence[int]) -> tuple[int, ...]:
   return units
 
 
+def resnet_depth(family: str, units: Sequence[int]) -> int:
+  """The depth a units-per-block list makes: layers with weights.
+
+  The convention of the ResNet papers (and of the presets): the stem
+  convolution, two (CIFAR basic) or three (ImageNet bottleneck) per unit,
+  and the classifier; e.g. CIFAR (18, 18, 18) is ResNet-110 and ImageNet
+  (3, 4, 23, 3) ResNet-101.
+  """
+  units = resolve_units(family, units)
+  return (2 if family == 'cifar' else 3) * sum(units) + 2
+
+
 def depth_or_units(units: int | Sequence[int]) -> int | tuple[int, ...]:
   """Units as configs and flags give them: a single value is a depth.
 
