@@ -21,9 +21,10 @@ out-of-distribution pictures for CIFAR-family ones.
 image files at their own aspect ratio, the short side resized to
 `--image_size` pixels (default: the model family's training size), into
 `images.png` (`images_<k>.png` with more than 8). `--export=PATH.npz`
-also writes their per-block maps, total map, ponder cost, FLOPs, predicted
-class and name as plain numpy arrays; the keys are listed in
-sact_jax/ponder_export.py. A file that is not an image gets one `warning:`
+also writes, for every image drawn (dataset images as `test[i]`, then the
+files and photos by name), its per-block maps, total map, ponder cost,
+FLOPs, predicted class and name as plain numpy arrays; the keys are listed
+in sact_jax/ponder_export.py. A file that is not an image gets one `warning:`
 line on stderr and is skipped; the others are still drawn and exported
 (exit status 0 if at least one image was processed).
 
@@ -71,7 +72,8 @@ _IMAGE_SIZE = flags.DEFINE_integer(
     'image_size', None, 'Short side (pixels) the --images are resized to; '
     'default: the model family\'s training size.', lower_bound=8)
 _EXPORT = flags.DEFINE_string(
-    'export', None, 'Also write the maps of the --images to this .npz file.')
+    'export', None, 'Also write the maps of every image drawn (dataset '
+    'images, photos, --images) to this .npz file.')
 _BY_COST = flags.DEFINE_bool(
     'by_cost', False, 'Draw the --num_images eval images ranked by ponder '
     'cost (low, median and high rows) instead of the first ones.')
@@ -91,8 +93,6 @@ def main(argv):
   if _BY_COST.value and config is None:
     _cli.fail('--by_cost needs a --config (the dataset to rank).')
   if _EXPORT.value is not None:
-    if not _IMAGES.value:
-      _cli.fail('--export writes the maps of --images; give --images.')
     if not _EXPORT.value.endswith('.npz'):
       _cli.fail(f'--export={_EXPORT.value} must end in .npz.')
   try:
@@ -128,7 +128,7 @@ def main(argv):
     _cli.fail(_cli.one_line(e))
   class_names = (None if config is None
                  else data.dataset_info(config.dataset).class_names)
-  written = []
+  written, exported = [], []
   if config is not None and _NUM_IMAGES.value > 0:
     try:
       if _BY_COST.value:
@@ -139,12 +139,16 @@ def main(argv):
         written += visualize.save_ponder_maps(
             model, config, out_dir, num_images=_NUM_IMAGES.value,
             overlay=_OVERLAY.value)
+      if _EXPORT.value is not None:
+        exported += ponder_export.dataset_results(model, config,
+                                                  _NUM_IMAGES.value)
     except data.DatasetNotFoundError as e:
       _cli.fail(_cli.one_line(e))
   if images:
-    written += ponder_export.save_image_maps(
-        model, images, out_dir, config=config, export=_EXPORT.value,
-        overlay=_OVERLAY.value)
+    results = ponder_export.image_results(model, images)
+    written += ponder_export.save_result_figures(
+        model, results, out_dir, config=config, overlay=_OVERLAY.value)
+    exported += results
   if _PHOTOS.value:
     photos = visualize.load_photos(size=_PHOTO_SIZE.value)
     written.append(visualize.save_ponder_maps_for_images(
@@ -153,6 +157,10 @@ def main(argv):
         names=list(photos),
         class_names=class_names,
         overlay=_OVERLAY.value))
+    if _EXPORT.value is not None:
+      exported += ponder_export.image_results(model, photos)
+  if _EXPORT.value is not None:
+    written.append(ponder_export.save_npz(exported, _EXPORT.value))
   for path in written:
     print(f'Wrote {path}')
 

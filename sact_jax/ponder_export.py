@@ -336,6 +336,54 @@ def save_ponder_maps_by_cost(model: nnx.Module, config, out_dir: str, *,
       fig, os.path.join(out_dir, 'ponder_maps_by_cost.png'))
 
 
+def image_results(model: nnx.Module, images: dict[str, np.ndarray]
+                  ) -> list[PonderResult]:
+  """Forward passes of RGB uint8 images (files, photos), by name."""
+  family = models.ModelSpec.from_model(model).family
+  return ponder_results(model, list(images.values()), list(images),
+                        preprocess=family)
+
+
+def dataset_results(model: nnx.Module, config, num_images: int
+                    ) -> list[PonderResult]:
+  """Forward passes of the first `num_images` eval images of the dataset.
+
+  Named `<split>[<i>]`; their `image` is the preprocessed image mapped to
+  uint8 by its own range (`visualize.display_image`), as drawn.
+  """
+  batch = next(iter(visualize.eval_images(config, num_images)))
+  split = config.get('eval_split', None) or data_lib.dataset_info(
+      config.dataset).eval_split
+  images = np.asarray(batch['image'])
+  results = ponder_results(model, list(images),
+                           [f'{split}[{i}]' for i in range(len(images))])
+  return [dataclasses.replace(
+      r, image=np.round(255 * visualize.display_image(r.image)).astype(
+          np.uint8)) for r in results]
+
+
+def save_result_figures(model: nnx.Module, results: Sequence[PonderResult],
+                        out_dir: str, *, config=None, overlay: bool = False
+                        ) -> list[str]:
+  """Draws results as `images.png` (`images_<k>.png` for several).
+
+  Args:
+    model: the model that computed them (for its number of classes).
+    results: from `image_results` or `dataset_results`.
+    out_dir: where the PNGs go.
+    config: optional ConfigDict whose `dataset` names the classes.
+    overlay: draw maps over their images.
+  """
+  class_names, offset = None, 0
+  if config is not None:
+    num_classes = models.ModelSpec.from_model(model).num_classes
+    class_names = data_lib.dataset_info(config.dataset).class_names
+    offset = data_lib.label_offset(config.dataset, num_classes)
+  return save_figures(
+      ponder_figures(results, class_names=class_names, label_offset=offset,
+                     overlay=overlay), out_dir, 'images')
+
+
 def save_image_maps(model: nnx.Module, images: dict[str, np.ndarray],
                     out_dir: str, *, config=None, export: str | None = None,
                     overlay: bool = False) -> list[str]:
@@ -352,16 +400,9 @@ def save_image_maps(model: nnx.Module, images: dict[str, np.ndarray],
   Returns:
     Paths written: the PNGs, then the npz.
   """
-  spec = models.ModelSpec.from_model(model)
-  results = ponder_results(model, list(images.values()), list(images),
-                           preprocess=spec.family)
-  class_names, offset = None, 0
-  if config is not None:
-    class_names = data_lib.dataset_info(config.dataset).class_names
-    offset = data_lib.label_offset(config.dataset, spec.num_classes)
-  written = save_figures(
-      ponder_figures(results, class_names=class_names, label_offset=offset,
-                     overlay=overlay), out_dir, 'images')
+  results = image_results(model, images)
+  written = save_result_figures(model, results, out_dir, config=config,
+                                overlay=overlay)
   if export is not None:
     written.append(save_npz(results, export))
   return written

@@ -176,12 +176,19 @@ class LauncherTest(absltest.TestCase):
     write_images(images_dir)
     out_dir = os.path.join(tmp, 'out')
     export = os.path.join(tmp, 'maps.npz')
+    dataset_export = os.path.join(tmp, 'dataset.npz')
     runs = {
         'no_match': [f'--checkpoint={checkpoint}',
                      f'--images={images_dir}/*.jpg', f'--out_dir={out_dir}'],
         'ok': [f'--checkpoint={checkpoint}', f'--images={images_dir}',
                '--image_size=16', f'--out_dir={out_dir}',
                f'--export={export}'],
+        'dataset_and_photos': [
+            '--config=sact_jax/configs/default.py:smoke',
+            f'--config.data_dir={os.path.join(tmp, "data")}',
+            f'--checkpoint={checkpoint}', '--num_images=3', '--photos',
+            '--photo_size=24', f'--out_dir={os.path.join(tmp, "out2")}',
+            f'--export={dataset_export}'],
     }
     with concurrent.futures.ThreadPoolExecutor(len(runs)) as pool:
       results = dict(zip(runs, pool.map(_run, runs.values())))
@@ -205,6 +212,27 @@ class LauncherTest(absltest.TestCase):
           ['square.png', 'wide.png'])
       self.assertEqual(npz['image_shape'].tolist(), [[16, 16], [16, 27]])
       self.assertEqual(npz['ponder_block2_1'].shape, (4, 7))
+    # Dataset images and photos are exported too, in the order drawn.
+    both = results['dataset_and_photos']
+    self.assertEqual(both.returncode, 0, both.stderr[-3000:])
+    with np.load(dataset_export, allow_pickle=False) as npz:
+      names = list(npz['names'])
+      self.assertEqual(names, ['test[0]', 'test[1]', 'test[2]',
+                               *visualize.PHOTOS])
+      self.assertEqual(npz['image_0'].dtype, np.uint8)
+      self.assertEqual(npz['image_0'].shape, (32, 32, 3))
+      self.assertEqual(npz['image_3'].shape, (24, 24, 3))
+      self.assertEqual(npz['image_shape'][:4].tolist(),
+                       [[32, 32]] * 3 + [[24, 24]])
+      # The total map is the blocks' maps upsampled (nearest) and summed,
+      # and the ponder cost the sum of the blocks' means.
+      blocks = [npz[f'ponder_block{b}_1'] for b in range(3)]
+      np.testing.assert_allclose(
+          npz['ponder_total_1'],
+          sum(visualize.upsample_nearest(m[None], (32, 32))[0]
+              for m in blocks), rtol=1e-6)
+      np.testing.assert_allclose(npz['ponder_cost'][1],
+                                 sum(m.mean() for m in blocks), rtol=1e-5)
 
 
 if __name__ == '__main__':
