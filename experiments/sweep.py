@@ -30,7 +30,7 @@ _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Root directory of the sweep: one workdir per run, and '
     'the trade-off table and figure.', required=True)
 _TAUS = flags.DEFINE_list(
-    'taus', ['0.02', '0.04', '0.08', '0.16'],
+    'taus', ['0.01', '0.02', '0.04', '0.08'],
     'Ponder-cost weights of the ACT/SACT runs.')
 _MODEL_TYPES = flags.DEFINE_list(
     'model_types', ['sact'], "Adaptive model types to sweep over --taus: "

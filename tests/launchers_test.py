@@ -70,6 +70,23 @@ _CASES = (
     ('export_npz_suffix', 'export_ponder_maps',
      ['--checkpoint={ckpt}', '--images={file}', '--export={tmp}/maps.txt'],
      'must end in .npz.'),
+    ('sweep_taus_not_numbers', 'sweep', ['--workdir={tmp}/s', '--taus=abc'],
+     '--taus must be numbers, got abc.'),
+    ('sweep_unknown_model_type', 'sweep',
+     ['--workdir={tmp}/s', '--model_types=vanilla'],
+     "Unknown model types ['vanilla']"),
+    ('sweep_bad_vanilla_units', 'sweep',
+     ['--workdir={tmp}/s', '--vanilla_units=1-2'],
+     "Bad vanilla units '1-2': the model has 3 blocks"),
+    ('sweep_bad_config_field', 'sweep',
+     ['--workdir={tmp}/s', '--config.eps=2.0'],
+     'Run sact_tau0.01: eps must lie in (0, 1), got 2.0.'),
+    ('sweep_root_below_a_file', 'sweep', ['--workdir={file}/s'],
+     'Cannot create or write to the directory {file}/s: Not a directory.'),
+    ('collect_missing_path', 'collect_sweep', ['--workdirs={tmp}/missing'],
+     'No such file or directory: {tmp}/missing'),
+    ('collect_no_finished_runs', 'collect_sweep', ['--workdirs={tmp}'],
+     'No finished runs (workdirs with eval.json) in {tmp}.'),
     ('convert_bad_flag', 'convert_checkpoint',
      ['--tf_checkpoint={tmp}', *_CONVERT[1:], '--family=mnist',
       '--output={tmp}/out'],
@@ -116,7 +133,8 @@ class LauncherConventionTest(parameterized.TestCase):
     env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
     proc = subprocess.run(
         [sys.executable, '-m', f'experiments.{launcher}', *args,
-         *(['--compilation_cache_dir='] if launcher == 'train' else [])],
+         *(['--compilation_cache_dir='] if launcher in ('train', 'sweep')
+           else [])],
         cwd=_REPO, env=env, capture_output=True, text=True, timeout=300,
         check=False)
     lines = proc.stderr.strip().splitlines()
