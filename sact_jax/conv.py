@@ -1,23 +1,29 @@
-"""Convolutions whose backward pass XLA:CPU runs on its fast path.
+"""Convolutions in the formulations XLA:CPU runs fastest, shape by shape.
 
-Inside a while loop (every `lax.scan`), XLA:CPU leaves the *backward*
-convolutions of `lax.conv_general_dilated` in non-canonical layouts that run
-10-20x slower than the forward ones (see BUILD.md). `conv_general_dilated`
-here is a drop-in replacement (it is what `nnx.Conv(conv_general_dilated=...)`
-expects) that gives stride-1, undilated, ungrouped NHWC/HWIO convolutions a
-`jax.custom_vjp` whose backward pass is two ordinary NHWC/HWIO forward
-convolutions:
+`conv_general_dilated` is a drop-in replacement for
+`lax.conv_general_dilated` (what `nnx.Conv(conv_general_dilated=...)`
+expects); `layers.LayerFactory` uses it where the default backend is the
+CPU. GPUs and TPUs keep XLA's native convolutions. Each undilated,
+ungrouped NHWC/HWIO convolution is a `conv2d` whose forward and backward
+passes each run in one of two formulations (`formulation` picks them):
 
-* input gradient: the output gradient convolved with the spatially flipped
-  kernel whose in/out channels are swapped;
-* kernel gradient: a convolution in which batch and channel axes trade places
-  (input channels act as the batch, the batch as the contracted feature axis).
+* 'conv': XLA's convolution. Inside a while loop (every `lax.scan`),
+  XLA:CPU leaves the *backward* convolutions in non-canonical layouts that
+  run 10-20x slower than the forward ones (the scan trap, BUILD.md), so the
+  stride-1 backward is written as two ordinary NHWC/HWIO forward
+  convolutions: the input gradient convolves the output gradient with the
+  spatially flipped kernel whose in/out channels are swapped; the kernel
+  gradient is a convolution in which batch and channel axes trade places.
+* 'dot': one dot over the input windows (im2col, `patches`). XLA:CPU runs
+  dots near the cores' peak and some convolutions far below it (1x1
+  kernels above all).
 
-Gradients are mathematically identical; every other convolution falls through
+Values agree up to float rounding; every other convolution falls through
 to `lax.conv_general_dilated`.
 """
 
 import functools
+import math
 from typing import Any, Sequence
 
 import jax
@@ -28,15 +34,26 @@ _NHWC = ('NHWC', 'HWIO', 'NHWC')
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
 
-def _explicit_padding(padding, kernel_hw: Sequence[int]) -> Padding | None:
-  """Returns ((lo, hi), (lo, hi)) for stride 1, or None if unsupported."""
+def _explicit_padding(padding, kernel_hw: Sequence[int],
+                      strides: Sequence[int] = (1, 1),
+                      in_hw: Sequence[int] | None = None) -> Padding | None:
+  """((lo, hi), (lo, hi)) as XLA pads, or None if unsupported.
+
+  'SAME' as XLA (and TF) define it: the output has ceil(in / stride)
+  positions, the total padding that needs is split with the odd pixel at
+  the end. With stride 1 this does not depend on the input size.
+  """
   if isinstance(padding, str):
     if padding.upper() == 'VALID':
       return ((0, 0), (0, 0))
     if padding.upper() == 'SAME':
       pads = []
-      for k in kernel_hw:
-        total = k - 1
+      for axis, (k, s) in enumerate(zip(kernel_hw, strides)):
+        if s == 1:
+          total = k - 1
+        else:
+          size = in_hw[axis]
+          total = max((-(-size // s) - 1) * s + k - size, 0)
         pads.append((total // 2, total - total // 2))
       return tuple(pads)
     return None
@@ -46,25 +63,27 @@ def _explicit_padding(padding, kernel_hw: Sequence[int]) -> Padding | None:
   return pads
 
 
-def _forward(x, w, padding, precision):
+def _native(x, w, strides, padding, precision):
   return lax.conv_general_dilated(
-      x, w, (1, 1), padding, dimension_numbers=_NHWC, precision=precision)
+      x, w, strides, padding, dimension_numbers=_NHWC, precision=precision)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv2d_stride1(x_BxHxWxI, w_KxKxIxO, padding: Padding, precision=None):
-  """Stride-1 NHWC/HWIO convolution with a canonical-layout backward pass."""
-  return _forward(x_BxHxWxI, w_KxKxIxO, padding, precision)
+def _native_bwd(strides, padding, precision, x_BxHxWxI, w_KxLxIxO,
+                g_BxPxQxO):
+  """Input and kernel gradients as XLA computes them, in canonical layouts.
 
-
-def _conv_fwd(x, w, padding, precision):
-  return _forward(x, w, padding, precision), (x, w)
-
-
-def _conv_bwd(padding, precision, residuals, g_BxPxQxO):
-  x_BxHxWxI, w_KxLxIxO = residuals
+  Stride 1: two ordinary NHWC/HWIO forward convolutions (the scan trap
+  above). Strided convolutions (first units of blocks, never under `scan`)
+  take XLA's own transposes.
+  """
+  if tuple(strides) != (1, 1):
+    _, vjp = jax.vjp(
+        lambda x, w: _native(x, w, strides, padding, precision),
+        x_BxHxWxI, w_KxLxIxO)
+    return vjp(g_BxPxQxO)
   kh, kw = w_KxLxIxO.shape[:2]
   (top, bottom), (left, right) = padding
+  del bottom, right
   # Input gradient: "full" correlation of g with the flipped, transposed
   # kernel. Padding k-1-lo before and k-1-hi after restores H x W exactly.
   w_flip_KxLxOxI = jnp.flip(w_KxLxIxO, (0, 1)).transpose(0, 1, 3, 2)
@@ -84,11 +103,104 @@ def _conv_bwd(padding, precision, residuals, g_BxPxQxO):
   dw_IxKxLxO = lax.conv_general_dilated(
       x_IxHxWxB, g_PxQxBxO, (1, 1), dw_pad,
       dimension_numbers=_NHWC, precision=precision)
-  dw = dw_IxKxLxO.transpose(1, 2, 0, 3).astype(w_KxLxIxO.dtype)
-  return dx.astype(x_BxHxWxI.dtype), dw
+  return dx, dw_IxKxLxO.transpose(1, 2, 0, 3)
 
 
-conv2d_stride1.defvjp(_conv_fwd, _conv_bwd)
+# ---------------------------------------------------------------------------
+# Convolutions as dots (im2col)
+# ---------------------------------------------------------------------------
+
+
+def patches(x_BxHxWxI: jax.Array, kernel_hw: Sequence[int],
+            strides: Sequence[int], padding: Padding) -> jax.Array:
+  """The conv's input windows as rows: `[B, P, Q, kh * kw * I]`.
+
+  Feature `(i * kw + j) * I + c` of output position (p, q) is the padded
+  input at (p * sh + i, q * sw + j, c): the row-major HWIO order of
+  `w.reshape(-1, O)`. A 1x1 kernel without padding is only a strided view.
+  """
+  kh, kw = kernel_hw
+  sh, sw = strides
+  (top, bottom), (left, right) = padding
+  if (top, bottom, left, right) != (0, 0, 0, 0):
+    x_BxHxWxI = jnp.pad(x_BxHxWxI,
+                        ((0, 0), (top, bottom), (left, right), (0, 0)))
+  h, w = x_BxHxWxI.shape[1:3]
+  p, q = (h - kh) // sh + 1, (w - kw) // sw + 1
+  taps = [x_BxHxWxI[:, i:i + (p - 1) * sh + 1:sh, j:j + (q - 1) * sw + 1:sw]
+          for i in range(kh) for j in range(kw)]
+  return taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
+
+
+def _dot(x, w, strides, padding, precision):
+  rows = patches(x, w.shape[:2], strides, padding)
+  return lax.dot_general(rows, w.reshape(-1, w.shape[-1]),
+                         (((3,), (0,)), ((), ())), precision=precision)
+
+
+def _dot_bwd(strides, padding, precision, x, w, g_BxPxQxO):
+  """`dw = rows^T g` and `drows = g w^T` as dots; `dx` sums `drows` back
+  onto the input (the transpose of `patches`). The windows are rebuilt
+  from `x` (a copy, cheap next to the dots) instead of being stored."""
+  rows, to_x = jax.vjp(
+      lambda x_: patches(x_, w.shape[:2], strides, padding), x)
+  dw = lax.dot_general(rows, g_BxPxQxO, (((0, 1, 2), (0, 1, 2)), ((), ())),
+                       precision=precision)
+  drows = lax.dot_general(g_BxPxQxO, w.reshape(-1, w.shape[-1]),
+                          (((3,), (1,)), ((), ())), precision=precision)
+  (dx,) = to_x(drows.astype(rows.dtype))
+  return dx, dw.reshape(w.shape)
+
+
+# ---------------------------------------------------------------------------
+# One convolution, each pass in its formulation
+# ---------------------------------------------------------------------------
+
+FORMULATIONS = ('conv', 'dot')
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def conv2d(x_BxHxWxI, w_KxLxIxO, strides: tuple[int, int], padding: Padding,
+           precision=None, forward: str = 'conv', backward: str = 'conv'):
+  """An NHWC/HWIO convolution whose passes each run as 'conv' or 'dot'.
+
+  'conv': XLA's convolution (stride-1 backward as two canonical-layout
+  forward convolutions). 'dot': one dot over the input windows (`patches`).
+  The values are the same up to float rounding; only the speed differs.
+  Both backward passes keep only `x` and `w` as residuals.
+  """
+  fn = _dot if forward == 'dot' else _native
+  return fn(x_BxHxWxI, w_KxLxIxO, strides, padding, precision).astype(
+      x_BxHxWxI.dtype)
+
+
+def _conv2d_fwd(x, w, strides, padding, precision, forward, backward):
+  y = conv2d(x, w, strides, padding, precision, forward, backward)
+  return y, (x, w)
+
+
+def _conv2d_bwd(strides, padding, precision, forward, backward, residuals,
+                g_BxPxQxO):
+  del forward
+  x, w = residuals
+  fn = _dot_bwd if backward == 'dot' else _native_bwd
+  dx, dw = fn(strides, padding, precision, x, w, g_BxPxQxO)
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+def conv2d_stride1(x_BxHxWxI, w_KxKxIxO, padding: Padding, precision=None):
+  """Stride-1 convolution, native passes (canonical-layout backward)."""
+  return conv2d(x_BxHxWxI, w_KxKxIxO, (1, 1), padding, precision)
+
+
+def conv2d_dot(x_BxHxWxI, w_KxLxIxO, strides: tuple[int, int],
+               padding: Padding, precision=None):
+  """A convolution as dots, forward and backward."""
+  return conv2d(x_BxHxWxI, w_KxLxIxO, strides, padding, precision, 'dot',
+                'dot')
 
 
 def _is_nhwc(dimension_numbers) -> bool:
@@ -100,18 +212,57 @@ def _is_nhwc(dimension_numbers) -> bool:
   return tuple(dimension_numbers) == _NHWC
 
 
+# Where a dot beats XLA:CPU's convolution, from
+# `benchmarks/conv_formulations.py` on a 2-core AVX-512 CPU (BUILD.md,
+# "Convolutions on XLA:CPU", has the table):
+# * 1x1 kernels: a 1x1 convolution is a dot already, which XLA's emitter
+#   runs 1.2-6x slower than its dot (29 vs 148 GFLOP/s at 56x56x256 ->
+#   64, batch 32); strided ones forward need a strided copy first, which
+#   costs as much as it saves.
+# * Backward of wide 3x3 convolutions on few rows (ImageNet blocks 2-4 at
+#   batch 1): 1.3-3.4x faster as dots. Everywhere else (narrow channels,
+#   many rows, every forward 3x3) the windows' copy costs more than the
+#   dot saves: XLA's convolution stays.
+_DOT_BACKWARD_MAX_ROWS = 1024
+_DOT_BACKWARD_MIN_CHANNELS = 128
+
+
+def formulation(x_shape: Sequence[int], w_shape: Sequence[int],
+                strides: Sequence[int]) -> tuple[str, str]:
+  """(forward, backward) formulations of a convolution on XLA:CPU.
+
+  Args:
+    x_shape: `[B, H, W, I]` input shape.
+    w_shape: `[kh, kw, I, O]` kernel shape.
+    strides: `(sh, sw)`.
+
+  Returns:
+    Each of the two passes' formulation, 'conv' or 'dot' (see `conv2d`).
+  """
+  kh, kw, cin, _ = w_shape
+  if (kh, kw) == (1, 1):
+    return ('conv' if tuple(strides) != (1, 1) else 'dot', 'dot')
+  out_rows = x_shape[0] * math.prod(
+      -(-size // stride) for size, stride in zip(x_shape[1:3], strides))
+  wide_and_few = (out_rows <= _DOT_BACKWARD_MAX_ROWS
+                  and cin >= _DOT_BACKWARD_MIN_CHANNELS)
+  return ('conv', 'dot' if wide_and_few else 'conv')
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding,
                          lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1,
                          precision=None, **kwargs: Any):
-  """`lax.conv_general_dilated` with a fast CPU backward for stride-1 convs.
+  """`lax.conv_general_dilated` in the formulations XLA:CPU runs fastest.
 
   Signature-compatible with `lax.conv_general_dilated`, so it can be given to
-  `nnx.Conv(conv_general_dilated=...)`.
+  `nnx.Conv(conv_general_dilated=...)`. Undilated, ungrouped NHWC/HWIO
+  convolutions run as `formulation` says; anything else falls through to
+  `lax.conv_general_dilated`.
   """
+  strides = tuple(int(s) for s in window_strides)
   simple = (
       lhs.ndim == 4
-      and tuple(window_strides) == (1, 1)
       and (lhs_dilation is None or tuple(lhs_dilation) == (1, 1))
       and (rhs_dilation is None or tuple(rhs_dilation) == (1, 1))
       and feature_group_count == 1
@@ -119,9 +270,11 @@ def conv_general_dilated(lhs, rhs, window_strides, padding,
       and kwargs.get('preferred_element_type') is None
       and kwargs.get('out_sharding') is None
   )
-  pads = _explicit_padding(padding, rhs.shape[:2]) if simple else None
+  pads = (_explicit_padding(padding, rhs.shape[:2], strides, lhs.shape[1:3])
+          if simple else None)
   if pads is not None:
-    return conv2d_stride1(lhs, rhs, pads, precision)
+    forward, backward = formulation(lhs.shape, rhs.shape, strides)
+    return conv2d(lhs, rhs, strides, pads, precision, forward, backward)
   kwargs = {k: v for k, v in kwargs.items() if v is not None}
   return lax.conv_general_dilated(
       lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,

@@ -1,4 +1,4 @@
-"""Tests of the canonical-layout-backward convolution in `sact_jax.conv`."""
+"""Tests of `sact_jax.conv`: both CPU formulations against `lax`, routing."""
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -99,9 +99,6 @@ class ConvTest(parameterized.TestCase):
     chex.assert_trees_all_close(grads, grads_ref, rtol=1e-5, atol=1e-5)
 
   @parameterized.named_parameters(
-      ('strided', dict(window_strides=(2, 2))),
-      ('strided_explicit', dict(window_strides=(2, 1),
-                                padding=((1, 1), (0, 2)))),
       ('rhs_dilated', dict(rhs_dilation=(2, 2))),
       ('lhs_dilated', dict(lhs_dilation=(2, 1), padding=((1, 1), (1, 1)))),
       ('grouped', dict(feature_group_count=3)),
@@ -109,7 +106,7 @@ class ConvTest(parameterized.TestCase):
       ('no_dimension_numbers', dict(dimension_numbers=None)),
   )
   def test_falls_back_to_lax(self, overrides):
-    """Anything but stride-1 NHWC/HWIO runs `lax` itself, with equal values."""
+    """Anything but undilated NHWC/HWIO runs `lax` itself, equal values."""
     rng = np.random.default_rng(4)
     kwargs = dict(window_strides=(1, 1), padding='SAME',
                   dimension_numbers=_NHWC)
@@ -134,18 +131,128 @@ class ConvTest(parameterized.TestCase):
     chex.assert_trees_all_close(g, g_ref, rtol=1e-6)
 
   @parameterized.parameters((True,), (False,))
-  def test_layer_factory_routes_stride1_convs(self, fast):
-    """`nnx.Conv` from the factory takes the custom path iff asked to."""
+  def test_layer_factory_routes_convs(self, fast):
+    """`nnx.Conv` from the factory takes this module's path iff asked to."""
     factory = layers.LayerFactory(bn_momentum=0.9, bn_epsilon=1e-3,
                                   fast_conv_backward=fast)
     stride1 = factory.conv(3, 4, 3, rngs=nnx.Rngs(0))
     strided = factory.conv(3, 4, 3, stride=2, rngs=nnx.Rngs(0))
     x = jnp.ones((1, 6, 6, 3))
     self.assertEqual(_uses_custom_vjp(lambda x: stride1(x), x), fast)
-    self.assertFalse(_uses_custom_vjp(lambda x: strided(x), x))
+    self.assertEqual(_uses_custom_vjp(lambda x: strided(x), x), fast)
     expected = lax.conv_general_dilated(
         x, stride1.kernel[...], (1, 1), 'SAME', dimension_numbers=_NHWC)
     np.testing.assert_allclose(stride1(x), expected, rtol=1e-6)
+
+
+_DOT_CASES = (
+    ('3x3_s1_same', (3, 3), (1, 1), 'SAME'),
+    ('3x3_s2_same_odd', (3, 3), (2, 2), 'SAME'),  # 7x6 input: odd and even.
+    ('1x1_s1', (1, 1), (1, 1), 'SAME'),
+    ('1x1_s2', (1, 1), (2, 2), 'SAME'),
+    ('7x7_s2_explicit', (7, 7), (2, 2), ((3, 3), (3, 3))),
+    ('3x3_s2_explicit', (3, 3), (2, 2), ((1, 1), (1, 1))),
+    ('2x2_s2_same', (2, 2), (2, 2), 'SAME'),
+    ('3x2_s21_valid', (3, 2), (2, 1), 'VALID'),
+)
+
+
+class DotFormulationTest(parameterized.TestCase):
+  """`conv2d_dot`: one dot over the input windows, forward and backward."""
+
+  @parameterized.named_parameters(*_DOT_CASES)
+  def test_values_and_vjp_match_lax(self, kernel_hw, strides, padding):
+    x, w = _inputs(kernel_hw)
+    pads = conv._explicit_padding(padding, kernel_hw, strides, x.shape[1:3])  # pylint: disable=protected-access
+    y, vjp = jax.vjp(lambda x, w: conv.conv2d_dot(x, w, strides, pads), x, w)
+    y_ref, vjp_ref = jax.vjp(_lax(padding, strides), x, w)
+    chex.assert_shape(y, y_ref.shape)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    cotangent = jnp.asarray(
+        np.random.default_rng(1).normal(size=y.shape), jnp.float32)
+    for got, want in zip(vjp(cotangent), vjp_ref(cotangent)):
+      chex.assert_shape(got, want.shape)
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+  def test_patches_follow_the_kernel_layout(self):
+    """Row features are in `w.reshape(-1, O)` order: (i, j, c)."""
+    x = jnp.arange(2 * 4 * 4 * 3, dtype=jnp.float32).reshape(2, 4, 4, 3)
+    rows = conv.patches(x, (3, 3), (1, 1), ((1, 1), (1, 1)))
+    chex.assert_shape(rows, (2, 4, 4, 27))
+    # Output position (1, 2) of image 1: tap (i, j) reads x[1, i, 1 + j].
+    for i in range(3):
+      for j in range(3):
+        np.testing.assert_array_equal(
+            rows[1, 1, 2, (i * 3 + j) * 3:(i * 3 + j + 1) * 3],
+            x[1, i, 1 + j])
+
+  def test_check_grads(self):
+    x, w = _inputs((3, 3), seed=2)
+    x = x[:1, :5, :4]
+    fn = jax.jit(lambda x, w: conv.conv2d_dot(x, w, (2, 2),
+                                              ((1, 1), (1, 1))))
+    jtu.check_grads(fn, (x, w), order=2, modes=('rev',), atol=2e-2,
+                    rtol=2e-2)
+
+  def test_gradient_inside_scan_matches_lax(self):
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(2, 6, 6, 4)), jnp.float32)
+    ws = jnp.asarray(0.3 * rng.normal(size=(3, 3, 3, 4, 4)), jnp.float32)
+
+    def loss(conv_fn, x, ws):
+      def body(x, w):
+        return jnp.tanh(conv_fn(x, w)), None
+      y, _ = lax.scan(body, x, ws)
+      return jnp.sum(y ** 2)
+
+    pads = ((1, 1), (1, 1))
+    grads = jax.jit(jax.grad(lambda x, ws: loss(
+        lambda x, w: conv.conv2d_dot(x, w, (1, 1), pads), x, ws),
+                             argnums=(0, 1)))(x, ws)
+    grads_ref = jax.jit(jax.grad(lambda x, ws: loss(
+        lambda x, w: lax.conv_general_dilated(x, w, (1, 1), 'SAME',
+                                              dimension_numbers=_NHWC),
+        x, ws), argnums=(0, 1)))(x, ws)
+    chex.assert_trees_all_close(grads, grads_ref, rtol=1e-5, atol=1e-5)
+
+
+class FormulationTest(parameterized.TestCase):
+  """`formulation`'s choices, and each choice's values equal `lax`'s."""
+
+  @parameterized.named_parameters(
+      ('1x1', (32, 56, 56, 256), (1, 1, 256, 64), (1, 1), ('dot', 'dot')),
+      ('1x1_strided', (32, 56, 56, 256), (1, 1, 256, 512), (2, 2),
+       ('conv', 'dot')),
+      ('3x3_narrow', (128, 32, 32, 16), (3, 3, 16, 16), (1, 1),
+       ('conv', 'conv')),
+      ('3x3_wide_many_rows', (32, 14, 14, 256), (3, 3, 256, 256), (1, 1),
+       ('conv', 'conv')),
+      ('3x3_wide_few_rows', (1, 14, 14, 256), (3, 3, 256, 256), (1, 1),
+       ('conv', 'dot')),
+      ('3x3_wide_strided_few_rows', (1, 56, 56, 128), (3, 3, 128, 128),
+       (2, 2), ('conv', 'dot')),
+      ('stem', (1, 224, 224, 3), (7, 7, 3, 64), (2, 2), ('conv', 'conv')),
+  )
+  def test_choices(self, x_shape, w_shape, strides, expected):
+    self.assertEqual(conv.formulation(x_shape, w_shape, strides), expected)
+
+  @parameterized.product(forward=conv.FORMULATIONS,
+                         backward=conv.FORMULATIONS, stride=(1, 2),
+                         kernel=(1, 3))
+  def test_every_combination_matches_lax(self, forward, backward, stride,
+                                         kernel):
+    x, w = _inputs((kernel, kernel), seed=5)
+    strides = (stride, stride)
+    pads = conv._explicit_padding('SAME', (kernel, kernel), strides,  # pylint: disable=protected-access
+                                  x.shape[1:3])
+    y, vjp = jax.vjp(lambda x, w: conv.conv2d(x, w, strides, pads, None,
+                                              forward, backward), x, w)
+    y_ref, vjp_ref = jax.vjp(_lax('SAME', strides), x, w)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    cotangent = jnp.asarray(
+        np.random.default_rng(6).normal(size=y.shape), jnp.float32)
+    for got, want in zip(vjp(cotangent), vjp_ref(cotangent)):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
 if __name__ == '__main__':
