@@ -218,6 +218,24 @@ class RandomModelTest(parameterized.TestCase):
     _assert_same(self, tu.forward(model, images), runner(images))
     modes = {u['dense'] for u in runner.last_units if 'dense' in u}
     self.assertEqual(modes, {True, False})
+    # Dense units with a head ran in the device loop, which handed over to
+    # the host's rows when those paid again.
+    self.assertIn('dense_loop', runner.trace_counts)
+
+  def test_nothing_halts_runs_units_in_one_device_loop(self):
+    """No early halting: units 2..L-1 of each block in one dense loop, the
+    last one by itself, as the dense model's block (no round trip per
+    unit)."""
+    model, images = _model('cifar')
+    _set_biases(model, [-16.0, -16.0])
+    dense = tu.forward(model, images)
+    timings = {}
+    runner = _runner_for(model, sact_mode='auto', device_flops=0)
+    _assert_same(self, dense, runner(images, timings=timings))
+    units = [u for u in runner.last_units if 'dense' in u]
+    self.assertTrue(units and all(u['dense'] for u in units))
+    self.assertEqual(runner.trace_counts['dense_loop'], 2)  # One per block.
+    self.assertNotIn('stage_dilated', timings)
 
   @parameterized.parameters('rows', 'device')
   def test_all_halted_skips_units(self, mode):

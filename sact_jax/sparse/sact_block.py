@@ -30,6 +30,7 @@ from flax import nnx
 import jax
 from jax import lax
 import jax.numpy as jnp
+import numpy as np
 
 from sact_jax import act as act_lib
 from sact_jax import flops as flops_lib
@@ -74,6 +75,7 @@ class SactBlock:
     self.stage_active = phases.jit(
         self._stage_active, static_argnames=('tail', 'dense', 'with_head'),
         donate_argnames=('maps',))
+    self.dense_loop = phases.jit(self._dense_loop, donate_argnames=('maps',))
     self.finish = phases.jit(self._finish)
 
   def out_hw(self, in_hw: tuple[int, int]) -> int:
@@ -258,6 +260,57 @@ class SactBlock:
         jnp.zeros((batch * hw,), maps['x'].dtype))
     return halting_N.reshape(batch, height, width)
 
+  def _dense_loop(self, stacked_units, stacked_heads, maps, halting_carry,
+                  sizes, start):
+    """Dense units `start`, `start + 1`, ... on the device, while dense pays.
+
+    What `stage_active(dense=True)` does for one unit, in a
+    `lax.while_loop` that runs on as long as the cost model keeps choosing
+    dense for the next unit's set sizes (and some position runs), without
+    a host round trip per unit: where nothing halts, a block costs what the
+    dense model's block does. Only units followed by a head run here (the
+    last unit of the block is the host loop's).
+
+    Args:
+      stacked_units, stacked_heads: the block's units 2..L and heads.
+      maps, halting_carry: the block state before unit `start` (index into
+        units 2..L).
+      sizes: `[2]` set sizes of unit `start`.
+      start: index of the first unit to run.
+
+    Returns:
+      The maps and halting carry after the units run, the index of the
+      first unit not run, and `[L - 1, 2]` set sizes: row k holds unit k's
+      sizes for k in (start, stop] (the rest zero).
+    """
+    self.phases.trace('dense_loop')
+    num_rows = maps['x'].shape[0]
+    last = self.num_units - 2
+    sizes_Ux2 = jnp.zeros((self.num_units - 1, 2), jnp.int32)
+
+    def dense_pays(i, sizes):
+      return ((i < last) & (sizes[1] > 0)
+              & self.costs.runs_dense(sizes[0], sizes[1], num_rows))
+
+    def cond(loop):
+      i, _, _, sizes, _ = loop
+      return dense_pays(i, sizes)
+
+    def body(loop):
+      i, maps, halting_carry, _, sizes_Ux2 = loop
+      unit = nnx.merge(self.unit_gd, common.pick(stacked_units, i))
+      head = nnx.merge(self.head_gd, common.pick(stacked_heads, i + 1))
+      state = halting_carry['state']
+      maps, new_x = self._update_dense(unit, maps, state)
+      halting_carry, sizes = self.halting_step(
+          head, stages.head_dense(head, new_x), state, halting_carry['flops'])
+      return (i + 1, maps, halting_carry, sizes,
+              sizes_Ux2.at[i + 1].set(sizes))
+
+    stop, maps, halting_carry, _, sizes_Ux2 = lax.while_loop(
+        cond, body, (start, maps, halting_carry, sizes, sizes_Ux2))
+    return maps, halting_carry, stop, sizes_Ux2
+
   def _device_loop(self, first_vars, stacked_units, stacked_heads, x_in,
                    flops_B):
     """The whole block on the device: dense masked units in a while loop.
@@ -377,10 +430,16 @@ class SactBlock:
     return out, ponder, units, flops_B, waste
 
   def _run_units(self, weights, planner, maps, halting_carry, clock):
-    """Units 2..L until none is active; returns the heads skipped too."""
+    """Units 2..L until none is active; returns the heads skipped too.
+
+    A unit that runs densely hands over to `dense_loop`, which runs it and
+    the next ones on the device for as long as they would run densely too.
+    """
     height, width = halting_carry['state'].running.shape[1:]
     num_rows = planner.num_rows
-    for i in range(self.num_units - 1):
+    last = self.num_units - 2
+    i = 0
+    while i <= last:
       sizes, exact = planner.sizes(i)
       dense = self.costs.runs_dense(*sizes, num_rows)
       if dense and not exact:
@@ -388,9 +447,23 @@ class SactBlock:
         sizes = planner.exact_sizes(i)
         dense = self.costs.runs_dense(*sizes, num_rows)
       if sizes[1] == 0:
-        return maps, halting_carry, self.num_units - 2 - i
+        return maps, halting_carry, last - i
       start = time.perf_counter()
-      with_head = i < self.num_units - 2
+      with_head = i < last
+      if dense and with_head:
+        maps, halting_carry, stop, sizes_Ux2 = clock(
+            'dense_loop', self.dense_loop, weights.stacked_units,
+            weights.stacked_heads, maps, halting_carry,
+            jnp.asarray(sizes, jnp.int32), jnp.int32(i))
+        stop = common.read_counts(stop[None], clock)[0]
+        sizes_Ux2 = np.asarray(sizes_Ux2)
+        for k in range(i, stop):
+          planner.plan(sizes if k == i else tuple(sizes_Ux2[k]), dense=True,
+                       with_head=True)
+          planner.add_sizes(sizes_Ux2[k + 1])
+        clock.host('host', start)
+        i = stop
+        continue
       head = weights.heads[i + 1] if with_head else None
       plan = planner.plan(sizes, dense=dense, with_head=with_head)
       clock.host('host', start)
@@ -406,6 +479,7 @@ class SactBlock:
       if with_head:
         halting_carry = new_carry
         planner.add_sizes(sizes)
+      i += 1
     return maps, halting_carry, 0
 
   def _account(self, planner: planner_lib.Planner) -> int:
