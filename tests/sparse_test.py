@@ -170,7 +170,8 @@ class FixtureTest(parameterized.TestCase):
   @parameterized.named_parameters(
       ('cifar_vanilla', 'cifar_vanilla', {}),
       ('imagenet_vanilla', 'imagenet_vanilla', {}),
-      ('cifar_act', 'cifar_act', {'act_loop': 'host'}),
+      ('cifar_act', 'cifar_act', {}),
+      ('cifar_act_host_loop', 'cifar_act', {'act_loop': 'host'}),
       ('cifar_sact_rows', 'cifar_sact', {'sact_mode': 'rows'}),
       ('imagenet_sact_rows', 'imagenet_sact', {'sact_mode': 'rows'}),
       ('imagenet_sact_dense', 'imagenet_sact', {'sact_mode': 'dense'}),

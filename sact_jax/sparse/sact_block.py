@@ -456,6 +456,7 @@ class SactBlock:
             weights.stacked_heads, maps, halting_carry,
             jnp.asarray(sizes, jnp.int32), jnp.int32(i))
         stop = common.read_counts(stop[None], clock)[0]
+        start = time.perf_counter()
         sizes_Ux2 = np.asarray(sizes_Ux2)
         for k in range(i, stop):
           planner.plan(sizes if k == i else tuple(sizes_Ux2[k]), dense=True,

@@ -1,0 +1,264 @@
+r"""sact_jax against the original TensorFlow code, side by side on one machine.
+
+Run by hand (not a test), on a quiet machine, from the project root:
+
+  bash ../shared/tfref/setup.sh          # once: the TF port and its venv
+  python -m benchmarks.vs_original       # the default workloads, ~30 min
+  python -m benchmarks.vs_original --configs=train:32:sact:128:3 --processes=2
+
+Every workload runs in its own process per side, alternating TF, JAX, TF,
+JAX (`--processes` per side), so both see the same machine state;
+the ratio of the medians is what counts on a shared, noisy machine. The TF
+side is the original's modules ported to TF 2 (`--tfref_dir`, made by
+`setup.sh`; oneDNN kernels, 2 intra- and 2 inter-op threads, no XLA); when
+that directory has no venv, only the JAX side runs. The JAX side is this
+file's own worker (`--worker=CONFIG`), on the current code:
+
+* `train:DEPTH:TYPE:BATCH:STEPS`: a CIFAR training step (forward, backward,
+  momentum SGD; cross-entropy + 0.01 ponder cost + 2e-4 L2), synthetic data;
+* `infer:FAMILY:DEPTH:TYPE:BATCH:HALT[:SIZE]`: eval-mode inference; HALT
+  `never` sets every halting head to never halt early, `first` to halt
+  every position after the first unit (both sides compute the same units).
+  JAX times the dense model (split once, one jitted call) and, for ACT/SACT,
+  `sparse.apply`; TF times the dense graph and, for ACT, its
+  `act_early_stopping` mode.
+
+Prints a markdown table and writes every process's JSON line (`--output`).
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+DEFAULT_CONFIGS = (
+    'train:32:vanilla:128:5', 'train:32:act:128:5', 'train:32:sact:128:5',
+    'train:110:vanilla:128:3', 'train:110:act:128:3', 'train:110:sact:128:3',
+    'infer:cifar:110:vanilla:1:never', 'infer:cifar:110:vanilla:128:never',
+    'infer:cifar:110:act:1:never', 'infer:cifar:110:act:1:first',
+    'infer:cifar:110:sact:1:never', 'infer:cifar:110:sact:32:never',
+    'infer:imagenet:101:vanilla:1:never', 'infer:imagenet:101:vanilla:32:never',
+    'infer:imagenet:101:sact:1:never', 'infer:imagenet:101:act:1:first',
+)
+_CONFIGS = flags.DEFINE_list('configs', list(DEFAULT_CONFIGS),
+                             'Workloads (see the module docstring).')
+_PROCESSES = flags.DEFINE_integer('processes', 1, 'Processes per side and '
+                                'workload.')
+_REPS = flags.DEFINE_integer('reps', 5, 'Timed calls per inference process.')
+_TFREF_DIR = flags.DEFINE_string(
+    'tfref_dir', os.path.expanduser('~/.cache/sact-tfref'),
+    'The TF port with its venv (../shared/tfref/setup.sh).')
+_OUT = flags.DEFINE_string('output', 'benchmarks/results/vs_original.json',
+                           'JSON output path.')
+_WORKER = flags.DEFINE_string('worker', None, 'Internal: time one workload '
+                              'on the JAX side and print one JSON line.')
+
+_CIFAR_DEPTHS = {20: 3, 32: 5, 56: 9, 110: 18}
+
+
+def parse(config: str) -> dict:
+  fields = config.split(':')
+  if fields[0] == 'train':
+    depth, model_type, batch, steps = fields[1:5]
+    return dict(kind='train', family='cifar', depth=int(depth),
+                model_type=model_type, batch=int(batch), steps=int(steps))
+  family, depth, model_type, batch, halt = fields[1:6]
+  size = int(fields[6]) if len(fields) > 6 else (32 if family == 'cifar'
+                                                 else 224)
+  return dict(kind='infer', family=family, depth=int(depth),
+              model_type=model_type, batch=int(batch), halt=halt, size=size)
+
+
+# ---------------------------------------------------------------------------
+# JAX side (the worker)
+# ---------------------------------------------------------------------------
+
+
+def _force_halting(model, halt: str):
+  """Every head never halts early (`never`) or halts all after unit 1."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  bias = -10.0 if halt == 'never' else 10.0
+  for block in model.blocks:
+    if block.steps is None:
+      continue
+    head = block.steps.head
+    for layer in (head.global_conv, getattr(head, 'local_conv', None)):
+      if layer is None:
+        continue
+      layer.kernel[...] = jnp.zeros_like(layer.kernel[...])
+      if layer.bias is not None:
+        layer.bias[...] = jnp.full_like(layer.bias[...], bias)
+
+
+def _timed(fn, reps):
+  import jax  # pylint: disable=g-import-not-at-top
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def worker(config: str, reps: int) -> dict:
+  """Times one workload with the current sact_jax; returns medians (s)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_default_prng_impl', 'rbg')
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from benchmarks import train_step  # pylint: disable=g-import-not-at-top
+  from sact_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from sact_jax import models  # pylint: disable=g-import-not-at-top
+  from sact_jax import sparse  # pylint: disable=g-import-not-at-top
+
+  c = parse(config)
+  rng = np.random.default_rng(0)
+  size = c.get('size', 32)
+  images = jnp.asarray(rng.normal(size=(c['batch'], size, size, 3)),
+                       jnp.float32)
+  num_classes = 10 if c['family'] == 'cifar' else 1001
+  model = models.create_model(c['family'], c['depth'], c['model_type'],
+                              num_classes=num_classes, rngs=nnx.Rngs(0))
+  result = {'config': config, 'impl': 'jax'}
+  if c['kind'] == 'train':
+    model.train()
+    optimizer, step = train_step.make_step(model)
+    labels = jnp.asarray(rng.integers(0, 10, size=(c['batch'],)), jnp.int32)
+    for _ in range(2):
+      step(model, optimizer, images, labels).block_until_ready()
+    result['median_s'] = _timed(
+        lambda: step(model, optimizer, images, labels), c['steps'])
+    return result
+  model.eval()
+  if c['model_type'] != 'vanilla':
+    _force_halting(model, c['halt'])
+  # The dense model as a user runs it: split once, one jitted call.
+  graphdef, state = evaluate.eval_split_model(model)
+  apply = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+  calls = {'dense': lambda: apply(state, images)}
+  if c['model_type'] != 'vanilla':
+    calls['sparse'] = lambda: sparse.apply(model, images)
+  for fn in calls.values():  # Compile and warm up.
+    for _ in range(2):
+      jax.block_until_ready(fn())
+  times = {name: [] for name in calls}
+  for _ in range(reps):  # Interleaved.
+    for name, fn in calls.items():
+      times[name].append(_timed(fn, 1))
+  result['median_s'] = statistics.median(times['dense'])
+  if 'sparse' in times:
+    result['sparse_median_s'] = statistics.median(times['sparse'])
+  return result
+
+
+# ---------------------------------------------------------------------------
+# TF side and the driver
+# ---------------------------------------------------------------------------
+
+
+def _tf_commands(config: str, tfref: str, reps: int) -> list[tuple[str,
+                                                                  list[str]]]:
+  python = os.path.join(tfref, 'venv', 'bin', 'python')
+  c = parse(config)
+  if c['kind'] == 'train':
+    return [('dense', [python, os.path.join(tfref, 'tf_train_step.py'),
+                       '--model', str(c['depth']), '--model_type',
+                       c['model_type'], '--batch', str(c['batch']),
+                       '--steps', str(c['steps'])])]
+  base = [python, os.path.join(tfref, 'tf_infer.py'), '--family',
+          c['family'], '--model', str(c['depth']), '--batch',
+          str(c['batch']), '--size', str(c['size']), '--reps', str(reps)]
+  if c['model_type'] != 'vanilla':
+    base += ['--halt', c['halt']]
+  commands = [('dense', base + ['--model_type', c['model_type']])]
+  if c['model_type'] == 'act':
+    commands.append(('sparse', base + ['--model_type', 'act_early_stopping']))
+  return commands
+
+
+def _run_json(command: list[str], env: dict) -> dict:
+  proc = subprocess.run(command, capture_output=True, text=True, env=env,
+                        check=False, timeout=3600)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith('{')]
+  if proc.returncode != 0 or not lines:
+    return {'error': proc.stderr.strip().splitlines()[-1:]}
+  return json.loads(lines[-1])
+
+
+def _ms(seconds):
+  if seconds is None:
+    return ''
+  return f'{1e3 * seconds:.1f} ms' if seconds < 1 else f'{seconds:.2f} s'
+
+
+def _median(values):
+  values = [v for v in values if v is not None]
+  return statistics.median(values) if values else None
+
+
+def table(summary: list[dict]) -> str:
+  lines = ['| workload | original (TF) dense / early stop | sact_jax dense / '
+           'sparse.apply | dense ratio (JAX / TF) | sparse.apply / JAX dense '
+           '|', '| --- | --- | --- | --- | --- |']
+  for r in summary:
+    tf = ' / '.join(_ms(v) for v in (r['tf_dense'], r['tf_sparse'])
+                    if v is not None)
+    jx = ' / '.join(_ms(v) for v in (r['jax_dense'], r['jax_sparse'])
+                    if v is not None)
+    ratio = (f'{r["jax_dense"] / r["tf_dense"]:.2f}'
+             if r['tf_dense'] and r['jax_dense'] else '')
+    sparse_ratio = (f'{r["jax_sparse"] / r["jax_dense"]:.2f}'
+                    if r['jax_sparse'] and r['jax_dense'] else '')
+    lines.append(f'| {r["config"]} | {tf} | {jx} | {ratio} | '
+                 f'{sparse_ratio} |')
+  return '\n'.join(lines) + '\n'
+
+
+def main(argv):
+  del argv
+  if _WORKER.value:
+    print(json.dumps(worker(_WORKER.value, _REPS.value)), flush=True)
+    return
+  tfref = _TFREF_DIR.value
+  have_tf = os.path.exists(os.path.join(tfref, 'venv', 'bin', 'python'))
+  if not have_tf:
+    print(f'No TF port at {tfref} (bash ../shared/tfref/setup.sh makes it): '
+          'timing the JAX side only.', file=sys.stderr)
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu')
+  records, summary = [], []
+  for config in _CONFIGS.value:
+    parse(config)  # Bad configs fail before anything runs.
+  for config in _CONFIGS.value:
+    runs = {'tf_dense': [], 'tf_sparse': [], 'jax_dense': [],
+            'jax_sparse': []}
+    for rep in range(_PROCESSES.value):
+      if have_tf:
+        for variant, command in _tf_commands(config, tfref, _REPS.value):
+          r = _run_json(command, env)
+          r.update(config=config, impl='tf', variant=variant, rep=rep)
+          records.append(r)
+          runs[f'tf_{variant}'].append(r.get('median_s'))
+      r = _run_json([sys.executable, '-m', 'benchmarks.vs_original',
+                     f'--worker={config}', f'--reps={_REPS.value}'], env)
+      r.update(rep=rep)
+      records.append(r)
+      runs['jax_dense'].append(r.get('median_s'))
+      runs['jax_sparse'].append(r.get('sparse_median_s'))
+    row = {'config': config, **{k: _median(v) for k, v in runs.items()}}
+    summary.append(row)
+    print(json.dumps(row), file=sys.stderr, flush=True)
+  print(table(summary))
+  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+  with open(_OUT.value, 'w') as f:
+    json.dump({'summary': summary, 'records': records}, f, indent=1)
+  print(f'Wrote {_OUT.value}')
+
+
+if __name__ == '__main__':
+  app.run(main)
