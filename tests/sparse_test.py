@@ -207,8 +207,12 @@ class RandomModelTest(parameterized.TestCase):
     self.assertTrue(all(u['planned_active'] >= u['active'] and
                         u['planned_dilated'] >= u['dilated'] for u in units))
     if target == 0.5:
-      _assert_same(self, dense,
-                   _runner_for(model, sact_mode='device')(images))
+      device = _runner_for(model, sact_mode='device')
+      timings = {}
+      _assert_same(self, dense, device(images, timings=timings))
+      # Every block a device loop: the whole model is one program.
+      self.assertEqual(set(timings), {'whole_model'})
+      self.assertLen(device.last_units, len(model.blocks))
 
   def test_dense_units_inside_a_sparse_block(self):
     """'auto' with free gathers still runs full units densely."""
@@ -377,6 +381,12 @@ class ActTest(parameterized.TestCase):
                         {'unit': 4}])
     self.assertEqual(runner.trace_counts['act_unit'],
                      2 if act_loop == 'host' else 0)
+    # The device loops run as one program for the whole model.
+    self.assertEqual(runner.trace_counts['whole_model'],
+                     0 if act_loop == 'host' else 1)
+    timings = {}
+    runner(images, timings=timings)
+    self.assertEqual(set(timings) == {'whole_model'}, act_loop == 'device')
 
 
 class ApiTest(absltest.TestCase):

@@ -115,6 +115,20 @@ class ActBlock:
     return (state.output, state.ponder_cost, state.num_units, carry['flops'],
             carry['waste'])
 
+  def device_run(self, weights, x_in, flops_B):
+    """The block as one traceable function (`act_loop='device'`).
+
+    For `SparseRunner`'s whole-model program: the phases of `run` with the
+    device loop, without a host call between them.
+    """
+    if self.num_units == 1:
+      out, ponder, units, flops_B = self._single(weights.first, x_in, flops_B)
+      return out, ponder, units, flops_B, jnp.zeros((), jnp.float32)
+    carry, _ = self._start(weights.first, weights.heads[0], x_in, flops_B)
+    carry = self._device_loop(weights.stacked_units, weights.stacked_heads,
+                              carry)
+    return self._finish(carry)
+
   def run(self, weights, x_in, flops_B, clock: common.Clock):
     """Runs the block; returns its output, aux maps, FLOPs and waste."""
     if self.num_units == 1:

@@ -26,7 +26,9 @@ time per unit, which beats one jitted program over chunks of few rows
 (small matmuls) where units are large; blocks whose units are too cheap for
 a host round trip (CIFAR at small batch) run in one `lax.while_loop`
 instead, and each unit runs at rows or densely, whichever a cost model of
-gathers favours (`options.py`).
+gathers favours (`options.py`). Where every block runs as such a loop (ACT
+by default; SACT where all blocks are cheap), the whole model is one jitted
+program: one dispatch per call, as the dense model.
 
 FLOPs follow `flops.py` exactly: `aux['flops']` equals the dense model's
 count (and is what the convs compute at real rows); conv FLOPs spent on
@@ -35,6 +37,7 @@ halted while others in the batch ran on are reported separately in
 `aux['flops_overhead']` (a scalar for the whole batch).
 """
 
+import functools
 import types
 import weakref
 
@@ -81,6 +84,15 @@ class _Weights:
 
   def current(self) -> bool:
     return all(v.get_raw_value() is value for v, value in self.variables)
+
+
+def _device_vars(block_weights) -> dict:
+  """What a block's `device_run` reads (not the unstacked units)."""
+  heads = block_weights.heads
+  return {'first': block_weights.first,
+          'stacked_units': block_weights.stacked_units,
+          'stacked_heads': block_weights.stacked_heads,
+          'heads': heads[:1] if heads else None}
 
 
 def _top_modules(model: nnx.Module) -> dict[str, nnx.Module]:
@@ -131,6 +143,8 @@ class SparseRunner:
     self._stem = self._phases.jit(self._stem_fn)
     self._head = self._phases.jit(self._head_fn)
     self._vanilla = self._phases.jit(self._vanilla_fn)
+    self._whole = self._phases.jit(self._whole_fn)
+    self._block_shapes = {}  # Image shape -> each block's input shape.
 
   @property
   def trace_counts(self):
@@ -208,6 +222,62 @@ class SparseRunner:
     self._phases.trace('vanilla')
     return nnx.merge(self._model_graphdef, model_vars)(images)
 
+  def _whole_fn(self, top_vars, blocks_vars, images):
+    """The whole model as one program: every block as its device loop.
+
+    Where no block needs the host between units (ACT with
+    `act_loop='device'`; SACT where every block is `on_device`), one call
+    instead of three per block: at small batches the dispatch of a call
+    costs as much as a unit.
+    """
+    self._phases.trace('whole_model')
+    x, flops_B = self._stem_fn(top_vars, images)
+    ponder_costs, num_units, steps = [], [], []
+    waste = jnp.zeros((), jnp.float32)
+    for runner_block, block_vars in zip(self._blocks, blocks_vars):
+      out = runner_block.device_run(types.SimpleNamespace(**block_vars), x,
+                                    flops_B)
+      x, ponder, units, flops_B, block_waste = out[:5]
+      if self.model_type == 'sact' and runner_block.num_units > 1:
+        steps.append(out[5])
+      waste = waste + block_waste
+      ponder_costs.append(ponder)
+      num_units.append(units)
+    logits, flops_B, ponder_loss = self._head_fn(top_vars, x, flops_B,
+                                                 ponder_costs)
+    aux = {'flops': flops_B, 'ponder_cost': ponder_costs,
+           'num_units': num_units, 'ponder_loss': ponder_loss,
+           'flops_overhead': waste}
+    return logits, aux, steps
+
+  def _block_input_shapes(self, weights, images_shape) -> list:
+    """Each block's input shape for images of `images_shape` (cached)."""
+    if images_shape not in self._block_shapes:
+      def stem(top_vars, images):
+        counter = flops_lib.FlopCounter()
+        return self._model_cls.stem(self._view(top_vars), images, counter)
+
+      def first(block, first_vars, x_in):
+        flops_B = jnp.zeros((x_in.shape[0],), jnp.float32)
+        return common.run_first_unit(block.first_gd, first_vars, x_in,
+                                     flops_B)[0]
+
+      x = jax.eval_shape(stem, weights.top,
+                         jax.ShapeDtypeStruct(images_shape, jnp.float32))
+      shapes = []
+      for runner_block, block_weights in zip(self._blocks, weights.blocks):
+        shapes.append(x.shape)
+        x = jax.eval_shape(functools.partial(first, runner_block),
+                           block_weights.first, x)
+      self._block_shapes[images_shape] = shapes
+    return self._block_shapes[images_shape]
+
+  def _runs_whole(self, weights, images_shape) -> bool:
+    if self.model_type == 'act':
+      return self.options.act_loop == 'device'
+    return all(block.on_device(shape) for block, shape in zip(
+        self._blocks, self._block_input_shapes(weights, images_shape)))
+
   # Running ---------------------------------------------------------------
 
   def __call__(self, images_BxHxWx3: jax.Array,
@@ -230,6 +300,14 @@ class SparseRunner:
       logits, aux = clock('vanilla', self._vanilla, weights.model, images)
       aux = dict(aux)
       aux['flops_overhead'] = jnp.zeros((), jnp.float32)
+      return logits, aux
+
+    if self._runs_whole(weights, images.shape):
+      logits, aux, steps = clock('whole_model', self._whole, weights.top,
+                                 [_device_vars(b) for b in weights.blocks],
+                                 images)
+      for block_steps in steps:
+        self._phases.record({'device_loop': True, 'steps': block_steps})
       return logits, aux
 
     x, flops_B = clock('stem', self._stem, weights.top, images)

@@ -393,22 +393,45 @@ class SactBlock:
 
   # Host loop -------------------------------------------------------------
 
+  def on_device(self, in_shape) -> bool:
+    """Whether the block runs as one device loop for inputs of `in_shape`.
+
+    'device' mode, or 'auto' where a dense unit (for the whole batch) costs
+    less than `device_flops`; one-unit blocks have nothing to loop over.
+    """
+    if self.num_units == 1:
+      return True
+    opts = self.phases.options
+    unit_flops = (in_shape[0] * self.out_hw(in_shape[1:3])
+                  * (self.costs.dilated_cost + self.costs.active_cost))
+    cheap = unit_flops < self.phases.device_flops
+    return opts.sact_mode == 'device' or (opts.sact_mode == 'auto' and cheap)
+
+  def device_run(self, weights, x_in, flops_B):
+    """The block as one traceable function, where `on_device`.
+
+    Returns the outputs of `run` and the units run after the first.
+    """
+    if self.num_units == 1:
+      out, ponder, units, flops_B = self._single(weights.first, x_in, flops_B)
+      return (out, ponder, units, flops_B, jnp.zeros((), jnp.float32),
+              jnp.zeros((), jnp.int32))
+    return self._device_loop(weights.first, weights.stacked_units,
+                             weights.stacked_heads, x_in, flops_B)
+
   def run(self, weights, x_in, flops_B, clock: common.Clock):
     """Runs the block; returns its output, aux maps, FLOPs and waste."""
     if self.num_units == 1:
       out, ponder, units, flops_B = clock('block_single', self.single,
                                           weights.first, x_in, flops_B)
       return out, ponder, units, flops_B, 0
-    opts = self.phases.options
-    unit_flops = (x_in.shape[0] * self.out_hw(x_in.shape[1:3])
-                  * (self.costs.dilated_cost + self.costs.active_cost))
-    cheap = unit_flops < self.phases.device_flops
-    if opts.sact_mode == 'device' or (opts.sact_mode == 'auto' and cheap):
+    if self.on_device(x_in.shape):
       out, ponder, units, flops_B, waste, steps = clock(
           'block_device_loop', self.device_loop, weights.first,
           weights.stacked_units, weights.stacked_heads, x_in, flops_B)
       self.phases.record({'device_loop': True, 'steps': steps})
       return out, ponder, units, flops_B, waste
+    opts = self.phases.options
     maps, halting_carry, sizes = clock('block_start', self.start,
                                        weights.first, weights.heads[0], x_in,
                                        flops_B)
