@@ -28,10 +28,11 @@ class LayerFactory:
   Attributes:
     bn_momentum: running-average decay of BatchNorm statistics.
     bn_epsilon: BatchNorm epsilon.
-    fast_conv_backward: route stride-1 convs through `conv.py` (canonical
-      layout backward pass; see that module for why). None: only where the
-      default backend is the CPU, whose scan backward it fixes; GPUs and TPUs
-      keep their native backward kernels.
+    fast_conv_backward: route convs through `conv.py` (per shape, XLA's
+      conv with a canonical-layout backward pass, or dots; see that module
+      for why). None: only where the default backend is the CPU, whose scan
+      backward and slow 1x1 convs it fixes; GPUs and TPUs keep their native
+      kernels.
   """
   bn_momentum: float
   bn_epsilon: float
