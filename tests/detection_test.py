@@ -9,10 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sact_jax import flops as flops_lib
 from sact_jax.detection import anchors
+from sact_jax.detection import backbone
 from sact_jax.detection import boxes
 from sact_jax.detection import nms as nms_lib
 from sact_jax.detection import roi
+import testing_utils as tu
 
 
 def _random_boxes(rng, n, size=100.0):
@@ -179,6 +182,46 @@ class CropAndResizeTest(parameterized.TestCase):
       np.testing.assert_allclose(
           got[k], _crop_reference(features, box, size, -1.0), rtol=1e-5,
           atol=1e-5, err_msg=str(box))
+
+
+class BackboneTest(parameterized.TestCase):
+  """Extractor + box classifier = the classifier, split after block k."""
+
+  @parameterized.parameters('vanilla', 'act', 'sact')
+  def test_split_reproduces_the_classifier(self, model_type):
+    model = tu.build('imagenet', (1, 2, 2, 1), model_type, seed=7,
+                     base_channels=4)
+    model.eval()
+    for head in tu.heads(model):  # Some positions halt early, some not.
+      bias = tu.halting_bias(head)
+      bias[...] = jnp.full(bias.shape, 1.0, jnp.float32)
+    images = tu.images((2, 45, 37, 3), seed=8)  # Not a multiple of 32.
+    logits, aux = model(images)
+    features, f_aux = backbone.extract_features(model, images)
+    # Stride 16 after block 3, SAME padding: ceil(45 / 16) x ceil(37 / 16).
+    chex.assert_shape(features, (2, 3, 3, 4 * 4 * 4))
+    out, r_aux = backbone.classify_regions(model, features)
+    counter = flops_lib.FlopCounter()
+    np.testing.assert_allclose(model.head(out, counter), logits, rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(
+        f_aux['flops'] + r_aux['flops'] + counter.per_image(2),
+        aux['flops'], rtol=1e-6)
+    self.assertLen(f_aux['num_units'], 3 if model_type != 'vanilla' else 0)
+    for got, want in zip(f_aux['num_units'] + r_aux['num_units'],
+                         aux['num_units']):
+      np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(f_aux['ponder_loss'] + r_aux['ponder_loss'],
+                               aux['ponder_loss'], rtol=1e-6)
+    if model_type == 'sact':  # Ponder maps at the feature map's size.
+      chex.assert_shape(f_aux['ponder_cost'][-1], (2, 3, 3))
+
+  def test_bad_split(self):
+    model = tu.build('imagenet', (1, 1, 1, 1), 'vanilla', base_channels=4)
+    images = tu.images((1, 32, 32, 3))
+    for bad in (0, 5):
+      with self.assertRaisesRegex(ValueError, r'num_blocks must lie in'):
+        backbone.extract_features(model, images, bad)
 
 
 if __name__ == '__main__':

@@ -34,25 +34,34 @@ class AdaptiveResNet(nnx.Module):
   def head(self, x: jax.Array, counter: flops_lib.FlopCounter):
     raise NotImplementedError
 
+  def run_blocks(self, x: jax.Array, counter: flops_lib.FlopCounter,
+                 start: int = 0, stop: int | None = None
+                 ) -> tuple[jax.Array, dict]:
+    """Blocks `start..stop-1` on `x`; their output and aux.
+
+    The aux has `ponder_cost`, `num_units` (the blocks' entries) and
+    `ponder_loss` (their sum of means); FLOPs go to `counter`. The model's
+    call runs all blocks; a detection backbone runs a prefix, its box
+    classifier the rest.
+    """
+    ponder_costs, num_units = [], []
+    for block in list(self.blocks)[start:stop]:
+      x, block_aux = block(x, counter)
+      if block_aux:
+        ponder_costs.append(block_aux['ponder_cost'])
+        num_units.append(block_aux['num_units'])
+    ponder_loss = sum((jnp.mean(p) for p in ponder_costs),
+                      jnp.zeros((), jnp.float32))
+    return x, {'ponder_cost': ponder_costs, 'num_units': num_units,
+               'ponder_loss': ponder_loss}
+
   def __call__(self, images_BxHxWx3: jax.Array, *,
                counter: flops_lib.FlopCounter | None = None
                ) -> tuple[jax.Array, dict]:
     check_images(images_BxHxWx3)
     counter = flops_lib.FlopCounter() if counter is None else counter
     x = self.stem(images_BxHxWx3, counter)
-    ponder_costs, num_units = [], []
-    for block in self.blocks:
-      x, block_aux = block(x, counter)
-      if block_aux:
-        ponder_costs.append(block_aux['ponder_cost'])
-        num_units.append(block_aux['num_units'])
+    x, aux = self.run_blocks(x, counter)
     logits = self.head(x, counter)
-    ponder_loss = sum((jnp.mean(p) for p in ponder_costs),
-                      jnp.zeros((), jnp.float32))
-    aux = {
-        'flops': counter.per_image(images_BxHxWx3.shape[0]),
-        'ponder_cost': ponder_costs,
-        'num_units': num_units,
-        'ponder_loss': ponder_loss,
-    }
+    aux = {'flops': counter.per_image(images_BxHxWx3.shape[0]), **aux}
     return logits, aux
