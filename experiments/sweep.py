@@ -71,8 +71,9 @@ def main(argv):
     workdirs.ensure_writable_dir(root)
     records = sweep.run_sweep(runs, root)
     if _COLLECT.value and all(r['status'] != 'preempted' for r in records):
-      paths = tradeoff.save(tradeoff.collect([root]), root)
-      print(open(paths['markdown']).read())
+      rows = tradeoff.collect([root])
+      paths = tradeoff.save(rows, root)
+      print(tradeoff.markdown_table(rows))
       print(f'Wrote {", ".join(paths.values())}')
   except (sweep.SweepError, validation.ConfigError, data.DatasetNotFoundError,
           checkpoint.CheckpointError, workdirs.WorkdirError,

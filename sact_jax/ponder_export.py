@@ -19,7 +19,8 @@ i = 0 .. N-1, in the order of `names`, and for blocks b = 0 .. B-1:
   predicted_class     [N] int32: index of the largest logit (for 1001-class
                       ImageNet models 0 is the background class).
   image_shape         [N, 2] int32: (height, width) the model ran on.
-  image_<i>           [H_i, W_i, 3] uint8: the resized image.
+  image_<i>           [H_i, W_i, 3] uint8: the resized image (dataset
+                      images: the preprocessed one by its own range).
   ponder_block<b>_<i> [h_b, w_b] float32: block b's map at block resolution
                       ([1, 1] for ACT, which ponders uniformly).
   ponder_total_<i>    [H_i, W_i] float32: the sum over blocks of their maps,
@@ -203,7 +204,10 @@ def save_npz(results: Sequence[PonderResult], path: str) -> str:
                               np.int32),
   }
   for i, r in enumerate(results):
-    arrays[f'image_{i}'] = np.asarray(r.image)
+    image = np.asarray(r.image)
+    if image.dtype != np.uint8:  # Preprocessed (dataset images): as drawn.
+      image = np.round(255 * visualize.display_image(image)).astype(np.uint8)
+    arrays[f'image_{i}'] = image
     arrays[f'ponder_total_{i}'] = r.total_map
     for b, block_map in enumerate(r.block_maps):
       arrays[f'ponder_block{b}_{i}'] = np.asarray(block_map, np.float32)
@@ -308,11 +312,7 @@ def ponder_figure_by_cost(model: nnx.Module, config, *,
     raise ValueError(f'num_images and per_group must be >= 1, got '
                      f'{num_images} and {per_group}.')
   info = data_lib.dataset_info(config.dataset)
-  split = config.get('eval_split', None) or info.eval_split
-  batch = next(iter(visualize.eval_images(config, num_images)))
-  images = list(np.asarray(batch['image']))
-  results = ponder_results(model, images,
-                           [f'{split}[{i}]' for i in range(len(images))])
+  results = dataset_results(model, config, num_images)
   selected = select_by_cost([r.ponder_cost for r in results], per_group)
   offset = data_lib.label_offset(
       config.dataset, models.ModelSpec.from_model(model).num_classes)
@@ -348,18 +348,15 @@ def dataset_results(model: nnx.Module, config, num_images: int
                     ) -> list[PonderResult]:
   """Forward passes of the first `num_images` eval images of the dataset.
 
-  Named `<split>[<i>]`; their `image` is the preprocessed image mapped to
-  uint8 by its own range (`visualize.display_image`), as drawn.
+  Named `<split>[<i>]`; their `image` is the preprocessed one the model
+  ran on (`save_npz` stores it as uint8 by its own range, as drawn).
   """
   batch = next(iter(visualize.eval_images(config, num_images)))
   split = config.get('eval_split', None) or data_lib.dataset_info(
       config.dataset).eval_split
-  images = np.asarray(batch['image'])
-  results = ponder_results(model, list(images),
-                           [f'{split}[{i}]' for i in range(len(images))])
-  return [dataclasses.replace(
-      r, image=np.round(255 * visualize.display_image(r.image)).astype(
-          np.uint8)) for r in results]
+  images = list(np.asarray(batch['image']))
+  return ponder_results(model, images,
+                        [f'{split}[{i}]' for i in range(len(images))])
 
 
 def save_result_figures(model: nnx.Module, results: Sequence[PonderResult],
