@@ -6,10 +6,10 @@ Run by hand (not a test), on a quiet machine:
   python -m benchmarks.conv_formulations --batches=1,32 --shapes=imagenet
 
 For every convolution shape the CIFAR and ImageNet ResNets use, times
-`lax.conv_general_dilated` (stride 1: with `conv.conv2d_stride1`'s
-backward), `conv.conv2d_dot` (one dot over the input windows) and, for
-reference, a dot of the same FLOPs, forward and forward + backward (input
-and kernel gradients), interleaved, in one process. Prints GFLOP/s and the
+`conv.conv2d` with both passes 'conv' (XLA's convolution; stride 1 with the
+canonical-layout backward) and both 'dot' (one dot over the input windows),
+forward and forward + backward (input and kernel gradients), interleaved,
+in one process. Prints GFLOP/s and the
 dot/conv time ratio per shape and writes JSON: the measurements behind
 `conv.formulation`.
 """
@@ -21,13 +21,11 @@ import time
 from absl import app
 from absl import flags
 import jax
-from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
 from sact_jax import conv
 
-_NHWC = ('NHWC', 'HWIO', 'NHWC')
 # (name, H (= W) of the input, cin, cout, kernel, stride).
 CIFAR_SHAPES = (
     ('cifar_stem', 32, 3, 16, 3, 1),
@@ -63,29 +61,19 @@ _OUT = flags.DEFINE_string('out', 'benchmarks/results/conv_formulations.json',
                            'JSON output path.')
 
 
-def same_padding(size, kernel, stride):
-  out = -(-size // stride)
-  total = max((out - 1) * stride + kernel - size, 0)
-  return ((total // 2, total - total // 2),) * 2
-
-
 def _fns(kernel, stride, padding):
+  """Forward and forward + backward of each formulation of `conv.conv2d`."""
   strides = (stride, stride)
 
-  def native(x, w):
-    if stride == 1:
-      return conv.conv2d_stride1(x, w, padding)
-    return lax.conv_general_dilated(x, w, strides, padding,
-                                    dimension_numbers=_NHWC)
-
-  def dot(x, w):
-    return conv.conv2d_dot(x, w, strides, padding)
+  def formulated(name):
+    return lambda x, w: conv.conv2d(x, w, strides, padding, None, name, name)
 
   def grads(fn):
     def loss(x, w):
       return jnp.sum(fn(x, w))  # Cotangent of ones: cost as any other.
     return jax.jit(jax.grad(loss, argnums=(0, 1)))
 
+  native, dot = formulated('conv'), formulated('dot')
   return {'conv_fwd': jax.jit(native), 'dot_fwd': jax.jit(dot),
           'conv_bwd': grads(native), 'dot_bwd': grads(dot)}
 
@@ -121,7 +109,8 @@ def main(argv):
     for name, size, cin, cout, kernel, stride in shapes:
       if name.startswith('in_') and batch > 32:
         continue
-      padding = same_padding(size, kernel, stride)
+      padding = conv.explicit_padding('SAME', (kernel, kernel),
+                                      (stride, stride), (size, size))
       x = jnp.asarray(rng.normal(size=(batch, size, size, cin)), jnp.float32)
       w = jnp.asarray(0.1 * rng.normal(size=(kernel, kernel, cin, cout)),
                       jnp.float32)

@@ -34,7 +34,7 @@ _NHWC = ('NHWC', 'HWIO', 'NHWC')
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
 
-def _explicit_padding(padding, kernel_hw: Sequence[int],
+def explicit_padding(padding, kernel_hw: Sequence[int],
                       strides: Sequence[int] = (1, 1),
                       in_hw: Sequence[int] | None = None) -> Padding | None:
   """((lo, hi), (lo, hi)) as XLA pads, or None if unsupported.
@@ -191,18 +191,6 @@ def _conv2d_bwd(strides, padding, precision, forward, backward, residuals,
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
-def conv2d_stride1(x_BxHxWxI, w_KxKxIxO, padding: Padding, precision=None):
-  """Stride-1 convolution, native passes (canonical-layout backward)."""
-  return conv2d(x_BxHxWxI, w_KxKxIxO, (1, 1), padding, precision)
-
-
-def conv2d_dot(x_BxHxWxI, w_KxLxIxO, strides: tuple[int, int],
-               padding: Padding, precision=None):
-  """A convolution as dots, forward and backward."""
-  return conv2d(x_BxHxWxI, w_KxLxIxO, strides, padding, precision, 'dot',
-                'dot')
-
-
 def _is_nhwc(dimension_numbers) -> bool:
   if dimension_numbers is None:
     return False
@@ -270,7 +258,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding,
       and kwargs.get('preferred_element_type') is None
       and kwargs.get('out_sharding') is None
   )
-  pads = (_explicit_padding(padding, rhs.shape[:2], strides, lhs.shape[1:3])
+  pads = (explicit_padding(padding, rhs.shape[:2], strides, lhs.shape[1:3])
           if simple else None)
   if pads is not None:
     forward, backward = formulation(lhs.shape, rhs.shape, strides)

@@ -80,7 +80,7 @@ class ConvTest(parameterized.TestCase):
   @parameterized.named_parameters(
       ('routed', conv.conv_general_dilated),
       ('as_dots', lambda x, w, strides, padding, dimension_numbers:
-       conv.conv2d_dot(x, w, strides, ((1, 1), (1, 1)))))
+       conv.conv2d(x, w, strides, ((1, 1), (1, 1)), None, 'dot', 'dot')))
   def test_gradient_inside_scan_matches_lax(self, conv_under_test):
     """The use case: stacked kernels under `lax.scan`, differentiated."""
     rng = np.random.default_rng(3)
@@ -162,13 +162,15 @@ _DOT_CASES = (
 
 
 class DotFormulationTest(parameterized.TestCase):
-  """`conv2d_dot`: one dot over the input windows, forward and backward."""
+  """`conv2d` as one dot over the input windows, forward and backward."""
 
   @parameterized.named_parameters(*_DOT_CASES)
   def test_values_and_vjp_match_lax(self, kernel_hw, strides, padding):
     x, w = _inputs(kernel_hw)
-    pads = conv._explicit_padding(padding, kernel_hw, strides, x.shape[1:3])  # pylint: disable=protected-access
-    y, vjp = jax.vjp(lambda x, w: conv.conv2d_dot(x, w, strides, pads), x, w)
+    pads = conv.explicit_padding(padding, kernel_hw, strides, x.shape[1:3])
+    y, vjp = jax.vjp(
+        lambda x, w: conv.conv2d(x, w, strides, pads, None, 'dot', 'dot'), x,
+        w)
     y_ref, vjp_ref = jax.vjp(_lax(padding, strides), x, w)
     chex.assert_shape(y, y_ref.shape)
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
@@ -193,8 +195,8 @@ class DotFormulationTest(parameterized.TestCase):
   def test_check_grads(self):
     x, w = _inputs((3, 3), seed=2)
     x = x[:1, :5, :4]
-    fn = jax.jit(lambda x, w: conv.conv2d_dot(x, w, (2, 2),
-                                              ((1, 1), (1, 1))))
+    fn = jax.jit(lambda x, w: conv.conv2d(x, w, (2, 2), ((1, 1), (1, 1)),
+                                          None, 'dot', 'dot'))
     jtu.check_grads(fn, (x, w), order=2, modes=('rev',), atol=2e-2,
                     rtol=2e-2)
 
@@ -226,8 +228,8 @@ class FormulationTest(parameterized.TestCase):
                                          kernel):
     x, w = _inputs((kernel, kernel), seed=5)
     strides = (stride, stride)
-    pads = conv._explicit_padding('SAME', (kernel, kernel), strides,  # pylint: disable=protected-access
-                                  x.shape[1:3])
+    pads = conv.explicit_padding('SAME', (kernel, kernel), strides,
+                                 x.shape[1:3])
     y, vjp = jax.vjp(lambda x, w: conv.conv2d(x, w, strides, pads, None,
                                               forward, backward), x, w)
     y_ref, vjp_ref = jax.vjp(_lax('SAME', strides), x, w)
