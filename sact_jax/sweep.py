@@ -52,19 +52,22 @@ def run_name(model_type: str, *, tau: float | None = None,
   return f'{model_type}_units{"-".join(str(u) for u in units)}'
 
 
-def parse_units(text: str, num_blocks: int) -> tuple[int, ...]:
-  """Units per block from a flag value: `3` (every block) or `1-2-3`.
+def parse_units(text: str | Sequence[int], num_blocks: int
+                ) -> tuple[int, ...]:
+  """Units per block from a flag value, `3` (every block) or `1-2-3`.
 
   Args:
-    text: one value of `--vanilla_units`.
+    text: one value of `--vanilla_units`, or units per block as a sequence.
     num_blocks: the number of blocks of the base config's model.
 
   Raises:
     SweepError: not positive integers, or a per-block list of another
       length than the model has blocks.
   """
+  parts = (str(text).split('-') if isinstance(text, str)
+           else [str(n) for n in text])
   try:
-    units = tuple(int(part) for part in str(text).split('-'))
+    units = tuple(int(part) for part in parts)
   except ValueError:
     raise SweepError(
         f'Bad vanilla units {text!r}: give units per block as N (every '
@@ -88,8 +91,8 @@ def plan(base_config: ml_collections.ConfigDict, *, taus: Sequence[float],
       the adaptive runs' units); runs differ in `model_type`, `tau` and,
       for vanilla, `units`.
     taus: ponder-cost weights of the adaptive runs.
-    vanilla_units: units per block of each vanilla run, as tuples or as
-      `parse_units` strings ('2': every block, '1-2-3').
+    vanilla_units: units per block of each vanilla run (`parse_units`:
+      tuples, or strings such as '2' (every block) and '1-2-3').
     model_types: which adaptive types to sweep over `taus` ('act', 'sact').
 
   Returns:
@@ -104,10 +107,7 @@ def plan(base_config: ml_collections.ConfigDict, *, taus: Sequence[float],
         base_config.family, models.depth_or_units(base_config.units)))
   except ValueError as e:
     raise SweepError(f'Bad base config: {e}') from None
-  vanilla_units = [
-      parse_units(u, num_blocks) if isinstance(u, str)
-      else parse_units('-'.join(str(n) for n in u), num_blocks)
-      for u in vanilla_units]
+  vanilla_units = [parse_units(u, num_blocks) for u in vanilla_units]
   unknown = [t for t in model_types if t not in ADAPTIVE_TYPES]
   if unknown:
     raise SweepError(f'Unknown model types {unknown}: the sweep varies tau '

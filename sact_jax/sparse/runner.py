@@ -204,11 +204,14 @@ class SparseRunner:
 
   # Jitted model-level phases ---------------------------------------------
 
-  def _stem_fn(self, top_vars, images):
-    self._phases.trace('stem')
+  def _run_stem(self, top_vars, images):
     counter = flops_lib.FlopCounter()
     x = self._model_cls.stem(self._view(top_vars), images, counter)
     return x, counter.per_image(images.shape[0])
+
+  def _stem_fn(self, top_vars, images):
+    self._phases.trace('stem')
+    return self._run_stem(top_vars, images)
 
   def _head_fn(self, top_vars, x, flops_B, ponder_costs):
     self._phases.trace('head')
@@ -253,17 +256,13 @@ class SparseRunner:
   def _block_input_shapes(self, weights, images_shape) -> list:
     """Each block's input shape for images of `images_shape` (cached)."""
     if images_shape not in self._block_shapes:
-      def stem(top_vars, images):
-        counter = flops_lib.FlopCounter()
-        return self._model_cls.stem(self._view(top_vars), images, counter)
-
       def first(block, first_vars, x_in):
         flops_B = jnp.zeros((x_in.shape[0],), jnp.float32)
         return common.run_first_unit(block.first_gd, first_vars, x_in,
                                      flops_B)[0]
 
-      x = jax.eval_shape(stem, weights.top,
-                         jax.ShapeDtypeStruct(images_shape, jnp.float32))
+      x, _ = jax.eval_shape(self._run_stem, weights.top,
+                            jax.ShapeDtypeStruct(images_shape, jnp.float32))
       shapes = []
       for runner_block, block_weights in zip(self._blocks, weights.blocks):
         shapes.append(x.shape)

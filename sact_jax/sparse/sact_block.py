@@ -288,13 +288,10 @@ class SactBlock:
     last = self.num_units - 2
     sizes_Ux2 = jnp.zeros((self.num_units - 1, 2), jnp.int32)
 
-    def dense_pays(i, sizes):
+    def cond(loop):  # A unit with a head, some position runs, dense pays.
+      i, _, _, sizes, _ = loop
       return ((i < last) & (sizes[1] > 0)
               & self.costs.runs_dense(sizes[0], sizes[1], num_rows))
-
-    def cond(loop):
-      i, _, _, sizes, _ = loop
-      return dense_pays(i, sizes)
 
     def body(loop):
       i, maps, halting_carry, _, sizes_Ux2 = loop
