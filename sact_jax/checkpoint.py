@@ -557,15 +557,38 @@ def restore_latest_model(workdir: str, spec: ModelSpec,
       raise CheckpointError(
           f'The checkpoint in {workdir} holds another model '
           f'({saved.describe()}) than the config ({spec.describe()}).')
-    return _restore_model_variables(manager, step, spec,
-                                    meta.get('ema', False), workdir, options)
+    return _restore_model_variables(manager, step,
+                                    spec.abstract_model(**options),
+                                    meta.get('ema', False), workdir)
+
+
+def restore_latest_variables(workdir: str, abstract_model: nnx.Module
+                             ) -> nnx.Module:
+  """`abstract_model` with the variables of `workdir`'s latest checkpoint.
+
+  For models that are not a `ModelSpec`'s (e.g. a detector around one);
+  eval mode, replicated, moving averages when kept, as
+  `restore_latest_model`.
+
+  Raises:
+    CheckpointError: `workdir` holds no training checkpoint.
+  """
+  missing = CheckpointError(
+      f'No training checkpoint in {os.path.join(workdir, RUN_DIR)}.')
+  if not os.path.isdir(os.path.join(workdir, RUN_DIR)):
+    raise missing
+  with run_manager(workdir, read_only=True) as manager:
+    step, meta = _latest_run_meta(manager)
+    if meta is None:
+      raise missing
+    return _restore_model_variables(manager, step, abstract_model,
+                                    meta.get('ema', False), workdir)
 
 
 def _restore_model_variables(manager: ocp.CheckpointManager, step: int,
-                             spec: ModelSpec, use_ema: bool, workdir: str,
-                             options: Mapping[str, Any]) -> nnx.Module:
+                             abstract: nnx.Module, use_ema: bool,
+                             workdir: str) -> nnx.Module:
   """The model variables (or their averages) of one run checkpoint."""
-  abstract = spec.abstract_model(**options)
   graphdef, params, model_state = nnx.split(abstract, nnx.Param, ...)
   # The trainer's mesh: the restored weights are placed as it places them.
   sharding = parallel.replicated(parallel.make_mesh())

@@ -65,7 +65,8 @@ def param_count(model: nnx.Module) -> int:
   return int(sum(math.prod(x.shape) for x in leaves))
 
 
-def vanilla_flops(model_fn, image_shape: tuple[int, int, int]) -> int:
+def vanilla_flops(model_fn, image_shape: tuple[int, int, int], *,
+                  apply=None) -> int:
   """Dense FLOPs per image of the model `model_fn()` builds, without running it.
 
   The model is built abstractly (`nnx.eval_shape`) and traced abstractly
@@ -75,6 +76,8 @@ def vanilla_flops(model_fn, image_shape: tuple[int, int, int]) -> int:
   Args:
     model_fn: a zero-argument function that builds a *vanilla* model.
     image_shape: `(H, W, 3)`.
+    apply: `(model, images, counter) -> ...`, the part of the model to
+      price (e.g. a detection extractor); None for the whole model.
   """
   abstract = nnx.eval_shape(model_fn)
   abstract.eval()
@@ -83,6 +86,8 @@ def vanilla_flops(model_fn, image_shape: tuple[int, int, int]) -> int:
 
   def forward(state, images):
     model = nnx.merge(graphdef, state)
+    if apply is not None:
+      return apply(model, images, counter)
     return model(images, counter=counter)
 
   jax.eval_shape(forward, state,

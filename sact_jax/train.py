@@ -287,7 +287,7 @@ def make_train_dataset(config: ml_collections.ConfigDict,
       worker_count=config.get('data_workers', 0))
 
 
-def _state_tree(state: TrainState) -> dict[str, Any]:
+def state_tree(state: TrainState) -> dict[str, Any]:
   tree = {'step': state.step, 'params': state.params,
           'model_state': state.model_state, 'opt_state': state.opt_state}
   if state.ema is not None:
@@ -299,7 +299,7 @@ def _save(manager: ocp.CheckpointManager, state: TrainState,
           iterator: grain.DatasetIterator, spec: models.ModelSpec,
           config: ml_collections.ConfigDict) -> None:
   checkpoint_lib.save_run(
-      manager, int(parallel.fetch(state.step)), _state_tree(state),
+      manager, int(parallel.fetch(state.step)), state_tree(state),
       data_lib.get_iterator_state(iterator), spec,
       json.loads(config.to_json_best_effort()))
 
@@ -307,7 +307,7 @@ def _save(manager: ocp.CheckpointManager, state: TrainState,
 def _restore(manager: ocp.CheckpointManager, step: int, trainer: Trainer,
              iterator: grain.DatasetIterator) -> TrainState:
   restored = checkpoint_lib.restore_run(
-      manager, step, _state_tree(trainer.abstract_state()), iterator)
+      manager, step, state_tree(trainer.abstract_state()), iterator)
   return TrainState(**restored)
 
 
@@ -316,7 +316,7 @@ def _restore(manager: ocp.CheckpointManager, step: int, trainer: Trainer,
 # ---------------------------------------------------------------------------
 
 
-class _PreemptionWatcher:
+class PreemptionWatcher:
   """Says when to save and stop because the process got SIGTERM.
 
   One process: a SIGTERM handler sets a flag (checked between steps).
@@ -413,7 +413,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
         data_lib.image_shape(config.dataset, config.image_size))
 
     writer = metric_writer.MetricWriter(workdir)
-    watcher = _PreemptionWatcher()
+    watcher = PreemptionWatcher()
     total = config.num_train_steps
     pending: list[Metrics] = []
     last_saved = latest

@@ -107,7 +107,7 @@ def synthetic_batches(num: int, batch_size: int = GLOBAL_BATCH,
 
 def flat_state(state: train.TrainState) -> dict[str, np.ndarray]:
   """Every array of a train state by path, as numpy (process-local copy)."""
-  tree = checkpoint.to_pure(train._state_tree(state))  # pylint: disable=protected-access
+  tree = checkpoint.to_pure(train.state_tree(state))
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
   return {jax.tree_util.keystr(path): parallel.fetch(leaf)
           for path, leaf in flat}

@@ -165,3 +165,36 @@ def parse_variant(arg: str | None, known_flags: Iterable[str] = ('smoke',),
           + (f', optionally with {", ".join(known_flags)}' if known_flags
              else '') + '.')
   return parts
+
+
+def detection_config() -> ml_collections.ConfigDict:
+  """`base_config()` plus the fields of detection training.
+
+  The classification fields keep their meaning: `family`/`units`/
+  `model_type`/`num_classes`/`base_channels`/`eps` describe the backbone
+  classifier (whose logits the detector does not use), the optimizer and
+  run fields are the same. `dataset` is a detection dataset
+  (`sact_jax.data.detection.DETECTION_DATASETS`).
+  """
+  config = base_config()
+  config.dataset = 'sact_detection'
+  config.family = 'imagenet'
+  # Side of the square model input; None: the dataset's default.
+  config.image_size = ml_collections.config_dict.placeholder(int)
+  # Ground-truth boxes per image (padding); None: the dataset's default.
+  config.max_boxes = ml_collections.config_dict.placeholder(int)
+  # Object classes of the dataset (no background).
+  config.num_detection_classes = 6
+  # Faster R-CNN settings: any field of
+  # sact_jax.detection.faster_rcnn.DetectorConfig (the rest keep its
+  # defaults, the TF Object Detection API's).
+  config.detector = ml_collections.ConfigDict()
+  # A classification model checkpoint (sact_jax.checkpoint.save_model) or
+  # training workdir whose backbone weights start the detector (halting
+  # heads too when it has them); None: random initialisation.
+  config.init_from = ml_collections.config_dict.placeholder(str)
+  # Evaluation: COCO metrics of the eval split every eval_every_steps and
+  # after training, and a picture of this many images' detections and
+  # ponder maps.
+  config.num_detection_pictures = 8
+  return config

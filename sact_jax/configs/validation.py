@@ -79,6 +79,38 @@ def validate_config(config: ml_collections.ConfigDict,
         f'{config.dataset} has {info.image_shape[-1]}-channel images; the '
         'models take RGB (3 channels).')
 
+  validate_optimization(config)
+  if config.get('init_from'):
+    check(checkpoint_lib.is_model_checkpoint(config.init_from),
+          f'init_from={config.init_from!r} is not a sact_jax model '
+          'checkpoint directory (written by sact_jax.checkpoint.save_model '
+          'or experiments.convert_checkpoint).')
+  if workdir is not None:
+    check_workdir(workdir, spec)
+
+
+def check_workdir(workdir: str, spec: models.ModelSpec) -> None:
+  """A workdir to resume must hold a checkpoint of the same model, if any."""
+  saved = checkpoint_lib.saved_run_spec(workdir)
+  if saved is not None and saved != spec:
+    raise ConfigError(
+        f'{os.path.join(workdir, checkpoint_lib.RUN_DIR)} holds a checkpoint '
+        f'of a different model ({saved.describe()}) than the config '
+        f'({spec.describe()}); use another --workdir.')
+
+
+def validate_optimization(config: ml_collections.ConfigDict) -> None:
+  """The batch, schedule, optimizer and cadence fields of a training config.
+
+  Shared by classification and detection training (`base_config` fields).
+
+  Raises:
+    ConfigError: one line naming the problem.
+  """
+  def check(condition, message):
+    if not condition:
+      raise ConfigError(message)
+
   num_devices, num_hosts = jax.device_count(), jax.process_count()
   for name in ('batch_size', 'eval_batch_size'):
     value = config[name]
@@ -129,15 +161,3 @@ def validate_config(config: ml_collections.ConfigDict,
   num_eval = config.get('num_eval_examples')
   check(num_eval is None or num_eval >= 1,
         f'num_eval_examples must be >= 1 or None, got {num_eval}.')
-  if config.get('init_from'):
-    check(checkpoint_lib.is_model_checkpoint(config.init_from),
-          f'init_from={config.init_from!r} is not a sact_jax model '
-          'checkpoint directory (written by sact_jax.checkpoint.save_model '
-          'or experiments.convert_checkpoint).')
-  if workdir is not None:
-    saved = checkpoint_lib.saved_run_spec(workdir)
-    if saved is not None and saved != spec:
-      raise ConfigError(
-          f'{os.path.join(workdir, checkpoint_lib.RUN_DIR)} holds a checkpoint of a '
-          f'different model ({saved.describe()}) than the config '
-          f'({spec.describe()}); use another --workdir.')

@@ -1,8 +1,14 @@
-"""Input data: the generated `sact_shapes` dataset and grain pipelines.
+"""Input data: the generated datasets and grain pipelines.
 
-Importing this package registers the `sact_shapes` tfds builder.
+Importing this package registers the `sact_shapes` and `sact_detection` tfds
+builders.
 """
 
+from sact_jax.data.detection import DETECTION_DATASETS
+from sact_jax.data.detection import detection_info
+from sact_jax.data.detection import DetectionInfo
+from sact_jax.data.detection import make_detection_dataset
+from sact_jax.data.detection_shapes import SactDetection
 from sact_jax.data.pipeline import dataset_info
 from sact_jax.data.pipeline import DatasetInfo
 from sact_jax.data.pipeline import DatasetNotFoundError

@@ -78,13 +78,31 @@ _DATASET_INFO = {
 }
 SUPPORTED_DATASETS = tuple(_DATASET_INFO)
 
-# How to get each dataset into a tfds `data_dir` (shown in errors).
+# Datasets generated locally (on first use by the pipelines).
+_GENERATED_DATASETS = ('sact_shapes', 'sact_detection')
+
+
+def _build_hint(name: str, note: str = '') -> str:
+  """How to prepare a downloadable dataset (`note`: e.g. its size)."""
+  return ('Prepare it on a machine with network access and TensorFlow '
+          f'(`pip install tensorflow tensorflow-datasets`){note}:\n'
+          f'  tfds build {name} --data_dir=DATA_DIR --file_format=array_record'
+          f'\nthen copy DATA_DIR/{name.partition("/")[0]} into the data_dir '
+          'above.')
+
+
+def _generate_hint(name: str) -> str:
+  """How to prepare a generated dataset by hand."""
+  return ('It is generated locally: python -c "import sact_jax.data, '
+          f"tensorflow_datasets as tfds; tfds.builder('{name}', "
+          "data_dir='DATA_DIR', file_format='array_record')"
+          '.download_and_prepare()"')
+
+
+# How to get each dataset (by base name) into a tfds `data_dir` (shown in
+# errors); the detection datasets are read by `detection.py`.
 _PREPARE_HINTS = {
-    'cifar10': (
-        'Prepare it on a machine with network access and TensorFlow '
-        '(`pip install tensorflow tensorflow-datasets`):\n'
-        '  tfds build cifar10 --data_dir=DATA_DIR --file_format=array_record\n'
-        'then copy DATA_DIR/cifar10 into the data_dir above.'),
+    'cifar10': _build_hint('cifar10'),
     'imagenet2012': (
         'ImageNet cannot be downloaded automatically. Put '
         'ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from '
@@ -92,11 +110,8 @@ _PREPARE_HINTS = {
         '({manual_dir}), then, with TensorFlow installed, run:\n'
         '  tfds build imagenet2012 --data_dir=DATA_DIR '
         '--manual_dir=MANUAL_DIR --file_format=array_record'),
-    'sact_shapes': (
-        'It is generated locally: python -c "import sact_jax.data, '
-        "tensorflow_datasets as tfds; tfds.builder('sact_shapes', "
-        "data_dir='DATA_DIR', file_format='array_record')"
-        '.download_and_prepare()"'),
+    'coco': _build_hint('coco/2017', ' (it downloads about 25 GB)'),
+    **{name: _generate_hint(name) for name in _GENERATED_DATASETS},
 }
 
 # Pixels of zero padding on each side before a random crop (CIFAR-style).
@@ -214,18 +229,45 @@ def make_dataset(
       `sact_shapes`, which is generated there if needed).
   """
   base, _ = _parse_name(name)
+  _check_shard(shard_index, shard_count)
+  size = image_shape(name, image_size)[0]
+  source = _data_source(name, split, data_dir)
+  load = functools.partial(_load_batch, source=source,
+                           preprocess=_PREPROCESSORS[base],
+                           normalize=_NORMALIZERS[base], train=train,
+                           image_size=size)
+  return _batched_dataset(
+      len(source), load, batch_size=batch_size, train=train, seed=seed,
+      shard_index=shard_index, shard_count=shard_count,
+      num_epochs=num_epochs, worker_count=worker_count)
+
+
+def _check_shard(shard_index: int, shard_count: int) -> None:
   if not 0 <= shard_index < shard_count:
     raise ValueError(f'Need 0 <= shard_index < shard_count, got {shard_index} '
                      f'and {shard_count}.')
-  size = image_shape(name, image_size)[0]
+
+
+def _batched_dataset(num_examples: int, load, *, batch_size: int,
+                     train: bool, seed: int, shard_index: int,
+                     shard_count: int, num_epochs: int | None,
+                     worker_count: int) -> grain.IterDataset:
+  """The grain pipeline shared by all datasets, up to `load`.
+
+  The other arguments are `make_dataset`'s.
+
+  Args:
+    num_examples: size of the source.
+    load: (indices_B, rng) -> batch: reads and preprocesses the examples at
+      a batch of source indices; rng is a numpy generator seeded from (seed,
+      batch position) when training, else None.
+  """
   if num_epochs is None:
     num_epochs = None if train else 1
-
-  source = _data_source(name, split, data_dir)
   # The pipeline runs on example indices up to the batch, then reads each
   # batch from the source in one call and preprocesses it vectorised: several
   # times faster than per-example reads and maps on a small CPU.
-  ds = grain.MapDataset.range(len(source))
+  ds = grain.MapDataset.range(num_examples)
   # Each host reads every shard_count-th example: disjoint shards whose sizes
   # differ by at most one example.
   ds = ds[shard_index::shard_count]
@@ -237,10 +279,6 @@ def make_dataset(
   if num_epochs != 1:
     ds = ds.repeat(num_epochs)
   ds = ds.batch(batch_size, drop_remainder=train)
-  load = functools.partial(_load_batch, source=source,
-                           preprocess=_PREPROCESSORS[base],
-                           normalize=_NORMALIZERS[base], train=train,
-                           image_size=size)
   if train:
     # The generator is seeded from (seed, batch position): augmentation is
     # reproducible and differs between epochs.
@@ -261,15 +299,20 @@ def _load_batch(indices_B: np.ndarray, rng: np.random.Generator | None, *,
                 source, preprocess, normalize, train: bool,
                 image_size: int) -> Example:
   """Reads the examples at `indices_B` and preprocesses them into a batch."""
-  indices = [int(i) for i in indices_B]
-  try:
-    examples = source.__getitems__(indices)  # One batched read.
-  except TypeError:
-    # The source of `tfds.testing.mock_data` has a broken `__getitems__`.
-    examples = [source[i] for i in indices]
+  examples = _read_examples(source, indices_B)
   batch = preprocess(examples, rng, train=train, image_size=image_size)
   batch['image'] = normalize(batch['image'])
   return batch
+
+
+def _read_examples(source, indices_B: np.ndarray) -> list[Example]:
+  """The examples at `indices_B` of a tfds data source, in one read."""
+  indices = [int(i) for i in indices_B]
+  try:
+    return source.__getitems__(indices)  # One batched read.
+  except TypeError:
+    # The source of `tfds.testing.mock_data` has a broken `__getitems__`.
+    return [source[i] for i in indices]
 
 
 def get_iterator_state(iterator: grain.DatasetIterator) -> dict[str, Any]:
@@ -301,9 +344,16 @@ def _parse_name(name: str) -> tuple[str, str | None]:
 
 
 def _data_source(name: str, split: str, data_dir: str | None):
-  """Opens a tfds random-access source; never downloads."""
-  base, _ = _parse_name(name)
-  if base == 'sact_shapes' and not tfds.builder(
+  """Opens a tfds random-access source; never downloads.
+
+  Args:
+    name: tfds name of a dataset of `_PREPARE_HINTS` (checked by the caller),
+      optionally with a config; generated datasets are prepared if needed.
+    split: tfds split.
+    data_dir: tfds data directory; None for the tfds default.
+  """
+  base = name.partition('/')[0]
+  if base in _GENERATED_DATASETS and not tfds.builder(
       name, data_dir=data_dir).is_prepared():
     # Generated here in seconds.
     tfds.builder(name, data_dir=data_dir,
@@ -435,10 +485,9 @@ def _crop_resize_imagenet(image: np.ndarray | bytes,
                           rng: np.random.Generator | None, *, train: bool,
                           image_size: int) -> np.ndarray:
   """Crops one image (random or central), resizes it, maybe flips it."""
-  # Lazy: PIL is only needed for ImageNet.
+  # Lazy: PIL is only needed for photographs.
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  if isinstance(image, bytes):  # Undecoded (e.g. tfds SkipDecoding).
-    image = np.asarray(Image.open(io.BytesIO(image)).convert('RGB'))
+  image = _decode_rgb(image)
   height, width = image.shape[:2]
   if train:
     top, left, crop_h, crop_w = _inception_crop_window(height, width, rng)
@@ -453,6 +502,14 @@ def _crop_resize_imagenet(image: np.ndarray | bytes,
   if train and rng.random() < 0.5:
     pil = pil.transpose(Image.FLIP_LEFT_RIGHT)
   return np.asarray(pil)
+
+
+def _decode_rgb(image: np.ndarray | bytes) -> np.ndarray:
+  """A tfds `Image` as uint8 [H, W, 3], decoding it if still encoded."""
+  if isinstance(image, bytes):  # Undecoded (e.g. tfds SkipDecoding).
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    image = np.asarray(Image.open(io.BytesIO(image)).convert('RGB'))
+  return image
 
 
 def _inception_crop_window(height: int, width: int, rng: np.random.Generator,

@@ -66,33 +66,40 @@ def _generate_chunk(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
   # The whole object lies inside the image, one pixel from the border.
   centre_Nx2 = rng.uniform(radius_N[:, None] + 1, IMAGE_SIZE - radius_N[:, None]
                            - 1, (n, 2))
-  mask_NxHxW = _object_masks(label_N, centre_Nx2, radius_N, rng)
+  mask_NxHxW = object_masks(label_N, centre_Nx2, radius_N, rng)
 
-  image_NxHxWx3 = _background(n, rng)
-  colour_Nx3 = _object_colours(image_NxHxWx3, mask_NxHxW, rng)
+  image_NxHxWx3 = background(n, rng)
+  colour_Nx3 = object_colours(image_NxHxWx3, mask_NxHxW, rng)
   image_NxHxWx3 = np.where(mask_NxHxW[..., None], colour_Nx3[:, None, None],
                            image_NxHxWx3)
-  # Sensor-like noise, also on the object, so that no region is flat.
-  image_NxHxWx3 += 0.03 * rng.standard_normal(image_NxHxWx3.shape,
-                                              dtype=np.float32)
-  image_NxHxWx3 = np.clip(np.round(image_NxHxWx3 * 255), 0, 255)
   return {
-      'image': image_NxHxWx3.astype(np.uint8),
+      'image': finish_images(image_NxHxWx3, rng),
       'label': label_N.astype(np.int64),
       'mask': mask_NxHxW.astype(np.uint8),
   }
 
 
-def _pixel_grid() -> tuple[np.ndarray, np.ndarray]:
-  """Returns the y and x coordinates of pixel centres, [1, H, W] each."""
-  coords = np.arange(IMAGE_SIZE, dtype=np.float32) + 0.5
-  y_HxW, x_HxW = np.meshgrid(coords, coords, indexing='ij')
-  return y_HxW[None], x_HxW[None]
+def _pixel_grid(image_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """Returns the y and x coordinates of pixel centres, [1, S, S] each."""
+  coords = np.arange(image_size, dtype=np.float32) + 0.5
+  y_SxS, x_SxS = np.meshgrid(coords, coords, indexing='ij')
+  return y_SxS[None], x_SxS[None]
 
 
-def _object_masks(label_N, centre_Nx2, radius_N, rng) -> np.ndarray:
-  """Rasterises each object on pixel centres, bool [N, H, W]."""
-  y, x = _pixel_grid()
+def object_masks(label_N: np.ndarray, centre_Nx2: np.ndarray,
+                 radius_N: np.ndarray, rng: np.random.Generator,
+                 image_size: int = IMAGE_SIZE) -> np.ndarray:
+  """Rasterises each object on pixel centres, bool [N, S, S].
+
+  Args:
+    label_N: class of each object (index into `CLASS_NAMES`).
+    centre_Nx2: (y, x) centres in pixels (the image spans [0, S]).
+    radius_N: radii in pixels: the object lies within `EXTENT` times this
+      of its centre.
+    rng: numpy generator (orientation of the triangles).
+    image_size: side S of the square images.
+  """
+  y, x = _pixel_grid(image_size)
   centre_Nx2 = centre_Nx2.astype(np.float32)
   dy_NxHxW = y - centre_Nx2[:, 0, None, None]
   dx_NxHxW = x - centre_Nx2[:, 1, None, None]
@@ -107,6 +114,9 @@ def _object_masks(label_N, centre_Nx2, radius_N, rng) -> np.ndarray:
   return mask_NxHxW
 
 
+# Objects lie within this many radii of their centre (a diamond's corners;
+# the other classes within one radius).
+EXTENT = 1.15
 # One function (dy, dx, radius) -> bool mask per class, in `CLASS_NAMES`
 # order. Sizes are chosen so that all classes have similar areas (2-3 r^2),
 # so that area does not give the class away.
@@ -123,11 +133,25 @@ _RASTERISERS = (
 )
 
 
-def _background(n: int, rng: np.random.Generator) -> np.ndarray:
-  """Cluttered backgrounds in [0, 1], float32 [N, H, W, 3]."""
+def background(n: int, rng: np.random.Generator,
+               image_size: int = IMAGE_SIZE) -> np.ndarray:
+  """Cluttered backgrounds in [0, 1], float32 [N, S, S, 3].
+
+  The clutter has the same density at any size S, so that a model trained
+  on 32x32 images sees the same backgrounds in a window of a larger image:
+  the colour noise field has about S / 8 + 1 nodes a side, and there are
+  about 3 (S / 32)^2 blob and 2 S / 32 line candidates (5, 3 and 2 at 32).
+
+  Args:
+    n: number of images.
+    rng: numpy generator.
+    image_size: side S of the square images.
+  """
+  scale = image_size / IMAGE_SIZE
+  field_size = round(4 * scale) + 1
   # Pixel-centre coordinates; separable terms are built from [N, H] and
   # [N, W] factors, which keeps generation fast.
-  coord_1xH = (np.arange(IMAGE_SIZE, dtype=np.float32) + 0.5)[None]
+  coord_1xH = (np.arange(image_size, dtype=np.float32) + 0.5)[None]
 
   def column(values_N):
     return values_N.astype(np.float32)[:, None]
@@ -135,13 +159,13 @@ def _background(n: int, rng: np.random.Generator) -> np.ndarray:
   def colours():
     return rng.uniform(0, 1, (n, 1, 1, 3)).astype(np.float32)
 
-  # Base colour plus smooth colour noise: a 5x5 random field, upsampled.
+  # Base colour plus smooth colour noise: a FxF random field, upsampled.
   base_Nx1x1x3 = rng.uniform(0.1, 0.9, (n, 1, 1, 3))
-  field_Nx5x5x3 = rng.normal(0.0, 1.0, (n, 5, 5, 3))
-  field_Nx5x5x3 *= rng.uniform(0.03, 0.15, (n, 1, 1, 1))
-  upsample_Hx5 = _bilinear_matrix(5, IMAGE_SIZE)
-  smooth_NxHxWx3 = np.einsum('yi,nijc,xj->nyxc', upsample_Hx5, field_Nx5x5x3,
-                             upsample_Hx5, optimize=True)
+  field_NxFxFx3 = rng.normal(0.0, 1.0, (n, field_size, field_size, 3))
+  field_NxFxFx3 *= rng.uniform(0.03, 0.15, (n, 1, 1, 1))
+  upsample_HxF = _bilinear_matrix(field_size, image_size)
+  smooth_NxHxWx3 = np.einsum('yi,nijc,xj->nyxc', upsample_HxF, field_NxFxFx3,
+                             upsample_HxF, optimize=True)
   image = (base_Nx1x1x3 + smooth_NxHxWx3).astype(np.float32)
 
   # Stripes of random frequency, angle and colour in half of the images:
@@ -158,10 +182,11 @@ def _background(n: int, rng: np.random.Generator) -> np.ndarray:
       np.float32)[:, None, None]
   image += wave_NxHxW[..., None] * stripe_colour
 
-  # Up to 3 soft Gaussian blobs: round, coloured, but not objects (no edges).
-  for _ in range(3):
+  # Soft Gaussian blobs (each present with probability 0.6): round,
+  # coloured, but not objects (no edges).
+  for _ in range(round(3 * scale**2)):
     alpha_N = rng.uniform(0.5, 0.9, n) * (rng.random(n) < 0.6)
-    centre_Nx2 = rng.uniform(0, IMAGE_SIZE, (n, 2))
+    centre_Nx2 = rng.uniform(0, image_size, (n, 2))
     inv_sigma_N = 1 / rng.uniform(1.2, 2.5, n)
     g_NxH = np.exp(-0.5 * ((coord_1xH - column(centre_Nx2[:, 0]))
                            * column(inv_sigma_N))**2)
@@ -171,11 +196,12 @@ def _background(n: int, rng: np.random.Generator) -> np.ndarray:
         :, None, :]
     image += weight_NxHxW[..., None] * (colours() - image)
 
-  # Up to 2 thin (one pixel) lines right across the image.
-  for _ in range(2):
+  # Thin (one pixel) lines right across the image, each present with
+  # probability 0.5.
+  for _ in range(round(2 * scale)):
     present_N = rng.random(n) < 0.5
     angle_N = rng.uniform(0, np.pi, n)
-    point_Nx2 = rng.uniform(0, IMAGE_SIZE, (n, 2))
+    point_Nx2 = rng.uniform(0, image_size, (n, 2))
     # Distance to the line: |(x - px) sin(a) - (y - py) cos(a)|.
     along_x_NxW = (coord_1xH - column(point_Nx2[:, 1])) * column(
         np.sin(angle_N))
@@ -198,7 +224,8 @@ def _bilinear_matrix(size_in: int, size_out: int) -> np.ndarray:
   return weights
 
 
-def _object_colours(image_NxHxWx3, mask_NxHxW, rng) -> np.ndarray:
+def object_colours(image_NxHxWx3: np.ndarray, mask_NxHxW: np.ndarray,
+                   rng: np.random.Generator) -> np.ndarray:
   """Random object colours that stand out from the background behind them.
 
   Colours are uniform in the RGB cube, rejected while closer than 0.5 to the
@@ -224,6 +251,22 @@ def _object_colours(image_NxHxWx3, mask_NxHxW, rng) -> np.ndarray:
   choice_N = np.where(far_NxK.any(axis=1), far_NxK.argmax(axis=1),
                       distance_NxK.argmax(axis=1))
   return candidates_NxKx3[np.arange(n), choice_N].astype(np.float32)
+
+
+def finish_images(image_NxHxWx3: np.ndarray,
+                  rng: np.random.Generator) -> np.ndarray:
+  """Adds sensor-like noise to images in [0, 1] and quantises them to uint8.
+
+  The noise is also on the objects, so that no region is flat.
+
+  Args:
+    image_NxHxWx3: float32 images in [0, 1] (modified in place).
+    rng: numpy generator.
+  """
+  image_NxHxWx3 += 0.03 * rng.standard_normal(image_NxHxWx3.shape,
+                                              dtype=np.float32)
+  image_NxHxWx3 = np.clip(np.round(image_NxHxWx3 * 255), 0, 255)
+  return image_NxHxWx3.astype(np.uint8)
 
 
 @dataclasses.dataclass(eq=False)

@@ -25,7 +25,8 @@ def _check_split(model: base.AdaptiveResNet, num_blocks: int):
 
 
 def extract_features(model: base.AdaptiveResNet, images_BxHxWx3: jax.Array,
-                     num_blocks: int = DEFAULT_FEATURE_BLOCKS
+                     num_blocks: int = DEFAULT_FEATURE_BLOCKS, *,
+                     counter: flops_lib.FlopCounter | None = None
                      ) -> tuple[jax.Array, dict]:
   """The stem and blocks 1..num_blocks: `(features_BxhxwxC, aux)`.
 
@@ -36,7 +37,7 @@ def extract_features(model: base.AdaptiveResNet, images_BxHxWx3: jax.Array,
   """
   base.check_images(images_BxHxWx3)
   _check_split(model, num_blocks)
-  counter = flops_lib.FlopCounter()
+  counter = flops_lib.FlopCounter() if counter is None else counter
   x = model.stem(images_BxHxWx3, counter)
   features, aux = model.run_blocks(x, counter, 0, num_blocks)
   return features, {'flops': counter.per_image(images_BxHxWx3.shape[0]),

@@ -1,0 +1,73 @@
+r"""Evaluates a trained detector: COCO metrics, extractor FLOPs, pictures.
+
+  python -m experiments.evaluate_detection \
+      --config=sact_jax/configs/detection.py:sact --workdir=/tmp/detection_sact
+
+Restores the latest checkpoint of the training run in `--workdir` (the
+config must be the run's), prints one line of metrics, writes them as JSON
+to `--output` (default: `eval.json` in the workdir) and, with
+`--pictures=N`, `detections.png` next to it (detections beside the
+extractor's ponder maps).
+
+Bad input (flags, config, a missing checkpoint, an output that cannot be
+written) ends with one `error:` line and exit status 2 (see
+experiments/_cli.py).
+"""
+
+import os
+
+from absl import flags
+from ml_collections import config_flags
+
+from experiments import _cli
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'The detection config of the training run.',
+    lock_config=False)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir.',
+                               required=True)
+_OUTPUT = flags.DEFINE_string(
+    'output', None, 'JSON output path (default: eval.json in the workdir).')
+_PICTURES = flags.DEFINE_integer(
+    'pictures', 8, 'Eval images drawn into detections.png next to the '
+    'output; 0: none.', lower_bound=0)
+
+
+def main(argv):
+  if len(argv) > 1:
+    _cli.fail(f'Unexpected arguments: {" ".join(argv[1:])}')
+  config = _cli.config_value(_CONFIG)
+  if config is None:
+    _cli.fail('--config is required: the detection config of the run.')
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_default_prng_impl', 'rbg')
+  from sact_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from sact_jax import data  # pylint: disable=g-import-not-at-top
+  from sact_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from sact_jax import workdirs  # pylint: disable=g-import-not-at-top
+  from sact_jax.configs import validation  # pylint: disable=g-import-not-at-top
+  from sact_jax.detection import evaluate as detection_eval  # pylint: disable=g-import-not-at-top
+  from sact_jax.detection import main_job  # pylint: disable=g-import-not-at-top
+  from sact_jax.detection import train as detection_train  # pylint: disable=g-import-not-at-top
+
+  output = _OUTPUT.value or os.path.join(_WORKDIR.value, 'eval.json')
+  try:
+    model = detection_train.restore_detector(config, _WORKDIR.value)
+    workdirs.ensure_writable_dir(os.path.dirname(os.path.abspath(output)))
+    metrics = detection_eval.evaluate_detector(model, config)
+  except (validation.ConfigError, data.DatasetNotFoundError,
+          checkpoint.CheckpointError, workdirs.WorkdirError) as e:
+    _cli.fail(_cli.one_line(e))
+  evaluate.save_json(metrics, output)
+  if _PICTURES.value:
+    detection_eval.save_detection_pictures(
+        model, config, os.path.join(os.path.dirname(os.path.abspath(output)),
+                                    main_job.PICTURE_FILE),
+        num_images=_PICTURES.value)
+  print(detection_eval.summary_line(metrics))
+  print(f'Metrics written to {output}.')
+
+
+if __name__ == '__main__':
+  flags.mark_flag_as_required('config')
+  _cli.run(main)

@@ -1,0 +1,231 @@
+"""Detector evaluation: COCO metrics, extractor FLOPs and ponder cost.
+
+The paper's detection table reports, per model, mAP@[.5:.95] and the
+feature extractor's FLOPs (mean +- std over images, as % of the vanilla
+extractor of the same depth); the ponder maps of SACT's extractor should
+concentrate on objects. `evaluate_detector` measures all of that on the
+eval split: detections of every image go to pycocotools (`coco_eval.py`),
+FLOPs and ponder costs come from the extractor's aux, and where the data
+has object masks (`sact_detection`) the ponder cost inside objects is
+compared with the cost outside.
+"""
+
+import functools
+from typing import Any, Mapping
+
+from absl import logging
+from flax import nnx
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from sact_jax import evaluate as classification_eval
+from sact_jax import parallel
+from sact_jax import visualize
+from sact_jax.data import detection as detection_data
+from sact_jax.detection import coco_eval
+from sact_jax.detection import faster_rcnn
+from sact_jax.detection import visualize as detection_visualize
+
+
+def total_ponder_map(ponder_costs: list[jax.Array], shape: tuple[int, int]
+                     ) -> jax.Array:
+  """The extractor's ponder cost per position `[B, *shape]`.
+
+  The sum over blocks of each block's map, nearest-upsampled to `shape`
+  (SACT); ACT's per-image costs are constant maps; vanilla gives zeros.
+  """
+  total = None
+  for cost in ponder_costs:
+    if cost.ndim == 1:
+      cost = cost[:, None, None]
+    batch = cost.shape[0]
+    up = jax.image.resize(cost, (batch, *shape), 'nearest')
+    total = up if total is None else total + up
+  return total
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _detect_step(graphdef, state, detector, images_BxSxSx3, mask_BxSxS):
+  model = nnx.merge(graphdef, state)
+  detections, aux = faster_rcnn.detect(model, images_BxSxSx3, detector)
+  batch = images_BxSxSx3.shape[0]
+  stats = {'flops': aux['flops'],
+           'ponder_cost': sum((jnp.mean(c.reshape(batch, -1), axis=1)
+                               for c in aux['ponder_cost']),
+                              jnp.zeros((batch,), jnp.float32))}
+  if aux['ponder_cost'] and mask_BxSxS is not None:
+    cost = total_ponder_map(aux['ponder_cost'], mask_BxSxS.shape[1:])
+    inside, outside = mask_BxSxS, 1.0 - mask_BxSxS
+    stats['ponder_inside'] = (jnp.sum(cost * inside, (1, 2))
+                              / jnp.maximum(jnp.sum(inside, (1, 2)), 1.0))
+    stats['ponder_outside'] = (jnp.sum(cost * outside, (1, 2))
+                               / jnp.maximum(jnp.sum(outside, (1, 2)), 1.0))
+  return detections, stats
+
+
+def _eval_split(config: ml_collections.ConfigDict,
+                info: detection_data.DetectionInfo) -> str:
+  limit = config.get('num_eval_examples')
+  return info.eval_split if limit is None else f'{info.eval_split}[:{limit}]'
+
+
+def _pad(batch: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+  """Zero-pads a (last, partial) batch to `size` rows: one compilation."""
+  count = batch['image'].shape[0]
+  return {k: np.pad(np.asarray(v), [(0, size - count)]
+                    + [(0, 0)] * (np.ndim(v) - 1)) for k, v in batch.items()}
+
+
+def _gather(tree: Any, count: int) -> Any:
+  """All hosts' rows of a global batch, padding rows dropped (one host:
+  only the first `count` rows are real)."""
+  if jax.process_count() > 1:
+    tree = multihost_utils.process_allgather(tree, tiled=True)
+  return jax.tree.map(lambda x: np.asarray(x)[:count], tree)
+
+
+def evaluate_detector(model: faster_rcnn.FasterRCNN,
+                      config: ml_collections.ConfigDict, *,
+                      verbose: bool = True) -> dict[str, Any]:
+  """COCO metrics, extractor FLOPs and ponder costs on the eval split.
+
+  Returns:
+    pycocotools' metrics (`mAP` = AP@[.5:.95], `mAP@0.5`, `mAP@0.75`, per
+    size, recalls, `AP/<class>`; None where the split has no ground truth
+    of that size or class), `extractor_flops_mean` / `_std` per image,
+    `vanilla_extractor_flops`, `extractor_flops_percent` / `_std` (of
+    vanilla), `ponder_cost` (the extractor's sum over blocks of the mean
+    cost, per image), `ponder_inside_outside_ratio` (SACT on data with
+    masks), `num_examples`, `image_size`.
+  """
+  detector = faster_rcnn.DetectorConfig.from_config(config)
+  info = detection_data.detection_info(config.dataset)
+  size = config.get('image_size') or info.image_size
+  batch_size = config.eval_batch_size
+  if batch_size % jax.process_count():
+    raise ValueError(f'eval_batch_size={batch_size} is not divisible by the '
+                     f'{jax.process_count()} hosts.')
+  local_batch = batch_size // jax.process_count()
+  dataset = detection_data.make_detection_dataset(
+      config.dataset, _eval_split(config, info), batch_size=local_batch,
+      train=False, data_dir=config.get('data_dir'),
+      shard_index=jax.process_index(), shard_count=jax.process_count(),
+      image_size=config.get('image_size'), max_boxes=config.get('max_boxes'))
+  mesh = parallel.make_mesh()
+  graphdef, state = classification_eval.eval_split_model(model)
+  ground_truth, detections, stats = [], [], []
+  for batch in dataset:
+    count = batch['image'].shape[0]
+    padded = _pad(batch, local_batch)
+    mask = (parallel.to_global(mesh, padded['mask']) if 'mask' in padded
+            else None)
+    dets, batch_stats = _detect_step(
+        graphdef, state, detector, parallel.to_global(mesh, padded['image']),
+        mask)
+    detections.append(_gather(dets, count))
+    stats.append(_gather(batch_stats, count))
+    ground_truth.append({
+        'image_id': batch['image_id'], 'boxes': batch['boxes'] * size,
+        'labels': batch['labels'], 'crowd': batch['crowd']})
+    if verbose:
+      logging.info('Evaluated %d images.', sum(
+          len(d['scores']) for d in detections))
+
+  def cat(parts):
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  if jax.process_count() > 1:
+    ground_truth = [jax.tree.map(np.asarray,
+                                 multihost_utils.process_allgather(
+                                     g, tiled=True)) for g in ground_truth]
+  ground_truth, detections, stats = (cat(ground_truth), cat(detections),
+                                     cat(stats))
+  metrics = coco_eval.coco_metrics(ground_truth, detections,
+                                   num_classes=info.num_classes,
+                                   class_names=info.class_names)
+  vanilla = faster_rcnn.vanilla_extractor_flops(detector, size)
+  flops = stats['flops'].astype(np.float64)
+  metrics.update({
+      'extractor_flops_mean': float(flops.mean()),
+      'extractor_flops_std': float(flops.std()),
+      'vanilla_extractor_flops': int(vanilla),
+      'extractor_flops_percent': float(100 * flops.mean() / vanilla),
+      'extractor_flops_percent_std': float(100 * flops.std() / vanilla),
+      'ponder_cost': float(stats['ponder_cost'].mean()),
+      'num_examples': int(flops.shape[0]),
+      'image_size': int(size),
+  })
+  if 'ponder_inside' in stats:
+    metrics['ponder_inside_outside_ratio'] = float(
+        stats['ponder_inside'].mean() / stats['ponder_outside'].mean())
+  # COCO's "no ground truth in this range" (NaN) as None: JSON has no NaN.
+  metrics = {k: None if isinstance(v, float) and np.isnan(v) else v
+             for k, v in metrics.items()}
+  if verbose:
+    logging.info('%s', summary_line(metrics))
+  return metrics
+
+
+def summary_line(metrics: Mapping[str, Any]) -> str:
+  """One line: mAP, mAP@0.5, extractor FLOPs and ponder cost."""
+  line = (f'mAP@[.5:.95] {metrics["mAP"]:.3f} | mAP@.5 '
+          f'{metrics["mAP@0.5"]:.3f} | extractor FLOPs '
+          f'{metrics["extractor_flops_percent"]:.1f}% +- '
+          f'{metrics["extractor_flops_percent_std"]:.1f}% of vanilla | '
+          f'ponder {metrics["ponder_cost"]:.3f}')
+  ratio = metrics.get('ponder_inside_outside_ratio')
+  return line if ratio is None else f'{line} | inside/outside {ratio:.3f}'
+
+
+def detection_examples(model: faster_rcnn.FasterRCNN,
+                       config: ml_collections.ConfigDict, num_images: int
+                       ) -> dict[str, np.ndarray]:
+  """The first eval images with their detections and ponder maps (numpy).
+
+  Returns:
+    `images` (for display, [0, 1]), `detections` (pixels), `ground_truth`
+    (pixels), `ponder_maps` `[N, h, w]` (the extractor's total cost at
+    block 1's resolution; None for vanilla).
+  """
+  detector = faster_rcnn.DetectorConfig.from_config(config)
+  info = detection_data.detection_info(config.dataset)
+  size = config.get('image_size') or info.image_size
+  batch = next(iter(detection_data.make_detection_dataset(
+      config.dataset, f'{info.eval_split}[:{num_images}]',
+      batch_size=num_images, train=False, data_dir=config.get('data_dir'),
+      image_size=config.get('image_size'),
+      max_boxes=config.get('max_boxes'))))
+  graphdef, state = classification_eval.eval_split_model(model)
+  images = jnp.asarray(batch['image'])
+  detections, aux = jax.jit(
+      lambda s, x: faster_rcnn.detect(nnx.merge(graphdef, s), x, detector))(
+          state, images)
+  maps = None
+  if aux['ponder_cost']:
+    finest = max((c.shape[1:] for c in aux['ponder_cost'] if c.ndim == 3),
+                 default=(1, 1))
+    maps = np.asarray(total_ponder_map(aux['ponder_cost'], tuple(finest)))
+  return {
+      'images': np.stack([visualize.display_image(x)
+                          for x in batch['image']]),
+      'detections': jax.tree.map(np.asarray, detections),
+      'ground_truth': {'boxes': batch['boxes'] * size,
+                       'labels': batch['labels']},
+      'ponder_maps': maps,
+      'class_names': info.class_names,
+  }
+
+
+def save_detection_pictures(model: faster_rcnn.FasterRCNN,
+                            config: ml_collections.ConfigDict, path: str, *,
+                            num_images: int = 8) -> str:
+  """The paper's first figure for the first eval images, as a PNG."""
+  examples = detection_examples(model, config, num_images)
+  fig = detection_visualize.detection_figure(
+      examples['images'], examples['detections'],
+      class_names=examples['class_names'],
+      ponder_maps_Nxhxw=examples['ponder_maps'],
+      ground_truth=examples['ground_truth'], max_images=num_images)
+  return visualize.save_figure(fig, path)

@@ -1,0 +1,354 @@
+"""Detection training: the classification loop's machinery, Faster R-CNN loss.
+
+Everything but the model and the loss is the classification trainer's
+(`sact_jax/train.py`): one 'data' mesh, a replicated `TrainState` updated
+by one jitted, donating step, orbax run checkpoints with the data
+iterator's position (resume, SIGTERM preemption), metrics to TensorBoard,
+`metrics.jsonl` and the console, a stop before the next checkpoint on a
+non-finite loss, and evaluations during training (COCO metrics, here).
+The loss is `faster_rcnn.loss_and_metrics` (both stages, tau times the
+ponder cost) plus the reference's L2 weight decay.
+"""
+
+import functools
+import json
+import os
+import time
+from typing import Callable
+
+from absl import logging
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from sact_jax import checkpoint as checkpoint_lib
+from sact_jax import data as data_lib
+from sact_jax import losses
+from sact_jax import metric_writer
+from sact_jax import optimizers
+from sact_jax import parallel
+from sact_jax import train as train_lib
+from sact_jax.configs import validation
+from sact_jax.data import detection as detection_data
+from sact_jax.detection import evaluate as evaluate_lib
+from sact_jax.detection import faster_rcnn
+
+TrainState = train_lib.TrainState
+# Ground truth and images: what a training step reads of a batch.
+BATCH_KEYS = ('image', 'boxes', 'labels', 'crowd')
+# Evaluation metrics written as `eval/<name>` summaries.
+_EVAL_SCALARS = ('mAP', 'mAP@0.5', 'extractor_flops_percent', 'ponder_cost')
+
+
+def detector_config(config: ml_collections.ConfigDict
+                    ) -> faster_rcnn.DetectorConfig:
+  """The detector of `config`; ConfigError (one line) if invalid."""
+  try:
+    return faster_rcnn.DetectorConfig.from_config(config)
+  except (ValueError, TypeError, KeyError) as e:
+    raise validation.ConfigError(f'Invalid detector in config: {e}') from None
+
+
+def validate_config(config: ml_collections.ConfigDict,
+                    workdir: str | None = None) -> None:
+  """Everything that can be checked before any work starts (one line)."""
+  try:
+    info = detection_data.detection_info(config.dataset)
+  except (ValueError, KeyError) as e:
+    raise validation.ConfigError(str(e)) from None
+  detector = detector_config(config)
+  if config.num_detection_classes != info.num_classes:
+    raise validation.ConfigError(
+        f'num_detection_classes={config.num_detection_classes} does not fit '
+        f'{config.dataset}, which has {info.num_classes} classes.')
+  size = config.image_size or info.image_size
+  if size < detector.stride:
+    raise validation.ConfigError(
+        f'image_size={size} is smaller than the feature stride '
+        f'{detector.stride}.')
+  validation.validate_optimization(config)
+  if config.get('init_from'):
+    path = config.init_from
+    if not (checkpoint_lib.is_model_checkpoint(path)
+            or checkpoint_lib.saved_run_spec(path) is not None
+            if os.path.isdir(path) else False):
+      raise validation.ConfigError(
+          f'init_from={path!r} is neither a sact_jax model checkpoint nor a '
+          'training workdir with a checkpoint.')
+  if workdir is not None:
+    validation.check_workdir(workdir, detector.backbone)
+
+
+def load_classifier(path: str) -> nnx.Module:
+  """The classifier of a model checkpoint or of a training workdir."""
+  if checkpoint_lib.is_model_checkpoint(path):
+    return checkpoint_lib.restore_model(path)[0]
+  spec = checkpoint_lib.saved_run_spec(path)
+  if spec is None:
+    raise checkpoint_lib.CheckpointError(
+        f'{path} holds neither a model checkpoint nor a training run.')
+  return checkpoint_lib.restore_latest_model(path, spec)
+
+
+def init_backbone(model: faster_rcnn.FasterRCNN, path: str
+                  ) -> checkpoint_lib.RestoreReport:
+  """Restores the backbone from a classifier (not its logits).
+
+  Halting heads come along when the classifier has them (a SACT detector
+  from a SACT classifier, as the paper's); from a vanilla classifier an
+  ACT/SACT detector keeps its freshly initialised heads.
+  """
+  source = load_classifier(path)
+  exclude = nnx.PathContains('logits')
+  if source.model_type == 'vanilla' and model.backbone.model_type != (
+      'vanilla'):
+    exclude = nnx.Any(exclude, checkpoint_lib.HALTING_HEADS)
+  return checkpoint_lib.restore_into(model.backbone, source, exclude=exclude)
+
+
+def _train_step(state: TrainState, batch: dict[str, jax.Array], *,
+                graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                schedule: Callable[[jax.Array], jax.Array],
+                detector: faster_rcnn.DetectorConfig, weight_decay: float,
+                seed: int) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One SGD update of the detector on a global batch."""
+  key = jax.random.fold_in(jax.random.key(seed), state.step)
+
+  def loss_fn(params):
+    model_state = jax.tree.map(lambda x: x, state.model_state)
+    model = nnx.merge(graphdef, params, model_state)
+    loss, metrics = faster_rcnn.loss_and_metrics(model, batch, key, detector)
+    decay = losses.weight_decay_penalty(params, weight_decay)
+    _, _, model_state = nnx.split(model, nnx.Param, ...)
+    return loss + decay, (model_state, metrics, decay)
+
+  (loss, (model_state, metrics, decay)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  finite = jnp.isfinite(loss)
+  for leaf in jax.tree.leaves(params):
+    finite &= jnp.all(jnp.isfinite(leaf))
+  metrics = {**metrics, 'loss': loss, 'weight_decay_loss': decay,
+             'flops': jnp.mean(metrics['flops']),
+             'learning_rate': schedule(state.step), 'finite': finite}
+  return TrainState(step=state.step + 1, params=params,
+                    model_state=model_state, opt_state=opt_state), metrics
+
+
+class Trainer:
+  """The compiled pieces of a detection run (as `train.Trainer`'s)."""
+
+  def __init__(self, config: ml_collections.ConfigDict,
+               mesh: jax.sharding.Mesh):
+    self.config, self.mesh = config, mesh
+    self.detector = detector_config(config)
+    abstract = nnx.eval_shape(lambda: faster_rcnn.create(self.detector))
+    abstract.train()
+    self.graphdef = nnx.graphdef(abstract)
+    self.tx = optimizers.make_optimizer(config)
+    step_fn = functools.partial(
+        _train_step, graphdef=self.graphdef, tx=self.tx,
+        schedule=optimizers.learning_rate_schedule(config),
+        detector=self.detector, weight_decay=config.weight_decay,
+        seed=config.seed)
+    self.train_step = jax.jit(
+        step_fn, in_shardings=(parallel.replicated(mesh),
+                               parallel.batch_sharded(mesh)),
+        out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
+        donate_argnums=0)
+
+  def _init(self) -> TrainState:
+    model = faster_rcnn.create(self.detector, seed=self.config.seed)
+    _, params, model_state = nnx.split(model, nnx.Param, ...)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      model_state=model_state,
+                      opt_state=self.tx.init(params))
+
+  def init_state(self) -> TrainState:
+    """A fresh state, the backbone from `init_from` if set; replicated."""
+    state = jax.jit(self._init,
+                    out_shardings=parallel.replicated(self.mesh))()
+    if self.config.get('init_from'):
+      model = self.model(state)
+      report = init_backbone(model, self.config.init_from)
+      logging.info('Backbone initialised from %s: %s.',
+                   self.config.init_from, report.summary())
+      _, params, model_state = nnx.split(model, nnx.Param, ...)
+      state = jax.device_put(
+          state.replace(params=params, model_state=model_state,
+                        opt_state=self.tx.init(params)),
+          parallel.replicated(self.mesh))
+    return state
+
+  def abstract_state(self) -> TrainState:
+    sharding = parallel.replicated(self.mesh)
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+        jax.eval_shape(self._init))
+
+  def model(self, state: TrainState) -> faster_rcnn.FasterRCNN:
+    return nnx.merge(self.graphdef, state.params, state.model_state)
+
+  def eval_model(self, state: TrainState) -> faster_rcnn.FasterRCNN:
+    model = self.model(state)
+    model.eval()
+    return model
+
+
+def make_train_dataset(config: ml_collections.ConfigDict):
+  """This host's shard of the training data."""
+  info = detection_data.detection_info(config.dataset)
+  return detection_data.make_detection_dataset(
+      config.dataset, info.train_split,
+      batch_size=config.batch_size // jax.process_count(), train=True,
+      seed=config.seed, data_dir=config.get('data_dir'),
+      shard_index=jax.process_index(), shard_count=jax.process_count(),
+      image_size=config.get('image_size'),
+      max_boxes=config.get('max_boxes'),
+      worker_count=config.get('data_workers', 0))
+
+
+def train(config: ml_collections.ConfigDict,
+          workdir: str) -> train_lib.TrainResult:
+  """Trains (or resumes) the detector of `config` in `workdir`.
+
+  Raises:
+    validation.ConfigError: bad config, or `workdir` holds another model.
+    data.DatasetNotFoundError: the dataset is not prepared.
+    train.NonFiniteLossError: the loss became non-finite; the last good
+      checkpoint is kept.
+  """
+  validate_config(config, workdir)
+  mesh = parallel.make_mesh()
+  trainer = Trainer(config, mesh)
+  spec = trainer.detector.backbone
+  is_main = jax.process_index() == 0
+  if is_main:
+    os.makedirs(workdir, exist_ok=True)
+  iterator = iter(make_train_dataset(config))
+  manager = checkpoint_lib.run_manager(workdir, keep=config.keep_checkpoints)
+  writer = watcher = None
+  config_json = json.loads(config.to_json_best_effort())
+
+  def save(state):
+    checkpoint_lib.save_run(
+        manager, int(parallel.fetch(state.step)), train_lib.state_tree(state),
+        data_lib.get_iterator_state(iterator), spec, config_json)
+
+  try:
+    latest = manager.latest_step()
+    if latest is not None:
+      state = TrainState(**checkpoint_lib.restore_run(
+          manager, latest, train_lib.state_tree(trainer.abstract_state()),
+          iterator))
+      logging.info('Resumed from the step-%d checkpoint in %s.', latest,
+                   workdir)
+    else:
+      state = trainer.init_state()
+    step = int(parallel.fetch(state.step))
+    size = config.get('image_size') or detection_data.detection_info(
+        config.dataset).image_size
+    vanilla = faster_rcnn.vanilla_extractor_flops(trainer.detector, size)
+    writer = metric_writer.MetricWriter(workdir)
+    watcher = train_lib.PreemptionWatcher()
+    total, pending, last_saved = config.num_train_steps, [], latest
+    preempted, timer = False, (step, None)
+    eval_every = config.get('eval_every_steps') or 0
+    eval_metrics = None
+
+    def flush():
+      nonlocal timer
+      if not pending:
+        return
+      fetched = jax.tree.map(parallel.fetch, pending)
+      for i, m in enumerate(fetched):
+        if not m['finite']:
+          raise train_lib.NonFiniteLossError(
+              f'Non-finite loss or parameters at step '
+              f'{step - len(pending) + 1 + i}; training stopped. The last '
+              f'good checkpoint (step {last_saved}) is kept; try a lower '
+              'learning rate.')
+      pending.clear()
+      scalars = {k: float(np.mean([m[k] for m in fetched]))
+                 for k in fetched[0] if k != 'finite'}
+      scalars['flops_fraction'] = scalars['flops'] / vanilla
+      now = time.time()
+      rate = None if timer[1] is None else (step - timer[0]) / max(
+          now - timer[1], 1e-9)
+      if rate:
+        scalars['steps_per_sec'] = rate
+      timer = (step, now)
+      writer.write(step, scalars)
+      if is_main:
+        left = (f'{metric_writer.format_seconds((total - step) / rate)} left'
+                if rate else 'compiled')
+        logging.info(
+            'step %d/%d | loss %.4f | rpn %.3f + %.3f | box %.3f + %.3f | '
+            'ponder %.3f | extractor FLOPs %.1f%% | %s', step, total,
+            scalars['loss'], scalars['rpn_objectness'],
+            scalars['rpn_localization'], scalars['box_classification'],
+            scalars['box_localization'], scalars['ponder_loss'],
+            100 * scalars['flops_fraction'], left)
+
+    first = True
+    while step < total:
+      if watcher.should_stop(step):
+        preempted = True
+        break
+      batch = next(iterator)
+      state, metrics = trainer.train_step(
+          state, parallel.shard_batch(batch, mesh, BATCH_KEYS))
+      step += 1
+      pending.append(metrics)
+      save_now = step % config.checkpoint_every_steps == 0 or step == total
+      if first or step % config.log_every_steps == 0 or save_now:
+        flush()
+      first = False
+      if save_now:
+        save(state)
+        last_saved = step
+      if eval_every and step % eval_every == 0:
+        eval_metrics = evaluate_lib.evaluate_detector(
+            trainer.eval_model(state), config, verbose=False)
+        writer.write(step, {f'eval/{k.replace("@", "_")}': eval_metrics[k]
+                            for k in _EVAL_SCALARS
+                            if eval_metrics.get(k) is not None})
+        logging.info('eval at step %d | %s', step,
+                     evaluate_lib.summary_line(eval_metrics))
+    if preempted or (last_saved != step and step > 0):
+      flush()
+      if last_saved != step:
+        save(state)
+    if preempted:
+      logging.warning('Preempted (SIGTERM) at step %d: checkpoint saved; run '
+                      'the same command again to resume.', step)
+  finally:
+    if watcher is not None:
+      watcher.close()
+    manager.wait_until_finished()
+    manager.close()
+    if writer is not None:
+      writer.close()
+
+  final = eval_every and step == total and total % eval_every == 0
+  return train_lib.TrainResult(
+      model=trainer.eval_model(state), state=state, preempted=preempted,
+      eval_metrics=eval_metrics if final else None)
+
+
+def restore_detector(config: ml_collections.ConfigDict, workdir: str
+                     ) -> faster_rcnn.FasterRCNN:
+  """The detector of the latest checkpoint of a training run, eval mode.
+
+  Raises:
+    validation.ConfigError: bad config, or `workdir` holds another model.
+    checkpoint.CheckpointError: `workdir` holds no checkpoint.
+  """
+  validate_config(config, workdir)
+  detector = detector_config(config)
+  abstract = nnx.eval_shape(lambda: faster_rcnn.create(detector))
+  return checkpoint_lib.restore_latest_variables(workdir, abstract)
