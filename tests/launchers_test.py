@@ -20,6 +20,7 @@ import testing_utils as tu
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CONFIG = '--config=sact_jax/configs/default.py'
+_DETECTION = '--config=sact_jax/configs/detection.py:sact,smoke'
 _CONVERT = ('--family=cifar', '--units=2,2,2', '--model_type=sact',
             '--num_classes=10')
 
@@ -87,6 +88,26 @@ _CASES = (
      'No such file or directory: {tmp}/missing'),
     ('collect_no_finished_runs', 'collect_sweep', ['--workdirs={tmp}'],
      'No finished runs (workdirs with eval.json) in {tmp}.'),
+    ('train_detection_bad_config_field', 'train_detection',
+     [_DETECTION, '--config.detector.crop_size=7', '--workdir={tmp}/w'],
+     'crop_size must be even'),
+    ('train_detection_cifar_backbone', 'train_detection',
+     [_DETECTION, '--config.family=cifar', '--config.units=(1,1,1)',
+      '--workdir={tmp}/w'],
+     'A detector needs an ImageNet-family backbone'),
+    ('train_detection_unknown_dataset', 'train_detection',
+     [_DETECTION, '--config.dataset=voc', '--workdir={tmp}/w'],
+     "Unknown detection dataset 'voc'"),
+    ('train_detection_missing_init_from', 'train_detection',
+     [_DETECTION, '--config.init_from={tmp}/missing', '--workdir={tmp}/w'],
+     'is neither a sact_jax model checkpoint nor a training workdir'),
+    ('train_detection_uncreatable_workdir', 'train_detection',
+     [_DETECTION, '--workdir={file}/w'],
+     'Cannot create or write to the directory {file}/w: Not a directory.'),
+    ('evaluate_detection_no_checkpoint', 'evaluate_detection',
+     [_DETECTION, '--workdir={tmp}'], 'No training checkpoint in {tmp}'),
+    ('evaluate_detection_bad_flag', 'evaluate_detection',
+     [_DETECTION, '--workdir={tmp}', '--pictures=-1'], 'flag --pictures=-1'),
     ('convert_bad_flag', 'convert_checkpoint',
      ['--tf_checkpoint={tmp}', *_CONVERT[1:], '--family=mnist',
       '--output={tmp}/out'],
@@ -133,7 +154,7 @@ class LauncherConventionTest(parameterized.TestCase):
     env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
     proc = subprocess.run(
         [sys.executable, '-m', f'experiments.{launcher}', *args,
-         *(['--compilation_cache_dir='] if launcher in ('train', 'sweep')
+         *(['--compilation_cache_dir='] if launcher in ('train', 'sweep', 'train_detection')
            else [])],
         cwd=_REPO, env=env, capture_output=True, text=True, timeout=300,
         check=False)

@@ -69,9 +69,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.lr_scales = ()
   config.batch_size = 16
   config.eval_batch_size = 50
-  config.num_train_steps = 2000
+  # The vanilla detector reaches mAP@.5 0.81 in 2000 steps from a 2000-step
+  # classifier; 3000 steps (about 12 min on 2 cores) leave a margin.
+  config.num_train_steps = 3000
   config.log_every_steps = 50
-  config.eval_every_steps = 1000
+  config.eval_every_steps = 1500
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 2
   config.num_detection_pictures = 8
