@@ -542,6 +542,21 @@ def restore_latest_model(workdir: str, spec: ModelSpec,
     CheckpointError: `workdir` holds no training checkpoint, or one of
       another model.
   """
+  return restore_latest_variables(workdir, spec.abstract_model(**options),
+                                  spec)
+
+
+def restore_latest_variables(workdir: str, abstract_model: nnx.Module,
+                             spec: ModelSpec) -> nnx.Module:
+  """`abstract_model` with the variables of `workdir`'s latest checkpoint.
+
+  As `restore_latest_model`, for any model whose run checkpoints are saved
+  with `spec` (a classifier, or a detector around its backbone's spec).
+
+  Raises:
+    CheckpointError: `workdir` holds no training checkpoint, or one saved
+      with another spec.
+  """
   missing = CheckpointError(
       f'No training checkpoint in {os.path.join(workdir, RUN_DIR)}.')
   if not os.path.isdir(os.path.join(workdir, RUN_DIR)):
@@ -557,30 +572,6 @@ def restore_latest_model(workdir: str, spec: ModelSpec,
       raise CheckpointError(
           f'The checkpoint in {workdir} holds another model '
           f'({saved.describe()}) than the config ({spec.describe()}).')
-    return _restore_model_variables(manager, step,
-                                    spec.abstract_model(**options),
-                                    meta.get('ema', False), workdir)
-
-
-def restore_latest_variables(workdir: str, abstract_model: nnx.Module
-                             ) -> nnx.Module:
-  """`abstract_model` with the variables of `workdir`'s latest checkpoint.
-
-  For models that are not a `ModelSpec`'s (e.g. a detector around one);
-  eval mode, replicated, moving averages when kept, as
-  `restore_latest_model`.
-
-  Raises:
-    CheckpointError: `workdir` holds no training checkpoint.
-  """
-  missing = CheckpointError(
-      f'No training checkpoint in {os.path.join(workdir, RUN_DIR)}.')
-  if not os.path.isdir(os.path.join(workdir, RUN_DIR)):
-    raise missing
-  with run_manager(workdir, read_only=True) as manager:
-    step, meta = _latest_run_meta(manager)
-    if meta is None:
-      raise missing
     return _restore_model_variables(manager, step, abstract_model,
                                     meta.get('ema', False), workdir)
 

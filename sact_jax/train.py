@@ -10,43 +10,31 @@
   reference's L2 weight decay on conv/dense kernels (`losses.py`); SGD with
   momentum, a piecewise constant or warm-up + cosine learning rate, and an
   optional moving average of the weights (`optimizers.py`).
-* orbax `CheckpointManager` in `workdir/checkpoints`: train state (params,
-  BatchNorm statistics, optimizer state, step) as plain nested dicts, the
-  position of every host's data iterator, and the model spec. Saved every
-  `checkpoint_every_steps`, at the end, and on SIGTERM (preemption); a
-  workdir with a checkpoint resumes from it.
-* Metrics at a steady cadence (`metric_writer.py`): TensorBoard,
-  `workdir/metrics.jsonl` and a console line; every `eval_every_steps`, the
-  test split's metrics and (SACT) a picture of ponder maps.
-* A non-finite loss (or parameters) stops training before the next
-  checkpoint, so the last good checkpoint is never overwritten.
+* Around the step, `loop.py` (shared with detection training): resume
+  from the workdir's orbax checkpoint (train state, every host's data
+  position, model spec), save every `checkpoint_every_steps`, at the end
+  and on SIGTERM, metrics to TensorBoard, `metrics.jsonl` and the console,
+  a stop before the next checkpoint on a non-finite loss; every
+  `eval_every_steps`, the test split's metrics and (SACT) a picture of
+  ponder maps (`log_evaluation`).
 """
 
 import dataclasses
 import functools
-import json
-import os
-import signal
-import threading
-import time
 from typing import Any, Callable
 
 from absl import logging
-import flax
 from flax import nnx
 import grain
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
 from sact_jax import checkpoint as checkpoint_lib
 from sact_jax import data as data_lib
 from sact_jax import evaluate
-from sact_jax import flops as flops_lib
+from sact_jax import loop
 from sact_jax import losses
 from sact_jax import metric_writer
 from sact_jax import models
@@ -55,7 +43,7 @@ from sact_jax import parallel
 from sact_jax import visualize
 from sact_jax.configs import validation
 
-CHECKPOINT_DIR = checkpoint_lib.RUN_DIR
+CHECKPOINT_DIR = loop.CHECKPOINT_DIR
 METRICS_FILE = metric_writer.METRICS_FILE
 TENSORBOARD_DIR = metric_writer.TENSORBOARD_DIR
 
@@ -63,12 +51,12 @@ TENSORBOARD_DIR = metric_writer.TENSORBOARD_DIR
 _EVAL_SCALARS = ('top1_accuracy', 'flops_percent_of_vanilla',
                  'ponder_cost_total', 'ponder_inside_outside_ratio')
 
-Batch = dict[str, np.ndarray]
-Metrics = dict[str, jax.Array]
-
-
-class NonFiniteLossError(RuntimeError):
-  """Training produced a non-finite loss or parameters and stopped."""
+Batch = loop.Batch
+Metrics = loop.Metrics
+# The loop's types, under the names users of this module know.
+NonFiniteLossError = loop.NonFiniteLossError
+TrainState = loop.TrainState
+TrainResult = loop.TrainResult
 
 
 # ---------------------------------------------------------------------------
@@ -92,25 +80,6 @@ def check_batch(batch: Batch, config: ml_collections.ConfigDict) -> None:
 # ---------------------------------------------------------------------------
 # Train state and step
 # ---------------------------------------------------------------------------
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything a training step changes.
-
-  Attributes:
-    step: number of optimizer updates made, int32 scalar.
-    params: `nnx.Param` variables of the model.
-    model_state: the other model variables (BatchNorm statistics).
-    opt_state: optax state.
-    ema: with `config.ema_decay`, the exponential moving averages of the
-      model variables, `{'params': ..., 'model_state': ...}`; else None.
-  """
-  step: jax.Array
-  params: nnx.State
-  model_state: nnx.State
-  opt_state: Any
-  ema: dict[str, nnx.State] | None = None
 
 
 @dataclasses.dataclass
@@ -287,91 +256,9 @@ def make_train_dataset(config: ml_collections.ConfigDict,
       worker_count=config.get('data_workers', 0))
 
 
-def state_tree(state: TrainState) -> dict[str, Any]:
-  tree = {'step': state.step, 'params': state.params,
-          'model_state': state.model_state, 'opt_state': state.opt_state}
-  if state.ema is not None:
-    tree['ema'] = state.ema
-  return tree
-
-
-def _save(manager: ocp.CheckpointManager, state: TrainState,
-          iterator: grain.DatasetIterator, spec: models.ModelSpec,
-          config: ml_collections.ConfigDict) -> None:
-  checkpoint_lib.save_run(
-      manager, int(parallel.fetch(state.step)), state_tree(state),
-      data_lib.get_iterator_state(iterator), spec,
-      json.loads(config.to_json_best_effort()))
-
-
-def _restore(manager: ocp.CheckpointManager, step: int, trainer: Trainer,
-             iterator: grain.DatasetIterator) -> TrainState:
-  restored = checkpoint_lib.restore_run(
-      manager, step, state_tree(trainer.abstract_state()), iterator)
-  return TrainState(**restored)
-
-
-# ---------------------------------------------------------------------------
-# Preemption
-# ---------------------------------------------------------------------------
-
-
-class PreemptionWatcher:
-  """Says when to save and stop because the process got SIGTERM.
-
-  One process: a SIGTERM handler sets a flag (checked between steps).
-  Several: jax's preemption service (started by `jax.distributed`, which
-  catches SIGTERM itself) picks a step at which every host stops together.
-  """
-
-  def __init__(self):
-    self._flag = threading.Event()
-    self._previous = None
-    self._multihost = jax.process_count() > 1
-    if (not self._multihost
-        and threading.current_thread() is threading.main_thread()):
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self._flag.set()
-
-  def should_stop(self, step: int) -> bool:
-    if self._multihost:
-      try:
-        return multihost_utils.reached_preemption_sync_point(step)
-      except RuntimeError:  # The preemption service is not running.
-        return False
-    return self._flag.is_set()
-
-  def close(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
-
-
 # ---------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class TrainResult:
-  """What `train` returns.
-
-  Attributes:
-    model: the trained model, eval mode (the moving averages with
-      `ema_decay`).
-    state: the final train state.
-    preempted: training stopped early on SIGTERM (after saving).
-    eval_metrics: `evaluate.evaluate_model`'s metrics of the final model
-      when the loop evaluated at the last step (`eval_every_steps` divides
-      `num_train_steps`), else None.
-  """
-  model: nnx.Module
-  state: TrainState
-  preempted: bool
-  eval_metrics: dict[str, Any] | None = None
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
@@ -384,131 +271,30 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
       good checkpoint is kept.
   """
   validation.validate_config(config, workdir)
-  mesh = parallel.make_mesh()
-  trainer = Trainer.create(config, mesh)
-  spec = trainer.spec
-  is_main = jax.process_index() == 0
-  if is_main:
-    os.makedirs(workdir, exist_ok=True)
-  dataset = make_train_dataset(config)
-  iterator = iter(dataset)
+  trainer = Trainer.create(config, parallel.make_mesh())
 
-  manager = checkpoint_lib.run_manager(workdir, keep=config.keep_checkpoints)
-  writer = watcher = None
-  try:
-    latest = manager.latest_step()
-    start = time.time()
-    if latest is not None:
-      state = _restore(manager, latest, trainer, iterator)
-      logging.info('Resumed from the step-%d checkpoint in %s.', latest,
-                   workdir)
-    else:
-      state = trainer.init_state()
-    step = int(parallel.fetch(state.step))
-    logging.info('Model: %s, %d parameters; state ready in %.1f s.',
-                 spec.describe(), flops_lib.param_count(trainer.model(state)),
-                 time.time() - start)
+  def console_line(step, total, scalars, left):
+    logging.info(
+        'step %d/%d | loss %.4f | accuracy %.3f | ponder %.3f | FLOPs '
+        '%.1f%% | %s | %s', step, total, scalars['loss'],
+        scalars['accuracy'], scalars['ponder_loss'],
+        100 * scalars['flops_fraction'],
+        f'{scalars["steps_per_sec"]:.2f} steps/s'
+        if 'steps_per_sec' in scalars else '-', left)
 
-    vanilla = spec.vanilla_flops(
-        data_lib.image_shape(config.dataset, config.image_size))
+  def evaluate_now(state, writer, step):
+    model = trainer.eval_model(state)
+    metrics = evaluate.evaluate_model(model, config, verbose=False)
+    log_evaluation(writer, step, metrics, model, config)
+    return metrics
 
-    writer = metric_writer.MetricWriter(workdir)
-    watcher = PreemptionWatcher()
-    total = config.num_train_steps
-    pending: list[Metrics] = []
-    last_saved = latest
-    preempted = False
-    timer_step, timer_start = step, None
-
-    def flush() -> None:
-      """Fetches pending metrics; stops on non-finite ones; writes summaries."""
-      nonlocal timer_step, timer_start
-      if not pending:
-        return
-      fetched = jax.tree.map(parallel.fetch, pending)
-      first_step = step - len(pending) + 1
-      for i, m in enumerate(fetched):
-        if not m['finite']:
-          kept = (f'The last good checkpoint (step {last_saved}) in '
-                  f'{os.path.join(workdir, CHECKPOINT_DIR)} is kept'
-                  if last_saved is not None else 'No checkpoint was written')
-          raise NonFiniteLossError(
-              f'Non-finite loss or parameters at step {first_step + i} (loss '
-              f'{float(m["loss"])}); training stopped. {kept}; try a lower '
-              'learning rate.')
-      pending.clear()
-      scalars = {k: float(np.mean([m[k] for m in fetched]))
-                 for k in fetched[0] if k != 'finite'}
-      scalars['flops_fraction'] = scalars['flops'] / vanilla
-      now = time.time()
-      if timer_start is None:  # The first step includes compilation.
-        rate = None
-      else:
-        rate = (step - timer_step) / max(now - timer_start, 1e-9)
-        scalars['steps_per_sec'] = rate
-      timer_step, timer_start = step, now
-      writer.write(step, scalars)
-      if is_main:
-        left = (f'{metric_writer.format_seconds((total - step) / rate)} left'
-                if rate else 'compiled')
-        logging.info(
-            'step %d/%d | loss %.4f | accuracy %.3f | ponder %.3f | FLOPs '
-            '%.1f%% | %s | %s', step, total, scalars['loss'],
-            scalars['accuracy'], scalars['ponder_loss'],
-            100 * scalars['flops_fraction'],
-            f'{rate:.2f} steps/s' if rate else '-', left)
-
-    eval_every = config.get('eval_every_steps') or 0
-    eval_metrics = None
-
-    def evaluate_now() -> dict[str, Any]:
-      model = trainer.eval_model(state)
-      metrics = evaluate.evaluate_model(model, config, verbose=False)
-      log_evaluation(writer, step, metrics, model, config)
-      return metrics
-
-    first = True
-    while step < total:
-      if watcher.should_stop(step):
-        preempted = True
-        break
-      batch = next(iterator)
-      if first:
-        check_batch(batch, config)
-      state, metrics = trainer.train_step(state,
-                                          parallel.shard_batch(batch, mesh))
-      step += 1
-      pending.append(metrics)
-      save_now = step % config.checkpoint_every_steps == 0 or step == total
-      if first or step % config.log_every_steps == 0 or save_now:
-        flush()
-      first = False
-      if save_now:
-        _save(manager, state, iterator, spec, config)
-        last_saved = step
-      if eval_every and step % eval_every == 0:
-        eval_metrics = evaluate_now()
-    if preempted or (last_saved != step and step > 0):
-      flush()
-      if last_saved != step:
-        _save(manager, state, iterator, spec, config)
-        last_saved = step
-    if preempted:
-      logging.warning('Preempted (SIGTERM) at step %d: checkpoint saved in %s;'
-                      ' run the same command again to resume.', step,
-                      os.path.join(workdir, CHECKPOINT_DIR))
-  finally:
-    if watcher is not None:
-      watcher.close()
-    manager.wait_until_finished()
-    manager.close()
-    if writer is not None:
-      writer.close()
-
-  model = trainer.eval_model(state)
-  final = eval_every and step == total and total % eval_every == 0
-  return TrainResult(model=model, state=state, preempted=preempted,
-                     eval_metrics=eval_metrics if final else None)
+  return loop.run_loop(
+      config, workdir, trainer, make_train_dataset(config),
+      batch_keys=('image', 'label'),
+      vanilla_flops=trainer.spec.vanilla_flops(
+          data_lib.image_shape(config.dataset, config.image_size)),
+      console_line=console_line, evaluate_now=evaluate_now,
+      check_first_batch=lambda batch: check_batch(batch, config))
 
 
 def log_evaluation(writer: metric_writer.MetricWriter, step: int,

@@ -33,6 +33,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 
 from sact_jax import checkpoint  # pylint: disable=g-import-not-at-top
 from sact_jax import parallel  # pylint: disable=g-import-not-at-top
+from sact_jax import loop  # pylint: disable=g-import-not-at-top
 from sact_jax import train  # pylint: disable=g-import-not-at-top
 from sact_jax.configs import default  # pylint: disable=g-import-not-at-top
 from sact_jax.configs import validation  # pylint: disable=g-import-not-at-top
@@ -107,7 +108,7 @@ def synthetic_batches(num: int, batch_size: int = GLOBAL_BATCH,
 
 def flat_state(state: train.TrainState) -> dict[str, np.ndarray]:
   """Every array of a train state by path, as numpy (process-local copy)."""
-  tree = checkpoint.to_pure(train.state_tree(state))
+  tree = checkpoint.to_pure(loop.state_tree(state))
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
   return {jax.tree_util.keystr(path): parallel.fetch(leaf)
           for path, leaf in flat}

@@ -11,9 +11,7 @@ ponder cost) plus the reference's L2 weight decay.
 """
 
 import functools
-import json
 import os
-import time
 from typing import Callable
 
 from absl import logging
@@ -21,22 +19,19 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from sact_jax import checkpoint as checkpoint_lib
-from sact_jax import data as data_lib
+from sact_jax import loop
 from sact_jax import losses
-from sact_jax import metric_writer
 from sact_jax import optimizers
 from sact_jax import parallel
-from sact_jax import train as train_lib
 from sact_jax.configs import validation
 from sact_jax.data import detection as detection_data
 from sact_jax.detection import evaluate as evaluate_lib
 from sact_jax.detection import faster_rcnn
 
-TrainState = train_lib.TrainState
+TrainState = loop.TrainState
 # Ground truth and images: what a training step reads of a batch.
 BATCH_KEYS = ('image', 'boxes', 'labels', 'crowd')
 # Evaluation metrics written as `eval/<name>` summaries.
@@ -146,6 +141,8 @@ class Trainer:
                mesh: jax.sharding.Mesh):
     self.config, self.mesh = config, mesh
     self.detector = detector_config(config)
+    # Saved with checkpoints: a workdir holds one backbone's detectors.
+    self.spec = self.detector.backbone
     abstract = nnx.eval_shape(lambda: faster_rcnn.create(self.detector))
     abstract.train()
     self.graphdef = nnx.graphdef(abstract)
@@ -213,131 +210,45 @@ def make_train_dataset(config: ml_collections.ConfigDict):
 
 
 def train(config: ml_collections.ConfigDict,
-          workdir: str) -> train_lib.TrainResult:
+          workdir: str) -> loop.TrainResult:
   """Trains (or resumes) the detector of `config` in `workdir`.
 
   Raises:
     validation.ConfigError: bad config, or `workdir` holds another model.
     data.DatasetNotFoundError: the dataset is not prepared.
-    train.NonFiniteLossError: the loss became non-finite; the last good
+    loop.NonFiniteLossError: the loss became non-finite; the last good
       checkpoint is kept.
   """
   validate_config(config, workdir)
-  mesh = parallel.make_mesh()
-  trainer = Trainer(config, mesh)
-  spec = trainer.detector.backbone
-  is_main = jax.process_index() == 0
-  if is_main:
-    os.makedirs(workdir, exist_ok=True)
-  iterator = iter(make_train_dataset(config))
-  manager = checkpoint_lib.run_manager(workdir, keep=config.keep_checkpoints)
-  writer = watcher = None
-  config_json = json.loads(config.to_json_best_effort())
+  trainer = Trainer(config, parallel.make_mesh())
+  size = config.get('image_size') or detection_data.detection_info(
+      config.dataset).image_size
 
-  def save(state):
-    checkpoint_lib.save_run(
-        manager, int(parallel.fetch(state.step)), train_lib.state_tree(state),
-        data_lib.get_iterator_state(iterator), spec, config_json)
+  def console_line(step, total, scalars, left):
+    logging.info(
+        'step %d/%d | loss %.4f | rpn %.3f + %.3f | box %.3f + %.3f | '
+        'ponder %.3f | extractor FLOPs %.1f%% | %s', step, total,
+        scalars['loss'], scalars['rpn_objectness'],
+        scalars['rpn_localization'], scalars['box_classification'],
+        scalars['box_localization'], scalars['ponder_loss'],
+        100 * scalars['flops_fraction'], left)
 
-  try:
-    latest = manager.latest_step()
-    if latest is not None:
-      state = TrainState(**checkpoint_lib.restore_run(
-          manager, latest, train_lib.state_tree(trainer.abstract_state()),
-          iterator))
-      logging.info('Resumed from the step-%d checkpoint in %s.', latest,
-                   workdir)
-    else:
-      state = trainer.init_state()
-    step = int(parallel.fetch(state.step))
-    size = config.get('image_size') or detection_data.detection_info(
-        config.dataset).image_size
-    vanilla = faster_rcnn.vanilla_extractor_flops(trainer.detector, size)
-    writer = metric_writer.MetricWriter(workdir)
-    watcher = train_lib.PreemptionWatcher()
-    total, pending, last_saved = config.num_train_steps, [], latest
-    preempted, timer = False, (step, None)
-    eval_every = config.get('eval_every_steps') or 0
-    eval_metrics = None
+  def evaluate_now(state, writer, step):
+    metrics = evaluate_lib.evaluate_detector(trainer.eval_model(state),
+                                             config, verbose=False)
+    # TensorBoard tag names cannot hold '@'.
+    writer.write(step, {f'eval/{k.replace("@", "_")}': metrics[k]
+                        for k in _EVAL_SCALARS if metrics.get(k) is not None})
+    logging.info('eval at step %d | %s', step,
+                 evaluate_lib.summary_line(metrics))
+    return metrics
 
-    def flush():
-      nonlocal timer
-      if not pending:
-        return
-      fetched = jax.tree.map(parallel.fetch, pending)
-      for i, m in enumerate(fetched):
-        if not m['finite']:
-          raise train_lib.NonFiniteLossError(
-              f'Non-finite loss or parameters at step '
-              f'{step - len(pending) + 1 + i}; training stopped. The last '
-              f'good checkpoint (step {last_saved}) is kept; try a lower '
-              'learning rate.')
-      pending.clear()
-      scalars = {k: float(np.mean([m[k] for m in fetched]))
-                 for k in fetched[0] if k != 'finite'}
-      scalars['flops_fraction'] = scalars['flops'] / vanilla
-      now = time.time()
-      rate = None if timer[1] is None else (step - timer[0]) / max(
-          now - timer[1], 1e-9)
-      if rate:
-        scalars['steps_per_sec'] = rate
-      timer = (step, now)
-      writer.write(step, scalars)
-      if is_main:
-        left = (f'{metric_writer.format_seconds((total - step) / rate)} left'
-                if rate else 'compiled')
-        logging.info(
-            'step %d/%d | loss %.4f | rpn %.3f + %.3f | box %.3f + %.3f | '
-            'ponder %.3f | extractor FLOPs %.1f%% | %s', step, total,
-            scalars['loss'], scalars['rpn_objectness'],
-            scalars['rpn_localization'], scalars['box_classification'],
-            scalars['box_localization'], scalars['ponder_loss'],
-            100 * scalars['flops_fraction'], left)
-
-    first = True
-    while step < total:
-      if watcher.should_stop(step):
-        preempted = True
-        break
-      batch = next(iterator)
-      state, metrics = trainer.train_step(
-          state, parallel.shard_batch(batch, mesh, BATCH_KEYS))
-      step += 1
-      pending.append(metrics)
-      save_now = step % config.checkpoint_every_steps == 0 or step == total
-      if first or step % config.log_every_steps == 0 or save_now:
-        flush()
-      first = False
-      if save_now:
-        save(state)
-        last_saved = step
-      if eval_every and step % eval_every == 0:
-        eval_metrics = evaluate_lib.evaluate_detector(
-            trainer.eval_model(state), config, verbose=False)
-        writer.write(step, {f'eval/{k.replace("@", "_")}': eval_metrics[k]
-                            for k in _EVAL_SCALARS
-                            if eval_metrics.get(k) is not None})
-        logging.info('eval at step %d | %s', step,
-                     evaluate_lib.summary_line(eval_metrics))
-    if preempted or (last_saved != step and step > 0):
-      flush()
-      if last_saved != step:
-        save(state)
-    if preempted:
-      logging.warning('Preempted (SIGTERM) at step %d: checkpoint saved; run '
-                      'the same command again to resume.', step)
-  finally:
-    if watcher is not None:
-      watcher.close()
-    manager.wait_until_finished()
-    manager.close()
-    if writer is not None:
-      writer.close()
-
-  final = eval_every and step == total and total % eval_every == 0
-  return train_lib.TrainResult(
-      model=trainer.eval_model(state), state=state, preempted=preempted,
-      eval_metrics=eval_metrics if final else None)
+  return loop.run_loop(
+      config, workdir, trainer, make_train_dataset(config),
+      batch_keys=BATCH_KEYS,
+      vanilla_flops=faster_rcnn.vanilla_extractor_flops(trainer.detector,
+                                                        size),
+      console_line=console_line, evaluate_now=evaluate_now)
 
 
 def restore_detector(config: ml_collections.ConfigDict, workdir: str
@@ -351,4 +262,5 @@ def restore_detector(config: ml_collections.ConfigDict, workdir: str
   validate_config(config, workdir)
   detector = detector_config(config)
   abstract = nnx.eval_shape(lambda: faster_rcnn.create(detector))
-  return checkpoint_lib.restore_latest_variables(workdir, abstract)
+  return checkpoint_lib.restore_latest_variables(workdir, abstract,
+                                                 detector.backbone)
