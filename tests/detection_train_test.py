@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 from absl.testing import absltest
 import jax
@@ -13,9 +15,10 @@ from sact_jax.configs import validation
 from sact_jax.data import detection as detection_data
 from sact_jax.detection import evaluate as evaluate_lib
 from sact_jax.detection import faster_rcnn
-from sact_jax.detection import main_job
 from sact_jax.detection import train as detection_train
 import train_helpers
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(data_dir: str, **changes):
@@ -26,6 +29,16 @@ def _config(data_dir: str, **changes):
   return config
 
 
+def _launch(test, launcher: str, *args: str) -> str:
+  """Runs `python -m experiments.<launcher>` on the CPU; its stdout."""
+  proc = subprocess.run(
+      [sys.executable, '-m', f'experiments.{launcher}', *args],
+      cwd=_REPO, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+      capture_output=True, text=True, timeout=600, check=False)
+  test.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+  return proc.stdout
+
+
 class DetectionMainJobTest(absltest.TestCase):
 
   @classmethod
@@ -33,12 +46,16 @@ class DetectionMainJobTest(absltest.TestCase):
     super().setUpClass()
     train_helpers.enable_compilation_cache()
 
-  def test_train_evaluate_resume_restore(self):
+  def test_launchers_train_evaluate_resume_restore(self):
     root = train_helpers.tempdir(self)
     data_dir = os.path.join(root, 'data')
     workdir = os.path.join(root, 'run')
     config = _config(data_dir)
-    metrics = main_job.train_and_evaluate(config, workdir)
+    flags = ['--config=sact_jax/configs/detection.py:sact,smoke',
+             f'--config.data_dir={data_dir}', f'--workdir={workdir}']
+    _launch(self, 'train_detection', *flags, '--compilation_cache_dir=')
+    with open(os.path.join(workdir, 'eval.json')) as f:
+      metrics = json.load(f)
     for key in ('mAP', 'mAP@0.5', 'extractor_flops_percent', 'ponder_cost',
                 'ponder_inside_outside_ratio', 'AP/disc'):
       self.assertIn(key, metrics)
@@ -47,8 +64,6 @@ class DetectionMainJobTest(absltest.TestCase):
     self.assertBetween(metrics['mAP'], 0.0, 1.0)
     # SACT without halting yet: its heads' convs cost a little extra.
     self.assertBetween(metrics['extractor_flops_percent'], 90.0, 101.0)
-    with open(os.path.join(workdir, 'eval.json')) as f:
-      self.assertEqual(json.load(f)['num_examples'], 32)
     for name in ('config.json', 'detections.png', 'metrics.jsonl'):
       self.assertTrue(os.path.exists(os.path.join(workdir, name)), name)
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
@@ -56,6 +71,19 @@ class DetectionMainJobTest(absltest.TestCase):
     steps = [r['step'] for r in records if 'rpn_objectness' in r]
     self.assertEqual(steps[-1], config.num_train_steps)
     self.assertTrue(any('eval/mAP' in r for r in records))
+
+    # The evaluation launcher measures the same model on the same images.
+    output = os.path.join(root, 'eval', 'again.json')
+    stdout = _launch(self, 'evaluate_detection', *flags, f'--output={output}',
+                     '--pictures=2')
+    self.assertIn('mAP@[.5:.95]', stdout)
+    with open(output) as f:
+      again = json.load(f)
+    self.assertAlmostEqual(again['mAP'], metrics['mAP'], places=6)
+    self.assertEqual(again['extractor_flops_mean'],
+                     metrics['extractor_flops_mean'])
+    self.assertTrue(os.path.exists(os.path.join(root, 'eval',
+                                                'detections.png')))
 
     # Resuming a finished run trains no further step.
     result = detection_train.train(config, workdir)
@@ -88,6 +116,60 @@ class DetectionMainJobTest(absltest.TestCase):
     ):
       with self.assertRaisesRegex(validation.ConfigError, message):
         detection_train.validate_config(_config('/nonexistent', **change))
+
+
+# Run in a subprocess with 4 CPU devices: one detection step on a 4-device
+# mesh and on a 1-device mesh, same state and batch; prints both metrics.
+_DATA_PARALLEL_SCRIPT = r"""
+import json, sys
+import jax
+import numpy as np
+sys.path.insert(0, 'tests')
+from sact_jax import parallel
+from sact_jax.configs import detection as detection_config
+from sact_jax.detection import train as detection_train
+config = detection_config.get_config('sact,smoke')
+config.data_dir = sys.argv[1]
+config.batch_size = 4
+batch = next(iter(detection_train.make_train_dataset(config)))
+out = {}
+for n in (1, 4):
+  mesh = parallel.make_mesh(jax.devices()[:n])
+  trainer = detection_train.Trainer(config, mesh)
+  state = trainer.init_state()
+  _, metrics = trainer.train_step(
+      state, parallel.shard_batch(batch, mesh, detection_train.BATCH_KEYS))
+  out[n] = {k: float(np.mean(v)) for k, v in metrics.items()}
+print(json.dumps(out))
+"""
+
+
+class DataParallelTest(absltest.TestCase):
+
+  def test_four_devices_compute_the_one_device_step(self):
+    """BatchNorm statistics, sampling and losses are over the global batch.
+
+    Only the order of float sums differs (the model and inputs are the
+    same). Rounding can reorder near-tied proposals, which moves the box
+    classifier's losses by ~1e-4 at most; a per-shard bug (statistics or
+    targets of one shard) moves them by percents. The RPN's targets do not
+    depend on the network: exactly equal.
+    """
+    env = dict(os.environ, JAX_PLATFORMS='cpu',
+               XLA_FLAGS='--xla_force_host_platform_device_count=4')
+    proc = subprocess.run(
+        [sys.executable, '-c', _DATA_PARALLEL_SCRIPT,
+         os.path.join(train_helpers.tempdir(self), 'data')],
+        cwd=_REPO,
+        env=env, capture_output=True, text=True, timeout=600, check=False)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    one, four = out['1'], out['4']
+    for key in ('loss', 'rpn_objectness', 'rpn_localization',
+                'box_classification', 'box_localization', 'ponder_loss',
+                'flops'):
+      np.testing.assert_allclose(four[key], one[key], rtol=1e-3, err_msg=key)
+    self.assertEqual(four['rpn_positives'], one['rpn_positives'])
 
 
 class CocoStepTest(absltest.TestCase):

@@ -1,11 +1,10 @@
-"""Detection training: the classification loop's machinery, Faster R-CNN loss.
+"""Detection training: the shared loop (`loop.py`), the Faster R-CNN loss.
 
-Everything but the model and the loss is the classification trainer's
-(`sact_jax/train.py`): one 'data' mesh, a replicated `TrainState` updated
-by one jitted, donating step, orbax run checkpoints with the data
-iterator's position (resume, SIGTERM preemption), metrics to TensorBoard,
-`metrics.jsonl` and the console, a stop before the next checkpoint on a
-non-finite loss, and evaluations during training (COCO metrics, here).
+Everything but the model, the loss and the evaluation is classification
+training's: one 'data' mesh, a replicated `TrainState` updated by one
+jitted, donating step, and `loop.run_loop` around it (resume, checkpoints
+with the data position, SIGTERM, metrics, a stop on a non-finite loss,
+evaluations during training: COCO metrics here).
 The loss is `faster_rcnn.loss_and_metrics` (both stages, tau times the
 ponder cost) plus the reference's L2 weight decay.
 """
