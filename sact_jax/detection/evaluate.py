@@ -79,12 +79,13 @@ def _pad(batch: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
                     + [(0, 0)] * (np.ndim(v) - 1)) for k, v in batch.items()}
 
 
-def _gather(tree: Any, count: int) -> Any:
-  """All hosts' rows of a global batch, padding rows dropped (one host:
-  only the first `count` rows are real)."""
-  if jax.process_count() > 1:
-    tree = multihost_utils.process_allgather(tree, tiled=True)
-  return jax.tree.map(lambda x: np.asarray(x)[:count], tree)
+def _fetch_valid(tree: Any, valid_B: jax.Array) -> Any:
+  """All hosts' real rows of global batch arrays, as numpy (as
+  `sact_jax.evaluate` fetches its per-image numbers)."""
+  tree, valid_B = multihost_utils.process_allgather((tree, valid_B),
+                                                    tiled=True)
+  valid_B = np.asarray(valid_B)
+  return jax.tree.map(lambda x: np.asarray(x)[valid_B], tree)
 
 
 def evaluate_detector(model: faster_rcnn.FasterRCNN,
@@ -118,28 +119,25 @@ def evaluate_detector(model: faster_rcnn.FasterRCNN,
   graphdef, state = classification_eval.eval_split_model(model)
   ground_truth, detections, stats = [], [], []
   for batch in dataset:
-    count = batch['image'].shape[0]
     padded = _pad(batch, local_batch)
-    mask = (parallel.to_global(mesh, padded['mask']) if 'mask' in padded
-            else None)
-    dets, batch_stats = _detect_step(
-        graphdef, state, detector, parallel.to_global(mesh, padded['image']),
-        mask)
-    detections.append(_gather(dets, count))
-    stats.append(_gather(batch_stats, count))
-    ground_truth.append({
-        'image_id': batch['image_id'], 'boxes': batch['boxes'] * size,
-        'labels': batch['labels'], 'crowd': batch['crowd']})
+    padded['valid'] = np.arange(local_batch) < batch['image'].shape[0]
+    on_mesh = {k: parallel.to_global(mesh, v) for k, v in padded.items()}
+    dets, batch_stats = _detect_step(graphdef, state, detector,
+                                     on_mesh['image'], on_mesh.get('mask'))
+    truth = {'image_id': on_mesh['image_id'], 'boxes': on_mesh['boxes'],
+             'labels': on_mesh['labels'], 'crowd': on_mesh['crowd']}
+    dets, batch_stats, truth = _fetch_valid((dets, batch_stats, truth),
+                                            on_mesh['valid'])
+    truth['boxes'] = truth['boxes'] * size
+    detections.append(dets)
+    stats.append(batch_stats)
+    ground_truth.append(truth)
     if verbose:
       logging.info('Evaluated %d images.', sum(
           len(d['scores']) for d in detections))
 
   def cat(parts):
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-  if jax.process_count() > 1:
-    ground_truth = [jax.tree.map(np.asarray,
-                                 multihost_utils.process_allgather(
-                                     g, tiled=True)) for g in ground_truth]
   ground_truth, detections, stats = (cat(ground_truth), cat(detections),
                                      cat(stats))
   metrics = coco_eval.coco_metrics(ground_truth, detections,
