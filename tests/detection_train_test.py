@@ -72,6 +72,11 @@ class DetectionMainJobTest(absltest.TestCase):
     self.assertEqual(steps[-1], config.num_train_steps)
     self.assertTrue(any('eval/mAP' in r for r in records))
 
+    table = evaluate_lib.results_table([workdir])
+    self.assertIn(f'| {metrics["mAP"]:.3f} | {metrics["mAP@0.5"]:.3f} |',
+                  table)
+    self.assertLen(table.splitlines(), 3)
+
     # The evaluation launcher measures the same model on the same images.
     output = os.path.join(root, 'eval', 'again.json')
     stdout = _launch(self, 'evaluate_detection', *flags, f'--output={output}',

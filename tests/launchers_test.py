@@ -108,6 +108,8 @@ _CASES = (
      [_DETECTION, '--workdir={tmp}'], 'No training checkpoint in {tmp}'),
     ('evaluate_detection_bad_flag', 'evaluate_detection',
      [_DETECTION, '--workdir={tmp}', '--pictures=-1'], 'flag --pictures=-1'),
+    ('collect_detection_unfinished', 'collect_detection',
+     ['--workdirs={tmp}'], 'Not a finished detection run:'),
     ('convert_bad_flag', 'convert_checkpoint',
      ['--tf_checkpoint={tmp}', *_CONVERT[1:], '--family=mnist',
       '--output={tmp}/out'],

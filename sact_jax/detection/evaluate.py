@@ -11,7 +11,9 @@ compared with the cost outside.
 """
 
 import functools
-from typing import Any, Mapping
+import json
+import os
+from typing import Any, Mapping, Sequence
 
 from absl import logging
 from flax import nnx
@@ -227,3 +229,36 @@ def save_detection_pictures(model: faster_rcnn.FasterRCNN,
       ponder_maps_Nxhxw=examples['ponder_maps'],
       ground_truth=examples['ground_truth'], max_images=num_images)
   return visualize.save_figure(fig, path)
+
+
+def results_table(workdirs: Sequence[str]) -> str:
+  """The paper's detection table (markdown) of finished detection runs.
+
+  One row per workdir (`config.json` and `eval.json` as the detection main
+  job writes them): model, tau, extractor FLOPs (mean +- std, % of the
+  vanilla extractor), mAP@[.5:.95], mAP@.5, ponder cost and (SACT) the
+  ponder cost inside objects over outside.
+
+  Raises:
+    FileNotFoundError: a workdir lacks `eval.json` or `config.json`.
+  """
+  rows = ['| model | tau | extractor FLOPs (% of vanilla) | mAP@[.5:.95] | '
+          'mAP@.5 | ponder cost | inside/outside |',
+          '| --- | --- | --- | --- | --- | --- | --- |']
+  for workdir in workdirs:
+    with open(os.path.join(workdir, 'config.json')) as f:
+      config = json.load(f)
+    with open(os.path.join(workdir, 'eval.json')) as f:
+      metrics = json.load(f)
+    adaptive = config['model_type'] != 'vanilla'
+    ratio = metrics.get('ponder_inside_outside_ratio')
+    rows.append(
+        f'| {config["model_type"]} units {tuple(config["units"])} | '
+        f'{config["tau"] if adaptive else "-"} | '
+        f'{metrics["extractor_flops_percent"]:.1f} +- '
+        f'{metrics["extractor_flops_percent_std"]:.1f} '
+        f'({metrics["extractor_flops_mean"] / 1e6:.1f}M) | '
+        f'{metrics["mAP"]:.3f} | {metrics["mAP@0.5"]:.3f} | '
+        f'{metrics["ponder_cost"]:.2f} | '
+        f'{"-" if ratio is None else f"{ratio:.3f}"} |')
+  return '\n'.join(rows)
