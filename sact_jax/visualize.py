@@ -74,7 +74,7 @@ def ponder_maps(aux: Mapping[str, Any]) -> list[np.ndarray]:
   return maps
 
 
-def _norm(values: Sequence[np.ndarray]) -> mcolors.Normalize:
+def shared_norm(values: Sequence[np.ndarray]) -> mcolors.Normalize:
   """One colour scale for a column: the range of all its values."""
   lo = min(float(v.min()) for v in values)
   hi = max(float(v.max()) for v in values)
@@ -135,7 +135,7 @@ def render_ponder_figure(images: Sequence[np.ndarray],
       left=0.02, right=0.98, top=1 - 0.45 / (height / DPI),
       bottom=0.4 / (height / DPI),
       wspace=0.08, hspace=0.35)
-  norms = [_norm(column) for column in columns]
+  norms = [shared_norm(column) for column in columns]
 
   for row in range(num_rows):
     image = display_image(images[row])
@@ -203,7 +203,8 @@ def save_figure(fig: mfigure.Figure, path: str) -> str:
   return path
 
 
-def _class_name(index: int, names: Sequence[str] | None) -> str:
+def class_name(index: int, names: Sequence[str] | None) -> str:
+  """The label's name, or 'class <index>' where no name is known."""
   if names is not None and 0 <= index < len(names):
     return names[index]
   return f'class {index}'
@@ -248,8 +249,8 @@ def ponder_figures(model: nnx.Module, config, *, num_images: int = 8,
   titles = []
   for i, label in enumerate(np.asarray(batch['label'])):
     predicted = int(logits[i].argmax()) - label_offset
-    titles.append(f'predicted {_class_name(predicted, names)}\n'
-                  f'true {_class_name(int(label), names)}, '
+    titles.append(f'predicted {class_name(predicted, names)}\n'
+                  f'true {class_name(int(label), names)}, '
                   f'{evaluate.human_count(flops[i])}FLOPs')
   images = list(batch['image'])
   masks = list(batch['mask']) if 'mask' in batch else None
@@ -329,7 +330,7 @@ def save_ponder_maps_for_images(
     predicted = int(np.asarray(logits)[0].argmax())
     head = f'{names[i]}: ' if names is not None else ''
     titles.append(f'{head}{image.shape[0]}x{image.shape[1]}\npredicted '
-                  f'{_class_name(predicted, class_names)}, '
+                  f'{class_name(predicted, class_names)}, '
                   f'{evaluate.human_count(float(aux["flops"][0]))}FLOPs')
     maps.append([m[0] for m in ponder_maps(aux)])
   fig = render_ponder_figure(rgb, maps, titles=titles, overlay=overlay)

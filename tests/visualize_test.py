@@ -64,7 +64,7 @@ class RenderTest(absltest.TestCase):
     pixels_b = panel_pixels(fig, block1_b)
     # The value 2 is the column minimum: the colormap's first colour.
     low = np.round(255 * np.asarray(
-        visualize._scalar_mappable(visualize._norm([map_a, map_b]))
+        visualize._scalar_mappable(visualize.shared_norm([map_a, map_b]))
         .to_rgba(2.0)[:3])).astype(int)
     np.testing.assert_allclose(pixels_a[pixels_a.shape[0] // 2,
                                         pixels_a.shape[1] // 2], low, atol=2)

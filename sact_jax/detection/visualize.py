@@ -23,12 +23,6 @@ import numpy as np
 from sact_jax import visualize
 from sact_jax.detection import coco_eval
 
-# The classification pictures' helpers, shared rather than copied:
-# `save_figure` writes these figures too.
-save_figure = visualize.save_figure
-_class_name = visualize._class_name  # pylint: disable=protected-access
-_norm = visualize._norm  # pylint: disable=protected-access
-
 # Width of one panel (inches); its height follows the images' aspect ratio.
 PANEL_INCHES = 4.0
 _COLORBAR_INCHES = 0.8
@@ -66,7 +60,7 @@ def _draw_detections(ax, boxes_Kx4, scores_K, classes_K, class_names,
     # Above the box, or inside it where the image's top edge leaves no room.
     inside = ymin < 0.04 * height
     ax.text(xmin, ymin,
-            f'{_class_name(int(classes_K[k]), class_names)} '
+            f'{visualize.class_name(int(classes_K[k]), class_names)} '
             f'{scores_K[k]:.2f}',
             fontsize=6, color='white', va='top' if inside else 'bottom',
             clip_on=True,
@@ -157,7 +151,7 @@ def detection_figure(images_NxHxWx3: np.ndarray,
       top=1 - 0.3 / fig_h, bottom=(0.45 if maps is not None else 0.05) / fig_h,
       wspace=0.04, hspace=0.3 / panel_h)
   extent = (0, width, height, 0)  # Pixel (y, x) lands on data (y, x).
-  norm = None if maps is None else _norm(list(maps[:rows]))
+  norm = None if maps is None else visualize.shared_norm(list(maps[:rows]))
 
   for row in range(rows):
     ax = fig.add_subplot(grid[row, 0])
