@@ -25,8 +25,10 @@ from flax import nnx
 import grain
 import jax
 from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 
 from sact_jax import checkpoint as checkpoint_lib
@@ -63,6 +65,21 @@ class TrainState:
   model_state: nnx.State
   opt_state: Any
   ema: dict[str, nnx.State] | None = None
+
+
+def sgd_update(tx: optax.GradientTransformation, grads: Any,
+               state: TrainState) -> tuple[Any, Any]:
+  """The optimizer's new parameters and state from one step's gradients."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  return optax.apply_updates(state.params, updates), opt_state
+
+
+def all_finite(loss: jax.Array, params: Any) -> jax.Array:
+  """Whether the loss and every parameter are finite (what stops a run)."""
+  finite = jnp.isfinite(loss)
+  for leaf in jax.tree.leaves(params):
+    finite &= jnp.all(jnp.isfinite(leaf))
+  return finite
 
 
 def state_tree(state: TrainState) -> dict[str, Any]:

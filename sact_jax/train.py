@@ -207,11 +207,8 @@ def _train_step(state: TrainState, batch: dict[str, jax.Array], *,
 
   (loss, (model_state, logits, aux, ce, decay)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  finite = jnp.isfinite(loss)
-  for leaf in jax.tree.leaves(params):
-    finite &= jnp.all(jnp.isfinite(leaf))
+  params, opt_state = loop.sgd_update(tx, grads, state)
+  finite = loop.all_finite(loss, params)
   metrics = {
       'loss': loss,
       'cross_entropy': ce,

@@ -235,16 +235,17 @@ def results_table(workdirs: Sequence[str]) -> str:
   """The paper's detection table (markdown) of finished detection runs.
 
   One row per workdir (`config.json` and `eval.json` as the detection main
-  job writes them): model, tau, extractor FLOPs (mean +- std, % of the
+  job writes them): model, tau, the classifier it started from (the last
+  part of `init_from`), extractor FLOPs (mean +- std, % of the
   vanilla extractor), mAP@[.5:.95], mAP@.5, ponder cost and (SACT) the
   ponder cost inside objects over outside.
 
   Raises:
     FileNotFoundError: a workdir lacks `eval.json` or `config.json`.
   """
-  rows = ['| model | tau | extractor FLOPs (% of vanilla) | mAP@[.5:.95] | '
-          'mAP@.5 | ponder cost | inside/outside |',
-          '| --- | --- | --- | --- | --- | --- | --- |']
+  rows = ['| model | tau | init from | extractor FLOPs (% of vanilla) | '
+          'mAP@[.5:.95] | mAP@.5 | ponder cost | inside/outside |',
+          '| --- | --- | --- | --- | --- | --- | --- | --- |']
   for workdir in workdirs:
     with open(os.path.join(workdir, 'config.json')) as f:
       config = json.load(f)
@@ -255,6 +256,7 @@ def results_table(workdirs: Sequence[str]) -> str:
     rows.append(
         f'| {config["model_type"]} units {tuple(config["units"])} | '
         f'{config["tau"] if adaptive else "-"} | '
+        f'{os.path.basename(str(config.get("init_from") or "-"))} | '
         f'{metrics["extractor_flops_percent"]:.1f} +- '
         f'{metrics["extractor_flops_percent_std"]:.1f} '
         f'({metrics["extractor_flops_mean"] / 1e6:.1f}M) | '
