@@ -273,10 +273,14 @@ class _SparseStep:
                        aux['ponder_cost'], mask_BxHxW)
 
 
-def _pad_batch(batch: Mapping[str, np.ndarray], size: int
-               ) -> dict[str, np.ndarray]:
-  """Zero-pads every array of `batch` to `size` rows; adds `valid` [size]."""
-  count = batch['label'].shape[0]
+def pad_batch(batch: Mapping[str, np.ndarray], size: int
+              ) -> dict[str, np.ndarray]:
+  """Zero-pads every array of `batch` to `size` rows; adds `valid` [size].
+
+  A last, partial eval batch padded to the others' size runs the same
+  compiled program; `valid` says which rows are real.
+  """
+  count = batch['image'].shape[0]
   padded = {}
   for key, value in batch.items():
     value = np.asarray(value)
@@ -429,7 +433,7 @@ def evaluate_model(model: nnx.Module, config, *,
                         or labels.max() >= spec.num_classes):
       raise EvaluationError(f'Labels outside [0, {spec.num_classes}) in '
                             f'{config.dataset}.')
-    padded = _pad_batch(
+    padded = pad_batch(
         {'image': batch['image'], 'label': labels,
          'mask': batch.get('mask', np.zeros((labels.size, 1, 1), np.float32))},
         local_batch)

@@ -74,13 +74,6 @@ def _eval_split(config: ml_collections.ConfigDict,
   return info.eval_split if limit is None else f'{info.eval_split}[:{limit}]'
 
 
-def _pad(batch: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
-  """Zero-pads a (last, partial) batch to `size` rows: one compilation."""
-  count = batch['image'].shape[0]
-  return {k: np.pad(np.asarray(v), [(0, size - count)]
-                    + [(0, 0)] * (np.ndim(v) - 1)) for k, v in batch.items()}
-
-
 def _fetch_valid(tree: Any, valid_B: jax.Array) -> Any:
   """All hosts' real rows of global batch arrays, as numpy (as
   `sact_jax.evaluate` fetches its per-image numbers)."""
@@ -121,8 +114,7 @@ def evaluate_detector(model: faster_rcnn.FasterRCNN,
   graphdef, state = classification_eval.eval_split_model(model)
   ground_truth, detections, stats = [], [], []
   for batch in dataset:
-    padded = _pad(batch, local_batch)
-    padded['valid'] = np.arange(local_batch) < batch['image'].shape[0]
+    padded = classification_eval.pad_batch(batch, local_batch)
     on_mesh = {k: parallel.to_global(mesh, v) for k, v in padded.items()}
     dets, batch_stats = _detect_step(graphdef, state, detector,
                                      on_mesh['image'], on_mesh.get('mask'))

@@ -402,10 +402,13 @@ def detect(model: FasterRCNN, images_BxSxSx3: jax.Array,
   return detections, aux
 
 
+@functools.lru_cache(maxsize=None)
 def vanilla_extractor_flops(config: DetectorConfig, image_size: int) -> int:
   """FLOPs per image of the vanilla twin's extractor at `image_size`.
 
-  The denominator of the extractor's "% of vanilla" (the paper's table).
+  The denominator of the extractor's "% of vanilla" (the paper's table);
+  cached: training logs it from the start and every evaluation reports it,
+  and each call traces a model.
   """
   vanilla = dataclasses.replace(config.backbone, model_type='vanilla')
   return flops_lib.vanilla_flops(

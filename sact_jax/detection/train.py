@@ -64,14 +64,13 @@ def validate_config(config: ml_collections.ConfigDict,
         f'image_size={size} is smaller than the feature stride '
         f'{detector.stride}.')
   validation.validate_optimization(config)
-  if config.get('init_from'):
-    path = config.init_from
-    if not (checkpoint_lib.is_model_checkpoint(path)
-            or checkpoint_lib.saved_run_spec(path) is not None
-            if os.path.isdir(path) else False):
-      raise validation.ConfigError(
-          f'init_from={path!r} is neither a sact_jax model checkpoint nor a '
-          'training workdir with a checkpoint.')
+  path = config.get('init_from')
+  if path and not (os.path.isdir(path) and (
+      checkpoint_lib.is_model_checkpoint(path)
+      or checkpoint_lib.saved_run_spec(path) is not None)):
+    raise validation.ConfigError(
+        f'init_from={path!r} is neither a sact_jax model checkpoint nor a '
+        'training workdir with a checkpoint.')
   if workdir is not None:
     validation.check_workdir(workdir, detector.backbone)
 
@@ -172,8 +171,7 @@ class Trainer:
                    self.config.init_from, report.summary())
       _, params, model_state = nnx.split(model, nnx.Param, ...)
       state = jax.device_put(
-          state.replace(params=params, model_state=model_state,
-                        opt_state=self.tx.init(params)),
+          state.replace(params=params, model_state=model_state),
           parallel.replicated(self.mesh))
     return state
 
