@@ -64,6 +64,10 @@ class DetectionMainJobTest(absltest.TestCase):
     self.assertBetween(metrics['mAP'], 0.0, 1.0)
     # SACT without halting yet: its heads' convs cost a little extra.
     self.assertBetween(metrics['extractor_flops_percent'], 90.0, 101.0)
+    # Each extractor block ran between 1 and all of its units per position.
+    self.assertLen(metrics['units_per_block'], 3)
+    for ran, units in zip(metrics['units_per_block'], config.units):
+      self.assertBetween(ran, 1.0, units)
     for name in ('config.json', 'detections.png', 'metrics.jsonl'):
       self.assertTrue(os.path.exists(os.path.join(workdir, name)), name)
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
@@ -73,8 +77,8 @@ class DetectionMainJobTest(absltest.TestCase):
     self.assertTrue(any('eval/mAP' in r for r in records))
 
     table = evaluate_lib.results_table([workdir])
-    self.assertIn(f'| {metrics["mAP"]:.3f} | {metrics["mAP@0.5"]:.3f} |',
-                  table)
+    self.assertIn(f'| {metrics["mAP"]:.3f} | {metrics["mAP@0.5"]:.3f} | '
+                  f'{metrics["mAP@0.75"]:.3f} |', table)
     self.assertLen(table.splitlines(), 3)
 
     # The evaluation launcher measures the same model on the same images.

@@ -58,6 +58,9 @@ def _detect_step(graphdef, state, detector, images_BxSxSx3, mask_BxSxS):
            'ponder_cost': sum((jnp.mean(c.reshape(batch, -1), axis=1)
                                for c in aux['ponder_cost']),
                               jnp.zeros((batch,), jnp.float32))}
+  for i, units in enumerate(aux['num_units']):
+    stats[f'units/block_{i}'] = jnp.mean(
+        units.reshape(batch, -1).astype(jnp.float32), axis=1)
   if aux['ponder_cost'] and mask_BxSxS is not None:
     cost = total_ponder_map(aux['ponder_cost'], mask_BxSxS.shape[1:])
     inside, outside = mask_BxSxS, 1.0 - mask_BxSxS
@@ -94,8 +97,10 @@ def evaluate_detector(model: faster_rcnn.FasterRCNN,
     of that size or class), `extractor_flops_mean` / `_std` per image,
     `vanilla_extractor_flops`, `extractor_flops_percent` / `_std` (of
     vanilla), `ponder_cost` (the extractor's sum over blocks of the mean
-    cost, per image), `ponder_inside_outside_ratio` (SACT on data with
-    masks), `num_examples`, `image_size`.
+    cost, per image), `units_per_block` ((S)ACT: the mean number of units
+    each extractor block ran per position; the depth halting left),
+    `ponder_inside_outside_ratio` (SACT on data with masks),
+    `num_examples`, `image_size`.
   """
   detector = faster_rcnn.DetectorConfig.from_config(config)
   info = detection_data.detection_info(config.dataset)
@@ -149,6 +154,9 @@ def evaluate_detector(model: faster_rcnn.FasterRCNN,
       'num_examples': int(flops.shape[0]),
       'image_size': int(size),
   })
+  units = [k for k in stats if k.startswith('units/')]
+  if units:
+    metrics['units_per_block'] = [float(stats[k].mean()) for k in units]
   if 'ponder_inside' in stats:
     metrics['ponder_inside_outside_ratio'] = float(
         stats['ponder_inside'].mean() / stats['ponder_outside'].mean())
@@ -229,15 +237,15 @@ def results_table(workdirs: Sequence[str]) -> str:
   One row per workdir (`config.json` and `eval.json` as the detection main
   job writes them): model, tau, the classifier it started from (the last
   part of `init_from`), extractor FLOPs (mean +- std, % of the
-  vanilla extractor), mAP@[.5:.95], mAP@.5, ponder cost and (SACT) the
-  ponder cost inside objects over outside.
+  vanilla extractor), mAP@[.5:.95], mAP@.5, mAP@.75 (localisation), ponder
+  cost and (SACT) the ponder cost inside objects over outside.
 
   Raises:
     FileNotFoundError: a workdir lacks `eval.json` or `config.json`.
   """
   rows = ['| model | tau | init from | extractor FLOPs (% of vanilla) | '
-          'mAP@[.5:.95] | mAP@.5 | ponder cost | inside/outside |',
-          '| --- | --- | --- | --- | --- | --- | --- | --- |']
+          'mAP@[.5:.95] | mAP@.5 | mAP@.75 | ponder cost | inside/outside |',
+          '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
   for workdir in workdirs:
     with open(os.path.join(workdir, 'config.json')) as f:
       config = json.load(f)
@@ -253,6 +261,6 @@ def results_table(workdirs: Sequence[str]) -> str:
         f'{metrics["extractor_flops_percent_std"]:.1f} '
         f'({metrics["extractor_flops_mean"] / 1e6:.1f}M) | '
         f'{metrics["mAP"]:.3f} | {metrics["mAP@0.5"]:.3f} | '
-        f'{metrics["ponder_cost"]:.2f} | '
+        f'{metrics["mAP@0.75"]:.3f} | {metrics["ponder_cost"]:.2f} | '
         f'{"-" if ratio is None else f"{ratio:.3f}"} |')
   return '\n'.join(rows)
