@@ -79,6 +79,8 @@ class DetectionMainJobTest(absltest.TestCase):
     table = evaluate_lib.results_table([workdir])
     self.assertIn(f'| {metrics["mAP"]:.3f} | {metrics["mAP@0.5"]:.3f} | '
                   f'{metrics["mAP@0.75"]:.3f} |', table)
+    self.assertIn(' / '.join(f'{u:.2f}' for u in metrics['units_per_block']),
+                  table)
     self.assertLen(table.splitlines(), 3)
 
     # The evaluation launcher measures the same model on the same images.

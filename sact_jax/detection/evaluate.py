@@ -238,14 +238,16 @@ def results_table(workdirs: Sequence[str]) -> str:
   job writes them): model, tau, the classifier it started from (the last
   part of `init_from`), extractor FLOPs (mean +- std, % of the
   vanilla extractor), mAP@[.5:.95], mAP@.5, mAP@.75 (localisation), ponder
-  cost and (SACT) the ponder cost inside objects over outside.
+  cost, units each extractor block ran per position ((S)ACT) and (SACT) the
+  ponder cost inside objects over outside.
 
   Raises:
     FileNotFoundError: a workdir lacks `eval.json` or `config.json`.
   """
   rows = ['| model | tau | init from | extractor FLOPs (% of vanilla) | '
-          'mAP@[.5:.95] | mAP@.5 | mAP@.75 | ponder cost | inside/outside |',
-          '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+          'mAP@[.5:.95] | mAP@.5 | mAP@.75 | ponder cost | units run | '
+          'inside/outside |',
+          '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
   for workdir in workdirs:
     with open(os.path.join(workdir, 'config.json')) as f:
       config = json.load(f)
@@ -253,6 +255,8 @@ def results_table(workdirs: Sequence[str]) -> str:
       metrics = json.load(f)
     adaptive = config['model_type'] != 'vanilla'
     ratio = metrics.get('ponder_inside_outside_ratio')
+    units = metrics.get('units_per_block')
+    units = '-' if units is None else ' / '.join(f'{u:.2f}' for u in units)
     rows.append(
         f'| {config["model_type"]} units {tuple(config["units"])} | '
         f'{config["tau"] if adaptive else "-"} | '
@@ -262,5 +266,6 @@ def results_table(workdirs: Sequence[str]) -> str:
         f'({metrics["extractor_flops_mean"] / 1e6:.1f}M) | '
         f'{metrics["mAP"]:.3f} | {metrics["mAP@0.5"]:.3f} | '
         f'{metrics["mAP@0.75"]:.3f} | {metrics["ponder_cost"]:.2f} | '
+        f'{units} | '
         f'{"-" if ratio is None else f"{ratio:.3f}"} |')
   return '\n'.join(rows)
