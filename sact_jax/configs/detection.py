@@ -12,7 +12,11 @@ whose block 4 classifies each region. Variants: `vanilla`, `act` or `sact`
 (default), optionally `,smoke` (a few steps on the tiny builder config).
 `init_from` (optional) is a classifier of the same architecture trained on
 `sact_shapes` (`sact_jax/configs/detection_pretrain.py`), as the paper
-fine-tuned its detectors from ImageNet classifiers.
+fine-tuned its detectors from ImageNet classifiers. Start SACT detectors
+from the *vanilla* classifier: its fresh halting heads halt nowhere at
+first and learn where detection can stop early, while a SACT classifier's
+halting (made for classification) barely moves in fine-tuning (BUILD.md,
+"Object detection").
 """
 
 import ml_collections
@@ -69,7 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.lr_scales = ()
   config.batch_size = 16
   config.eval_batch_size = 50
-  # The vanilla detector reaches mAP@.5 0.81 in 2000 steps from a 2000-step
+  # The vanilla detector reached mAP@.5 0.81 in 2000 steps from a 2000-step
   # classifier; 3000 steps (about 12 min on 2 cores) leave a margin.
   config.num_train_steps = 3000
   config.log_every_steps = 50
