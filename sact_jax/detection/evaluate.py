@@ -58,9 +58,11 @@ def _detect_step(graphdef, state, detector, images_BxSxSx3, mask_BxSxS):
            'ponder_cost': sum((jnp.mean(c.reshape(batch, -1), axis=1)
                                for c in aux['ponder_cost']),
                               jnp.zeros((batch,), jnp.float32))}
-  for i, units in enumerate(aux['num_units']):
-    stats[f'units/block_{i}'] = jnp.mean(
-        units.reshape(batch, -1).astype(jnp.float32), axis=1)
+  if aux['num_units']:
+    # [B, blocks]: the mean number of units each block ran per position.
+    stats['units'] = jnp.stack(
+        [jnp.mean(u.reshape(batch, -1).astype(jnp.float32), axis=1)
+         for u in aux['num_units']], axis=1)
   if aux['ponder_cost'] and mask_BxSxS is not None:
     cost = total_ponder_map(aux['ponder_cost'], mask_BxSxS.shape[1:])
     inside, outside = mask_BxSxS, 1.0 - mask_BxSxS
@@ -154,9 +156,8 @@ def evaluate_detector(model: faster_rcnn.FasterRCNN,
       'num_examples': int(flops.shape[0]),
       'image_size': int(size),
   })
-  units = [k for k in stats if k.startswith('units/')]
-  if units:
-    metrics['units_per_block'] = [float(stats[k].mean()) for k in units]
+  if 'units' in stats:
+    metrics['units_per_block'] = stats['units'].mean(axis=0).tolist()
   if 'ponder_inside' in stats:
     metrics['ponder_inside_outside_ratio'] = float(
         stats['ponder_inside'].mean() / stats['ponder_outside'].mean())
