@@ -7,8 +7,10 @@ Run by hand (not a test):
 
 Prints a table and writes JSON (`--out`). Every configuration runs in this
 process one after another, so ratios within one run are comparable; absolute
-times on a shared machine are noisy. The step is forward + backward + SGD
-momentum update, loss = CE + 0.01 ponder + L2 2e-4 (as the reference's).
+times on a shared machine are noisy. The step is the trainer's own
+(`train.Trainer`, CIFAR-10 config of the depth and type, tau 0.01):
+forward + backward + SGD momentum update, loss = CE + 0.01 ponder + L2 2e-4
+(as the reference's), plus its metrics.
 """
 
 import json
@@ -18,12 +20,12 @@ import time
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx
 
-from sact_jax import models
+from sact_jax import parallel
+from sact_jax import train as train_lib
+from sact_jax.configs import cifar10
+from sact_jax.configs import validation
 
 _DEPTHS = flags.DEFINE_list('depths', ['32', '110'], 'CIFAR ResNet depths.')
 _TYPES = flags.DEFINE_list('model_types', ['vanilla', 'act', 'sact'],
@@ -31,65 +33,68 @@ _TYPES = flags.DEFINE_list('model_types', ['vanilla', 'act', 'sact'],
 _BATCH = flags.DEFINE_integer('batch_size', 128, 'Batch size.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed steps (median).')
 _COMPILE_ONLY = flags.DEFINE_bool(
-    'compile_only', False, 'Only measure jit compile time (SACT), scan vs '
-    'unrolled.')
+    'compile_only', False, 'Only measure jit compile time (SACT).')
 _VARIANTS = flags.DEFINE_list(
-    'variants', ['scan'], 'scan, unrolled, scan_slowconv (no custom conv '
-    'backward), scan_remat.')
+    'variants', ['scan'], 'scan, unrolled (config.unroll), scan_remat '
+    '(config.remat), scan_ynn (without the CPU training compiler options: '
+    "jaxlib's default YNNPACK convolutions).")
 _OUT = flags.DEFINE_string('out', 'benchmarks/results/train_step.json',
                            'JSON output path.')
 
-_VARIANT_KWARGS = {
+_VARIANT_CONFIG = {
     'scan': {},
     'unrolled': {'unroll': True},
-    'scan_slowconv': {'fast_conv_backward': False},
     'scan_remat': {'remat': True},
+    'scan_ynn': {},
 }
 
 
-def make_step(model, weight_decay=2e-4, tau=0.01):
-  """A jitted SGD training step, as the trainer's but self-contained."""
-  optimizer = nnx.Optimizer(model, optax.sgd(0.1, momentum=0.9),
-                            wrt=nnx.Param)
+def make_step(depth: int, model_type: str, batch: int, tau: float = 0.01,
+              variant: str = 'scan'):
+  """The trainer's own jitted step on synthetic data, as users run it.
 
-  @nnx.jit(donate_argnums=(0, 1))
-  def step(model, optimizer, images, labels):
-    def loss_fn(model):
-      logits, aux = model(images)
-      ce = optax.softmax_cross_entropy_with_integer_labels(
-          logits, labels).mean()
-      l2 = sum(jnp.sum(p ** 2) for p in jax.tree.leaves(
-          nnx.state(model, nnx.Param)) if p.ndim >= 2)
-      return ce + tau * aux['ponder_loss'] + weight_decay * 0.5 * l2
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    optimizer.update(model, grads)
-    return loss
+  The CIFAR-10 config of `depth` and `model_type` (loss = cross-entropy +
+  tau ponder + 2e-4 L2, momentum SGD, BN statistics, metrics). Returns
+  `(step, compile_s)`: `step()` runs one update in place and returns its
+  metrics (block on them to time it).
+  """
+  config = cifar10.get_config(f'{model_type}_{depth}')
+  config.tau = tau
+  config.batch_size = batch
+  for key, value in _VARIANT_CONFIG[variant].items():
+    config[key] = value
+  validation.validate_config(config)
+  mesh = parallel.make_mesh()
+  trainer = train_lib.Trainer.create(
+      config, mesh, compiler_options={} if variant == 'scan_ynn' else None)
+  state = trainer.init_state()
+  rng = np.random.default_rng(0)
+  batch_arrays = parallel.shard_batch({
+      'image': rng.normal(size=(batch, 32, 32, 3)).astype(np.float32),
+      'label': rng.integers(0, 10, size=(batch,)).astype(np.int32)}, mesh)
+  t0 = time.perf_counter()
+  compiled = trainer.train_step.lower(state, batch_arrays).compile()
+  compile_s = time.perf_counter() - t0
+  holder = [state]
 
-  return optimizer, step
+  def step():
+    holder[0], metrics = compiled(holder[0], batch_arrays)
+    return metrics
+
+  return step, compile_s
 
 
 def time_config(depth, model_type, variant, batch, repeats, compile_only):
-  kwargs = _VARIANT_KWARGS[variant]
-  model = models.create_model('cifar', depth, model_type, num_classes=10,
-                              rngs=nnx.Rngs(0), **kwargs)
-  model.train()
-  optimizer, step = make_step(model)
-  rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.normal(size=(batch, 32, 32, 3)), jnp.float32)
-  labels = jnp.asarray(rng.integers(0, 10, size=(batch,)), jnp.int32)
-  t0 = time.perf_counter()
-  compiled = step.lower(model, optimizer, images, labels).compile()
-  compile_s = time.perf_counter() - t0
-  del compiled
+  step, compile_s = make_step(depth, model_type, batch, variant=variant)
   result = {'depth': depth, 'model_type': model_type, 'variant': variant,
             'batch_size': batch, 'compile_s': compile_s}
   if compile_only:
     return result
-  step(model, optimizer, images, labels).block_until_ready()  # Warm-up.
+  jax.block_until_ready(step())  # Warm-up.
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
-    step(model, optimizer, images, labels).block_until_ready()
+    jax.block_until_ready(step())
     times.append(time.perf_counter() - t0)
   result['step_s'] = float(np.median(times))
   return result

@@ -14,8 +14,11 @@ side is the original's modules ported to TF 2 (`--tfref_dir`, made by
 that directory has no venv, only the JAX side runs. The JAX side is this
 file's own worker (`--worker=CONFIG`), on the current code:
 
-* `train:DEPTH:TYPE:BATCH:STEPS`: a CIFAR training step (forward, backward,
-  momentum SGD; cross-entropy + 0.01 ponder cost + 2e-4 L2), synthetic data;
+* `train:DEPTH:TYPE:BATCH:STEPS[:VARIANT]`: a CIFAR training step, the
+  trainer's own (forward, backward, momentum SGD; cross-entropy + 0.01
+  ponder cost + 2e-4 L2), synthetic data; VARIANT (JAX side) `scan`
+  (default), `unrolled` (`config.unroll`) or `scan_ynn` (XLA's default
+  compiler options: YNNPACK convolutions);
 * `infer:FAMILY:DEPTH:TYPE:BATCH:HALT[:SIZE]`: eval-mode inference; HALT
   `never` sets every halting head to never halt early, `first` to halt
   every position after the first unit (both sides compute the same units).
@@ -59,14 +62,22 @@ _WORKER = flags.DEFINE_string('worker', None, 'Internal: time one workload '
                               'on the JAX side and print one JSON line.')
 
 _CIFAR_DEPTHS = {20: 3, 32: 5, 56: 9, 110: 18}
+# JAX-side variants of a training step (benchmarks/train_step.py); the TF
+# side has one.
+_TRAIN_VARIANTS = ('scan', 'unrolled', 'scan_ynn')
 
 
 def parse(config: str) -> dict:
   fields = config.split(':')
   if fields[0] == 'train':
     depth, model_type, batch, steps = fields[1:5]
+    variant = fields[5] if len(fields) > 5 else 'scan'
+    if variant not in _TRAIN_VARIANTS:
+      raise ValueError(f'{config}: variant {variant!r} is not one of '
+                       f'{", ".join(_TRAIN_VARIANTS)}.')
     return dict(kind='train', family='cifar', depth=int(depth),
-                model_type=model_type, batch=int(batch), steps=int(steps))
+                model_type=model_type, batch=int(batch), steps=int(steps),
+                variant=variant)
   family, depth, model_type, batch, halt = fields[1:6]
   size = int(fields[6]) if len(fields) > 6 else (32 if family == 'cifar'
                                                  else 224)
@@ -122,19 +133,17 @@ def worker(config: str, reps: int) -> dict:
   size = c.get('size', 32)
   images = jnp.asarray(rng.normal(size=(c['batch'], size, size, 3)),
                        jnp.float32)
+  result = {'config': config, 'impl': 'jax'}
+  if c['kind'] == 'train':
+    step, _ = train_step.make_step(c['depth'], c['model_type'], c['batch'],
+                                   variant=c['variant'])
+    for _ in range(2):
+      jax.block_until_ready(step())
+    result['median_s'] = _timed(step, c['steps'])
+    return result
   num_classes = 10 if c['family'] == 'cifar' else 1001
   model = models.create_model(c['family'], c['depth'], c['model_type'],
                               num_classes=num_classes, rngs=nnx.Rngs(0))
-  result = {'config': config, 'impl': 'jax'}
-  if c['kind'] == 'train':
-    model.train()
-    optimizer, step = train_step.make_step(model)
-    labels = jnp.asarray(rng.integers(0, 10, size=(c['batch'],)), jnp.int32)
-    for _ in range(2):
-      step(model, optimizer, images, labels).block_until_ready()
-    result['median_s'] = _timed(
-        lambda: step(model, optimizer, images, labels), c['steps'])
-    return result
   model.eval()
   if c['model_type'] != 'vanilla':
     _force_halting(model, c['halt'])

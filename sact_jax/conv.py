@@ -17,6 +17,13 @@ passes each run in one of two formulations (`formulation` picks them):
 * 'dot': one dot over the input windows (im2col, `patches`). XLA:CPU runs
   dots near the cores' peak and some convolutions far below it (1x1
   kernels above all).
+* 'taps': for kernels with few output channels (the SACT halting head's
+  3x3 conv to one channel): one dot from the input channels to every tap's
+  outputs, then a sum of the taps shifted to their output positions.
+  XLA's convolution spends as long on a 16 -> 1 conv as on a 16 -> 16 one.
+
+`compiler_options` names the XLA:CPU options under which these run best
+in training programs.
 
 Values agree up to float rounding; every other convolution falls through
 to `lax.conv_general_dilated`.
@@ -153,25 +160,83 @@ def _dot_bwd(strides, padding, precision, x, w, g_BxPxQxO):
 
 
 # ---------------------------------------------------------------------------
+# Convolutions with few output channels as taps
+# ---------------------------------------------------------------------------
+
+
+def _taps(x_BxHxWxI, w_KxLxIxO, strides, padding, precision):
+  """`y[p, q] = sum_ij z[p*s + i, q*s + j, ij]` with `z = pad(x) w_ij`.
+
+  The dot makes `kh * kw * O` channels per input position (fewer than the
+  `I` it reads when `O` is small); the shifted sum is elementwise.
+  """
+  kh, kw, cin, cout = w_KxLxIxO.shape
+  sh, sw = strides
+  w_IxT = w_KxLxIxO.transpose(2, 0, 1, 3).reshape(cin, kh * kw * cout)
+  z = lax.dot_general(x_BxHxWxI, w_IxT, (((3,), (0,)), ((), ())),
+                      precision=precision)
+  (top, bottom), (left, right) = padding
+  z = jnp.pad(z, ((0, 0), (top, bottom), (left, right), (0, 0)))
+  b, h, w = z.shape[:3]
+  z_BxHxWxKLxO = z.reshape(b, h, w, kh * kw, cout)
+  p, q = (h - kh) // sh + 1, (w - kw) // sw + 1
+  return sum(z_BxHxWxKLxO[:, i:i + (p - 1) * sh + 1:sh,
+                          j:j + (q - 1) * sw + 1:sw, i * kw + j]
+             for i in range(kh) for j in range(kw))
+
+
+def _taps_bwd(strides, padding, precision, x_BxHxWxI, w_KxLxIxO, g_BxPxQxO):
+  """The transpose of `_taps`, written out so that it stays two dots.
+
+  Tap (i, j) of padded position (p * s + i, q * s + j) received g[p, q]:
+  its gradient is `g` dilated by the stride and shifted by (i, j), and the
+  taps stacked are one elementwise fusion. (Autodiff of the strided slices
+  gives one scatter per tap instead, 25x slower on XLA:CPU.)
+  """
+  kh, kw, cin, cout = w_KxLxIxO.shape
+  sh, sw = strides
+  (top, bottom), (left, right) = padding
+  _, h, w, _ = x_BxHxWxI.shape
+  hp, wp = h + top + bottom, w + left + right
+  _, p, q, _ = g_BxPxQxO.shape
+  zero = jnp.zeros((), g_BxPxQxO.dtype)
+  taps = []
+  for i in range(kh):
+    for j in range(kw):
+      taps.append(lax.pad(g_BxPxQxO, zero, (
+          (0, 0, 0), (i, hp - i - (p - 1) * sh - 1, sh - 1),
+          (j, wp - j - (q - 1) * sw - 1, sw - 1), (0, 0, 0))))
+  dz = jnp.concatenate(taps, axis=-1)[:, top:top + h, left:left + w]
+  w_IxT = w_KxLxIxO.transpose(2, 0, 1, 3).reshape(cin, kh * kw * cout)
+  dx = lax.dot_general(dz, w_IxT, (((3,), (1,)), ((), ())),
+                       precision=precision)
+  dw_IxT = lax.dot_general(x_BxHxWxI, dz, (((0, 1, 2), (0, 1, 2)), ((), ())),
+                           precision=precision)
+  return dx, dw_IxT.reshape(cin, kh, kw, cout).transpose(1, 2, 0, 3)
+
+
+# ---------------------------------------------------------------------------
 # One convolution, each pass in its formulation
 # ---------------------------------------------------------------------------
 
-FORMULATIONS = ('conv', 'dot')
+FORMULATIONS = ('conv', 'dot', 'taps')
+_FORWARD = {'conv': _native, 'dot': _dot, 'taps': _taps}
+_BACKWARD = {'conv': _native_bwd, 'dot': _dot_bwd, 'taps': _taps_bwd}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
 def conv2d(x_BxHxWxI, w_KxLxIxO, strides: tuple[int, int], padding: Padding,
            precision=None, forward: str = 'conv', backward: str = 'conv'):
-  """An NHWC/HWIO convolution whose passes each run as 'conv' or 'dot'.
+  """An NHWC/HWIO convolution whose passes each run in a formulation.
 
   'conv': XLA's convolution (stride-1 backward as two canonical-layout
   forward convolutions). 'dot': one dot over the input windows (`patches`).
-  The values are the same up to float rounding; only the speed differs.
-  Both backward passes keep only `x` and `w` as residuals.
+  'taps': a dot to every tap's outputs and a shifted sum (few output
+  channels). The values are the same up to float rounding; only the speed
+  differs. Every backward pass keeps only `x` and `w` as residuals.
   """
-  fn = _dot if forward == 'dot' else _native
-  return fn(x_BxHxWxI, w_KxLxIxO, strides, padding, precision).astype(
-      x_BxHxWxI.dtype)
+  return _FORWARD[forward](x_BxHxWxI, w_KxLxIxO, strides, padding,
+                           precision).astype(x_BxHxWxI.dtype)
 
 
 def _conv2d_fwd(x, w, strides, padding, precision, forward, backward):
@@ -183,8 +248,8 @@ def _conv2d_bwd(strides, padding, precision, forward, backward, residuals,
                 g_BxPxQxO):
   del forward
   x, w = residuals
-  fn = _dot_bwd if backward == 'dot' else _native_bwd
-  dx, dw = fn(strides, padding, precision, x, w, g_BxPxQxO)
+  dx, dw = _BACKWARD[backward](strides, padding, precision, x, w,
+                               g_BxPxQxO)
   return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
@@ -211,6 +276,10 @@ def _is_nhwc(dimension_numbers) -> bool:
 #   batch 1): 1.3-3.4x faster as dots. Everywhere else (narrow channels,
 #   many rows, every forward 3x3) the windows' copy costs more than the
 #   dot saves: XLA's convolution stays.
+# * Few output channels (kh * kw * O <= I: the SACT head's 3x3 conv to one
+#   channel) as taps: 16 -> 1 at 32x32, batch 128, forward / backward:
+#   4.2 / 6.6 ms as XLA's conv (Eigen), 0.7 / 2.7 ms as taps; 64 -> 1 at
+#   8x8: 0.8 / 1.4 ms vs 0.2 / 0.6 ms.
 _DOT_BACKWARD_MAX_ROWS = 1024
 _DOT_BACKWARD_MIN_CHANNELS = 128
 
@@ -227,7 +296,9 @@ def formulation(x_shape: Sequence[int], w_shape: Sequence[int],
   Returns:
     Each of the two passes' formulation, 'conv' or 'dot' (see `conv2d`).
   """
-  kh, kw, cin, _ = w_shape
+  kh, kw, cin, cout = w_shape
+  if (kh, kw) != (1, 1) and kh * kw * cout <= cin:
+    return ('taps', 'taps')
   if (kh, kw) == (1, 1):
     return ('conv' if tuple(strides) != (1, 1) else 'dot', 'dot')
   out_rows = x_shape[0] * math.prod(
@@ -268,3 +339,46 @@ def conv_general_dilated(lhs, rhs, window_strides, padding,
       lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
       rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
       feature_group_count=feature_group_count, precision=precision, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Compiler options
+# ---------------------------------------------------------------------------
+
+# jaxlib 0.10 hands XLA:CPU's convolutions to YNNPACK by default. Its kernel
+# gradient is 2-3.5x slower than XLA's older (Eigen) convolution at every
+# shape the models train (measured with benchmarks/conv_formulations.py:
+# e.g. 56x56x64 at batch 32, 60 ms vs 210 ms), and a CIFAR ResNet-32
+# training step runs 1.3x faster without it. Keeping only YNNPACK's
+# reductions (BatchNorm statistics) is what this option says. Inference
+# keeps the default: at batch 1 YNNPACK's forward convolutions are faster.
+_CPU_TRAINING_OPTIONS = (
+    ('xla_cpu_experimental_ynn_fusion_type', 'LIBRARY_FUSION_TYPE_REDUCE'),)
+
+
+@functools.cache
+def _options_supported(options: tuple[tuple[str, str], ...]) -> bool:
+  """Whether this jaxlib's XLA:CPU knows `options` (older ones may not)."""
+  try:
+    x = jax.device_put(jnp.zeros((), jnp.float32),
+                       jax.local_devices(backend='cpu')[0])
+    jax.jit(lambda x: x + 1,
+            compiler_options=dict(options)).lower(x).compile()
+  except Exception:  # pylint: disable=broad-except
+    return False
+  return True
+
+
+def training_compiler_options(backend: str | None = None
+                              ) -> dict[str, str] | None:
+  """XLA options for jitted training steps on `backend` (default backend).
+
+  For `jax.jit(..., compiler_options=...)`: on the CPU, XLA's own
+  convolutions instead of YNNPACK's (see above); None elsewhere, or where
+  this jaxlib does not know the option.
+  """
+  backend = backend or jax.default_backend()
+  if backend != 'cpu' or not _options_supported(_CPU_TRAINING_OPTIONS):
+    return None
+  return dict(_CPU_TRAINING_OPTIONS)
+

@@ -32,6 +32,7 @@ import ml_collections
 import optax
 
 from sact_jax import checkpoint as checkpoint_lib
+from sact_jax import conv
 from sact_jax import data as data_lib
 from sact_jax import evaluate
 from sact_jax import loop
@@ -104,7 +105,13 @@ class Trainer:
 
   @classmethod
   def create(cls, config: ml_collections.ConfigDict,
-             mesh: jax.sharding.Mesh) -> 'Trainer':
+             mesh: jax.sharding.Mesh,
+             compiler_options: dict[str, str] | None = None) -> 'Trainer':
+    """Compiles nothing yet; `compiler_options` None: the backend's
+    (`conv.training_compiler_options`), {}: XLA's defaults."""
+    if compiler_options is None:
+      compiler_options = conv.training_compiler_options(
+          mesh.devices.flat[0].platform)
     spec = validation.model_spec(config)
     abstract = spec.abstract_model(**validation.model_options(config))
     abstract.train()
@@ -120,7 +127,7 @@ class Trainer:
     train_step = jax.jit(
         step_fn, in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
         out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
-        donate_argnums=0)
+        donate_argnums=0, compiler_options=compiler_options or None)
     return cls(config, mesh, spec, graphdef, tx, train_step)
 
   def _init(self) -> TrainState:

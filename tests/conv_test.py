@@ -1,4 +1,5 @@
-"""Tests of `sact_jax.conv`: both CPU formulations against `lax`, routing."""
+"""Tests of `sact_jax.conv`: the CPU formulations against `lax`, routing,
+compiler options."""
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -192,6 +193,23 @@ class DotFormulationTest(parameterized.TestCase):
             rows[1, 1, 2, (i * 3 + j) * 3:(i * 3 + j + 1) * 3],
             x[1, i, 1 + j])
 
+  @parameterized.named_parameters(
+      ('stride1', (1, 1), ((1, 1), (1, 1))),
+      ('stride2_asymmetric', (2, 2), ((0, 1), (1, 0))),
+      ('stride_hw', (2, 1), ((2, 0), (1, 1))),
+  )
+  def test_taps_check_grads(self, strides, padding):
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(2, 7, 6, 12)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 12, 1)), jnp.float32)
+    fn = jax.jit(lambda x, w: conv.conv2d(x, w, strides, padding, None,
+                                          'taps', 'taps'))
+    want = lax.conv_general_dilated(x, w, strides, padding,
+                                    dimension_numbers=_NHWC)
+    np.testing.assert_allclose(fn(x, w), want, rtol=1e-5, atol=1e-5)
+    jtu.check_grads(fn, (x, w), order=1, modes=('rev',), atol=2e-2,
+                    rtol=2e-2)
+
   def test_check_grads(self):
     x, w = _inputs((3, 3), seed=2)
     x = x[:1, :5, :4]
@@ -217,6 +235,12 @@ class FormulationTest(parameterized.TestCase):
       ('3x3_wide_strided_few_rows', (1, 56, 56, 128), (3, 3, 128, 128),
        (2, 2), ('conv', 'dot')),
       ('stem', (1, 224, 224, 3), (7, 7, 3, 64), (2, 2), ('conv', 'conv')),
+      ('sact_head', (128, 32, 32, 16), (3, 3, 16, 1), (1, 1),
+       ('taps', 'taps')),
+      ('few_outputs', (8, 14, 14, 64), (3, 3, 64, 7), (2, 2),
+       ('taps', 'taps')),
+      ('too_many_outputs_for_taps', (8, 14, 14, 64), (3, 3, 64, 8), (1, 1),
+       ('conv', 'conv')),
   )
   def test_choices(self, x_shape, w_shape, strides, expected):
     self.assertEqual(conv.formulation(x_shape, w_shape, strides), expected)
@@ -238,6 +262,34 @@ class FormulationTest(parameterized.TestCase):
         np.random.default_rng(6).normal(size=y.shape), jnp.float32)
     for got, want in zip(vjp(cotangent), vjp_ref(cotangent)):
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+class CompilerOptionsTest(absltest.TestCase):
+
+  def test_cpu_only(self):
+    self.assertIsNone(conv.training_compiler_options('gpu'))
+    self.assertIsNone(conv.training_compiler_options('tpu'))
+    options = conv.training_compiler_options('cpu')
+    # jax>=0.10 (setup.cfg) knows the option; None would mean it does not.
+    self.assertEqual(options, {'xla_cpu_experimental_ynn_fusion_type':
+                               'LIBRARY_FUSION_TYPE_REDUCE'})
+
+  def test_same_values_as_default_options(self):
+    """The options pick kernels, not results: forward and both gradients
+    agree with XLA's defaults to float rounding."""
+    x, w = _inputs((3, 3), seed=7)
+
+    def loss(x, w):
+      y = conv.conv_general_dilated(x, w, (1, 1), 'SAME',
+                                    dimension_numbers=_NHWC)
+      return jnp.sum(jnp.sin(y)), y
+
+    fn = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+    want = jax.jit(fn)(x, w)
+    got = jax.jit(fn, compiler_options=conv.training_compiler_options(
+        'cpu'))(x, w)
+    for g, v in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(g, v, rtol=1e-5, atol=1e-5)
 
 
 if __name__ == '__main__':

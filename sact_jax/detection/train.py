@@ -21,6 +21,7 @@ import ml_collections
 import optax
 
 from sact_jax import checkpoint as checkpoint_lib
+from sact_jax import conv
 from sact_jax import loop
 from sact_jax import losses
 from sact_jax import optimizers
@@ -151,7 +152,9 @@ class Trainer:
         step_fn, in_shardings=(parallel.replicated(mesh),
                                parallel.batch_sharded(mesh)),
         out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
-        donate_argnums=0)
+        donate_argnums=0,
+        compiler_options=conv.training_compiler_options(
+            mesh.devices.flat[0].platform))
 
   def _init(self) -> TrainState:
     model = faster_rcnn.create(self.detector, seed=self.config.seed)
