@@ -1,19 +1,24 @@
-r"""Convolution formulations on XLA:CPU: native conv vs dot over windows.
+r"""Convolution formulations on XLA:CPU: native conv vs dot vs taps.
 
 Run by hand (not a test), on a quiet machine:
 
   python -m benchmarks.conv_formulations
   python -m benchmarks.conv_formulations --batches=1,32 --shapes=imagenet
+  python -m benchmarks.conv_formulations --shapes=cifar --batches=128 \
+      --formulations=conv --options=default,training
 
 For every convolution shape the CIFAR and ImageNet ResNets use, times
-`conv.conv2d` with both passes 'conv' (XLA's convolution; stride 1 with the
-canonical-layout backward) and both 'dot' (one dot over the input windows),
-forward and forward + backward (input and kernel gradients), interleaved,
-in one process. Prints GFLOP/s and the
-dot/conv time ratio per shape and writes JSON: the measurements behind
-`conv.formulation`.
+`conv.conv2d` with both passes in each formulation ('conv': XLA's
+convolution, stride 1 with the canonical-layout backward; 'dot': one dot
+over the input windows; 'taps': where `kh * kw * O <= I`, a dot to every
+tap's outputs and a shifted sum), compiled with XLA's default options and/or
+`conv.training_compiler_options` ('training'), forward and forward +
+backward (input and kernel gradients), interleaved, in one process. Prints
+GFLOP/s per variant and shape and writes JSON: the measurements behind
+`conv.formulation` and the trainers' compiler options.
 """
 
+import functools
 import json
 import os
 import time
@@ -57,25 +62,33 @@ _BATCHES = flags.DEFINE_list('batches', ['1', '32', '128'], 'Batch sizes.')
 _REPEATS = flags.DEFINE_integer('repeats', 7, 'Timed calls (median).')
 _MIN_SECONDS = flags.DEFINE_float(
     'min_seconds', 0.02, 'Calls per timing are repeated to last this long.')
+_FORMULATIONS = flags.DEFINE_list('formulations', ['conv', 'dot', 'taps'],
+                                  'Formulations of conv.conv2d.')
+_OPTIONS = flags.DEFINE_list(
+    'options', ['default'], "Compiler options: 'default' (XLA's) and/or "
+    "'training' (conv.training_compiler_options).")
 _OUT = flags.DEFINE_string('out', 'benchmarks/results/conv_formulations.json',
                            'JSON output path.')
 
 
-def _fns(kernel, stride, padding):
-  """Forward and forward + backward of each formulation of `conv.conv2d`."""
+def _fns(kernel, stride, padding, variants):
+  """Forward and forward + backward of each (formulation, options)."""
   strides = (stride, stride)
+  fns = {}
+  for name, options in variants:
+    fn = functools.partial(conv.conv2d, strides=strides, padding=padding,
+                           precision=None, forward=name, backward=name)
+    compiler_options = (conv.training_compiler_options()
+                        if options == 'training' else None)
 
-  def formulated(name):
-    return lambda x, w: conv.conv2d(x, w, strides, padding, None, name, name)
-
-  def grads(fn):
-    def loss(x, w):
+    def loss(x, w, fn=fn):
       return jnp.sum(fn(x, w))  # Cotangent of ones: cost as any other.
-    return jax.jit(jax.grad(loss, argnums=(0, 1)))
 
-  native, dot = formulated('conv'), formulated('dot')
-  return {'conv_fwd': jax.jit(native), 'dot_fwd': jax.jit(dot),
-          'conv_bwd': grads(native), 'dot_bwd': grads(dot)}
+    fns[f'{name}/{options}_fwd'] = jax.jit(
+        fn, compiler_options=compiler_options)
+    fns[f'{name}/{options}_bwd'] = jax.jit(
+        jax.grad(loss, argnums=(0, 1)), compiler_options=compiler_options)
+  return fns
 
 
 def _time(fn, args, repeats, min_seconds):
@@ -103,8 +116,10 @@ def main(argv):
     shapes += IMAGENET_SHAPES
   rng = np.random.default_rng(0)
   rows = []
-  print(f'{"shape":<14} {"batch":>5} {"fwd GF/s conv":>13} {"dot":>6} '
-        f'{"ratio":>6} | {"fwd+bwd GF/s conv":>17} {"dot":>6} {"ratio":>6}')
+  variants = [(f, o) for f in _FORMULATIONS.value for o in _OPTIONS.value]
+  labels = [f'{f}/{o}' for f, o in variants]
+  print(f'{"GFLOP/s fwd | fwd+bwd":<26} ' + ' '.join(
+      f'{label:>22}' for label in labels))
   for batch in (int(b) for b in _BATCHES.value):
     for name, size, cin, cout, kernel, stride in shapes:
       if name.startswith('in_') and batch > 32:
@@ -116,24 +131,27 @@ def main(argv):
                       jnp.float32)
       out = -(-size // stride)
       flops = 2 * batch * out * out * kernel * kernel * cin * cout
-      fns = _fns(kernel, stride, padding)
+      # Taps only where they make fewer channels than they read.
+      usable = [(f, o) for f, o in variants
+                if f != 'taps' or kernel * kernel * cout <= cin]
+      fns = _fns(kernel, stride, padding, usable)
       # Interleaved: each repetition times every variant once.
       times = {k: [] for k in fns}
       for _ in range(_REPEATS.value):
         for key, fn in fns.items():
           times[key] += _time(fn, (x, w), 1, _MIN_SECONDS.value)
       med = {k: float(np.median(v)) for k, v in times.items()}
-      row = dict(name=name, batch=batch, size=size, cin=cin, cout=cout,
-                 kernel=kernel, stride=stride, flops=flops,
-                 seconds=med,
-                 fwd_ratio=med['dot_fwd'] / med['conv_fwd'],
-                 bwd_ratio=med['dot_bwd'] / med['conv_bwd'])
-      rows.append(row)
-      print(f'{name:<14} {batch:>5} {flops / med["conv_fwd"] / 1e9:>13.0f} '
-            f'{flops / med["dot_fwd"] / 1e9:>6.0f} {row["fwd_ratio"]:>6.2f} | '
-            f'{3 * flops / med["conv_bwd"] / 1e9:>17.0f} '
-            f'{3 * flops / med["dot_bwd"] / 1e9:>6.0f} '
-            f'{row["bwd_ratio"]:>6.2f}', flush=True)
+      rows.append(dict(name=name, batch=batch, size=size, cin=cin,
+                       cout=cout, kernel=kernel, stride=stride, flops=flops,
+                       seconds=med))
+      cells = []
+      for label in labels:
+        if f'{label}_fwd' not in med:
+          cells.append(f'{"-":>22}')
+          continue
+        cells.append(f'{flops / med[label + "_fwd"] / 1e9:>10.0f} | '
+                     f'{3 * flops / med[label + "_bwd"] / 1e9:>9.0f}')
+      print(f'{name:<14} {batch:>11} ' + ' '.join(cells), flush=True)
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   with open(_OUT.value, 'w') as f:
     json.dump({'backend': jax.default_backend(),

@@ -46,7 +46,10 @@ class Block(nnx.Module):
     model_type: 'vanilla', 'act' (one halting score per image) or 'sact'
       (one per position).
     eps: halting threshold is `1 - eps`.
-    remat: rematerialise each scanned unit in the backward pass.
+    remat: rematerialise each scanned unit in the backward pass. None: on
+      the CPU only, where a scan's stacked per-unit residuals cost more
+      memory traffic than recomputing the forward (BUILD.md, "The scan trap
+      (XLA:CPU) and compile times"); accelerators keep their residuals.
     unroll: fully unroll the scan (for benchmarks: compile time then grows
       with depth).
   """
@@ -55,7 +58,7 @@ class Block(nnx.Module):
                make_unit: Callable[..., nnx.Module],
                make_head: Callable[..., nnx.Module],
                num_units: int, model_type: ModelType, *,
-               eps: float = act_lib.DEFAULT_EPS, remat: bool = False,
+               eps: float = act_lib.DEFAULT_EPS, remat: bool | None = None,
                unroll: bool = False, rngs: nnx.Rngs):
     if model_type not in MODEL_TYPES:
       raise ValueError(f'model_type must be one of {MODEL_TYPES}, got '
@@ -67,7 +70,7 @@ class Block(nnx.Module):
     self.num_units = num_units
     self.model_type = model_type
     self.eps = eps
-    self.remat = remat
+    self.remat = (jax.default_backend() == 'cpu') if remat is None else remat
     self.unroll = unroll
     self.first = make_first(rngs=rngs)
     adaptive = model_type != 'vanilla'

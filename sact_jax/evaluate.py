@@ -513,7 +513,7 @@ def load_model(config, *, workdir: str | None = None,
     try:
       spec = models.ModelSpec.from_config(config)
       return checkpoint_lib.restore_latest_model(
-          workdir, spec, remat=config.get('remat', False),
+          workdir, spec, remat=config.get('remat'),
           unroll=config.get('unroll', False))
     except (ValueError, TypeError) as e:
       raise EvaluationError(str(e)) from None

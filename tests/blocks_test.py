@@ -150,11 +150,14 @@ class BlockScanTest(parameterized.TestCase):
               max(float(jnp.max(jnp.abs(g))) for g in head_grads), 1e-3)
 
   @parameterized.named_parameters(
-      ('scan', {}, False, 1),
+      ('scan', dict(remat=False), False, 1),
+      ('default', {}, jax.default_backend() == 'cpu', 1),
       ('remat', dict(remat=True), True, 1),
-      ('unroll', dict(unroll=True), False, _UNITS - 1),
-      ('fast_conv_backward', dict(fast_conv_backward=True), False, 1),
-      ('native_conv_backward', dict(fast_conv_backward=False), False, 1),
+      ('unroll', dict(unroll=True, remat=False), False, _UNITS - 1),
+      ('fast_conv_backward', dict(fast_conv_backward=True, remat=False),
+       False, 1),
+      ('native_conv_backward', dict(fast_conv_backward=False, remat=False),
+       False, 1),
   )
   def test_flags_reach_the_scan(self, kwargs, remat, unroll):
     """The variants above really differ: remat and unroll show in the jaxpr."""

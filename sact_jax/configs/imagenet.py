@@ -70,8 +70,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.log_every_steps = 100
   config.checkpoint_every_steps = 5000
   config.keep_checkpoints = 3
-  # Activations of 100+ units at 224x224 do not fit otherwise on most GPUs.
-  config.remat = depth > 50
+  # Activations of 100+ units at 224x224 do not fit otherwise on most GPUs;
+  # None: the backend's default (blocks.Block).
+  config.remat = True if depth > 50 else None
   if variant['finetune']:
     config.init_from = configs.REQUIRED_INIT_FROM
 

@@ -30,7 +30,7 @@ def model_spec(config: ml_collections.ConfigDict) -> models.ModelSpec:
 
 def model_options(config: ml_collections.ConfigDict) -> dict[str, bool]:
   """Runtime options of `create_model` (not part of the weights' spec)."""
-  return {'remat': config.get('remat', False),
+  return {'remat': config.get('remat'),
           'unroll': config.get('unroll', False)}
 
 

@@ -34,7 +34,7 @@ class ImageNetResNet(base.AdaptiveResNet):
 
   def __init__(self, units: Sequence[int], model_type: str, *,
                num_classes: int = 1001, base_channels: int = 64,
-               eps: float = act_lib.DEFAULT_EPS, remat: bool = False,
+               eps: float = act_lib.DEFAULT_EPS, remat: bool | None = None,
                unroll: bool = False,
                fast_conv_backward: bool | None = None,
                rngs: nnx.Rngs):
