@@ -125,7 +125,8 @@ class Trainer:
         label_offset=validation.label_offset(config),
         ema_decay=config.get('ema_decay'))
     train_step = jax.jit(
-        step_fn, in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
+        step_fn,
+        in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
         out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
         donate_argnums=0, compiler_options=compiler_options or None)
     return cls(config, mesh, spec, graphdef, tx, train_step)
