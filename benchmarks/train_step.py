@@ -35,8 +35,9 @@ _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed steps (median).')
 _COMPILE_ONLY = flags.DEFINE_bool(
     'compile_only', False, 'Only measure jit compile time (SACT).')
 _VARIANTS = flags.DEFINE_list(
-    'variants', ['scan'], 'scan, unrolled (config.unroll), scan_remat '
-    '(config.remat), scan_ynn (without the CPU training compiler options: '
+    'variants', ['scan'], 'scan (the defaults: remat on the CPU), unrolled '
+    '(config.unroll), scan_remat (remat on), scan_noremat (remat off), '
+    'scan_ynn (without the CPU training compiler options: '
     "jaxlib's default YNNPACK convolutions).")
 _OUT = flags.DEFINE_string('out', 'benchmarks/results/train_step.json',
                            'JSON output path.')
@@ -45,6 +46,7 @@ _VARIANT_CONFIG = {
     'scan': {},
     'unrolled': {'unroll': True},
     'scan_remat': {'remat': True},
+    'scan_noremat': {'remat': False},
     'scan_ynn': {},
 }
 

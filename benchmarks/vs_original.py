@@ -17,8 +17,9 @@ file's own worker (`--worker=CONFIG`), on the current code:
 * `train:DEPTH:TYPE:BATCH:STEPS[:VARIANT]`: a CIFAR training step, the
   trainer's own (forward, backward, momentum SGD; cross-entropy + 0.01
   ponder cost + 2e-4 L2), synthetic data; VARIANT (JAX side) `scan`
-  (default), `unrolled` (`config.unroll`) or `scan_ynn` (XLA's default
-  compiler options: YNNPACK convolutions);
+  (default), `unrolled` (`config.unroll`), `scan_noremat` (`config.remat`
+  off) or `scan_ynn` (XLA's default compiler options: YNNPACK
+  convolutions);
 * `infer:FAMILY:DEPTH:TYPE:BATCH:HALT[:SIZE]`: eval-mode inference; HALT
   `never` sets every halting head to never halt early, `first` to halt
   every position after the first unit (both sides compute the same units).
@@ -64,7 +65,7 @@ _WORKER = flags.DEFINE_string('worker', None, 'Internal: time one workload '
 _CIFAR_DEPTHS = {20: 3, 32: 5, 56: 9, 110: 18}
 # JAX-side variants of a training step (benchmarks/train_step.py); the TF
 # side has one.
-_TRAIN_VARIANTS = ('scan', 'unrolled', 'scan_ynn')
+_TRAIN_VARIANTS = ('scan', 'unrolled', 'scan_noremat', 'scan_ynn')
 
 
 def parse(config: str) -> dict:

@@ -5,7 +5,7 @@
 expects); `layers.LayerFactory` uses it where the default backend is the
 CPU. GPUs and TPUs keep XLA's native convolutions. Each undilated,
 ungrouped NHWC/HWIO convolution is a `conv2d` whose forward and backward
-passes each run in one of two formulations (`formulation` picks them):
+passes each run in one of three formulations (`formulation` picks them):
 
 * 'conv': XLA's convolution. Inside a while loop (every `lax.scan`),
   XLA:CPU leaves the *backward* convolutions in non-canonical layouts that
@@ -22,8 +22,8 @@ passes each run in one of two formulations (`formulation` picks them):
   outputs, then a sum of the taps shifted to their output positions.
   XLA's convolution spends as long on a 16 -> 1 conv as on a 16 -> 16 one.
 
-`compiler_options` names the XLA:CPU options under which these run best
-in training programs.
+`training_compiler_options` names the XLA:CPU options under which these
+run best in training programs.
 
 Values agree up to float rounding; every other convolution falls through
 to `lax.conv_general_dilated`.
@@ -164,17 +164,22 @@ def _dot_bwd(strides, padding, precision, x, w, g_BxPxQxO):
 # ---------------------------------------------------------------------------
 
 
+def _taps_kernel(w_KxLxIxO: jax.Array) -> jax.Array:
+  """`[I, kh * kw * O]`: column `(i * kw + j) * O + o` is tap (i, j)'s."""
+  kh, kw, cin, cout = w_KxLxIxO.shape
+  return w_KxLxIxO.transpose(2, 0, 1, 3).reshape(cin, kh * kw * cout)
+
+
 def _taps(x_BxHxWxI, w_KxLxIxO, strides, padding, precision):
   """`y[p, q] = sum_ij z[p*s + i, q*s + j, ij]` with `z = pad(x) w_ij`.
 
   The dot makes `kh * kw * O` channels per input position (fewer than the
   `I` it reads when `O` is small); the shifted sum is elementwise.
   """
-  kh, kw, cin, cout = w_KxLxIxO.shape
+  kh, kw, _, cout = w_KxLxIxO.shape
   sh, sw = strides
-  w_IxT = w_KxLxIxO.transpose(2, 0, 1, 3).reshape(cin, kh * kw * cout)
-  z = lax.dot_general(x_BxHxWxI, w_IxT, (((3,), (0,)), ((), ())),
-                      precision=precision)
+  z = lax.dot_general(x_BxHxWxI, _taps_kernel(w_KxLxIxO),
+                      (((3,), (0,)), ((), ())), precision=precision)
   (top, bottom), (left, right) = padding
   z = jnp.pad(z, ((0, 0), (top, bottom), (left, right), (0, 0)))
   b, h, w = z.shape[:3]
@@ -207,9 +212,8 @@ def _taps_bwd(strides, padding, precision, x_BxHxWxI, w_KxLxIxO, g_BxPxQxO):
           (0, 0, 0), (i, hp - i - (p - 1) * sh - 1, sh - 1),
           (j, wp - j - (q - 1) * sw - 1, sw - 1), (0, 0, 0))))
   dz = jnp.concatenate(taps, axis=-1)[:, top:top + h, left:left + w]
-  w_IxT = w_KxLxIxO.transpose(2, 0, 1, 3).reshape(cin, kh * kw * cout)
-  dx = lax.dot_general(dz, w_IxT, (((3,), (1,)), ((), ())),
-                       precision=precision)
+  dx = lax.dot_general(dz, _taps_kernel(w_KxLxIxO),
+                       (((3,), (1,)), ((), ())), precision=precision)
   dw_IxT = lax.dot_general(x_BxHxWxI, dz, (((0, 1, 2), (0, 1, 2)), ((), ())),
                            precision=precision)
   return dx, dw_IxT.reshape(cin, kh, kw, cout).transpose(1, 2, 0, 3)
@@ -294,7 +298,8 @@ def formulation(x_shape: Sequence[int], w_shape: Sequence[int],
     strides: `(sh, sw)`.
 
   Returns:
-    Each of the two passes' formulation, 'conv' or 'dot' (see `conv2d`).
+    Each of the two passes' formulation, 'conv', 'dot' or 'taps' (see
+    `conv2d`).
   """
   kh, kw, cin, cout = w_shape
   if (kh, kw) != (1, 1) and kh * kw * cout <= cin:
@@ -381,4 +386,3 @@ def training_compiler_options(backend: str | None = None
   if backend != 'cpu' or not _options_supported(_CPU_TRAINING_OPTIONS):
     return None
   return dict(_CPU_TRAINING_OPTIONS)
-
