@@ -12,7 +12,7 @@ For every convolution shape the CIFAR and ImageNet ResNets use, times
 convolution, stride 1 with the canonical-layout backward; 'dot': one dot
 over the input windows; 'taps': where `kh * kw * O <= I`, a dot to every
 tap's outputs and a shifted sum), compiled with XLA's default options and/or
-`conv.training_compiler_options` ('training'), forward and forward +
+`conv.compiler_options` ('training'), forward and forward +
 backward (input and kernel gradients), interleaved, in one process. Prints
 GFLOP/s per variant and shape and writes JSON: the measurements behind
 `conv.formulation` and the trainers' compiler options.
@@ -66,7 +66,7 @@ _FORMULATIONS = flags.DEFINE_list('formulations', ['conv', 'dot', 'taps'],
                                   'Formulations of conv.conv2d.')
 _OPTIONS = flags.DEFINE_list(
     'options', ['default'], "Compiler options: 'default' (XLA's) and/or "
-    "'training' (conv.training_compiler_options).")
+    "'training' (conv.compiler_options).")
 _OUT = flags.DEFINE_string('out', 'benchmarks/results/conv_formulations.json',
                            'JSON output path.')
 
@@ -78,7 +78,7 @@ def _fns(kernel, stride, padding, variants):
   for name, options in variants:
     fn = functools.partial(conv.conv2d, strides=strides, padding=padding,
                            precision=None, forward=name, backward=name)
-    compiler_options = (conv.training_compiler_options()
+    compiler_options = (conv.compiler_options()
                         if options == 'training' else None)
 
     def loss(x, w, fn=fn):

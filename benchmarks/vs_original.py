@@ -23,7 +23,8 @@ file's own worker (`--worker=CONFIG`), on the current code:
 * `infer:FAMILY:DEPTH:TYPE:BATCH:HALT[:SIZE]`: eval-mode inference; HALT
   `never` sets every halting head to never halt early, `first` to halt
   every position after the first unit (both sides compute the same units).
-  JAX times the dense model (split once, one jitted call) and, for ACT/SACT,
+  JAX times the dense model (split once, one call jitted with the
+  library's compiler options, `conv.jit`) and, for ACT/SACT,
   `sparse.apply`; TF times the dense graph and, for ACT, its
   `act_early_stopping` mode.
 
@@ -125,6 +126,7 @@ def worker(config: str, reps: int) -> dict:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from benchmarks import train_step  # pylint: disable=g-import-not-at-top
+  from sact_jax import conv  # pylint: disable=g-import-not-at-top
   from sact_jax import evaluate  # pylint: disable=g-import-not-at-top
   from sact_jax import models  # pylint: disable=g-import-not-at-top
   from sact_jax import sparse  # pylint: disable=g-import-not-at-top
@@ -148,9 +150,10 @@ def worker(config: str, reps: int) -> dict:
   model.eval()
   if c['model_type'] != 'vanilla':
     _force_halting(model, c['halt'])
-  # The dense model as a user runs it: split once, one jitted call.
+  # The dense model as `evaluate.predict` runs it: split once, one jitted
+  # call with the library's compiler options (`conv.jit`).
   graphdef, state = evaluate.eval_split_model(model)
-  apply = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+  apply = conv.jit(lambda state, x: nnx.merge(graphdef, state)(x))
   calls = {'dense': lambda: apply(state, images)}
   if c['model_type'] != 'vanilla':
     calls['sparse'] = lambda: sparse.apply(model, images)

@@ -40,6 +40,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from sact_jax import checkpoint as checkpoint_lib
+from sact_jax import conv
 from sact_jax import data as data_lib
 from sact_jax import models
 from sact_jax import parallel
@@ -221,7 +222,7 @@ def compute_metrics(logits_NxK, labels_N, flops_N, ponder_costs,
   return summarize(jax.device_get(stats), vanilla_flops=vanilla_flops)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(conv.jit, static_argnums=0)
 def _apply(graphdef, state, images_BxHxWx3):
   return nnx.merge(graphdef, state)(images_BxHxWx3)
 
@@ -244,7 +245,7 @@ def predict(model: nnx.Module, images_BxHxWx3) -> tuple[jax.Array, dict]:
   return _apply(graphdef, state, jnp.asarray(images_BxHxWx3, jnp.float32))
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(conv.jit, static_argnums=0)
 def _eval_step(graphdef, state, images_BxHxWx3, labels_B, mask_BxHxW):
   logits_BxK, aux = nnx.merge(graphdef, state)(images_BxHxWx3)
   return per_image_stats(logits_BxK, labels_B, aux['flops'],

@@ -108,9 +108,9 @@ class Trainer:
              mesh: jax.sharding.Mesh,
              compiler_options: dict[str, str] | None = None) -> 'Trainer':
     """Compiles nothing yet; `compiler_options` None: the backend's
-    (`conv.training_compiler_options`), {}: XLA's defaults."""
+    (`conv.compiler_options`), {}: XLA's defaults."""
     if compiler_options is None:
-      compiler_options = conv.training_compiler_options(
+      compiler_options = conv.compiler_options(
           mesh.devices.flat[0].platform)
     spec = validation.model_spec(config)
     abstract = spec.abstract_model(**validation.model_options(config))

@@ -267,9 +267,9 @@ class FormulationTest(parameterized.TestCase):
 class CompilerOptionsTest(absltest.TestCase):
 
   def test_cpu_only(self):
-    self.assertIsNone(conv.training_compiler_options('gpu'))
-    self.assertIsNone(conv.training_compiler_options('tpu'))
-    options = conv.training_compiler_options('cpu')
+    self.assertIsNone(conv.compiler_options('gpu'))
+    self.assertIsNone(conv.compiler_options('tpu'))
+    options = conv.compiler_options('cpu')
     # jax>=0.10 (setup.cfg) knows the option; None would mean it does not.
     self.assertEqual(options, {'xla_cpu_experimental_ynn_fusion_type':
                                'LIBRARY_FUSION_TYPE_REDUCE'})
@@ -286,10 +286,25 @@ class CompilerOptionsTest(absltest.TestCase):
 
     fn = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
     want = jax.jit(fn)(x, w)
-    got = jax.jit(fn, compiler_options=conv.training_compiler_options(
+    got = jax.jit(fn, compiler_options=conv.compiler_options(
         'cpu'))(x, w)
     for g, v in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       np.testing.assert_allclose(g, v, rtol=1e-5, atol=1e-5)
+
+  def test_jit_honours_jit_arguments(self):
+    calls = []
+
+    def fn(n, x):
+      calls.append(n)  # Once per trace.
+      return x * n
+
+    jitted = conv.jit(fn, static_argnums=0)
+    x = jnp.arange(3.0)
+    np.testing.assert_array_equal(jitted(2, x), [0.0, 2.0, 4.0])
+    np.testing.assert_array_equal(jitted(2, x + 1), [2.0, 4.0, 6.0])
+    np.testing.assert_array_equal(jitted(3, x), [0.0, 3.0, 6.0])
+    self.assertEqual(calls, [2, 3])
+    self.assertIs(jitted.__wrapped__, fn)
 
 
 if __name__ == '__main__':

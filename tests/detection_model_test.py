@@ -220,6 +220,20 @@ class FasterRCNNTest(parameterized.TestCase):
       losses_seen.append(float(loss))
     self.assertLess(np.mean(losses_seen[-3:]), 0.8 * np.mean(losses_seen[:3]))
 
+  @parameterized.parameters((None, 0.02), (0, 0.0), (25, 0.005), (100, 0.02),
+                            (400, 0.02))
+  def test_tau_warmup(self, step, expected_tau):
+    config = _detector('sact', tau=0.02, tau_warmup_steps=100)
+    model = faster_rcnn.create(config)
+    model.train()
+    loss, metrics = faster_rcnn.loss_and_metrics(
+        model, _batch(), jax.random.key(0), config, step)
+    self.assertAlmostEqual(float(metrics['tau']), expected_tau, places=7)
+    self.assertGreater(float(metrics['ponder_loss']), 0)
+    np.testing.assert_allclose(
+        loss, metrics['detection_loss'] + expected_tau * metrics['ponder_loss'],
+        rtol=1e-6)
+
   def test_detect_shapes_and_boxes_inside_the_image(self):
     config = _detector('sact')
     model = faster_rcnn.create(config)
@@ -272,7 +286,8 @@ class FasterRCNNTest(parameterized.TestCase):
       ('no_box_classifier_block', dict(feature_blocks=4)),
       ('odd_crop', dict(crop_size=7)),
       ('iou_order', dict(rpn_negative_iou=0.8)),
-      ('negative_tau', dict(tau=-1.0)))
+      ('negative_tau', dict(tau=-1.0)),
+      ('negative_warmup', dict(tau_warmup_steps=-1)))
   def test_bad_settings_are_refused(self, change):
     with self.assertRaises(ValueError):
       _detector(**change)

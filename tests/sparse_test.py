@@ -488,14 +488,20 @@ class RowsTest(parameterized.TestCase):
             tails.add(plan.tail)
           self.assertLessEqual(len(tails), buckets + 1)
 
-  def test_dense_head_matches_module(self):
+  def test_head_at_rows_matches_module(self):
     model, _, _ = _random_sact('imagenet', 0.5)
     graphdef, state = nnx.split(model.blocks[0].steps.head)
     head = nnx.merge(graphdef, jax.tree.map(lambda a: a[0],
                                             nnx.to_pure_dict(state)))
     x = tu.images((2, 6, 5, head.local_bn.num_features), seed=9)
-    np.testing.assert_allclose(stages.head_dense(head, x), head(x),
-                               atol=1e-5)
+    num_rows = 2 * 6 * 5
+    taps = jnp.concatenate([head.local_taps(x.reshape(num_rows, -1)),
+                            jnp.zeros((1, 9), x.dtype)])
+    # Rows at corners, edges and the inside of both images.
+    idx = jnp.array([0, 4, 7, 29, 30, 33, 59], jnp.int32)
+    local = stages.head_local(head, taps, idx, height=6, width=5)
+    np.testing.assert_allclose(
+        local, head.local_logits(x).reshape(-1)[idx], rtol=1e-5, atol=1e-5)
 
 
 class _TanhUnit(units_lib.CifarUnit):

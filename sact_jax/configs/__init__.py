@@ -194,6 +194,9 @@ def detection_config() -> ml_collections.ConfigDict:
   # training workdir whose backbone weights start the detector (halting
   # heads too when it has them); None: random initialisation.
   config.init_from = ml_collections.config_dict.placeholder(str)
+  # Training steps over which the ponder cost's weight grows linearly from
+  # 0 to tau (0: tau from the first step).
+  config.tau_warmup_steps = 0
   # Evaluation: COCO metrics of the eval split every eval_every_steps and
   # after training, and a picture of this many images' detections and
   # ponder maps.

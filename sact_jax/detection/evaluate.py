@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from sact_jax import conv
 from sact_jax import evaluate as classification_eval
 from sact_jax import parallel
 from sact_jax import visualize
@@ -49,7 +50,7 @@ def total_ponder_map(ponder_costs: list[jax.Array], shape: tuple[int, int]
   return total
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2))
+@functools.partial(conv.jit, static_argnums=(0, 2))
 def _detect_step(graphdef, state, detector, images_BxSxSx3, mask_BxSxS):
   model = nnx.merge(graphdef, state)
   detections, aux = faster_rcnn.detect(model, images_BxSxSx3, detector)
@@ -200,7 +201,7 @@ def detection_examples(model: faster_rcnn.FasterRCNN,
       max_boxes=config.get('max_boxes'))))
   graphdef, state = classification_eval.eval_split_model(model)
   images = jnp.asarray(batch['image'])
-  detections, aux = jax.jit(
+  detections, aux = conv.jit(
       lambda s, x: faster_rcnn.detect(nnx.merge(graphdef, s), x, detector))(
           state, images)
   maps = None

@@ -81,6 +81,10 @@ class DetectorConfig:
     loss_weights: of rpn_objectness, rpn_localization, box_classification,
       box_localization.
     tau: weight of the ponder cost (extractor and box classifier).
+    tau_warmup_steps: the weight grows linearly from 0 to tau over this
+      many training steps (0: tau from the start), so that the detector
+      adapts to its task before halting, which barely moves once learned,
+      settles where the ponder cost outweighs the detection loss.
   """
   backbone: models.ModelSpec
   num_classes: int
@@ -107,6 +111,7 @@ class DetectorConfig:
   max_detections: int = 100
   loss_weights: tuple[float, float, float, float] = (1.0, 2.0, 1.0, 2.0)
   tau: float = 0.0
+  tau_warmup_steps: int = 0
 
   def __post_init__(self):
     if self.backbone.family != 'imagenet':
@@ -133,6 +138,9 @@ class DetectorConfig:
                        f'{self.rpn_positive_iou}.')
     if self.tau < 0:
       raise ValueError(f'tau must be >= 0, got {self.tau}.')
+    if self.tau_warmup_steps < 0:
+      raise ValueError(
+          f'tau_warmup_steps must be >= 0, got {self.tau_warmup_steps}.')
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict
@@ -145,7 +153,15 @@ class DetectorConfig:
       if isinstance(v, (list, tuple)):
         kwargs[k] = tuple(float(x) for x in v)
     return cls(backbone=spec, num_classes=config.num_detection_classes,
-               tau=config.tau, **kwargs)
+               tau=config.tau,
+               tau_warmup_steps=config.tau_warmup_steps, **kwargs)
+
+  def tau_at(self, step: jax.Array) -> jax.Array:
+    """The ponder cost's weight after `step` updates (the warm-up ramp)."""
+    if not self.tau_warmup_steps:
+      return jnp.asarray(self.tau, jnp.float32)
+    ramp = jnp.minimum(1.0, step / self.tau_warmup_steps)
+    return self.tau * ramp.astype(jnp.float32)
 
   @property
   def stride(self) -> int:
@@ -296,7 +312,8 @@ def _box_targets(proposals_Px4, proposals_valid_P, gt_boxes_Mx4, gt_labels_M,
 
 
 def loss_and_metrics(model: FasterRCNN, batch: dict[str, jax.Array],
-                     key: jax.Array, config: DetectorConfig
+                     key: jax.Array, config: DetectorConfig,
+                     step: jax.Array | int | None = None
                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The detection loss of a batch (without weight decay) and its parts.
 
@@ -307,10 +324,12 @@ def loss_and_metrics(model: FasterRCNN, batch: dict[str, jax.Array],
       `crowd` `[B, M]` (never matched).
     key: randomness of the minibatch sampling.
     config: the detector's settings.
+    step: training step, for `config.tau_at`; None: `config.tau`.
 
   Returns:
-    `(loss, metrics)`: metrics has each loss term, `ponder_loss`, `flops`
-    (`[B]`, the extractor's) and `box_classifier_flops` (per region).
+    `(loss, metrics)`: metrics has each loss term, `ponder_loss`, `tau`,
+    `flops` (`[B]`, the extractor's) and `box_classifier_flops` (per
+    region).
   """
   images = batch['image']
   size = images.shape[1]
@@ -358,9 +377,11 @@ def loss_and_metrics(model: FasterRCNN, batch: dict[str, jax.Array],
       config.loss_weights, ('rpn_objectness', 'rpn_localization',
                             'box_classification', 'box_localization')))
   ponder_loss = extractor_aux['ponder_loss'] + region_aux['ponder_loss']
-  loss = detection_loss + config.tau * ponder_loss
+  tau = (jnp.asarray(config.tau, jnp.float32) if step is None
+         else config.tau_at(step))
+  loss = detection_loss + tau * ponder_loss
   metrics = {**terms, 'detection_loss': detection_loss,
-             'ponder_loss': ponder_loss, 'flops': extractor_aux['flops'],
+             'ponder_loss': ponder_loss, 'tau': tau, 'flops': extractor_aux['flops'],
              'box_classifier_flops': jnp.mean(region_aux['flops']),
              'rpn_positives': jnp.mean(jnp.sum(positive & sampled, -1)),
              'box_positives': jnp.mean(jnp.sum(

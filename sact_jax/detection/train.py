@@ -114,7 +114,8 @@ def _train_step(state: TrainState, batch: dict[str, jax.Array], *,
   def loss_fn(params):
     model_state = jax.tree.map(lambda x: x, state.model_state)
     model = nnx.merge(graphdef, params, model_state)
-    loss, metrics = faster_rcnn.loss_and_metrics(model, batch, key, detector)
+    loss, metrics = faster_rcnn.loss_and_metrics(model, batch, key, detector,
+                                                 state.step)
     decay = losses.weight_decay_penalty(params, weight_decay)
     _, _, model_state = nnx.split(model, nnx.Param, ...)
     return loss + decay, (model_state, metrics, decay)
@@ -153,7 +154,7 @@ class Trainer:
                                parallel.batch_sharded(mesh)),
         out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
         donate_argnums=0,
-        compiler_options=conv.training_compiler_options(
+        compiler_options=conv.compiler_options(
             mesh.devices.flat[0].platform))
 
   def _init(self) -> TrainState:

@@ -18,6 +18,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from sact_jax import conv
 from sact_jax.sparse import options as options_lib
 
 
@@ -37,8 +38,11 @@ class Phases:
     self.device_flops = options_lib.device_flops(options)
     self.trace_counts = collections.Counter()
     self.unit_records = []
-    self._jit = functools.partial(
-        jax.jit, compiler_options=dict(options.compiler_options) or None)
+    compiler_options = (conv.compiler_options()
+                        if options.compiler_options is None
+                        else dict(options.compiler_options))
+    self._jit = functools.partial(jax.jit,
+                                  compiler_options=compiler_options or None)
 
   def jit(self, fn: Callable, **kwargs) -> Callable:
     """`jax.jit` with the runner's compiler options."""

@@ -77,7 +77,8 @@ class SparseOptions:
       wait for the exact counts.
     compiler_options: XLA compiler options for every jitted phase, as
       `(name, value)` pairs (e.g. `(('xla_backend_optimization_level', 0),)`
-      for fast compiles in tests, at a large cost in speed).
+      for fast compiles in tests, at a large cost in speed); None: the
+      dense model's (`conv.compiler_options`), () XLA's defaults.
   """
   buckets: int = 16
   chunk_bytes: int = 2 << 20
@@ -89,7 +90,7 @@ class SparseOptions:
   device_flops: float | None = None
   act_loop: str = 'device'
   pipeline: float = 0.05
-  compiler_options: tuple[tuple[str, Any], ...] = ()
+  compiler_options: tuple[tuple[str, Any], ...] | None = None
 
   def __post_init__(self):
     if self.buckets < 1:

@@ -136,8 +136,7 @@ class SactBlock:
     head = nnx.merge(self.head_gd, head_vars)
     state = act_lib.init_state(common.dummy_output((batch, height, width)),
                                (batch, height, width))
-    halting_carry, sizes = self.halting_step(head, stages.head_dense(head, x),
-                                             state, flops_B)
+    halting_carry, sizes = self.halting_step(head, head(x), state, flops_B)
     x_NxC = x.reshape(num_rows, channels)
     maps = {
         'x': x_NxC,
@@ -190,9 +189,10 @@ class SactBlock:
     state = halting_carry['state']
     if dense:
       maps, new_x = self._update_dense(unit, maps, state)
+      maps = self._with_xsum(maps, new_x)
       if not with_head:
         return maps, None, None
-      halting = stages.head_dense(head, new_x)
+      halting = head(new_x)
     else:
       idx_active = self.index_rows(state, dilated=False)
       maps = self._update_rows(unit, head, maps, state, idx_active, n_full,
@@ -206,7 +206,11 @@ class SactBlock:
     return maps, halting_carry, sizes
 
   def _update_dense(self, unit, maps, state):
-    """The unit on the whole map, masked; the maps and the new `x` map."""
+    """The unit on the whole map, masked; the maps and the new `x` map.
+
+    Leaves `xsum` stale: only a unit run at rows reads it, so callers set it
+    once after their last dense unit (`_with_xsum`).
+    """
     batch, height, width = state.running.shape
     num_rows, channels = maps['x'].shape
     x_map = maps['x'].reshape(batch, height, width, channels)
@@ -214,9 +218,12 @@ class SactBlock:
     new_x = act_lib.masked_residual(x_map, residual, state.running)
     weight = (state.running * (1.0 - state.cumulative))[..., None]
     out = maps['out'] + (weight * residual).reshape(num_rows, channels)
-    maps = dict(maps, x=new_x.reshape(num_rows, channels), out=out,
-                xsum=jnp.sum(new_x, axis=(1, 2)))
+    maps = dict(maps, x=new_x.reshape(num_rows, channels), out=out)
     return maps, new_x
+
+  @staticmethod
+  def _with_xsum(maps, x_BxHxWxC):
+    return dict(maps, xsum=jnp.sum(x_BxHxWxC, axis=(1, 2)))
 
   def _update_rows(self, unit, head, maps, state, idx_active, n_full, tail):
     """The active stage at the active rows: `x`, `out`, `xsum`, `taps`."""
@@ -300,13 +307,15 @@ class SactBlock:
       state = halting_carry['state']
       maps, new_x = self._update_dense(unit, maps, state)
       halting_carry, sizes = self.halting_step(
-          head, stages.head_dense(head, new_x), state, halting_carry['flops'])
+          head, head(new_x), state, halting_carry['flops'])
       return (i + 1, maps, halting_carry, sizes,
               sizes_Ux2.at[i + 1].set(sizes))
 
     stop, maps, halting_carry, _, sizes_Ux2 = lax.while_loop(
         cond, body, (start, maps, halting_carry, sizes, sizes_Ux2))
-    return maps, halting_carry, stop, sizes_Ux2
+    channels = maps['x'].shape[-1]
+    x_map = maps['x'].reshape(*halting_carry['state'].running.shape, channels)
+    return (self._with_xsum(maps, x_map), halting_carry, stop, sizes_Ux2)
 
   def _device_loop(self, first_vars, stacked_units, stacked_heads, x_in,
                    flops_B):
@@ -333,7 +342,7 @@ class SactBlock:
       flops_B = flops_B + head.flops(running)
       waste = waste + jnp.sum(head.flops(jnp.ones_like(running))
                               - head.flops(running))
-      state = act_lib.step(state, stages.head_dense(head, x), x, self.eps)
+      state = act_lib.step(state, head(x), x, self.eps)
       return state, flops_B, waste
 
     state = act_lib.init_state(x, (batch, height, width))

@@ -71,23 +71,3 @@ def head_local(head: halting.SactHead, taps_N1x9: jax.Array,
   flat_Sx9 = nbr_Sx9 * 9 + jnp.arange(9, dtype=nbr_Sx9.dtype)
   return head.local_logits_from_taps(
       rows_lib.gather(taps_N1x9.reshape(-1), flat_Sx9))
-
-
-def head_dense(head: halting.SactHead, x_BxHxWxC: jax.Array) -> jax.Array:
-  """The halting scores `[B, H, W]` at every position (all running).
-
-  Same as `head(x)`, with the local conv as tap products (a `[C, 9]` matmul
-  per position and a neighbour sum), which XLA:CPU runs faster than its
-  3x3 conv with one output channel.
-  """
-  batch, height, width, channels = x_BxHxWxC.shape
-  num_rows = batch * height * width
-  x_NxC = x_BxHxWxC.reshape(num_rows, channels)
-  taps = jnp.concatenate(
-      [head.local_taps(x_NxC), jnp.zeros((1, 9), x_NxC.dtype)], axis=0)
-  local_N = head_local(head, taps, jnp.arange(num_rows, dtype=jnp.int32),
-                       height=height, width=width)
-  global_B = head.global_logits(jnp.sum(x_BxHxWxC, axis=(1, 2))
-                                / (height * width))
-  return head.probability(local_N.reshape(batch, height, width),
-                          global_B[:, None, None])
