@@ -188,8 +188,10 @@ class SactBlock:
     head = nnx.merge(self.head_gd, head_vars) if with_head else None
     state = halting_carry['state']
     if dense:
-      maps, new_x = self._update_dense(unit, maps, state)
-      maps = self._with_xsum(maps, new_x)
+      shape = (*state.running.shape, maps['x'].shape[-1])
+      new_x, out = self._update_dense(unit, maps['x'].reshape(shape),
+                                      maps['out'].reshape(shape), state)
+      maps = self._with_xsum(self._to_maps(maps, x=new_x, out=out), new_x)
       if not with_head:
         return maps, None, None
       halting = head(new_x)
@@ -205,21 +207,23 @@ class SactBlock:
                                              halting_carry['flops'])
     return maps, halting_carry, sizes
 
-  def _update_dense(self, unit, maps, state):
-    """The unit on the whole map, masked; the maps and the new `x` map.
+  @staticmethod
+  def _update_dense(unit, x_BxHxWxC, out_BxHxWxC, state):
+    """The unit on the whole map, masked: the new `x` and `out` maps.
 
-    Leaves `xsum` stale: only a unit run at rows reads it, so callers set it
-    once after their last dense unit (`_with_xsum`).
+    On `[B, H, W, C]` maps (the flat maps reshaped by the caller): inside
+    `dense_loop`'s while loop, flat carries cost XLA a copy of `x` per unit.
     """
-    batch, height, width = state.running.shape
-    num_rows, channels = maps['x'].shape
-    x_map = maps['x'].reshape(batch, height, width, channels)
-    residual = unit.residual(x_map)
-    new_x = act_lib.masked_residual(x_map, residual, state.running)
+    residual = unit.residual(x_BxHxWxC)
+    new_x = act_lib.masked_residual(x_BxHxWxC, residual, state.running)
     weight = (state.running * (1.0 - state.cumulative))[..., None]
-    out = maps['out'] + (weight * residual).reshape(num_rows, channels)
-    maps = dict(maps, x=new_x.reshape(num_rows, channels), out=out)
-    return maps, new_x
+    return new_x, out_BxHxWxC + weight * residual
+
+  @staticmethod
+  def _to_maps(maps, **maps_BxHxWxC):
+    """`maps` with the given `[B, H, W, C]` maps flattened into it."""
+    return dict(maps, **{k: v.reshape(-1, v.shape[-1])
+                         for k, v in maps_BxHxWxC.items()})
 
   @staticmethod
   def _with_xsum(maps, x_BxHxWxC):
@@ -294,28 +298,30 @@ class SactBlock:
     num_rows = maps['x'].shape[0]
     last = self.num_units - 2
     sizes_Ux2 = jnp.zeros((self.num_units - 1, 2), jnp.int32)
+    shape = (*halting_carry['state'].running.shape, maps['x'].shape[-1])
 
     def cond(loop):  # A unit with a head, some position runs, dense pays.
-      i, _, _, sizes, _ = loop
+      i, _, _, _, sizes, _ = loop
       return ((i < last) & (sizes[1] > 0)
               & self.costs.runs_dense(sizes[0], sizes[1], num_rows))
 
     def body(loop):
-      i, maps, halting_carry, _, sizes_Ux2 = loop
+      i, x, out, halting_carry, _, sizes_Ux2 = loop
       unit = nnx.merge(self.unit_gd, common.pick(stacked_units, i))
       head = nnx.merge(self.head_gd, common.pick(stacked_heads, i + 1))
       state = halting_carry['state']
-      maps, new_x = self._update_dense(unit, maps, state)
+      x, out = self._update_dense(unit, x, out, state)
       halting_carry, sizes = self.halting_step(
-          head, head(new_x), state, halting_carry['flops'])
-      return (i + 1, maps, halting_carry, sizes,
+          head, head(x), state, halting_carry['flops'])
+      return (i + 1, x, out, halting_carry, sizes,
               sizes_Ux2.at[i + 1].set(sizes))
 
-    stop, maps, halting_carry, _, sizes_Ux2 = lax.while_loop(
-        cond, body, (start, maps, halting_carry, sizes, sizes_Ux2))
-    channels = maps['x'].shape[-1]
-    x_map = maps['x'].reshape(*halting_carry['state'].running.shape, channels)
-    return (self._with_xsum(maps, x_map), halting_carry, stop, sizes_Ux2)
+    stop, x, out, halting_carry, _, sizes_Ux2 = lax.while_loop(
+        cond, body, (start, maps['x'].reshape(shape),
+                     maps['out'].reshape(shape), halting_carry, sizes,
+                     sizes_Ux2))
+    maps = self._with_xsum(self._to_maps(maps, x=x, out=out), x)
+    return maps, halting_carry, stop, sizes_Ux2
 
   def _device_loop(self, first_vars, stacked_units, stacked_heads, x_in,
                    flops_B):
