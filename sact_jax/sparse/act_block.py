@@ -142,7 +142,7 @@ class ActBlock:
                     weights.stacked_units, weights.stacked_heads, carry)
     else:
       for i in range(self.num_units - 1):
-        if common.read_counts(running[None], clock)[0] == 0:
+        if common.read_counts(running, clock)[0] == 0:
           self.phases.record({'units_skipped': self.num_units - 1 - i})
           break
         with_head = i < self.num_units - 2

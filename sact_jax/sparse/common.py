@@ -82,9 +82,13 @@ class Clock:
 
 
 def read_counts(values: jax.Array, clock: Clock) -> tuple[int, ...]:
-  """Reads small device integers on the host (waits for the device)."""
+  """Reads small device integers (or one) on the host (waits for them).
+
+  A scalar is read as is: indexing it on the device first (`x[None]`) would
+  be one more dispatched op, paid after every wait.
+  """
   start = time.perf_counter()
-  out = tuple(int(v) for v in np.asarray(values))
+  out = tuple(int(v) for v in np.asarray(values).reshape(-1))
   clock.host('sync', start)
   return out
 

@@ -127,13 +127,19 @@ class SactBlock:
                            self.eps)
     return x, state.ponder_cost, state.num_units, flops_B
 
-  def _start(self, first_vars, head_vars, x_in, flops_B):
-    """First unit and first head, densely (every position runs them)."""
+  def _start(self, first_vars, stacked_units, stacked_heads, x_in, flops_B):
+    """First unit and first head densely (every position runs them), then
+    the units after them for as long as they run densely too (`_dense_loop`,
+    from unit 2): where nothing halts early, the host waits once per block.
+
+    Returns the maps and halting carry, unit 2's set sizes and
+    `_dense_loop`'s stop and sizes.
+    """
     self.phases.trace('block_start')
     x, flops_B = self._first(first_vars, x_in, flops_B)
     batch, height, width, channels = x.shape
     num_rows = batch * height * width
-    head = nnx.merge(self.head_gd, head_vars)
+    head = nnx.merge(self.head_gd, common.pick(stacked_heads, 0))
     state = act_lib.init_state(common.dummy_output((batch, height, width)),
                                (batch, height, width))
     halting_carry, sizes = self.halting_step(head, head(x), state, flops_B)
@@ -145,7 +151,10 @@ class SactBlock:
         'taps': jnp.zeros((num_rows + 1, 9), x.dtype),
         'xsum': jnp.sum(x, axis=(1, 2)),
     }
-    return maps, halting_carry, sizes
+    maps, halting_carry, stop, sizes_Ux2 = self._dense_loop(
+        stacked_units, stacked_heads, maps, halting_carry, sizes,
+        jnp.int32(0))
+    return maps, halting_carry, sizes, stop, sizes_Ux2
 
   def _stage_dilated(self, unit_vars, head_vars, maps, state, n_full, *,
                      tail, hw, with_head):
@@ -292,12 +301,13 @@ class SactBlock:
     Returns:
       The maps and halting carry after the units run, the index of the
       first unit not run, and `[L - 1, 2]` set sizes: row k holds unit k's
-      sizes for k in (start, stop] (the rest zero).
+      sizes for k in [start, stop] (the rest zero).
     """
     self.phases.trace('dense_loop')
     num_rows = maps['x'].shape[0]
     last = self.num_units - 2
-    sizes_Ux2 = jnp.zeros((self.num_units - 1, 2), jnp.int32)
+    sizes_Ux2 = jnp.zeros((self.num_units - 1, 2), jnp.int32).at[start].set(
+        sizes)
     shape = (*halting_carry['state'].running.shape, maps['x'].shape[-1])
 
     def cond(loop):  # A unit with a head, some position runs, dense pays.
@@ -444,9 +454,9 @@ class SactBlock:
       self.phases.record({'device_loop': True, 'steps': steps})
       return out, ponder, units, flops_B, waste
     opts = self.phases.options
-    maps, halting_carry, sizes = clock('block_start', self.start,
-                                       weights.first, weights.heads[0], x_in,
-                                       flops_B)
+    maps, halting_carry, sizes, stop, sizes_Ux2 = clock(
+        'block_start', self.start, weights.first, weights.stacked_units,
+        weights.stacked_heads, x_in, flops_B)
     halting_shape = halting_carry['state'].running.shape
     planner = planner_lib.Planner(
         sizes, num_rows=math.prod(halting_shape),
@@ -454,8 +464,9 @@ class SactBlock:
         chunk_active=self.costs.chunk_active, buckets=opts.buckets,
         pipeline=opts.pipeline,
         read=lambda values: common.read_counts(values, clock))
+    first = self._dense_ran(planner, 0, stop, sizes_Ux2, clock)
     maps, halting_carry, skipped = self._run_units(
-        weights, planner, maps, halting_carry, clock)
+        weights, planner, maps, halting_carry, clock, first)
     out, ponder, units, flops_B = clock('block_finish', self.finish, maps,
                                         halting_carry, skipped)
     waste = self._account(planner)
@@ -464,8 +475,21 @@ class SactBlock:
           {'units_skipped': self.num_units - 1 - len(planner.plans)})
     return out, ponder, units, flops_B, waste
 
-  def _run_units(self, weights, planner, maps, halting_carry, clock):
-    """Units 2..L until none is active; returns the heads skipped too.
+  def _dense_ran(self, planner, first, stop, sizes_Ux2, clock) -> int:
+    """Plans the units `_dense_loop` ran from unit `first`; the next one."""
+    stop = common.read_counts(stop, clock)[0]
+    start = time.perf_counter()
+    sizes_Ux2 = np.asarray(sizes_Ux2)
+    for k in range(first, stop):
+      planner.plan(tuple(sizes_Ux2[k]), dense=True, with_head=True)
+      planner.add_sizes(sizes_Ux2[k + 1])
+    clock.host('host', start)
+    return stop
+
+  def _run_units(self, weights, planner, maps, halting_carry, clock,
+                 first):
+    """Units 2..L from unit `first` (index into them) until none is
+    active; returns the heads skipped too.
 
     A unit that runs densely hands over to `dense_loop`, which runs it and
     the next ones on the device for as long as they would run densely too.
@@ -473,7 +497,7 @@ class SactBlock:
     height, width = halting_carry['state'].running.shape[1:]
     num_rows = planner.num_rows
     last = self.num_units - 2
-    i = 0
+    i = first
     while i <= last:
       sizes, exact = planner.sizes(i)
       dense = self.costs.runs_dense(*sizes, num_rows)
@@ -489,16 +513,8 @@ class SactBlock:
         maps, halting_carry, stop, sizes_Ux2 = clock(
             'dense_loop', self.dense_loop, weights.stacked_units,
             weights.stacked_heads, maps, halting_carry,
-            jnp.asarray(sizes, jnp.int32), jnp.int32(i))
-        stop = common.read_counts(stop[None], clock)[0]
-        start = time.perf_counter()
-        sizes_Ux2 = np.asarray(sizes_Ux2)
-        for k in range(i, stop):
-          planner.plan(sizes if k == i else tuple(sizes_Ux2[k]), dense=True,
-                       with_head=True)
-          planner.add_sizes(sizes_Ux2[k + 1])
-        clock.host('host', start)
-        i = stop
+            np.asarray(sizes, np.int32), np.int32(i))
+        i = self._dense_ran(planner, i, stop, sizes_Ux2, clock)
         continue
       head = weights.heads[i + 1] if with_head else None
       plan = planner.plan(sizes, dense=dense, with_head=with_head)
