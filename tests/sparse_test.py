@@ -13,6 +13,7 @@ precision (TF32 on GPUs), with bounds for its rounding.
 
 import functools
 import importlib.util
+import json
 import os
 from unittest import mock
 
@@ -241,6 +242,7 @@ class RandomModelTest(parameterized.TestCase):
     self.assertTrue(units and all(u['dense'] for u in units))
     self.assertEqual(runner.trace_counts['dense_loop'], 2)  # One per block.
     self.assertNotIn('stage_dilated', timings)
+    json.dumps(runner.last_units)  # Plain Python numbers, for benchmarks.
 
   @parameterized.parameters('rows', 'device')
   def test_all_halted_skips_units(self, mode):

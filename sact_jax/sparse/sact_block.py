@@ -479,7 +479,7 @@ class SactBlock:
     """Plans the units `_dense_loop` ran from unit `first`; the next one."""
     stop = common.read_counts(stop, clock)[0]
     start = time.perf_counter()
-    sizes_Ux2 = np.asarray(sizes_Ux2)
+    sizes_Ux2 = np.asarray(sizes_Ux2).tolist()  # Python ints, as read.
     for k in range(first, stop):
       planner.plan(tuple(sizes_Ux2[k]), dense=True, with_head=True)
       planner.add_sizes(sizes_Ux2[k + 1])
