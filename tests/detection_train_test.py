@@ -50,9 +50,10 @@ class DetectionMainJobTest(absltest.TestCase):
     root = train_helpers.tempdir(self)
     data_dir = os.path.join(root, 'data')
     workdir = os.path.join(root, 'run')
-    config = _config(data_dir)
+    config = _config(data_dir, tau_warmup_steps=2)
     flags = ['--config=sact_jax/configs/detection.py:sact,smoke',
-             f'--config.data_dir={data_dir}', f'--workdir={workdir}']
+             f'--config.data_dir={data_dir}', '--config.tau_warmup_steps=2',
+             f'--workdir={workdir}']
     _launch(self, 'train_detection', *flags, '--compilation_cache_dir=')
     with open(os.path.join(workdir, 'eval.json')) as f:
       metrics = json.load(f)
@@ -75,6 +76,10 @@ class DetectionMainJobTest(absltest.TestCase):
     steps = [r['step'] for r in records if 'rpn_objectness' in r]
     self.assertEqual(steps[-1], config.num_train_steps)
     self.assertTrue(any('eval/mAP' in r for r in records))
+    # The ponder weight ramps up over the first 2 steps (means per log).
+    taus = [r['tau'] for r in records if 'tau' in r]
+    self.assertLess(taus[0], config.tau)
+    self.assertAlmostEqual(taus[-1], config.tau, places=6)
 
     table = evaluate_lib.results_table([workdir])
     self.assertIn(f'| {metrics["mAP"]:.3f} | {metrics["mAP@0.5"]:.3f} | '
@@ -82,6 +87,7 @@ class DetectionMainJobTest(absltest.TestCase):
     self.assertIn(' / '.join(f'{u:.2f}' for u in metrics['units_per_block']),
                   table)
     self.assertLen(table.splitlines(), 3)
+    self.assertIn(f'| {config.tau} (warm-up 2) |', table)
 
     # The evaluation launcher measures the same model on the same images.
     output = os.path.join(root, 'eval', 'again.json')

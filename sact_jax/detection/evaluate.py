@@ -237,11 +237,11 @@ def results_table(workdirs: Sequence[str]) -> str:
   """The paper's detection table (markdown) of finished detection runs.
 
   One row per workdir (`config.json` and `eval.json` as the detection main
-  job writes them): model, tau, the classifier it started from (the last
-  part of `init_from`), extractor FLOPs (mean +- std, % of the
-  vanilla extractor), mAP@[.5:.95], mAP@.5, mAP@.75 (localisation), ponder
-  cost, units each extractor block ran per position ((S)ACT) and (SACT) the
-  ponder cost inside objects over outside.
+  job writes them): model, tau (and its warm-up steps), the classifier it
+  started from (the last part of `init_from`), extractor FLOPs (mean +-
+  std, % of the vanilla extractor), mAP@[.5:.95], mAP@.5, mAP@.75
+  (localisation), ponder cost, units each extractor block ran per position
+  ((S)ACT) and (SACT) the ponder cost inside objects over outside.
 
   Raises:
     FileNotFoundError: a workdir lacks `eval.json` or `config.json`.
@@ -259,9 +259,12 @@ def results_table(workdirs: Sequence[str]) -> str:
     ratio = metrics.get('ponder_inside_outside_ratio')
     units = metrics.get('units_per_block')
     units = '-' if units is None else ' / '.join(f'{u:.2f}' for u in units)
+    tau = str(config['tau']) if adaptive else '-'
+    if adaptive and config.get('tau_warmup_steps'):
+      tau += f' (warm-up {config["tau_warmup_steps"]})'
     rows.append(
         f'| {config["model_type"]} units {tuple(config["units"])} | '
-        f'{config["tau"] if adaptive else "-"} | '
+        f'{tau} | '
         f'{os.path.basename(str(config.get("init_from") or "-"))} | '
         f'{metrics["extractor_flops_percent"]:.1f} +- '
         f'{metrics["extractor_flops_percent_std"]:.1f} '
