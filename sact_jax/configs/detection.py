@@ -43,6 +43,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.base_channels = 16
   config.eps = 0.01
   config.tau = 0.01
+  # The ponder cost ramps up over the first third of the fine-tuning: at
+  # tau 0.05 this kept 0.586 mAP at 74% of the extractor FLOPs, against
+  # 0.465 at 71% without (BUILD.md, "Object detection").
+  config.tau_warmup_steps = 1000
 
   detector = config.detector
   # Objects are 12-28 pixels across: anchors of 16, 32 and 64 pixels
@@ -91,6 +95,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval_batch_size = 8
     config.num_train_steps = 4
     config.warmup_steps = 1
+    config.tau_warmup_steps = 0
     config.log_every_steps = 2
     config.eval_every_steps = 2
     config.checkpoint_every_steps = 2
