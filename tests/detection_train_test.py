@@ -87,7 +87,8 @@ class DetectionMainJobTest(absltest.TestCase):
     self.assertIn(' / '.join(f'{u:.2f}' for u in metrics['units_per_block']),
                   table)
     self.assertLen(table.splitlines(), 3)
-    self.assertIn(f'| {config.tau} (warm-up 2) |', table)
+    self.assertIn(f'| {config.tau} (warm-up 2) | - | '
+                  f'{config.num_train_steps} |', table)
 
     # The evaluation launcher measures the same model on the same images.
     output = os.path.join(root, 'eval', 'again.json')

@@ -238,18 +238,18 @@ def results_table(workdirs: Sequence[str]) -> str:
 
   One row per workdir (`config.json` and `eval.json` as the detection main
   job writes them): model, tau (and its warm-up steps), the classifier it
-  started from (the last part of `init_from`), extractor FLOPs (mean +-
-  std, % of the vanilla extractor), mAP@[.5:.95], mAP@.5, mAP@.75
-  (localisation), ponder cost, units each extractor block ran per position
-  ((S)ACT) and (SACT) the ponder cost inside objects over outside.
+  started from (the last part of `init_from`), training steps, extractor
+  FLOPs (mean +- std, % of the vanilla extractor), mAP@[.5:.95], mAP@.5,
+  mAP@.75 (localisation), ponder cost, units each extractor block ran per
+  position ((S)ACT) and (SACT) the ponder cost inside objects over outside.
 
   Raises:
     FileNotFoundError: a workdir lacks `eval.json` or `config.json`.
   """
-  rows = ['| model | tau | init from | extractor FLOPs (% of vanilla) | '
-          'mAP@[.5:.95] | mAP@.5 | mAP@.75 | ponder cost | units run | '
-          'inside/outside |',
-          '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+  rows = ['| model | tau | init from | steps | extractor FLOPs (% of '
+          'vanilla) | mAP@[.5:.95] | mAP@.5 | mAP@.75 | ponder cost | '
+          'units run | inside/outside |',
+          '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
   for workdir in workdirs:
     with open(os.path.join(workdir, 'config.json')) as f:
       config = json.load(f)
@@ -266,6 +266,7 @@ def results_table(workdirs: Sequence[str]) -> str:
         f'| {config["model_type"]} units {tuple(config["units"])} | '
         f'{tau} | '
         f'{os.path.basename(str(config.get("init_from") or "-"))} | '
+        f'{config["num_train_steps"]} | '
         f'{metrics["extractor_flops_percent"]:.1f} +- '
         f'{metrics["extractor_flops_percent_std"]:.1f} '
         f'({metrics["extractor_flops_mean"] / 1e6:.1f}M) | '
