@@ -381,7 +381,8 @@ def loss_and_metrics(model: FasterRCNN, batch: dict[str, jax.Array],
          else config.tau_at(step))
   loss = detection_loss + tau * ponder_loss
   metrics = {**terms, 'detection_loss': detection_loss,
-             'ponder_loss': ponder_loss, 'tau': tau, 'flops': extractor_aux['flops'],
+             'ponder_loss': ponder_loss, 'tau': tau,
+             'flops': extractor_aux['flops'],
              'box_classifier_flops': jnp.mean(region_aux['flops']),
              'rpn_positives': jnp.mean(jnp.sum(positive & sampled, -1)),
              'box_positives': jnp.mean(jnp.sum(
