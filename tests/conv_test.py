@@ -219,6 +219,41 @@ class DotFormulationTest(parameterized.TestCase):
                     rtol=2e-2)
 
 
+class SpaceToDepthTest(parameterized.TestCase):
+  """`conv2d` forward as a stride-1 conv over space-to-depth blocks."""
+
+  @parameterized.named_parameters(
+      *[c for c in _DOT_CASES if c[2] != (1, 1)],
+      ('2x2_s2_valid_crops_a_row', (2, 2), (2, 2), 'VALID'),  # 7 -> 6 rows.
+      ('5x5_s3_same', (5, 5), (3, 3), 'SAME'),
+      ('3x3_s3_wide_padding', (3, 3), (3, 3), ((4, 2), (0, 5))),
+  )
+  def test_values_and_vjp_match_lax(self, kernel_hw, strides, padding):
+    x, w = _inputs(kernel_hw, seed=8)
+    pads = conv.explicit_padding(padding, kernel_hw, strides, x.shape[1:3])
+    y, vjp = jax.vjp(
+        lambda x, w: conv.conv2d(x, w, strides, pads, None, 's2d', 's2d'), x,
+        w)
+    y_ref, vjp_ref = jax.vjp(_lax(padding, strides), x, w)
+    chex.assert_shape(y, y_ref.shape)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    cotangent = jnp.asarray(
+        np.random.default_rng(9).normal(size=y.shape), jnp.float32)
+    for got, want in zip(vjp(cotangent), vjp_ref(cotangent)):
+      chex.assert_shape(got, want.shape)
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+  def test_stem_through_the_layer_route(self):
+    """The ImageNet stem's shape takes 's2d' and keeps `lax`'s values."""
+    rng = np.random.default_rng(10)
+    x = jnp.asarray(rng.normal(size=(1, 38, 31, 3)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(7, 7, 3, 8)), jnp.float32)
+    self.assertEqual(conv.formulation(x.shape, w.shape, (2, 2))[0], 's2d')
+    np.testing.assert_allclose(
+        jax.jit(_ours('SAME', (2, 2)))(x, w), _lax('SAME', (2, 2))(x, w),
+        rtol=1e-5, atol=1e-4)
+
+
 class FormulationTest(parameterized.TestCase):
   """`formulation`'s choices, and each choice's values equal `lax`'s."""
 
@@ -234,7 +269,11 @@ class FormulationTest(parameterized.TestCase):
        ('conv', 'dot')),
       ('3x3_wide_strided_few_rows', (1, 56, 56, 128), (3, 3, 128, 128),
        (2, 2), ('conv', 'dot')),
-      ('stem', (1, 224, 224, 3), (7, 7, 3, 64), (2, 2), ('conv', 'conv')),
+      ('stem', (1, 224, 224, 3), (7, 7, 3, 64), (2, 2), ('s2d', 'conv')),
+      ('strided_many_inputs', (1, 224, 224, 5), (7, 7, 5, 64), (2, 2),
+       ('conv', 'conv')),
+      ('unstrided_few_inputs', (1, 32, 32, 3), (3, 3, 3, 16), (1, 1),
+       ('conv', 'conv')),
       ('sact_head', (128, 32, 32, 16), (3, 3, 16, 1), (1, 1),
        ('taps', 'taps')),
       ('few_outputs', (8, 14, 14, 64), (3, 3, 64, 7), (2, 2),
