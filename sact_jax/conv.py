@@ -104,7 +104,7 @@ def _native_bwd(strides, padding, precision, x_BxHxWxI, w_KxLxIxO,
   dx = lax.conv_general_dilated(
       g_BxPxQxO, w_flip_KxLxOxI, (1, 1), dx_pad,
       dimension_numbers=_NHWC, precision=precision)
-  # Kernel gradient: dw[i, j, c, o] = sum_{b,y,x} xpad[b, y+i, x+j, c] g[b,y,x,o]
+  # Kernel gradient: dw[i,j,c,o] = sum_{b,y,x} xpad[b,y+i,x+j,c] g[b,y,x,o]
   # is a convolution with C as the batch, B as the contracted feature axis
   # and g as a P x Q kernel.
   x_IxHxWxB = x_BxHxWxI.transpose(3, 1, 2, 0)
@@ -234,7 +234,7 @@ def _s2d(x_BxHxWxI, w_KxLxIxO, strides, padding, precision):
   channels, and the kernel, zero-padded to whole blocks, is cut the same
   way, so output (p, q) reads the same products: the ImageNet stem (7x7,
   stride 2, 3 channels) becomes a 4x4 conv over 12 channels, which XLA:CPU
-  runs faster than the original despite the zero taps (64 vs 49).
+  runs faster than the 7x7 one despite the zero taps (64 vs 49).
   """
   kh, kw, cin, cout = w_KxLxIxO.shape
   sh, sw = strides
@@ -284,8 +284,9 @@ def conv2d(x_BxHxWxI, w_KxLxIxO, strides: tuple[int, int], padding: Padding,
   forward convolutions). 'dot': one dot over the input windows (`patches`).
   'taps': a dot to every tap's outputs and a shifted sum (few output
   channels). 's2d': a stride-1 conv over space-to-depth blocks (strided,
-  few input channels). The values are the same up to float rounding; only the speed
-  differs. Every backward pass keeps only `x` and `w` as residuals.
+  few input channels). The values are the same up to float rounding; only
+  the speed differs. Every backward pass keeps only `x` and `w` as
+  residuals.
   """
   return _FORWARD[forward](x_BxHxWxI, w_KxLxIxO, strides, padding,
                            precision).astype(x_BxHxWxI.dtype)
@@ -334,8 +335,10 @@ def _is_nhwc(dimension_numbers) -> bool:
 #   8x8: 0.8 / 1.4 ms vs 0.2 / 0.6 ms.
 # * Strided kernels over at most 16 channels once in blocks (the ImageNet
 #   stem, 7x7 / 2 over 3 channels) forward as 's2d': 224x224, batch 1 / 32,
-#   3.5 / 157 ms against XLA's 4.5 / 171 ms. Their backward (XLA's strided
-#   transposes) was not faster that way.
+#   3.5 / 157 ms against XLA's 4.5 / 171 ms (AVX2 EPYC). Backward, the
+#   kernel gradient (all that training needs of the stem) was 5-9% slower
+#   as 's2d' (batch 8 / 32, forward + kernel gradient 94.5 / 380 ms vs
+#   90.2 / 348), so it stays XLA's; only the unused input gradient gained.
 _DOT_BACKWARD_MAX_ROWS = 1024
 _DOT_BACKWARD_MIN_CHANNELS = 128
 _S2D_MAX_CHANNELS = 16
