@@ -1,4 +1,4 @@
-r"""Convolution formulations on XLA:CPU: native conv vs dot vs taps.
+r"""Convolution formulations on XLA:CPU: native conv vs dot vs taps vs s2d.
 
 Run by hand (not a test), on a quiet machine:
 
@@ -11,8 +11,9 @@ For every convolution shape the CIFAR and ImageNet ResNets use, times
 `conv.conv2d` with both passes in each formulation ('conv': XLA's
 convolution, stride 1 with the canonical-layout backward; 'dot': one dot
 over the input windows; 'taps': where `kh * kw * O <= I`, a dot to every
-tap's outputs and a shifted sum), compiled with XLA's default options and/or
-`conv.compiler_options` ('training'), forward and forward +
+tap's outputs and a shifted sum; 's2d', by request, for strided shapes:
+a stride-1 conv over space-to-depth blocks), compiled with XLA's default
+options and/or `conv.compiler_options` ('training'), forward and forward +
 backward (input and kernel gradients), interleaved, in one process. Prints
 GFLOP/s per variant and shape and writes JSON: the measurements behind
 `conv.formulation` and the trainers' compiler options.
@@ -63,7 +64,8 @@ _REPEATS = flags.DEFINE_integer('repeats', 7, 'Timed calls (median).')
 _MIN_SECONDS = flags.DEFINE_float(
     'min_seconds', 0.02, 'Calls per timing are repeated to last this long.')
 _FORMULATIONS = flags.DEFINE_list('formulations', ['conv', 'dot', 'taps'],
-                                  'Formulations of conv.conv2d.')
+                                  'Formulations of conv.conv2d: conv, dot, '
+                                  'taps, s2d.')
 _OPTIONS = flags.DEFINE_list(
     'options', ['default'], "Compiler options: 'default' (XLA's) and/or "
     "'training' (conv.compiler_options).")
@@ -131,9 +133,11 @@ def main(argv):
                       jnp.float32)
       out = -(-size // stride)
       flops = 2 * batch * out * out * kernel * kernel * cin * cout
-      # Taps only where they make fewer channels than they read.
+      # Taps only where they make fewer channels than they read; s2d only
+      # for strided convolutions (at stride 1 it is 'conv').
       usable = [(f, o) for f, o in variants
-                if f != 'taps' or kernel * kernel * cout <= cin]
+                if (f != 'taps' or kernel * kernel * cout <= cin)
+                and (f != 's2d' or stride > 1)]
       fns = _fns(kernel, stride, padding, usable)
       # Interleaved: each repetition times every variant once.
       times = {k: [] for k in fns}
