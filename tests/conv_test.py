@@ -50,6 +50,26 @@ def _uses_custom_vjp(fn, *args) -> bool:
   return 'custom_vjp_call' in str(jax.make_jaxpr(fn)(*args))
 
 
+def _assert_conv2d_matches_lax(forward, backward, kernel_hw, strides,
+                               padding, seed):
+  """`conv2d` in these formulations: output and both gradients as `lax`'s.
+
+  Inputs from `_inputs(kernel_hw, seed)`, the cotangent from `seed + 1`.
+  """
+  x, w = _inputs(kernel_hw, seed=seed)
+  pads = conv.explicit_padding(padding, kernel_hw, strides, x.shape[1:3])
+  y, vjp = jax.vjp(lambda x, w: conv.conv2d(x, w, strides, pads, None,
+                                            forward, backward), x, w)
+  y_ref, vjp_ref = jax.vjp(_lax(padding, strides), x, w)
+  chex.assert_shape(y, y_ref.shape)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  cotangent = jnp.asarray(
+      np.random.default_rng(seed + 1).normal(size=y.shape), jnp.float32)
+  for got, want in zip(vjp(cotangent), vjp_ref(cotangent)):
+    chex.assert_shape(got, want.shape)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
 class ConvTest(parameterized.TestCase):
 
   @parameterized.named_parameters(*_CASES)
@@ -167,19 +187,8 @@ class DotFormulationTest(parameterized.TestCase):
 
   @parameterized.named_parameters(*_DOT_CASES)
   def test_values_and_vjp_match_lax(self, kernel_hw, strides, padding):
-    x, w = _inputs(kernel_hw)
-    pads = conv.explicit_padding(padding, kernel_hw, strides, x.shape[1:3])
-    y, vjp = jax.vjp(
-        lambda x, w: conv.conv2d(x, w, strides, pads, None, 'dot', 'dot'), x,
-        w)
-    y_ref, vjp_ref = jax.vjp(_lax(padding, strides), x, w)
-    chex.assert_shape(y, y_ref.shape)
-    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
-    cotangent = jnp.asarray(
-        np.random.default_rng(1).normal(size=y.shape), jnp.float32)
-    for got, want in zip(vjp(cotangent), vjp_ref(cotangent)):
-      chex.assert_shape(got, want.shape)
-      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    _assert_conv2d_matches_lax('dot', 'dot', kernel_hw, strides, padding,
+                               seed=0)
 
   def test_patches_follow_the_kernel_layout(self):
     """Row features are in `w.reshape(-1, O)` order: (i, j, c)."""
@@ -229,19 +238,8 @@ class SpaceToDepthTest(parameterized.TestCase):
       ('3x3_s3_wide_padding', (3, 3), (3, 3), ((4, 2), (0, 5))),
   )
   def test_values_and_vjp_match_lax(self, kernel_hw, strides, padding):
-    x, w = _inputs(kernel_hw, seed=8)
-    pads = conv.explicit_padding(padding, kernel_hw, strides, x.shape[1:3])
-    y, vjp = jax.vjp(
-        lambda x, w: conv.conv2d(x, w, strides, pads, None, 's2d', 's2d'), x,
-        w)
-    y_ref, vjp_ref = jax.vjp(_lax(padding, strides), x, w)
-    chex.assert_shape(y, y_ref.shape)
-    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
-    cotangent = jnp.asarray(
-        np.random.default_rng(9).normal(size=y.shape), jnp.float32)
-    for got, want in zip(vjp(cotangent), vjp_ref(cotangent)):
-      chex.assert_shape(got, want.shape)
-      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    _assert_conv2d_matches_lax('s2d', 's2d', kernel_hw, strides, padding,
+                               seed=8)
 
   def test_stem_through_the_layer_route(self):
     """The ImageNet stem's shape takes 's2d' and keeps `lax`'s values."""
@@ -289,18 +287,8 @@ class FormulationTest(parameterized.TestCase):
                          kernel=(1, 3))
   def test_every_combination_matches_lax(self, forward, backward, stride,
                                          kernel):
-    x, w = _inputs((kernel, kernel), seed=5)
-    strides = (stride, stride)
-    pads = conv.explicit_padding('SAME', (kernel, kernel), strides,
-                                 x.shape[1:3])
-    y, vjp = jax.vjp(lambda x, w: conv.conv2d(x, w, strides, pads, None,
-                                              forward, backward), x, w)
-    y_ref, vjp_ref = jax.vjp(_lax('SAME', strides), x, w)
-    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
-    cotangent = jnp.asarray(
-        np.random.default_rng(6).normal(size=y.shape), jnp.float32)
-    for got, want in zip(vjp(cotangent), vjp_ref(cotangent)):
-      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    _assert_conv2d_matches_lax(forward, backward, (kernel, kernel),
+                               (stride, stride), 'SAME', seed=5)
 
 
 class CompilerOptionsTest(absltest.TestCase):
