@@ -45,8 +45,10 @@ import jax
 import jax.numpy as jnp
 
 from sact_jax import act as act_lib
+from sact_jax import conv
 from sact_jax import evaluate
 from sact_jax import flops as flops_lib
+from sact_jax import host_memory
 from sact_jax import models
 from sact_jax import sparse
 from sact_jax.models import create_model
@@ -83,6 +85,9 @@ _CACHE = flags.DEFINE_string(
     'cache_dir', os.path.join(os.path.expanduser('~'), '.cache',
                               'sact_jax_jit'),
     'Persistent compilation cache ("" to disable).')
+_REUSE = flags.DEFINE_bool(
+    'reuse_freed_memory', True, 'Keep freed host memory for reuse '
+    '(`sact_jax.host_memory`), as the launchers do.')
 _OUT = flags.DEFINE_string(
     'out', os.path.join(os.path.dirname(__file__), 'results',
                         'sparse_inference.json'),
@@ -121,12 +126,17 @@ def _images(batch: int, size: int, seed: int = 0) -> jax.Array:
 
 
 class _Dense:
-  """The jitted dense model; `refresh()` after changing its weights."""
+  """The jitted dense model; `refresh()` after changing its weights.
+
+  Jitted as the library jits its own dense inference (`conv.jit`: the
+  compiler options under which its convolutions run best), so that the
+  baseline is the fastest dense model sact_jax has.
+  """
 
   def __init__(self, model):
     self.model = model
     graphdef, self.state = nnx.split(model)
-    self.fn = jax.jit(lambda s, images: nnx.merge(graphdef, s)(images))
+    self.fn = conv.jit(lambda s, images: nnx.merge(graphdef, s)(images))
 
   def refresh(self):
     self.state = nnx.state(self.model)
@@ -542,6 +552,8 @@ def _print_row(row):
 
 def main(argv):
   del argv
+  if _REUSE.value:
+    host_memory.reuse_freed_memory()
   jax.config.update('jax_default_prng_impl', 'rbg')
   if _CACHE.value:
     jax.config.update('jax_compilation_cache_dir', _CACHE.value)

@@ -23,6 +23,8 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from sact_jax import host_memory
+
 BAD_INPUT = 2
 RUN_FAILED = 1
 
@@ -150,8 +152,11 @@ def run(main: Callable[[list[str]], None]) -> None:
   """`app.run(main)` with this module's conventions for bad input.
 
   `app.UsageError`s raised by `main` (absl would print the whole usage text
-  and exit 1) end as one line with exit status 2 too.
+  and exit 1) end as one line with exit status 2 too. Freed host memory is
+  kept for reuse (`host_memory`) before JAX starts its backend.
   """
+  host_memory.reuse_freed_memory()
+
   def checked_main(argv):
     try:
       return main(argv)

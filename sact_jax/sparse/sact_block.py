@@ -76,7 +76,8 @@ class SactBlock:
         self._stage_active, static_argnames=('tail', 'dense', 'with_head'),
         donate_argnames=('maps',))
     self.dense_loop = phases.jit(self._dense_loop, donate_argnames=('maps',))
-    self.finish = phases.jit(self._finish)
+    # Donated: the block output aliases `out` instead of being a fresh copy.
+    self.finish = phases.jit(self._finish, donate_argnames=('maps',))
 
   def out_hw(self, in_hw: tuple[int, int]) -> int:
     """Positions of the block's maps for an input of `in_hw`."""
