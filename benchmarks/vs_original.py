@@ -297,8 +297,8 @@ def main(argv):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu')
   tf_env = dict(env)
   if _REUSE.value:
-    # TF gains from it too (ImageNet ResNet-101 batch 32: 3.67 -> 3.26 s on
-    # a 2-core EPYC VM): both sides keep freed memory, or neither.
+    # TF gains from it too (BUILD.md, "Host memory"): both sides keep freed
+    # memory, or neither.
     from sact_jax import host_memory  # pylint: disable=g-import-not-at-top
     tf_env['GLIBC_TUNABLES'] = host_memory.GLIBC_TUNABLES
   records, summary = [], []
