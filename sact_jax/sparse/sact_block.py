@@ -190,8 +190,9 @@ class SactBlock:
     Updates `x`, `out`, `xsum`; with a head, also its tap products at the
     updated rows, its scores at the active rows (the only ones that matter:
     `act.step` ignores halted positions), the halting step and the set
-    sizes of the next unit (without a head, `None` for both: the halting
-    state is unchanged).
+    sizes of the next unit. Without a head (the block's last unit) only
+    `out` is updated, the one map read after it, and `None` is returned for
+    both (the halting state is unchanged).
     """
     self.phases.trace('stage_active')
     unit = nnx.merge(self.unit_gd, unit_vars)
@@ -201,9 +202,9 @@ class SactBlock:
       shape = (*state.running.shape, maps['x'].shape[-1])
       new_x, out = self._update_dense(unit, maps['x'].reshape(shape),
                                       maps['out'].reshape(shape), state)
+      if not with_head:  # The block's last unit: only `out` is read after.
+        return self._to_maps(maps, out=out), None, None
       maps = self._with_xsum(self._to_maps(maps, x=new_x, out=out), new_x)
-      if not with_head:
-        return maps, None, None
       halting = head(new_x)
     else:
       idx_active = self.index_rows(state, dilated=False)
@@ -240,7 +241,8 @@ class SactBlock:
     return dict(maps, xsum=jnp.sum(x_BxHxWxC, axis=(1, 2)))
 
   def _update_rows(self, unit, head, maps, state, idx_active, n_full, tail):
-    """The active stage at the active rows: `x`, `out`, `xsum`, `taps`."""
+    """The active stage at the active rows: `x`, `out`, `xsum`, `taps`
+    (`out` only, without a head)."""
     height, width = state.running.shape[1:]
     hw = height * width
     cumulative_N = state.cumulative.reshape(-1)
@@ -250,13 +252,14 @@ class SactBlock:
       residual = stages.active_stage(unit, y, idx_S, height=height,
                                      width=width)
       weight = 1.0 - rows_lib.gather(cumulative_N, idx_S)
+      out = rows_lib.scatter_add(out, idx_S, weight[:, None] * residual)
+      if head is None:  # The block's last unit: only `out` is read after.
+        return x, out, xsum, taps
       # Gather, add, set (not scatter-add): the new rows feed the head's
       # taps, and the data dependency lets XLA update `x` in place.
       new_rows = rows_lib.gather(x, idx_S) + residual
-      if head is not None:
-        taps = rows_lib.scatter_set(taps, idx_S, head.local_taps(new_rows))
+      taps = rows_lib.scatter_set(taps, idx_S, head.local_taps(new_rows))
       x = rows_lib.scatter_set(x, idx_S, new_rows)
-      out = rows_lib.scatter_add(out, idx_S, weight[:, None] * residual)
       xsum = rows_lib.scatter_add(xsum, idx_S // hw, residual)
       return x, out, xsum, taps
     x, out, xsum, taps = rows_lib.row_loop(
