@@ -48,6 +48,8 @@ import time
 from absl import app
 from absl import flags
 
+from sact_jax import host_memory
+
 DEFAULT_CONFIGS = (
     'train:32:vanilla:128:5', 'train:32:act:128:5', 'train:32:sact:128:5',
     'train:110:vanilla:128:3', 'train:110:act:128:3', 'train:110:sact:128:3',
@@ -285,7 +287,6 @@ def main(argv):
   del argv
   if _WORKER.value:
     if _REUSE.value:
-      from sact_jax import host_memory  # pylint: disable=g-import-not-at-top
       host_memory.reuse_freed_memory()
     print(json.dumps(worker(_WORKER.value, _REPS.value)), flush=True)
     return
@@ -299,7 +300,6 @@ def main(argv):
   if _REUSE.value:
     # TF gains from it too (BUILD.md, "Host memory"): both sides keep freed
     # memory, or neither.
-    from sact_jax import host_memory  # pylint: disable=g-import-not-at-top
     tf_env['GLIBC_TUNABLES'] = host_memory.GLIBC_TUNABLES
   records, summary = [], []
   for config in _CONFIGS.value:

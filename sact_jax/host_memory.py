@@ -22,17 +22,15 @@ sact_jax on the CPU.
 import ctypes
 import ctypes.util
 
-# mallopt parameters (glibc's malloc.h).
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_MAX = -4
-_M_ARENA_MAX = -8
-# The largest value M_TRIM_THRESHOLD (an int) takes: never trim.
-_NEVER = 2**31 - 1
+# (tunable name, mallopt parameter from glibc's malloc.h, value): one arena,
+# no mmap, never trim (the largest value M_TRIM_THRESHOLD, an int, takes).
+_SETTINGS = (('arena_max', -8, 1), ('mmap_max', -4, 0),
+             ('trim_threshold', -1, 2**31 - 1))
 
 # The same settings for a process started from outside (glibc reads them at
 # start-up): e.g. the original TF code, timed side by side with sact_jax.
-GLIBC_TUNABLES = ('glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:'
-                  f'glibc.malloc.trim_threshold={_NEVER}')
+GLIBC_TUNABLES = ':'.join(f'glibc.malloc.{name}={value}'
+                          for name, _, value in _SETTINGS)
 
 
 def reuse_freed_memory() -> bool:
@@ -49,5 +47,4 @@ def reuse_freed_memory() -> bool:
     return False
   mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
   mallopt.restype = ctypes.c_int
-  settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER))
-  return all(mallopt(param, value) == 1 for param, value in settings)
+  return all(mallopt(param, value) == 1 for _, param, value in _SETTINGS)
