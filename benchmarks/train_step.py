@@ -1,16 +1,20 @@
-r"""Training-step time of CIFAR ResNets, vanilla vs ACT vs SACT, and compile time.
+r"""Training-step time of ResNets, vanilla vs ACT vs SACT, and compile time.
 
 Run by hand (not a test):
 
   python -m benchmarks.train_step --depths=32,110 --batch_size=128
   python -m benchmarks.train_step --compile_only --depths=20,110
+  # ImageNet ResNet-101 at 224 (on a GPU: the SACT / vanilla overhead):
+  python -m benchmarks.train_step --family=imagenet --depths=101 \
+      --batch_size=64
 
 Prints a table and writes JSON (`--out`). Every configuration runs in this
 process one after another, so ratios within one run are comparable; absolute
 times on a shared machine are noisy. The step is the trainer's own
-(`train.Trainer`, CIFAR-10 config of the depth and type, tau 0.01):
-forward + backward + SGD momentum update, loss = CE + 0.01 ponder + L2 2e-4
-(as the reference's), plus its metrics.
+(`train.Trainer`, the family's config of the depth and type): forward +
+backward + SGD momentum update, loss = cross-entropy + tau ponder + L2 (as
+the reference's; CIFAR tau 0.01, ImageNet the config's 0.005), plus its
+metrics, on random images.
 """
 
 import json
@@ -25,9 +29,15 @@ import numpy as np
 from sact_jax import parallel
 from sact_jax import train as train_lib
 from sact_jax.configs import cifar10
+from sact_jax.configs import imagenet
 from sact_jax.configs import validation
 
-_DEPTHS = flags.DEFINE_list('depths', ['32', '110'], 'CIFAR ResNet depths.')
+_FAMILY = flags.DEFINE_enum('family', 'cifar', ['cifar', 'imagenet'],
+                            'Model family (CIFAR-10 or ImageNet ResNets).')
+_DEPTHS = flags.DEFINE_list('depths', ['32', '110'],
+                            'ResNet depths (ImageNet: 50 or 101).')
+_IMAGE_SIZE = flags.DEFINE_integer(
+    'image_size', 0, "Image side (0: the config's, 32 or 224).")
 _TYPES = flags.DEFINE_list('model_types', ['vanilla', 'act', 'sact'],
                            'Model types.')
 _BATCH = flags.DEFINE_integer('batch_size', 128, 'Batch size.')
@@ -52,16 +62,22 @@ _VARIANT_CONFIG = {
 
 
 def make_step(depth: int, model_type: str, batch: int, tau: float = 0.01,
-              variant: str = 'scan'):
+              variant: str = 'scan', family: str = 'cifar',
+              image_size: int = 0):
   """The trainer's own jitted step on synthetic data, as users run it.
 
-  The CIFAR-10 config of `depth` and `model_type` (loss = cross-entropy +
-  tau ponder + 2e-4 L2, momentum SGD, BN statistics, metrics). Returns
-  `(step, compile_s)`: `step()` runs one update in place and returns its
-  metrics (block on them to time it).
+  The config of `family`, `depth` and `model_type` (loss = cross-entropy +
+  tau ponder + L2, momentum SGD, BN statistics, metrics); CIFAR with `tau`,
+  ImageNet with its config's. Returns `(step, compile_s)`: `step()` runs
+  one update in place and returns its metrics (block on them to time it).
   """
-  config = cifar10.get_config(f'{model_type}_{depth}')
-  config.tau = tau
+  if family == 'cifar':
+    config = cifar10.get_config(f'{model_type}_{depth}')
+    config.tau = tau
+  else:
+    config = imagenet.get_config(f'{model_type}_{depth}')
+  if image_size:
+    config.image_size = image_size
   config.batch_size = batch
   for key, value in _VARIANT_CONFIG[variant].items():
     config[key] = value
@@ -71,9 +87,11 @@ def make_step(depth: int, model_type: str, batch: int, tau: float = 0.01,
       config, mesh, compiler_options={} if variant == 'scan_ynn' else None)
   state = trainer.init_state()
   rng = np.random.default_rng(0)
+  size = config.image_size
   batch_arrays = parallel.shard_batch({
-      'image': rng.normal(size=(batch, 32, 32, 3)).astype(np.float32),
-      'label': rng.integers(0, 10, size=(batch,)).astype(np.int32)}, mesh)
+      'image': rng.normal(size=(batch, size, size, 3)).astype(np.float32),
+      'label': rng.integers(0, config.num_classes,
+                            size=(batch,)).astype(np.int32)}, mesh)
   t0 = time.perf_counter()
   compiled = trainer.train_step.lower(state, batch_arrays).compile()
   compile_s = time.perf_counter() - t0
@@ -86,10 +104,12 @@ def make_step(depth: int, model_type: str, batch: int, tau: float = 0.01,
   return step, compile_s
 
 
-def time_config(depth, model_type, variant, batch, repeats, compile_only):
-  step, compile_s = make_step(depth, model_type, batch, variant=variant)
-  result = {'depth': depth, 'model_type': model_type, 'variant': variant,
-            'batch_size': batch, 'compile_s': compile_s}
+def time_config(depth, model_type, variant, batch, repeats, compile_only,
+                family='cifar', image_size=0):
+  step, compile_s = make_step(depth, model_type, batch, variant=variant,
+                              family=family, image_size=image_size)
+  result = {'family': family, 'depth': depth, 'model_type': model_type,
+            'variant': variant, 'batch_size': batch, 'compile_s': compile_s}
   if compile_only:
     return result
   jax.block_until_ready(step())  # Warm-up.
@@ -111,7 +131,8 @@ def main(argv):
     for variant in _VARIANTS.value:
       for model_type in types:
         r = time_config(depth, model_type, variant, _BATCH.value,
-                        _REPEATS.value, _COMPILE_ONLY.value)
+                        _REPEATS.value, _COMPILE_ONLY.value, _FAMILY.value,
+                        _IMAGE_SIZE.value)
         results.append(r)
         print(json.dumps(r), flush=True)
   # Table.
