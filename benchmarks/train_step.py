@@ -34,8 +34,9 @@ from sact_jax.configs import validation
 
 _FAMILY = flags.DEFINE_enum('family', 'cifar', ['cifar', 'imagenet'],
                             'Model family (CIFAR-10 or ImageNet ResNets).')
-_DEPTHS = flags.DEFINE_list('depths', ['32', '110'],
-                            'ResNet depths (ImageNet: 50 or 101).')
+_DEPTHS = flags.DEFINE_list(
+    'depths', None, 'ResNet depths (default: CIFAR 32,110; ImageNet 101; '
+    'ImageNet has 50 and 101).')
 _IMAGE_SIZE = flags.DEFINE_integer(
     'image_size', 0, "Image side (0: the config's, 32 or 224).")
 _TYPES = flags.DEFINE_list('model_types', ['vanilla', 'act', 'sact'],
@@ -51,6 +52,8 @@ _VARIANTS = flags.DEFINE_list(
     "jaxlib's default YNNPACK convolutions).")
 _OUT = flags.DEFINE_string('out', 'benchmarks/results/train_step.json',
                            'JSON output path.')
+
+_DEFAULT_DEPTHS = {'cifar': ['32', '110'], 'imagenet': ['101']}
 
 _VARIANT_CONFIG = {
     'scan': {},
@@ -127,7 +130,8 @@ def main(argv):
   jax.config.update('jax_default_prng_impl', 'rbg')
   results = []
   types = ['sact'] if _COMPILE_ONLY.value else _TYPES.value
-  for depth in [int(d) for d in _DEPTHS.value]:
+  depths = _DEPTHS.value or _DEFAULT_DEPTHS[_FAMILY.value]
+  for depth in [int(d) for d in depths]:
     for variant in _VARIANTS.value:
       for model_type in types:
         r = time_config(depth, model_type, variant, _BATCH.value,
