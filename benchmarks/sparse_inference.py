@@ -282,15 +282,16 @@ def _clustered_mask(batch: int, height: int, width: int, fraction: float,
 
 
 def _time_piece(fn: Callable, args, reps: int, donate: int | None) -> float:
-  """Min wall time of `jit(fn)(*args)`.
+  """Min wall time of `jit(fn)(*args)`, jitted as the runner's phases are
+  (`conv.jit`: the library's compiler options).
 
   `donate`: index of a map updated in place, as in the runner (a fresh copy
   per call, made outside the timing).
   """
   if donate is None:
-    jitted = jax.jit(fn)
+    jitted = conv.jit(fn)
     return _time({'piece': lambda: jitted(*args)}, reps)['piece']['wall_min']
-  jitted = jax.jit(fn, donate_argnums=donate)
+  jitted = conv.jit(fn, donate_argnums=donate)
   copy = jax.jit(lambda a: a + 0)
   best = float('inf')
   for _ in range(reps + 1):
@@ -387,7 +388,7 @@ def unit_breakdown(runner, block_index: int, x_BxHxWxC: jax.Array,
             block.index_rows(state, dilated=False))
   timed('halting step + index sets', step_and_sets,
         state._replace(running=mask), 0.1 * mask)
-  vanilla_unit = jax.jit(lambda x: x + unit.residual(x))
+  vanilla_unit = conv.jit(lambda x: x + unit.residual(x))
   whole = {}
   whole['vanilla unit (dense)'] = _time(
       {'v': lambda: vanilla_unit(x_BxHxWxC)}, reps)['v']['wall_min']

@@ -13,9 +13,10 @@ from absl.testing import parameterized
 
 from sact_jax import host_memory
 
-# A child process that keeps freed memory: jitted calls that each return a fresh 64 MiB array; the
-# fewest page faults one call took, after a few calls to settle. The map is
-# freed before the next call, so glibc can hand its memory out again.
+# A child process that keeps freed memory: jitted calls that each return a
+# fresh 64 MiB array; the fewest page faults one call took, after a few calls
+# to settle. The map is freed before the next call, so glibc can hand its
+# memory out again.
 _CHILD = textwrap.dedent("""
     import resource
     from sact_jax import host_memory
