@@ -36,7 +36,8 @@ _FAMILY = flags.DEFINE_enum('family', 'cifar', ['cifar', 'imagenet'],
                             'Model family (CIFAR-10 or ImageNet ResNets).')
 _DEPTHS = flags.DEFINE_list(
     'depths', None, 'ResNet depths (default: CIFAR 32,110; ImageNet 101; '
-    'ImageNet has 50 and 101).')
+    f'the configs have CIFAR {sorted(cifar10.DEPTHS)}, ImageNet '
+    f'{sorted(imagenet.DEPTHS)}).')
 _IMAGE_SIZE = flags.DEFINE_integer(
     'image_size', 0, "Image side (0: the config's, 32 or 224).")
 _TYPES = flags.DEFINE_list('model_types', ['vanilla', 'act', 'sact'],
