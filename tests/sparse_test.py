@@ -14,6 +14,7 @@ precision (TF32 on GPUs), with bounds for its rounding.
 import functools
 import importlib.util
 import json
+import math
 import os
 from unittest import mock
 
@@ -215,6 +216,18 @@ class RandomModelTest(parameterized.TestCase):
       self.assertEqual(set(timings), {'whole_model'})
       self.assertLen(device.last_units, len(model.blocks))
 
+  @parameterized.parameters(0.0, math.inf)
+  def test_head_on_the_map_or_at_rows(self, dense_head):
+    """A sparse unit's head on the whole map or at rows: same outputs."""
+    model, images, _ = _random_sact('imagenet', 0.5)
+    runner = _runner_for(model, sact_mode='rows', dense_head=dense_head)
+    _assert_same(self, tu.forward(model, images), runner(images))
+    partial = _partial_row_units(runner)
+    self.assertNotEmpty(partial)
+    # With 0 every unit followed by a head runs it on the map (the blocks'
+    # last units have none); with inf none does.
+    self.assertEqual(any(u['dense_head'] for u in partial), dense_head == 0)
+
   def test_dense_units_inside_a_sparse_block(self):
     """'auto' with free gathers still runs full units densely."""
     model, images, _ = _random_sact('cifar', 0.1)
@@ -287,10 +300,12 @@ class RandomModelTest(parameterized.TestCase):
       calls += 2 * len(units)
     traces = dict(runner.trace_counts)
     self.assertGreater(len(active), 8)  # The masks really differ.
-    # Per block and stage: at most buckets + 1 tails, with or without head.
+    # Per block and stage: at most buckets + 1 tails, each with or without
+    # the head's taps (dilated); with no head, the head at rows or on the
+    # map (active).
     blocks = len(model.blocks)
     self.assertLessEqual(traces['stage_dilated'], blocks * 2 * (buckets + 1))
-    self.assertLessEqual(traces['stage_active'], blocks * 2 * (buckets + 1))
+    self.assertLessEqual(traces['stage_active'], blocks * 3 * (buckets + 1))
     self.assertLess(traces['stage_dilated'] + traces['stage_active'],
                     calls)
     for key in ('stem', 'head'):
@@ -431,6 +446,8 @@ class ApiTest(absltest.TestCase):
       sparse.apply(model, images[..., 0])
     with self.assertRaisesRegex(ValueError, 'sact_mode'):
       sparse.SparseOptions(sact_mode='tiles')
+    with self.assertRaisesRegex(ValueError, 'dense_head'):
+      sparse.SparseOptions(dense_head=-1.0)
     train_model = tu.build('cifar', (2,), 'sact', seed=0, base_channels=8)
     train_model.train()
     with self.assertRaisesRegex(ValueError, 'eval mode'):
@@ -600,6 +617,20 @@ class PlannerTest(absltest.TestCase):
     self.assertEqual([p.dense for _, p in planned],
                      [False, False, False, True])
     self.assertEqual(planned[2][1].active.count, 78)  # Planned on the bound.
+
+  def test_head_runs_dense_from_the_planned_rows(self):
+    planner = planner_lib.Planner(
+        np.asarray([90, 80]), num_rows=100, chunk_dilated=16, chunk_active=8,
+        buckets=4, pipeline=0, read=lambda v: tuple(int(x) for x in v),
+        head_runs_dense=lambda rows_d, rows_a: rows_d + rows_a >= 100)
+    self.assertTrue(planner.plan((60, 40), dense=False,
+                                 with_head=True).dense_head)
+    self.assertFalse(planner.plan((50, 30), dense=False,
+                                  with_head=True).dense_head)
+    self.assertFalse(planner.plan((60, 40), dense=False,
+                                  with_head=False).dense_head)
+    self.assertTrue(planner.plan((5, 3), dense=True,
+                                 with_head=True).dense_head)
 
   def test_no_pipeline_always_waits(self):
     reads = []

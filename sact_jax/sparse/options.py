@@ -75,6 +75,12 @@ class SparseOptions:
       at most this fraction of the positions at the previous unit (the
       rows that halted in between become padding); otherwise, and with 0,
       wait for the exact counts.
+    dense_head: the halting head after a unit run at rows runs on the whole
+      map instead (the dense model's head, no tap products at rows) when
+      the rows the unit's two stages compute reach this fraction of the
+      map's positions: at rows its tap products are computed at the dilated
+      rows and again at the active ones, each with a gather and a scatter.
+      0: always; `math.inf`: never.
     compiler_options: XLA compiler options for every jitted phase, as
       `(name, value)` pairs (e.g. `(('xla_backend_optimization_level', 0),)`
       for fast compiles in tests, at a large cost in speed); None: the
@@ -90,6 +96,7 @@ class SparseOptions:
   device_flops: float | None = None
   act_loop: str = 'device'
   pipeline: float = 0.05
+  dense_head: float = 1.0
   compiler_options: tuple[tuple[str, Any], ...] | None = None
 
   def __post_init__(self):
@@ -106,6 +113,8 @@ class SparseOptions:
       raise ValueError('gather_cost, slice_cost and unit_cost must be >= 0, '
                        f'got {self.gather_cost}, {self.slice_cost}, '
                        f'{self.unit_cost}.')
+    if self.dense_head < 0:
+      raise ValueError(f'dense_head must be >= 0, got {self.dense_head}.')
     if self.act_loop not in ACT_LOOPS:
       raise ValueError(f'act_loop must be one of {ACT_LOOPS}, got '
                        f'{self.act_loop!r}.')
@@ -195,6 +204,18 @@ class CostModel:
     rows_dilated, rows_active = plan.dilated.rows, plan.active.rows
     waste = ((rows_dilated - n_dilated) * self.dilated_cost
              + (rows_active - n_active) * self.active_cost)
-    if plan.with_head:  # Taps on dilated and active rows, sums on active.
+    if plan.dense_head:  # The head's local conv runs on the whole map.
+      waste += (num_rows - n_active) * self.local_cost
+    elif plan.with_head:  # Taps on dilated and active rows, sums on active.
       waste += (rows_dilated + rows_active - n_active) * self.local_cost
     return waste
+
+  def head_runs_dense(self, rows_dilated: int, rows_active: int,
+                      num_rows: int) -> bool:
+    """Whether a sparse unit's head runs on the whole map (`dense_head`).
+
+    At rows the head's tap products are computed at the dilated rows and
+    again at the active rows, each with a gather and a scatter; on the
+    whole map once per position, with no index work.
+    """
+    return rows_dilated + rows_active >= self.options.dense_head * num_rows

@@ -19,11 +19,16 @@ Sizes = tuple[int, int]  # (dilated, active) set sizes.
 
 
 class UnitPlan(NamedTuple):
-  """How one unit runs: its two stages' row plans, densely or not."""
+  """How one unit runs: its two stages' row plans, densely or not.
+
+  `dense_head`: the head after the unit (if `with_head`) runs on the whole
+  map instead of at rows (always for a dense unit).
+  """
   dilated: rows_lib.RowPlan
   active: rows_lib.RowPlan
   dense: bool
   with_head: bool
+  dense_head: bool = False
 
 
 class Planner:
@@ -36,12 +41,17 @@ class Planner:
     buckets: tail sizes per chunk (`SparseOptions.buckets`).
     pipeline: `SparseOptions.pipeline`.
     read: reads device sizes on the host (waits for the device).
+    head_runs_dense: whether a sparse unit's head runs on the whole map,
+      given the rows its two stages compute (`CostModel.head_runs_dense`);
+      default never.
   """
 
   def __init__(self, first_sizes: jax.Array, *, num_rows: int,
                chunk_dilated: int, chunk_active: int, buckets: int,
-               pipeline: float, read: Callable[[jax.Array], Sizes]):
+               pipeline: float, read: Callable[[jax.Array], Sizes],
+               head_runs_dense: Callable[[int, int], bool] | None = None):
     self.num_rows = num_rows
+    self._head_runs_dense = head_runs_dense
     self.chunk_dilated, self.chunk_active = chunk_dilated, chunk_active
     self._granule_dilated = rows_lib.granule_for(num_rows, chunk_dilated,
                                                  buckets)
@@ -83,12 +93,15 @@ class Planner:
   def plan(self, sizes: Sizes, *, dense: bool, with_head: bool) -> UnitPlan:
     """Plans the next unit from `sizes` and records the plan."""
     n_dilated, n_active = sizes
-    plan = UnitPlan(
-        dilated=rows_lib.plan_rows(n_dilated, self.chunk_dilated,
-                                   self._granule_dilated),
-        active=rows_lib.plan_rows(n_active, self.chunk_active,
-                                  self._granule_active),
-        dense=dense, with_head=with_head)
+    dilated = rows_lib.plan_rows(n_dilated, self.chunk_dilated,
+                                 self._granule_dilated)
+    active = rows_lib.plan_rows(n_active, self.chunk_active,
+                                self._granule_active)
+    dense_head = with_head and (dense or (
+        self._head_runs_dense is not None
+        and self._head_runs_dense(dilated.rows, active.rows)))
+    plan = UnitPlan(dilated=dilated, active=active, dense=dense,
+                    with_head=with_head, dense_head=dense_head)
     self.plans.append(plan)
     return plan
 

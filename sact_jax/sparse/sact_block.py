@@ -70,10 +70,11 @@ class SactBlock:
     self.start = phases.jit(self._start)
     self.device_loop = phases.jit(self._device_loop)
     self.stage_dilated = phases.jit(
-        self._stage_dilated, static_argnames=('tail', 'hw', 'with_head'),
+        self._stage_dilated, static_argnames=('tail', 'hw', 'taps'),
         donate_argnames=('maps',))
     self.stage_active = phases.jit(
-        self._stage_active, static_argnames=('tail', 'dense', 'with_head'),
+        self._stage_active,
+        static_argnames=('tail', 'dense', 'with_head', 'dense_head'),
         donate_argnames=('maps',))
     self.dense_loop = phases.jit(self._dense_loop, donate_argnames=('maps',))
     # Donated: the block output aliases `out` instead of being a fresh copy.
@@ -158,8 +159,9 @@ class SactBlock:
     return maps, halting_carry, sizes, stop, sizes_Ux2
 
   def _stage_dilated(self, unit_vars, head_vars, maps, state, n_full, *,
-                     tail, hw, with_head):
-    """The dilated stage at the dilated rows, into `y`; next head's taps.
+                     tail, hw, taps):
+    """The dilated stage at the dilated rows, into `y`; with `taps`, the
+    next head's tap products there.
 
     Tap products are computed from the rows before the unit's update: right
     for the rows the unit leaves unchanged, and overwritten in
@@ -167,14 +169,14 @@ class SactBlock:
     """
     self.phases.trace('stage_dilated')
     unit = nnx.merge(self.unit_gd, unit_vars)
-    head = nnx.merge(self.head_gd, head_vars) if with_head else None
+    head = nnx.merge(self.head_gd, head_vars) if taps else None
     height, width = hw
     x = maps['x']
     def body(idx_S, carry):
       y, taps = carry
       rows = stages.dilated_stage(unit, x, idx_S, height=height, width=width)
       y = rows_lib.scatter_set(y, idx_S, rows)
-      if with_head:
+      if head is not None:
         taps = rows_lib.scatter_set(
             taps, idx_S, head.local_taps(rows_lib.gather(x, idx_S)))
       return y, taps
@@ -184,13 +186,14 @@ class SactBlock:
     return dict(maps, y=y, taps=taps)
 
   def _stage_active(self, unit_vars, head_vars, maps, halting_carry, n_full,
-                    *, tail, dense, with_head):
+                    *, tail, dense, with_head, dense_head):
     """The rest of the unit at its active rows, then the next head.
 
     Updates `x`, `out`, `xsum`; with a head, also its tap products at the
     updated rows, its scores at the active rows (the only ones that matter:
     `act.step` ignores halted positions), the halting step and the set
-    sizes of the next unit. Without a head (the block's last unit) only
+    sizes of the next unit. With `dense_head` the head runs on the whole
+    map instead (no taps). Without a head (the block's last unit) only
     `out` is updated, the one map read after it, and `None` is returned for
     both (the halting state is unchanged).
     """
@@ -208,12 +211,17 @@ class SactBlock:
       halting = head(new_x)
     else:
       idx_active = self.index_rows(state, dilated=False)
-      maps = self._update_rows(unit, head, maps, state, idx_active, n_full,
-                               tail)
+      maps = self._update_rows(unit, maps, state, idx_active, n_full, tail,
+                               update_x=with_head,
+                               taps_head=None if dense_head else head)
       if not with_head:
         return maps, None, None
-      halting = self._halting_rows(head, maps, state, idx_active, n_full,
-                                   tail)
+      if dense_head:
+        hw = maps['x'].shape[0] // state.running.shape[0]
+        halting = self._dense_halting(head, maps, state.running.shape, hw)
+      else:
+        halting = self._halting_rows(head, maps, state, idx_active, n_full,
+                                     tail)
     halting_carry, sizes = self.halting_step(head, halting, state,
                                              halting_carry['flops'])
     return maps, halting_carry, sizes
@@ -231,6 +239,14 @@ class SactBlock:
     return new_x, out_BxHxWxC + weight * residual
 
   @staticmethod
+  def _dense_halting(head, maps, halting_shape, hw):
+    """The head's scores `[B, H, W]` on the whole map (from `x`, `xsum`)."""
+    x_BxHxWxC = maps['x'].reshape(*halting_shape, -1)
+    global_B = head.global_logits(maps['xsum'] / hw)
+    return head.probability(head.local_logits(x_BxHxWxC),
+                            global_B[:, None, None])
+
+  @staticmethod
   def _to_maps(maps, **maps_BxHxWxC):
     """`maps` with the given `[B, H, W, C]` maps flattened into it."""
     return dict(maps, **{k: v.reshape(-1, v.shape[-1])
@@ -240,9 +256,10 @@ class SactBlock:
   def _with_xsum(maps, x_BxHxWxC):
     return dict(maps, xsum=jnp.sum(x_BxHxWxC, axis=(1, 2)))
 
-  def _update_rows(self, unit, head, maps, state, idx_active, n_full, tail):
-    """The active stage at the active rows: `x`, `out`, `xsum`, `taps`
-    (`out` only, without a head)."""
+  def _update_rows(self, unit, maps, state, idx_active, n_full, tail, *,
+                   update_x, taps_head):
+    """The active stage at the active rows: `out`; with `update_x`, `x` and
+    `xsum`; with a `taps_head`, its tap products at the updated rows."""
     height, width = state.running.shape[1:]
     hw = height * width
     cumulative_N = state.cumulative.reshape(-1)
@@ -253,13 +270,17 @@ class SactBlock:
                                      width=width)
       weight = 1.0 - rows_lib.gather(cumulative_N, idx_S)
       out = rows_lib.scatter_add(out, idx_S, weight[:, None] * residual)
-      if head is None:  # The block's last unit: only `out` is read after.
+      if not update_x:  # The block's last unit: only `out` is read after.
         return x, out, xsum, taps
-      # Gather, add, set (not scatter-add): the new rows feed the head's
-      # taps, and the data dependency lets XLA update `x` in place.
-      new_rows = rows_lib.gather(x, idx_S) + residual
-      taps = rows_lib.scatter_set(taps, idx_S, head.local_taps(new_rows))
-      x = rows_lib.scatter_set(x, idx_S, new_rows)
+      if taps_head is None:
+        x = rows_lib.scatter_add(x, idx_S, residual)
+      else:
+        # Gather, add, set (not scatter-add): the new rows feed the head's
+        # taps, and the data dependency lets XLA update `x` in place.
+        new_rows = rows_lib.gather(x, idx_S) + residual
+        taps = rows_lib.scatter_set(taps, idx_S,
+                                    taps_head.local_taps(new_rows))
+        x = rows_lib.scatter_set(x, idx_S, new_rows)
       xsum = rows_lib.scatter_add(xsum, idx_S // hw, residual)
       return x, out, xsum, taps
     x, out, xsum, taps = rows_lib.row_loop(
@@ -462,12 +483,14 @@ class SactBlock:
         'block_start', self.start, weights.first, weights.stacked_units,
         weights.stacked_heads, x_in, flops_B)
     halting_shape = halting_carry['state'].running.shape
+    num_rows = math.prod(halting_shape)
     planner = planner_lib.Planner(
-        sizes, num_rows=math.prod(halting_shape),
-        chunk_dilated=self.costs.chunk_dilated,
+        sizes, num_rows=num_rows, chunk_dilated=self.costs.chunk_dilated,
         chunk_active=self.costs.chunk_active, buckets=opts.buckets,
         pipeline=opts.pipeline,
-        read=lambda values: common.read_counts(values, clock))
+        read=lambda values: common.read_counts(values, clock),
+        head_runs_dense=lambda rows_dilated, rows_active: (
+            self.costs.head_runs_dense(rows_dilated, rows_active, num_rows)))
     first = self._dense_ran(planner, 0, stop, sizes_Ux2, clock)
     maps, halting_carry, skipped = self._run_units(
         weights, planner, maps, halting_carry, clock, first)
@@ -524,14 +547,15 @@ class SactBlock:
       plan = planner.plan(sizes, dense=dense, with_head=with_head)
       clock.host('host', start)
       if not dense:
+        taps = with_head and not plan.dense_head
         maps = clock('stage_dilated', self.stage_dilated, weights.units[i],
-                     head, maps, halting_carry['state'], plan.dilated.n_full,
-                     tail=plan.dilated.tail, hw=(height, width),
-                     with_head=with_head)
+                     head if taps else None, maps, halting_carry['state'],
+                     plan.dilated.n_full, tail=plan.dilated.tail,
+                     hw=(height, width), taps=taps)
       maps, new_carry, sizes = clock(
           'stage_active', self.stage_active, weights.units[i], head, maps,
           halting_carry, plan.active.n_full, tail=plan.active.tail,
-          dense=dense, with_head=with_head)
+          dense=dense, with_head=with_head, dense_head=plan.dense_head)
       if with_head:
         halting_carry = new_carry
         planner.add_sizes(sizes)
@@ -549,6 +573,7 @@ class SactBlock:
       self.phases.record({
           'rows': planner.num_rows, 'dilated': n_dilated,
           'active': n_active, 'dense': plan.dense,
+          'dense_head': plan.dense_head,
           'planned_dilated': plan.dilated.count,
           'planned_active': plan.active.count,
           'tail_dilated': plan.dilated.tail, 'tail_active': plan.active.tail,
