@@ -23,6 +23,7 @@ rows, the halting step and the next unit's set sizes, which the host reads
 back to plan the next unit, `planner.Planner`).
 """
 
+import functools
 import math
 import time
 
@@ -129,7 +130,8 @@ class SactBlock:
                            self.eps)
     return x, state.ponder_cost, state.num_units, flops_B
 
-  def _start(self, first_vars, stacked_units, stacked_heads, x_in, flops_B):
+  def _start(self, first_vars, stacked_units, stacked_heads, unit_vars,
+             head_vars, x_in, flops_B):
     """First unit and first head densely (every position runs them), then
     the units after them for as long as they run densely too (`_dense_loop`,
     from unit 2): where nothing halts early, the host waits once per block.
@@ -154,8 +156,8 @@ class SactBlock:
         'xsum': jnp.sum(x, axis=(1, 2)),
     }
     maps, halting_carry, stop, sizes_Ux2 = self._dense_loop(
-        stacked_units, stacked_heads, maps, halting_carry, sizes,
-        jnp.int32(0))
+        stacked_units, stacked_heads, unit_vars, head_vars, maps,
+        halting_carry, sizes, jnp.int32(0))
     return maps, halting_carry, sizes, stop, sizes_Ux2
 
   def _stage_dilated(self, unit_vars, head_vars, maps, state, n_full, *,
@@ -305,8 +307,8 @@ class SactBlock:
         jnp.zeros((batch * hw,), maps['x'].dtype))
     return halting_N.reshape(batch, height, width)
 
-  def _dense_loop(self, stacked_units, stacked_heads, maps, halting_carry,
-                  sizes, start):
+  def _dense_loop(self, stacked_units, stacked_heads, unit_vars, head_vars,
+                  maps, halting_carry, sizes, start):
     """Dense units `start`, `start + 1`, ... on the device, while dense pays.
 
     What `stage_active(dense=True)` does for one unit, in a
@@ -316,8 +318,16 @@ class SactBlock:
     dense model's block does. Only units followed by a head run here (the
     last unit of the block is the host loop's).
 
+    Unit `start` runs from its own weights (`unit_vars`, `head_vars`), the
+    next ones from the stacks: inside the loop XLA copies a unit's weights
+    out of the stack before its matmuls, which at small batch sizes costs
+    as much as the matmuls (they stream the weights), and often unit
+    `start` is the only one that runs densely.
+
     Args:
       stacked_units, stacked_heads: the block's units 2..L and heads.
+      unit_vars, head_vars: unit `start` and the head after it (any head
+        for the block's last unit with a head: it is not run then).
       maps, halting_carry: the block state before unit `start` (index into
         units 2..L).
       sizes: `[2]` set sizes of unit `start`.
@@ -340,10 +350,10 @@ class SactBlock:
       return ((i < last) & (sizes[1] > 0)
               & self.costs.runs_dense(sizes[0], sizes[1], num_rows))
 
-    def body(loop):
+    def step(unit_vars, head_vars, loop):
       i, x, out, halting_carry, _, sizes_Ux2 = loop
-      unit = nnx.merge(self.unit_gd, common.pick(stacked_units, i))
-      head = nnx.merge(self.head_gd, common.pick(stacked_heads, i + 1))
+      unit = nnx.merge(self.unit_gd, unit_vars)
+      head = nnx.merge(self.head_gd, head_vars)
       state = halting_carry['state']
       x, out = self._update_dense(unit, x, out, state)
       halting_carry, sizes = self.halting_step(
@@ -351,10 +361,17 @@ class SactBlock:
       return (i + 1, x, out, halting_carry, sizes,
               sizes_Ux2.at[i + 1].set(sizes))
 
-    stop, x, out, halting_carry, _, sizes_Ux2 = lax.while_loop(
-        cond, body, (start, maps['x'].reshape(shape),
-                     maps['out'].reshape(shape), halting_carry, sizes,
-                     sizes_Ux2))
+    def body(loop):
+      i = loop[0]
+      return step(common.pick(stacked_units, i),
+                  common.pick(stacked_heads, i + 1), loop)
+
+    loop = (start, maps['x'].reshape(shape), maps['out'].reshape(shape),
+            halting_carry, sizes, sizes_Ux2)
+    loop = lax.cond(cond(loop), functools.partial(step, unit_vars, head_vars),
+                    lambda loop: loop, loop)
+    stop, x, out, halting_carry, _, sizes_Ux2 = lax.while_loop(cond, body,
+                                                               loop)
     maps = self._with_xsum(self._to_maps(maps, x=x, out=out), x)
     return maps, halting_carry, stop, sizes_Ux2
 
@@ -481,7 +498,8 @@ class SactBlock:
     opts = self.phases.options
     maps, halting_carry, sizes, stop, sizes_Ux2 = clock(
         'block_start', self.start, weights.first, weights.stacked_units,
-        weights.stacked_heads, x_in, flops_B)
+        weights.stacked_heads, weights.units[0], self._head_after(weights, 0),
+        x_in, flops_B)
     halting_shape = halting_carry['state'].running.shape
     num_rows = math.prod(halting_shape)
     planner = planner_lib.Planner(
@@ -501,6 +519,12 @@ class SactBlock:
       self.phases.record(
           {'units_skipped': self.num_units - 1 - len(planner.plans)})
     return out, ponder, units, flops_B, waste
+
+  @staticmethod
+  def _head_after(weights, i: int):
+    """The head after unit i (index into units 2..L), or any head if the
+    unit has none (for `_dense_loop`, which then does not run it)."""
+    return weights.heads[min(i + 1, len(weights.heads) - 1)]
 
   def _dense_ran(self, planner, first, stop, sizes_Ux2, clock) -> int:
     """Plans the units `_dense_loop` ran from unit `first`; the next one."""
@@ -539,7 +563,8 @@ class SactBlock:
       if dense and with_head:
         maps, halting_carry, stop, sizes_Ux2 = clock(
             'dense_loop', self.dense_loop, weights.stacked_units,
-            weights.stacked_heads, maps, halting_carry,
+            weights.stacked_heads, weights.units[i],
+            self._head_after(weights, i), maps, halting_carry,
             np.asarray(sizes, np.int32), np.int32(i))
         i = self._dense_ran(planner, i, stop, sizes_Ux2, clock)
         continue
