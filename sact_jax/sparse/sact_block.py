@@ -20,7 +20,9 @@ dilated stage, and the next head's tap products of rows this unit leaves
 unchanged) and `stage_active` (active rows: the rest of the unit, the tap
 products of the updated rows, then the next head's local sums at the active
 rows, the halting step and the next unit's set sizes, which the host reads
-back to plan the next unit, `planner.Planner`).
+back to plan the next unit, `planner.Planner`). Where those tap products
+would cover as many rows as the map has (`SparseOptions.dense_head`), the
+head runs on the whole map after the update instead, as the dense model's.
 """
 
 import functools
