@@ -73,7 +73,7 @@ class SactBlock:
     self.start = phases.jit(self._start)
     self.device_loop = phases.jit(self._device_loop)
     self.stage_dilated = phases.jit(
-        self._stage_dilated, static_argnames=('tail', 'hw', 'taps'),
+        self._stage_dilated, static_argnames=('tail', 'hw', 'with_taps'),
         donate_argnames=('maps',))
     self.stage_active = phases.jit(
         self._stage_active,
@@ -163,8 +163,8 @@ class SactBlock:
     return maps, halting_carry, sizes, stop, sizes_Ux2
 
   def _stage_dilated(self, unit_vars, head_vars, maps, state, n_full, *,
-                     tail, hw, taps):
-    """The dilated stage at the dilated rows, into `y`; with `taps`, the
+                     tail, hw, with_taps):
+    """The dilated stage at the dilated rows, into `y`; with `with_taps`, the
     next head's tap products there.
 
     Tap products are computed from the rows before the unit's update: right
@@ -173,7 +173,7 @@ class SactBlock:
     """
     self.phases.trace('stage_dilated')
     unit = nnx.merge(self.unit_gd, unit_vars)
-    head = nnx.merge(self.head_gd, head_vars) if taps else None
+    head = nnx.merge(self.head_gd, head_vars) if with_taps else None
     height, width = hw
     x = maps['x']
     def body(idx_S, carry):
@@ -221,8 +221,7 @@ class SactBlock:
       if not with_head:
         return maps, None, None
       if dense_head:
-        hw = maps['x'].shape[0] // state.running.shape[0]
-        halting = self._dense_halting(head, maps, state.running.shape, hw)
+        halting = self._dense_halting(head, maps, state.running.shape)
       else:
         halting = self._halting_rows(head, maps, state, idx_active, n_full,
                                      tail)
@@ -243,10 +242,10 @@ class SactBlock:
     return new_x, out_BxHxWxC + weight * residual
 
   @staticmethod
-  def _dense_halting(head, maps, halting_shape, hw):
+  def _dense_halting(head, maps, halting_shape):
     """The head's scores `[B, H, W]` on the whole map (from `x`, `xsum`)."""
     x_BxHxWxC = maps['x'].reshape(*halting_shape, -1)
-    global_B = head.global_logits(maps['xsum'] / hw)
+    global_B = head.global_logits(maps['xsum'] / math.prod(halting_shape[1:]))
     return head.probability(head.local_logits(x_BxHxWxC),
                             global_B[:, None, None])
 
@@ -574,11 +573,12 @@ class SactBlock:
       plan = planner.plan(sizes, dense=dense, with_head=with_head)
       clock.host('host', start)
       if not dense:
-        taps = with_head and not plan.dense_head
+        with_taps = with_head and not plan.dense_head
         maps = clock('stage_dilated', self.stage_dilated, weights.units[i],
-                     head if taps else None, maps, halting_carry['state'],
-                     plan.dilated.n_full, tail=plan.dilated.tail,
-                     hw=(height, width), taps=taps)
+                     head if with_taps else None, maps,
+                     halting_carry['state'], plan.dilated.n_full,
+                     tail=plan.dilated.tail, hw=(height, width),
+                     with_taps=with_taps)
       maps, new_carry, sizes = clock(
           'stage_active', self.stage_active, weights.units[i], head, maps,
           halting_carry, plan.active.n_full, tail=plan.active.tail,
