@@ -220,8 +220,8 @@ class SactBlock:
                                taps_head=None if dense_head else head)
       if not with_head:
         return maps, None, None
-      if dense_head:
-        halting = self._dense_halting(head, maps, state.running.shape)
+      if dense_head:  # The head module itself, as in the dense branch.
+        halting = head(maps['x'].reshape(*state.running.shape, -1))
       else:
         halting = self._halting_rows(head, maps, state, idx_active, n_full,
                                      tail)
@@ -240,14 +240,6 @@ class SactBlock:
     new_x = act_lib.masked_residual(x_BxHxWxC, residual, state.running)
     weight = (state.running * (1.0 - state.cumulative))[..., None]
     return new_x, out_BxHxWxC + weight * residual
-
-  @staticmethod
-  def _dense_halting(head, maps, halting_shape):
-    """The head's scores `[B, H, W]` on the whole map (from `x`, `xsum`)."""
-    x_BxHxWxC = maps['x'].reshape(*halting_shape, -1)
-    global_B = head.global_logits(maps['xsum'] / math.prod(halting_shape[1:]))
-    return head.probability(head.local_logits(x_BxHxWxC),
-                            global_B[:, None, None])
 
   @staticmethod
   def _to_maps(maps, **maps_BxHxWxC):
