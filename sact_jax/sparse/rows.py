@@ -24,6 +24,8 @@ from typing import Callable, NamedTuple
 import jax
 from jax import lax
 import jax.numpy as jnp
+import numpy as np
+
 
 class RowPlan(NamedTuple):
   """How `count` rows are processed: `n_full` chunks of `chunk`, then `tail`.
@@ -83,7 +85,8 @@ def indices(mask_N: jax.Array, length: int, block: int = 128) -> jax.Array:
   flat_N = mask_N > 0
   pad = -num_rows % block
   blocks = jnp.pad(flat_N.astype(jnp.float32), (0, pad)).reshape(-1, block)
-  upper = jnp.triu(jnp.ones((block, block), jnp.float32))
+  # A literal (numpy): built with jnp it is recomputed at every call.
+  upper = np.triu(np.ones((block, block), np.float32))
   within = jnp.matmul(blocks, upper, precision=lax.Precision.HIGHEST)
   before = jnp.cumsum(within[:, -1]) - within[:, -1]
   rank_N = (within + before[:, None]).reshape(-1)[:num_rows]
@@ -118,20 +121,22 @@ def neighbours(idx_S: jax.Array, height: int, width: int, num_rows: int
                ) -> tuple[jax.Array, jax.Array]:
   """Flat indices of the 3x3 neighbourhood of each row, in HWIO tap order.
 
+  One broadcast expression over `[S, 9]` (tap offsets as constants), which
+  XLA compiles to one loop; per-tap vectors stacked would be ten kernels.
+
   Returns:
     `[S, 9]` indices, `num_rows` where the neighbour lies outside the image,
     and the `[S, 9]` validity mask.
   """
-  rem = idx_S % (height * width)
-  i, j = rem // width, rem % width
-  nbrs, valid = [], []
-  for di in (-1, 0, 1):
-    for dj in (-1, 0, 1):
-      ok = ((i + di >= 0) & (i + di < height) & (j + dj >= 0)
-            & (j + dj < width) & (idx_S < num_rows))
-      nbrs.append(jnp.where(ok, idx_S + di * width + dj, num_rows))
-      valid.append(ok)
-  return jnp.stack(nbrs, -1), jnp.stack(valid, -1)
+  taps = np.arange(9)
+  di_9, dj_9 = taps // 3 - 1, taps % 3 - 1
+  rem_Sx1 = (idx_S % (height * width))[:, None]
+  i_Sx9, j_Sx9 = rem_Sx1 // width + di_9, rem_Sx1 % width + dj_9
+  valid_Sx9 = ((i_Sx9 >= 0) & (i_Sx9 < height) & (j_Sx9 >= 0)
+               & (j_Sx9 < width) & (idx_S < num_rows)[:, None])
+  nbr_Sx9 = jnp.where(valid_Sx9, idx_S[:, None] + di_9 * width + dj_9,
+                      num_rows)
+  return nbr_Sx9.astype(idx_S.dtype), valid_Sx9
 
 
 def gather(src_NxC: jax.Array, idx: jax.Array) -> jax.Array:
