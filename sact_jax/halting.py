@@ -74,9 +74,36 @@ class SactHead(nnx.Module):
     """What the local conv reads, elementwise (maps or rows)."""
     return self.activation(self.local_bn(x_XxC))
 
+  @property
+  def folds_local_bn(self) -> bool:
+    """Whether `local_bn` is folded into the local conv's kernel.
+
+    In evaluation with the identity activation (ImageNet) the conv reads an
+    affine map of `x`: `conv(x * s + t) = conv_{K s}(x) + conv(t)`. The
+    first term reads `x` itself, where XLA would write the normalised map
+    out before the conv (the head at 56x56x256, batch 32, 3x faster on a
+    CPU); the second, `t`'s taps where the window lies inside the image,
+    is one small map. Equal up to rounding.
+    """
+    return (self.activation is layers.identity
+            and bool(self.local_bn.use_running_average))
+
   def local_logits(self, x_BxHxWxC: jax.Array) -> jax.Array:
     """The local term `[B, H, W]` at every position."""
-    return self.local_conv(self.local_features(x_BxHxWxC))[..., 0]
+    conv = self.local_conv
+    if not self.folds_local_bn:
+      return conv(self.local_features(x_BxHxWxC))[..., 0]
+    scale_C, shift_C = layers.batch_norm_affine(self.local_bn)
+    kernel = conv.kernel[...]
+    local = layers.conv_with_kernel(conv, x_BxHxWxC,
+                                    kernel * scale_C[:, None])
+    shift_taps = jnp.tensordot(kernel, shift_C, axes=([2], [0]))
+    ones = jnp.ones((1, *x_BxHxWxC.shape[1:3], 1), x_BxHxWxC.dtype)
+    local = local + layers.conv_with_kernel(conv, ones,
+                                            shift_taps[:, :, None, :])
+    if conv.bias is not None:
+      local = local + conv.bias[...]
+    return local[..., 0]
 
   def local_taps(self, x_SxC: jax.Array) -> jax.Array:
     """What each of the 9 taps of the local conv takes from rows: `[S, 9]`.
@@ -87,6 +114,9 @@ class SactHead(nnx.Module):
     the neighbours.
     """
     kernel_9xC = self.local_conv.kernel[...].reshape(9, -1)
+    if self.folds_local_bn:  # As `local_logits` does.
+      scale_C, shift_C = layers.batch_norm_affine(self.local_bn)
+      return x_SxC @ (kernel_9xC * scale_C).T + kernel_9xC @ shift_C
     return self.local_features(x_SxC) @ kernel_9xC.T
 
   def local_logits_from_taps(self, taps_Sx9: jax.Array) -> jax.Array:

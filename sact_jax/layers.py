@@ -74,6 +74,32 @@ def same_padding(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
   return (pad, pad)
 
 
+def batch_norm_affine(bn: nnx.BatchNorm) -> tuple[jax.Array, jax.Array]:
+  """`bn` with its running statistics as `x * scale + shift`, per channel.
+
+  What it computes in evaluation (`use_running_average`), up to rounding;
+  lets a conv that reads the normalised map take the scale into its kernel.
+  """
+  scale_C = jax.lax.rsqrt(bn.var[...] + bn.epsilon)
+  if bn.scale is not None:
+    scale_C = scale_C * bn.scale[...]
+  shift_C = -bn.mean[...] * scale_C
+  if bn.bias is not None:
+    shift_C = shift_C + bn.bias[...]
+  return scale_C, shift_C
+
+
+def conv_with_kernel(conv: nnx.Conv, x_BxHxWxI: jax.Array,
+                     kernel_KxLxIxO: jax.Array) -> jax.Array:
+  """What `conv` computes on an NHWC map with another kernel, no bias."""
+  strides = conv.strides
+  if isinstance(strides, int):
+    strides = (strides, strides)
+  return conv.conv_general_dilated(
+      x_BxHxWxI, kernel_KxLxIxO, tuple(strides), conv.padding,
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=conv.precision)
+
+
 def patch_conv(conv: nnx.Conv, patches_SxKxC: jax.Array) -> jax.Array:
   """A stride-1 conv at chosen positions, from their input patches: `[S, O]`.
 

@@ -1,0 +1,76 @@
+"""Tests of the halting heads in `sact_jax.halting`."""
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import chex
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sact_jax import halting
+from sact_jax import layers
+import testing_utils as tu
+
+
+def _sact_head(channels: int, activation, fast_conv: bool, seed: int = 0
+               ) -> halting.SactHead:
+  """A head whose BatchNorms hold random, non-trivial statistics."""
+  factory = layers.LayerFactory(bn_momentum=0.9, bn_epsilon=1e-3,
+                                fast_conv_backward=fast_conv)
+  head = halting.SactHead(channels, factory=factory, activation=activation,
+                          rngs=nnx.Rngs(seed))
+  rng = np.random.default_rng(seed)
+  for bn in (head.local_bn, head.global_bn):
+    bn.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, channels), jnp.float32)
+    bn.bias[...] = jnp.asarray(rng.normal(size=channels), jnp.float32)
+    bn.mean[...] = jnp.asarray(rng.normal(size=channels), jnp.float32)
+    bn.var[...] = jnp.asarray(rng.uniform(0.5, 2.0, channels), jnp.float32)
+  return head
+
+
+class SactHeadTest(parameterized.TestCase):
+
+  @parameterized.product(fast_conv=(True, False), shape=((2, 5, 7), (1, 1, 1)))
+  def test_folded_local_bn_equals_bn_then_conv(self, fast_conv, shape):
+    head = _sact_head(6, layers.identity, fast_conv)
+    head.eval()
+    self.assertTrue(head.folds_local_bn)
+    x = tu.images((*shape, 6), seed=3)
+    expected = head.local_conv(head.local_features(x))[..., 0]
+    got = head.local_logits(x)
+    chex.assert_shape(got, shape)
+    # The border positions carry the shift's taps of the inside only.
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    kernel_9xC = head.local_conv.kernel[...].reshape(9, -1)
+    rows_Sx6 = x.reshape(-1, 6)
+    np.testing.assert_allclose(head.local_taps(rows_Sx6),
+                               head.local_features(rows_Sx6) @ kernel_9xC.T,
+                               rtol=1e-5, atol=1e-5)
+
+  def test_no_fold_in_training_or_with_a_nonlinearity(self):
+    head = _sact_head(4, layers.identity, True)
+    self.assertFalse(head.folds_local_bn)  # Training: batch statistics.
+    leaky = _sact_head(4, layers.leaky_relu, True)
+    leaky.eval()
+    self.assertFalse(leaky.folds_local_bn)
+
+  def test_folded_head_gradient_matches(self):
+    head = _sact_head(5, layers.identity, True)
+    head.eval()
+    x = tu.images((2, 4, 4, 5), seed=1)
+    graphdef, state = nnx.split(head)
+
+    def loss(state, folded):
+      h = nnx.merge(graphdef, state)
+      if folded:
+        return jnp.sum(h.local_logits(x) ** 2)
+      return jnp.sum(h.local_conv(h.local_features(x))[..., 0] ** 2)
+
+    got = jax.grad(loss)(state, True)
+    expected = jax.grad(loss)(state, False)
+    chex.assert_trees_all_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+if __name__ == '__main__':
+  absltest.main()
