@@ -52,10 +52,17 @@ def _child_faults() -> tuple[str, int]:
 class ReuseFreedMemoryTest(absltest.TestCase):
 
   def test_a_fresh_map_reuses_freed_pages(self):
-    applied, faults = _child_faults()
-    self.assertEqual(applied, 'True')
     # Without reuse every call faults in all of the map's pages (unless the
-    # kernel backs them with huge pages); with it, next to none.
+    # kernel backs them with huge pages); with it, next to none. Once in a
+    # full parallel run on a shared VM a child faulted in every page of
+    # every call while the same check passed alone and under load before
+    # and after (the host may reclaim a process's pages behind its back), so
+    # such a child is measured once more: broken reuse fails both.
+    for _ in range(2):
+      applied, faults = _child_faults()
+      self.assertEqual(applied, 'True')
+      if faults < _PAGES // 8:
+        break
     self.assertLess(faults, _PAGES // 8)
 
 
