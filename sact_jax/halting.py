@@ -88,16 +88,22 @@ class SactHead(nnx.Module):
     return (self.activation is layers.identity
             and bool(self.local_bn.use_running_average))
 
+  def _folded_local_conv(self) -> tuple[jax.Array, jax.Array]:
+    """The fold: the local conv's kernel times the BatchNorm scale
+    `[kh, kw, C, 1]`, and what each tap takes from the shift `[kh, kw, 1]`.
+    """
+    scale_C, shift_C = layers.batch_norm_affine(self.local_bn)
+    kernel = self.local_conv.kernel[...]
+    return (kernel * scale_C[:, None],
+            jnp.tensordot(kernel, shift_C, axes=([2], [0])))
+
   def local_logits(self, x_BxHxWxC: jax.Array) -> jax.Array:
     """The local term `[B, H, W]` at every position."""
     conv = self.local_conv
     if not self.folds_local_bn:
       return conv(self.local_features(x_BxHxWxC))[..., 0]
-    scale_C, shift_C = layers.batch_norm_affine(self.local_bn)
-    kernel = conv.kernel[...]
-    local = layers.conv_with_kernel(conv, x_BxHxWxC,
-                                    kernel * scale_C[:, None])
-    shift_taps = jnp.tensordot(kernel, shift_C, axes=([2], [0]))
+    kernel, shift_taps = self._folded_local_conv()
+    local = layers.conv_with_kernel(conv, x_BxHxWxC, kernel)
     ones = jnp.ones((1, *x_BxHxWxC.shape[1:3], 1), x_BxHxWxC.dtype)
     local = local + layers.conv_with_kernel(conv, ones,
                                             shift_taps[:, :, None, :])
@@ -113,10 +119,10 @@ class SactHead(nnx.Module):
     (`local_logits_from_taps`), which is cheaper at rows than an im2col of
     the neighbours.
     """
-    kernel_9xC = self.local_conv.kernel[...].reshape(9, -1)
     if self.folds_local_bn:  # As `local_logits` does.
-      scale_C, shift_C = layers.batch_norm_affine(self.local_bn)
-      return x_SxC @ (kernel_9xC * scale_C).T + kernel_9xC @ shift_C
+      kernel, shift_taps = self._folded_local_conv()
+      return x_SxC @ kernel.reshape(9, -1).T + shift_taps.reshape(9)
+    kernel_9xC = self.local_conv.kernel[...].reshape(9, -1)
     return self.local_features(x_SxC) @ kernel_9xC.T
 
   def local_logits_from_taps(self, taps_Sx9: jax.Array) -> jax.Array:

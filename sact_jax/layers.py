@@ -89,14 +89,16 @@ def batch_norm_affine(bn: nnx.BatchNorm) -> tuple[jax.Array, jax.Array]:
   return scale_C, shift_C
 
 
+def _strides(conv: nnx.Conv) -> tuple[int, int]:
+  strides = conv.strides
+  return (strides, strides) if isinstance(strides, int) else tuple(strides)
+
+
 def conv_with_kernel(conv: nnx.Conv, x_BxHxWxI: jax.Array,
                      kernel_KxLxIxO: jax.Array) -> jax.Array:
   """What `conv` computes on an NHWC map with another kernel, no bias."""
-  strides = conv.strides
-  if isinstance(strides, int):
-    strides = (strides, strides)
   return conv.conv_general_dilated(
-      x_BxHxWxI, kernel_KxLxIxO, tuple(strides), conv.padding,
+      x_BxHxWxI, kernel_KxLxIxO, _strides(conv), conv.padding,
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=conv.precision)
 
 
@@ -112,8 +114,7 @@ def patch_conv(conv: nnx.Conv, patches_SxKxC: jax.Array) -> jax.Array:
       positions of its window in row-major (HWIO) order, zero where the
       window leaves the image (SAME zero padding).
   """
-  strides = (conv.strides,) if isinstance(conv.strides, int) else conv.strides
-  if any(s != 1 for s in strides):
+  if any(s != 1 for s in _strides(conv)):
     raise ValueError('Only stride-1 convolutions run on patches.')
   kernel = conv.kernel[...]
   y_SxO = (patches_SxKxC.reshape(patches_SxKxC.shape[0], -1)
