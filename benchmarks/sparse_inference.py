@@ -88,6 +88,10 @@ _CACHE = flags.DEFINE_string(
 _REUSE = flags.DEFINE_bool(
     'reuse_freed_memory', True, 'Keep freed host memory for reuse '
     '(`sact_jax.host_memory`), as the launchers do.')
+_SERVE = flags.DEFINE_bool(
+    'serve', False, 'Serve the one --families / --batch_sizes / --fractions '
+    'workload to benchmarks/vs_original.py --lockstep instead of measuring '
+    '(benchmarks/lockstep.py).')
 _OUT = flags.DEFINE_string(
     'out', os.path.join(os.path.dirname(__file__), 'results',
                         'sparse_inference.json'),
@@ -400,30 +404,60 @@ def unit_breakdown(runner, block_index: int, x_BxHxWxC: jax.Array,
           'rows_active': rows_a, 'pieces_s': pieces, 'whole_s': whole}
 
 
+def _build_models(family: str, unrolled: bool):
+  """Eval-mode vanilla, SACT and (or None) unrolled vanilla models, scaled
+  residuals (`scale_residuals`), and the vanilla FLOPs per image."""
+  cfg = _CONFIGS[family]
+  start = time.time()
+  built = []
+  for model_type, seed, unroll in (('vanilla', 0, False), ('sact', 1, False),
+                                   ('vanilla', 0, True)):
+    if unroll and not unrolled:
+      built.append(None)
+      continue
+    model = create_model(family, cfg['depth'], model_type,
+                         num_classes=cfg['num_classes'], rngs=nnx.Rngs(seed),
+                         unroll=unroll)
+    model.eval()
+    scale_residuals(model, _RESIDUAL_SCALE.value)
+    built.append(model)
+  print(f'[{family}] models built in {time.time() - start:.0f} s')
+  size = cfg['size']
+  vanilla_flops = models.ModelSpec.from_model(built[1]).vanilla_flops(
+      (size, size, 3))
+  return (*built, vanilla_flops)
+
+
+def serve(family: str, batch: int, fraction: float, options: dict) -> None:
+  """One workload as a lockstep server (benchmarks/lockstep.py).
+
+  Workloads `dense` (the dense vanilla model) and `sparse` (`sparse.apply`
+  at `fraction` of its FLOPs), as `measure_family` builds and tunes them;
+  for benchmarks/vs_original.py's `--lockstep` claim rows.
+  """
+  from benchmarks import lockstep  # pylint: disable=g-import-not-at-top
+  vanilla, sact, _, vanilla_flops = _build_models(family, False)
+  images = _images(batch, _CONFIGS[family]['size'])
+  sact_fn = _Dense(sact)
+  tune_halting(sact, sact_fn, images[:4], fraction, vanilla_flops,
+               _SIGMA.value)
+  runner = sparse.SparseRunner(sact, **options)
+  vanilla_fn = _Dense(vanilla)
+  _, aux = runner(images)
+  lockstep.serve(
+      {'dense': lambda: jax.block_until_ready(vanilla_fn(images)),
+       'sparse': lambda: jax.block_until_ready(runner(images))},
+      {'impl': 'jax',
+       'flop_fraction': float(jnp.mean(aux['flops'])) / vanilla_flops})
+
+
 def measure_family(family: str, batch_sizes, fractions, options,
                    results: list, on_row: Callable[[], None]) -> None:
   """Appends one row per (batch, fraction) to `results`, calling `on_row`."""
   cfg = _CONFIGS[family]
   size = cfg['size']
-  start = time.time()
-  vanilla = create_model(family, cfg['depth'], 'vanilla',
-                         num_classes=cfg['num_classes'], rngs=nnx.Rngs(0))
-  vanilla.eval()
-  sact = create_model(family, cfg['depth'], 'sact',
-                      num_classes=cfg['num_classes'], rngs=nnx.Rngs(1))
-  sact.eval()
-  unrolled = None
-  if _UNROLLED.value:
-    unrolled = create_model(family, cfg['depth'], 'vanilla',
-                            num_classes=cfg['num_classes'], rngs=nnx.Rngs(0),
-                            unroll=True)
-    unrolled.eval()
-  for model in (vanilla, sact, unrolled):
-    if model is not None:
-      scale_residuals(model, _RESIDUAL_SCALE.value)
-  print(f'[{family}] models built in {time.time() - start:.0f} s')
-  vanilla_flops = models.ModelSpec.from_model(sact).vanilla_flops(
-      (size, size, 3))
+  vanilla, sact, unrolled, vanilla_flops = _build_models(family,
+                                                         _UNROLLED.value)
   vanilla_fn = _Dense(vanilla)
   unrolled_fn = _Dense(unrolled) if unrolled is not None else None
   sact_fn = _Dense(sact)
@@ -573,6 +607,14 @@ def main(argv):
 
   print(f"backend {header['backend']} ({header['device']}), jax "
         f'{jax.__version__}', flush=True)
+  if _SERVE.value:
+    if len(_FAMILIES.value) * len(_BATCH_SIZES.value) * len(
+        _FRACTIONS.value) != 1:
+      raise app.UsageError('--serve takes one family, batch size and '
+                           'fraction.')
+    serve(_FAMILIES.value[0], int(_BATCH_SIZES.value[0]),
+          float(_FRACTIONS.value[0]), options)
+    return
   for family in _FAMILIES.value:
     measure_family(family, [int(b) for b in _BATCH_SIZES.value],
                    [float(f) for f in _FRACTIONS.value], options,

@@ -34,6 +34,14 @@ file's own worker (`--worker=CONFIG`), on the current code:
   whose dense vanilla and `sparse.apply` medians fill the row; the last
   column is then the original's dense vanilla over `sparse.apply`.
 
+With `--lockstep`, inference and claim rows keep one warm server per side
+(benchmarks/lockstep.py; the TF side is benchmarks/tf_server.py in the TF
+venv, the JAX side this file's worker or sparse_inference.py with
+`--serve`) and ask them in turn, `--reps` rounds per pair of processes: the
+calls of a round see the same machine state, and each ratio is the median
+of the per-round ratios. On a VM whose speed drifts over minutes that is
+the figure to quote; the medians of separate processes move with the drift.
+
 Prints a markdown table and writes every process's JSON line (`--output`).
 """
 
@@ -74,8 +82,15 @@ _REUSE = flags.DEFINE_bool(
     'reuse_freed_memory', True, 'Both sides keep freed host memory for reuse '
     '(`sact_jax.host_memory`, as the launchers do; TF through glibc\'s '
     'GLIBC_TUNABLES).')
+_LOCKSTEP = flags.DEFINE_bool(
+    'lockstep', False, 'Inference and claim rows: keep one warm server per '
+    'side and time their calls in turn, --reps rounds per pair of '
+    'processes; ratios are medians of per-round ratios '
+    '(benchmarks/lockstep.py). Training rows run as without it.')
 _WORKER = flags.DEFINE_string('worker', None, 'Internal: time one workload '
                               'on the JAX side and print one JSON line.')
+_SERVE = flags.DEFINE_bool('serve', False, 'Internal, with --worker: serve '
+                           'an inference workload (benchmarks/lockstep.py).')
 
 _CIFAR_DEPTHS = {20: 3, 32: 5, 56: 9, 110: 18}
 # JAX-side variants of a training step (benchmarks/train_step.py); the TF
@@ -139,14 +154,12 @@ def _timed(fn, reps):
   return statistics.median(times)
 
 
-def worker(config: str, reps: int) -> dict:
-  """Times one workload with the current sact_jax; returns medians (s)."""
+def _infer_calls(config: str) -> dict:
+  """The JAX side of an `infer` workload: name -> a call that blocks."""
   import jax  # pylint: disable=g-import-not-at-top
-  jax.config.update('jax_default_prng_impl', 'rbg')
   from flax import nnx  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from benchmarks import train_step  # pylint: disable=g-import-not-at-top
   from sact_jax import conv  # pylint: disable=g-import-not-at-top
   from sact_jax import evaluate  # pylint: disable=g-import-not-at-top
   from sact_jax import models  # pylint: disable=g-import-not-at-top
@@ -154,17 +167,9 @@ def worker(config: str, reps: int) -> dict:
 
   c = parse(config)
   rng = np.random.default_rng(0)
-  size = c.get('size', 32)
+  size = c['size']
   images = jnp.asarray(rng.normal(size=(c['batch'], size, size, 3)),
                        jnp.float32)
-  result = {'config': config, 'impl': 'jax'}
-  if c['kind'] == 'train':
-    step, _ = train_step.make_step(c['depth'], c['model_type'], c['batch'],
-                                   variant=c['variant'])
-    for _ in range(2):
-      jax.block_until_ready(step())
-    result['median_s'] = _timed(step, c['steps'])
-    return result
   num_classes = 10 if c['family'] == 'cifar' else 1001
   model = models.create_model(c['family'], c['depth'], c['model_type'],
                               num_classes=num_classes, rngs=nnx.Rngs(0))
@@ -175,12 +180,32 @@ def worker(config: str, reps: int) -> dict:
   # call with the library's compiler options (`conv.jit`).
   graphdef, state = evaluate.eval_split_model(model)
   apply = conv.jit(lambda state, x: nnx.merge(graphdef, state)(x))
-  calls = {'dense': lambda: apply(state, images)}
+  calls = {'dense': lambda: jax.block_until_ready(apply(state, images))}
   if c['model_type'] != 'vanilla':
-    calls['sparse'] = lambda: sparse.apply(model, images)
+    calls['sparse'] = lambda: jax.block_until_ready(
+        sparse.apply(model, images))
+  return calls
+
+
+def worker(config: str, reps: int) -> dict:
+  """Times one workload with the current sact_jax; returns medians (s)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_default_prng_impl', 'rbg')
+  from benchmarks import train_step  # pylint: disable=g-import-not-at-top
+
+  c = parse(config)
+  result = {'config': config, 'impl': 'jax'}
+  if c['kind'] == 'train':
+    step, _ = train_step.make_step(c['depth'], c['model_type'], c['batch'],
+                                   variant=c['variant'])
+    for _ in range(2):
+      jax.block_until_ready(step())
+    result['median_s'] = _timed(step, c['steps'])
+    return result
+  calls = _infer_calls(config)
   for fn in calls.values():  # Compile and warm up.
     for _ in range(2):
-      jax.block_until_ready(fn())
+      fn()
   times = {name: [] for name in calls}
   for _ in range(reps):  # Interleaved.
     for name, fn in calls.items():
@@ -251,6 +276,67 @@ def _run_claim(config: str, env: dict) -> dict:
           'flop_fraction': row['flop_fraction']}
 
 
+def _server_commands(config: str, tfref: str) -> tuple[list[str],
+                                                      list[str]]:
+  """The TF and JAX lockstep servers of an `infer` or `claim` workload."""
+  c = parse(config)
+  here = os.path.dirname(os.path.abspath(__file__))
+  tf = [os.path.join(tfref, 'venv', 'bin', 'python'),
+        os.path.join(here, 'tf_server.py'), f'--tfref_dir={tfref}',
+        f'--family={c["family"]}', f'--depth={c["depth"]}',
+        f'--model_type={c["model_type"]}', f'--batch={c["batch"]}',
+        f'--size={c["size"]}', f'--halt={c["halt"]}']
+  if c['kind'] == 'claim':
+    jax_side = [sys.executable, '-m', 'benchmarks.sparse_inference',
+                '--serve', '--families=imagenet', f'--batch_sizes={c["batch"]}',
+                f'--fractions={c["fraction"]}',
+                f'--reuse_freed_memory={_REUSE.value}']
+  else:
+    jax_side = [sys.executable, '-m', 'benchmarks.vs_original',
+                f'--worker={config}', '--serve',
+                f'--reuse_freed_memory={_REUSE.value}']
+  return tf, jax_side
+
+
+def _lockstep(config: str, tfref: str, env: dict, tf_env: dict
+              ) -> tuple[dict, list[dict]]:
+  """A table row from --processes pairs of servers, --reps rounds each."""
+  from benchmarks import lockstep  # pylint: disable=g-import-not-at-top
+  tf_command, jax_command = _server_commands(config, tfref)
+  per_round, records = [], []
+  for rep in range(_PROCESSES.value):
+    clients = [lockstep.Client('tf', tf_command, tf_env),
+               lockstep.Client('jax', jax_command, env)]
+    try:
+      info = {c.name: c.ready() for c in clients}
+      rounds = lockstep.rounds(clients, _REPS.value)
+    except lockstep.ServerError as e:
+      print(f'{config}: {e}', file=sys.stderr, flush=True)
+      records.append({'config': config, 'rep': rep, 'lockstep': True,
+                      'error': str(e)})
+      continue
+    finally:
+      for c in clients:
+        c.close()
+    per_round += rounds
+    records.append({'config': config, 'rep': rep, 'lockstep': True,
+                    'ready': info, 'rounds': rounds})
+  row = {'config': config, 'lockstep_rounds': len(per_round)}
+  for side in ('tf', 'jax'):
+    for workload in ('dense', 'sparse'):
+      row[f'{side}_{workload}'] = _median(
+          [r[side].get(workload) for r in per_round])
+  row['ratio_jax_over_tf'] = lockstep.median_ratio(
+      per_round, ('jax', 'dense'), ('tf', 'dense'))
+  row['ratio_sparse_over_jax_dense'] = lockstep.median_ratio(
+      per_round, ('jax', 'sparse'), ('jax', 'dense'))
+  row['ratio_tf_sparse_over_jax_sparse'] = lockstep.median_ratio(
+      per_round, ('tf', 'sparse'), ('jax', 'sparse'))
+  row['ratio_tf_dense_over_jax_sparse'] = lockstep.median_ratio(
+      per_round, ('tf', 'dense'), ('jax', 'sparse'))
+  return row, records
+
+
 def _ms(seconds):
   if seconds is None:
     return ''
@@ -262,6 +348,15 @@ def _median(values):
   return statistics.median(values) if values else None
 
 
+def _ratio(row: dict, key: str, numerator: str, denominator: str):
+  """The row's per-round median ratio (lockstep) or its medians' ratio."""
+  if row.get(key) is not None:
+    return row[key]
+  if row.get(numerator) and row.get(denominator):
+    return row[numerator] / row[denominator]
+  return None
+
+
 def table(summary: list[dict]) -> str:
   lines = ['| workload | original (TF) dense / early stop | sact_jax dense / '
            'sparse.apply | dense ratio (JAX / TF) | sparse.apply / JAX dense '
@@ -271,15 +366,23 @@ def table(summary: list[dict]) -> str:
                     if v is not None)
     jx = ' / '.join(_ms(v) for v in (r['jax_dense'], r['jax_sparse'])
                     if v is not None)
-    ratio = (f'{r["jax_dense"] / r["tf_dense"]:.2f}'
-             if r['tf_dense'] and r['jax_dense'] else '')
-    sparse_ratio = (f'{r["jax_sparse"] / r["jax_dense"]:.2f}'
-                    if r['jax_sparse'] and r['jax_dense'] else '')
-    if r['config'].startswith('claim:') and r['jax_sparse'] and r['tf_dense']:
-      sparse_ratio += (f' (original dense / sparse.apply: '
-                       f'{r["tf_dense"] / r["jax_sparse"]:.2f}x)')
-    lines.append(f'| {r["config"]} | {tf} | {jx} | {ratio} | '
-                 f'{sparse_ratio} |')
+    ratio = _ratio(r, 'ratio_jax_over_tf', 'jax_dense', 'tf_dense')
+    sparse_ratio = _ratio(r, 'ratio_sparse_over_jax_dense', 'jax_sparse',
+                          'jax_dense')
+    cells = [f'{ratio:.2f}' if ratio else '',
+             f'{sparse_ratio:.2f}' if sparse_ratio else '']
+    claim = _ratio(r, 'ratio_tf_dense_over_jax_sparse', 'tf_dense',
+                   'jax_sparse')
+    if r['config'].startswith('claim:') and claim:
+      cells[1] += f' (original dense / sparse.apply: {claim:.2f}x)'
+    early = _ratio(r, 'ratio_tf_sparse_over_jax_sparse', 'tf_sparse',
+                   'jax_sparse')
+    if r['tf_sparse'] and early:
+      cells[1] += f' (original early stop / sparse.apply: {early:.2f}x)'
+    name = r['config']
+    if r.get('lockstep_rounds'):
+      name += f' (lockstep, {r["lockstep_rounds"]} rounds)'
+    lines.append(f'| {name} | {tf} | {jx} | {cells[0]} | {cells[1]} |')
   return '\n'.join(lines) + '\n'
 
 
@@ -288,6 +391,14 @@ def main(argv):
   if _WORKER.value:
     if _REUSE.value:
       host_memory.reuse_freed_memory()
+    if _SERVE.value:
+      import jax  # pylint: disable=g-import-not-at-top
+      from benchmarks import lockstep  # pylint: disable=g-import-not-at-top
+      jax.config.update('jax_default_prng_impl', 'rbg')
+      if parse(_WORKER.value)['kind'] != 'infer':
+        raise app.UsageError('--serve takes an infer workload.')
+      lockstep.serve(_infer_calls(_WORKER.value), {'impl': 'jax'})
+      return
     print(json.dumps(worker(_WORKER.value, _REPS.value)), flush=True)
     return
   tfref = _TFREF_DIR.value
@@ -305,6 +416,12 @@ def main(argv):
   for config in _CONFIGS.value:
     parse(config)  # Bad configs fail before anything runs.
   for config in _CONFIGS.value:
+    if _LOCKSTEP.value and have_tf and parse(config)['kind'] != 'train':
+      row, lockstep_records = _lockstep(config, tfref, env, tf_env)
+      records += lockstep_records
+      summary.append(row)
+      print(json.dumps(row), file=sys.stderr, flush=True)
+      continue
     runs = {'tf_dense': [], 'tf_sparse': [], 'jax_dense': [],
             'jax_sparse': []}
     for rep in range(_PROCESSES.value):
