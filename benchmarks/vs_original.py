@@ -87,6 +87,11 @@ _LOCKSTEP = flags.DEFINE_bool(
     'side and time their calls in turn, --reps rounds per pair of '
     'processes; ratios are medians of per-round ratios '
     '(benchmarks/lockstep.py). Training rows run as without it.')
+_CACHE = flags.DEFINE_bool(
+    'compilation_cache', True, 'Claim rows: the JAX side loads its programs '
+    'from sparse_inference.py\'s persistent compilation cache (written by '
+    'the first run). With reuse_freed_memory, a process that compiled them '
+    'itself runs sparse.apply slower at batch 1 (BUILD.md, "Host memory").')
 _WORKER = flags.DEFINE_string('worker', None, 'Internal: time one workload '
                               'on the JAX side and print one JSON line.')
 _SERVE = flags.DEFINE_bool('serve', False, 'Internal, with --worker: serve '
@@ -262,7 +267,8 @@ def _run_claim(config: str, env: dict) -> dict:
          f'--batch_sizes={c["batch"]}', f'--fractions={c["fraction"]}',
          '--breakdown=false', '--unrolled=false',
          f'--reps={_REPS.value}', f'--reps_large={_REPS.value}',
-         f'--reuse_freed_memory={_REUSE.value}', f'--out={out}'],
+         f'--reuse_freed_memory={_REUSE.value}', f'--out={out}',
+         *([] if _CACHE.value else ['--cache_dir='])],
         capture_output=True, text=True, env=env, check=False, timeout=3600)
     if proc.returncode != 0 or not os.path.exists(out):
       return {'config': config, 'impl': 'jax',
@@ -290,7 +296,8 @@ def _server_commands(config: str, tfref: str) -> tuple[list[str],
     jax_side = [sys.executable, '-m', 'benchmarks.sparse_inference',
                 '--serve', '--families=imagenet', f'--batch_sizes={c["batch"]}',
                 f'--fractions={c["fraction"]}',
-                f'--reuse_freed_memory={_REUSE.value}']
+                f'--reuse_freed_memory={_REUSE.value}',
+                *([] if _CACHE.value else ['--cache_dir='])]
   else:
     jax_side = [sys.executable, '-m', 'benchmarks.vs_original',
                 f'--worker={config}', '--serve',

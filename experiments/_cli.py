@@ -123,7 +123,12 @@ class _QuietLibraries:
 
 
 def define_cache_flag() -> flags.FlagHolder:
-  """--compilation_cache_dir of the launchers that train."""
+  """--compilation_cache_dir of the launchers that compile much.
+
+  Training and evaluation; the cache also spares `sparse.apply` a slowdown
+  that compiling in-process costs it under `host_memory` (BUILD.md, "Host
+  memory").
+  """
   return flags.DEFINE_string(
       'compilation_cache_dir',
       os.path.join(os.environ.get('XDG_CACHE_HOME',
@@ -133,8 +138,8 @@ def define_cache_flag() -> flags.FlagHolder:
       "seconds to minutes); '' disables it.")
 
 
-def configure_training(cache_dir: str) -> None:
-  """What launchers that train set up before any other jax use.
+def configure_jax(cache_dir: str) -> None:
+  """What launchers that train or evaluate set up before any other jax use.
 
   rbg keys make model init several times faster on CPU (no compilation per
   parameter shape); the cache skips compilations made by earlier runs;

@@ -34,6 +34,7 @@ _INFERENCE = flags.DEFINE_enum(
     'dense: the jitted model on all devices; sparse: sact_jax.sparse on one '
     'device, computing only the units and positions halting keeps (same '
     'metrics, plus its wall time in the model).')
+_CACHE_DIR = _cli.define_cache_flag()
 _OUTPUT = flags.DEFINE_string(
     'output', None, 'JSON output path (default: eval.json in the workdir or '
     'checkpoint directory).')
@@ -43,7 +44,7 @@ def main(argv):
   config = _MODEL.checked_config(argv)
   if config is None:
     _cli.fail('--config is required (it chooses the dataset).')
-  jax.config.update('jax_default_prng_impl', 'rbg')
+  _cli.configure_jax(_CACHE_DIR.value)
   output = _OUTPUT.value or os.path.join(
       _MODEL.workdir.value or _MODEL.checkpoint.value, 'eval.json')
   try:

@@ -48,7 +48,7 @@ _CACHE_DIR = _cli.define_cache_flag()
 def main(argv):
   if len(argv) > 1:
     _cli.fail(f'Unexpected arguments: {" ".join(argv[1:])}')
-  _cli.configure_training(_CACHE_DIR.value)
+  _cli.configure_jax(_CACHE_DIR.value)
   # Imported after jax is configured.
   from sact_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from sact_jax import data  # pylint: disable=g-import-not-at-top

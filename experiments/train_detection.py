@@ -36,7 +36,7 @@ _CACHE_DIR = _cli.define_cache_flag()
 def main(argv):
   if len(argv) > 1:
     _cli.fail(f'Unexpected arguments: {argv[1:]}')
-  _cli.configure_training(_CACHE_DIR.value)
+  _cli.configure_jax(_CACHE_DIR.value)
   if _MULTIHOST.value:
     jax.distributed.initialize()
 

@@ -303,7 +303,8 @@ class EvaluateModelTest(absltest.TestCase):
 
 def _run(args, env=None):
   return subprocess.run(
-      [sys.executable, '-m', 'experiments.evaluate', *args], cwd=_REPO,
+      [sys.executable, '-m', 'experiments.evaluate', *args,
+       '--compilation_cache_dir='], cwd=_REPO,
       capture_output=True, text=True, timeout=300,
       env={**os.environ, 'JAX_PLATFORMS': 'cpu', **(env or {})})
 

@@ -156,8 +156,8 @@ class LauncherConventionTest(parameterized.TestCase):
     env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
     proc = subprocess.run(
         [sys.executable, '-m', f'experiments.{launcher}', *args,
-         *(['--compilation_cache_dir='] if launcher in ('train', 'sweep', 'train_detection')
-           else [])],
+         *(['--compilation_cache_dir='] if launcher in (
+             'train', 'sweep', 'train_detection', 'evaluate') else [])],
         cwd=_REPO, env=env, capture_output=True, text=True, timeout=300,
         check=False)
     lines = proc.stderr.strip().splitlines()

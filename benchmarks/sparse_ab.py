@@ -1,0 +1,82 @@
+r"""A/B of `sparse.apply` options, two warm processes in lockstep.
+
+Starts two benchmarks/sparse_inference.py servers (`--serve`: the dense
+vanilla model and `sparse.apply` at `--fraction` of its FLOPs, the same
+models and halting) that differ only in their `SparseOptions`, asks them in
+turn for `--rounds` rounds (benchmarks/lockstep.py) and prints the medians
+and the median per-round ratio B / A of `sparse.apply` and of the dense
+model. The dense model is the same program in both: its ratio shows what
+the method resolves on this machine (1.00 within a percent or two).
+
+  python -m benchmarks.sparse_ab --b='{"unit_cost": 9e7}' --batch=1
+  python -m benchmarks.sparse_ab --a='{"dense_head": 1.0}' \
+      --b='{"dense_head": 1e9}' --batch=32 --rounds=10
+"""
+
+import json
+import os
+import statistics
+import sys
+
+from absl import app
+from absl import flags
+
+from benchmarks import lockstep
+
+_A = flags.DEFINE_string('a', '{}', 'SparseOptions fields of A (JSON).')
+_B = flags.DEFINE_string('b', '{}', 'SparseOptions fields of B (JSON).')
+_FAMILY = flags.DEFINE_enum('family', 'imagenet', ['cifar', 'imagenet'],
+                            'Model family (sparse_inference.py).')
+_BATCH = flags.DEFINE_integer('batch', 1, 'Batch size.')
+_FRACTION = flags.DEFINE_float('fraction', 0.5,
+                               'FLOP fraction the halting is tuned to.')
+_ROUNDS = flags.DEFINE_integer('rounds', 30, 'Rounds (one call of each '
+                               'workload per server per round).')
+_CACHE = flags.DEFINE_bool(
+    'compilation_cache', False, 'Let the servers use the persistent '
+    'compilation cache. Off by default: both then compile in-process, as '
+    'an A and a B with different options would not both find their '
+    'programs cached.')
+_OUT = flags.DEFINE_string('output', None, 'Also write the rounds as JSON.')
+
+
+def main(argv):
+  del argv
+  options = {}
+  for name, value in (('a', _A.value), ('b', _B.value)):
+    try:
+      options[name] = json.loads(value)
+    except json.JSONDecodeError as e:
+      raise app.UsageError(f'--{name} is not JSON: {e}') from e
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  clients = [lockstep.Client(name, [
+      sys.executable, '-m', 'benchmarks.sparse_inference', '--serve',
+      f'--families={_FAMILY.value}', f'--batch_sizes={_BATCH.value}',
+      f'--fractions={_FRACTION.value}',
+      f'--sparse_options={json.dumps(options[name])}',
+      *([] if _CACHE.value else ['--cache_dir='])], env)
+             for name in ('a', 'b')]
+  try:
+    ready = {c.name: c.ready() for c in clients}
+    per_round = lockstep.rounds(clients, _ROUNDS.value)
+  finally:
+    for c in clients:
+      c.close()
+  print(f'A {options["a"]}, B {options["b"]}; {_FAMILY.value} batch '
+        f'{_BATCH.value}, FLOP fraction '
+        f'{ready["a"]["flop_fraction"]:.3f} / {ready["b"]["flop_fraction"]:.3f}'
+        f', {len(per_round)} rounds')
+  for workload in ('sparse', 'dense'):
+    a, b = ([r[n][workload] for r in per_round] for n in 'ab')
+    ratio = lockstep.median_ratio(per_round, ('b', workload),
+                                  ('a', workload))
+    print(f'  {workload:6s} A {1e3 * statistics.median(a):8.1f} ms  '
+          f'B {1e3 * statistics.median(b):8.1f} ms  B / A {ratio:.3f}')
+  if _OUT.value:
+    with open(_OUT.value, 'w') as f:
+      json.dump({'options': options, 'ready': ready, 'rounds': per_round},
+                f, indent=1)
+
+
+if __name__ == '__main__':
+  app.run(main)
