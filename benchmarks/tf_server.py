@@ -1,4 +1,4 @@
-r"""The original TF code's inference as a lockstep server (benchmarks/lockstep.py).
+r"""The original TF code's inference as a lockstep server (for vs_original.py).
 
 Runs in the TF port's venv (`bash ../shared/tfref/setup.sh`), started by
 `python -m benchmarks.vs_original --lockstep`; not part of sact_jax. Builds
