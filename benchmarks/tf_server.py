@@ -15,6 +15,7 @@ original's `act_early_stopping` mode, a second graph).
       --family=imagenet --depth=101 --model_type=vanilla --batch=1
 """
 
+import functools
 import os
 import sys
 
@@ -95,7 +96,7 @@ def main(argv):
   calls = {}
   for name, model_type in types.items():
     session, logits = build(model_type, images_np)
-    calls[name] = (lambda s, t: lambda: s.run(t))(session, logits)
+    calls[name] = functools.partial(session.run, logits)
   lockstep.serve(calls, {'impl': 'tf'})
 
 

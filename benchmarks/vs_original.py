@@ -195,7 +195,6 @@ def _infer_calls(config: str) -> dict:
 def worker(config: str, reps: int) -> dict:
   """Times one workload with the current sact_jax; returns medians (s)."""
   import jax  # pylint: disable=g-import-not-at-top
-  jax.config.update('jax_default_prng_impl', 'rbg')
   from benchmarks import train_step  # pylint: disable=g-import-not-at-top
 
   c = parse(config)
@@ -255,20 +254,24 @@ def _run_json(command: list[str], env: dict) -> dict:
   return json.loads(lines[-1])
 
 
+def _claim_command(c: dict, *args: str) -> list[str]:
+  """benchmarks/sparse_inference.py on a `claim` row's workload."""
+  return [sys.executable, '-m', 'benchmarks.sparse_inference',
+          '--families=imagenet', f'--batch_sizes={c["batch"]}',
+          f'--fractions={c["fraction"]}',
+          f'--reuse_freed_memory={_REUSE.value}',
+          *([] if _CACHE.value else ['--cache_dir=']), *args]
+
+
 def _run_claim(config: str, env: dict) -> dict:
   """The JAX side of a `claim` row: benchmarks/sparse_inference.py."""
   c = parse(config)
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, 'sparse_inference.json')
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                          'sparse_inference.py')
     proc = subprocess.run(
-        [sys.executable, script, '--families=imagenet',
-         f'--batch_sizes={c["batch"]}', f'--fractions={c["fraction"]}',
-         '--breakdown=false', '--unrolled=false',
-         f'--reps={_REPS.value}', f'--reps_large={_REPS.value}',
-         f'--reuse_freed_memory={_REUSE.value}', f'--out={out}',
-         *([] if _CACHE.value else ['--cache_dir='])],
+        _claim_command(c, '--breakdown=false', '--unrolled=false',
+                       f'--reps={_REPS.value}', f'--reps_large={_REPS.value}',
+                       f'--out={out}'),
         capture_output=True, text=True, env=env, check=False, timeout=3600)
     if proc.returncode != 0 or not os.path.exists(out):
       return {'config': config, 'impl': 'jax',
@@ -293,11 +296,7 @@ def _server_commands(config: str, tfref: str) -> tuple[list[str],
         f'--model_type={c["model_type"]}', f'--batch={c["batch"]}',
         f'--size={c["size"]}', f'--halt={c["halt"]}']
   if c['kind'] == 'claim':
-    jax_side = [sys.executable, '-m', 'benchmarks.sparse_inference',
-                '--serve', '--families=imagenet', f'--batch_sizes={c["batch"]}',
-                f'--fractions={c["fraction"]}',
-                f'--reuse_freed_memory={_REUSE.value}',
-                *([] if _CACHE.value else ['--cache_dir='])]
+    jax_side = _claim_command(c, '--serve')
   else:
     jax_side = [sys.executable, '-m', 'benchmarks.vs_original',
                 f'--worker={config}', '--serve',
@@ -398,10 +397,10 @@ def main(argv):
   if _WORKER.value:
     if _REUSE.value:
       host_memory.reuse_freed_memory()
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update('jax_default_prng_impl', 'rbg')
     if _SERVE.value:
-      import jax  # pylint: disable=g-import-not-at-top
       from benchmarks import lockstep  # pylint: disable=g-import-not-at-top
-      jax.config.update('jax_default_prng_impl', 'rbg')
       if parse(_WORKER.value)['kind'] != 'infer':
         raise app.UsageError('--serve takes an infer workload.')
       lockstep.serve(_infer_calls(_WORKER.value), {'impl': 'jax'})
