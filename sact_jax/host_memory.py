@@ -17,6 +17,13 @@ blocks, no trimming of the heap's top. The process then holds on to its
 peak memory, as TensorFlow's own allocator does. The launchers under
 experiments/ call it; call it yourself first thing in a program that runs
 sact_jax on the CPU.
+
+The price of one arena: compiling leaves thousands of free chunks of odd
+sizes in it, and glibc sorts every block above 1 KiB that XLA frees at run
+time into its bin by walking those sizes, under the arena's lock. A
+process that compiled its programs itself thus runs them up to 1.4x slower
+(ImageNet `sparse.apply` at batch 1) than one that loaded them from JAX's
+persistent compilation cache; give the process one (the launchers do).
 """
 
 import ctypes
