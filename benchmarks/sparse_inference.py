@@ -44,6 +44,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+import benchmarks
 from sact_jax import act as act_lib
 from sact_jax import conv
 from sact_jax import evaluate
@@ -82,8 +83,7 @@ _UNROLLED = flags.DEFINE_bool('unrolled', True,
 _SPARSE_OPTIONS = flags.DEFINE_string(
     'sparse_options', '{}', 'JSON dict of sparse.SparseOptions fields.')
 _CACHE = flags.DEFINE_string(
-    'cache_dir', os.path.join(os.path.expanduser('~'), '.cache',
-                              'sact_jax_jit'),
+    'cache_dir', benchmarks.CACHE_DIR,
     'Persistent compilation cache ("" to disable).')
 _REUSE = flags.DEFINE_bool(
     'reuse_freed_memory', True, 'Keep freed host memory for reuse '

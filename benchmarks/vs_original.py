@@ -56,6 +56,7 @@ import time
 from absl import app
 from absl import flags
 
+import benchmarks
 from sact_jax import host_memory
 
 DEFAULT_CONFIGS = (
@@ -88,10 +89,11 @@ _LOCKSTEP = flags.DEFINE_bool(
     'processes; ratios are medians of per-round ratios '
     '(benchmarks/lockstep.py). Training rows run as without it.')
 _CACHE = flags.DEFINE_bool(
-    'compilation_cache', True, 'Claim rows: the JAX side loads its programs '
-    'from sparse_inference.py\'s persistent compilation cache (written by '
-    'the first run). With reuse_freed_memory, a process that compiled them '
-    'itself runs sparse.apply slower at batch 1 (BUILD.md, "Host memory").')
+    'compilation_cache', True, 'The JAX side loads its programs from the '
+    'benchmarks\' persistent compilation cache (benchmarks.CACHE_DIR, '
+    'written by the first run). With reuse_freed_memory, a process that '
+    'compiled them itself runs them up to 1.4x slower (BUILD.md, "Host '
+    'memory").')
 _WORKER = flags.DEFINE_string('worker', None, 'Internal: time one workload '
                               'on the JAX side and print one JSON line.')
 _SERVE = flags.DEFINE_bool('serve', False, 'Internal, with --worker: serve '
@@ -263,6 +265,13 @@ def _claim_command(c: dict, *args: str) -> list[str]:
           *([] if _CACHE.value else ['--cache_dir=']), *args]
 
 
+def _worker_command(config: str, *args: str) -> list[str]:
+  """This file's JAX worker on a `train` or `infer` row's workload."""
+  return [sys.executable, '-m', 'benchmarks.vs_original',
+          f'--worker={config}', f'--reuse_freed_memory={_REUSE.value}',
+          f'--compilation_cache={_CACHE.value}', *args]
+
+
 def _run_claim(config: str, env: dict) -> dict:
   """The JAX side of a `claim` row: benchmarks/sparse_inference.py."""
   c = parse(config)
@@ -298,9 +307,7 @@ def _server_commands(config: str, tfref: str) -> tuple[list[str],
   if c['kind'] == 'claim':
     jax_side = _claim_command(c, '--serve')
   else:
-    jax_side = [sys.executable, '-m', 'benchmarks.vs_original',
-                f'--worker={config}', '--serve',
-                f'--reuse_freed_memory={_REUSE.value}']
+    jax_side = _worker_command(config, '--serve')
   return tf, jax_side
 
 
@@ -399,6 +406,9 @@ def main(argv):
       host_memory.reuse_freed_memory()
     import jax  # pylint: disable=g-import-not-at-top
     jax.config.update('jax_default_prng_impl', 'rbg')
+    if _CACHE.value:
+      jax.config.update('jax_compilation_cache_dir', benchmarks.CACHE_DIR)
+      jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
     if _SERVE.value:
       from benchmarks import lockstep  # pylint: disable=g-import-not-at-top
       if parse(_WORKER.value)['kind'] != 'infer':
@@ -440,9 +450,7 @@ def main(argv):
       if parse(config)['kind'] == 'claim':
         r = _run_claim(config, env)
       else:
-        r = _run_json([sys.executable, '-m', 'benchmarks.vs_original',
-                       f'--worker={config}', f'--reps={_REPS.value}',
-                       f'--reuse_freed_memory={_REUSE.value}'], env)
+        r = _run_json(_worker_command(config, f'--reps={_REPS.value}'), env)
       r.update(rep=rep)
       records.append(r)
       runs['jax_dense'].append(r.get('median_s'))
