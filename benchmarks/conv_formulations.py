@@ -22,6 +22,7 @@ GFLOP/s per variant and shape and writes JSON: the measurements behind
 import functools
 import json
 import os
+import sys
 import time
 
 from absl import app
@@ -30,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import onednn_conv
 from sact_jax import conv
 
 # (name, H (= W) of the input, cin, cout, kernel, stride).
@@ -65,7 +67,11 @@ _MIN_SECONDS = flags.DEFINE_float(
     'min_seconds', 0.02, 'Calls per timing are repeated to last this long.')
 _FORMULATIONS = flags.DEFINE_list('formulations', ['conv', 'dot', 'taps'],
                                   'Formulations of conv.conv2d: conv, dot, '
-                                  'taps, s2d.')
+                                  'taps, s2d; and onednn, oneDNN\'s kernels '
+                                  '(benchmarks/onednn_conv.py).')
+_ONEDNN_PREFIX = flags.DEFINE_string(
+    'onednn_prefix', sys.prefix, 'Where oneDNN\'s include/ and lib/ are, for '
+    'the onednn formulation.')
 _OPTIONS = flags.DEFINE_list(
     'options', ['default'], "Compiler options: 'default' (XLA's) and/or "
     "'training' (conv.compiler_options).")
@@ -78,8 +84,12 @@ def _fns(kernel, stride, padding, variants):
   strides = (stride, stride)
   fns = {}
   for name, options in variants:
-    fn = functools.partial(conv.conv2d, strides=strides, padding=padding,
-                           precision=None, forward=name, backward=name)
+    if name == 'onednn':
+      fn = functools.partial(onednn_conv.conv2d, stride=stride,
+                             padding=padding)
+    else:
+      fn = functools.partial(conv.conv2d, strides=strides, padding=padding,
+                             precision=None, forward=name, backward=name)
     compiler_options = (conv.compiler_options()
                         if options == 'training' else None)
 
@@ -109,8 +119,28 @@ def _time(fn, args, repeats, min_seconds):
   return times
 
 
+def _onednn_difference(fns, args) -> float | None:
+  """Largest relative difference of the onednn variants' outputs (forward
+  and gradients) from the conv formulation's under the same options."""
+  worst = None
+  for key, fn in fns.items():
+    reference = key.replace('onednn/', 'conv/', 1)
+    if not key.startswith('onednn/') or reference not in fns:
+      continue
+    for a, b in zip(jax.tree.leaves(fn(*args)),
+                    jax.tree.leaves(fns[reference](*args))):
+      d = float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+      worst = d if worst is None else max(worst, d)
+  return worst
+
+
 def main(argv):
   del argv
+  if 'onednn' in _FORMULATIONS.value:
+    try:
+      onednn_conv.load(_ONEDNN_PREFIX.value)
+    except RuntimeError as e:
+      raise app.UsageError(f'--formulations=onednn: {e}') from e
   shapes = []
   if 'cifar' in _SHAPES.value:
     shapes += CIFAR_SHAPES
@@ -145,9 +175,10 @@ def main(argv):
         for key, fn in fns.items():
           times[key] += _time(fn, (x, w), 1, _MIN_SECONDS.value)
       med = {k: float(np.median(v)) for k, v in times.items()}
+      difference = _onednn_difference(fns, (x, w))
       rows.append(dict(name=name, batch=batch, size=size, cin=cin,
                        cout=cout, kernel=kernel, stride=stride, flops=flops,
-                       seconds=med))
+                       seconds=med, onednn_difference=difference))
       cells = []
       for label in labels:
         if f'{label}_fwd' not in med:
@@ -155,6 +186,8 @@ def main(argv):
           continue
         cells.append(f'{flops / med[label + "_fwd"] / 1e9:>10.0f} | '
                      f'{3 * flops / med[label + "_bwd"] / 1e9:>9.0f}')
+      if difference is not None:
+        cells.append(f'  onednn vs conv {difference:.0e}')
       print(f'{name:<14} {batch:>11} ' + ' '.join(cells), flush=True)
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   with open(_OUT.value, 'w') as f:

@@ -1,0 +1,207 @@
+// oneDNN's convolutions as XLA FFI custom calls, for
+// benchmarks/onednn_conv.py: forward, input gradient and kernel gradient of
+// an NHWC x HWIO convolution with square strides and symmetric low padding.
+// A measuring tool, not library code: sact_jax does not call it.
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <unordered_map>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using tag = dnnl::memory::format_tag;
+using dt = dnnl::memory::data_type;
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+// Batch, input H and W, input and output channels, kernel H and W, stride,
+// low padding, output H and W (the high padding follows from them).
+struct Shape {
+  int64_t v[11];
+  bool operator==(const Shape& o) const {
+    return std::memcmp(v, o.v, sizeof(v)) == 0;
+  }
+  int64_t n() const { return v[0]; }
+  int64_t h() const { return v[1]; }
+  int64_t w() const { return v[2]; }
+  int64_t c() const { return v[3]; }
+  int64_t o() const { return v[4]; }
+  int64_t kh() const { return v[5]; }
+  int64_t kw() const { return v[6]; }
+  int64_t s() const { return v[7]; }
+  int64_t p() const { return v[8]; }
+  int64_t oh() const { return v[9]; }
+  int64_t ow() const { return v[10]; }
+};
+
+struct ShapeHash {
+  size_t operator()(const Shape& k) const {
+    size_t h = 0;
+    for (int64_t x : k.v) h = h * 1000003u ^ std::hash<int64_t>()(x);
+    return h;
+  }
+};
+
+// One pass's primitive, and the reorder between the user's HWIO weights and
+// the layout the primitive chose (`format_tag::any`), if they differ.
+struct Pass {
+  dnnl::primitive prim;
+  dnnl::memory::desc x, w_user, w_prim, y;
+  dnnl::reorder w_reorder;
+  bool reorder = false;
+};
+
+enum Kind { kForward, kInputGrad, kKernelGrad };
+
+dnnl::convolution_forward::primitive_desc ForwardDesc(
+    const Shape& s, const dnnl::memory::desc& x, const dnnl::memory::desc& y,
+    dnnl::prop_kind prop) {
+  auto w_any = dnnl::memory::desc({s.o(), s.c(), s.kh(), s.kw()}, dt::f32,
+                                  tag::any);
+  return dnnl::convolution_forward::primitive_desc(
+      Engine(), prop, dnnl::algorithm::convolution_direct, x, w_any, y,
+      {s.s(), s.s()}, {s.p(), s.p()},
+      {(s.oh() - 1) * s.s() + s.kh() - s.h() - s.p(),
+       (s.ow() - 1) * s.s() + s.kw() - s.w() - s.p()});
+}
+
+std::unique_ptr<Pass> Build(Kind kind, const Shape& s) {
+  auto pass = std::make_unique<Pass>();
+  pass->x = dnnl::memory::desc({s.n(), s.c(), s.h(), s.w()}, dt::f32,
+                               tag::nhwc);
+  pass->y = dnnl::memory::desc({s.n(), s.o(), s.oh(), s.ow()}, dt::f32,
+                               tag::nhwc);
+  pass->w_user = dnnl::memory::desc({s.o(), s.c(), s.kh(), s.kw()}, dt::f32,
+                                    tag::hwio);
+  auto w_any = dnnl::memory::desc({s.o(), s.c(), s.kh(), s.kw()}, dt::f32,
+                                  tag::any);
+  dnnl::memory::dims strides = {s.s(), s.s()}, pad_l = {s.p(), s.p()};
+  dnnl::memory::dims pad_r = {(s.oh() - 1) * s.s() + s.kh() - s.h() - s.p(),
+                              (s.ow() - 1) * s.s() + s.kw() - s.w() - s.p()};
+  if (kind == kForward) {
+    auto pd = ForwardDesc(s, pass->x, pass->y,
+                          dnnl::prop_kind::forward_inference);
+    pass->prim = dnnl::convolution_forward(pd);
+    pass->w_prim = pd.weights_desc();
+  } else if (kind == kInputGrad) {
+    auto hint = ForwardDesc(s, pass->x, pass->y,
+                            dnnl::prop_kind::forward_training);
+    auto pd = dnnl::convolution_backward_data::primitive_desc(
+        Engine(), dnnl::algorithm::convolution_direct, pass->x, w_any,
+        pass->y, strides, pad_l, pad_r, hint);
+    pass->prim = dnnl::convolution_backward_data(pd);
+    pass->w_prim = pd.weights_desc();
+  } else {
+    auto hint = ForwardDesc(s, pass->x, pass->y,
+                            dnnl::prop_kind::forward_training);
+    auto pd = dnnl::convolution_backward_weights::primitive_desc(
+        Engine(), dnnl::algorithm::convolution_direct, pass->x, w_any,
+        pass->y, strides, pad_l, pad_r, hint);
+    pass->prim = dnnl::convolution_backward_weights(pd);
+    pass->w_prim = pd.diff_weights_desc();
+  }
+  pass->reorder = pass->w_prim != pass->w_user;
+  if (pass->reorder) {
+    // Weights in (forward, input gradient) or the gradient out.
+    bool in = kind != kKernelGrad;
+    pass->w_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(
+        Engine(), in ? pass->w_user : pass->w_prim, Engine(),
+        in ? pass->w_prim : pass->w_user));
+  }
+  return pass;
+}
+
+// Primitives are built once per pass and shape, as a framework caches them.
+Pass* Get(Kind kind, const Shape& shape) {
+  static std::mutex mu;
+  static std::unordered_map<Shape, std::unique_ptr<Pass>, ShapeHash> cache[3];
+  std::lock_guard<std::mutex> lock(mu);
+  auto& slot = cache[kind][shape];
+  if (!slot) slot = Build(kind, shape);
+  return slot.get();
+}
+
+Shape MakeShape(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
+                ffi::Span<const int64_t> y, int64_t stride, int64_t pad) {
+  return Shape{{x[0], x[1], x[2], x[3], w[3], w[0], w[1], stride, pad, y[1],
+                y[2]}};
+}
+
+// forward: (x, w) -> y; input gradient: (dy, w) -> dx; kernel gradient:
+// (x, dy) -> dw. `x`, `w` and `y` point at the input, kernel and output
+// (or their gradients), whichever are operands and result of the pass.
+ffi::Error Run(Kind kind, const Shape& shape, void* x, void* w, void* y) {
+  Pass* pass = Get(kind, shape);
+  dnnl::stream stream(Engine());
+  dnnl::memory xm(pass->x, Engine(), x), ym(pass->y, Engine(), y);
+  dnnl::memory wu(pass->w_user, Engine(), w);
+  dnnl::memory wp = pass->reorder ? dnnl::memory(pass->w_prim, Engine()) : wu;
+  if (pass->reorder && kind != kKernelGrad) {
+    pass->w_reorder.execute(stream, wu, wp);
+  }
+  if (kind == kForward) {
+    pass->prim.execute(stream, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wp},
+                                {DNNL_ARG_DST, ym}});
+  } else if (kind == kInputGrad) {
+    pass->prim.execute(stream, {{DNNL_ARG_DIFF_DST, ym},
+                                {DNNL_ARG_WEIGHTS, wp},
+                                {DNNL_ARG_DIFF_SRC, xm}});
+  } else {
+    pass->prim.execute(stream, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, ym},
+                                {DNNL_ARG_DIFF_WEIGHTS, wp}});
+    if (pass->reorder) pass->w_reorder.execute(stream, wp, wu);
+  }
+  stream.wait();
+  return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                   ffi::ResultBuffer<ffi::F32> y, int64_t stride,
+                   int64_t pad) {
+  return Run(kForward,
+             MakeShape(x.dimensions(), w.dimensions(), y->dimensions(),
+                       stride, pad),
+             x.untyped_data(), w.untyped_data(), y->untyped_data());
+}
+
+ffi::Error InputGrad(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
+                     ffi::ResultBuffer<ffi::F32> dx, int64_t stride,
+                     int64_t pad) {
+  return Run(kInputGrad,
+             MakeShape(dx->dimensions(), w.dimensions(), dy.dimensions(),
+                       stride, pad),
+             dx->untyped_data(), w.untyped_data(), dy.untyped_data());
+}
+
+ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                      ffi::ResultBuffer<ffi::F32> dw, int64_t stride,
+                      int64_t pad) {
+  return Run(kKernelGrad,
+             MakeShape(x.dimensions(), dw->dimensions(), dy.dimensions(),
+                       stride, pad),
+             x.untyped_data(), dw->untyped_data(), dy.untyped_data());
+}
+
+}  // namespace
+
+#define SACT_BIND                                  \
+  ffi::Ffi::Bind()                                 \
+      .Arg<ffi::Buffer<ffi::F32>>()                \
+      .Arg<ffi::Buffer<ffi::F32>>()                \
+      .Ret<ffi::Buffer<ffi::F32>>()                \
+      .Attr<int64_t>("stride")                     \
+      .Attr<int64_t>("pad")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvForward, Forward, SACT_BIND);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvInputGrad, InputGrad, SACT_BIND);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvKernelGrad, KernelGrad, SACT_BIND);
