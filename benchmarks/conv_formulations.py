@@ -6,17 +6,22 @@ Run by hand (not a test), on a quiet machine:
   python -m benchmarks.conv_formulations --batches=1,32 --shapes=imagenet
   python -m benchmarks.conv_formulations --shapes=cifar --batches=128 \
       --formulations=conv --options=default,training
+  python -m benchmarks.conv_formulations --formulations=conv,onednn \
+      --options=training   # pip install -e '.[onednn]' first
 
 For every convolution shape the CIFAR and ImageNet ResNets use, times
 `conv.conv2d` with both passes in each formulation ('conv': XLA's
 convolution, stride 1 with the canonical-layout backward; 'dot': one dot
 over the input windows; 'taps': where `kh * kw * O <= I`, a dot to every
 tap's outputs and a shifted sum; 's2d', by request, for strided shapes:
-a stride-1 conv over space-to-depth blocks), compiled with XLA's default
-options and/or `conv.compiler_options` ('training'), forward and forward +
-backward (input and kernel gradients), interleaved, in one process. Prints
-GFLOP/s per variant and shape and writes JSON: the measurements behind
-`conv.formulation` and the trainers' compiler options.
+a stride-1 conv over space-to-depth blocks; 'onednn', by request:
+oneDNN's kernels through `jax.ffi`, benchmarks/onednn_conv.py, a yardstick,
+with the largest relative difference from 'conv' printed), compiled with
+XLA's default options and/or `conv.compiler_options` ('training'),
+forward and forward + backward (input and kernel gradients), interleaved,
+in one process. Prints GFLOP/s per variant and shape and writes JSON: the
+measurements behind `conv.formulation` and the trainers' compiler
+options.
 """
 
 import functools
