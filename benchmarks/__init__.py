@@ -7,3 +7,13 @@ import os
 # `sact_jax.host_memory`, one that compiled them itself does not (BUILD.md,
 # "Host memory").
 CACHE_DIR = os.path.join(os.path.expanduser('~'), '.cache', 'sact_jax_jit')
+
+
+def configure_jax(cache_dir: str) -> None:
+  """What a benchmark's JAX process sets up first: rbg keys (fast model
+  init on the CPU) and, unless `cache_dir` is '', the compilation cache."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_default_prng_impl', 'rbg')
+  if cache_dir:
+    jax.config.update('jax_compilation_cache_dir', cache_dir)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)

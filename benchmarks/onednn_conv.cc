@@ -42,6 +42,16 @@ struct Shape {
   int64_t p() const { return v[8]; }
   int64_t oh() const { return v[9]; }
   int64_t ow() const { return v[10]; }
+  dnnl::memory::dims strides() const { return {s(), s()}; }
+  dnnl::memory::dims pad_l() const { return {p(), p()}; }
+  dnnl::memory::dims pad_r() const {
+    return {(oh() - 1) * s() + kh() - h() - p(),
+            (ow() - 1) * s() + kw() - w() - p()};
+  }
+  // Weights in whatever layout the primitive prefers.
+  dnnl::memory::desc w_any() const {
+    return dnnl::memory::desc({o(), c(), kh(), kw()}, dt::f32, tag::any);
+  }
 };
 
 struct ShapeHash {
@@ -66,13 +76,9 @@ enum Kind { kForward, kInputGrad, kKernelGrad };
 dnnl::convolution_forward::primitive_desc ForwardDesc(
     const Shape& s, const dnnl::memory::desc& x, const dnnl::memory::desc& y,
     dnnl::prop_kind prop) {
-  auto w_any = dnnl::memory::desc({s.o(), s.c(), s.kh(), s.kw()}, dt::f32,
-                                  tag::any);
   return dnnl::convolution_forward::primitive_desc(
-      Engine(), prop, dnnl::algorithm::convolution_direct, x, w_any, y,
-      {s.s(), s.s()}, {s.p(), s.p()},
-      {(s.oh() - 1) * s.s() + s.kh() - s.h() - s.p(),
-       (s.ow() - 1) * s.s() + s.kw() - s.w() - s.p()});
+      Engine(), prop, dnnl::algorithm::convolution_direct, x, s.w_any(), y,
+      s.strides(), s.pad_l(), s.pad_r());
 }
 
 std::unique_ptr<Pass> Build(Kind kind, const Shape& s) {
@@ -83,11 +89,6 @@ std::unique_ptr<Pass> Build(Kind kind, const Shape& s) {
                                tag::nhwc);
   pass->w_user = dnnl::memory::desc({s.o(), s.c(), s.kh(), s.kw()}, dt::f32,
                                     tag::hwio);
-  auto w_any = dnnl::memory::desc({s.o(), s.c(), s.kh(), s.kw()}, dt::f32,
-                                  tag::any);
-  dnnl::memory::dims strides = {s.s(), s.s()}, pad_l = {s.p(), s.p()};
-  dnnl::memory::dims pad_r = {(s.oh() - 1) * s.s() + s.kh() - s.h() - s.p(),
-                              (s.ow() - 1) * s.s() + s.kw() - s.w() - s.p()};
   if (kind == kForward) {
     auto pd = ForwardDesc(s, pass->x, pass->y,
                           dnnl::prop_kind::forward_inference);
@@ -97,16 +98,16 @@ std::unique_ptr<Pass> Build(Kind kind, const Shape& s) {
     auto hint = ForwardDesc(s, pass->x, pass->y,
                             dnnl::prop_kind::forward_training);
     auto pd = dnnl::convolution_backward_data::primitive_desc(
-        Engine(), dnnl::algorithm::convolution_direct, pass->x, w_any,
-        pass->y, strides, pad_l, pad_r, hint);
+        Engine(), dnnl::algorithm::convolution_direct, pass->x, s.w_any(),
+        pass->y, s.strides(), s.pad_l(), s.pad_r(), hint);
     pass->prim = dnnl::convolution_backward_data(pd);
     pass->w_prim = pd.weights_desc();
   } else {
     auto hint = ForwardDesc(s, pass->x, pass->y,
                             dnnl::prop_kind::forward_training);
     auto pd = dnnl::convolution_backward_weights::primitive_desc(
-        Engine(), dnnl::algorithm::convolution_direct, pass->x, w_any,
-        pass->y, strides, pad_l, pad_r, hint);
+        Engine(), dnnl::algorithm::convolution_direct, pass->x, s.w_any(),
+        pass->y, s.strides(), s.pad_l(), s.pad_r(), hint);
     pass->prim = dnnl::convolution_backward_weights(pd);
     pass->w_prim = pd.diff_weights_desc();
   }

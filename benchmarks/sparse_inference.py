@@ -589,10 +589,7 @@ def main(argv):
   del argv
   if _REUSE.value:
     host_memory.reuse_freed_memory()
-  jax.config.update('jax_default_prng_impl', 'rbg')
-  if _CACHE.value:
-    jax.config.update('jax_compilation_cache_dir', _CACHE.value)
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  benchmarks.configure_jax(_CACHE.value)
   options = json.loads(_SPARSE_OPTIONS.value)
   results = []
   device = jax.devices()[0]

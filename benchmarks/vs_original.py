@@ -404,11 +404,7 @@ def main(argv):
   if _WORKER.value:
     if _REUSE.value:
       host_memory.reuse_freed_memory()
-    import jax  # pylint: disable=g-import-not-at-top
-    jax.config.update('jax_default_prng_impl', 'rbg')
-    if _CACHE.value:
-      jax.config.update('jax_compilation_cache_dir', benchmarks.CACHE_DIR)
-      jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+    benchmarks.configure_jax(benchmarks.CACHE_DIR if _CACHE.value else '')
     if _SERVE.value:
       from benchmarks import lockstep  # pylint: disable=g-import-not-at-top
       if parse(_WORKER.value)['kind'] != 'infer':
