@@ -7,7 +7,7 @@ Run by hand (not a test), on a quiet machine:
   python -m benchmarks.conv_formulations --shapes=cifar --batches=128 \
       --formulations=conv --options=default,training
   python -m benchmarks.conv_formulations --formulations=conv,onednn \
-      --options=training   # pip install -e '.[onednn]' first
+      --options=training
 
 For every convolution shape the CIFAR and ImageNet ResNets use, times
 `conv.conv2d` with both passes in each formulation ('conv': XLA's
@@ -15,7 +15,7 @@ convolution, stride 1 with the canonical-layout backward; 'dot': one dot
 over the input windows; 'taps': where `kh * kw * O <= I`, a dot to every
 tap's outputs and a shifted sum; 's2d', by request, for strided shapes:
 a stride-1 conv over space-to-depth blocks; 'onednn', by request:
-oneDNN's kernels through `jax.ffi`, benchmarks/onednn_conv.py, a yardstick,
+oneDNN's kernels through `jax.ffi` (sact_jax/onednn.py),
 with the largest relative difference from 'conv' printed), compiled with
 XLA's default options and/or `conv.compiler_options` ('training'),
 forward and forward + backward (input and kernel gradients), interleaved,
@@ -27,7 +27,6 @@ options.
 import functools
 import json
 import os
-import sys
 import time
 
 from absl import app
@@ -36,8 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import onednn_conv
 from sact_jax import conv
+from sact_jax import onednn
 
 # (name, H (= W) of the input, cin, cout, kernel, stride).
 CIFAR_SHAPES = (
@@ -73,10 +72,7 @@ _MIN_SECONDS = flags.DEFINE_float(
 _FORMULATIONS = flags.DEFINE_list('formulations', ['conv', 'dot', 'taps'],
                                   'Formulations of conv.conv2d: conv, dot, '
                                   'taps, s2d; and onednn, oneDNN\'s kernels '
-                                  '(benchmarks/onednn_conv.py).')
-_ONEDNN_PREFIX = flags.DEFINE_string(
-    'onednn_prefix', sys.prefix, 'Where oneDNN\'s include/ and lib/ are, for '
-    'the onednn formulation.')
+                                  '(sact_jax/onednn.py).')
 _OPTIONS = flags.DEFINE_list(
     'options', ['default'], "Compiler options: 'default' (XLA's) and/or "
     "'training' (conv.compiler_options).")
@@ -89,12 +85,8 @@ def _fns(kernel, stride, padding, variants):
   strides = (stride, stride)
   fns = {}
   for name, options in variants:
-    if name == 'onednn':
-      fn = functools.partial(onednn_conv.conv2d, stride=stride,
-                             padding=padding)
-    else:
-      fn = functools.partial(conv.conv2d, strides=strides, padding=padding,
-                             precision=None, forward=name, backward=name)
+    fn = functools.partial(conv.conv2d, strides=strides, padding=padding,
+                           precision=None, forward=name, backward=name)
     compiler_options = (conv.compiler_options()
                         if options == 'training' else None)
 
@@ -141,11 +133,9 @@ def _onednn_difference(fns, args) -> float | None:
 
 def main(argv):
   del argv
-  if 'onednn' in _FORMULATIONS.value:
-    try:
-      onednn_conv.load(_ONEDNN_PREFIX.value)
-    except RuntimeError as e:
-      raise app.UsageError(f'--formulations=onednn: {e}') from e
+  if 'onednn' in _FORMULATIONS.value and not onednn.available():
+    raise app.UsageError('--formulations=onednn: oneDNN is unavailable '
+                         '(the warning above says why)')
   shapes = []
   if 'cifar' in _SHAPES.value:
     shapes += CIFAR_SHAPES

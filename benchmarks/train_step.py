@@ -17,6 +17,7 @@ the reference's; CIFAR tau 0.01, ImageNet the config's 0.005), plus its
 metrics, on random images.
 """
 
+import contextlib
 import json
 import os
 import time
@@ -26,6 +27,7 @@ from absl import flags
 import jax
 import numpy as np
 
+from sact_jax import onednn
 from sact_jax import parallel
 from sact_jax import train as train_lib
 from sact_jax.configs import cifar10
@@ -50,7 +52,8 @@ _VARIANTS = flags.DEFINE_list(
     'variants', ['scan'], 'scan (the defaults: remat on the CPU), unrolled '
     '(config.unroll), scan_remat (remat on), scan_noremat (remat off), '
     'scan_ynn (without the CPU training compiler options: '
-    "jaxlib's default YNNPACK convolutions).")
+    "jaxlib's default YNNPACK convolutions), xlaconv (XLA's convolutions "
+    "instead of oneDNN's).")
 _OUT = flags.DEFINE_string('out', 'benchmarks/results/train_step.json',
                            'JSON output path.')
 
@@ -62,6 +65,7 @@ _VARIANT_CONFIG = {
     'scan_remat': {'remat': True},
     'scan_noremat': {'remat': False},
     'scan_ynn': {},
+    'xlaconv': {},
 }
 
 
@@ -97,7 +101,9 @@ def make_step(depth: int, model_type: str, batch: int, tau: float = 0.01,
       'label': rng.integers(0, config.num_classes,
                             size=(batch,)).astype(np.int32)}, mesh)
   t0 = time.perf_counter()
-  compiled = trainer.train_step.lower(state, batch_arrays).compile()
+  with (onednn.disabled() if variant == 'xlaconv'
+        else contextlib.nullcontext()):
+    compiled = trainer.train_step.lower(state, batch_arrays).compile()
   compile_s = time.perf_counter() - t0
   holder = [state]
 

@@ -5,7 +5,14 @@
 expects); `layers.LayerFactory` uses it where the default backend is the
 CPU. GPUs and TPUs keep XLA's native convolutions. Each undilated,
 ungrouped NHWC/HWIO convolution is a `conv2d` whose forward and backward
-passes each run in one of four formulations (`formulation` picks them):
+passes each run in one of five formulations (`formulation` picks them):
+
+* 'onednn': oneDNN's kernels (those TensorFlow runs) as XLA custom calls,
+  built at first use (`onednn.py`). The default for float32 wherever they
+  are available (the SACT head's forward stays 'taps'): XLA:CPU's
+  convolutions run the narrow ResNet shapes far below its dots' speed,
+  oneDNN's near it. Where they are not (no compiler, another platform),
+  the four below, XLA's own:
 
 * 'conv': XLA's convolution. Inside a while loop (every `lax.scan`),
   XLA:CPU leaves the *backward* convolutions in non-canonical layouts that
@@ -39,6 +46,8 @@ from typing import Any, Callable, Sequence
 import jax
 from jax import lax
 import jax.numpy as jnp
+
+from sact_jax import onednn
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 Padding = tuple[tuple[int, int], tuple[int, int]]
@@ -269,10 +278,11 @@ def _s2d_bwd(strides, padding, precision, x, w, g_BxPxQxO):
 # One convolution, each pass in its formulation
 # ---------------------------------------------------------------------------
 
-FORMULATIONS = ('conv', 'dot', 'taps', 's2d')
-_FORWARD = {'conv': _native, 'dot': _dot, 'taps': _taps, 's2d': _s2d}
+FORMULATIONS = ('conv', 'dot', 'taps', 's2d', 'onednn')
+_FORWARD = {'conv': _native, 'dot': _dot, 'taps': _taps, 's2d': _s2d,
+            'onednn': onednn.forward}
 _BACKWARD = {'conv': _native_bwd, 'dot': _dot_bwd, 'taps': _taps_bwd,
-             's2d': _s2d_bwd}
+             's2d': _s2d_bwd, 'onednn': onednn.backward}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
@@ -284,7 +294,8 @@ def conv2d(x_BxHxWxI, w_KxLxIxO, strides: tuple[int, int], padding: Padding,
   forward convolutions). 'dot': one dot over the input windows (`patches`).
   'taps': a dot to every tap's outputs and a shifted sum (few output
   channels). 's2d': a stride-1 conv over space-to-depth blocks (strided,
-  few input channels). The values are the same up to float rounding; only
+  few input channels). 'onednn': oneDNN's kernels (float32, where
+  `onednn.supported`). The values are the same up to float rounding; only
   the speed differs. Every backward pass keeps only `x` and `w` as
   residuals.
   """
@@ -318,9 +329,19 @@ def _is_nhwc(dimension_numbers) -> bool:
   return tuple(dimension_numbers) == _NHWC
 
 
-# Where a dot beats XLA:CPU's convolution, from
-# `benchmarks/conv_formulations.py` on a 2-core AVX-512 CPU (BUILD.md,
-# "Convolutions on XLA:CPU", has the table):
+# Where oneDNN's kernels are built (`onednn.available()`) they run every
+# float32 convolution but one kind, forward and backward: measured with
+# `benchmarks/conv_formulations.py --formulations=conv,dot,taps,onednn` on
+# a 2-core AVX-512 CPU (BUILD.md, "Convolutions on XLA:CPU"), the backward
+# at 1.0-2.8x the best of XLA's formulations' speed for every shape of the
+# CIFAR and ImageNet ResNets at batch 1, 32 and 128 but three (0.7-0.9x),
+# the forward at 0.6-2.7x, 1x or faster at 34 of 47 shapes; a CIFAR
+# ResNet's training step gains more than any single shape loses. The one
+# kind: the SACT head's 3x3 conv to one channel runs forward 2.3-3.3x
+# faster as taps.
+#
+# Without oneDNN, where a dot beats XLA:CPU's convolution (the same
+# benchmark, before oneDNN):
 # * 1x1 kernels: a 1x1 convolution is a dot already, which XLA's emitter
 #   runs 1.2-6x slower than its dot (29 vs 148 GFLOP/s at 56x56x256 ->
 #   64, batch 32); strided ones forward need a strided copy first, which
@@ -345,20 +366,26 @@ _S2D_MAX_CHANNELS = 16
 
 
 def formulation(x_shape: Sequence[int], w_shape: Sequence[int],
-                strides: Sequence[int]) -> tuple[str, str]:
+                strides: Sequence[int],
+                use_onednn: bool = False) -> tuple[str, str]:
   """(forward, backward) formulations of a convolution on XLA:CPU.
 
   Args:
     x_shape: `[B, H, W, I]` input shape.
     w_shape: `[kh, kw, I, O]` kernel shape.
     strides: `(sh, sw)`.
+    use_onednn: whether oneDNN's kernels may run it (built, float32,
+      supported padding: `conv_general_dilated` decides).
 
   Returns:
-    Each of the two passes' formulation, 'conv', 'dot', 'taps' or 's2d' (see
-    `conv2d`).
+    Each of the two passes' formulation, 'conv', 'dot', 'taps', 's2d' or
+    'onednn' (see `conv2d`).
   """
   kh, kw, cin, cout = w_shape
-  if (kh, kw) != (1, 1) and kh * kw * cout <= cin:
+  few_outputs = (kh, kw) != (1, 1) and kh * kw * cout <= cin
+  if use_onednn:
+    return ('taps' if few_outputs else 'onednn', 'onednn')
+  if few_outputs:
     return ('taps', 'taps')
   if (kh, kw) == (1, 1):
     return ('conv' if tuple(strides) != (1, 1) else 'dot', 'dot')
@@ -396,7 +423,12 @@ def conv_general_dilated(lhs, rhs, window_strides, padding,
   pads = (explicit_padding(padding, rhs.shape[:2], strides, lhs.shape[1:3])
           if simple else None)
   if pads is not None:
-    forward, backward = formulation(lhs.shape, rhs.shape, strides)
+    use_onednn = (rhs.dtype == lhs.dtype
+                  and onednn.supported(lhs.shape, rhs.shape, strides, pads,
+                                       lhs.dtype)
+                  and onednn.enabled())
+    forward, backward = formulation(lhs.shape, rhs.shape, strides,
+                                    use_onednn)
     return conv2d(lhs, rhs, strides, pads, precision, forward, backward)
   kwargs = {k: v for k, v in kwargs.items() if v is not None}
   return lax.conv_general_dilated(

@@ -13,6 +13,7 @@ import numpy as np
 
 from sact_jax import conv
 from sact_jax import layers
+from sact_jax import onednn
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 _CASES = (
@@ -72,8 +73,14 @@ def _assert_conv2d_matches_lax(forward, backward, kernel_hw, strides,
 
 class ConvTest(parameterized.TestCase):
 
-  @parameterized.named_parameters(*_CASES)
-  def test_values_and_vjp_match_lax(self, kernel_hw, padding):
+  @parameterized.named_parameters(
+      [(name + suffix, kernel_hw, padding, xla_only)
+       for name, kernel_hw, padding in _CASES
+       for suffix, xla_only in (('', False), ('_xla_only', True))])
+  def test_values_and_vjp_match_lax(self, kernel_hw, padding, xla_only):
+    """With oneDNN's kernels where available, and with XLA's only."""
+    if xla_only:
+      self.enter_context(onednn.disabled())
     x, w = _inputs(kernel_hw)
     y, vjp = jax.vjp(_ours(padding), x, w)
     y_ref, vjp_ref = jax.vjp(_lax(padding), x, w)
@@ -242,14 +249,16 @@ class SpaceToDepthTest(parameterized.TestCase):
                                seed=8)
 
   def test_stem_through_the_layer_route(self):
-    """The ImageNet stem's shape takes 's2d' and keeps `lax`'s values."""
+    """Without oneDNN, the ImageNet stem's shape takes 's2d' and keeps
+    `lax`'s values."""
     rng = np.random.default_rng(10)
     x = jnp.asarray(rng.normal(size=(1, 38, 31, 3)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(7, 7, 3, 8)), jnp.float32)
     self.assertEqual(conv.formulation(x.shape, w.shape, (2, 2))[0], 's2d')
-    np.testing.assert_allclose(
-        jax.jit(_ours('SAME', (2, 2)))(x, w), _lax('SAME', (2, 2))(x, w),
-        rtol=1e-5, atol=1e-4)
+    with onednn.disabled():
+      np.testing.assert_allclose(
+          jax.jit(_ours('SAME', (2, 2)))(x, w), _lax('SAME', (2, 2))(x, w),
+          rtol=1e-5, atol=1e-4)
 
 
 class FormulationTest(parameterized.TestCase):
@@ -279,8 +288,23 @@ class FormulationTest(parameterized.TestCase):
       ('too_many_outputs_for_taps', (8, 14, 14, 64), (3, 3, 64, 8), (1, 1),
        ('conv', 'conv')),
   )
-  def test_choices(self, x_shape, w_shape, strides, expected):
+  def test_choices_without_onednn(self, x_shape, w_shape, strides,
+                                  expected):
     self.assertEqual(conv.formulation(x_shape, w_shape, strides), expected)
+
+  @parameterized.named_parameters(
+      ('1x1', (32, 56, 56, 256), (1, 1, 256, 64), (1, 1)),
+      ('3x3_strided', (1, 56, 56, 128), (3, 3, 128, 128), (2, 2)),
+      ('stem', (1, 224, 224, 3), (7, 7, 3, 64), (2, 2)),
+      ('3x3_narrow', (128, 32, 32, 16), (3, 3, 16, 16), (1, 1)),
+  )
+  def test_choices_with_onednn(self, x_shape, w_shape, strides):
+    self.assertEqual(conv.formulation(x_shape, w_shape, strides, True),
+                     ('onednn', 'onednn'))
+
+  def test_head_forward_stays_taps_with_onednn(self):
+    self.assertEqual(conv.formulation((128, 32, 32, 16), (3, 3, 16, 1),
+                                      (1, 1), True), ('taps', 'onednn'))
 
   @parameterized.product(forward=conv.FORMULATIONS,
                          backward=conv.FORMULATIONS, stride=(1, 2),

@@ -1,12 +1,13 @@
-// oneDNN's convolutions as XLA FFI custom calls, for
-// benchmarks/onednn_conv.py: forward, input gradient and kernel gradient of
-// an NHWC x HWIO convolution with square strides and symmetric low padding.
-// A measuring tool, not library code: sact_jax does not call it.
+// oneDNN's convolutions as XLA FFI custom calls, built and registered by
+// onednn.py: forward, input gradient and kernel gradient of an NHWC x HWIO
+// float32 convolution (any strides, zero padding before and after).
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <unordered_map>
 
 #include "oneapi/dnnl/dnnl.hpp"
@@ -24,10 +25,11 @@ dnnl::engine& Engine() {
   return engine;
 }
 
-// Batch, input H and W, input and output channels, kernel H and W, stride,
-// low padding, output H and W (the high padding follows from them).
+// Batch, input H and W, input and output channels, kernel H and W, strides
+// along H and W, padding before H and W, output H and W (the padding after
+// follows from them).
 struct Shape {
-  int64_t v[11];
+  int64_t v[13];
   bool operator==(const Shape& o) const {
     return std::memcmp(v, o.v, sizeof(v)) == 0;
   }
@@ -38,15 +40,17 @@ struct Shape {
   int64_t o() const { return v[4]; }
   int64_t kh() const { return v[5]; }
   int64_t kw() const { return v[6]; }
-  int64_t s() const { return v[7]; }
-  int64_t p() const { return v[8]; }
-  int64_t oh() const { return v[9]; }
-  int64_t ow() const { return v[10]; }
-  dnnl::memory::dims strides() const { return {s(), s()}; }
-  dnnl::memory::dims pad_l() const { return {p(), p()}; }
+  int64_t sh() const { return v[7]; }
+  int64_t sw() const { return v[8]; }
+  int64_t top() const { return v[9]; }
+  int64_t left() const { return v[10]; }
+  int64_t oh() const { return v[11]; }
+  int64_t ow() const { return v[12]; }
+  dnnl::memory::dims strides() const { return {sh(), sw()}; }
+  dnnl::memory::dims pad_l() const { return {top(), left()}; }
   dnnl::memory::dims pad_r() const {
-    return {(oh() - 1) * s() + kh() - h() - p(),
-            (ow() - 1) * s() + kw() - w() - p()};
+    return {(oh() - 1) * sh() + kh() - h() - top(),
+            (ow() - 1) * sw() + kw() - w() - left()};
   }
   // Weights in whatever layout the primitive prefers.
   dnnl::memory::desc w_any() const {
@@ -132,16 +136,22 @@ Pass* Get(Kind kind, const Shape& shape) {
   return slot.get();
 }
 
+// The attributes every handler takes: strides and padding before.
+struct ConvAttrs {
+  int64_t stride_h, stride_w, pad_top, pad_left;
+};
+
 Shape MakeShape(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
-                ffi::Span<const int64_t> y, int64_t stride, int64_t pad) {
-  return Shape{{x[0], x[1], x[2], x[3], w[3], w[0], w[1], stride, pad, y[1],
-                y[2]}};
+                ffi::Span<const int64_t> y, const ConvAttrs& a) {
+  return Shape{{x[0], x[1], x[2], x[3], w[3], w[0], w[1], a.stride_h,
+                a.stride_w, a.pad_top, a.pad_left, y[1], y[2]}};
 }
 
 // forward: (x, w) -> y; input gradient: (dy, w) -> dx; kernel gradient:
 // (x, dy) -> dw. `x`, `w` and `y` point at the input, kernel and output
 // (or their gradients), whichever are operands and result of the pass.
-ffi::Error Run(Kind kind, const Shape& shape, void* x, void* w, void* y) {
+// oneDNN reports failures as exceptions, which must not cross into XLA.
+ffi::Error Run(Kind kind, const Shape& shape, void* x, void* w, void* y) try {
   Pass* pass = Get(kind, shape);
   dnnl::stream stream(Engine());
   dnnl::memory xm(pass->x, Engine(), x), ym(pass->y, Engine(), y);
@@ -164,44 +174,48 @@ ffi::Error Run(Kind kind, const Shape& shape, void* x, void* w, void* y) {
   }
   stream.wait();
   return ffi::Error::Success();
+} catch (const std::exception& e) {
+  return ffi::Error(ffi::ErrorCode::kInternal,
+                    std::string("oneDNN convolution: ") + e.what());
 }
 
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                   ffi::ResultBuffer<ffi::F32> y, int64_t stride,
-                   int64_t pad) {
+                   ffi::ResultBuffer<ffi::F32> y, ConvAttrs attrs) {
   return Run(kForward,
              MakeShape(x.dimensions(), w.dimensions(), y->dimensions(),
-                       stride, pad),
+                       attrs),
              x.untyped_data(), w.untyped_data(), y->untyped_data());
 }
 
 ffi::Error InputGrad(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
-                     ffi::ResultBuffer<ffi::F32> dx, int64_t stride,
-                     int64_t pad) {
+                     ffi::ResultBuffer<ffi::F32> dx, ConvAttrs attrs) {
   return Run(kInputGrad,
              MakeShape(dx->dimensions(), w.dimensions(), dy.dimensions(),
-                       stride, pad),
+                       attrs),
              dx->untyped_data(), w.untyped_data(), dy.untyped_data());
 }
 
 ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                      ffi::ResultBuffer<ffi::F32> dw, int64_t stride,
-                      int64_t pad) {
+                      ffi::ResultBuffer<ffi::F32> dw, ConvAttrs attrs) {
   return Run(kKernelGrad,
              MakeShape(x.dimensions(), dw->dimensions(), dy.dimensions(),
-                       stride, pad),
+                       attrs),
              x.untyped_data(), dw->untyped_data(), dy.untyped_data());
 }
 
 }  // namespace
+
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(ConvAttrs, ffi::StructMember<int64_t>(
+    "stride_h"), ffi::StructMember<int64_t>("stride_w"),
+    ffi::StructMember<int64_t>("pad_top"),
+    ffi::StructMember<int64_t>("pad_left"));
 
 #define SACT_BIND                                  \
   ffi::Ffi::Bind()                                 \
       .Arg<ffi::Buffer<ffi::F32>>()                \
       .Arg<ffi::Buffer<ffi::F32>>()                \
       .Ret<ffi::Buffer<ffi::F32>>()                \
-      .Attr<int64_t>("stride")                     \
-      .Attr<int64_t>("pad")
+      .Attrs<ConvAttrs>()
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvForward, Forward, SACT_BIND);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvInputGrad, InputGrad, SACT_BIND);

@@ -1,0 +1,261 @@
+"""oneDNN's convolutions as XLA:CPU custom calls, built at first use.
+
+Why: on CPUs with AVX-512, XLA:CPU's convolutions run the narrow ResNet
+convolutions 1.4-2.8x slower (forward + backward) than oneDNN's, the
+kernels TensorFlow uses; a CIFAR ResNet's training step spends most of its
+time in them (BUILD.md, "Convolutions on XLA:CPU"). XLA's dots are fast
+and its convolutions are not, and no XLA flag changes that.
+
+How: onednn_conv.cc holds three XLA FFI handlers (forward, input gradient,
+kernel gradient of an NHWC x HWIO float32 convolution). `available()`
+compiles it with the system's C++ compiler against oneDNN's headers and
+library (the PyPI packages `onednn-cpu-gomp` / `onednn-devel-cpu-gomp`,
+built with GNU OpenMP) and jaxlib's FFI headers, once per machine: the
+library is kept under `~/.cache/sact_jax/onednn/`, keyed by everything
+that goes into it. It then registers the handlers with XLA:CPU. Where any
+of that is missing or fails, `available()` logs one line saying why and
+returns False, and `conv` keeps XLA's convolutions. Set
+`SACT_JAX_ONEDNN=0` to keep them anyway (or trace inside `disabled()`).
+
+`forward` and `backward` are the two passes `conv.conv2d` calls for its
+'onednn' formulation; the functions here are not differentiable by
+themselves.
+"""
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import numpy as np
+
+_SOURCE = os.path.join(os.path.dirname(__file__), 'onednn_conv.cc')
+_TARGETS = ('OnednnConvForward', 'OnednnConvInputGrad',
+            'OnednnConvKernelGrad')
+_LIBRARY = 'libsact_onednn.so'
+DISABLE_ENV = 'SACT_JAX_ONEDNN'
+
+
+class Unavailable(RuntimeError):
+  """oneDNN's convolutions cannot be built or loaded here (and why)."""
+
+
+def _package_file(distribution: str, suffix: str) -> str:
+  """The installed file of `distribution` whose path ends with `suffix`."""
+  try:
+    files = importlib.metadata.distribution(distribution).files or ()
+  except importlib.metadata.PackageNotFoundError as e:
+    raise Unavailable(f'{distribution} is not installed') from e
+  for file in files:
+    if str(file).endswith(suffix):
+      path = os.path.realpath(file.locate())
+      if os.path.exists(path):
+        return path
+  raise Unavailable(f'{distribution} has no {suffix}')
+
+
+def _cache_dir() -> str:
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(
+      os.path.expanduser('~'), '.cache')
+  return os.path.join(base, 'sact_jax', 'onednn')
+
+
+def _build(header: str, library: str) -> str:
+  """Path of the compiled handlers, built now unless already cached."""
+  compiler = os.environ.get('CXX') or shutil.which('g++') or shutil.which(
+      'c++')
+  if not compiler:
+    raise Unavailable('no C++ compiler (g++) on PATH')
+  include = header[:-len('oneapi/dnnl/dnnl.hpp')]
+  lib_dir = os.path.dirname(library)
+  command = [compiler, '-O2', '-std=c++17', '-shared', '-fPIC', '-w',
+             f'-I{include}', f'-I{jax.ffi.include_dir()}', _SOURCE,
+             f'-L{lib_dir}', '-l:' + os.path.basename(library),
+             f'-Wl,-rpath,{lib_dir}']
+  key = hashlib.sha256()
+  with open(_SOURCE, 'rb') as f:
+    key.update(f.read())
+  for part in (*command, jax.__version__, jax.lib.__version__,
+               str(os.path.getmtime(library)), str(os.path.getmtime(header))):
+    key.update(part.encode())
+  out_dir = os.path.join(_cache_dir(), key.hexdigest()[:16])
+  out = os.path.join(out_dir, _LIBRARY)
+  if os.path.exists(out):
+    return out
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+  except OSError:
+    out_dir = tempfile.mkdtemp(prefix='sact_jax_onednn_')
+    out = os.path.join(out_dir, _LIBRARY)
+  # Built under a temporary name and renamed: concurrent first uses (test
+  # workers) never load a half-written library.
+  fd, tmp = tempfile.mkstemp(suffix='.so', dir=out_dir)
+  os.close(fd)
+  logging.info('sact_jax: building oneDNN convolutions (once): %s', out)
+  build = subprocess.run(command + ['-o', tmp], capture_output=True,
+                         text=True, check=False)
+  if build.returncode != 0:
+    os.unlink(tmp)
+    lines = (build.stderr or build.stdout).strip().splitlines()
+    errors = [line for line in lines if 'error' in line] or lines
+    raise Unavailable(f'building {os.path.basename(_SOURCE)} failed: '
+                      f'{errors[0] if errors else build.returncode}')
+  os.replace(tmp, out)
+  return out
+
+
+def _load() -> None:
+  if os.environ.get(DISABLE_ENV, '1') == '0':
+    raise Unavailable(f'{DISABLE_ENV}=0')
+  if platform.system() != 'Linux' or platform.machine() != 'x86_64':
+    raise Unavailable('only built on x86-64 Linux')
+  header = _package_file('onednn-devel-cpu-gomp', 'oneapi/dnnl/dnnl.hpp')
+  library = _package_file('onednn-cpu-gomp', 'libdnnl.so')
+  handlers = ctypes.cdll.LoadLibrary(_build(header, library))
+  for target in _TARGETS:
+    jax.ffi.register_ffi_target(
+        target, jax.ffi.pycapsule(getattr(handlers, target)),
+        platform='cpu')
+
+
+@functools.cache
+def available() -> bool:
+  """Whether oneDNN's convolutions are built and registered (at first call).
+
+  False, after one logged line saying why, where oneDNN, a compiler or an
+  x86-64 Linux host is missing, or `SACT_JAX_ONEDNN=0`.
+  """
+  try:
+    _load()
+  except (Unavailable, OSError) as e:
+    logging.warning("sact_jax: oneDNN convolutions unavailable (%s); "
+                    "using XLA's.", e)
+    return False
+  return True
+
+
+_disabled = []
+
+
+@contextlib.contextmanager
+def disabled():
+  """Convolutions traced inside keep XLA's kernels.
+
+  For measuring both in one process (benchmarks/train_step.py's `xlaconv`
+  variant); `SACT_JAX_ONEDNN=0` does it for a whole process.
+  """
+  _disabled.append(True)
+  try:
+    yield
+  finally:
+    _disabled.pop()
+
+
+def enabled() -> bool:
+  """Whether convolutions traced now run oneDNN's kernels (if supported)."""
+  return not _disabled and available()
+
+
+def supported(x_shape, w_shape, strides, padding, dtype) -> bool:
+  """Whether the handlers compute this convolution.
+
+  Float32, with zero padding of at most `k - 1` on every side (SAME and
+  VALID: what the models use), that does not crop the input (reads its
+  last row and column). oneDNN's input gradient was wrong with wider
+  padding (3 before and 1 after a 3x3 kernel).
+  """
+  if np.dtype(dtype) != np.float32:
+    return False
+  for size, k, s, (lo, hi) in zip(x_shape[1:3], w_shape[:2], strides,
+                                  padding):
+    out = (size + lo + hi - k) // s + 1
+    after = (out - 1) * s + k - size - lo  # The padding oneDNN applies.
+    if not (0 <= lo < k and 0 <= hi < k and out >= 1 and 0 <= after):
+      return False
+  return True
+
+
+def _call(target, result_shape, a, b, strides, padding):
+  attrs = {'stride_h': strides[0], 'stride_w': strides[1],
+           'pad_top': padding[0][0], 'pad_left': padding[1][0]}
+  return jax.ffi.ffi_call(
+      target, jax.ShapeDtypeStruct(result_shape, a.dtype),
+      vmap_method='sequential')(
+          a, b, **{k: np.int64(v) for k, v in attrs.items()})
+
+
+# The three passes are linear in each operand, and each one's derivatives
+# are the other two: so they differentiate to any order (what
+# `jax.test_util.check_grads(order=2)` asks of `conv.conv2d`'s backward).
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def forward(x_BxHxWxI, w_KxLxIxO, strides, padding, precision=None):
+  """The convolution (oneDNN computes float32 at full precision)."""
+  del precision
+  batch, height, width, _ = x_BxHxWxI.shape
+  kh, kw, _, cout = w_KxLxIxO.shape
+  (top, bottom), (left, right) = padding
+  out_hw = ((height + top + bottom - kh) // strides[0] + 1,
+            (width + left + right - kw) // strides[1] + 1)
+  return _call('OnednnConvForward', (batch, *out_hw, cout), x_BxHxWxI,
+               w_KxLxIxO, strides, padding)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _input_grad(g_BxPxQxO, w_KxLxIxO, strides, padding, x_shape):
+  return _call('OnednnConvInputGrad', x_shape, g_BxPxQxO, w_KxLxIxO,
+               strides, padding)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _kernel_grad(x_BxHxWxI, g_BxPxQxO, strides, padding, w_shape):
+  return _call('OnednnConvKernelGrad', w_shape, x_BxHxWxI, g_BxPxQxO,
+               strides, padding)
+
+
+def _forward_bwd(strides, padding, precision, residuals, c_BxPxQxO):
+  del precision
+  x, w = residuals
+  return (_input_grad(c_BxPxQxO, w, strides, padding, x.shape),
+          _kernel_grad(x, c_BxPxQxO, strides, padding, w.shape))
+
+
+def _input_grad_bwd(strides, padding, x_shape, residuals, c_BxHxWxI):
+  del x_shape
+  g, w = residuals
+  return (forward(c_BxHxWxI, w, strides, padding),
+          _kernel_grad(c_BxHxWxI, g, strides, padding, w.shape))
+
+
+def _kernel_grad_bwd(strides, padding, w_shape, residuals, c_KxLxIxO):
+  del w_shape
+  x, g = residuals
+  return (_input_grad(g, c_KxLxIxO, strides, padding, x.shape),
+          forward(x, c_KxLxIxO, strides, padding))
+
+
+forward.defvjp(lambda x, w, strides, padding, precision: (
+    forward(x, w, strides, padding, precision), (x, w)), _forward_bwd)
+_input_grad.defvjp(lambda g, w, strides, padding, x_shape: (
+    _input_grad(g, w, strides, padding, x_shape), (g, w)), _input_grad_bwd)
+_kernel_grad.defvjp(lambda x, g, strides, padding, w_shape: (
+    _kernel_grad(x, g, strides, padding, w_shape), (x, g)),
+                    _kernel_grad_bwd)
+
+
+def backward(strides, padding, precision, x_BxHxWxI, w_KxLxIxO, g_BxPxQxO):
+  """(input gradient, kernel gradient) of `forward` at `g`."""
+  del precision
+  return (_input_grad(g_BxPxQxO, w_KxLxIxO, strides, padding,
+                      x_BxHxWxI.shape),
+          _kernel_grad(x_BxHxWxI, g_BxPxQxO, strides, padding,
+                       w_KxLxIxO.shape))

@@ -1,0 +1,198 @@
+"""Tests of `sact_jax.onednn`: oneDNN's convolutions as XLA custom calls.
+
+Their values and gradients against `lax`'s over the shapes, strides and
+paddings the models use and some they do not; that `conv` routes float32
+convolutions to them; the build's cache and its failures. setup.cfg
+installs oneDNN on x86-64 Linux, so there the kernels must be available:
+a broken build fails here instead of silently running XLA's.
+"""
+
+import os
+import platform
+import shutil
+import tempfile
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import chex
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax import test_util as jtu
+import numpy as np
+
+from sact_jax import conv
+from sact_jax import onednn
+
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+_ON_X86_LINUX = (platform.system() == 'Linux'
+                 and platform.machine() == 'x86_64')
+
+
+def _lax_conv(strides, padding):
+  return lambda x, w: lax.conv_general_dilated(
+      x, w, strides, padding, dimension_numbers=_NHWC)
+
+
+def _onednn_conv(strides, padding):
+  return lambda x, w: conv.conv2d(x, w, strides, padding, None, 'onednn',
+                                  'onednn')
+
+
+def _inputs(x_shape, w_shape, seed=0):
+  rng = np.random.default_rng(seed)
+  return (jnp.asarray(rng.normal(size=x_shape), jnp.float32),
+          jnp.asarray(rng.normal(size=w_shape), jnp.float32))
+
+
+class OnednnTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    if not _ON_X86_LINUX:
+      self.skipTest('oneDNN is installed on x86-64 Linux only (setup.cfg)')
+
+  def test_available(self):
+    self.assertTrue(onednn.available())
+
+  @parameterized.named_parameters(
+      ('3x3_s1', (2, 8, 7, 5), (3, 3, 5, 6), (1, 1), ((1, 1), (1, 1))),
+      ('3x3_s2_same_even', (2, 8, 8, 4), (3, 3, 4, 8), (2, 2),
+       ((0, 1), (0, 1))),
+      ('3x3_s2_odd', (1, 9, 7, 3), (3, 3, 3, 4), (2, 2), ((1, 1), (1, 1))),
+      ('1x1_s1', (3, 5, 5, 8), (1, 1, 8, 4), (1, 1), ((0, 0), (0, 0))),
+      ('1x1_s2', (2, 7, 7, 8), (1, 1, 8, 16), (2, 2), ((0, 0), (0, 0))),
+      ('7x7_s2_stem', (1, 16, 15, 3), (7, 7, 3, 8), (2, 2),
+       ((3, 3), (3, 2))),
+      ('strides_hw', (2, 9, 6, 3), (3, 2, 3, 5), (2, 1), ((2, 0), (1, 1))),
+      ('valid', (2, 6, 6, 3), (3, 3, 3, 2), (1, 1), ((0, 0), (0, 0))),
+      ('to_one_channel', (2, 6, 6, 16), (3, 3, 16, 1), (1, 1),
+       ((1, 1), (1, 1))),
+  )
+  def test_values_and_gradients_match_lax(self, x_shape, w_shape, strides,
+                                          padding):
+    x, w = _inputs(x_shape, w_shape)
+    self.assertTrue(onednn.supported(x_shape, w_shape, strides, padding,
+                                     jnp.float32))
+    y, vjp = jax.vjp(_onednn_conv(strides, padding), x, w)
+    y_ref, vjp_ref = jax.vjp(_lax_conv(strides, padding), x, w)
+    chex.assert_shape(y, y_ref.shape)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    g = jnp.asarray(np.random.default_rng(1).normal(size=y.shape),
+                    jnp.float32)
+    for got, want in zip(vjp(g), vjp_ref(g)):
+      chex.assert_shape(got, want.shape)
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+  def test_routed_by_conv_and_disabled_inside_the_context(self):
+    x, w = _inputs((2, 8, 8, 4), (3, 3, 4, 4))
+
+    def hlo(fn):
+      return jax.jit(jax.grad(lambda x, w: jnp.sum(fn(x, w) ** 2),
+                              (0, 1))).lower(x, w).as_text()
+
+    def ours(x, w):
+      return conv.conv_general_dilated(x, w, (1, 1), 'SAME',
+                                       dimension_numbers=_NHWC)
+
+    text = hlo(ours)
+    for target in ('OnednnConvForward', 'OnednnConvInputGrad',
+                   'OnednnConvKernelGrad'):
+      self.assertIn(target, text)
+    with onednn.disabled():
+      self.assertNotIn('Onednn', hlo(ours))
+    # Half precision is XLA's: the kernels are float32 only.
+    half = jax.jit(ours).lower(x.astype(jnp.bfloat16),
+                               w.astype(jnp.bfloat16)).as_text()
+    self.assertNotIn('Onednn', half)
+
+  def test_second_order_gradients(self):
+    """Each pass's derivatives are the other passes: any order works."""
+    x, w = _inputs((1, 5, 4, 3), (3, 3, 3, 2), seed=3)
+    jtu.check_grads(jax.jit(_onednn_conv((2, 1), ((1, 1), (0, 2)))),
+                    (x, w), order=2, modes=('rev',), atol=2e-2, rtol=2e-2)
+
+  def test_under_vmap_scan_and_remat(self):
+    """Batched by `vmap` (one call per element), differentiated inside a
+    rematerialised `scan`: the values of `lax`'s convolution."""
+    x, w = _inputs((3, 2, 6, 6, 4), (3, 3, 4, 4), seed=2)
+    ws = jnp.stack([w, 0.5 * w])
+
+    def loss(conv_fn, x, ws):
+      @jax.checkpoint
+      def body(x, w):
+        return jnp.tanh(conv_fn(x, w)), None
+      y, _ = lax.scan(body, x, ws)
+      return jnp.sum(y ** 2)
+
+    def batched(conv_fn):
+      return jax.jit(jax.vmap(jax.grad(
+          lambda x, ws: loss(conv_fn, x, ws), (0, 1)), in_axes=(0, None)))
+
+    pads = ((1, 1), (1, 1))
+    chex.assert_trees_all_close(
+        batched(_onednn_conv((1, 1), pads))(x, ws),
+        batched(_lax_conv((1, 1), pads))(x, ws), rtol=1e-5, atol=1e-5)
+
+  @parameterized.named_parameters(
+      ('float16', (1, 4, 4, 2), (3, 3, 2, 2), (1, 1), ((1, 1), (1, 1)),
+       jnp.float16),
+      ('negative_padding', (1, 6, 6, 2), (3, 3, 2, 2), (1, 1),
+       ((-1, 1), (1, 1)), jnp.float32),
+      ('crops_the_input', (1, 8, 8, 2), (1, 1, 2, 2), (2, 2),
+       ((0, 0), (0, 0)), jnp.float32),  # Reads rows 0..6 of 8.
+      ('empty_output', (1, 2, 2, 2), (3, 3, 2, 2), (1, 1),
+       ((0, 0), (0, 0)), jnp.float32),
+      ('padding_wider_than_the_kernel', (1, 7, 6, 2), (3, 3, 2, 2),
+       (1, 1), ((3, 1), (1, 1)), jnp.float32),
+  )
+  def test_unsupported(self, x_shape, w_shape, strides, padding, dtype):
+    self.assertFalse(onednn.supported(x_shape, w_shape, strides, padding,
+                                      dtype))
+
+  def test_cropping_conv_falls_back_to_lax(self):
+    x, w = _inputs((1, 8, 8, 2), (1, 1, 2, 3))
+    got = conv.conv_general_dilated(x, w, (2, 2), 'VALID',
+                                    dimension_numbers=_NHWC)
+    np.testing.assert_allclose(got, _lax_conv((2, 2), 'VALID')(x, w),
+                               rtol=1e-6)
+
+
+class BuildTest(absltest.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    if not _ON_X86_LINUX:
+      self.skipTest('oneDNN is installed on x86-64 Linux only (setup.cfg)')
+    self.header = onednn._package_file('onednn-devel-cpu-gomp',
+                                       'oneapi/dnnl/dnnl.hpp')
+    self.library = onednn._package_file('onednn-cpu-gomp', 'libdnnl.so')
+    self.cache = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, self.cache)
+    self.enter_context(absltest.mock.patch.dict(
+        os.environ, {'XDG_CACHE_HOME': self.cache}))
+
+  def test_built_once_then_cached(self):
+    built = onednn._build(self.header, self.library)
+    self.assertTrue(built.startswith(self.cache))
+    mtime = os.path.getmtime(built)
+    self.assertEqual(onednn._build(self.header, self.library), built)
+    self.assertEqual(os.path.getmtime(built), mtime)
+    # Nothing but the library in its folder (no temporary leftovers).
+    self.assertEqual(os.listdir(os.path.dirname(built)), ['libsact_onednn.so'])
+
+  def test_failed_build_says_why_and_leaves_nothing(self):
+    with absltest.mock.patch.dict(os.environ, {'CXX': 'false'}):
+      with self.assertRaisesRegex(onednn.Unavailable, 'failed'):
+        onednn._build(self.header, self.library)
+    for _, _, files in os.walk(self.cache):
+      self.assertEqual(files, [])
+
+  def test_disabled_by_the_environment(self):
+    with absltest.mock.patch.dict(os.environ, {onednn.DISABLE_ENV: '0'}):
+      with self.assertRaisesRegex(onednn.Unavailable, onednn.DISABLE_ENV):
+        onednn._load()
+
+
+if __name__ == '__main__':
+  absltest.main()
