@@ -160,8 +160,15 @@ def disabled():
 
 
 def enabled() -> bool:
-  """Whether convolutions traced now run oneDNN's kernels (if supported)."""
-  return not _disabled and available()
+  """Whether convolutions traced now run oneDNN's kernels (if supported).
+
+  Not while disabled, and not where JAX has more than one device: XLA
+  cannot partition a custom call, so under a data-parallel mesh it would
+  run every device's convolution on the whole batch, and a process of 8
+  CPU devices running 8 OpenMP teams on 2 cores stalled until XLA's
+  collectives timed out.
+  """
+  return not _disabled and jax.device_count() == 1 and available()
 
 
 def supported(x_shape, w_shape, strides, padding, dtype) -> bool:
@@ -184,6 +191,9 @@ def supported(x_shape, w_shape, strides, padding, dtype) -> bool:
 
 
 def _call(target, result_shape, a, b, strides, padding):
+  if not available():
+    raise Unavailable("oneDNN's convolutions are unavailable (the warning "
+                      'logged says why)')
   attrs = {'stride_h': strides[0], 'stride_w': strides[1],
            'pad_top': padding[0][0], 'pad_left': padding[1][0]}
   return jax.ffi.ffi_call(

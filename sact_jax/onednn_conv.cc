@@ -127,10 +127,9 @@ std::unique_ptr<Pass> Build(Kind kind, const Shape& s) {
 }
 
 // Primitives are built once per pass and shape, as a framework caches them.
+// The caller holds RunMutex().
 Pass* Get(Kind kind, const Shape& shape) {
-  static std::mutex mu;
   static std::unordered_map<Shape, std::unique_ptr<Pass>, ShapeHash> cache[3];
-  std::lock_guard<std::mutex> lock(mu);
   auto& slot = cache[kind][shape];
   if (!slot) slot = Build(kind, shape);
   return slot.get();
@@ -151,7 +150,20 @@ Shape MakeShape(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
 // (x, dy) -> dw. `x`, `w` and `y` point at the input, kernel and output
 // (or their gradients), whichever are operands and result of the pass.
 // oneDNN reports failures as exceptions, which must not cross into XLA.
+//
+// One pass runs at a time in the process. XLA:CPU runs independent
+// operations concurrently on its threads, and two executions of one
+// primitive at once (two same-shaped kernel gradients of a backward pass)
+// share its scratchpad and the spin barrier inside oneDNN's kernel: one
+// thread was seen spinning at that barrier for 16 minutes. Each pass uses
+// every core through OpenMP anyway.
+std::mutex& RunMutex() {
+  static std::mutex mu;
+  return mu;
+}
+
 ffi::Error Run(Kind kind, const Shape& shape, void* x, void* w, void* y) try {
+  std::lock_guard<std::mutex> lock(RunMutex());
   Pass* pass = Get(kind, shape);
   dnnl::stream stream(Engine());
   dnnl::memory xm(pass->x, Engine(), x), ym(pass->y, Engine(), y);

@@ -19,6 +19,7 @@ from sact_jax import checkpoint as checkpoint_lib
 from sact_jax import data as data_lib
 from sact_jax import evaluate
 from sact_jax import models
+from sact_jax import onednn
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _DATASET = 'sact_shapes/tiny'  # 64 test images.
@@ -358,8 +359,12 @@ class LauncherTest(absltest.TestCase):
     with open(output) as f:
       metrics = json.load(f)
     self.assertEqual(metrics['num_devices'], 8)
-    assert_metrics_match(self, metrics,
-                         direct_metrics(model, whole_test_split(data_dir), 64))
+    # Like with like: with 8 devices the launcher runs XLA's convolutions
+    # (`onednn.enabled`); halting decisions are threshold comparisons, so
+    # the other kernels' rounding could move a position to another unit.
+    with onednn.disabled():
+      want = direct_metrics(model, whole_test_split(data_dir), 64)
+    assert_metrics_match(self, metrics, want)
 
 
 if __name__ == '__main__':
