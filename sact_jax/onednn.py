@@ -18,8 +18,10 @@ returns False, and `conv` keeps XLA's convolutions. Set
 `SACT_JAX_ONEDNN=0` to keep them anyway (or trace inside `disabled()`).
 
 `forward` and `backward` are the two passes `conv.conv2d` calls for its
-'onednn' formulation; the functions here are not differentiable by
-themselves.
+'onednn' formulation (each differentiates to any order). `enabled()` says
+whether convolutions traced now should use them: not inside `disabled()`
+and not where JAX has several devices. onednn_conv.cc runs one pass at a
+time in the process (why: its comment on `Run`).
 """
 
 import contextlib
@@ -100,8 +102,12 @@ def _build(header: str, library: str) -> str:
   fd, tmp = tempfile.mkstemp(suffix='.so', dir=out_dir)
   os.close(fd)
   logging.info('sact_jax: building oneDNN convolutions (once): %s', out)
-  build = subprocess.run(command + ['-o', tmp], capture_output=True,
-                         text=True, check=False)
+  try:
+    build = subprocess.run(command + ['-o', tmp], capture_output=True,
+                           text=True, check=False)
+  except OSError as e:
+    os.unlink(tmp)
+    raise Unavailable(f'running {compiler} failed: {e}') from e
   if build.returncode != 0:
     os.unlink(tmp)
     lines = (build.stderr or build.stdout).strip().splitlines()

@@ -182,9 +182,10 @@ class BuildTest(absltest.TestCase):
     self.assertEqual(os.listdir(os.path.dirname(built)), ['libsact_onednn.so'])
 
   def test_failed_build_says_why_and_leaves_nothing(self):
-    with absltest.mock.patch.dict(os.environ, {'CXX': 'false'}):
-      with self.assertRaisesRegex(onednn.Unavailable, 'failed'):
-        onednn._build(self.header, self.library)
+    for compiler in ('false', '/nonexistent/g++'):
+      with absltest.mock.patch.dict(os.environ, {'CXX': compiler}):
+        with self.assertRaisesRegex(onednn.Unavailable, 'failed'):
+          onednn._build(self.header, self.library)
     for _, _, files in os.walk(self.cache):
       self.assertEqual(files, [])
 
