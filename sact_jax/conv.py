@@ -332,11 +332,12 @@ def _is_nhwc(dimension_numbers) -> bool:
 # Where oneDNN's kernels are built (`onednn.available()`) they run every
 # float32 convolution but one kind, forward and backward: measured with
 # `benchmarks/conv_formulations.py --formulations=conv,dot,taps,onednn` on
-# a 2-core AVX-512 CPU (BUILD.md, "Convolutions on XLA:CPU"), the backward
-# at 1.0-2.8x the best of XLA's formulations' speed for every shape of the
-# CIFAR and ImageNet ResNets at batch 1, 32 and 128 but three (0.7-0.9x),
-# the forward at 0.6-2.7x, 1x or faster at 34 of 47 shapes; a CIFAR
-# ResNet's training step gains more than any single shape loses. The one
+# a 2-core AVX-512 CPU (BUILD.md, "Convolutions on XLA:CPU"), against the
+# formulation picked below without them, over the 47 shapes of the CIFAR
+# and ImageNet ResNets at batch 1, 32 and 128: the backward 1.0-12.6x
+# faster at 44 (0.67-0.92x at three), the forward 0.58-9.4x, as fast or
+# faster at 34; a CIFAR ResNet's training step gains more than any single
+# shape loses (0.64-0.94x the time). The one
 # kind: the SACT head's 3x3 conv to one channel runs forward 2.3-3.3x
 # faster as taps.
 #
