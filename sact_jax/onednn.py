@@ -78,8 +78,8 @@ def _build(header: str, library: str) -> str:
     raise Unavailable('no C++ compiler (g++) on PATH')
   include = header[:-len('oneapi/dnnl/dnnl.hpp')]
   lib_dir = os.path.dirname(library)
-  command = [compiler, '-O2', '-std=c++17', '-shared', '-fPIC', '-w',
-             f'-I{include}', f'-I{jax.ffi.include_dir()}', _SOURCE,
+  command = [compiler, '-O2', '-std=c++17', '-shared', '-fPIC', '-fopenmp',
+             '-w', f'-I{include}', f'-I{jax.ffi.include_dir()}', _SOURCE,
              f'-L{lib_dir}', '-l:' + os.path.basename(library),
              f'-Wl,-rpath,{lib_dir}']
   key = hashlib.sha256()
