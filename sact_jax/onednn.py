@@ -21,7 +21,10 @@ returns False, and `conv` keeps XLA's convolutions. Set
 'onednn' formulation (each differentiates to any order). `enabled()` says
 whether convolutions traced now should use them: not inside `disabled()`
 and not where JAX has several devices. onednn_conv.cc runs one pass at a
-time in the process (why: its comment on `Run`).
+time in the process, each on as many OpenMP threads as its size pays for,
+and reads the forward's weights in the caller's layout where oneDNN's
+direct kernels take it (why: its comments on `Run`, `ThreadsForPass` and
+`Build`).
 """
 
 import contextlib
