@@ -92,8 +92,7 @@ dnnl::convolution_forward::primitive_desc ForwardDesc(
     dnnl::prop_kind prop, tag w_layout) {
   return dnnl::convolution_forward::primitive_desc(
       Engine(), prop, dnnl::algorithm::convolution_direct, x,
-      s.w_desc(w_layout), y,
-      s.strides(), s.pad_l(), s.pad_r());
+      s.w_desc(w_layout), y, s.strides(), s.pad_l(), s.pad_r());
 }
 
 std::unique_ptr<Pass> Build(Kind kind, const Shape& s) {
@@ -176,8 +175,8 @@ Shape MakeShape(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
 // operations concurrently on its threads, and two executions of one
 // primitive at once (two same-shaped kernel gradients of a backward pass)
 // share its scratchpad and the spin barrier inside oneDNN's kernel: one
-// thread was seen spinning at that barrier for 16 minutes. Each pass uses
-// every core through OpenMP anyway.
+// thread was seen spinning at that barrier for 16 minutes. A pass large
+// enough to pay for them uses every core through OpenMP anyway.
 std::mutex& RunMutex() {
   static std::mutex mu;
   return mu;
