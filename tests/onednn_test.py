@@ -10,7 +10,10 @@ a broken build fails here instead of silently running XLA's.
 import os
 import platform
 import shutil
+import subprocess
+import sys
 import tempfile
+import textwrap
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -168,6 +171,36 @@ class OnednnTest(parameterized.TestCase):
                                     dimension_numbers=_NHWC)
     np.testing.assert_allclose(got, _lax_conv((2, 2), 'VALID')(x, w),
                                rtol=1e-6)
+
+  def test_avx2_kernels_match_lax(self):
+    """The kernels a CPU without AVX-512 gets (blocked forward weights, as
+    im2col + gemm would otherwise read HWIO), on any x86 CPU: oneDNN picks
+    its kernels when the process starts, so in a subprocess that caps its
+    instruction set (`ONEDNN_MAX_CPU_ISA`)."""
+    code = textwrap.dedent('''
+        import jax, numpy as np
+        from jax import lax
+        from sact_jax import conv
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(8, 16, 16, 32)).astype(np.float32)
+        w = rng.normal(size=(3, 3, 32, 32)).astype(np.float32)
+        pad = ((1, 1), (1, 1))
+        ours = lambda x, w: conv.conv2d(x, w, (1, 1), pad, None, 'onednn',
+                                        'onednn')
+        ref = lambda x, w: lax.conv_general_dilated(
+            x, w, (1, 1), pad, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+        y, vjp = jax.vjp(ours, x, w)
+        y_ref, vjp_ref = jax.vjp(ref, x, w)
+        g = rng.normal(size=y.shape).astype(np.float32)
+        pairs = [(y, y_ref), *zip(vjp(g), vjp_ref(g))]
+        print(max(float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+                  for a, b in pairs))
+        ''')
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA='AVX2', JAX_PLATFORMS='cpu')
+    run = subprocess.run([sys.executable, '-c', code], env=env,
+                         capture_output=True, text=True, check=False)
+    self.assertEqual(run.returncode, 0, run.stderr[-2000:])
+    self.assertLess(float(run.stdout.split()[-1]), 1e-5)
 
 
 class BuildTest(absltest.TestCase):
