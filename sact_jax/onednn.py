@@ -23,8 +23,9 @@ whether convolutions traced now should use them: not inside `disabled()`
 and not where JAX has several devices. onednn_conv.cc runs one pass at a
 time in the process, each on as many OpenMP threads as its size pays for,
 and reads the forward's weights in the caller's layout where oneDNN's
-direct kernels take it (why: its comments on `Run`, `ThreadsForPass` and
-`Build`).
+direct kernels take it and the convolution is too small to pay for a
+reorder (why: its comments on `Run`, `ThreadsForPass` and `Build`, and
+`BLOCKED_WEIGHTS_MIN_FLOPS` here).
 """
 
 import contextlib
@@ -199,16 +200,43 @@ def supported(x_shape, w_shape, strides, padding, dtype) -> bool:
   return True
 
 
-def _call(target, result_shape, a, b, strides, padding):
+def _call(target, result_shape, a, b, strides, padding,
+          blocked_weights=False):
   if not available():
     raise Unavailable("oneDNN's convolutions are unavailable (the warning "
                       'logged says why)')
   attrs = {'stride_h': strides[0], 'stride_w': strides[1],
-           'pad_top': padding[0][0], 'pad_left': padding[1][0]}
+           'pad_top': padding[0][0], 'pad_left': padding[1][0],
+           'blocked_weights': int(blocked_weights)}
   return jax.ffi.ffi_call(
       target, jax.ShapeDtypeStruct(result_shape, a.dtype),
       vmap_method='sequential')(
           a, b, **{k: np.int64(v) for k, v in attrs.items()})
+
+
+# The forward reorders the HWIO weights to oneDNN's blocked layout on every
+# call when the convolution does at least this many FLOPs, and reads them as
+# they are otherwise. The reorder costs in proportion to the weights, the
+# blocked kernels gain in proportion to the FLOPs: on a 2-core AVX-512 VM
+# the blocked layout made an ImageNet ResNet-101 at batch 32 (every
+# convolution 1.6-7.5 GFLOP) 3% faster, while at batch 1 (at most 0.24
+# GFLOP) it lost up to 1.6x on the 7x7x512 shapes (`BUILD.md`, "oneDNN's
+# kernels").
+BLOCKED_WEIGHTS_MIN_FLOPS = 1e9
+
+
+def _forward(x_BxHxWxI, w_KxLxIxO, strides, padding, blocked_weights=None):
+  """The forward pass; `blocked_weights` None: by the FLOPs (above)."""
+  batch, height, width, _ = x_BxHxWxI.shape
+  kh, kw, _, cout = w_KxLxIxO.shape
+  (top, bottom), (left, right) = padding
+  out_hw = ((height + top + bottom - kh) // strides[0] + 1,
+            (width + left + right - kw) // strides[1] + 1)
+  if blocked_weights is None:
+    flops = 2.0 * batch * out_hw[0] * out_hw[1] * w_KxLxIxO.size
+    blocked_weights = flops >= BLOCKED_WEIGHTS_MIN_FLOPS
+  return _call('OnednnConvForward', (batch, *out_hw, cout), x_BxHxWxI,
+               w_KxLxIxO, strides, padding, blocked_weights)
 
 
 # The three passes are linear in each operand, and each one's derivatives
@@ -220,13 +248,7 @@ def _call(target, result_shape, a, b, strides, padding):
 def forward(x_BxHxWxI, w_KxLxIxO, strides, padding, precision=None):
   """The convolution (oneDNN computes float32 at full precision)."""
   del precision
-  batch, height, width, _ = x_BxHxWxI.shape
-  kh, kw, _, cout = w_KxLxIxO.shape
-  (top, bottom), (left, right) = padding
-  out_hw = ((height + top + bottom - kh) // strides[0] + 1,
-            (width + left + right - kw) // strides[1] + 1)
-  return _call('OnednnConvForward', (batch, *out_hw, cout), x_BxHxWxI,
-               w_KxLxIxO, strides, padding)
+  return _forward(x_BxHxWxI, w_KxLxIxO, strides, padding)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))

@@ -30,9 +30,11 @@ dnnl::engine& Engine() {
 
 // Batch, input H and W, input and output channels, kernel H and W, strides
 // along H and W, padding before H and W, output H and W (the padding after
-// follows from them).
+// follows from them); and, for the forward, whether the primitive gets the
+// weights in the layout it prefers (reordered on every call) rather than
+// as HWIO.
 struct Shape {
-  int64_t v[13];
+  int64_t v[14];
   bool operator==(const Shape& o) const {
     return std::memcmp(v, o.v, sizeof(v)) == 0;
   }
@@ -49,6 +51,7 @@ struct Shape {
   int64_t left() const { return v[10]; }
   int64_t oh() const { return v[11]; }
   int64_t ow() const { return v[12]; }
+  bool blocked_weights() const { return v[13] != 0; }
   dnnl::memory::dims strides() const { return {sh(), sw()}; }
   dnnl::memory::dims pad_l() const { return {top(), left()}; }
   dnnl::memory::dims pad_r() const {
@@ -103,14 +106,13 @@ std::unique_ptr<Pass> Build(Kind kind, const Shape& s) {
                                tag::nhwc);
   pass->w_user = s.w_desc(tag::hwio);
   if (kind == kForward) {
-    // The forward reads the user's HWIO weights as they are where a direct
-    // kernel takes them (AVX-512's brgconv): reordering them to a blocked
-    // layout on every call cost more than it saved (a fifth of an ImageNet
-    // ResNet-101's time at batch 1; no faster at batch 32). Where only
-    // im2col + gemm would (AVX2; the gradients everywhere, 3x slower), the
-    // primitive gets the layout it prefers.
+    // The forward reads the user's HWIO weights as they are unless the
+    // caller asks for the blocked layout (onednn.py says when) or only
+    // im2col + gemm would take HWIO (AVX2; the gradients everywhere, 3x
+    // slower than with the layout the primitive prefers).
     auto pd = ForwardDesc(s, pass->x, pass->y,
-                          dnnl::prop_kind::forward_inference, tag::hwio);
+                          dnnl::prop_kind::forward_inference,
+                          s.blocked_weights() ? tag::any : tag::hwio);
     if (std::string(pd.impl_info_str()).find("gemm") != std::string::npos) {
       pd = ForwardDesc(s, pass->x, pass->y,
                        dnnl::prop_kind::forward_inference, tag::any);
@@ -155,15 +157,17 @@ Pass* Get(Kind kind, const Shape& shape) {
   return slot.get();
 }
 
-// The attributes every handler takes: strides and padding before.
+// The attributes every handler takes: strides, padding before, and (read
+// by the forward only) whether to reorder the weights to a blocked layout.
 struct ConvAttrs {
-  int64_t stride_h, stride_w, pad_top, pad_left;
+  int64_t stride_h, stride_w, pad_top, pad_left, blocked_weights;
 };
 
 Shape MakeShape(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
                 ffi::Span<const int64_t> y, const ConvAttrs& a) {
   return Shape{{x[0], x[1], x[2], x[3], w[3], w[0], w[1], a.stride_h,
-                a.stride_w, a.pad_top, a.pad_left, y[1], y[2]}};
+                a.stride_w, a.pad_top, a.pad_left, y[1], y[2],
+                a.blocked_weights}};
 }
 
 // forward: (x, w) -> y; input gradient: (dy, w) -> dx; kernel gradient:
@@ -261,7 +265,8 @@ ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(ConvAttrs, ffi::StructMember<int64_t>(
     "stride_h"), ffi::StructMember<int64_t>("stride_w"),
     ffi::StructMember<int64_t>("pad_top"),
-    ffi::StructMember<int64_t>("pad_left"));
+    ffi::StructMember<int64_t>("pad_left"),
+    ffi::StructMember<int64_t>("blocked_weights"));
 
 #define SACT_BIND                                  \
   ffi::Ffi::Bind()                                 \

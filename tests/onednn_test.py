@@ -99,6 +99,37 @@ class OnednnTest(parameterized.TestCase):
     for got, want in zip(vjp(g), vjp_ref(g)):
       assert_close(got, want)
 
+  @parameterized.named_parameters(
+      ('3x3', (2, 14, 14, 64), (3, 3, 64, 128), (1, 1), ((1, 1), (1, 1))),
+      ('1x1_s2', (2, 14, 14, 128), (1, 1, 128, 256), (2, 2),
+       ((0, 0), (0, 0))),
+      ('stem', (1, 32, 32, 3), (7, 7, 3, 64), (2, 2), ((3, 3), (3, 3))),
+  )
+  def test_forward_weights_hwio_or_blocked(self, x_shape, w_shape, strides,
+                                           padding):
+    """The forward reads HWIO weights or reorders them to oneDNN's blocked
+    layout (large convolutions): both give the convolution."""
+    x, w = _inputs(x_shape, w_shape)
+    want = _lax_conv(strides, padding)(x, w)
+    for blocked in (False, True):
+      got = jax.jit(lambda x, w, b=blocked: onednn._forward(
+          x, w, strides, padding, blocked_weights=b))(x, w)
+      np.testing.assert_allclose(
+          got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+
+  def test_forward_weights_blocked_from_the_flops_threshold(self):
+    x, w = _inputs((1, 8, 8, 16), (3, 3, 16, 16))  # 295 kFLOP.
+    pad = ((1, 1), (1, 1))
+
+    def text():
+      return jax.jit(lambda x, w: onednn.forward(x, w, (1, 1), pad)).lower(
+          x, w).as_text()
+
+    self.assertRegex(text(), r'blocked_weights = 0')
+    with absltest.mock.patch.object(onednn, 'BLOCKED_WEIGHTS_MIN_FLOPS',
+                                    2.9e5):
+      self.assertRegex(text(), r'blocked_weights = 1')
+
   def test_routed_by_conv_and_disabled_inside_the_context(self):
     x, w = _inputs((2, 8, 8, 4), (3, 3, 4, 4))
 
