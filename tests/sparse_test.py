@@ -257,6 +257,15 @@ class RandomModelTest(parameterized.TestCase):
     self.assertNotIn('stage_dilated', timings)
     json.dumps(runner.last_units)  # Plain Python numbers, for benchmarks.
 
+  def test_device_loop_nothing_halts_computes_nothing_beyond_the_count(self):
+    """The device loop runs every unit and head once, none dropped."""
+    model, images = _model('cifar')
+    _set_biases(model, [-16.0, -16.0])
+    runner = _runner_for(model, sact_mode='device')
+    _, aux = runner(images)
+    self.assertEqual([int(u['steps']) for u in runner.last_units], [3, 3])
+    self.assertEqual(float(aux['flops_overhead']), 0.0)
+
   @parameterized.parameters('rows', 'device')
   def test_all_halted_skips_units(self, mode):
     """Every position halts at the first head: units 2..L never run, yet

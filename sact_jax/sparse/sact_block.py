@@ -28,6 +28,7 @@ head runs on the whole map after the update instead, as the dense model's.
 import functools
 import math
 import time
+from typing import NamedTuple
 
 from flax import nnx
 import jax
@@ -42,6 +43,13 @@ from sact_jax.sparse import options as options_lib
 from sact_jax.sparse import planner as planner_lib
 from sact_jax.sparse import rows as rows_lib
 from sact_jax.sparse import stages
+
+
+class _Rows(NamedTuple):
+  """Per-image positions where units and heads ran (`_device_loop`)."""
+  dilated: jax.Array
+  active: jax.Array
+  head: jax.Array
 
 
 class SactBlock:
@@ -375,10 +383,11 @@ class SactBlock:
     Numerically the dense model's block (`blocks.py`), except that the loop
     stops once no position runs; the heads it then skips still count, as
     the reference counts them. Iteration i runs unit i+2 and then the head
-    of unit i+2 (stacked at index i+1). Returns the block output, ponder
+    of unit i+2 (stacked at index i+1); the last unit, which has no head,
+    runs after the loop if any position still does (so no iteration
+    computes a head only to drop it). Returns the block output, ponder
     cost, units, FLOPs, the FLOPs computed beyond the count (at halted
-    positions; the head computed after the last unit) and the number of
-    units run after the first.
+    positions) and the number of units run after the first.
     """
     self.phases.trace('block_device_loop')
     x, flops_B = self._first(first_vars, x_in, flops_B)
@@ -387,46 +396,57 @@ class SactBlock:
     costs = self.costs
     last = self.num_units - 2
 
-    def apply_head(i, x, state, flops_B, waste):
+    # Positions where units (dilated and active rows) and heads ran, per
+    # image: integers, exact in float32. The FLOPs computed beyond the
+    # count follow from them after the loop, without a sum over the batch
+    # in every iteration.
+    def apply_head(i, x, state, flops_B, rows):
       head = nnx.merge(self.head_gd, common.pick(stacked_heads, i))
       running = state.running
       flops_B = flops_B + head.flops(running)
-      waste = waste + jnp.sum(head.flops(jnp.ones_like(running))
-                              - head.flops(running))
+      rows = rows._replace(head=rows.head + flops_lib.spatial_count(running))
       state = act_lib.step(state, head(x), x, self.eps)
-      return state, flops_B, waste
+      return state, flops_B, rows
 
-    state = act_lib.init_state(x, (batch, height, width))
-    state, flops_B, waste = apply_head(0, x, state, flops_B,
-                                       jnp.zeros((), jnp.float32))
-
-    def cond(loop):
-      i, _, state, _, _ = loop
-      return (i <= last) & jnp.any(state.running > 0)
-
-    def body(loop):
-      i, x, state, flops_B, waste = loop
+    def apply_unit(i, x, state, flops_B, rows):
       unit = nnx.merge(self.unit_gd, common.pick(stacked_units, i))
       mask = state.running
       dilated_B = flops_lib.spatial_count(act_lib.dilate_mask(mask))
       active_B = flops_lib.spatial_count(mask)
       flops_B = (flops_B + dilated_B * costs.dilated_cost
                  + active_B * costs.active_cost)
-      waste = waste + (
-          (num_rows - jnp.sum(dilated_B)) * costs.dilated_cost
-          + (num_rows - jnp.sum(active_B)) * costs.active_cost)
+      rows = rows._replace(dilated=rows.dilated + dilated_B,
+                           active=rows.active + active_B)
       x = act_lib.masked_residual(x, unit.residual(x), mask)
-      # The head of the next unit; after the last unit it is computed (on a
-      # clamped index) and dropped, all of it beyond the count.
-      headed = apply_head(jnp.minimum(i + 1, last), x, state, flops_B, waste)
-      dropped = (state, flops_B, waste + num_rows * costs.local_cost
-                 + batch * self.idle_head_flops)
-      state, flops_B, waste = jax.tree.map(
-          lambda a, b: jnp.where(i < last, a, b), headed, dropped)
-      return i + 1, x, state, flops_B, waste
+      return x, flops_B, rows
 
-    steps, x, state, flops_B, waste = lax.while_loop(
-        cond, body, (jnp.int32(0), x, state, flops_B, waste))
+    zeros_B = jnp.zeros((batch,), jnp.float32)
+    rows = _Rows(dilated=zeros_B, active=zeros_B, head=zeros_B)
+    state = act_lib.init_state(x, (batch, height, width))
+    state, flops_B, rows = apply_head(0, x, state, flops_B, rows)
+
+    def cond(loop):
+      i, _, state, _, _ = loop
+      return (i < last) & jnp.any(state.running > 0)
+
+    def body(loop):
+      i, x, state, flops_B, rows = loop
+      x, flops_B, rows = apply_unit(i, x, state, flops_B, rows)
+      state, flops_B, rows = apply_head(i + 1, x, state, flops_B, rows)
+      return i + 1, x, state, flops_B, rows
+
+    steps, x, state, flops_B, rows = lax.while_loop(
+        cond, body, (jnp.int32(0), x, state, flops_B, rows))
+    heads = (steps + 1).astype(jnp.float32)
+    run_last = (steps == last) & jnp.any(state.running > 0)
+    x, flops_B, rows = lax.cond(
+        run_last, lambda x, f, r: apply_unit(last, x, state, f, r),
+        lambda x, f, r: (x, f, r), x, flops_B, rows)
+    steps = steps + run_last.astype(jnp.int32)
+    units = steps.astype(jnp.float32)
+    waste = ((units * num_rows - jnp.sum(rows.dilated)) * costs.dilated_cost
+             + (units * num_rows - jnp.sum(rows.active)) * costs.active_cost
+             + (heads * num_rows - jnp.sum(rows.head)) * costs.local_cost)
     flops_B = (flops_B
                + (last - jnp.minimum(steps, last)) * self.idle_head_flops)
     state = act_lib.finish(state, x, self.eps)
