@@ -42,6 +42,11 @@ calls of a round see the same machine state, and each ratio is the median
 of the per-round ratios. On a VM whose speed drifts over minutes that is
 the figure to quote; the medians of separate processes move with the drift.
 
+`--jax_infer_xla_flags` adds XLA flags to the JAX side's inference and
+claim processes only, for example the batch-1 latency setting
+`--xla_cpu_enable_concurrency_optimized_scheduler=false` (BUILD.md,
+"XLA:CPU's scheduler and batch-1 latency"); the JSON records both sides'.
+
 Prints a markdown table and writes every process's JSON line (`--output`).
 """
 
@@ -94,6 +99,12 @@ _CACHE = flags.DEFINE_bool(
     'written by the first run). With reuse_freed_memory, a process that '
     'compiled them itself runs them up to 1.4x slower (BUILD.md, "Host '
     'memory").')
+_INFER_XLA_FLAGS = flags.DEFINE_string(
+    'jax_infer_xla_flags', '', 'Appended to XLA_FLAGS of the JAX side\'s '
+    'inference and claim processes (not the training rows): for example '
+    '--xla_cpu_enable_concurrency_optimized_scheduler=false, the batch-1 '
+    'latency setting (BUILD.md, "XLA:CPU\'s scheduler and batch-1 '
+    'latency").')
 _WORKER = flags.DEFINE_string('worker', None, 'Internal: time one workload '
                               'on the JAX side and print one JSON line.')
 _SERVE = flags.DEFINE_bool('serve', False, 'Internal, with --worker: serve '
@@ -420,6 +431,8 @@ def main(argv):
           'timing the JAX side only.', file=sys.stderr)
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu')
   tf_env = dict(env)
+  infer_env = dict(env, XLA_FLAGS=' '.join(
+      f for f in (env.get('XLA_FLAGS', ''), _INFER_XLA_FLAGS.value) if f))
   if _REUSE.value:
     # TF gains from it too (BUILD.md, "Host memory"): both sides keep freed
     # memory, or neither.
@@ -429,7 +442,7 @@ def main(argv):
     parse(config)  # Bad configs fail before anything runs.
   for config in _CONFIGS.value:
     if _LOCKSTEP.value and have_tf and parse(config)['kind'] != 'train':
-      row, lockstep_records = _lockstep(config, tfref, env, tf_env)
+      row, lockstep_records = _lockstep(config, tfref, infer_env, tf_env)
       records += lockstep_records
       summary.append(row)
       print(json.dumps(row), file=sys.stderr, flush=True)
@@ -443,10 +456,12 @@ def main(argv):
           r.update(config=config, impl='tf', variant=variant, rep=rep)
           records.append(r)
           runs[f'tf_{variant}'].append(r.get('median_s'))
-      if parse(config)['kind'] == 'claim':
-        r = _run_claim(config, env)
+      kind = parse(config)['kind']
+      if kind == 'claim':
+        r = _run_claim(config, infer_env)
       else:
-        r = _run_json(_worker_command(config, f'--reps={_REPS.value}'), env)
+        r = _run_json(_worker_command(config, f'--reps={_REPS.value}'),
+                      env if kind == 'train' else infer_env)
       r.update(rep=rep)
       records.append(r)
       runs['jax_dense'].append(r.get('median_s'))
@@ -457,7 +472,9 @@ def main(argv):
   print(table(summary))
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   with open(_OUT.value, 'w') as f:
-    json.dump({'summary': summary, 'records': records}, f, indent=1)
+    json.dump({'summary': summary, 'records': records,
+               'xla_flags': {'train': env.get('XLA_FLAGS', ''),
+                             'infer': infer_env['XLA_FLAGS']}}, f, indent=1)
   print(f'Wrote {_OUT.value}')
 
 
