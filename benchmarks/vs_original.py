@@ -45,7 +45,7 @@ the figure to quote; the medians of separate processes move with the drift.
 `--jax_infer_xla_flags` adds XLA flags to the JAX side's inference and
 claim processes only, for example the batch-1 latency setting
 `--xla_cpu_enable_concurrency_optimized_scheduler=false` (BUILD.md,
-"XLA:CPU's scheduler and batch-1 latency"); the JSON records both sides'.
+"XLA:CPU's scheduler and batch-1 latency"); the JSON records them.
 
 Prints a markdown table and writes every process's JSON line (`--output`).
 """

@@ -28,7 +28,11 @@ a host round trip (CIFAR at small batch) run in one `lax.while_loop`
 instead, and each unit runs at rows or densely, whichever a cost model of
 gathers favours (`options.py`). Where every block runs as such a loop (ACT
 by default; SACT where all blocks are cheap), the whole model is one jitted
-program: one dispatch per call, as the dense model.
+program: one dispatch per call, as the dense model. On the CPU that program
+runs its operations on XLA's thread pool and hops between threads where the
+dense model's stays on the caller's: for batch-1 latency run the process
+with `XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false`
+(BUILD.md, "XLA:CPU's scheduler and batch-1 latency").
 
 FLOPs follow `flops.py` exactly: `aux['flops']` equals the dense model's
 count (and is what the convs compute at real rows); conv FLOPs spent on
