@@ -257,6 +257,39 @@ class RandomModelTest(parameterized.TestCase):
     self.assertNotIn('stage_dilated', timings)
     json.dumps(runner.last_units)  # Plain Python numbers, for benchmarks.
 
+  def test_adapt_moves_all_dense_blocks_to_the_device_and_back(self):
+    """`adapt`: a call whose units all ran densely makes the next one a
+    device loop per block (here the whole model, one program); a device
+    loop whose units would pay at rows sends the next call back to rows.
+    Outputs stay the dense model's throughout."""
+    model, images = _model('cifar')
+    # Rows cost no more than their FLOPs (as in
+    # test_dense_units_inside_a_sparse_block), so that the halting regime
+    # below runs units at rows; buckets=3 keeps this runner to this test.
+    runner = _runner_for(model, sact_mode='auto', device_flops=0,
+                         gather_cost=0.0, slice_cost=0.0, unit_cost=0.0,
+                         pipeline=False, buckets=3)
+    fixed = _runner_for(model, sact_mode='auto', device_flops=0,
+                        gather_cost=0.0, slice_cost=0.0, unit_cost=0.0,
+                        pipeline=False, buckets=3, adapt=False)
+
+    def phases(runner):
+      timings = {}
+      _assert_same(self, tu.forward(model, images),
+                   runner(images, timings=timings))
+      return set(timings)
+
+    _set_biases(model, [-16.0, -16.0])  # Nothing halts: every unit dense.
+    self.assertIn('block_start', phases(runner))
+    self.assertEqual(phases(runner), {'whole_model'})
+    self.assertEqual(phases(runner), {'whole_model'})
+    self.assertIn('block_start', phases(fixed))
+    self.assertIn('block_start', phases(fixed))
+    _set_biases(model, _regime_biases('cifar', 0.5))
+    self.assertEqual(phases(runner), {'whole_model'})  # Learns from it.
+    self.assertIn('stage_dilated', phases(runner))
+    self.assertIn('stage_dilated', phases(runner))
+
   def test_device_loop_nothing_halts_computes_nothing_beyond_the_count(self):
     """The device loop runs every unit and head once, none dropped."""
     model, images = _model('cifar')

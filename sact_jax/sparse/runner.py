@@ -28,7 +28,10 @@ a host round trip (CIFAR at small batch) run in one `lax.while_loop`
 instead, and each unit runs at rows or densely, whichever a cost model of
 gathers favours (`options.py`). Where every block runs as such a loop (ACT
 by default; SACT where all blocks are cheap), the whole model is one jitted
-program: one dispatch per call, as the dense model. On the CPU that program
+program: one dispatch per call, as the dense model. A block whose units all
+ran densely in the last call runs as such a loop in the next
+(`SparseOptions.adapt`), so where nothing halts every block ends up in one
+program too. On the CPU that program
 runs its operations on XLA's thread pool and hops between threads where the
 dense model's stays on the caller's: for batch-1 latency run the process
 with `XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false`
@@ -239,7 +242,7 @@ class SparseRunner:
     """
     self._phases.trace('whole_model')
     x, flops_B = self._stem_fn(top_vars, images)
-    ponder_costs, num_units, steps = [], [], []
+    ponder_costs, num_units, steps, usage = [], [], [], []
     waste = jnp.zeros((), jnp.float32)
     for runner_block, block_vars in zip(self._blocks, blocks_vars):
       out = runner_block.device_run(types.SimpleNamespace(**block_vars), x,
@@ -247,6 +250,7 @@ class SparseRunner:
       x, ponder, units, flops_B, block_waste = out[:5]
       if self.model_type == 'sact' and runner_block.num_units > 1:
         steps.append(out[5])
+        usage.append(out[6])
       waste = waste + block_waste
       ponder_costs.append(ponder)
       num_units.append(units)
@@ -255,7 +259,7 @@ class SparseRunner:
     aux = {'flops': flops_B, 'ponder_cost': ponder_costs,
            'num_units': num_units, 'ponder_loss': ponder_loss,
            'flops_overhead': waste}
-    return logits, aux, steps
+    return logits, aux, steps, usage
 
   def _block_input_shapes(self, weights, images_shape) -> list:
     """Each block's input shape for images of `images_shape` (cached)."""
@@ -306,11 +310,17 @@ class SparseRunner:
       return logits, aux
 
     if self._runs_whole(weights, images.shape):
-      logits, aux, steps = clock('whole_model', self._whole, weights.top,
-                                 [_device_vars(b) for b in weights.blocks],
-                                 images)
+      logits, aux, steps, usage = clock(
+          'whole_model', self._whole, weights.top,
+          [_device_vars(b) for b in weights.blocks], images)
       for block_steps in steps:
         self._phases.record({'device_loop': True, 'steps': block_steps})
+      if self.model_type == 'sact':
+        looped = [(b, shape) for b, shape in zip(
+            self._blocks, self._block_input_shapes(weights, images.shape))
+                  if b.num_units > 1]
+        for (block, shape), block_usage in zip(looped, usage):
+          block.note_device_usage(shape, block_usage)
       return logits, aux
 
     x, flops_B = clock('stem', self._stem, weights.top, images)

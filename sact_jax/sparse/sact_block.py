@@ -67,6 +67,11 @@ class SactBlock:
     self.first_gd = common.graphdef(block.first)
     self.stride = block.first.stride
     self.costs = None
+    # `SparseOptions.adapt`: per input shape, whether the next call runs
+    # as a device loop, and the usage of the last device loop, read when
+    # the next call asks (by then it is done).
+    self._adapted = {}
+    self._usage = {}
     if block.steps is None:
       self.single = phases.jit(self._single)
       return
@@ -387,7 +392,9 @@ class SactBlock:
     runs after the loop if any position still does (so no iteration
     computes a head only to drop it). Returns the block output, ponder
     cost, units, FLOPs, the FLOPs computed beyond the count (at halted
-    positions) and the number of units run after the first.
+    positions), the number of units run after the first and, for `adapt`,
+    the dilated and active positions summed over those units and their
+    number.
     """
     self.phases.trace('block_device_loop')
     x, flops_B = self._first(first_vars, x_in, flops_B)
@@ -450,8 +457,9 @@ class SactBlock:
     flops_B = (flops_B
                + (last - jnp.minimum(steps, last)) * self.idle_head_flops)
     state = act_lib.finish(state, x, self.eps)
+    usage_3 = jnp.stack([jnp.sum(rows.dilated), jnp.sum(rows.active), units])
     return (state.output, state.ponder_cost, state.num_units, flops_B, waste,
-            steps)
+            steps, usage_3)
 
   def _finish(self, maps, halting_carry, skipped_heads):
     """The last halting step and the block output.
@@ -474,7 +482,8 @@ class SactBlock:
     """Whether the block runs as one device loop for inputs of `in_shape`.
 
     'device' mode, or 'auto' where a dense unit (for the whole batch) costs
-    less than `device_flops`; one-unit blocks have nothing to loop over.
+    less than `device_flops` or where `adapt` says so; one-unit blocks have
+    nothing to loop over.
     """
     if self.num_units == 1:
       return True
@@ -482,7 +491,24 @@ class SactBlock:
     unit_flops = (in_shape[0] * self.out_hw(in_shape[1:3])
                   * (self.costs.dilated_cost + self.costs.active_cost))
     cheap = unit_flops < self.phases.device_flops
-    return opts.sact_mode == 'device' or (opts.sact_mode == 'auto' and cheap)
+    if opts.sact_mode != 'auto':
+      return opts.sact_mode == 'device'
+    return cheap or (opts.adapt and self._adapted_device(tuple(in_shape)))
+
+  def _adapted_device(self, in_shape) -> bool:
+    """`adapt`: device loop while its average unit would run densely."""
+    usage = self._usage.pop(in_shape, None)
+    if usage is not None:
+      dilated, active, units = np.asarray(usage).tolist()
+      num_rows = in_shape[0] * self.out_hw(in_shape[1:3])
+      self._adapted[in_shape] = units == 0 or self.costs.runs_dense(
+          round(dilated / units), round(active / units), num_rows)
+    return self._adapted.get(in_shape, False)
+
+  def note_device_usage(self, in_shape, usage_3: jax.Array) -> None:
+    """Keeps a device loop's usage (`_device_loop`) for `adapt`."""
+    if self.costs is not None:
+      self._usage[tuple(in_shape)] = usage_3
 
   def device_run(self, weights, x_in, flops_B):
     """The block as one traceable function, where `on_device`.
@@ -492,7 +518,7 @@ class SactBlock:
     if self.num_units == 1:
       out, ponder, units, flops_B = self._single(weights.first, x_in, flops_B)
       return (out, ponder, units, flops_B, jnp.zeros((), jnp.float32),
-              jnp.zeros((), jnp.int32))
+              jnp.zeros((), jnp.int32), jnp.zeros((3,), jnp.float32))
     return self._device_loop(weights.first, weights.stacked_units,
                              weights.stacked_heads, x_in, flops_B)
 
@@ -503,9 +529,10 @@ class SactBlock:
                                           weights.first, x_in, flops_B)
       return out, ponder, units, flops_B, 0
     if self.on_device(x_in.shape):
-      out, ponder, units, flops_B, waste, steps = clock(
+      out, ponder, units, flops_B, waste, steps, usage = clock(
           'block_device_loop', self.device_loop, weights.first,
           weights.stacked_units, weights.stacked_heads, x_in, flops_B)
+      self.note_device_usage(x_in.shape, usage)
       self.phases.record({'device_loop': True, 'steps': steps})
       return out, ponder, units, flops_B, waste
     opts = self.phases.options
@@ -528,6 +555,10 @@ class SactBlock:
     out, ponder, units, flops_B = clock('block_finish', self.finish, maps,
                                         halting_carry, skipped)
     waste = self._account(planner)
+    # Every unit dense (or none run): the device loop does the same work
+    # without a round trip per unit (`adapt`).
+    self._adapted[tuple(x_in.shape)] = all(
+        plan.dense for plan in planner.plans)
     if len(planner.plans) < self.num_units - 1:
       self.phases.record(
           {'units_skipped': self.num_units - 1 - len(planner.plans)})
