@@ -325,11 +325,16 @@ class SparseRunner:
 
     x, flops_B = clock('stem', self._stem, weights.top, images)
     ponder_costs, num_units = [], []
-    overhead = 0
+    # Host blocks count their waste in Python ints (beyond int32 at ImageNet
+    # batch 32), device loops in float32 arrays: kept apart, summed last.
+    host_overhead, device_overheads = 0, []
     for runner_block, block_weights in zip(self._blocks, weights.blocks):
       x, ponder, units, flops_B, waste = runner_block.run(
           block_weights, x, flops_B, clock)
-      overhead += waste
+      if isinstance(waste, jax.Array):
+        device_overheads.append(waste)
+      else:
+        host_overhead += waste
       ponder_costs.append(ponder)
       num_units.append(units)
     logits, flops_B, ponder_loss = clock('head', self._head, weights.top, x,
@@ -339,8 +344,8 @@ class SparseRunner:
         'ponder_cost': ponder_costs,
         'num_units': num_units,
         'ponder_loss': ponder_loss,
-        'flops_overhead': (overhead if isinstance(overhead, jax.Array)
-                           else jnp.asarray(float(overhead), jnp.float32)),
+        'flops_overhead': sum(device_overheads,
+                              jnp.asarray(float(host_overhead), jnp.float32)),
     }
     return logits, aux
 
