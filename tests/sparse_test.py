@@ -257,6 +257,25 @@ class RandomModelTest(parameterized.TestCase):
     self.assertNotIn('stage_dilated', timings)
     json.dumps(runner.last_units)  # Plain Python numbers, for benchmarks.
 
+  def test_host_and_device_block_waste_add_up_beyond_int32(self):
+    """A host block's waste (Python int, past int32 at ImageNet batch 32)
+    plus a later device loop's (an array) in one call."""
+    model, images = _model('cifar')
+    # Block 1 halts half its positions (rows), block 2 none: with `adapt`
+    # the second call runs block 2 as a device loop after block 1's host.
+    _set_biases(model, [_regime_biases('cifar', 0.5)[0], -16.0])
+    runner = _runner_for(model, sact_mode='auto', device_flops=0,
+                         gather_cost=0.0, slice_cost=0.0, unit_cost=0.0,
+                         pipeline=False, buckets=4)
+    runner(images)
+    with mock.patch('sact_jax.sparse.options.CostModel.waste',
+                    return_value=2**40):
+      timings = {}
+      _, aux = runner(images, timings=timings)
+    self.assertIn('block_device_loop', timings)
+    self.assertIn('stage_dilated', timings)
+    self.assertGreaterEqual(float(aux['flops_overhead']), 2**40)
+
   def test_adapt_moves_all_dense_blocks_to_the_device_and_back(self):
     """`adapt`: a call whose units all ran densely makes the next one a
     device loop per block (here the whole model, one program); a device
