@@ -278,9 +278,10 @@ class RandomModelTest(parameterized.TestCase):
 
   def test_adapt_moves_all_dense_blocks_to_the_device_and_back(self):
     """`adapt`: a call whose units all ran densely makes the next one a
-    device loop per block (here the whole model, one program); a device
-    loop whose units would pay at rows sends the next call back to rows.
-    Outputs stay the dense model's throughout."""
+    device loop per block (here the whole model, one program), one where
+    no position halted the dense model itself; FLOPs beyond the count
+    there, or device loops whose units would pay at rows, send the next
+    call back. Outputs stay the dense model's throughout."""
     model, images = _model('cifar')
     # Rows cost no more than their FLOPs (as in
     # test_dense_units_inside_a_sparse_block), so that the halting regime
@@ -301,12 +302,16 @@ class RandomModelTest(parameterized.TestCase):
     _set_biases(model, [-16.0, -16.0])  # Nothing halts: every unit dense.
     self.assertIn('block_start', phases(runner))
     self.assertEqual(phases(runner), {'whole_model'})
-    self.assertEqual(phases(runner), {'whole_model'})
+    # No position halted there: the dense model itself, nothing beyond
+    # the count.
+    self.assertEqual(phases(runner), {'dense_model'})
+    self.assertEqual(float(runner(images)[1]['flops_overhead']), 0.0)
     self.assertIn('block_start', phases(fixed))
     self.assertIn('block_start', phases(fixed))
     _set_biases(model, _regime_biases('cifar', 0.5))
-    self.assertEqual(phases(runner), {'whole_model'})  # Learns from it.
-    self.assertIn('stage_dilated', phases(runner))
+    self.assertEqual(phases(runner), {'dense_model'})  # Learns from it:
+    self.assertEqual(phases(runner), {'whole_model'})  # FLOPs beyond,
+    self.assertIn('stage_dilated', phases(runner))  # then rows that pay.
     self.assertIn('stage_dilated', phases(runner))
 
   def test_device_loop_nothing_halts_computes_nothing_beyond_the_count(self):

@@ -51,6 +51,7 @@ import weakref
 from flax import nnx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sact_jax import flops as flops_lib
 from sact_jax.models import base
@@ -75,8 +76,10 @@ class _Weights:
                       if isinstance(v, nnx.Variable)]
     self.top = {name: common.variable_arrays(module)
                 for name, module in _top_modules(model).items()}
+    # The whole model: vanilla runs it; SACT under `adapt` where nothing
+    # halts (`SparseRunner._dense_pays`).
     self.model = (common.variable_arrays(model)
-                  if model.model_type == 'vanilla' else None)
+                  if model.model_type in ('vanilla', 'sact') else None)
     self.blocks = []
     for block in model.blocks:
       entry = types.SimpleNamespace(
@@ -152,6 +155,12 @@ class SparseRunner:
     self._vanilla = self._phases.jit(self._vanilla_fn)
     self._whole = self._phases.jit(self._whole_fn)
     self._block_shapes = {}  # Image shape -> each block's input shape.
+    # `adapt`, per image shape: the last whole-model call's usage and FLOPs
+    # (read at the next call), the dense model's FLOPs per image where
+    # nothing halts, and the last dense call's overhead.
+    self._whole_usage = {}
+    self._full_flops = {}
+    self._dense_overhead = {}
 
   @property
   def trace_counts(self):
@@ -279,6 +288,37 @@ class SparseRunner:
       self._block_shapes[images_shape] = shapes
     return self._block_shapes[images_shape]
 
+  def _dense_pays(self, weights, images_shape) -> bool:
+    """`adapt`: the dense model itself, after a whole-model call in which
+    no position of any block halted early (nothing to skip; on XLA:CPU the
+    dense model's program also runs on the caller's thread, BUILD.md), until
+    a dense call computes FLOPs beyond the count."""
+    opts = self.options
+    if self.model_type != 'sact' or opts.sact_mode != 'auto' or not opts.adapt:
+      return False
+    if images_shape in self._whole_usage:
+      usage, flops_B = self._whole_usage.pop(images_shape)
+      shapes = self._block_input_shapes(weights, images_shape)
+      looped = [(b, shape) for b, shape in zip(self._blocks, shapes)
+                if b.num_units > 1]
+      nothing_halted = True
+      for (block, shape), block_usage in zip(looped, usage):
+        dilated, active, units = np.asarray(block_usage).tolist()
+        num_rows = shape[0] * block.out_hw(shape[1:3])
+        nothing_halted &= (units == block.num_units - 1
+                           and dilated == active == units * num_rows)
+      if nothing_halted:
+        self._full_flops[images_shape] = float(np.max(np.asarray(flops_B)))
+        self._dense_overhead[images_shape] = 0.0
+    overhead = self._dense_overhead.get(images_shape)
+    if overhead is not None and not isinstance(overhead, float):
+      overhead = float(overhead)
+      self._dense_overhead[images_shape] = overhead
+    if overhead is not None and overhead > 0:
+      del self._dense_overhead[images_shape]
+      return False
+    return overhead is not None
+
   def _runs_whole(self, weights, images_shape) -> bool:
     if self.model_type == 'act':
       return self.options.act_loop == 'device'
@@ -309,6 +349,16 @@ class SparseRunner:
       aux['flops_overhead'] = jnp.zeros((), jnp.float32)
       return logits, aux
 
+    if self._dense_pays(weights, images.shape):
+      logits, aux = clock('dense_model', self._vanilla, weights.model, images)
+      aux = dict(aux)
+      # Per image first: exactly 0 where nothing halted, at any batch size.
+      aux['flops_overhead'] = jnp.sum(self._full_flops[images.shape]
+                                      - aux['flops'])
+      self._dense_overhead[images.shape] = aux['flops_overhead']
+      self._phases.record({'dense_model': True})
+      return logits, aux
+
     if self._runs_whole(weights, images.shape):
       logits, aux, steps, usage = clock(
           'whole_model', self._whole, weights.top,
@@ -321,6 +371,7 @@ class SparseRunner:
                   if b.num_units > 1]
         for (block, shape), block_usage in zip(looped, usage):
           block.note_device_usage(shape, block_usage)
+        self._whole_usage[images.shape] = (usage, aux['flops'])
       return logits, aux
 
     x, flops_B = clock('stem', self._stem, weights.top, images)
