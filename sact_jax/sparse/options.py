@@ -64,10 +64,13 @@ class SparseOptions:
     adapt: under 'auto', a block that ran every unit densely (or none)
       in its last call for inputs of this shape runs as a device loop in
       the next one, without a host round trip per unit, until a device
-      loop's average unit would have paid at rows; outputs never depend
-      on it, only the time (ImageNet ResNet-101 batch 1 where nothing
-      halts: 1.06-1.11x the dense model from the host, 0.99-1.01x as
-      device loops).
+      loop's average unit would have paid at rows; after a call in which
+      every block was such a loop and no position halted early, the
+      dense model itself runs, until it computes FLOPs beyond the count.
+      Outputs never depend on it, only the time (where nothing halts,
+      ImageNet ResNet-101 batch 1: 1.06-1.11x the dense model from the
+      host, 0.99-1.01x as device loops; CIFAR ResNet-110 batch 1: 1.07-
+      1.13x as one program, 1.01x with the dense model).
     act_loop: 'device' (one `lax.while_loop` over the units of a block,
       stopping once no image runs; unit parameters are sliced on the
       device) or 'host' (a jitted call per unit, the host checks whether

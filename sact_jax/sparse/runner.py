@@ -31,11 +31,13 @@ by default; SACT where all blocks are cheap), the whole model is one jitted
 program: one dispatch per call, as the dense model. A block whose units all
 ran densely in the last call runs as such a loop in the next
 (`SparseOptions.adapt`), so where nothing halts every block ends up in one
-program too. On the CPU that program
-runs its operations on XLA's thread pool and hops between threads where the
-dense model's stays on the caller's: for batch-1 latency run the process
-with `XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false`
-(BUILD.md, "XLA:CPU's scheduler and batch-1 latency").
+program too, and after a call of that program in which no position halted
+the dense model itself runs. On the CPU the one program runs its operations
+on XLA's thread pool and hops between threads where the dense model's stays
+on the caller's. For batch-1 latency where halting does save work, start
+the process with this environment variable (BUILD.md, "XLA:CPU's scheduler
+and batch-1 latency"):
+`XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false`.
 
 FLOPs follow `flops.py` exactly: `aux['flops']` equals the dense model's
 count (and is what the convs compute at real rows); conv FLOPs spent on
