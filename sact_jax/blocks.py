@@ -2,8 +2,10 @@
 
 The first unit (possibly strided) runs densely on its own; units 2..L run
 under one `nnx.scan` over stacked parameters (created with `nnx.vmap`), so
-compile time does not grow with depth. Algorithm 1 of the SACT paper runs on
-the fly in the scan carry (`act.HaltingState`): no unit output is kept.
+compile time does not grow with depth. In evaluation it is a `lax.scan` over
+unit indices that leaves the units' conv kernels stacked for oneDNN to read
+in place (`conv.pick`). Algorithm 1 of the SACT paper runs on the fly in the
+scan carry (`act.HaltingState`): no unit output is kept.
 
 Scan step k (k = 2..L) holds the halting head of unit k-1 and unit k itself:
 it scores x^{k-1}, updates the halting state, then applies unit k with the
@@ -15,9 +17,11 @@ from typing import Callable, Literal
 
 from flax import nnx
 import jax
+from jax import lax
 import jax.numpy as jnp
 
 from sact_jax import act as act_lib
+from sact_jax import conv as conv_lib
 from sact_jax import flops as flops_lib
 
 ModelType = Literal['vanilla', 'act', 'sact']
@@ -72,6 +76,12 @@ class Block(nnx.Module):
     self.eps = eps
     self.remat = (jax.default_backend() == 'cpu') if remat is None else remat
     self.unroll = unroll
+    # Set by `model.eval()` / `model.train()`, as BatchNorm's is: in
+    # evaluation the scan reads the units' conv kernels from their stack in
+    # place where oneDNN runs them (`conv.pick`), which saves XLA:CPU a copy
+    # of every kernel per unit and call; training slices them (a stack's
+    # gradient per unit would be the whole stack).
+    self.use_running_average = False
     self.first = make_first(rngs=rngs)
     adaptive = model_type != 'vanilla'
     if num_units > 1:
@@ -85,6 +95,19 @@ class Block(nnx.Module):
       self.steps = None
 
   def _scan(self, body, carry):
+    # The units' kernels only: the heads' are few and read otherwise too.
+    in_place = (conv_lib.kernels_read_in_place(self.steps.unit, ('unit',))
+                if self.use_running_average else frozenset())
+    if in_place:
+      graphdef, stacked = nnx.split(self.steps)
+      def step(i_carry, _):
+        i, carry = i_carry
+        with conv_lib.stacked_unit(i):
+          step = nnx.merge(graphdef, conv_lib.pick(stacked, i, in_place))
+          return (i + 1, body(carry, step)), None
+      return lax.scan(step, (jnp.int32(0), carry), None,
+                      length=self.num_units - 1,
+                      unroll=True if self.unroll else 1)[0][1]
     if self.remat:
       body = nnx.remat(body)
     return nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,

@@ -39,10 +39,13 @@ Values agree up to float rounding; every other convolution falls through
 to `lax.conv_general_dilated`.
 """
 
+import contextlib
+import contextvars
 import functools
 import math
 from typing import Any, Callable, Sequence
 
+from flax import nnx
 import jax
 from jax import lax
 import jax.numpy as jnp
@@ -400,6 +403,70 @@ def formulation(x_shape: Sequence[int], w_shape: Sequence[int],
           'dot' if wide_and_few else 'conv')
 
 
+# ---------------------------------------------------------------------------
+# Kernels read from their stack
+# ---------------------------------------------------------------------------
+
+# Units 2..L of a block keep their parameters stacked along a leading axis,
+# and a loop over them slices unit i's out of the stacks. XLA:CPU copies a
+# slice before a custom call reads it: for oneDNN's forward that is every
+# kernel of every unit on every call (4.4 MB per ImageNet ResNet-101 block-3
+# unit; 9.8 ms of a 100 ms batch-1 forward, against none when the loop is
+# unrolled). `pick` leaves those kernels stacked, and `conv_general_dilated`
+# then has oneDNN read unit `stacked_unit`'s kernel where it lies.
+_UNIT = contextvars.ContextVar('sact_jax_conv_unit', default=None)
+
+
+def kernels_read_in_place(module: nnx.Module, prefix: tuple[str, ...] = ()
+                          ) -> frozenset[tuple[str, ...]]:
+  """Paths of `module`'s conv kernels that `pick` may leave stacked.
+
+  Those of its `nnx.Conv`s that run through `conv_general_dilated` while
+  oneDNN's kernels are enabled (elsewhere nothing reads a stack in place),
+  named as `nnx.split` of a module that holds `module` at `prefix` does.
+  Only for modules that use their kernels through their convs alone.
+  """
+  if not onednn.enabled():
+    return frozenset()
+  return frozenset(
+      (*prefix, *(str(p) for p in path), 'kernel')
+      for path, node in nnx.iter_graph(module)
+      if isinstance(node, nnx.Conv)
+      and node.conv_general_dilated is conv_general_dilated)
+
+
+def _names(key_path) -> tuple[str, ...]:
+  names = tuple(str(getattr(k, 'key', getattr(k, 'name', getattr(
+      k, 'idx', k)))) for k in key_path)
+  return names[:-1] if names and names[-1] == 'value' else names
+
+
+def pick(stacked_state, index: jax.Array,
+         in_place: frozenset[tuple[str, ...]] = frozenset()):
+  """Slice `index` (traced) of stacked variables, inside a loop.
+
+  The kernels at `in_place` (`kernels_read_in_place`) stay whole: run the
+  module merged from the result under `stacked_unit(index)`.
+  """
+  return jax.tree_util.tree_map_with_path(
+      lambda path, a: a if _names(path) in in_place
+      else lax.dynamic_index_in_dim(a, index, keepdims=False), stacked_state)
+
+
+@contextlib.contextmanager
+def stacked_unit(index: jax.Array):
+  """Within: a conv whose kernel has a leading stack axis uses kernel `index`.
+
+  (Of the stacks `pick` left whole.) Where oneDNN's forward runs the conv it
+  reads that kernel in place; anywhere else the kernel is sliced as before.
+  """
+  token = _UNIT.set(index)
+  try:
+    yield
+  finally:
+    _UNIT.reset(token)
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding,
                          lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1,
@@ -411,6 +478,14 @@ def conv_general_dilated(lhs, rhs, window_strides, padding,
   convolutions run as `formulation` says; anything else falls through to
   `lax.conv_general_dilated`.
   """
+  unit = None
+  if rhs.ndim == lhs.ndim + 1:  # A stack of kernels that `pick` left whole.
+    unit = _UNIT.get()
+    if unit is None:
+      raise ValueError(f'A stack of kernels {rhs.shape} outside '
+                       '`conv.stacked_unit`.')
+    # Where oneDNN's forward runs, the slice is unused (XLA drops it).
+    stack, rhs = rhs, lax.dynamic_index_in_dim(rhs, unit, keepdims=False)
   strides = tuple(int(s) for s in window_strides)
   simple = (
       lhs.ndim == 4
@@ -430,6 +505,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding,
                   and onednn.enabled())
     forward, backward = formulation(lhs.shape, rhs.shape, strides,
                                     use_onednn)
+    if unit is not None and (forward, backward) == ('onednn', 'onednn'):
+      return onednn.forward_stacked(lhs, stack, unit, strides,
+                                    pads).astype(lhs.dtype)
     return conv2d(lhs, rhs, strides, pads, precision, forward, backward)
   kwargs = {k: v for k, v in kwargs.items() if v is not None}
   return lax.conv_general_dilated(

@@ -244,6 +244,30 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
              x.untyped_data(), w.untyped_data(), y->untyped_data());
 }
 
+// The forward of unit `index` of a stack of equal kernels `[U, kh, kw, I,
+// O]`, read where it lies. Inside a loop over a block's units, a kernel
+// sliced out of the stack is a copy XLA makes before every call (4.4 MB per
+// ImageNet unit, a tenth of a batch-1 forward); the stack itself is the
+// loop's operand and costs nothing to pass. The index is clamped as XLA
+// clamps a dynamic slice.
+ffi::Error ForwardStacked(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                          ffi::Buffer<ffi::S32> index,
+                          ffi::ResultBuffer<ffi::F32> y, ConvAttrs attrs) {
+  auto stack = w.dimensions();
+  if (stack.size() != 5 || index.element_count() != 1) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "oneDNN convolution: expected [U, kh, kw, I, O] "
+                      "kernels and one index");
+  }
+  int64_t unit = std::clamp<int64_t>(index.typed_data()[0], 0, stack[0] - 1);
+  int64_t size = stack[1] * stack[2] * stack[3] * stack[4];
+  return Run(kForward,
+             MakeShape(x.dimensions(), stack.last(4), y->dimensions(),
+                       attrs),
+             x.untyped_data(), w.typed_data() + unit * size,
+             y->untyped_data());
+}
+
 ffi::Error InputGrad(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
                      ffi::ResultBuffer<ffi::F32> dx, ConvAttrs attrs) {
   return Run(kInputGrad,
@@ -276,5 +300,12 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(ConvAttrs, ffi::StructMember<int64_t>(
       .Attrs<ConvAttrs>()
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvForward, Forward, SACT_BIND);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvForwardStacked, ForwardStacked,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attrs<ConvAttrs>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvInputGrad, InputGrad, SACT_BIND);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvKernelGrad, KernelGrad, SACT_BIND);

@@ -5,6 +5,7 @@ The twin slices the stacked parameters of `block.steps` one unit at a time
 Python loop, so it shares no scan machinery with `blocks.Block`.
 """
 
+import platform
 import re
 
 from absl.testing import absltest
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sact_jax import act
+from sact_jax import conv
 from sact_jax import flops as flops_lib
 import testing_utils as tu
 
@@ -148,6 +150,39 @@ class BlockScanTest(parameterized.TestCase):
                               for g in head_grads))
           self.assertGreater(
               max(float(jnp.max(jnp.abs(g))) for g in head_grads), 1e-3)
+
+  @parameterized.named_parameters(
+      ('cifar_vanilla', 'cifar', 'vanilla'),
+      ('cifar_sact', 'cifar', 'sact'),
+      ('imagenet_act', 'imagenet', 'act'),
+  )
+  def test_evaluation_reads_the_kernels_in_place(self, family, model_type):
+    """Eval mode: where oneDNN runs the units' convs, their kernels are read
+    from the stack in place (no per-unit copy): the twin's outputs and
+    parameter grads (the stack's gradient put together unit by unit)."""
+    block, x = _make_block(family, model_type)
+    block.eval()
+    self.assertTrue(block.use_running_average)
+    w = tu.images(x.shape[:3] + (6 if family == 'cifar' else 8,), seed=2)
+    y_ref, aux_ref, grads_ref = _twin_step(nnx.clone(block), x, w)
+    y, aux, grads = _scan_step(block, x, w)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    if aux_ref:
+      np.testing.assert_array_equal(aux['num_units'], aux_ref['num_units'])
+    chex.assert_trees_all_close(grads, grads_ref, rtol=1e-4, atol=1e-5)
+    graphdef, state = nnx.split(block)
+    hlo = jax.jit(lambda state, x: _scan(nnx.merge(graphdef, state), x)[0]
+                  ).lower(state, x).as_text()
+    in_place = conv.kernels_read_in_place(block.steps.unit)
+    self.assertEqual('OnednnConvForwardStacked' in hlo, bool(in_place))
+    if platform.system() == 'Linux' and platform.machine() == 'x86_64':
+      # setup.cfg installs oneDNN there: every conv of the unit.
+      self.assertLen(in_place, 3 if family == 'imagenet' else 2)
+    block.train()  # Training slices the kernels.
+    graphdef, state = nnx.split(block)
+    hlo = jax.jit(lambda state, x: _scan(nnx.merge(graphdef, state), x)[0]
+                  ).lower(state, x).as_text()
+    self.assertFalse('OnednnConvForwardStacked' in hlo)
 
   @parameterized.named_parameters(
       ('scan', dict(remat=False), False, 1),

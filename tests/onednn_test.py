@@ -181,6 +181,55 @@ class OnednnTest(parameterized.TestCase):
         batched(_lax_conv((1, 1), pads))(x, ws), rtol=1e-5, atol=1e-5)
 
   @parameterized.named_parameters(
+      ('first', 0), ('middle', 1), ('last', 2),
+      ('clamped_as_a_dynamic_slice', 5))
+  def test_forward_stacked_reads_one_kernel_of_the_stack(self, index):
+    """`forward_stacked` is `forward` with kernel `index` of the stack (an
+    index past the end clamped, as `lax.dynamic_index_in_dim` clamps),
+    values and both gradients."""
+    x, w = _inputs((2, 6, 6, 8), (3, 3, 8, 8), seed=4)
+    stack = jnp.stack([w, -0.5 * w, 2.0 * w])
+    pads = ((1, 1), (1, 1))
+    i = jnp.int32(index)
+
+    def stacked(x, stack):
+      return jnp.sum(jnp.tanh(onednn.forward_stacked(x, stack, i, (1, 1),
+                                                     pads)) ** 2)
+
+    def sliced(x, stack):
+      kernel = lax.dynamic_index_in_dim(stack, i, keepdims=False)
+      return jnp.sum(jnp.tanh(_lax_conv((1, 1), pads)(x, kernel)) ** 2)
+
+    self.assertIn('OnednnConvForwardStacked',
+                  jax.jit(stacked).lower(x, stack).as_text())
+    chex.assert_trees_all_close(
+        jax.jit(jax.value_and_grad(stacked, (0, 1)))(x, stack),
+        jax.jit(jax.value_and_grad(sliced, (0, 1)))(x, stack),
+        rtol=1e-5, atol=1e-4)
+
+  def test_conv_reads_a_stack_only_under_stacked_unit(self):
+    x, w = _inputs((1, 6, 6, 4), (3, 3, 4, 4))
+    stack = jnp.stack([w, 3.0 * w])
+
+    def ours(x, kernel):
+      return conv.conv_general_dilated(x, kernel, (1, 1), 'SAME',
+                                       dimension_numbers=_NHWC)
+
+    with self.assertRaisesRegex(ValueError, 'outside `conv.stacked_unit`'):
+      ours(x, stack)
+    with conv.stacked_unit(jnp.int32(1)):
+      text = jax.jit(ours).lower(x, stack).as_text()
+      got = jax.jit(ours)(x, stack)
+      with onednn.disabled():  # XLA's convolution of the sliced kernel.
+        xla = jax.jit(lambda x, k: ours(x, k))
+        self.assertNotIn('Onednn', xla.lower(x, stack).as_text())
+        fallback = xla(x, stack)
+    self.assertIn('OnednnConvForwardStacked', text)
+    want = ours(x, 3.0 * w)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-4)
+    chex.assert_trees_all_close(fallback, want, rtol=1e-5, atol=1e-4)
+
+  @parameterized.named_parameters(
       ('float16', (1, 4, 4, 2), (3, 3, 2, 2), (1, 1), ((1, 1), (1, 1)),
        jnp.float16),
       ('negative_padding', (1, 6, 6, 2), (3, 3, 2, 2), (1, 1),

@@ -11,6 +11,7 @@ from jax import lax
 import jax.numpy as jnp
 
 from sact_jax import act as act_lib
+from sact_jax import conv as conv_lib
 from sact_jax.sparse import common
 
 
@@ -27,6 +28,8 @@ class ActBlock:
       return
     unit = block.steps.unit
     self.unit_gd = common.graphdef(unit)
+    # The device loop reads these kernels in place.
+    self.in_place = conv_lib.kernels_read_in_place(unit)
     self.head_gd = common.graphdef(block.steps.head)
     self.unit_cost_per_position = unit.dilated_cost + unit.active_cost
     self.start = phases.jit(self._start)
@@ -97,11 +100,13 @@ class ActBlock:
 
     def body(loop):
       i, carry = loop
-      carry = self._apply_unit(
-          nnx.merge(self.unit_gd, common.pick(stacked_units, i)), carry)
+      with conv_lib.stacked_unit(i):
+        carry = self._apply_unit(
+            nnx.merge(self.unit_gd,
+                      conv_lib.pick(stacked_units, i, self.in_place)), carry)
       headed = self._apply_head(
           nnx.merge(self.head_gd,
-                    common.pick(stacked_heads, jnp.minimum(i + 1, last))),
+                    conv_lib.pick(stacked_heads, jnp.minimum(i + 1, last))),
           carry)
       carry = jax.tree.map(lambda a, b: jnp.where(i < last, a, b), headed,
                            carry)

@@ -14,7 +14,6 @@ from typing import Any, Callable
 
 from flax import nnx
 import jax
-from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
@@ -107,12 +106,6 @@ def unstack(tree):
   """Per-unit slices of stacked variables (one device call)."""
   count = jax.tree.leaves(tree)[0].shape[0]
   return [jax.tree.map(lambda a, i=i: a[i], tree) for i in range(count)]
-
-
-def pick(tree, i: jax.Array):
-  """Slice `i` (traced) of stacked variables, inside a device loop."""
-  return jax.tree.map(
-      lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False), tree)
 
 
 def dummy_output(batch_shape) -> jax.Array:

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sact_jax import act as act_lib
+from sact_jax import conv as conv_lib
 from sact_jax import flops as flops_lib
 from sact_jax.sparse import common
 from sact_jax.sparse import options as options_lib
@@ -78,6 +79,8 @@ class SactBlock:
     unit, head = block.steps.unit, block.steps.head
     stages.check_unit(unit)
     self.unit_gd = common.graphdef(unit)
+    # Loops over the stacked units read these kernels in place.
+    self.in_place = conv_lib.kernels_read_in_place(unit)
     self.head_gd = common.graphdef(head)
     self.costs = options_lib.CostModel(phases.options, unit, head)
     self.dilated_channels = unit.dilated_channels
@@ -158,7 +161,7 @@ class SactBlock:
     x, flops_B = self._first(first_vars, x_in, flops_B)
     batch, height, width, channels = x.shape
     num_rows = batch * height * width
-    head = nnx.merge(self.head_gd, common.pick(stacked_heads, 0))
+    head = nnx.merge(self.head_gd, conv_lib.pick(stacked_heads, 0))
     state = act_lib.init_state(common.dummy_output((batch, height, width)),
                                (batch, height, width))
     halting_carry, sizes = self.halting_step(head, head(x), state, flops_B)
@@ -325,10 +328,11 @@ class SactBlock:
     last unit of the block is the host loop's).
 
     Unit `start` runs from its own weights (`unit_vars`, `head_vars`), the
-    next ones from the stacks: inside the loop XLA copies a unit's weights
-    out of the stack before its matmuls, which at small batch sizes costs
-    as much as the matmuls (they stream the weights), and often unit
-    `start` is the only one that runs densely.
+    next ones from the stacks: inside the loop XLA copies what a unit
+    slices out of a stack (all its weights where oneDNN does not run its
+    convs, which read their kernels in place: `conv.pick`), which at small
+    batch sizes costs as much as the matmuls (they stream the weights),
+    and often unit `start` is the only one that runs densely.
 
     Args:
       stacked_units, stacked_heads: the block's units 2..L and heads.
@@ -369,8 +373,9 @@ class SactBlock:
 
     def body(loop):
       i = loop[0]
-      return step(common.pick(stacked_units, i),
-                  common.pick(stacked_heads, i + 1), loop)
+      with conv_lib.stacked_unit(i):
+        return step(conv_lib.pick(stacked_units, i, self.in_place),
+                    conv_lib.pick(stacked_heads, i + 1), loop)
 
     loop = (start, maps['x'].reshape(shape), maps['out'].reshape(shape),
             halting_carry, sizes, sizes_Ux2)
@@ -408,7 +413,7 @@ class SactBlock:
     # count follow from them after the loop, without a sum over the batch
     # in every iteration.
     def apply_head(i, x, state, flops_B, rows):
-      head = nnx.merge(self.head_gd, common.pick(stacked_heads, i))
+      head = nnx.merge(self.head_gd, conv_lib.pick(stacked_heads, i))
       running = state.running
       flops_B = flops_B + head.flops(running)
       rows = rows._replace(head=rows.head + flops_lib.spatial_count(running))
@@ -416,7 +421,8 @@ class SactBlock:
       return state, flops_B, rows
 
     def apply_unit(i, x, state, flops_B, rows):
-      unit = nnx.merge(self.unit_gd, common.pick(stacked_units, i))
+      unit = nnx.merge(self.unit_gd,
+                       conv_lib.pick(stacked_units, i, self.in_place))
       mask = state.running
       dilated_B = flops_lib.spatial_count(act_lib.dilate_mask(mask))
       active_B = flops_lib.spatial_count(mask)
@@ -424,7 +430,8 @@ class SactBlock:
                  + active_B * costs.active_cost)
       rows = rows._replace(dilated=rows.dilated + dilated_B,
                            active=rows.active + active_B)
-      x = act_lib.masked_residual(x, unit.residual(x), mask)
+      with conv_lib.stacked_unit(i):
+        x = act_lib.masked_residual(x, unit.residual(x), mask)
       return x, flops_B, rows
 
     zeros_B = jnp.zeros((batch,), jnp.float32)
