@@ -174,7 +174,11 @@ class ConvTest(parameterized.TestCase):
     self.assertEqual(_uses_custom_vjp(lambda x: strided(x), x), fast)
     expected = lax.conv_general_dilated(
         x, stride1.kernel[...], (1, 1), 'SAME', dimension_numbers=_NHWC)
-    np.testing.assert_allclose(stride1(x), expected, rtol=1e-6)
+    # Another kernel sums the 27 products in another order (oneDNN's AVX2
+    # and AVX-512 kernels differ too): float32 rounding of the sum, not of
+    # each output (5e-6 relative where an output nearly cancels).
+    np.testing.assert_allclose(stride1(x), expected, rtol=1e-5,
+                               atol=1e-5 * float(jnp.max(jnp.abs(expected))))
 
 
 _DOT_CASES = (
