@@ -100,12 +100,12 @@ class Block(nnx.Module):
                 if self.use_running_average else frozenset())
     if in_place:
       graphdef, stacked = nnx.split(self.steps)
-      def step(i_carry, _):
+      def indexed_body(i_carry, _):
         i, carry = i_carry
         with conv_lib.stacked_unit(i):
           step = nnx.merge(graphdef, conv_lib.pick(stacked, i, in_place))
           return (i + 1, body(carry, step)), None
-      return lax.scan(step, (jnp.int32(0), carry), None,
+      return lax.scan(indexed_body, (jnp.int32(0), carry), None,
                       length=self.num_units - 1,
                       unroll=True if self.unroll else 1)[0][1]
     if self.remat:

@@ -300,26 +300,25 @@ class SparseRunner:
       return False
     if images_shape in self._whole_usage:
       usage, flops_B = self._whole_usage.pop(images_shape)
-      shapes = self._block_input_shapes(weights, images_shape)
-      looped = [(b, shape) for b, shape in zip(self._blocks, shapes)
-                if b.num_units > 1]
-      nothing_halted = True
-      for (block, shape), block_usage in zip(looped, usage):
-        dilated, active, units = np.asarray(block_usage).tolist()
-        num_rows = shape[0] * block.out_hw(shape[1:3])
-        nothing_halted &= (units == block.num_units - 1
-                           and dilated == active == units * num_rows)
-      if nothing_halted:
+      if all(block.nothing_halted(shape, block_usage)
+             for (block, shape), block_usage in zip(
+                 self._looped_blocks(weights, images_shape), usage)):
         self._full_flops[images_shape] = float(np.max(np.asarray(flops_B)))
         self._dense_overhead[images_shape] = 0.0
     overhead = self._dense_overhead.get(images_shape)
-    if overhead is not None and not isinstance(overhead, float):
-      overhead = float(overhead)
-      self._dense_overhead[images_shape] = overhead
-    if overhead is not None and overhead > 0:
+    if overhead is None:
+      return False
+    if float(overhead) > 0:
       del self._dense_overhead[images_shape]
       return False
-    return overhead is not None
+    return True
+
+  def _looped_blocks(self, weights, images_shape) -> list:
+    """(block, input shape) of the SACT blocks with units to loop over: the
+    blocks whose device loops report usage, in order."""
+    return [(block, shape) for block, shape in zip(
+        self._blocks, self._block_input_shapes(weights, images_shape))
+            if block.num_units > 1]
 
   def _runs_whole(self, weights, images_shape) -> bool:
     if self.model_type == 'act':
@@ -368,10 +367,8 @@ class SparseRunner:
       for block_steps in steps:
         self._phases.record({'device_loop': True, 'steps': block_steps})
       if self.model_type == 'sact':
-        looped = [(b, shape) for b, shape in zip(
-            self._blocks, self._block_input_shapes(weights, images.shape))
-                  if b.num_units > 1]
-        for (block, shape), block_usage in zip(looped, usage):
+        for (block, shape), block_usage in zip(
+            self._looped_blocks(weights, images.shape), usage):
           block.note_device_usage(shape, block_usage)
         self._whole_usage[images.shape] = (usage, aux['flops'])
       return logits, aux

@@ -99,9 +99,11 @@ class SactBlock:
     # Donated: the block output aliases `out` instead of being a fresh copy.
     self.finish = phases.jit(self._finish, donate_argnames=('maps',))
 
-  def out_hw(self, in_hw: tuple[int, int]) -> int:
-    """Positions of the block's maps for an input of `in_hw`."""
-    return math.prod(-(-s // self.stride) for s in in_hw)
+  def num_rows(self, in_shape) -> int:
+    """Positions of the block's maps, batch included, for inputs of
+    `in_shape` (`[B, H, W, C]`)."""
+    return in_shape[0] * math.prod(-(-s // self.stride)
+                                   for s in in_shape[1:3])
 
   # Pieces of the phases (also timed apart by benchmarks) -----------------
 
@@ -495,7 +497,7 @@ class SactBlock:
     if self.num_units == 1:
       return True
     opts = self.phases.options
-    unit_flops = (in_shape[0] * self.out_hw(in_shape[1:3])
+    unit_flops = (self.num_rows(in_shape)
                   * (self.costs.dilated_cost + self.costs.active_cost))
     cheap = unit_flops < self.phases.device_flops
     if opts.sact_mode != 'auto':
@@ -507,10 +509,17 @@ class SactBlock:
     usage = self._usage.pop(in_shape, None)
     if usage is not None:
       dilated, active, units = np.asarray(usage).tolist()
-      num_rows = in_shape[0] * self.out_hw(in_shape[1:3])
       self._adapted[in_shape] = units == 0 or self.costs.runs_dense(
-          round(dilated / units), round(active / units), num_rows)
+          round(dilated / units), round(active / units),
+          self.num_rows(in_shape))
     return self._adapted.get(in_shape, False)
+
+  def nothing_halted(self, in_shape, usage_3: jax.Array) -> bool:
+    """Whether a device loop with this usage (`_device_loop`) ran every
+    unit at every position (`adapt`'s step to the dense model)."""
+    dilated, active, units = np.asarray(usage_3).tolist()
+    return (units == self.num_units - 1
+            and dilated == active == units * self.num_rows(in_shape))
 
   def note_device_usage(self, in_shape, usage_3: jax.Array) -> None:
     """Keeps a device loop's usage (`_device_loop`) for `adapt`."""
