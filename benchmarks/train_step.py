@@ -17,7 +17,6 @@ the reference's; CIFAR tau 0.01, ImageNet the config's 0.005), plus its
 metrics, on random images.
 """
 
-import contextlib
 import json
 import os
 import time
@@ -27,12 +26,9 @@ from absl import flags
 import jax
 import numpy as np
 
-from sact_jax import onednn
-from sact_jax import parallel
-from sact_jax import train as train_lib
+from benchmarks import steps
 from sact_jax.configs import cifar10
 from sact_jax.configs import imagenet
-from sact_jax.configs import validation
 
 _FAMILY = flags.DEFINE_enum('family', 'cifar', ['cifar', 'imagenet'],
                             'Model family (CIFAR-10 or ImageNet ResNets).')
@@ -59,65 +55,12 @@ _OUT = flags.DEFINE_string('out', 'benchmarks/results/train_step.json',
 
 _DEFAULT_DEPTHS = {'cifar': ['32', '110'], 'imagenet': ['101']}
 
-_VARIANT_CONFIG = {
-    'scan': {},
-    'unrolled': {'unroll': True},
-    'scan_remat': {'remat': True},
-    'scan_noremat': {'remat': False},
-    'scan_ynn': {},
-    'xlaconv': {},
-}
-
-
-def make_step(depth: int, model_type: str, batch: int, tau: float = 0.01,
-              variant: str = 'scan', family: str = 'cifar',
-              image_size: int = 0):
-  """The trainer's own jitted step on synthetic data, as users run it.
-
-  The config of `family`, `depth` and `model_type` (loss = cross-entropy +
-  tau ponder + L2, momentum SGD, BN statistics, metrics); CIFAR with `tau`,
-  ImageNet with its config's. Returns `(step, compile_s)`: `step()` runs
-  one update in place and returns its metrics (block on them to time it).
-  """
-  if family == 'cifar':
-    config = cifar10.get_config(f'{model_type}_{depth}')
-    config.tau = tau
-  else:
-    config = imagenet.get_config(f'{model_type}_{depth}')
-  if image_size:
-    config.image_size = image_size
-  config.batch_size = batch
-  for key, value in _VARIANT_CONFIG[variant].items():
-    config[key] = value
-  validation.validate_config(config)
-  mesh = parallel.make_mesh()
-  trainer = train_lib.Trainer.create(
-      config, mesh, compiler_options={} if variant == 'scan_ynn' else None)
-  state = trainer.init_state()
-  rng = np.random.default_rng(0)
-  size = config.image_size
-  batch_arrays = parallel.shard_batch({
-      'image': rng.normal(size=(batch, size, size, 3)).astype(np.float32),
-      'label': rng.integers(0, config.num_classes,
-                            size=(batch,)).astype(np.int32)}, mesh)
-  t0 = time.perf_counter()
-  with (onednn.disabled() if variant == 'xlaconv'
-        else contextlib.nullcontext()):
-    compiled = trainer.train_step.lower(state, batch_arrays).compile()
-  compile_s = time.perf_counter() - t0
-  holder = [state]
-
-  def step():
-    holder[0], metrics = compiled(holder[0], batch_arrays)
-    return metrics
-
-  return step, compile_s
-
 
 def time_config(depth, model_type, variant, batch, repeats, compile_only,
                 family='cifar', image_size=0):
-  step, compile_s = make_step(depth, model_type, batch, variant=variant,
-                              family=family, image_size=image_size)
+  step, compile_s = steps.make_step(depth, model_type, batch,
+                                    variant=variant, family=family,
+                                    image_size=image_size)
   result = {'family': family, 'depth': depth, 'model_type': model_type,
             'variant': variant, 'batch_size': batch, 'compile_s': compile_s}
   if compile_only:

@@ -111,7 +111,7 @@ _SERVE = flags.DEFINE_bool('serve', False, 'Internal, with --worker: serve '
                            'an inference workload (benchmarks/lockstep.py).')
 
 _CIFAR_DEPTHS = {20: 3, 32: 5, 56: 9, 110: 18}
-# JAX-side variants of a training step (benchmarks/train_step.py); the TF
+# JAX-side variants of a training step (benchmarks/steps.py); the TF
 # side has one.
 _TRAIN_VARIANTS = ('scan', 'unrolled', 'scan_noremat', 'scan_ynn')
 
@@ -208,13 +208,13 @@ def _infer_calls(config: str) -> dict:
 def worker(config: str, reps: int) -> dict:
   """Times one workload with the current sact_jax; returns medians (s)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from benchmarks import train_step  # pylint: disable=g-import-not-at-top
+  from benchmarks import steps  # pylint: disable=g-import-not-at-top
 
   c = parse(config)
   result = {'config': config, 'impl': 'jax'}
   if c['kind'] == 'train':
-    step, _ = train_step.make_step(c['depth'], c['model_type'], c['batch'],
-                                   variant=c['variant'])
+    step, _ = steps.make_step(c['depth'], c['model_type'], c['batch'],
+                              variant=c['variant'])
     for _ in range(2):
       jax.block_until_ready(step())
     result['median_s'] = _timed(step, c['steps'])

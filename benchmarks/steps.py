@@ -1,0 +1,90 @@
+"""The trainer's own training step on synthetic data, for benchmarks.
+
+Shared by `benchmarks.train_step` (one step after another, CPU variants)
+and `benchmarks.gpu_overhead` (steps compiled at once, timed interleaved).
+"""
+
+import contextlib
+import time
+
+import numpy as np
+
+from sact_jax import onednn
+from sact_jax import parallel
+from sact_jax import train as train_lib
+from sact_jax.configs import cifar10
+from sact_jax.configs import imagenet
+from sact_jax.configs import validation
+
+# Config overrides of each variant (`benchmarks.train_step --variants`).
+VARIANT_CONFIG = {
+    'scan': {},
+    'unrolled': {'unroll': True},
+    'scan_remat': {'remat': True},
+    'scan_noremat': {'remat': False},
+    'scan_ynn': {},
+    'xlaconv': {},
+}
+
+
+def lower_step(depth: int, model_type: str, batch: int, tau: float = 0.01,
+               variant: str = 'scan', family: str = 'cifar',
+               image_size: int = 0):
+  """The trainer's own step on synthetic data, traced and not compiled.
+
+  The config of `family`, `depth` and `model_type` (loss = cross-entropy +
+  tau ponder + L2, momentum SGD, BN statistics, metrics); CIFAR with `tau`,
+  ImageNet with its config's. Returns `(lowered, state, batch, lower_s)`,
+  so that a caller can compile several steps at once
+  (`benchmarks/gpu_overhead.py`).
+  """
+  if family == 'cifar':
+    config = cifar10.get_config(f'{model_type}_{depth}')
+    config.tau = tau
+  else:
+    config = imagenet.get_config(f'{model_type}_{depth}')
+  if image_size:
+    config.image_size = image_size
+  config.batch_size = batch
+  for key, value in VARIANT_CONFIG[variant].items():
+    config[key] = value
+  validation.validate_config(config)
+  mesh = parallel.make_mesh()
+  trainer = train_lib.Trainer.create(
+      config, mesh, compiler_options={} if variant == 'scan_ynn' else None)
+  state = trainer.init_state()
+  rng = np.random.default_rng(0)
+  size = config.image_size
+  batch_arrays = parallel.shard_batch({
+      'image': rng.normal(size=(batch, size, size, 3)).astype(np.float32),
+      'label': rng.integers(0, config.num_classes,
+                            size=(batch,)).astype(np.int32)}, mesh)
+  t0 = time.perf_counter()
+  with (onednn.disabled() if variant == 'xlaconv'
+        else contextlib.nullcontext()):
+    lowered = trainer.train_step.lower(state, batch_arrays)
+  return lowered, state, batch_arrays, time.perf_counter() - t0
+
+
+def stepper(compiled, state, batch_arrays):
+  """`step()` runs one update in place and returns its metrics (block on
+  them to time it)."""
+  holder = [state]
+
+  def step():
+    holder[0], metrics = compiled(holder[0], batch_arrays)
+    return metrics
+  return step
+
+
+def make_step(depth: int, model_type: str, batch: int, tau: float = 0.01,
+              variant: str = 'scan', family: str = 'cifar',
+              image_size: int = 0):
+  """`lower_step`, compiled: returns `(step, compile_s)` (`stepper`;
+  `compile_s` is tracing plus compiling)."""
+  lowered, state, batch_arrays, lower_s = lower_step(
+      depth, model_type, batch, tau, variant, family, image_size)
+  t0 = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = lower_s + time.perf_counter() - t0
+  return stepper(compiled, state, batch_arrays), compile_s
