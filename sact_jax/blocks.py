@@ -144,33 +144,53 @@ class Block(nnx.Module):
 
     if self.steps is not None:
       def body(carry, step):
-        x, state, flops_B = carry
-        halting = step.head(x)
-        flops_B = flops_B + step.head.flops(state.running)
-        state = act_lib.step(state, halting, x, eps)
-        mask = state.running
+        x, state = carry
+        state = act_lib.step(state, step.head(x), x, eps)
         residual = step.unit.residual(x)
         if sact:
-          x = act_lib.masked_residual(x, residual, mask)
-          flops_B = (
-              flops_B
-              + flops_lib.spatial_count(act_lib.dilate_mask(mask))
-              * step.unit.dilated_cost
-              + flops_lib.spatial_count(mask) * step.unit.active_cost)
+          x = act_lib.masked_residual(x, residual, state.running)
         else:
           # ACT masks nothing: a halted image's later states get weight 0.
           x = x + residual
-          flops_B = flops_B + mask * (
-              (step.unit.dilated_cost + step.unit.active_cost) * hw)
-        return x, state, flops_B
+        return x, state
 
-      flops_B = jnp.zeros((batch,), jnp.float32)
-      x, state, flops_B = self._scan(body, (x, state, flops_B))
-      counter.add(flops_B)
+      x, state = self._scan(body, (x, state))
 
     state = act_lib.finish(state, x, eps)
+    if self.steps is not None:
+      counter.add(self._adaptive_flops(state.num_units, hw))
     return state.output, {'ponder_cost': state.ponder_cost,
                           'num_units': state.num_units}
+
+  def _adaptive_flops(self, num_units: jax.Array, hw: int) -> jax.Array:
+    """FLOPs `[B]` of units 2..L and their heads, from the units used.
+
+    Unit k >= 2 runs where N >= k, and the head before it (unit k-1's)
+    where N >= k - 1: summed over the units, a position (SACT) or image
+    (ACT) runs N - 1 units and min(N, L - 1) heads. Under SACT a unit's
+    first conv also computes the 3x3 dilation of its mask, where the 3x3
+    maximum of N is >= k: that maximum minus 1 units. Counted once here
+    from the integer map rather than per unit inside the scan, which keeps
+    three reductions and a 3x3 max per unit out of the loop; the counts
+    are exact, and so are their float32 products with the costs
+    (`flops.py`).
+
+    Args:
+      num_units: `[B, H, W]` (SACT) or `[B]` (ACT) int32 N, in 1..L.
+      hw: positions of the block's maps.
+    """
+    unit, head = self.steps.unit, self.steps.head
+    heads = self.num_units - 1
+    units_run = num_units - 1
+    heads_run = jnp.minimum(num_units, heads)
+    head_flops = head.flops_of_runs(heads_run, heads)
+    if self.model_type == 'act':
+      return ((unit.dilated_cost + unit.active_cost) * hw
+              * units_run.astype(jnp.float32) + head_flops)
+    dilated_run = act_lib.dilate_mask(num_units) - 1
+    return (flops_lib.spatial_count(dilated_run) * unit.dilated_cost
+            + flops_lib.spatial_count(units_run) * unit.active_cost
+            + head_flops)
 
   def _unit_dense_cost(self, hw: int) -> int:
     """Dense FLOPs of one of units 2..L (read from the stacked params)."""

@@ -30,7 +30,11 @@ def conv_cost(conv: nnx.Conv | nnx.Linear) -> int:
 
 
 def spatial_count(mask: jax.Array) -> jax.Array:
-  """Positions per image where `mask` is 1: `[B, H, W]` -> `[B]` float32."""
+  """Positions per image where `mask` is 1: `[B, H, W]` -> `[B]` float32.
+
+  Of a map of counts (units run at each position), their sum; exact while
+  it stays below 2**24.
+  """
   return jnp.sum(mask.astype(jnp.float32), axis=tuple(range(1, mask.ndim)))
 
 

@@ -52,6 +52,11 @@ class ActHead(nnx.Module):
     """ACT counts the head of a unit iff the unit ran."""
     return running_B * self.global_cost
 
+  def flops_of_runs(self, runs_B: jax.Array, num_heads: int) -> jax.Array:
+    """`flops` summed over `num_heads` heads, of which `runs_B` ran."""
+    del num_heads
+    return runs_B.astype(jnp.float32) * self.global_cost
+
 
 class SactHead(nnx.Module):
   """One halting score per spatial position.
@@ -165,3 +170,10 @@ class SactHead(nnx.Module):
     """The local conv counts active positions; the global conv always."""
     return (flops_lib.spatial_count(running_BxHxW) * self.local_cost
             + self.global_cost)
+
+  def flops_of_runs(self, runs_BxHxW: jax.Array,
+                    num_heads: int) -> jax.Array:
+    """`flops` summed over `num_heads` heads, of which `runs_BxHxW` ran at
+    each position."""
+    return (flops_lib.spatial_count(runs_BxHxW) * self.local_cost
+            + num_heads * self.global_cost)
