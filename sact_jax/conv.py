@@ -3,7 +3,9 @@
 `conv_general_dilated` is a drop-in replacement for
 `lax.conv_general_dilated` (what `nnx.Conv(conv_general_dilated=...)`
 expects); `layers.LayerFactory` uses it where the default backend is the
-CPU. GPUs and TPUs keep XLA's native convolutions. Each undilated,
+CPU. GPUs and TPUs keep XLA's native convolutions, except the SACT head's
+3x3 convolution to one channel, which runs there as `window_sum` (one
+fused reduction instead of a library call and its operands). Each undilated,
 ungrouped NHWC/HWIO convolution is a `conv2d` whose forward and backward
 passes each run in one of five formulations (`formulation` picks them):
 
@@ -234,6 +236,58 @@ def _taps_bwd(strides, padding, precision, x_BxHxWxI, w_KxLxIxO, g_BxPxQxO):
   dw_IxT = lax.dot_general(x_BxHxWxI, dz, (((0, 1, 2), (0, 1, 2)), ((), ())),
                            precision=precision)
   return dx, dw_IxT.reshape(cin, kh, kw, cout).transpose(1, 2, 0, 3)
+
+
+# ---------------------------------------------------------------------------
+# Convolutions to one channel on accelerators
+# ---------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def window_sum(x_BxHxWxI: jax.Array, w_KxLxIx1: jax.Array,
+               padding: Padding) -> jax.Array:
+  """A stride-1 convolution to one output channel as one reduction.
+
+  `y[p, q] = sum_ij sum_c pad(x)[p + i, q + j, c] w[i, j, c]`, written as
+  elementwise products of shifted windows summed over the channels. XLA on
+  a GPU or TPU fuses all of it, with the zero padding and whatever
+  elementwise ops produce `x` (the SACT head's BatchNorm), into a single
+  reduction kernel. XLA's convolution is a library call instead, plus
+  kernels that put its operands in place (the kernel sliced out of a
+  unit's stack, the bias), each costing a few microseconds in a loop that
+  runs at batch 1 (BUILD.md, "ACT and SACT over vanilla on a GPU"). The
+  backward pass is the `taps` formulation's (`_window_sum_bwd`). Not for
+  XLA:CPU, whose `taps` forward is faster there.
+  """
+  kh, kw, _, cout = w_KxLxIx1.shape
+  if cout != 1:
+    raise ValueError(f'window_sum makes one output channel; the kernel '
+                     f'{w_KxLxIx1.shape} has {cout}.')
+  x, (p, q) = _padded_windows(x_BxHxWxI, (kh, kw), padding)
+  products = sum(x[:, i:i + p, j:j + q] * w_KxLxIx1[i, j, :, 0]
+                 for i in range(kh) for j in range(kw))
+  return jnp.sum(products, axis=-1, keepdims=True)
+
+
+def _padded_windows(x_BxHxWxI, kernel_hw, padding):
+  """The zero-padded input and the output size of a stride-1 window."""
+  (top, bottom), (left, right) = padding
+  x = jnp.pad(x_BxHxWxI, ((0, 0), (top, bottom), (left, right), (0, 0)))
+  return x, (x.shape[1] - kernel_hw[0] + 1, x.shape[2] - kernel_hw[1] + 1)
+
+
+def _window_sum_fwd(x, w, padding):
+  return window_sum(x, w, padding), (x, w)
+
+
+def _window_sum_bwd(padding, residuals, g_BxPxQx1):
+  """`_taps_bwd`: the output gradient at every tap's shift (one fusion),
+  then two dots, where autodiff of the windows makes a kernel per tap."""
+  x_BxHxWxI, w_KxLxIx1 = residuals
+  return _taps_bwd((1, 1), padding, None, x_BxHxWxI, w_KxLxIx1, g_BxPxQx1)
+
+
+window_sum.defvjp(_window_sum_fwd, _window_sum_bwd)
 
 
 # ---------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from sact_jax import conv as conv_lib
 from sact_jax import flops as flops_lib
 from sact_jax import layers
 
@@ -80,6 +81,14 @@ class SactHead(nnx.Module):
     return self.activation(self.local_bn(x_XxC))
 
   @property
+  def sums_windows(self) -> bool:
+    """Whether the local conv runs as `conv.window_sum`: where the model
+    keeps XLA's own convolutions (`layers.LayerFactory`: GPUs and TPUs),
+    as one fused reduction that reads the BatchNorm's input."""
+    return (self.local_conv.conv_general_dilated
+            is not conv_lib.conv_general_dilated)
+
+  @property
   def folds_local_bn(self) -> bool:
     """Whether `local_bn` is folded into the local conv's kernel.
 
@@ -91,7 +100,8 @@ class SactHead(nnx.Module):
     is one small map. Equal up to rounding.
     """
     return (self.activation is layers.identity
-            and bool(self.local_bn.use_running_average))
+            and bool(self.local_bn.use_running_average)
+            and not self.sums_windows)
 
   def _folded_local_conv(self) -> tuple[jax.Array, jax.Array]:
     """The fold: the local conv's kernel times the BatchNorm scale
@@ -105,6 +115,13 @@ class SactHead(nnx.Module):
   def local_logits(self, x_BxHxWxC: jax.Array) -> jax.Array:
     """The local term `[B, H, W]` at every position."""
     conv = self.local_conv
+    if self.sums_windows:
+      local = conv_lib.window_sum(
+          self.local_features(x_BxHxWxC), conv.kernel[...],
+          conv_lib.explicit_padding(conv.padding, conv.kernel_size, (1, 1),
+                                    x_BxHxWxC.shape[1:3]))
+      return (local[..., 0] if conv.bias is None
+              else local[..., 0] + conv.bias[...][0])
     if not self.folds_local_bn:
       return conv(self.local_features(x_BxHxWxC))[..., 0]
     kernel, shift_taps = self._folded_local_conv()

@@ -239,6 +239,35 @@ class DotFormulationTest(parameterized.TestCase):
                     rtol=2e-2)
 
 
+class WindowSumTest(parameterized.TestCase):
+  """`window_sum`: a conv to one channel as one reduction (accelerators)."""
+
+  @parameterized.named_parameters(
+      ('3x3_same', (3, 3), ((1, 1), (1, 1))),
+      ('3x3_valid', (3, 3), ((0, 0), (0, 0))),
+      ('3x3_asymmetric', (3, 3), ((0, 2), (2, 1))),
+      ('1x1', (1, 1), ((0, 0), (0, 0))),
+      ('5x3', (5, 3), ((2, 2), (1, 1))),
+  )
+  def test_values_and_grads_match_lax(self, kernel_hw, padding):
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(2, 7, 6, 12)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(*kernel_hw, 12, 1)), jnp.float32)
+    fn = jax.jit(lambda x, w: conv.window_sum(x, w, padding))
+    want = lax.conv_general_dilated(x, w, (1, 1), padding,
+                                    dimension_numbers=_NHWC)
+    got = fn(x, w)
+    chex.assert_shape(got, want.shape)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    jtu.check_grads(fn, (x, w), order=1, modes=('rev',), atol=2e-2,
+                    rtol=2e-2)
+
+  def test_one_output_channel_only(self):
+    with self.assertRaisesRegex(ValueError, 'one output channel'):
+      conv.window_sum(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 3, 2)),
+                      ((1, 1), (1, 1)))
+
+
 class SpaceToDepthTest(parameterized.TestCase):
   """`conv2d` forward as a stride-1 conv over space-to-depth blocks."""
 

@@ -31,9 +31,9 @@ def _sact_head(channels: int, activation, fast_conv: bool, seed: int = 0
 
 class SactHeadTest(parameterized.TestCase):
 
-  @parameterized.product(fast_conv=(True, False), shape=((2, 5, 7), (1, 1, 1)))
-  def test_folded_local_bn_equals_bn_then_conv(self, fast_conv, shape):
-    head = _sact_head(6, layers.identity, fast_conv)
+  @parameterized.parameters((2, 5, 7), (1, 1, 1))
+  def test_folded_local_bn_equals_bn_then_conv(self, *shape):
+    head = _sact_head(6, layers.identity, True)
     head.eval()
     self.assertTrue(head.folds_local_bn)
     x = tu.images((*shape, 6), seed=3)
@@ -54,6 +54,36 @@ class SactHeadTest(parameterized.TestCase):
     leaky = _sact_head(4, layers.leaky_relu, True)
     leaky.eval()
     self.assertFalse(leaky.folds_local_bn)
+
+  @parameterized.product(activation=(layers.identity, layers.leaky_relu),
+                         train=(True, False))
+  def test_window_sums_equal_the_conv(self, activation, train):
+    """With XLA's convolutions (GPUs, TPUs) the local term is one fused
+    reduction (`conv.window_sum`): the conv's values and gradients."""
+    head = _sact_head(6, activation, False)
+    self.assertTrue(head.sums_windows)
+    self.assertFalse(_sact_head(6, activation, True).sums_windows)
+    if not train:
+      head.eval()
+    self.assertFalse(head.folds_local_bn)
+    x = tu.images((2, 5, 7, 6), seed=4)
+    graphdef, state = nnx.split(head)
+
+    def local(state, x, windows):
+      h = nnx.merge(graphdef, state)
+      if windows:
+        return h.local_logits(x)
+      return h.local_conv(h.local_features(x))[..., 0]
+
+    got = local(state, x, True)
+    chex.assert_shape(got, (2, 5, 7))
+    np.testing.assert_allclose(got, local(state, x, False), rtol=1e-5,
+                               atol=1e-5)
+    loss = lambda state, x, windows: jnp.sum(local(state, x, windows) ** 2)
+    chex.assert_trees_all_close(
+        jax.grad(loss, argnums=(0, 1))(state, x, True),
+        jax.grad(loss, argnums=(0, 1))(state, x, False), rtol=1e-4,
+        atol=1e-4)
 
   def test_folded_head_gradient_matches(self):
     head = _sact_head(5, layers.identity, True)
