@@ -1,0 +1,247 @@
+r"""GPU kernels per call of the models, counted without a GPU.
+
+XLA compiles a program for a CUDA target it is only told about (a
+compile-only device made from a target description; no GPU, driver or
+CUDA runtime needed), and the optimised program lists every kernel it
+launches: each fusion, library call (cuDNN, cuBLAS) and copy, with the
+trip count of each loop. At batch 1 an H200 runs a ResNet in a few
+milliseconds, a few microseconds per kernel, so the kernels per call are
+what the time follows (BUILD.md, "ACT and SACT over vanilla on a GPU").
+
+Needs JAX's CUDA plugin in the environment, e.g. a venv of its own:
+
+  python3.11 -m venv /tmp/gpu-venv
+  /tmp/gpu-venv/bin/pip install -e . "jax[cuda12]==$(python -c \
+      'import jax; print(jax.__version__)')"
+  JAX_PLATFORMS=cpu /tmp/gpu-venv/bin/python -m benchmarks.gpu_kernels
+
+Models are built as on a GPU (`fast_conv_backward=False`: XLA's own
+convolutions; `remat=False`), in evaluation for the forward. The training
+step is the forward and gradient of cross-entropy + 0.01 ponder cost and a
+plain SGD update (the trainer's without its metrics and momentum). Prints
+a table and writes JSON (`--out`).
+"""
+
+import collections
+import json
+import os
+import re
+import time
+
+from absl import app
+from absl import flags
+from flax import nnx
+import jax
+from jax.experimental import topologies
+import jax.numpy as jnp
+import optax
+
+from sact_jax.models import create_model
+
+_PROGRAMS = flags.DEFINE_list(
+    'programs', ['forward:cifar:1', 'forward:imagenet:1', 'forward:cifar:32',
+                 'forward:imagenet:32', 'train:cifar:128',
+                 'train:imagenet:64'],
+    'kind:family:batch of each program (kind: forward or train).')
+_TYPES = flags.DEFINE_list('model_types', ['vanilla', 'act', 'sact'],
+                           'Model types.')
+_UNROLL = flags.DEFINE_bool('unroll', False,
+                            'Unrolled blocks instead of scans.')
+_OUT = flags.DEFINE_string('out', 'benchmarks/results/gpu_kernels.json',
+                           'JSON output path.')
+
+_DEPTH = {'cifar': 110, 'imagenet': 101}
+_SIZE = {'cifar': 32, 'imagenet': 224}
+_CLASSES = {'cifar': 10, 'imagenet': 1001}
+
+# An H100/H200-class device (compute capability 9.0, 132 multiprocessors,
+# 50 MiB of L2), in the fields of XLA's GpuTargetConfigProto this jaxlib
+# reads. Fusion decisions depend on these, timings on nothing here.
+_TARGET = '''
+gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32
+  shared_memory_per_block: 49152 shared_memory_per_core: 233472
+  threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
+  block_dim_limit_z: 65535 memory_bandwidth: 4800000000000
+  l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: 150000000000 shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 }
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 8 }
+device_description_str: "NVIDIA H200"
+'''
+
+# Ops in a program's (not a fusion's) computations that launch nothing.
+_NO_KERNEL = frozenset((
+    'parameter', 'constant', 'get-tuple-element', 'tuple', 'bitcast',
+    'while', 'conditional', 'call', 'after-all', 'opt-barrier',
+    'add-dependency', 'partition-id', 'replica-id'))
+_COMPUTATION = re.compile(r'^(ENTRY\s+)?%(\S+)\s.*\{\s*$')
+_INSTRUCTION = re.compile(
+    r'^\s*(?:ROOT\s+)?%\S+\s*=\s*(\(.*?\)|\S+)\s+([a-z][a-z0-9-]*)\((.*)$')
+_ARRAY = re.compile(r'\b([a-z]+\d*)\[([\d,]*)\]')
+_BYTES = {'f32': 4, 's32': 4, 'u32': 4, 'f16': 2, 'bf16': 2, 's8': 1,
+          'u8': 1, 'pred': 1}
+
+
+def _bytes(shape: str) -> int:
+  """Bytes of the arrays an HLO result shape (maybe a tuple) names."""
+  total = 0
+  for dtype, dims in _ARRAY.findall(shape):
+    size = _BYTES.get(dtype, 4)
+    for d in dims.split(','):
+      size *= int(d) if d else 1
+    total += size
+  return total
+
+
+def _computations(hlo: str) -> tuple[dict, str]:
+  """`{name: [(opcode, result shape, rest of line)]}` of an HLO module's
+  text, and the entry computation's name."""
+  computations, current, entry = {}, None, None
+  for line in hlo.split('\n'):
+    m = _COMPUTATION.match(line)
+    if m:
+      current = m.group(2)
+      computations[current] = []
+      entry = current if m.group(1) else entry
+    elif line.startswith('}'):
+      current = None
+    elif current is not None:
+      mi = _INSTRUCTION.match(line)
+      if mi:
+        computations[current].append((mi.group(2), mi.group(1),
+                                      mi.group(3)))
+  return computations, entry
+
+
+def count_kernels(hlo: str) -> dict:
+  """Kernels launched per call of an optimised GPU program, by kind.
+
+  Walks the entry computation and what it runs (loop bodies and
+  conditions times their known trip count, the first branch of a
+  conditional, calls); fusions are counted by kind, library calls by
+  target. `written_mb` adds up the kernels' results: the memory traffic a
+  program cannot avoid, where a large batch is bound by it (reads are not
+  counted: a fusion may read a slice of an operand).
+  """
+  computations, entry = _computations(hlo)
+  kinds = collections.Counter()
+  loop_bodies = []
+  written = [0]
+
+  def callee(rest, key):
+    return re.search(key + r'=%([\w.\-]+)', rest).group(1)
+
+  def visit(name, times):
+    for op, shape, rest in computations[name]:
+      if op not in _NO_KERNEL:
+        written[0] += _bytes(shape) * times
+      if op == 'while':
+        trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
+        trips = int(trips.group(1)) if trips else 1
+        body = callee(rest, 'body')
+        loop_bodies.append(sum(1 for o, _, _ in computations[body]
+                               if o not in _NO_KERNEL))
+        visit(body, times * trips)
+        visit(callee(rest, 'condition'), times * trips)
+      elif op == 'conditional':
+        branches = re.search(r'branch_computations=\{%([\w.\-]+)', rest)
+        visit(branches.group(1), times)
+      elif op == 'call':
+        visit(callee(rest, 'to_apply'), times)
+      elif op == 'fusion':
+        kind = re.search(r'kind=(\w+)', rest)
+        kinds['fusion:' + (kind.group(1) if kind else '?')] += times
+      elif op == 'custom-call':
+        target = re.search(r'custom_call_target="([^"]+)"', rest)
+        kinds[target.group(1) if target else 'custom-call'] += times
+      elif op not in _NO_KERNEL:
+        kinds[op] += times
+
+  visit(entry, 1)
+  return {'kernels': sum(kinds.values()), 'loop_bodies': loop_bodies,
+          'written_mb': written[0] / 1e6, 'kinds': dict(kinds.most_common())}
+
+
+def _build(family: str, model_type: str):
+  return create_model(family, _DEPTH[family], model_type,
+                      num_classes=_CLASSES[family], rngs=nnx.Rngs(0),
+                      fast_conv_backward=False, remat=False,
+                      unroll=_UNROLL.value)
+
+
+def compile_program(kind: str, family: str, model_type: str, batch: int,
+                    sharding) -> str:
+  """The optimised HLO of one program, compiled for the target."""
+  abstract = nnx.eval_shape(lambda: _build(family, model_type))
+  if kind == 'forward':
+    abstract.eval()
+  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  spec = lambda tree: jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+      tree)
+  size = _SIZE[family]
+  images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32,
+                                sharding=sharding)
+  if kind == 'forward':
+    fn = jax.jit(lambda p, r, x: nnx.merge(graphdef, p, r)(x))
+    return fn.lower(spec(params), spec(rest), images).compile().as_text()
+
+  def step(params, rest, images, labels):
+    def loss_fn(params, rest):
+      rest = jax.tree.map(lambda x: x, rest)  # Fresh BatchNorm statistics.
+      model = nnx.merge(graphdef, params, rest)
+      logits, aux = model(images)
+      loss = optax.softmax_cross_entropy_with_integer_labels(
+          logits, labels).mean()
+      loss = loss + 0.01 * aux.get('ponder_loss', 0.0)
+      return loss, nnx.split(model, nnx.Param, ...)[2]
+    (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, rest)
+    return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads), rest, loss
+
+  labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding)
+  fn = jax.jit(step, donate_argnums=(0, 1))
+  return fn.lower(spec(params), spec(rest), images,
+                  labels).compile().as_text()
+
+
+def main(argv):
+  del argv
+  topology = topologies.get_topology_desc(
+      platform='cuda', topology_name='', topology='1x1x1',
+      target_config=_TARGET)
+  mesh = topologies.make_mesh(topology, (1,), ('x',))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  rows = []
+  print(f'{"program":<20} {"type":<8} {"kernels":>8} {"/vanilla":>9} '
+        f'{"written MB":>11} {"per loop iteration":<24}')
+  for program in _PROGRAMS.value:
+    kind, family, batch = program.split(':')
+    base = None
+    for model_type in _TYPES.value:
+      t0 = time.perf_counter()
+      counts = count_kernels(compile_program(kind, family, model_type,
+                                             int(batch), sharding))
+      row = {'program': program, 'model_type': model_type,
+             'unroll': _UNROLL.value,
+             'compile_s': time.perf_counter() - t0, **counts}
+      base = row['kernels'] if model_type == 'vanilla' else base
+      row['vs_vanilla'] = row['kernels'] / base if base else None
+      rows.append(row)
+      print(f'{program:<20} {model_type:<8} {row["kernels"]:>8} '
+            f'{row["vs_vanilla"] or float("nan"):>9.2f} '
+            f'{row["written_mb"]:>11.1f} '
+            f'{str(sorted(set(row["loop_bodies"]))):<24}', flush=True)
+  os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
+  with open(_OUT.value, 'w') as f:
+    json.dump({'jax': jax.__version__, 'target': 'H200 (sm_90), compile-only',
+               'rows': rows}, f, indent=1)
+
+
+if __name__ == '__main__':
+  app.run(main)
