@@ -8,6 +8,12 @@ import os
 # "Host memory").
 CACHE_DIR = os.path.join(os.path.expanduser('~'), '.cache', 'sact_jax_jit')
 
+# The paper's two models that the benchmarks time, with their inputs.
+MODELS = {
+    'cifar': dict(depth=110, size=32, num_classes=10),
+    'imagenet': dict(depth=101, size=224, num_classes=1001),
+}
+
 
 def configure_jax(cache_dir: str) -> None:
   """What a benchmark's JAX process sets up first: rbg keys (fast model

@@ -36,6 +36,7 @@ from jax.experimental import topologies
 import jax.numpy as jnp
 import optax
 
+import benchmarks
 from sact_jax.models import create_model
 
 _PROGRAMS = flags.DEFINE_list(
@@ -50,9 +51,7 @@ _UNROLL = flags.DEFINE_bool('unroll', False,
 _OUT = flags.DEFINE_string('out', 'benchmarks/results/gpu_kernels.json',
                            'JSON output path.')
 
-_DEPTH = {'cifar': 110, 'imagenet': 101}
-_SIZE = {'cifar': 32, 'imagenet': 224}
-_CLASSES = {'cifar': 10, 'imagenet': 1001}
+_MODELS = benchmarks.MODELS
 
 # An H100/H200-class device (compute capability 9.0, 132 multiprocessors,
 # 50 MiB of L2), in the fields of XLA's GpuTargetConfigProto this jaxlib
@@ -168,8 +167,9 @@ def count_kernels(hlo: str) -> dict:
 
 
 def _build(family: str, model_type: str):
-  return create_model(family, _DEPTH[family], model_type,
-                      num_classes=_CLASSES[family], rngs=nnx.Rngs(0),
+  model = _MODELS[family]
+  return create_model(family, model['depth'], model_type,
+                      num_classes=model['num_classes'], rngs=nnx.Rngs(0),
                       fast_conv_backward=False, remat=False,
                       unroll=_UNROLL.value)
 
@@ -184,7 +184,7 @@ def compile_program(kind: str, family: str, model_type: str, batch: int,
   spec = lambda tree: jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
       tree)
-  size = _SIZE[family]
+  size = _MODELS[family]['size']
   images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32,
                                 sharding=sharding)
   if kind == 'forward':

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import benchmarks
 from benchmarks import steps
 from sact_jax import conv
 from sact_jax.models import create_model
@@ -66,9 +67,7 @@ _PROFILE_CALLS = flags.DEFINE_integer('profile_calls', 5,
 _OUT = flags.DEFINE_string('out', 'benchmarks/results/gpu_overhead.json',
                            'JSON output path.')
 
-_DEPTH = {'cifar': 110, 'imagenet': 101}
-_SIZE = {'cifar': 32, 'imagenet': 224}
-_CLASSES = {'cifar': 10, 'imagenet': 1001}
+_MODELS = benchmarks.MODELS
 
 
 def lower_forward(family: str, model_type: str, variant: str,
@@ -79,9 +78,11 @@ def lower_forward(family: str, model_type: str, variant: str,
   The weights are initialised inside one jit (as the trainer's are): built
   eagerly, every initialiser would compile on its own.
   """
+  model = _MODELS[family]
+
   def build():
-    return create_model(family, _DEPTH[family], model_type,
-                        num_classes=_CLASSES[family], rngs=nnx.Rngs(0),
+    return create_model(family, model['depth'], model_type,
+                        num_classes=model['num_classes'], rngs=nnx.Rngs(0),
                         unroll=variant == 'unrolled')
   abstract = nnx.eval_shape(build)
   abstract.eval()
@@ -92,7 +93,7 @@ def lower_forward(family: str, model_type: str, variant: str,
                compiler_options=options)
   out = {}
   for batch in batches:
-    size = _SIZE[family]
+    size = model['size']
     images = jax.random.normal(jax.random.key(batch),
                                (batch, size, size, 3), jnp.float32)
     out[batch] = (fn.lower(state, images), (state, images))
@@ -259,7 +260,7 @@ def train_phase(result: dict, write):
       continue
     for model_type in _TYPES.value:
       low, state, batch_arrays, _ = steps.lower_step(
-          _DEPTH[family], model_type, int(batch), family=family,
+          _MODELS[family]['depth'], model_type, int(batch), family=family,
           variant='scan')
       key = f'{family}-b{batch}-{model_type}'
       lowered[key], args[key] = low, (state, batch_arrays)

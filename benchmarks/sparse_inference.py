@@ -97,10 +97,7 @@ _OUT = flags.DEFINE_string(
                         'sparse_inference.json'),
     'Where to write the results as JSON.')
 
-_CONFIGS = {
-    'cifar': dict(depth=110, size=32, num_classes=10),
-    'imagenet': dict(depth=101, size=224, num_classes=1001),
-}
+_CONFIGS = benchmarks.MODELS
 
 
 def _load() -> float:
