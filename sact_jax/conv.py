@@ -263,17 +263,12 @@ def window_sum(x_BxHxWxI: jax.Array, w_KxLxIx1: jax.Array,
   if cout != 1:
     raise ValueError(f'window_sum makes one output channel; the kernel '
                      f'{w_KxLxIx1.shape} has {cout}.')
-  x, (p, q) = _padded_windows(x_BxHxWxI, (kh, kw), padding)
+  (top, bottom), (left, right) = padding
+  x = jnp.pad(x_BxHxWxI, ((0, 0), (top, bottom), (left, right), (0, 0)))
+  p, q = x.shape[1] - kh + 1, x.shape[2] - kw + 1
   products = sum(x[:, i:i + p, j:j + q] * w_KxLxIx1[i, j, :, 0]
                  for i in range(kh) for j in range(kw))
   return jnp.sum(products, axis=-1, keepdims=True)
-
-
-def _padded_windows(x_BxHxWxI, kernel_hw, padding):
-  """The zero-padded input and the output size of a stride-1 window."""
-  (top, bottom), (left, right) = padding
-  x = jnp.pad(x_BxHxWxI, ((0, 0), (top, bottom), (left, right), (0, 0)))
-  return x, (x.shape[1] - kernel_hw[0] + 1, x.shape[2] - kernel_hw[1] + 1)
 
 
 def _window_sum_fwd(x, w, padding):

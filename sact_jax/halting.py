@@ -120,15 +120,14 @@ class SactHead(nnx.Module):
           self.local_features(x_BxHxWxC), conv.kernel[...],
           conv_lib.explicit_padding(conv.padding, conv.kernel_size, (1, 1),
                                     x_BxHxWxC.shape[1:3]))
-      return (local[..., 0] if conv.bias is None
-              else local[..., 0] + conv.bias[...][0])
-    if not self.folds_local_bn:
+    elif not self.folds_local_bn:
       return conv(self.local_features(x_BxHxWxC))[..., 0]
-    kernel, shift_taps = self._folded_local_conv()
-    local = layers.conv_with_kernel(conv, x_BxHxWxC, kernel)
-    ones = jnp.ones((1, *x_BxHxWxC.shape[1:3], 1), x_BxHxWxC.dtype)
-    local = local + layers.conv_with_kernel(conv, ones,
-                                            shift_taps[:, :, None, :])
+    else:
+      kernel, shift_taps = self._folded_local_conv()
+      local = layers.conv_with_kernel(conv, x_BxHxWxC, kernel)
+      ones = jnp.ones((1, *x_BxHxWxC.shape[1:3], 1), x_BxHxWxC.dtype)
+      local = local + layers.conv_with_kernel(conv, ones,
+                                              shift_taps[:, :, None, :])
     if conv.bias is not None:
       local = local + conv.bias[...]
     return local[..., 0]
