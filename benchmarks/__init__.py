@@ -1,5 +1,6 @@
 """Benchmarks, run by hand (BUILD.md, "Benchmarks")."""
 
+import json
 import os
 
 # JAX's persistent compilation cache of the benchmarks' JAX processes: a
@@ -23,3 +24,10 @@ def configure_jax(cache_dir: str) -> None:
   if cache_dir:
     jax.config.update('jax_compilation_cache_dir', cache_dir)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+
+
+def write_json(path: str, data, indent: int = 1) -> None:
+  """A benchmark's results as JSON at `path`, its folder made if need be."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(data, f, indent=indent)

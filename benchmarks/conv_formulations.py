@@ -25,8 +25,6 @@ options.
 """
 
 import functools
-import json
-import os
 import time
 
 from absl import app
@@ -35,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import benchmarks
 from sact_jax import conv
 from sact_jax import onednn
 
@@ -184,11 +183,10 @@ def main(argv):
       if difference is not None:
         cells.append(f'  onednn vs conv {difference:.0e}')
       print(f'{name:<14} {batch:>11} ' + ' '.join(cells), flush=True)
-  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  with open(_OUT.value, 'w') as f:
-    json.dump({'backend': jax.default_backend(),
-               'devices': [str(d) for d in jax.devices()],
-               'jax': jax.__version__, 'rows': rows}, f, indent=2)
+  benchmarks.write_json(_OUT.value, {
+      'backend': jax.default_backend(),
+      'devices': [str(d) for d in jax.devices()],
+      'jax': jax.__version__, 'rows': rows}, indent=2)
   print(f'Wrote {_OUT.value}')
 
 

@@ -23,8 +23,6 @@ a table and writes JSON (`--out`).
 """
 
 import collections
-import json
-import os
 import re
 import time
 
@@ -237,10 +235,9 @@ def main(argv):
             f'{row["vs_vanilla"] or float("nan"):>9.2f} '
             f'{row["written_mb"]:>11.1f} '
             f'{str(sorted(set(row["loop_bodies"]))):<24}', flush=True)
-  os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
-  with open(_OUT.value, 'w') as f:
-    json.dump({'jax': jax.__version__, 'target': 'H200 (sm_90), compile-only',
-               'rows': rows}, f, indent=1)
+  benchmarks.write_json(_OUT.value, {
+      'jax': jax.__version__, 'target': 'H200 (sm_90), compile-only',
+      'rows': rows})
 
 
 if __name__ == '__main__':

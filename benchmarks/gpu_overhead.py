@@ -18,6 +18,7 @@ each phase.
 """
 
 import concurrent.futures
+import functools
 import glob
 import gzip
 import json
@@ -27,6 +28,7 @@ import time
 
 from absl import app
 from absl import flags
+import flax
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -196,28 +198,39 @@ def profile(fns: dict, tag: str) -> dict:
   return out
 
 
-def summarise(samples: dict, group_of) -> list[dict]:
-  """Median seconds per key and the median per-round ratio to the vanilla
-  key of its group (`group_of(key)` -> (group, model_type))."""
+def summarise(samples: dict) -> list[dict]:
+  """Median seconds per program and the median per-round ratio to the
+  vanilla program of its group (keys are `<group>-<model type>`)."""
   rows = []
   for key, values in samples.items():
-    group, model_type = group_of(key)
-    base = [k for k in samples if group_of(k) == (group, 'vanilla')]
+    base = key.rsplit('-', 1)[0] + '-vanilla'
     row = {'key': key, 'median_s': float(np.median(values)),
            'min_s': float(np.min(values))}
-    if base:
+    if base in samples:
       row['vs_vanilla'] = float(np.median(
-          np.array(values) / np.array(samples[base[0]])))
+          np.array(values) / np.array(samples[base])))
     rows.append(row)
   return rows
 
 
-def _print(rows: list[dict], title: str):
+def measure(title: str, lowered: dict, trace_s: float, make_fn,
+            rounds: int) -> tuple[list[dict], dict]:
+  """Compiles `{key: lowered}` at once, times the programs
+  `make_fn(key, compiled)` interleaved and prints the table; returns its
+  rows and the programs (`{key: fn}`, to profile)."""
+  t0 = time.perf_counter()
+  compiled = compile_all(lowered)
+  print(f'[{title}] traced in {trace_s:.0f} s, compiled in '
+        f'{time.perf_counter() - t0:.0f} s', flush=True)
+  fns = {k: make_fn(k, c) for k, (c, _) in compiled.items()}
+  rows = summarise(interleaved(fns, rounds))
   print(f'\n{title}\n{"program":<38} {"median ms":>10} {"min ms":>9} '
         f'{"/vanilla":>9}')
   for r in rows:
+    r['compile_s'] = compiled[r['key']][1]
     print(f'{r["key"]:<38} {r["median_s"] * 1e3:>10.2f} '
           f'{r["min_s"] * 1e3:>9.2f} {r.get("vs_vanilla", float("nan")):>9.2f}')
+  return rows, fns
 
 
 def forward_phase(result: dict, write, variant: str, families):
@@ -231,19 +244,9 @@ def forward_phase(result: dict, write, variant: str, families):
                                            batches).items():
         key = f'{family}-b{batch}-{variant}-{model_type}'
         lowered[key], args[key] = low, a
-  trace_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  compiled = compile_all(lowered)
-  print(f'[forward {variant}] traced in {trace_s:.0f} s, compiled in '
-        f'{time.perf_counter() - t0:.0f} s', flush=True)
-  fns = {k: (lambda c=c, a=args[k]: c(*a)) for k, (c, _) in
-         compiled.items()}
-  rows = summarise(interleaved(fns, _ROUNDS.value),
-                   lambda k: (k.rsplit('-', 1)[0], k.rsplit('-', 1)[1]))
-  for r in rows:
-    r['compile_s'] = compiled[r['key']][1]
-  _print(rows, f'forward, {variant}')
-  result['forward'][variant] = rows
+  result['forward'][variant], fns = measure(
+      f'forward {variant}', lowered, time.perf_counter() - t0,
+      lambda k, c: functools.partial(c, *args[k]), _ROUNDS.value)
   write()
   if _PROFILE_DIR.value:
     result['profiles'][f'forward-{variant}'] = profile(fns, 'forward')
@@ -264,19 +267,9 @@ def train_phase(result: dict, write):
           variant='scan')
       key = f'{family}-b{batch}-{model_type}'
       lowered[key], args[key] = low, (state, batch_arrays)
-  trace_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  compiled = compile_all(lowered)
-  print(f'[train] traced in {trace_s:.0f} s, compiled in '
-        f'{time.perf_counter() - t0:.0f} s', flush=True)
-  fns = {k: steps.stepper(c, *args[k])
-         for k, (c, _) in compiled.items()}
-  rows = summarise(interleaved(fns, _TRAIN_ROUNDS.value),
-                   lambda k: (k.rsplit('-', 1)[0], k.rsplit('-', 1)[1]))
-  for r in rows:
-    r['compile_s'] = compiled[r['key']][1]
-  _print(rows, 'training step')
-  result['train'] = rows
+  result['train'], fns = measure(
+      'training step', lowered, time.perf_counter() - t0,
+      lambda k, c: steps.stepper(c, *args[k]), _TRAIN_ROUNDS.value)
   write()
   if _PROFILE_DIR.value:
     result['profiles']['train'] = profile(fns, 'train')
@@ -285,21 +278,15 @@ def train_phase(result: dict, write):
 
 def main(argv):
   del argv
-  jax.config.update('jax_default_prng_impl', 'rbg')
+  benchmarks.configure_jax('')
   device = jax.devices()[0]
-  import flax  # pylint: disable=g-import-not-at-top
   result = {'device': getattr(device, 'device_kind', str(device)),
             'backend': jax.default_backend(), 'jax': jax.__version__,
             'flax': flax.__version__, 'forward': {}, 'train': [],
             'profiles': {}}
   print(json.dumps({k: result[k] for k in ('device', 'backend', 'jax',
                                            'flax')}), flush=True)
-
-  def write():
-    os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
-    with open(_OUT.value, 'w') as f:
-      json.dump(result, f, indent=1)
-
+  write = lambda: benchmarks.write_json(_OUT.value, result)
   # The scanned forward first, then the training steps (the issue's
   # table), then the slower-compiling variants.
   variants = _FORWARD_VARIANTS.value if _FORWARD_BATCHES.value else []

@@ -13,7 +13,6 @@ both alike), and prints the medians, the median of per-call ratios and
 each variant's first call (compile included). Writes JSON (`--out`).
 """
 
-import json
 import os
 import statistics
 import time
@@ -25,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import benchmarks
 from sact_jax import blocks
 from sact_jax import conv
 from sact_jax import host_memory
@@ -99,10 +99,9 @@ def main(argv):
           f'{row["sliced_s"] * 1e3:>10.1f} {row["ratio"]:>6.3f} '
           f'{row["first_call_s"]["in_place"]:>6.1f} / '
           f'{row["first_call_s"]["sliced"]:<5.1f}', flush=True)
-  os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
-  with open(_OUT.value, 'w') as f:
-    json.dump({'device': str(jax.devices()[0]), 'reps': _REPS.value,
-               'results': results}, f, indent=1)
+  benchmarks.write_json(_OUT.value, {'device': str(jax.devices()[0]),
+                                     'reps': _REPS.value,
+                                     'results': results})
   print(f'wrote {_OUT.value}')
 
 

@@ -14,7 +14,6 @@ of them alike, and prints the median time and GFLOP/s. Writes JSON
 (`--out`).
 """
 
-import json
 import os
 import statistics
 import time
@@ -25,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import benchmarks
 from sact_jax import conv
 from sact_jax import host_memory
 
@@ -68,10 +68,8 @@ def main(argv):
           f'{rate:>8.1f}')
     results.append({k: case[k] for k in ('matmul', 'm', 'k', 'n')}
                    | {'median_s': median, 'gflops': rate})
-  os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
-  with open(_OUT.value, 'w') as f:
-    json.dump({'device': str(jax.devices()[0]), 'results': results}, f,
-              indent=1)
+  benchmarks.write_json(_OUT.value, {'device': str(jax.devices()[0]),
+                                     'results': results})
   print(f'wrote {_OUT.value}')
 
 

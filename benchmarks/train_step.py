@@ -18,7 +18,6 @@ metrics, on random images.
 """
 
 import json
-import os
 import time
 
 from absl import app
@@ -26,6 +25,7 @@ from absl import flags
 import jax
 import numpy as np
 
+import benchmarks
 from benchmarks import steps
 from sact_jax.configs import cifar10
 from sact_jax.configs import imagenet
@@ -100,10 +100,8 @@ def main(argv):
     print(f'{r["depth"]:>5} {r["variant"]:>14} {r["model_type"]:>8} '
           f'{r["compile_s"]:>10.2f} {r.get("step_s", float("nan")):>8.3f} '
           f'{ratio:>9.2f}')
-  os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
-  with open(_OUT.value, 'w') as f:
-    json.dump({'device': str(jax.devices()[0]), 'results': results}, f,
-              indent=1)
+  benchmarks.write_json(_OUT.value, {'device': str(jax.devices()[0]),
+                                     'results': results})
 
 
 if __name__ == '__main__':

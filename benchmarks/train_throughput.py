@@ -17,7 +17,6 @@ Prints a table and writes JSON to `--json_out`. Timings on a shared machine
 are noisy: compare figures within one run.
 """
 
-import json
 import os
 import platform
 import time
@@ -28,6 +27,7 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
+import benchmarks
 from benchmarks import input_pipeline
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -138,11 +138,9 @@ def main(argv):
           f'{row["images_per_s"]:.0f} |')
   print(f'\ninit {init_s:.1f} s, compile + first step {compile_s:.1f} s; '
         f'pipeline slowdown of training: {100 * (e2e_s / step_s - 1):+.0f}%')
-  os.makedirs(os.path.dirname(os.path.abspath(_JSON_OUT.value)),
-              exist_ok=True)
-  with open(_JSON_OUT.value, 'w') as f:
-    json.dump({**info, 'init_s': init_s, 'compile_s': compile_s,
-               'steps': _STEPS.value, 'results': rows}, f, indent=2)
+  benchmarks.write_json(_JSON_OUT.value, {
+      **info, 'init_s': init_s, 'compile_s': compile_s,
+      'steps': _STEPS.value, 'results': rows}, indent=2)
   print(f'Wrote {_JSON_OUT.value}')
 
 

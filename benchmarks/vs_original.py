@@ -470,11 +470,10 @@ def main(argv):
     summary.append(row)
     print(json.dumps(row), file=sys.stderr, flush=True)
   print(table(summary))
-  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  with open(_OUT.value, 'w') as f:
-    json.dump({'summary': summary, 'records': records,
-               'xla_flags': {'train': env.get('XLA_FLAGS', ''),
-                             'infer': infer_env['XLA_FLAGS']}}, f, indent=1)
+  benchmarks.write_json(_OUT.value, {
+      'summary': summary, 'records': records,
+      'xla_flags': {'train': env.get('XLA_FLAGS', ''),
+                    'infer': infer_env['XLA_FLAGS']}})
   print(f'Wrote {_OUT.value}')
 
 
