@@ -384,16 +384,25 @@ def _is_nhwc(dimension_numbers) -> bool:
 
 
 # Where oneDNN's kernels are built (`onednn.available()`) they run every
-# float32 convolution but one kind, forward and backward: measured with
+# float32 convolution but two kinds, forward and backward: measured with
 # `benchmarks/conv_formulations.py --formulations=conv,dot,taps,onednn` on
 # a 2-core AVX-512 CPU (BUILD.md, "Convolutions on XLA:CPU"), against the
 # formulation picked below without them, over the 47 shapes of the CIFAR
 # and ImageNet ResNets at batch 1, 32 and 128: the backward 1.0-12.6x
 # faster at 44 (0.67-0.92x at three), the forward 0.58-9.4x, as fast or
 # faster at 34; a CIFAR ResNet's training step gains more than any single
-# shape loses (0.64-0.94x the time). The one
-# kind: the SACT head's 3x3 conv to one channel runs forward 2.3-3.3x
-# faster as taps.
+# shape loses (0.64-0.94x the time). The two kinds, forward only:
+# * the SACT head's 3x3 conv to one channel runs 2.3-3.3x faster as taps;
+# * where oneDNN's forward copies its weights into its own layout on every
+#   call (CPUs without AVX-512: `onednn.forward_copies_weights`), 1x1
+#   convolutions and those with few output rows run XLA's formulation
+#   below. A 2-core AVX2 EPYC (same benchmark, batch 1 / 32, GFLOP/s of
+#   XLA's vs oneDNN's forward): 1x1 126 vs 112, 120 vs 91, 118 vs 96 at
+#   3136 / 3136 / 196 rows and 132 vs 91, 143 vs 124 at batch 32; 3x3 at
+#   49 / 196 rows 75 vs 33, 112 vs 91, and from 784 rows on oneDNN as fast
+#   or faster (the stem 131 vs 75). The ImageNet ResNet-101 at batch 1
+#   then ran at 0.97-1.00 of XLA's time against 1.07-1.14 with oneDNN's
+#   forward everywhere (one process, interleaved), at batch 32 equal.
 #
 # Without oneDNN, where a dot beats XLA:CPU's convolution (the same
 # benchmark, before oneDNN):
@@ -415,14 +424,15 @@ def _is_nhwc(dimension_numbers) -> bool:
 #   kernel gradient (all that training needs of the stem) was 5-9% slower
 #   as 's2d' (batch 8 / 32, forward + kernel gradient 94.5 / 380 ms vs
 #   90.2 / 348), so it stays XLA's; only the unused input gradient gained.
+_ONEDNN_COPY_MIN_ROWS = 512
 _DOT_BACKWARD_MAX_ROWS = 1024
 _DOT_BACKWARD_MIN_CHANNELS = 128
 _S2D_MAX_CHANNELS = 16
 
 
 def formulation(x_shape: Sequence[int], w_shape: Sequence[int],
-                strides: Sequence[int],
-                use_onednn: bool = False) -> tuple[str, str]:
+                strides: Sequence[int], use_onednn: bool = False,
+                onednn_copies_weights: bool = False) -> tuple[str, str]:
   """(forward, backward) formulations of a convolution on XLA:CPU.
 
   Args:
@@ -431,6 +441,8 @@ def formulation(x_shape: Sequence[int], w_shape: Sequence[int],
     strides: `(sh, sw)`.
     use_onednn: whether oneDNN's kernels may run it (built, float32,
       supported padding: `conv_general_dilated` decides).
+    onednn_copies_weights: whether oneDNN's forward would copy the weights
+      into its own layout on every call (`onednn.forward_copies_weights`).
 
   Returns:
     Each of the two passes' formulation, 'conv', 'dot', 'taps', 's2d' or
@@ -438,14 +450,19 @@ def formulation(x_shape: Sequence[int], w_shape: Sequence[int],
   """
   kh, kw, cin, cout = w_shape
   few_outputs = (kh, kw) != (1, 1) and kh * kw * cout <= cin
+  out_rows = x_shape[0] * math.prod(
+      -(-size // stride) for size, stride in zip(x_shape[1:3], strides))
   if use_onednn:
-    return ('taps' if few_outputs else 'onednn', 'onednn')
+    if few_outputs:
+      return ('taps', 'onednn')
+    if onednn_copies_weights and ((kh, kw) == (1, 1)
+                                  or out_rows < _ONEDNN_COPY_MIN_ROWS):
+      return (formulation(x_shape, w_shape, strides)[0], 'onednn')
+    return ('onednn', 'onednn')
   if few_outputs:
     return ('taps', 'taps')
   if (kh, kw) == (1, 1):
     return ('conv' if tuple(strides) != (1, 1) else 'dot', 'dot')
-  out_rows = x_shape[0] * math.prod(
-      -(-size // stride) for size, stride in zip(x_shape[1:3], strides))
   wide_and_few = (out_rows <= _DOT_BACKWARD_MAX_ROWS
                   and cin >= _DOT_BACKWARD_MIN_CHANNELS)
   few_in_blocks = (tuple(strides) != (1, 1)
@@ -554,8 +571,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding,
                   and onednn.supported(lhs.shape, rhs.shape, strides, pads,
                                        lhs.dtype)
                   and onednn.enabled())
+    copies = use_onednn and onednn.forward_copies_weights(
+        tuple(lhs.shape), tuple(rhs.shape), strides, pads)
     forward, backward = formulation(lhs.shape, rhs.shape, strides,
-                                    use_onednn)
+                                    use_onednn, copies)
     if unit is not None and (forward, backward) == ('onednn', 'onednn'):
       return onednn.forward_stacked(lhs, stack, unit, strides,
                                     pads).astype(lhs.dtype)

@@ -123,6 +123,9 @@ def _build(header: str, library: str) -> str:
   return out
 
 
+_library = []  # The loaded handlers, once `available()`.
+
+
 def _load() -> None:
   if os.environ.get(DISABLE_ENV, '1') == '0':
     raise Unavailable(f'{DISABLE_ENV}=0')
@@ -131,6 +134,7 @@ def _load() -> None:
   header = _package_file('onednn-devel-cpu-gomp', 'oneapi/dnnl/dnnl.hpp')
   library = _package_file('onednn-cpu-gomp', 'libdnnl.so')
   handlers = ctypes.cdll.LoadLibrary(_build(header, library))
+  _library.append(handlers)
   for target in _TARGETS:
     jax.ffi.register_ffi_target(
         target, jax.ffi.pycapsule(getattr(handlers, target)),
@@ -215,6 +219,36 @@ def _call(target, result_shape, operands, strides, padding,
           *operands, **{k: np.int64(v) for k, v in attrs.items()})
 
 
+def _out_hw(x_shape, w_shape, strides, padding) -> tuple[int, int]:
+  return tuple((size + lo + hi - k) // s + 1 for size, k, s, (lo, hi) in zip(
+      x_shape[1:3], w_shape[-4:-2], strides, padding))
+
+
+@functools.cache
+def forward_copies_weights(x_shape, w_shape, strides, padding) -> bool:
+  """Whether the forward copies its HWIO weights into another layout on
+  every call, even below `BLOCKED_WEIGHTS_MIN_FLOPS` (below).
+
+  oneDNN's direct kernels on AVX-512 read HWIO in place; on CPUs without
+  it (AVX2) only im2col + gemm would, so the forward reorders the weights
+  to a blocked layout first, a pass over them that a small convolution
+  does not pay back (`conv.formulation`). Asks oneDNN, which decides when
+  the process starts; the primitive is the one the call will run.
+  """
+  if not available():
+    raise Unavailable("oneDNN's convolutions are unavailable (the warning "
+                      'logged says why)')
+  out_h, out_w = _out_hw(x_shape, w_shape, strides, padding)
+  kh, kw, cin, cout = w_shape
+  shape = (ctypes.c_int64 * 13)(
+      x_shape[0], x_shape[1], x_shape[2], cin, cout, kh, kw, strides[0],
+      strides[1], padding[0][0], padding[1][0], out_h, out_w)
+  answer = _library[0].SactOnednnForwardCopiesWeights(shape)
+  if answer < 0:
+    raise Unavailable(f'oneDNN has no forward for {x_shape} x {w_shape}')
+  return bool(answer)
+
+
 # The forward reorders the HWIO weights to oneDNN's blocked layout on every
 # call when the convolution does at least this many FLOPs, and reads them as
 # they are otherwise. The reorder costs in proportion to the weights, the
@@ -233,11 +267,9 @@ def _forward(x_BxHxWxI, w_KxLxIxO, strides, padding, blocked_weights=None,
   With `index`, `w_KxLxIxO` is a stack `[U, kh, kw, I, O]` and the pass
   convolves with kernel `index` of it (`forward_stacked`).
   """
-  batch, height, width, _ = x_BxHxWxI.shape
+  batch = x_BxHxWxI.shape[0]
   kh, kw, cin, cout = w_KxLxIxO.shape[-4:]
-  (top, bottom), (left, right) = padding
-  out_hw = ((height + top + bottom - kh) // strides[0] + 1,
-            (width + left + right - kw) // strides[1] + 1)
+  out_hw = _out_hw(x_BxHxWxI.shape, w_KxLxIxO.shape, strides, padding)
   if blocked_weights is None:
     flops = 2.0 * batch * out_hw[0] * out_hw[1] * kh * kw * cin * cout
     blocked_weights = flops >= BLOCKED_WEIGHTS_MIN_FLOPS

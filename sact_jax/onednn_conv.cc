@@ -286,6 +286,21 @@ ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
 
 }  // namespace
 
+// Whether the forward of `shape` (the 13 numbers of `Shape` before its
+// layout flag) copies the caller's HWIO weights into another layout on
+// every call: 1 if it does, 0 if it reads them in place, -1 if oneDNN
+// failed. For onednn.py, at trace time; the primitive it builds is the one
+// the call then runs.
+extern "C" int SactOnednnForwardCopiesWeights(const int64_t* shape) try {
+  Shape s{};
+  std::memcpy(s.v, shape, 13 * sizeof(int64_t));
+  std::lock_guard<std::mutex> lock(RunMutex());
+  ThreadsForPass threads(s);
+  return Get(kForward, s)->reorder ? 1 : 0;
+} catch (const std::exception&) {
+  return -1;
+}
+
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(ConvAttrs, ffi::StructMember<int64_t>(
     "stride_h"), ffi::StructMember<int64_t>("stride_w"),
     ffi::StructMember<int64_t>("pad_top"),

@@ -335,6 +335,21 @@ class FormulationTest(parameterized.TestCase):
     self.assertEqual(conv.formulation(x_shape, w_shape, strides, True),
                      ('onednn', 'onednn'))
 
+  @parameterized.named_parameters(
+      ('1x1', (32, 56, 56, 256), (1, 1, 256, 64), (1, 1), 'dot'),
+      ('1x1_strided', (32, 56, 56, 256), (1, 1, 256, 512), (2, 2), 'conv'),
+      ('3x3_few_rows', (1, 14, 14, 256), (3, 3, 256, 256), (1, 1), 'conv'),
+      ('3x3_many_rows', (32, 14, 14, 256), (3, 3, 256, 256), (1, 1),
+       'onednn'),
+      ('3x3_strided_many_rows', (1, 56, 56, 128), (3, 3, 128, 128), (2, 2),
+       'onednn'),
+      ('stem', (1, 224, 224, 3), (7, 7, 3, 64), (2, 2), 'onednn'),
+  )
+  def test_forward_where_onednn_copies_its_weights(self, x_shape, w_shape,
+                                                   strides, forward):
+    self.assertEqual(conv.formulation(x_shape, w_shape, strides, True, True),
+                     (forward, 'onednn'))
+
   def test_head_forward_stays_taps_with_onednn(self):
     self.assertEqual(conv.formulation((128, 32, 32, 16), (3, 3, 16, 1),
                                       (1, 1), True), ('taps', 'onednn'))

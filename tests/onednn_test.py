@@ -131,7 +131,8 @@ class OnednnTest(parameterized.TestCase):
       self.assertRegex(text(), r'blocked_weights = 1')
 
   def test_routed_by_conv_and_disabled_inside_the_context(self):
-    x, w = _inputs((2, 8, 8, 4), (3, 3, 4, 4))
+    # 512 output rows: oneDNN's forward on any CPU (`conv.formulation`).
+    x, w = _inputs((2, 16, 16, 4), (3, 3, 4, 4))
 
     def hlo(fn):
       return jax.jit(jax.grad(lambda x, w: jnp.sum(fn(x, w) ** 2),
@@ -151,6 +152,26 @@ class OnednnTest(parameterized.TestCase):
     half = jax.jit(ours).lower(x.astype(jnp.bfloat16),
                                w.astype(jnp.bfloat16)).as_text()
     self.assertNotIn('Onednn', half)
+
+  @parameterized.named_parameters(('1x1', (1, 1)), ('3x3', (3, 3)))
+  def test_forward_is_xlas_where_onednn_would_copy_small_weights(self,
+                                                                 kernel):
+    """Few rows (or a 1x1 kernel) and a forward that copies its weights
+    (CPUs without AVX-512): XLA's forward, oneDNN's backward."""
+    x, w = _inputs((1, 6, 6, 8), (*kernel, 8, 8))
+    pads = conv.explicit_padding('SAME', kernel)
+    copies = onednn.forward_copies_weights(x.shape, w.shape, (1, 1), pads)
+
+    def ours(x, w):
+      return conv.conv_general_dilated(x, w, (1, 1), 'SAME',
+                                       dimension_numbers=_NHWC)
+
+    text = jax.jit(jax.grad(lambda x, w: jnp.sum(ours(x, w) ** 2),
+                            (0, 1))).lower(x, w).as_text()
+    self.assertEqual('OnednnConvForward' in text, not copies)
+    self.assertIn('OnednnConvKernelGrad', text)
+    np.testing.assert_allclose(ours(x, w), _lax_conv((1, 1), pads)(x, w),
+                               rtol=1e-5, atol=1e-5)
 
   def test_second_order_gradients(self):
     """Each pass's derivatives are the other passes: any order works."""
@@ -208,7 +229,7 @@ class OnednnTest(parameterized.TestCase):
         rtol=1e-5, atol=1e-4)
 
   def test_conv_reads_a_stack_only_under_stacked_unit(self):
-    x, w = _inputs((1, 6, 6, 4), (3, 3, 4, 4))
+    x, w = _inputs((2, 16, 16, 4), (3, 3, 4, 4))  # oneDNN's on any CPU.
     stack = jnp.stack([w, 3.0 * w])
 
     def ours(x, kernel):
@@ -260,7 +281,7 @@ class OnednnTest(parameterized.TestCase):
     code = textwrap.dedent('''
         import jax, numpy as np
         from jax import lax
-        from sact_jax import conv
+        from sact_jax import conv, onednn
         rng = np.random.default_rng(0)
         x = rng.normal(size=(8, 16, 16, 32)).astype(np.float32)
         w = rng.normal(size=(3, 3, 32, 32)).astype(np.float32)
@@ -273,6 +294,7 @@ class OnednnTest(parameterized.TestCase):
         y_ref, vjp_ref = jax.vjp(ref, x, w)
         g = rng.normal(size=y.shape).astype(np.float32)
         pairs = [(y, y_ref), *zip(vjp(g), vjp_ref(g))]
+        print(onednn.forward_copies_weights(x.shape, w.shape, (1, 1), pad))
         print(max(float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
                   for a, b in pairs))
         ''')
@@ -280,7 +302,9 @@ class OnednnTest(parameterized.TestCase):
     run = subprocess.run([sys.executable, '-c', code], env=env,
                          capture_output=True, text=True, check=False)
     self.assertEqual(run.returncode, 0, run.stderr[-2000:])
-    self.assertLess(float(run.stdout.split()[-1]), 1e-5)
+    copies, error = run.stdout.split()[-2:]
+    self.assertEqual(copies, 'True')  # So `conv` keeps some forwards XLA's.
+    self.assertLess(float(error), 1e-5)
 
 
 class BuildTest(absltest.TestCase):
