@@ -25,7 +25,9 @@ time in the process, each on as many OpenMP threads as its size pays for,
 and reads the forward's weights in the caller's layout where oneDNN's
 direct kernels take it and the convolution is too small to pay for a
 reorder (why: its comments on `Run`, `ThreadsForPass` and `Build`, and
-`BLOCKED_WEIGHTS_MIN_FLOPS` here).
+`BLOCKED_WEIGHTS_MIN_FLOPS` here). Where they cannot (CPUs without
+AVX-512), `forward_copies_weights` says so, and `conv.formulation` keeps
+XLA's forward for the convolutions too small to pay for the copy.
 """
 
 import contextlib
