@@ -11,10 +11,11 @@ passes each run in one of five formulations (`formulation` picks them):
 
 * 'onednn': oneDNN's kernels (those TensorFlow runs) as XLA custom calls,
   built at first use (`onednn.py`). The default for float32 wherever they
-  are available (the SACT head's forward stays 'taps'): XLA:CPU's
-  convolutions run the narrow ResNet shapes far below its dots' speed,
-  oneDNN's near it. Where they are not (no compiler, another platform),
-  the four below, XLA's own:
+  are available (the SACT head's forward stays 'taps', and where oneDNN's
+  forward would copy its weights on every call, as without AVX-512, so do
+  small ones: see `formulation`): XLA:CPU's convolutions run the narrow
+  ResNet shapes far below its dots' speed, oneDNN's near it. Where they
+  are not (no compiler, another platform), the four below, XLA's own:
 
 * 'conv': XLA's convolution. Inside a while loop (every `lax.scan`),
   XLA:CPU leaves the *backward* convolutions in non-canonical layouts that
