@@ -403,7 +403,9 @@ def _is_nhwc(dimension_numbers) -> bool:
 #   49 / 196 rows 75 vs 33, 112 vs 91, and from 784 rows on oneDNN as fast
 #   or faster (the stem 131 vs 75). The ImageNet ResNet-101 at batch 1
 #   then ran at 0.97-1.00 of XLA's time against 1.07-1.14 with oneDNN's
-#   forward everywhere (one process, interleaved), at batch 32 equal.
+#   forward everywhere in a slow phase of that shared VM (all within 1.5%
+#   in a fast one: the copies cost most where memory bandwidth is short),
+#   `sparse.apply` at 0.86-0.90 of its time before in both; batch 32 equal.
 #
 # Without oneDNN, where a dot beats XLA:CPU's convolution (the same
 # benchmark, before oneDNN):
