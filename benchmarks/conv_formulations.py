@@ -19,7 +19,9 @@ oneDNN's kernels through `jax.ffi` (sact_jax/onednn.py),
 with the largest relative difference from 'conv' printed), compiled with
 XLA's default options and/or `conv.compiler_options` ('training'),
 forward and forward + backward (input and kernel gradients), interleaved,
-in one process. Prints GFLOP/s per variant and shape and writes JSON: the
+in one process. Prints GFLOP/s per variant and shape, and the
+formulations `conv` chooses for it on this machine
+(`conv.chosen_formulation`, forward/backward), and writes JSON: the
 measurements behind `conv.formulation` and the trainers' compiler
 options.
 """
@@ -170,9 +172,12 @@ def main(argv):
           times[key] += _time(fn, (x, w), 1, _MIN_SECONDS.value)
       med = {k: float(np.median(v)) for k, v in times.items()}
       difference = _onednn_difference(fns, (x, w))
+      chosen = conv.chosen_formulation(x.shape, w.shape, (stride, stride),
+                                       padding, x.dtype)
       rows.append(dict(name=name, batch=batch, size=size, cin=cin,
                        cout=cout, kernel=kernel, stride=stride, flops=flops,
-                       seconds=med, onednn_difference=difference))
+                       seconds=med, onednn_difference=difference,
+                       chosen=chosen))
       cells = []
       for label in labels:
         if f'{label}_fwd' not in med:
@@ -180,6 +185,7 @@ def main(argv):
           continue
         cells.append(f'{flops / med[label + "_fwd"] / 1e9:>10.0f} | '
                      f'{3 * flops / med[label + "_bwd"] / 1e9:>9.0f}')
+      cells.append(f'  chosen {chosen[0]}/{chosen[1]}')
       if difference is not None:
         cells.append(f'  onednn vs conv {difference:.0e}')
       print(f'{name:<14} {batch:>11} ' + ' '.join(cells), flush=True)

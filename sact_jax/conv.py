@@ -474,6 +474,21 @@ def formulation(x_shape: Sequence[int], w_shape: Sequence[int],
           'dot' if wide_and_few else 'conv')
 
 
+def chosen_formulation(x_shape: Sequence[int], w_shape: Sequence[int],
+                       strides: Sequence[int], padding: Padding,
+                       dtype) -> tuple[str, str]:
+  """`formulation` as `conv_general_dilated` asks it here and now: with
+  oneDNN where it runs this convolution (`dtype` None: the operands'
+  dtypes differ), and whether its forward would copy the weights."""
+  use_onednn = (dtype is not None
+                and onednn.supported(x_shape, w_shape, strides, padding,
+                                     dtype)
+                and onednn.enabled())
+  copies = use_onednn and onednn.forward_copies_weights(
+      tuple(x_shape), tuple(w_shape), tuple(strides), padding)
+  return formulation(x_shape, w_shape, strides, use_onednn, copies)
+
+
 # ---------------------------------------------------------------------------
 # Kernels read from their stack
 # ---------------------------------------------------------------------------
@@ -570,14 +585,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding,
   pads = (explicit_padding(padding, rhs.shape[:2], strides, lhs.shape[1:3])
           if simple else None)
   if pads is not None:
-    use_onednn = (rhs.dtype == lhs.dtype
-                  and onednn.supported(lhs.shape, rhs.shape, strides, pads,
-                                       lhs.dtype)
-                  and onednn.enabled())
-    copies = use_onednn and onednn.forward_copies_weights(
-        tuple(lhs.shape), tuple(rhs.shape), strides, pads)
-    forward, backward = formulation(lhs.shape, rhs.shape, strides,
-                                    use_onednn, copies)
+    forward, backward = chosen_formulation(
+        lhs.shape, rhs.shape, strides, pads,
+        lhs.dtype if rhs.dtype == lhs.dtype else None)
     if unit is not None and (forward, backward) == ('onednn', 'onednn'):
       return onednn.forward_stacked(lhs, stack, unit, strides,
                                     pads).astype(lhs.dtype)

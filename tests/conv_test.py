@@ -350,6 +350,22 @@ class FormulationTest(parameterized.TestCase):
     self.assertEqual(conv.formulation(x_shape, w_shape, strides, True, True),
                      (forward, 'onednn'))
 
+  def test_chosen_formulation(self):
+    """What `conv_general_dilated` runs: oneDNN's passes only where they
+    are enabled and the operands share a dtype, its forward as the copy
+    question says."""
+    x_shape, w_shape, pads = (1, 6, 6, 8), (1, 1, 8, 8), ((0, 0), (0, 0))
+    with onednn.disabled():
+      self.assertEqual(conv.chosen_formulation(x_shape, w_shape, (1, 1), pads,
+                                               jnp.float32), ('dot', 'dot'))
+    self.assertEqual(conv.chosen_formulation(x_shape, w_shape, (1, 1), pads,
+                                             None), ('dot', 'dot'))
+    if onednn.enabled():
+      copies = onednn.forward_copies_weights(x_shape, w_shape, (1, 1), pads)
+      self.assertEqual(conv.chosen_formulation(x_shape, w_shape, (1, 1),
+                                               pads, jnp.float32),
+                       ('dot' if copies else 'onednn', 'onednn'))
+
   def test_head_forward_stays_taps_with_onednn(self):
     self.assertEqual(conv.formulation((128, 32, 32, 16), (3, 3, 16, 1),
                                       (1, 1), True), ('taps', 'onednn'))
