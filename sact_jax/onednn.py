@@ -188,6 +188,12 @@ def enabled() -> bool:
   return not _disabled and jax.device_count() == 1 and available()
 
 
+def _out_hw(x_shape, w_shape, strides, padding) -> tuple[int, int]:
+  """Output height and width (`w_shape` `[..., kh, kw, I, O]`)."""
+  return tuple((size + lo + hi - k) // s + 1 for size, k, s, (lo, hi) in zip(
+      x_shape[1:3], w_shape[-4:-2], strides, padding))
+
+
 def supported(x_shape, w_shape, strides, padding, dtype) -> bool:
   """Whether the handlers compute this convolution.
 
@@ -198,20 +204,26 @@ def supported(x_shape, w_shape, strides, padding, dtype) -> bool:
   """
   if np.dtype(dtype) != np.float32:
     return False
-  for size, k, s, (lo, hi) in zip(x_shape[1:3], w_shape[:2], strides,
-                                  padding):
-    out = (size + lo + hi - k) // s + 1
+  for size, k, s, (lo, hi), out in zip(
+      x_shape[1:3], w_shape[:2], strides, padding,
+      _out_hw(x_shape, w_shape, strides, padding)):
     after = (out - 1) * s + k - size - lo  # The padding oneDNN applies.
     if not (0 <= lo < k and 0 <= hi < k and out >= 1 and 0 <= after):
       return False
   return True
 
 
-def _call(target, result_shape, operands, strides, padding,
-          blocked_weights=False):
+def _handlers() -> ctypes.CDLL:
+  """The loaded handlers; raises where they are not `available()`."""
   if not available():
     raise Unavailable("oneDNN's convolutions are unavailable (the warning "
                       'logged says why)')
+  return _library[0]
+
+
+def _call(target, result_shape, operands, strides, padding,
+          blocked_weights=False):
+  _handlers()
   attrs = {'stride_h': strides[0], 'stride_w': strides[1],
            'pad_top': padding[0][0], 'pad_left': padding[1][0],
            'blocked_weights': int(blocked_weights)}
@@ -219,11 +231,6 @@ def _call(target, result_shape, operands, strides, padding,
       target, jax.ShapeDtypeStruct(result_shape, operands[0].dtype),
       vmap_method='sequential')(
           *operands, **{k: np.int64(v) for k, v in attrs.items()})
-
-
-def _out_hw(x_shape, w_shape, strides, padding) -> tuple[int, int]:
-  return tuple((size + lo + hi - k) // s + 1 for size, k, s, (lo, hi) in zip(
-      x_shape[1:3], w_shape[-4:-2], strides, padding))
 
 
 @functools.cache
@@ -237,15 +244,13 @@ def forward_copies_weights(x_shape, w_shape, strides, padding) -> bool:
   does not pay back (`conv.formulation`). Asks oneDNN, which decides when
   the process starts; the primitive is the one the call will run.
   """
-  if not available():
-    raise Unavailable("oneDNN's convolutions are unavailable (the warning "
-                      'logged says why)')
+  handlers = _handlers()
   out_h, out_w = _out_hw(x_shape, w_shape, strides, padding)
   kh, kw, cin, cout = w_shape
   shape = (ctypes.c_int64 * 13)(
       x_shape[0], x_shape[1], x_shape[2], cin, cout, kh, kw, strides[0],
       strides[1], padding[0][0], padding[1][0], out_h, out_w)
-  answer = _library[0].SactOnednnForwardCopiesWeights(shape)
+  answer = handlers.SactOnednnForwardCopiesWeights(shape)
   if answer < 0:
     raise Unavailable(f'oneDNN has no forward for {x_shape} x {w_shape}')
   return bool(answer)
