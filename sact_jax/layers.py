@@ -117,8 +117,13 @@ def patch_conv(conv: nnx.Conv, patches_SxKxC: jax.Array) -> jax.Array:
   if any(s != 1 for s in _strides(conv)):
     raise ValueError('Only stride-1 convolutions run on patches.')
   kernel = conv.kernel[...]
-  y_SxO = (patches_SxKxC.reshape(patches_SxKxC.shape[0], -1)
-           @ kernel.reshape(-1, kernel.shape[-1]))
+  rows_SxK = patches_SxKxC.reshape(patches_SxKxC.shape[0], -1)
+  if conv.conv_general_dilated is conv_lib.conv_general_dilated:
+    # The CPU's kernels; a stack of kernels (`conv.pick`) stays whole.
+    y_SxO = conv_lib.rows_matmul(
+        rows_SxK, kernel.reshape(*kernel.shape[:-4], -1, kernel.shape[-1]))
+  else:
+    y_SxO = rows_SxK @ kernel.reshape(-1, kernel.shape[-1])
   if conv.bias is not None:
     y_SxO = y_SxO + conv.bias[...]
   return y_SxO

@@ -32,6 +32,7 @@ from sact_jax import sparse
 from sact_jax import units as units_lib
 from sact_jax.sparse import planner as planner_lib
 from sact_jax.sparse import rows as rows_lib
+from sact_jax.sparse import sact_block
 from sact_jax.sparse import stages
 import testing_utils as tu
 
@@ -160,9 +161,11 @@ def _runner_for(model, **options) -> sparse.SparseRunner:
   """Runners shared across tests (jit caches live in the runner).
 
   Two tail buckets keep the number of compiled shapes (and the test time)
-  small; `test_bounded_compilations_over_varied_inputs` uses more.
+  small; `test_bounded_compilations_over_varied_inputs` uses more. The
+  host loop unless a test asks for the device's (`DeviceRowsTest`).
   """
-  options = {'compiler_options': _FAST, 'buckets': 2, **options}
+  options = {'compiler_options': _FAST, 'buckets': 2, 'rows_loop': 'host',
+             **options}
   return sparse.runner_for(model, **options)
 
 
@@ -639,6 +642,104 @@ class VariantTest(parameterized.TestCase):
     if sact_mode == 'rows':
       self.assertNotEmpty(_partial_row_units(sparse.runner_for(model,
                                                                **opts)))
+
+
+class DeviceRowsTest(parameterized.TestCase):
+  """`rows_loop='device'`: each block one program, units at rows or dense."""
+
+  @parameterized.product(family=('cifar', 'imagenet'),
+                         target=(0.1, 0.5, 0.9), mode=('rows', 'auto'))
+  def test_matches_dense_model(self, family, target, mode):
+    model, images, _ = _random_sact(family, target)
+    runner = _runner_for(model, sact_mode=mode, rows_loop='device',
+                         device_flops=0, adapt=False, gather_cost=0.0,
+                         slice_cost=0.0, unit_cost=0.0)
+    timings = {}
+    _assert_same(self, tu.forward(model, images),
+                 runner(images, timings=timings))
+    self.assertEqual(set(timings), {'whole_model'})  # One program.
+    units = runner.last_units
+    self.assertTrue(units and all(u['device_rows'] for u in units))
+    # The rows computed cover each set; at rows, within a chunk of it.
+    for u in units:
+      self.assertGreaterEqual(u['rows_active'], u['active'])
+      self.assertGreaterEqual(u['rows_dilated'], u['dilated'])
+      if not u['dense']:
+        self.assertLess(u['rows_active'], u['active'] + u['rows'])
+    if mode == 'rows':
+      self.assertFalse(any(u['dense'] for u in units))
+    if target == 0.5:
+      self.assertNotEmpty(_partial_row_units(runner))
+    json.dumps(units)  # Plain Python numbers, for benchmarks.
+
+  def test_waste_is_the_rows_beyond_the_sets(self):
+    """`flops_overhead` is what the records say was computed beyond the
+    sets: the rows' padding, the heads' taps at rows beyond the active
+    ones, and the last unit's stand-in head, all of it."""
+    model, images, _ = _random_sact('cifar', 0.5)
+    runner = _runner_for(model, sact_mode='rows', rows_loop='device',
+                         chunk_rows=5)
+    _, aux = runner(images)
+    expected, index = 0.0, -1
+    for u in runner.last_units:
+      index += u['unit'] == 0  # Records run block by block, unit by unit.
+      costs = runner.sact_block(index).costs
+      last = u['unit'] == model.blocks[index].num_units - 2
+      counted = 0 if last else u['active']
+      expected += ((u['rows_dilated'] - u['dilated']) * costs.dilated_cost
+                   + (u['rows_active'] - u['active']) * costs.active_cost
+                   + (u['rows_dilated'] + u['rows_active'] - counted)
+                   * costs.local_cost)
+    self.assertEqual(index, len(model.blocks) - 1)
+    self.assertGreater(expected, 0)
+    np.testing.assert_allclose(float(aux['flops_overhead']), expected,
+                               rtol=1e-6)
+
+  def test_all_halted_runs_no_unit(self):
+    model, images = _model('cifar')
+    _set_biases(model, [16.0, 16.0])
+    runner = _runner_for(model, sact_mode='rows', rows_loop='device')
+    _assert_same(self, tu.forward(model, images), runner(images))
+    self.assertEqual(runner.last_units, [])
+
+  def test_small_chunks_loop_over_full_chunks_and_tails(self):
+    """Rows beyond a (tiny) chunk are looped over, never dropped."""
+    model, images, _ = _random_sact('imagenet', 0.5)
+    runner = _runner_for(model, sact_mode='rows', rows_loop='device',
+                         chunk_rows=3, buckets=4)
+    _assert_same(self, tu.forward(model, images), runner(images))
+    self.assertTrue(any(u['rows_active'] > 10 for u in runner.last_units))
+
+  def test_auto_loop_follows_the_map_size(self):
+    """'auto': on the device where the maps are small, else the host's."""
+    model, images, _ = _random_sact('cifar', 0.5)
+    for floats, phase in ((1 << 20, 'whole_model'), (0, 'stage_dilated')):
+      runner = _runner_for(model, sact_mode='rows', rows_loop='auto',
+                           device_rows_floats=floats)
+      timings = {}
+      _assert_same(self, tu.forward(model, images),
+                   runner(images, timings=timings))
+      self.assertIn(phase, timings)
+
+  def test_tail_plans_cover_every_count(self):
+    for chunk, granule, num_rows in ((128, 8, 196), (256, 13, 196),
+                                     (3, 1, 50), (16, 4, 1000)):
+      plan = sact_block._TailPlan(chunk, granule, num_rows)
+      self.assertLessEqual(len(plan.tails), 9)
+      self.assertEqual(plan.tails[0], 0)
+      self.assertEqual(plan.tails[-1], min(chunk, -(-min(chunk, num_rows)
+                                                     // granule) * granule))
+      counts = jnp.arange(num_rows + 1, dtype=jnp.int32)
+      n_full, tail = jax.vmap(plan)(counts)
+      rows = np.asarray(jax.vmap(plan.rows)(n_full, tail))
+      counts = np.asarray(counts)
+      self.assertTrue(np.all(rows >= counts))
+      # Padding: less than a granule, plus at most a third of the tail
+      # beyond 4 granules.
+      tails = rows - np.asarray(n_full) * chunk
+      self.assertTrue(np.all(rows - counts < granule + tails // 3))
+      self.assertTrue(np.all(rows[counts <= 4 * granule]
+                             - counts[counts <= 4 * granule] < granule))
 
 
 class PlannerTest(absltest.TestCase):

@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from sact_jax import halting
 from sact_jax import units as units_lib
@@ -17,6 +18,7 @@ from sact_jax.sparse import planner as planner_lib
 
 ACT_LOOPS = ('host', 'device')
 SACT_MODES = ('auto', 'rows', 'dense', 'device')
+ROWS_LOOPS = ('auto', 'device', 'host')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +73,20 @@ class SparseOptions:
       ImageNet ResNet-101 batch 1: 1.06-1.11x the dense model from the
       host, 0.99-1.01x as device loops; CIFAR ResNet-110 batch 1: 1.07-
       1.13x as one program, 1.01x with the dense model).
+    rows_loop: where the units of 'rows' and 'auto' blocks that are not
+      device loops of dense units are driven from. 'device': the block is
+      one program (`SactBlock._device_rows`), a `lax.while_loop` whose
+      body runs a unit at rows or densely (the cost model on its exact set
+      sizes), each stage's tail chosen by a `lax.switch` over a few tail
+      sizes: no host round trip per unit, but XLA copies the block's maps
+      into the branches that update them, once per unit, and compiles
+      every tail size. 'host': one or two calls per unit, planned by the
+      host from the set sizes it reads back (pipelined plans,
+      `dense_head`), compiling only the tails that occur. 'auto': 'device'
+      where a map of the block holds at most `device_rows_floats` floats
+      (the copies cost less than the round trips: ImageNet ResNet-101
+      blocks 2-4 at batch 1), else 'host'.
+    device_rows_floats: the bound of `rows_loop='auto'`.
     act_loop: 'device' (one `lax.while_loop` over the units of a block,
       stopping once no image runs; unit parameters are sliced on the
       device) or 'host' (a jitted call per unit, the host checks whether
@@ -105,6 +121,8 @@ class SparseOptions:
   unit_cost: float = 45e6
   device_flops: float | None = None
   adapt: bool = True
+  rows_loop: str = 'auto'
+  device_rows_floats: int = 1 << 20
   act_loop: str = 'device'
   pipeline: float = 0.05
   dense_head: float = 1.0
@@ -126,6 +144,12 @@ class SparseOptions:
                        f'{self.unit_cost}.')
     if self.dense_head < 0:
       raise ValueError(f'dense_head must be >= 0, got {self.dense_head}.')
+    if self.device_rows_floats < 0:
+      raise ValueError('device_rows_floats must be >= 0, got '
+                       f'{self.device_rows_floats}.')
+    if self.rows_loop not in ROWS_LOOPS:
+      raise ValueError(f'rows_loop must be one of {ROWS_LOOPS}, got '
+                       f'{self.rows_loop!r}.')
     if self.act_loop not in ACT_LOOPS:
       raise ValueError(f'act_loop must be one of {ACT_LOOPS}, got '
                        f'{self.act_loop!r}.')
@@ -154,6 +178,7 @@ class CostModel:
       and active stages.
     local_cost: FLOPs per position of the halting head's local conv.
     chunk_dilated, chunk_active: rows per chunk of the two stages.
+    channels: channels of the block's maps.
   """
 
   def __init__(self, options: SparseOptions, unit: units_lib.ResidualUnit,
@@ -162,7 +187,8 @@ class CostModel:
     self.dilated_cost = unit.dilated_cost
     self.active_cost = unit.active_cost
     self.local_cost = head.local_cost
-    channels, mid = unit.cin, unit.dilated_channels
+    self.channels = channels = unit.cin
+    mid = unit.dilated_channels
     window = unit.dilated_kernel_size ** 2
     # Floats per gathered row: the dilated stage reads `window` * C and
     # writes `mid`; the active stage reads a 3x3 im2col of `mid` and writes
@@ -220,6 +246,28 @@ class CostModel:
     elif plan.with_head:  # Taps on dilated and active rows, sums on active.
       waste += (rows_dilated + rows_active - n_active) * self.local_cost
     return waste
+
+  def waste_on_device(self, dense, sizes_2: jax.Array, rows_2: jax.Array,
+                      num_rows: int, with_head) -> jax.Array:
+    """`waste` of a unit in `SactBlock._device_rows`, in float32.
+
+    Args:
+      dense: whether the unit ran densely (a bool or a traced one).
+      sizes_2: its exact set sizes (dilated, active).
+      rows_2: the rows its two stages computed.
+      num_rows: positions of the map.
+      with_head: whether its head counts (a traced bool): a unit without
+        one (the block's last) ran a stand-in head, all of it waste. A head
+        after a unit at rows ran at rows (tap products).
+    """
+    n_dilated, n_active = (sizes_2.astype(jnp.float32)[k] for k in (0, 1))
+    rows_dilated, rows_active = (rows_2.astype(jnp.float32)[k]
+                                 for k in (0, 1))
+    conv = ((rows_dilated - n_dilated) * self.dilated_cost
+            + (rows_active - n_active) * self.active_cost)
+    head_rows = jnp.where(dense, num_rows, rows_dilated + rows_active)
+    counted = jnp.where(with_head, n_active, 0.0)
+    return conv + (head_rows - counted) * self.local_cost
 
   def head_runs_dense(self, rows_dilated: int, rows_active: int,
                       num_rows: int) -> bool:

@@ -15,20 +15,22 @@ that the saved FLOPs become saved time:
   of the whole map, kept as per-image sums updated with each unit's
   residuals.
 
-A host loop drives the units: each unit is one or two calls to jitted
-functions (the unit's parameters are arguments, so every unit of a block
-shares one compilation), and the host reads the number of active positions
-after each unit to choose the row plan of the next one (`planner.py`).
-Plans depend on the counts only through a bucketed tail size
-(`rows.plan_rows`), so jit compiles a bounded number of shapes per map size,
-never one per input. The per-call dispatch and the read-back cost a fixed
-time per unit, which beats one jitted program over chunks of few rows
-(small matmuls) where units are large; blocks whose units are too cheap for
-a host round trip (CIFAR at small batch) run in one `lax.while_loop`
-instead, and each unit runs at rows or densely, whichever a cost model of
-gathers favours (`options.py`). Where every block runs as such a loop (ACT
-by default; SACT where all blocks are cheap), the whole model is one jitted
-program: one dispatch per call, as the dense model. A block whose units all
+Where a block's maps are large (ImageNet at batch 32), a host loop drives
+its units: each unit is one or two calls to jitted functions (the unit's
+parameters are arguments, so every unit of a block shares one
+compilation), and the host reads the number of active positions after each
+unit to choose the row plan of the next one (`planner.py`). Plans depend on
+the counts only through a bucketed tail size (`rows.plan_rows`), so jit
+compiles a bounded number of shapes per map size, never one per input.
+Where the maps are small (ImageNet at batch 1), the per-call dispatch and
+read-back would cost a third of a unit, and the block runs as one program
+instead (`SparseOptions.rows_loop`): a `lax.while_loop` over the units whose
+tails are picked by `lax.switch`. Each unit runs at rows or densely,
+whichever a cost model of gathers favours (`options.py`); blocks whose units
+are too cheap for rows (CIFAR at small batch) run as one `lax.while_loop` of
+dense masked units. Where every block runs on the device (ACT by default;
+SACT at small maps), the whole model is one jitted program: one dispatch
+per call, as the dense model. A block whose units all
 ran densely in the last call runs as such a loop in the next
 (`SparseOptions.adapt`), so where nothing halts every block ends up in one
 program too, and after a call of that program in which no position halted
@@ -155,7 +157,8 @@ class SparseRunner:
     self._stem = self._phases.jit(self._stem_fn)
     self._head = self._phases.jit(self._head_fn)
     self._vanilla = self._phases.jit(self._vanilla_fn)
-    self._whole = self._phases.jit(self._whole_fn)
+    self._whole = self._phases.jit(self._whole_fn,
+                                   static_argnames=('rows',))
     self._block_shapes = {}  # Image shape -> each block's input shape.
     # `adapt`, per image shape: the last whole-model call's usage and FLOPs
     # (read at the next call), the dense model's FLOPs per image where
@@ -243,25 +246,28 @@ class SparseRunner:
     self._phases.trace('vanilla')
     return nnx.merge(self._model_graphdef, model_vars)(images)
 
-  def _whole_fn(self, top_vars, blocks_vars, images):
+  def _whole_fn(self, top_vars, blocks_vars, images, rows=None):
     """The whole model as one program: every block as its device loop.
 
     Where no block needs the host between units (ACT with
-    `act_loop='device'`; SACT where every block is `on_device`), one call
-    instead of three per block: at small batches the dispatch of a call
-    costs as much as a unit.
+    `act_loop='device'`; SACT where every block is `on_device` or runs its
+    rows on the device, as `rows[k]` says), one call instead of several per
+    block: at small batches the dispatch of a call costs as much as a unit.
     """
     self._phases.trace('whole_model')
     x, flops_B = self._stem_fn(top_vars, images)
-    ponder_costs, num_units, steps, usage = [], [], [], []
+    ponder_costs, num_units, steps, usage, logs = [], [], [], [], []
     waste = jnp.zeros((), jnp.float32)
-    for runner_block, block_vars in zip(self._blocks, blocks_vars):
+    for k, (runner_block, block_vars) in enumerate(zip(self._blocks,
+                                                       blocks_vars)):
+      extra = {'rows': rows[k]} if rows is not None else {}
       out = runner_block.device_run(types.SimpleNamespace(**block_vars), x,
-                                    flops_B)
+                                    flops_B, **extra)
       x, ponder, units, flops_B, block_waste = out[:5]
       if self.model_type == 'sact' and runner_block.num_units > 1:
         steps.append(out[5])
         usage.append(out[6])
+        logs.append(out[7])
       waste = waste + block_waste
       ponder_costs.append(ponder)
       num_units.append(units)
@@ -270,7 +276,7 @@ class SparseRunner:
     aux = {'flops': flops_B, 'ponder_cost': ponder_costs,
            'num_units': num_units, 'ponder_loss': ponder_loss,
            'flops_overhead': waste}
-    return logits, aux, steps, usage
+    return logits, aux, steps, usage, logs
 
   def _block_input_shapes(self, weights, images_shape) -> list:
     """Each block's input shape for images of `images_shape` (cached)."""
@@ -320,11 +326,23 @@ class SparseRunner:
         self._blocks, self._block_input_shapes(weights, images_shape))
             if block.num_units > 1]
 
-  def _runs_whole(self, weights, images_shape) -> bool:
+  def _whole_plan(self, weights, images_shape) -> tuple[bool, ...] | None:
+    """Whether the whole model runs as one program (not None), and then
+    per block whether it runs its rows on the device (else a device loop
+    of dense units, `on_device`)."""
     if self.model_type == 'act':
-      return self.options.act_loop == 'device'
-    return all(block.on_device(shape) for block, shape in zip(
-        self._blocks, self._block_input_shapes(weights, images_shape)))
+      return (False,) * len(self._blocks) if (
+          self.options.act_loop == 'device') else None
+    rows = []
+    for block, shape in zip(self._blocks, self._block_input_shapes(
+        weights, images_shape)):
+      if block.on_device(shape):
+        rows.append(False)
+      elif block.rows_on_device(shape):
+        rows.append(True)
+      else:
+        return None
+    return tuple(rows)
 
   # Running ---------------------------------------------------------------
 
@@ -360,17 +378,24 @@ class SparseRunner:
       self._phases.record({'dense_model': True})
       return logits, aux
 
-    if self._runs_whole(weights, images.shape):
-      logits, aux, steps, usage = clock(
+    rows = self._whole_plan(weights, images.shape)
+    if rows is not None:
+      logits, aux, steps, usage, logs = clock(
           'whole_model', self._whole, weights.top,
-          [_device_vars(b) for b in weights.blocks], images)
-      for block_steps in steps:
-        self._phases.record({'device_loop': True, 'steps': block_steps})
+          [_device_vars(b) for b in weights.blocks], images,
+          rows=rows if self.model_type == 'sact' else None)
       if self.model_type == 'sact':
-        for (block, shape), block_usage in zip(
-            self._looped_blocks(weights, images.shape), usage):
+        for (block, shape), block_steps, block_usage, log in zip(
+            self._looped_blocks(weights, images.shape), steps, usage, logs):
+          if log is None:
+            self._phases.record({'device_loop': True, 'steps': block_steps})
+          else:
+            block.record_rows(shape, log)
           block.note_device_usage(shape, block_usage)
         self._whole_usage[images.shape] = (usage, aux['flops'])
+      else:
+        for block_steps in steps:
+          self._phases.record({'device_loop': True, 'steps': block_steps})
       return logits, aux
 
     x, flops_B = clock('stem', self._stem, weights.top, images)

@@ -15,7 +15,7 @@ as `x^1` and each unit adds `(1 - c^{l-1}) f^l(x^{l-1})` at its active rows,
 regrouped (`x^l = x^1 + sum_{j<=l} f^j`, the weights sum to 1), touching
 active rows only.
 
-Per unit the host makes two calls: `stage_dilated` (dilated rows: the
+From the host loop, per unit two calls: `stage_dilated` (dilated rows: the
 dilated stage, and the next head's tap products of rows this unit leaves
 unchanged) and `stage_active` (active rows: the rest of the unit, the tap
 products of the updated rows, then the next head's local sums at the active
@@ -23,6 +23,8 @@ rows, the halting step and the next unit's set sizes, which the host reads
 back to plan the next unit, `planner.Planner`). Where those tap products
 would cover as many rows as the map has (`SparseOptions.dense_head`), the
 head runs on the whole map after the update instead, as the dense model's.
+Where the maps are small, `_device_rows` runs the same two stages for every
+unit inside one program instead (`SparseOptions.rows_loop`).
 """
 
 import functools
@@ -51,6 +53,36 @@ class _Rows(NamedTuple):
   dilated: jax.Array
   active: jax.Array
   head: jax.Array
+
+
+class _TailPlan:
+  """`rows.plan_rows` on the device: full chunks, then a tail whose size is
+  one of a few static `tails`, picked by index (a `lax.switch`).
+
+  Tails are 0-4 granules, then about 1.5x apart up to a chunk (9 sizes for
+  16 granules, wasting at most a third of the tail): every size is compiled
+  into the block's program, so fewer than the host loop's `buckets + 1`.
+  """
+
+  def __init__(self, chunk: int, granule: int, num_rows: int):
+    self.chunk, self.granule = chunk, granule
+    top = -(-min(chunk, num_rows) // granule)
+    ks = list(range(min(top, 4) + 1))
+    while ks[-1] < top:
+      ks.append(min(top, -(-3 * ks[-1] // 2)))
+    self._ks = np.asarray(ks, np.int32)
+    self.tails = [min(chunk, k * granule) for k in ks]
+
+  def __call__(self, count: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Full chunks and the tail's index for a set of `count` rows."""
+    n_full = count // self.chunk
+    granules = -(-(count - n_full * self.chunk) // self.granule)
+    return n_full, jnp.searchsorted(self._ks, granules).astype(jnp.int32)
+
+  def rows(self, n_full: jax.Array, tail: jax.Array) -> jax.Array:
+    """Rows computed: the full chunks and the tail."""
+    return (n_full * self.chunk
+            + jnp.asarray(self.tails, jnp.int32)[tail]).astype(jnp.int32)
 
 
 class SactBlock:
@@ -88,6 +120,7 @@ class SactBlock:
     self.idle_head_flops = head.global_cost
     self.start = phases.jit(self._start)
     self.device_loop = phases.jit(self._device_loop)
+    self.device_rows = phases.jit(self._device_rows)
     self.stage_dilated = phases.jit(
         self._stage_dilated, static_argnames=('tail', 'hw', 'with_taps'),
         donate_argnames=('maps',))
@@ -150,16 +183,9 @@ class SactBlock:
                            self.eps)
     return x, state.ponder_cost, state.num_units, flops_B
 
-  def _start(self, first_vars, stacked_units, stacked_heads, unit_vars,
-             head_vars, x_in, flops_B):
-    """First unit and first head densely (every position runs them), then
-    the units after them for as long as they run densely too (`_dense_loop`,
-    from unit 2): where nothing halts early, the host waits once per block.
-
-    Returns the maps and halting carry, unit 2's set sizes and
-    `_dense_loop`'s stop and sizes.
-    """
-    self.phases.trace('block_start')
+  def _first_maps(self, first_vars, stacked_heads, x_in, flops_B):
+    """First unit and first head densely: the maps, the halting carry and
+    unit 2's set sizes."""
     x, flops_B = self._first(first_vars, x_in, flops_B)
     batch, height, width, channels = x.shape
     num_rows = batch * height * width
@@ -175,6 +201,20 @@ class SactBlock:
         'taps': jnp.zeros((num_rows + 1, 9), x.dtype),
         'xsum': jnp.sum(x, axis=(1, 2)),
     }
+    return maps, halting_carry, sizes
+
+  def _start(self, first_vars, stacked_units, stacked_heads, unit_vars,
+             head_vars, x_in, flops_B):
+    """First unit and first head densely (every position runs them), then
+    the units after them for as long as they run densely too (`_dense_loop`,
+    from unit 2): where nothing halts early, the host waits once per block.
+
+    Returns the maps and halting carry, unit 2's set sizes and
+    `_dense_loop`'s stop and sizes.
+    """
+    self.phases.trace('block_start')
+    maps, halting_carry, sizes = self._first_maps(first_vars, stacked_heads,
+                                                  x_in, flops_B)
     maps, halting_carry, stop, sizes_Ux2 = self._dense_loop(
         stacked_units, stacked_heads, unit_vars, head_vars, maps,
         halting_carry, sizes, jnp.int32(0))
@@ -470,6 +510,114 @@ class SactBlock:
     return (state.output, state.ponder_cost, state.num_units, flops_B, waste,
             steps, usage_3)
 
+  def _device_rows(self, first_vars, stacked_units, stacked_heads, x_in,
+                   flops_B):
+    """The whole block on the device, each unit at rows or densely.
+
+    What the host loop (`run`) computes, in one program: a
+    `lax.while_loop` over units 2..L whose body runs a unit densely or at
+    its rows (`CostModel.runs_dense` on its exact set sizes, a `lax.cond`),
+    each stage's tail a `lax.switch` over `_TailPlan`'s static sizes. No
+    host round trip per unit: on a CPU each call of a phase and each
+    read-back costs a fixed time, at batch 1 a third of a small unit's
+    (BUILD.md, "Sparse inference"). Heads after a unit at rows score its
+    active rows from tap products (no `dense_head`). Kernels are read from
+    their stacks in place where oneDNN runs the convs (`conv.pick`).
+
+    Returns what `_device_loop` returns, and the per-unit sizes, rows
+    computed and modes (`[L - 1, 2]`, `[L - 1, 2]`, `[L - 1]`) for the
+    records.
+    """
+    self.phases.trace('block_device_rows')
+    maps, halting_carry, sizes = self._first_maps(first_vars, stacked_heads,
+                                                  x_in, flops_B)
+    batch, height, width = halting_carry['state'].running.shape
+    num_rows = batch * height * width
+    costs = self.costs
+    last = self.num_units - 2
+    buckets = self.phases.options.buckets
+    plans = [_TailPlan(chunk, rows_lib.granule_for(num_rows, chunk, buckets),
+                       num_rows)
+             for chunk in (costs.chunk_dilated, costs.chunk_active)]
+
+    def run_unit(i, maps, halting_carry, sizes):
+      """Unit i: the maps, carry and sizes after it, its rows and mode.
+
+      Every unit runs with a head; the last one's is a stand-in (the
+      stack's last head) whose results `body` drops, so that one compiled
+      body serves every unit.
+      """
+      unit_vars = conv_lib.pick(stacked_units, i, self.in_place)
+      head_vars = conv_lib.pick(stacked_heads, i + 1)
+      n_dilated, n_active = sizes[0], sizes[1]
+      dense = costs.runs_dense(n_dilated, n_active, num_rows)
+
+      def densely(maps, halting_carry):
+        maps, carry, new_sizes = self._stage_active(
+            unit_vars, head_vars, maps, halting_carry, 0, tail=0,
+            dense=True, with_head=True, dense_head=True)
+        return (maps, carry, new_sizes,
+                jnp.full((2,), num_rows, jnp.int32))
+
+      def at_rows(maps, halting_carry):
+        n_full, tail = plans[0](n_dilated)
+        maps = lax.switch(tail, [functools.partial(
+            self._stage_dilated, tail=t, hw=(height, width), with_taps=True)
+                                 for t in plans[0].tails],
+                          unit_vars, head_vars, maps,
+                          halting_carry['state'], n_full)
+        rows_dilated = plans[0].rows(n_full, tail)
+        n_full, tail = plans[1](n_active)
+        maps, carry, new_sizes = lax.switch(tail, [functools.partial(
+            self._stage_active, tail=t, dense=False, with_head=True,
+            dense_head=False) for t in plans[1].tails],
+                                            unit_vars, head_vars, maps,
+                                            halting_carry, n_full)
+        return (maps, carry, new_sizes,
+                jnp.stack([rows_dilated, plans[1].rows(n_full, tail)]))
+
+      with conv_lib.stacked_unit(i):
+        if isinstance(dense, bool):  # 'rows' or 'dense' mode: static.
+          out = (densely if dense else at_rows)(maps, halting_carry)
+        else:
+          out = lax.cond(dense, densely, at_rows, maps, halting_carry)
+      return (*out, jnp.asarray(dense))
+
+    def cond(loop):
+      i, _, _, sizes, _, _ = loop
+      return (i <= last) & (sizes[1] > 0)
+
+    def body(loop):
+      i, maps, halting_carry, sizes, waste, log = loop
+      maps, new_carry, new_sizes, rows_2, dense = run_unit(
+          i, maps, halting_carry, sizes)
+      with_head = i < last
+      # After the last unit, the halting state and FLOPs stay as they were.
+      halting_carry = jax.tree.map(
+          lambda new, old: jnp.where(with_head, new, old), new_carry,
+          halting_carry)
+      waste = waste + costs.waste_on_device(dense, sizes, rows_2, num_rows,
+                                            with_head)
+      log = {'sizes': log['sizes'].at[i].set(sizes),
+             'rows': log['rows'].at[i].set(rows_2),
+             'dense': log['dense'].at[i].set(dense)}
+      return i + 1, maps, halting_carry, new_sizes, waste, log
+
+    pairs = jnp.zeros((last + 1, 2), jnp.int32)
+    log = {'sizes': pairs, 'rows': pairs,
+           'dense': jnp.zeros((last + 1,), jnp.bool_)}
+    steps, maps, halting_carry, _, waste, log = lax.while_loop(
+        cond, body, (jnp.int32(0), maps, halting_carry, sizes,
+                     jnp.zeros((), jnp.float32), log))
+    # Heads not run once no position runs (the last unit has none).
+    skipped = jnp.maximum(last - steps, 0)
+    out, ponder, units, flops_B = self._finish(maps, halting_carry, skipped)
+    usage_3 = jnp.concatenate([
+        jnp.sum(log['sizes'], axis=0).astype(jnp.float32),
+        steps.astype(jnp.float32)[None]])
+    return (out, ponder, units, flops_B, waste, steps, usage_3,
+            log['sizes'], log['rows'], log['dense'])
+
   def _finish(self, maps, halting_carry, skipped_heads):
     """The last halting step and the block output.
 
@@ -526,17 +674,50 @@ class SactBlock:
     if self.costs is not None:
       self._usage[tuple(in_shape)] = usage_3
 
-  def device_run(self, weights, x_in, flops_B):
-    """The block as one traceable function, where `on_device`.
+  def rows_on_device(self, in_shape) -> bool:
+    """Whether the units at rows run in one device program per block
+    (`SparseOptions.rows_loop`) rather than from the host loop."""
+    opts = self.phases.options
+    if self.num_units == 1 or opts.sact_mode not in ('auto', 'rows'):
+      return False
+    if opts.rows_loop == 'auto':
+      return (self.num_rows(in_shape) * self.costs.channels
+              <= opts.device_rows_floats)
+    return opts.rows_loop == 'device'
 
-    Returns the outputs of `run` and the units run after the first.
+  def device_run(self, weights, x_in, flops_B, rows: bool = False):
+    """The block as one traceable function: `_device_loop` where
+    `on_device`, `_device_rows` with `rows`.
+
+    Returns the outputs of `run`, the units run after the first, the usage
+    for `adapt` and (`rows`, else None) the per-unit log of
+    `_device_rows`.
     """
     if self.num_units == 1:
       out, ponder, units, flops_B = self._single(weights.first, x_in, flops_B)
       return (out, ponder, units, flops_B, jnp.zeros((), jnp.float32),
-              jnp.zeros((), jnp.int32), jnp.zeros((3,), jnp.float32))
-    return self._device_loop(weights.first, weights.stacked_units,
-                             weights.stacked_heads, x_in, flops_B)
+              jnp.zeros((), jnp.int32), jnp.zeros((3,), jnp.float32), None)
+    args = (weights.first, weights.stacked_units, weights.stacked_heads, x_in,
+            flops_B)
+    if rows:
+      out = self._device_rows(*args)
+      return (*out[:7], out[7:])
+    return (*self._device_loop(*args), None)
+
+  def record_rows(self, in_shape, log) -> None:
+    """Records `_device_rows`'s per-unit log as the host loop records its
+    units (read on the host: waits for the block)."""
+    sizes, rows, dense = (np.asarray(a).tolist() for a in log)
+    num_rows = self.num_rows(in_shape)
+    for i, ((n_dilated, n_active), (r_dilated, r_active), is_dense) in (
+        enumerate(zip(sizes, rows, dense))):
+      if n_active == 0:
+        break
+      self.phases.record({
+          'unit': i, 'rows': num_rows, 'dilated': n_dilated,
+          'active': n_active,
+          'dense': is_dense, 'rows_dilated': r_dilated,
+          'rows_active': r_active, 'device_rows': True})
 
   def run(self, weights, x_in, flops_B, clock: common.Clock):
     """Runs the block; returns its output, aux maps, FLOPs and waste."""
@@ -550,6 +731,13 @@ class SactBlock:
           weights.stacked_units, weights.stacked_heads, x_in, flops_B)
       self.note_device_usage(x_in.shape, usage)
       self.phases.record({'device_loop': True, 'steps': steps})
+      return out, ponder, units, flops_B, waste
+    if self.rows_on_device(x_in.shape):
+      out, ponder, units, flops_B, waste, _, usage, *log = clock(
+          'block_device_rows', self.device_rows, weights.first,
+          weights.stacked_units, weights.stacked_heads, x_in, flops_B)
+      self.note_device_usage(x_in.shape, usage)
+      self.record_rows(x_in.shape, log)
       return out, ponder, units, flops_B, waste
     opts = self.phases.options
     maps, halting_carry, sizes, stop, sizes_Ux2 = clock(
