@@ -599,20 +599,36 @@ def conv_general_dilated(lhs, rhs, window_strides, padding,
       feature_group_count=feature_group_count, precision=precision, **kwargs)
 
 
+# `rows_matmul` hands fewer rows than this to oneDNN (see there).
+_ROWS_MATMUL_ONEDNN_MAX = 256
+
+
 def rows_matmul(x_SxK: jax.Array, w_KxO: jax.Array,
                 precision=None) -> jax.Array:
   """`x @ w` for the gathered rows of a sparse unit (`layers.patch_conv`).
 
-  A 1x1 convolution over one image row of S positions, so that it runs in
-  `conv_general_dilated`'s formulation: oneDNN's forward where it reads the
-  weights in place (CPUs with AVX-512), XLA's dot where it would copy them
-  or where oneDNN is not built. `w` may be a stack `[U, K, O]` that `pick`
-  left whole: unit `stacked_unit`'s matrix is then used, read in place by
-  oneDNN. On a 2-core AVX-512 EPYC, 16-196 rows by a ResNet-101 block-3
-  matrix (1024 -> 256, 2304 -> 256, 256 -> 1024) took 0.31-0.70 of XLA's
-  dot's time, the same from 256 rows on (BUILD.md, "Sparse inference").
+  Under 256 rows, a 1x1 convolution over one image row of S positions, so
+  that it runs in `conv_general_dilated`'s formulation: oneDNN's forward
+  where it reads the weights in place (CPUs with AVX-512), XLA's dot where
+  it would copy them or where oneDNN is not built. On a 2-core AVX-512
+  EPYC, 16-196 rows by a ResNet-101 block-3 matrix (1024 -> 256, 2304 ->
+  256, 256 -> 1024) took 0.31-0.70 of XLA's dot's time alone, and
+  `sparse.apply` at batch 1 0.88-0.94 of its time with XLA's dots; at
+  batch 32 (full chunks of 128 and 256 rows) oneDNN for every matmul cost
+  1.02-1.05x, for those under 256 rows 1.015x, under 128 1.00x (BUILD.md,
+  "Sparse inference"). From 256 rows on, XLA's dot.
+
+  `w` may be a stack `[U, K, O]` that `pick` left whole: unit
+  `stacked_unit`'s matrix is used (read in place by oneDNN).
   """
   rows, depth = x_SxK.shape
+  if rows >= _ROWS_MATMUL_ONEDNN_MAX:
+    if w_KxO.ndim == 3:
+      if _UNIT.get() is None:
+        raise ValueError(f'A stack of matrices {w_KxO.shape} outside '
+                         '`conv.stacked_unit`.')
+      w_KxO = lax.dynamic_index_in_dim(w_KxO, _UNIT.get(), keepdims=False)
+    return lax.dot(x_SxK, w_KxO, precision=precision)
   y = conv_general_dilated(
       x_SxK.reshape(1, 1, rows, depth),
       w_KxO.reshape(*w_KxO.shape[:-2], 1, 1, *w_KxO.shape[-2:]),

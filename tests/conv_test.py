@@ -379,6 +379,37 @@ class FormulationTest(parameterized.TestCase):
                                (stride, stride), 'SAME', seed=5)
 
 
+class RowsMatmulTest(parameterized.TestCase):
+  """`rows_matmul`: a sparse unit's row matmul, plain or from a stack."""
+
+  @parameterized.product(rows=(1, 16, 255, 256, 300), stacked=(False, True),
+                         with_onednn=(False, True))
+  def test_matches_matmul(self, rows, stacked, with_onednn):
+    k1, k2 = jax.random.split(jax.random.key(rows))
+    x = jax.random.normal(k1, (rows, 24))
+    w_stack = jax.random.normal(k2, (3, 24, 40))
+
+    @jax.jit
+    def run(x, w_stack, index):
+      if not stacked:
+        return conv.rows_matmul(x, w_stack[1])
+      with conv.stacked_unit(index):
+        return conv.rows_matmul(x, w_stack)
+
+    if with_onednn:
+      got = run(x, w_stack, 1)
+    else:
+      with onednn.disabled():
+        got = run(x, w_stack, 1)
+    expected = jnp.matmul(x, w_stack[1], precision=lax.Precision.HIGHEST)
+    chex.assert_shape(got, (rows, 40))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+  def test_stack_outside_stacked_unit_is_an_error(self):
+    with self.assertRaisesRegex(ValueError, 'stacked_unit'):
+      conv.rows_matmul(jnp.ones((300, 4)), jnp.ones((2, 4, 5)))
+
+
 class CompilerOptionsTest(absltest.TestCase):
 
   def test_cpu_only(self):
