@@ -10,7 +10,11 @@ times `x[M, K] @ w[K, N]` for the three matmuls of an ImageNet ResNet-101
 unit of block 3 (conv1 1024 -> 256, conv2 as im2col 2304 -> 256, conv3
 256 -> 1024) at row counts M from 1 to 196 (the 14x14 map at batch 1),
 the shapes interleaved call by call so that the machine's drift hits all
-of them alike, and prints the median time and GFLOP/s. Writes JSON
+of them alike, and prints the median time and GFLOP/s, as XLA's dot
+(`x @ w`) and as the sparse path runs them (`conv.rows_matmul`: oneDNN
+under 256 rows where it reads the weights in place, else the same dot).
+Each call reads another of `--weights` copies of the matrix, so that the
+weights come from memory as they do in a network's pass. Writes JSON
 (`--out`).
 """
 
@@ -31,6 +35,9 @@ from sact_jax import host_memory
 _ROWS = flags.DEFINE_list(
     'rows', ['1', '8', '16', '32', '64', '96', '128', '196'], 'Row counts M.')
 _REPS = flags.DEFINE_integer('reps', 100, 'Timed calls per shape.')
+_WEIGHTS = flags.DEFINE_integer(
+    'weights', 16, 'Copies of each weight matrix, used in turn (cold '
+    'weights; 1: the same matrix every call, from cache).')
 _OUT = flags.DEFINE_string(
     'out', os.path.join(os.path.dirname(__file__), 'results',
                         'small_dots.json'), 'JSON output path.')
@@ -44,31 +51,36 @@ def main(argv):
   del argv
   host_memory.reuse_freed_memory()
   rng = np.random.default_rng(0)
-  dot = conv.jit(lambda x, w: x @ w)
+  impls = {'dot': conv.jit(lambda x, w: x @ w),
+           'rows_matmul': conv.jit(conv.rows_matmul)}
   cases = []
   for name, k, n in _SHAPES:
-    w = jnp.asarray(rng.normal(size=(k, n)), jnp.float32)
+    ws = [jnp.asarray(rng.normal(size=(k, n)), jnp.float32)
+          for _ in range(_WEIGHTS.value)]
     for m in (int(r) for r in _ROWS.value):
       x = jnp.asarray(rng.normal(size=(m, k)), jnp.float32)
-      for _ in range(5):
-        jax.block_until_ready(dot(x, w))
-      cases.append({'matmul': name, 'm': m, 'k': k, 'n': n, 'args': (x, w),
-                    'times': []})
-  for _ in range(_REPS.value):
+      for impl, fn in impls.items():
+        for _ in range(5):
+          jax.block_until_ready(fn(x, ws[0]))
+        cases.append({'matmul': name, 'impl': impl, 'm': m, 'k': k, 'n': n,
+                      'fn': fn, 'x': x, 'ws': ws, 'times': []})
+  for rep in range(_REPS.value):
     for case in cases:
+      w = case['ws'][rep % len(case['ws'])]
       start = time.perf_counter()
-      jax.block_until_ready(dot(*case['args']))
+      jax.block_until_ready(case['fn'](case['x'], w))
       case['times'].append(time.perf_counter() - start)
   results = []
-  print(f'{"matmul":>16} {"rows":>5} {"us":>8} {"GFLOP/s":>8}')
+  print(f'{"matmul":>16} {"rows":>5} {"impl":>12} {"us":>8} {"GFLOP/s":>8}')
   for case in cases:
     median = statistics.median(case['times'])
     rate = 2 * case['m'] * case['k'] * case['n'] / median / 1e9
-    print(f'{case["matmul"]:>16} {case["m"]:>5} {median * 1e6:>8.1f} '
-          f'{rate:>8.1f}')
-    results.append({k: case[k] for k in ('matmul', 'm', 'k', 'n')}
+    print(f'{case["matmul"]:>16} {case["m"]:>5} {case["impl"]:>12} '
+          f'{median * 1e6:>8.1f} {rate:>8.1f}')
+    results.append({k: case[k] for k in ('matmul', 'impl', 'm', 'k', 'n')}
                    | {'median_s': median, 'gflops': rate})
   benchmarks.write_json(_OUT.value, {'device': str(jax.devices()[0]),
+                                     'weights': _WEIGHTS.value,
                                      'results': results})
   print(f'wrote {_OUT.value}')
 

@@ -599,7 +599,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding,
       feature_group_count=feature_group_count, precision=precision, **kwargs)
 
 
-# `rows_matmul` hands fewer rows than this to oneDNN (see there).
+# `rows_matmul` hands matrices that are not stacked to oneDNN only for
+# fewer rows than this (see there).
 _ROWS_MATMUL_ONEDNN_MAX = 256
 
 
@@ -607,27 +608,25 @@ def rows_matmul(x_SxK: jax.Array, w_KxO: jax.Array,
                 precision=None) -> jax.Array:
   """`x @ w` for the gathered rows of a sparse unit (`layers.patch_conv`).
 
-  Under 256 rows, a 1x1 convolution over one image row of S positions, so
-  that it runs in `conv_general_dilated`'s formulation: oneDNN's forward
-  where it reads the weights in place (CPUs with AVX-512), XLA's dot where
-  it would copy them or where oneDNN is not built. On a 2-core AVX-512
-  EPYC, 16-196 rows by a ResNet-101 block-3 matrix (1024 -> 256, 2304 ->
-  256, 256 -> 1024) took 0.31-0.70 of XLA's dot's time alone, and
-  `sparse.apply` at batch 1 0.88-0.94 of its time with XLA's dots; at
-  batch 32 (full chunks of 128 and 256 rows) oneDNN for every matmul cost
-  1.02-1.05x, for those under 256 rows 1.015x, under 128 1.00x (BUILD.md,
-  "Sparse inference"). From 256 rows on, XLA's dot.
+  A 1x1 convolution over one image row of S positions, so that it runs in
+  `conv_general_dilated`'s formulation: oneDNN's forward where it reads the
+  weights in place (CPUs with AVX-512), XLA's dot where it would copy them
+  or where oneDNN is not built. `w` may be a stack `[U, K, O]` that `pick`
+  left whole (inside a loop over units): unit `stacked_unit`'s matrix is
+  used, read in place by oneDNN, where XLA's dot would need a copy of it.
+  A plain `w` with 256 rows or more goes to XLA's dot.
 
-  `w` may be a stack `[U, K, O]` that `pick` left whole: unit
-  `stacked_unit`'s matrix is used (read in place by oneDNN).
+  On a 2-core AVX-512 EPYC, 16-196 rows by a ResNet-101 block-3 matrix
+  (1024 -> 256, 2304 -> 256, 256 -> 1024) took 0.31-0.70 of XLA's dot's
+  time alone; ImageNet ResNet-101 at batch 32 (the host loop, plain
+  matrices, chunks of 128-1024 rows) took 1.02-1.05x its time with oneDNN
+  for every row matmul, 1.015x under 256 rows, 1.00x under 128; at batch 1
+  (a device loop per block, stacks) 0.88-0.94x with oneDNN for every row
+  matmul, 1.01x with XLA's dot from 128 rows on (BUILD.md, "Sparse
+  inference").
   """
   rows, depth = x_SxK.shape
-  if rows >= _ROWS_MATMUL_ONEDNN_MAX:
-    if w_KxO.ndim == 3:
-      if _UNIT.get() is None:
-        raise ValueError(f'A stack of matrices {w_KxO.shape} outside '
-                         '`conv.stacked_unit`.')
-      w_KxO = lax.dynamic_index_in_dim(w_KxO, _UNIT.get(), keepdims=False)
+  if rows >= _ROWS_MATMUL_ONEDNN_MAX and w_KxO.ndim == 2:
     return lax.dot(x_SxK, w_KxO, precision=precision)
   y = conv_general_dilated(
       x_SxK.reshape(1, 1, rows, depth),

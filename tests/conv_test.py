@@ -405,9 +405,10 @@ class RowsMatmulTest(parameterized.TestCase):
     chex.assert_shape(got, (rows, 40))
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
-  def test_stack_outside_stacked_unit_is_an_error(self):
+  @parameterized.parameters(16, 300)
+  def test_stack_outside_stacked_unit_is_an_error(self, rows):
     with self.assertRaisesRegex(ValueError, 'stacked_unit'):
-      conv.rows_matmul(jnp.ones((300, 4)), jnp.ones((2, 4, 5)))
+      conv.rows_matmul(jnp.ones((rows, 4)), jnp.ones((2, 4, 5)))
 
 
 class CompilerOptionsTest(absltest.TestCase):
