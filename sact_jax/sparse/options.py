@@ -84,8 +84,8 @@ class SparseOptions:
       host from the set sizes it reads back (pipelined plans,
       `dense_head`), compiling only the tails that occur. 'auto': 'device'
       where a map of the block holds at most `device_rows_floats` floats
-      (the copies cost less than the round trips: ImageNet ResNet-101
-      blocks 2-4 at batch 1), else 'host'.
+      (the copies cost less than the round trips: every ImageNet
+      ResNet-101 block at batch 1, blocks 3-4 at batch 4), else 'host'.
     device_rows_floats: the bound of `rows_loop='auto'`.
     act_loop: 'device' (one `lax.while_loop` over the units of a block,
       stopping once no image runs; unit parameters are sliced on the
