@@ -29,14 +29,13 @@ class Phases:
     device_flops: blocks whose dense unit costs fewer FLOPs run in one
       device loop under 'auto' (`SparseOptions.device_flops`, resolved).
     trace_counts: how many times each phase was traced, by name.
-    unit_records: per-unit records of the current call.
   """
 
   def __init__(self, options: options_lib.SparseOptions):
     self.options = options
     self.device_flops = options_lib.device_flops(options)
     self.trace_counts = collections.Counter()
-    self.unit_records = []
+    self._records = []
     compiler_options = (conv.compiler_options()
                         if options.compiler_options is None
                         else dict(options.compiler_options))
@@ -53,10 +52,21 @@ class Phases:
 
   def new_call(self):
     """Starts the records of a new call."""
-    self.unit_records = []
+    self._records = []
 
   def record(self, entry: dict[str, Any]):
-    self.unit_records.append(entry)
+    self._records.append(entry)
+
+  def record_later(self, entries: Callable[[], list[dict[str, Any]]]):
+    """Records what `entries()` returns when the records are read: entries
+    made from device arrays, which reading would wait for."""
+    self._records.append(entries)
+
+  @property
+  def unit_records(self) -> list[dict[str, Any]]:
+    """Per-unit records of the current call."""
+    return [entry for item in self._records
+            for entry in (item() if callable(item) else [item])]
 
 
 class Clock:

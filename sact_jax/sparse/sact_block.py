@@ -706,18 +706,24 @@ class SactBlock:
 
   def record_rows(self, in_shape, log) -> None:
     """Records `_device_rows`'s per-unit log as the host loop records its
-    units (read on the host: waits for the block)."""
-    sizes, rows, dense = (np.asarray(a).tolist() for a in log)
+    units, read on the host only when the records are (it waits for the
+    block)."""
     num_rows = self.num_rows(in_shape)
-    for i, ((n_dilated, n_active), (r_dilated, r_active), is_dense) in (
-        enumerate(zip(sizes, rows, dense))):
-      if n_active == 0:
-        break
-      self.phases.record({
-          'unit': i, 'rows': num_rows, 'dilated': n_dilated,
-          'active': n_active,
-          'dense': is_dense, 'rows_dilated': r_dilated,
-          'rows_active': r_active, 'device_rows': True})
+
+    def entries():
+      sizes, rows, dense = (np.asarray(a).tolist() for a in log)
+      out = []
+      for i, ((n_dilated, n_active), (r_dilated, r_active), is_dense) in (
+          enumerate(zip(sizes, rows, dense))):
+        if n_active == 0:
+          break
+        out.append({'unit': i, 'rows': num_rows, 'dilated': n_dilated,
+                    'active': n_active, 'dense': is_dense,
+                    'rows_dilated': r_dilated, 'rows_active': r_active,
+                    'device_rows': True})
+      return out
+
+    self.phases.record_later(entries)
 
   def run(self, weights, x_in, flops_B, clock: common.Clock):
     """Runs the block; returns its output, aux maps, FLOPs and waste."""
