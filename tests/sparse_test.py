@@ -30,6 +30,7 @@ from sact_jax import layers
 from sact_jax import reference
 from sact_jax import sparse
 from sact_jax import units as units_lib
+from sact_jax.sparse import options as options_lib
 from sact_jax.sparse import planner as planner_lib
 from sact_jax.sparse import rows as rows_lib
 from sact_jax.sparse import sact_block
@@ -720,6 +721,23 @@ class DeviceRowsTest(parameterized.TestCase):
       _assert_same(self, tu.forward(model, images),
                    runner(images, timings=timings))
       self.assertIn(phase, timings)
+
+  @parameterized.parameters((60, 0, 0), (0, 0, 2_000_000_000), (30, 750, 0))
+  def test_cost_model_on_traced_sizes(self, gather, slice_, unit):
+    """On the device the cost model compares traced int32 sizes: integer
+    options and maps of a large batch (costs past 2**31) give the host's
+    decision."""
+    steps = _model('imagenet')[0].blocks[0].steps
+    costs = sparse.SparseOptions(gather_cost=gather, slice_cost=slice_,
+                                 unit_cost=unit)
+    costs = options_lib.CostModel(costs, steps.unit, steps.head)
+    num_rows = 1 << 22
+    on_device = jax.jit(lambda s: costs.runs_dense(s[0], s[1], num_rows))
+    for sizes in ((num_rows, num_rows), (num_rows, 1), (num_rows // 2,
+                                                        num_rows // 3)):
+      self.assertEqual(
+          bool(on_device(jnp.asarray(sizes, jnp.int32))),
+          costs.runs_dense(*sizes, num_rows), sizes)
 
   def test_tail_plans_cover_every_count(self):
     for chunk, granule, num_rows in ((128, 8, 196), (256, 13, 196),

@@ -213,8 +213,9 @@ class CostModel:
     opts = self.options
     if opts.sact_mode != 'auto':
       return opts.sact_mode == 'dense'
-    kappa, sigma = opts.gather_cost, opts.slice_cost
-    at_rows = (opts.unit_cost
+    # Floats: with traced sizes, Python ints past int32 would overflow.
+    kappa, sigma = float(opts.gather_cost), float(opts.slice_cost)
+    at_rows = (float(opts.unit_cost)
                + n_dilated * (self.dilated_cost + kappa * self._floats_dilated
                               + sigma * self._slices_dilated)
                + n_active * (self.active_cost + kappa * self._floats_active
