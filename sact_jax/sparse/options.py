@@ -35,8 +35,10 @@ class SparseOptions:
       jit compiles at most `buckets + 1` tail shapes per stage, map size and
       head/no head.
     chunk_bytes: target size of the gathered rows of one chunk; rows beyond
-      it are processed in a loop (keeps im2col buffers in cache at large
-      batch sizes).
+      it are processed in a loop (keeps im2col buffers in the last-level
+      cache at large batch sizes, while giving each matmul hundreds of
+      rows: below about 1000 rows oneDNN's row matmuls run well below
+      their rate).
     chunk_rows: fixed rows per chunk, overriding `chunk_bytes` (tests force
       tiny chunks to exercise the loop).
     sact_mode: how SACT units 2..L run. 'rows': at their active and dilated
@@ -113,7 +115,7 @@ class SparseOptions:
       dense model's (`conv.compiler_options`), () XLA's defaults.
   """
   buckets: int = 16
-  chunk_bytes: int = 2 << 20
+  chunk_bytes: int = 8 << 20
   chunk_rows: int | None = None
   sact_mode: str = 'auto'
   gather_cost: float = 30.0
