@@ -728,9 +728,9 @@ class DeviceRowsTest(parameterized.TestCase):
     options and maps of a large batch (costs past 2**31) give the host's
     decision."""
     steps = _model('imagenet')[0].blocks[0].steps
-    costs = sparse.SparseOptions(gather_cost=gather, slice_cost=slice_,
-                                 unit_cost=unit)
-    costs = options_lib.CostModel(costs, steps.unit, steps.head)
+    options = sparse.SparseOptions(gather_cost=gather, slice_cost=slice_,
+                                   unit_cost=unit)
+    costs = options_lib.CostModel(options, steps.unit, steps.head)
     num_rows = 1 << 22
     on_device = jax.jit(lambda s: costs.runs_dense(s[0], s[1], num_rows))
     for sizes in ((num_rows, num_rows), (num_rows, 1), (num_rows // 2,
