@@ -655,7 +655,7 @@ _CPU_OPTIONS = (
 
 
 @functools.cache
-def _options_supported(options: tuple[tuple[str, str], ...]) -> bool:
+def options_supported(options: tuple[tuple[str, Any], ...]) -> bool:
   """Whether this jaxlib's XLA:CPU knows `options` (older ones may not)."""
   try:
     x = jax.device_put(jnp.zeros((), jnp.float32),
@@ -675,7 +675,7 @@ def compiler_options(backend: str | None = None) -> dict[str, str] | None:
   elsewhere, or where this jaxlib does not know the option.
   """
   backend = backend or jax.default_backend()
-  if backend != 'cpu' or not _options_supported(_CPU_OPTIONS):
+  if backend != 'cpu' or not options_supported(_CPU_OPTIONS):
     return None
   return dict(_CPU_OPTIONS)
 

@@ -22,14 +22,17 @@ from absl.testing import absltest
 from absl.testing import parameterized
 from flax import nnx
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from sact_jax import conv
 from sact_jax import halting
 from sact_jax import layers
 from sact_jax import reference
 from sact_jax import sparse
 from sact_jax import units as units_lib
+from sact_jax.sparse import common
 from sact_jax.sparse import options as options_lib
 from sact_jax.sparse import planner as planner_lib
 from sact_jax.sparse import rows as rows_lib
@@ -758,6 +761,54 @@ class DeviceRowsTest(parameterized.TestCase):
       self.assertTrue(np.all(rows - counts < granule + tails // 3))
       self.assertTrue(np.all(rows[counts <= 4 * granule]
                              - counts[counts <= 4 * granule] < granule))
+
+
+class CompilerOptionsTest(absltest.TestCase):
+  """The sparse phases' default XLA options (`common.compiler_options`)."""
+
+  def test_cpu_adds_region_analysis(self):
+    self.assertIsNone(common.compiler_options('gpu'))
+    self.assertEqual(common.compiler_options('cpu'), {
+        **conv.compiler_options('cpu'),
+        'xla_cpu_copy_insertion_use_region_analysis': True})
+
+  def test_branches_update_maps_in_place(self):
+    """A map updated by a loop inside a `lax.cond` branch, inside a loop
+    over units (the device loops' shape): XLA's default copy insertion
+    copies it, the sparse options do not."""
+    def units(x_NxC, idx_S, counts_U):
+      def rows(x, count):
+        def chunk(i, x):
+          idx = lax.dynamic_slice_in_dim(idx_S, i * 4, 4)
+          return x.at[idx].add(1.0, mode='drop')
+        return lax.fori_loop(0, count, chunk, x)
+      def unit(i, x):
+        count = counts_U[i]
+        return lax.cond(count > 3, lambda x: 2.0 * x,
+                        lambda x: rows(x, count), x)
+      return lax.fori_loop(0, counts_U.shape[0], unit, x_NxC)
+
+    args = (jnp.zeros((64, 8)), jnp.arange(16, dtype=jnp.int32),
+            jnp.arange(5, dtype=jnp.int32))
+    def map_copies(options):
+      text = jax.jit(units, donate_argnums=0, compiler_options=options
+                     ).lower(*args).compile().as_text()
+      return sum(' copy(' in line and 'f32[64,8]' in line
+                 for line in text.splitlines())
+    self.assertGreater(map_copies(conv.compiler_options('cpu')), 0)
+    self.assertEqual(map_copies(common.compiler_options('cpu')), 0)
+
+  def test_default_options_match_dense_model(self):
+    """Compiled with the defaults (not the suite's fast options), one
+    program per block with units at rows and dense."""
+    model, images, _ = _random_sact('cifar', 0.5)
+    runner = sparse.SparseRunner(model, sact_mode='auto', rows_loop='device',
+                                 buckets=2, device_flops=0, adapt=False,
+                                 gather_cost=0.0, slice_cost=0.0,
+                                 unit_cost=0.0)
+    _assert_same(self, tu.forward(model, images), runner(images))
+    self.assertTrue(all(u['device_rows'] for u in runner.last_units))
+    self.assertNotEmpty(_partial_row_units(runner))
 
 
 class PlannerTest(absltest.TestCase):

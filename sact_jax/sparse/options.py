@@ -111,8 +111,10 @@ class SparseOptions:
       0: always; `math.inf`: never.
     compiler_options: XLA compiler options for every jitted phase, as
       `(name, value)` pairs (e.g. `(('xla_backend_optimization_level', 0),)`
-      for fast compiles in tests, at a large cost in speed); None: the
-      dense model's (`conv.compiler_options`), () XLA's defaults.
+      for fast compiles in tests, at a large cost in speed); None:
+      `common.compiler_options` (the dense model's and, on the CPU, a copy
+      insertion that keeps maps in place in conditionals), () XLA's
+      defaults.
   """
   buckets: int = 16
   chunk_bytes: int = 8 << 20
