@@ -788,8 +788,10 @@ class CompilerOptionsTest(absltest.TestCase):
                         lambda x: rows(x, count), x)
       return lax.fori_loop(0, counts_U.shape[0], unit, x_NxC)
 
-    args = (jnp.zeros((64, 8)), jnp.arange(16, dtype=jnp.int32),
-            jnp.arange(5, dtype=jnp.int32))
+    # On the CPU whatever the default backend: these are XLA:CPU's options.
+    args = jax.device_put(
+        (np.zeros((64, 8), np.float32), np.arange(16, dtype=np.int32),
+         np.arange(5, dtype=np.int32)), jax.local_devices(backend='cpu')[0])
     def map_copies(options):
       text = jax.jit(units, donate_argnums=0, compiler_options=options
                      ).lower(*args).compile().as_text()
