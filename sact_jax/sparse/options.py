@@ -120,7 +120,7 @@ class SparseOptions:
   chunk_bytes: int = 8 << 20
   chunk_rows: int | None = None
   sact_mode: str = 'auto'
-  gather_cost: float = 30.0
+  gather_cost: float = 60.0
   slice_cost: float = 750.0
   unit_cost: float = 45e6
   device_flops: float | None = None
