@@ -96,7 +96,12 @@ class ResidualUnit(nnx.Module):
     """
     preact = jnp.where(valid_SxK[..., None], self.preactivation(x_SxKxC),
                        0.0)
-    return self.post_conv1(layers.patch_conv(self.conv1, preact))
+    return self.dilated_rows_preactivated(preact)
+
+  def dilated_rows_preactivated(self, preact_SxKxC: jax.Array) -> jax.Array:
+    """`dilated_rows` from patches of the pre-activated unit input (zero
+    outside the image)."""
+    return self.post_conv1(layers.patch_conv(self.conv1, preact_SxKxC))
 
   def active_rows(self, y_Sx9xD: jax.Array) -> jax.Array:
     """The residual at rows from 3x3 patches of `dilated_rows`: `[S, C]`.

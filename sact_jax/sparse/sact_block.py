@@ -234,9 +234,11 @@ class SactBlock:
     head = nnx.merge(self.head_gd, head_vars) if with_taps else None
     height, width = hw
     x = maps['x']
+    source = stages.dilated_source(unit, x)
     def body(idx_S, carry):
       y, taps = carry
-      rows = stages.dilated_stage(unit, x, idx_S, height=height, width=width)
+      rows = stages.dilated_stage(unit, source, idx_S, height=height,
+                                  width=width, num_rows=x.shape[0])
       y = rows_lib.scatter_set(y, idx_S, rows)
       if head is not None:
         taps = rows_lib.scatter_set(

@@ -29,13 +29,42 @@ def check_unit(unit: nnx.Module):
                      'shortcut.')
 
 
-def dilated_stage(unit: units_lib.ResidualUnit, x_NxC: jax.Array,
-                  idx_S: jax.Array, *, height: int, width: int) -> jax.Array:
-  """The unit up to its neighbour-reading 3x3 conv, at rows `idx_S`."""
-  x_SxKxC, valid_SxK = rows_lib.patches(
-      x_NxC, idx_S, unit.dilated_kernel_size, height=height, width=width,
-      num_rows=x_NxC.shape[0])
-  return unit.dilated_rows(x_SxKxC, valid_SxK)
+def dilated_source(unit: units_lib.ResidualUnit, x_NxC: jax.Array
+                   ) -> jax.Array:
+  """The map `dilated_stage` gathers from, computed once per unit.
+
+  A 1x1 `conv1` reads each row once: the unit input itself. A wider one
+  reads a position in up to 9 windows, so the input is pre-activated once
+  on the whole map (elementwise, cheap next to 9 gathered copies) and a
+  zero row appended, which positions outside the image read (SAME padding
+  comes after the pre-activation). On CIFAR ResNet-110 at batch 32 the
+  gather that pre-activated every window's rows took a third of the call.
+  """
+  if unit.dilated_kernel_size == 1:
+    return x_NxC
+  preact_NxC = unit.preactivation(x_NxC)
+  return jnp.concatenate(
+      [preact_NxC, jnp.zeros((1, preact_NxC.shape[1]), preact_NxC.dtype)])
+
+
+def dilated_stage(unit: units_lib.ResidualUnit, source: jax.Array,
+                  idx_S: jax.Array, *, height: int, width: int,
+                  num_rows: int) -> jax.Array:
+  """The unit up to its neighbour-reading 3x3 conv, at rows `idx_S`.
+
+  Args:
+    unit: the unit.
+    source: `dilated_source(unit, x_NxC)`.
+    idx_S: dilated rows.
+    height, width: the map's spatial shape.
+    num_rows: `N`, the map's positions.
+  """
+  window = unit.dilated_kernel_size
+  patches_SxKxC, valid_SxK = rows_lib.patches(
+      source, idx_S, window, height=height, width=width, num_rows=num_rows)
+  if window == 1:
+    return unit.dilated_rows(patches_SxKxC, valid_SxK)
+  return unit.dilated_rows_preactivated(patches_SxKxC)
 
 
 def active_stage(unit: units_lib.ResidualUnit, y_N1xD: jax.Array,
