@@ -596,6 +596,28 @@ class RowsTest(parameterized.TestCase):
         local, head.local_logits(x).reshape(-1)[idx], rtol=1e-5, atol=1e-5)
 
 
+  @parameterized.parameters('cifar', 'imagenet')
+  def test_dilated_stage_matches_unit(self, family):
+    """`dilated_stage` on `dilated_source` (pre-activated once for a 3x3
+    conv1) gives conv2's input of the dense unit, at border, inside and
+    padding rows."""
+    model, _, _ = _random_sact(family, 0.5)
+    graphdef, state = nnx.split(model.blocks[0].steps.unit)
+    unit = nnx.merge(graphdef, jax.tree.map(lambda a: a[1],
+                                            nnx.to_pure_dict(state)))
+    self.assertEqual(unit.dilated_kernel_size, 3 if family == 'cifar' else 1)
+    batch, height, width = 2, 6, 5
+    num_rows = batch * height * width
+    x = tu.images((batch, height, width, unit.cin), seed=4)
+    expected = unit.post_conv1(unit.conv1(unit.preactivation(x)))
+    idx = jnp.array([0, 4, 7, 29, 30, 33, 59, num_rows + 1], jnp.int32)
+    got = stages.dilated_stage(
+        unit, stages.dilated_source(unit, x.reshape(num_rows, -1)), idx,
+        height=height, width=width, num_rows=num_rows)
+    np.testing.assert_allclose(
+        got[:-1], expected.reshape(num_rows, -1)[idx[:-1]], rtol=1e-5,
+        atol=1e-5)
+
 class _TanhUnit(units_lib.CifarUnit):
   """The CIFAR unit with tanh for its leaky ReLUs."""
 
