@@ -30,7 +30,6 @@ unit inside one program instead (`SparseOptions.rows_loop`).
 import functools
 import math
 import time
-from typing import NamedTuple
 
 from flax import nnx
 import jax
@@ -46,13 +45,6 @@ from sact_jax.sparse import options as options_lib
 from sact_jax.sparse import planner as planner_lib
 from sact_jax.sparse import rows as rows_lib
 from sact_jax.sparse import stages
-
-
-class _Rows(NamedTuple):
-  """Per-image positions where units and heads ran (`_device_loop`)."""
-  dilated: jax.Array
-  active: jax.Array
-  head: jax.Array
 
 
 class _TailPlan:
@@ -452,63 +444,53 @@ class SactBlock:
     costs = self.costs
     last = self.num_units - 2
 
-    # Positions where units (dilated and active rows) and heads ran, per
-    # image: integers, exact in float32. The FLOPs computed beyond the
-    # count follow from them after the loop, without a sum over the batch
-    # in every iteration.
-    def apply_head(i, x, state, flops_B, rows):
+    def apply_head(i, x, state):
       head = nnx.merge(self.head_gd, conv_lib.pick(stacked_heads, i))
-      running = state.running
-      flops_B = flops_B + head.flops(running)
-      rows = rows._replace(head=rows.head + flops_lib.spatial_count(running))
-      state = act_lib.step(state, head(x), x, self.eps)
-      return state, flops_B, rows
+      return act_lib.step(state, head(x), x, self.eps)
 
-    def apply_unit(i, x, state, flops_B, rows):
+    def apply_unit(i, x, state):
       unit = nnx.merge(self.unit_gd,
                        conv_lib.pick(stacked_units, i, self.in_place))
-      mask = state.running
-      dilated_B = flops_lib.spatial_count(act_lib.dilate_mask(mask))
-      active_B = flops_lib.spatial_count(mask)
-      flops_B = (flops_B + dilated_B * costs.dilated_cost
-                 + active_B * costs.active_cost)
-      rows = rows._replace(dilated=rows.dilated + dilated_B,
-                           active=rows.active + active_B)
       with conv_lib.stacked_unit(i):
-        x = act_lib.masked_residual(x, unit.residual(x), mask)
-      return x, flops_B, rows
+        return act_lib.masked_residual(x, unit.residual(x), state.running)
 
-    zeros_B = jnp.zeros((batch,), jnp.float32)
-    rows = _Rows(dilated=zeros_B, active=zeros_B, head=zeros_B)
     state = act_lib.init_state(x, (batch, height, width))
-    state, flops_B, rows = apply_head(0, x, state, flops_B, rows)
+    state = apply_head(0, x, state)
 
     def cond(loop):
-      i, _, state, _, _ = loop
+      i, _, state = loop
       return (i < last) & jnp.any(state.running > 0)
 
     def body(loop):
-      i, x, state, flops_B, rows = loop
-      x, flops_B, rows = apply_unit(i, x, state, flops_B, rows)
-      state, flops_B, rows = apply_head(i + 1, x, state, flops_B, rows)
-      return i + 1, x, state, flops_B, rows
+      i, x, state = loop
+      x = apply_unit(i, x, state)
+      return i + 1, x, apply_head(i + 1, x, state)
 
-    steps, x, state, flops_B, rows = lax.while_loop(
-        cond, body, (jnp.int32(0), x, state, flops_B, rows))
+    steps, x, state = lax.while_loop(cond, body, (jnp.int32(0), x, state))
     heads = (steps + 1).astype(jnp.float32)
     run_last = (steps == last) & jnp.any(state.running > 0)
-    x, flops_B, rows = lax.cond(
-        run_last, lambda x, f, r: apply_unit(last, x, state, f, r),
-        lambda x, f, r: (x, f, r), x, flops_B, rows)
+    x = lax.cond(run_last, lambda x: apply_unit(last, x, state),
+                 lambda x: x, x)
     steps = steps + run_last.astype(jnp.int32)
     units = steps.astype(jnp.float32)
-    waste = ((units * num_rows - jnp.sum(rows.dilated)) * costs.dilated_cost
-             + (units * num_rows - jnp.sum(rows.active)) * costs.active_cost
-             + (heads * num_rows - jnp.sum(rows.head)) * costs.local_cost)
-    flops_B = (flops_B
-               + (last - jnp.minimum(steps, last)) * self.idle_head_flops)
     state = act_lib.finish(state, x, self.eps)
-    usage_3 = jnp.stack([jnp.sum(rows.dilated), jnp.sum(rows.active), units])
+    # What ran, from the units used per position (as `blocks.Block` counts
+    # it), rather than per unit inside the loop: unit k ran where N >= k,
+    # its first conv where the 3x3 maximum of N is >= k, the head before
+    # it where N >= k - 1; heads the loop skipped count their global conv.
+    num_units = state.num_units
+    dilated_B = flops_lib.spatial_count(act_lib.dilate_mask(num_units) - 1)
+    active_B = flops_lib.spatial_count(num_units - 1)
+    heads_B = flops_lib.spatial_count(jnp.minimum(num_units, last + 1))
+    flops_B = flops_B + (dilated_B * costs.dilated_cost
+                         + active_B * costs.active_cost
+                         + (heads_B * costs.local_cost
+                            + (last + 1) * self.idle_head_flops))
+    dilated, active = jnp.sum(dilated_B), jnp.sum(active_B)
+    waste = ((units * num_rows - dilated) * costs.dilated_cost
+             + (units * num_rows - active) * costs.active_cost
+             + (heads * num_rows - jnp.sum(heads_B)) * costs.local_cost)
+    usage_3 = jnp.stack([dilated, active, units])
     return (state.output, state.ponder_cost, state.num_units, flops_B, waste,
             steps, usage_3)
 
