@@ -595,7 +595,6 @@ class RowsTest(parameterized.TestCase):
     np.testing.assert_allclose(
         local, head.local_logits(x).reshape(-1)[idx], rtol=1e-5, atol=1e-5)
 
-
   @parameterized.parameters('cifar', 'imagenet')
   def test_dilated_stage_matches_unit(self, family):
     """`dilated_stage` on `dilated_source` (pre-activated once for a 3x3
@@ -617,6 +616,7 @@ class RowsTest(parameterized.TestCase):
     np.testing.assert_allclose(
         got[:-1], expected.reshape(num_rows, -1)[idx[:-1]], rtol=1e-5,
         atol=1e-5)
+
 
 class _TanhUnit(units_lib.CifarUnit):
   """The CIFAR unit with tanh for its leaky ReLUs."""

@@ -86,9 +86,10 @@ class Phases:
 
   @property
   def unit_records(self) -> list[dict[str, Any]]:
-    """Per-unit records of the current call."""
-    return [entry for item in self._records
-            for entry in (item() if callable(item) else [item])]
+    """Per-unit records of the current call (later entries made once)."""
+    self._records = [entry for item in self._records
+                     for entry in (item() if callable(item) else [item])]
+    return list(self._records)
 
 
 class Clock:

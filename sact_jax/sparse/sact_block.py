@@ -477,19 +477,19 @@ class SactBlock:
     # What ran, from the units used per position (as `blocks.Block` counts
     # it), rather than per unit inside the loop: unit k ran where N >= k,
     # its first conv where the 3x3 maximum of N is >= k, the head before
-    # it where N >= k - 1; heads the loop skipped count their global conv.
+    # it where N >= k - 1; heads the loop skipped count as the head says.
     num_units = state.num_units
+    head_runs = jnp.minimum(num_units, last + 1)
+    any_head = nnx.merge(self.head_gd, conv_lib.pick(stacked_heads, 0))
     dilated_B = flops_lib.spatial_count(act_lib.dilate_mask(num_units) - 1)
     active_B = flops_lib.spatial_count(num_units - 1)
-    heads_B = flops_lib.spatial_count(jnp.minimum(num_units, last + 1))
     flops_B = flops_B + (dilated_B * costs.dilated_cost
                          + active_B * costs.active_cost
-                         + (heads_B * costs.local_cost
-                            + (last + 1) * self.idle_head_flops))
+                         + any_head.flops_of_runs(head_runs, last + 1))
     dilated, active = jnp.sum(dilated_B), jnp.sum(active_B)
     waste = ((units * num_rows - dilated) * costs.dilated_cost
              + (units * num_rows - active) * costs.active_cost
-             + (heads * num_rows - jnp.sum(heads_B)) * costs.local_cost)
+             + (heads * num_rows - jnp.sum(head_runs)) * costs.local_cost)
     usage_3 = jnp.stack([dilated, active, units])
     return (state.output, state.ponder_cost, state.num_units, flops_B, waste,
             steps, usage_3)
