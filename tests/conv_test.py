@@ -366,8 +366,13 @@ class FormulationTest(parameterized.TestCase):
                                                pads, jnp.float32),
                        ('dot' if copies else 'onednn', 'onednn'))
 
-  def test_head_forward_stays_taps_with_onednn(self):
+  def test_head_with_onednn(self):
+    # CIFAR's head: taps both ways; ImageNet's: oneDNN's backward.
     self.assertEqual(conv.formulation((128, 32, 32, 16), (3, 3, 16, 1),
+                                      (1, 1), True), ('taps', 'taps'))
+    self.assertEqual(conv.formulation((128, 8, 8, 64), (3, 3, 64, 1),
+                                      (1, 1), True), ('taps', 'taps'))
+    self.assertEqual(conv.formulation((32, 56, 56, 256), (3, 3, 256, 1),
                                       (1, 1), True), ('taps', 'onednn'))
 
   @parameterized.product(forward=conv.FORMULATIONS,
