@@ -394,18 +394,11 @@ def _is_nhwc(dimension_numbers) -> bool:
 # faster at 34; a CIFAR ResNet's training step gains more than any single
 # shape loses (0.64-0.94x the time). The two kinds:
 # * the SACT head's 3x3 conv to one channel runs its forward as taps,
-#   2.3-3.3x faster, and over at most 64 channels (CIFAR) its backward too.
-#   There the backward alone is about as fast as oneDNN's (the three heads
-#   at batch 128, forward + backward: 2.1 / 0.90 / 0.55 ms as taps, 2.1 /
-#   0.94 / 0.67 ms with oneDNN's backward), but oneDNN's passes run one at
-#   a time in the process, so the head's small memory-bound passes queued
-#   beside the units' convolutions, where taps' dots run on XLA's other
-#   thread: the SACT ResNet-32 training step (batch 128, alternating in one
-#   process) took 3-8% less time in most of six runs, ResNet-110 about 3%
-#   less; in a trace the units' own backward passes took 108 ms instead of
-#   139 (vanilla's: 100). Over ImageNet's 256-2048 channels oneDNN's
-#   backward stays: 43 vs 60 ms alone at 56x56x256, batch 32, and the SACT
-#   ResNet-101 training step at batch 8 took 2.17 s with taps, 1.99 without;
+#   2.3-3.3x faster, and over at most 64 channels (CIFAR) its backward too:
+#   alone about as fast as oneDNN's, but oneDNN's passes run one at a time
+#   in the process, and the head's small memory-bound ones queued beside
+#   the units' convolutions (CIFAR SACT training steps 3-8% faster with
+#   taps; ImageNet's 9% slower: BUILD.md, "oneDNN's kernels");
 # * where oneDNN's forward copies its weights into its own layout on every
 #   call (CPUs without AVX-512: `onednn.forward_copies_weights`), 1x1
 #   convolutions and those with few output rows run XLA's formulation
