@@ -397,8 +397,9 @@ def _is_nhwc(dimension_numbers) -> bool:
 #   2.3-3.3x faster, and over at most 64 channels (CIFAR) its backward too:
 #   alone about as fast as oneDNN's, but oneDNN's passes run one at a time
 #   in the process, and the head's small memory-bound ones queued beside
-#   the units' convolutions (CIFAR SACT training steps 3-8% faster with
-#   taps; ImageNet's 9% slower: BUILD.md, "oneDNN's kernels");
+#   the units' convolutions (CIFAR SACT training steps 0-8% faster with
+#   taps, 3-5% in most runs; ImageNet's 9% slower: BUILD.md, "oneDNN's
+#   kernels");
 # * where oneDNN's forward copies its weights into its own layout on every
 #   call (CPUs without AVX-512: `onednn.forward_copies_weights`), 1x1
 #   convolutions and those with few output rows run XLA's formulation
