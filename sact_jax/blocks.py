@@ -28,6 +28,27 @@ ModelType = Literal['vanilla', 'act', 'sact']
 MODEL_TYPES = ('vanilla', 'act', 'sact')
 
 
+def sact_runs(num_units_BxHxW: jax.Array, num_heads: int
+              ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """What units 2..L and their heads computed under SACT, from N.
+
+  Unit k >= 2 ran where N >= k, its first conv where the 3x3 maximum of N
+  is >= k (the dilated set), and the head before it where N >= k - 1.
+
+  Args:
+    num_units_BxHxW: int32 N, in 1..L.
+    num_heads: L - 1.
+
+  Returns:
+    Per image, the positions summed over units 2..L where their first conv
+    ran (`[B]`) and where the rest ran (`[B]`); per position, the heads
+    that ran (`[B, H, W]`).
+  """
+  return (flops_lib.spatial_count(act_lib.dilate_mask(num_units_BxHxW) - 1),
+          flops_lib.spatial_count(num_units_BxHxW - 1),
+          jnp.minimum(num_units_BxHxW, num_heads))
+
+
 class ScanStep(nnx.Module):
   """What one scan iteration owns: unit k and the halting head of unit k-1.
 
@@ -167,12 +188,11 @@ class Block(nnx.Module):
 
     Unit k >= 2 runs where N >= k, and the head before it (unit k-1's)
     where N >= k - 1: summed over the units, a position (SACT) or image
-    (ACT) runs N - 1 units and min(N, L - 1) heads. Under SACT a unit's
-    first conv also computes the 3x3 dilation of its mask, where the 3x3
-    maximum of N is >= k: that maximum minus 1 units. Counted once here
-    from the integer map rather than per unit inside the scan, which keeps
-    three reductions and a 3x3 max per unit out of the loop; the counts
-    are exact, and so are their float32 products with the costs
+    (ACT) runs N - 1 units and min(N, L - 1) heads; under SACT a unit's
+    first conv runs on the 3x3 dilation of its mask (`sact_runs`). Counted
+    once here from the integer map rather than per unit inside the scan,
+    which keeps three reductions and a 3x3 max per unit out of the loop;
+    the counts are exact, and so are their float32 products with the costs
     (`flops.py`).
 
     Args:
@@ -181,16 +201,13 @@ class Block(nnx.Module):
     """
     unit, head = self.steps.unit, self.steps.head
     heads = self.num_units - 1
-    units_run = num_units - 1
-    heads_run = jnp.minimum(num_units, heads)
-    head_flops = head.flops_of_runs(heads_run, heads)
     if self.model_type == 'act':
-      return ((unit.dilated_cost + unit.active_cost) * hw
-              * units_run.astype(jnp.float32) + head_flops)
-    dilated_run = act_lib.dilate_mask(num_units) - 1
-    return (flops_lib.spatial_count(dilated_run) * unit.dilated_cost
-            + flops_lib.spatial_count(units_run) * unit.active_cost
-            + head_flops)
+      units_run = (num_units - 1).astype(jnp.float32)
+      return ((unit.dilated_cost + unit.active_cost) * hw * units_run
+              + head.flops_of_runs(jnp.minimum(num_units, heads), heads))
+    dilated_B, active_B, heads_run = sact_runs(num_units, heads)
+    return (dilated_B * unit.dilated_cost + active_B * unit.active_cost
+            + head.flops_of_runs(heads_run, heads))
 
   def _unit_dense_cost(self, hw: int) -> int:
     """Dense FLOPs of one of units 2..L (read from the stacked params)."""

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sact_jax import act as act_lib
+from sact_jax import blocks as blocks_lib
 from sact_jax import conv as conv_lib
 from sact_jax import flops as flops_lib
 from sact_jax.sparse import common
@@ -474,15 +475,12 @@ class SactBlock:
     steps = steps + run_last.astype(jnp.int32)
     units = steps.astype(jnp.float32)
     state = act_lib.finish(state, x, self.eps)
-    # What ran, from the units used per position (as `blocks.Block` counts
-    # it), rather than per unit inside the loop: unit k ran where N >= k,
-    # its first conv where the 3x3 maximum of N is >= k, the head before
-    # it where N >= k - 1; heads the loop skipped count as the head says.
-    num_units = state.num_units
-    head_runs = jnp.minimum(num_units, last + 1)
+    # What ran, from the units used per position as the dense model counts
+    # it, rather than per unit inside the loop; heads the loop skipped
+    # count as the head says.
+    dilated_B, active_B, head_runs = blocks_lib.sact_runs(state.num_units,
+                                                          last + 1)
     any_head = nnx.merge(self.head_gd, conv_lib.pick(stacked_heads, 0))
-    dilated_B = flops_lib.spatial_count(act_lib.dilate_mask(num_units) - 1)
-    active_B = flops_lib.spatial_count(num_units - 1)
     flops_B = flops_B + (dilated_B * costs.dilated_cost
                          + active_B * costs.active_cost
                          + any_head.flops_of_runs(head_runs, last + 1))
