@@ -561,6 +561,29 @@ def stacked_unit(index: jax.Array):
     _UNIT.reset(token)
 
 
+def _subsampled(x_BxHxWxI, w_shape, strides, pads, dtype):
+  """A strided unpadded 1x1 convolution's input subsampled, stride 1.
+
+  Such a convolution (the ImageNet ResNets' projection shortcuts) reads
+  every `s`-th position only, and over an even size it skips the last
+  row and column, which oneDNN's kernels do not take (`onednn.supported`):
+  it ran as XLA's convolution, 1.4x slower than oneDNN's at batch 32 and,
+  at batch 1, beside oneDNN's next convolution on another thread, which
+  it then slowed 3x (BUILD.md, "oneDNN's kernels"). The strided slice
+  first is exact and leaves a stride-1 1x1 convolution, which oneDNN runs
+  where its forward reads the weights in place; elsewhere nothing changes.
+  """
+  if (tuple(w_shape[:2]) != (1, 1) or tuple(strides) == (1, 1)
+      or pads != ((0, 0), (0, 0))):
+    return x_BxHxWxI, strides
+  sh, sw = strides
+  x_sub = x_BxHxWxI[:, ::sh, ::sw]
+  if chosen_formulation(x_sub.shape, w_shape, (1, 1), pads,
+                        dtype)[0] != 'onednn':
+    return x_BxHxWxI, strides
+  return x_sub, (1, 1)
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding,
                          lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1,
@@ -593,9 +616,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding,
   pads = (explicit_padding(padding, rhs.shape[:2], strides, lhs.shape[1:3])
           if simple else None)
   if pads is not None:
-    forward, backward = chosen_formulation(
-        lhs.shape, rhs.shape, strides, pads,
-        lhs.dtype if rhs.dtype == lhs.dtype else None)
+    dtype = lhs.dtype if rhs.dtype == lhs.dtype else None
+    lhs, strides = _subsampled(lhs, rhs.shape, strides, pads, dtype)
+    forward, backward = chosen_formulation(lhs.shape, rhs.shape, strides,
+                                           pads, dtype)
     if unit is not None and (forward, backward) == ('onednn', 'onednn'):
       return onednn.forward_stacked(lhs, stack, unit, strides,
                                     pads).astype(lhs.dtype)

@@ -267,11 +267,42 @@ class OnednnTest(parameterized.TestCase):
                                       dtype))
 
   def test_cropping_conv_falls_back_to_lax(self):
-    x, w = _inputs((1, 8, 8, 2), (1, 1, 2, 3))
+    x, w = _inputs((1, 8, 8, 2), (3, 3, 2, 3))
     got = conv.conv_general_dilated(x, w, (2, 2), 'VALID',
                                     dimension_numbers=_NHWC)
+    self.assertNotIn('Onednn', jax.jit(
+        lambda x, w: conv.conv_general_dilated(
+            x, w, (2, 2), 'VALID', dimension_numbers=_NHWC)).lower(
+                x, w).as_text())
     np.testing.assert_allclose(got, _lax_conv((2, 2), 'VALID')(x, w),
-                               rtol=1e-6)
+                               rtol=1e-5, atol=1e-5)
+
+  @parameterized.named_parameters(('even', 8), ('odd', 7))
+  def test_strided_1x1_conv_subsamples_first(self, size):
+    """A strided 1x1 conv (over an even size it crops, which oneDNN does
+    not take) runs as a strided slice and oneDNN's stride-1 1x1 conv,
+    where that forward reads its weights in place; values and gradients
+    are lax's either way."""
+    x, w = _inputs((2, size, size, 16), (1, 1, 16, 8))
+
+    def ours(x, w):
+      return conv.conv_general_dilated(x, w, (2, 2), 'SAME',
+                                       dimension_numbers=_NHWC)
+
+    half = (-(-size // 2),) * 2
+    in_place = not onednn.forward_copies_weights(
+        (2, *half, 16), w.shape, (1, 1), ((0, 0), (0, 0)))
+    text = jax.jit(ours).lower(x, w).as_text()
+    self.assertEqual('OnednnConvForward' in text, in_place)
+    if in_place:
+      self.assertRegex(text, r'stride_h = 1 ')
+    y, vjp = jax.vjp(ours, x, w)
+    y_ref, vjp_ref = jax.vjp(_lax_conv((2, 2), 'SAME'), x, w)
+    chex.assert_shape(y, (2, *half, 8))
+    g = jnp.asarray(np.random.default_rng(1).normal(size=y.shape),
+                    jnp.float32)
+    for got, want in zip((y, *vjp(g)), (y_ref, *vjp_ref(g))):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
   def test_avx2_kernels_match_lax(self):
     """The kernels a CPU without AVX-512 gets (blocked forward weights, as
