@@ -567,9 +567,9 @@ def _subsampled(x_BxHxWxI, w_shape, strides, pads, dtype):
   Such a convolution (the ImageNet ResNets' projection shortcuts) reads
   every `s`-th position only, and over an even size it skips the last
   row and column, which oneDNN's kernels do not take (`onednn.supported`):
-  it ran as XLA's convolution, 1.4x slower than oneDNN's at batch 32 and,
-  at batch 1, beside oneDNN's next convolution on another thread, which
-  it then slowed 3x (BUILD.md, "oneDNN's kernels"). The strided slice
+  it ran as XLA's convolution, 1.2-1.5x slower than oneDNN's at batch 32
+  and, at batch 1, beside oneDNN's next convolution on another thread,
+  which it then slowed 3x (BUILD.md, "oneDNN's kernels"). The strided slice
   first is exact and leaves a stride-1 1x1 convolution, which oneDNN runs
   where its forward reads the weights in place; elsewhere nothing changes.
   """
