@@ -88,6 +88,10 @@ _REUSE = flags.DEFINE_bool(
     'reuse_freed_memory', True, 'Both sides keep freed host memory for reuse '
     '(`sact_jax.host_memory`, as the launchers do; TF through glibc\'s '
     'GLIBC_TUNABLES).')
+_HUGE_PAGES = flags.DEFINE_bool(
+    'huge_pages', False, 'Both sides\' processes start with glibc\'s '
+    'transparent huge pages for their heap (`host_memory.'
+    'HUGE_PAGES_TUNABLE`).')
 _LOCKSTEP = flags.DEFINE_bool(
     'lockstep', False, 'Inference and claim rows: keep one warm server per '
     'side and time their calls in turn, --reps rounds per pair of '
@@ -437,6 +441,10 @@ def main(argv):
     # TF gains from it too (BUILD.md, "Host memory"): both sides keep freed
     # memory, or neither.
     tf_env['GLIBC_TUNABLES'] = host_memory.GLIBC_TUNABLES
+  if _HUGE_PAGES.value:
+    env, tf_env, infer_env = (
+        host_memory.with_tunables(e, host_memory.HUGE_PAGES_TUNABLE)
+        for e in (env, tf_env, infer_env))
   records, summary = [], []
   for config in _CONFIGS.value:
     parse(config)  # Bad configs fail before anything runs.
@@ -473,7 +481,9 @@ def main(argv):
   benchmarks.write_json(_OUT.value, {
       'summary': summary, 'records': records,
       'xla_flags': {'train': env.get('XLA_FLAGS', ''),
-                    'infer': infer_env['XLA_FLAGS']}})
+                    'infer': infer_env['XLA_FLAGS']},
+      'glibc_tunables': {'jax': infer_env.get('GLIBC_TUNABLES', ''),
+                         'tf': tf_env.get('GLIBC_TUNABLES', '')}})
   print(f'Wrote {_OUT.value}')
 
 

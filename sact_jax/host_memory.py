@@ -39,6 +39,23 @@ _SETTINGS = (('arena_max', -8, 1), ('mmap_max', -4, 0),
 GLIBC_TUNABLES = ':'.join(f'glibc.malloc.{name}={value}'
                           for name, _, value in _SETTINGS)
 
+# With this tunable glibc (2.35 and later) advises the kernel to back its
+# heap and large blocks with transparent huge pages (2 MiB), where the
+# kernel's THP mode is `madvise` (under `always` they get them unasked): a
+# network's weights and maps then take hundreds of TLB entries instead of
+# tens of thousands. Read at start-up only (`mallopt` has no such option),
+# so it is for child processes (`with_tunables`) or the shell. BUILD.md
+# ("Host memory") has what it measured.
+HUGE_PAGES_TUNABLE = 'glibc.malloc.hugetlb=1'
+
+
+def with_tunables(env: dict, *tunables: str) -> dict:
+  """`env` with `tunables` added to its GLIBC_TUNABLES (for a child)."""
+  parts = [p for p in env.get('GLIBC_TUNABLES', '').split(':') if p]
+  names = {t.split('=')[0] for t in tunables}
+  parts = [p for p in parts if p.split('=')[0] not in names] + list(tunables)
+  return dict(env, GLIBC_TUNABLES=':'.join(parts))
+
 
 def reuse_freed_memory() -> bool:
   """Makes glibc keep freed memory for reuse; False where it cannot.

@@ -76,5 +76,61 @@ class WithoutMalloptTest(parameterized.TestCase):
       self.assertFalse(host_memory.reuse_freed_memory())
 
 
+# A child that mallocs 64 MiB and prints whether the mapping holding it was
+# advised to use huge pages.
+_ADVISED_CHILD = textwrap.dedent("""
+    import ctypes
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    p = libc.malloc(64 * 1024 * 1024)
+    inside = False
+    for line in open('/proc/self/smaps'):
+      head = line.split()[0]
+      if '-' in head and ':' not in head:
+        lo, hi = (int(a, 16) for a in head.split('-'))
+        inside = lo <= p < hi
+      elif inside and head == 'VmFlags:':
+        print('hg' in line.split()[1:])
+""")
+
+
+def _advised_huge(env: dict) -> bool:
+  out = subprocess.run([sys.executable, '-c', _ADVISED_CHILD], env=env,
+                       capture_output=True, text=True, check=True,
+                       timeout=60).stdout.split()
+  return out == ['True']
+
+
+class WithTunablesTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ('none_before', {}, 'glibc.malloc.hugetlb=1'),
+      ('kept_and_added', {'GLIBC_TUNABLES': 'glibc.malloc.arena_max=1'},
+       'glibc.malloc.arena_max=1:glibc.malloc.hugetlb=1'),
+      ('replaced', {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0:a.b=2'},
+       'a.b=2:glibc.malloc.hugetlb=1'))
+  def test_adds_the_tunable_once(self, env, expected):
+    out = host_memory.with_tunables(dict(env, PATH='/bin'),
+                                    host_memory.HUGE_PAGES_TUNABLE)
+    self.assertEqual(out, {'PATH': '/bin', 'GLIBC_TUNABLES': expected})
+
+  def test_huge_pages_reach_a_child(self):
+    # glibc advises the kernel (madvise MADV_HUGEPAGE) for a large block of
+    # a child started with the tunable: the block's mapping carries the
+    # advice ('hg' in its VmFlags), whether or not the kernel then finds
+    # free huge pages for it. glibc advises only where the kernel's mode is
+    # `madvise` (under `always` every block gets huge pages unasked).
+    thp = '/sys/kernel/mm/transparent_hugepage/enabled'
+    libc, version = platform.libc_ver()
+    if (libc != 'glibc' or not os.path.exists(thp)
+        or '[madvise]' not in open(thp).read()
+        or tuple(map(int, version.split('.')[:2])) < (2, 35)):
+      self.skipTest('needs glibc 2.35+ and huge pages in `madvise` mode')
+    base = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
+    advised = [_advised_huge(env) for env in (
+        base, host_memory.with_tunables(base, host_memory.HUGE_PAGES_TUNABLE))]
+    self.assertEqual(advised, [False, True])
+
+
 if __name__ == '__main__':
   absltest.main()
