@@ -6,9 +6,11 @@ kernels TensorFlow uses; a CIFAR ResNet's training step spends most of its
 time in them (BUILD.md, "Convolutions on XLA:CPU"). XLA's dots are fast
 and its convolutions are not, and no XLA flag changes that.
 
-How: onednn_conv.cc holds three XLA FFI handlers (forward, input gradient,
-kernel gradient of an NHWC x HWIO float32 convolution). `available()`
-compiles it with the system's C++ compiler against oneDNN's headers and
+How: onednn_conv.cc holds XLA FFI handlers of an NHWC x HWIO float32
+convolution (forward, forward from a stack of kernels, input gradient,
+kernel gradient), and row_gather.cc one for the sparse path
+(`row_patches`, which needs no oneDNN but rides on this build and cache).
+`available()` compiles them with the system's C++ compiler against oneDNN's headers and
 library (the PyPI packages `onednn-cpu-gomp` / `onednn-devel-cpu-gomp`,
 built with GNU OpenMP) and jaxlib's FFI headers, once per machine: the
 library is kept under `~/.cache/sact_jax/onednn/`, keyed by everything
@@ -46,9 +48,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_SOURCE = os.path.join(os.path.dirname(__file__), 'onednn_conv.cc')
+_SOURCES = tuple(os.path.join(os.path.dirname(__file__), name)
+                 for name in ('onednn_conv.cc', 'row_gather.cc'))
 _TARGETS = ('OnednnConvForward', 'OnednnConvForwardStacked',
-            'OnednnConvInputGrad', 'OnednnConvKernelGrad')
+            'OnednnConvInputGrad', 'OnednnConvKernelGrad',
+            'SactRowPatches3x3')
 _LIBRARY = 'libsact_onednn.so'
 DISABLE_ENV = 'SACT_JAX_ONEDNN'
 
@@ -86,12 +90,13 @@ def _build(header: str, library: str) -> str:
   include = header[:-len('oneapi/dnnl/dnnl.hpp')]
   lib_dir = os.path.dirname(library)
   command = [compiler, '-O2', '-std=c++17', '-shared', '-fPIC', '-fopenmp',
-             '-w', f'-I{include}', f'-I{jax.ffi.include_dir()}', _SOURCE,
+             '-w', f'-I{include}', f'-I{jax.ffi.include_dir()}', *_SOURCES,
              f'-L{lib_dir}', '-l:' + os.path.basename(library),
              f'-Wl,-rpath,{lib_dir}']
   key = hashlib.sha256()
-  with open(_SOURCE, 'rb') as f:
-    key.update(f.read())
+  for source in _SOURCES:
+    with open(source, 'rb') as f:
+      key.update(f.read())
   for part in (*command, jax.__version__, jax.lib.__version__,
                str(os.path.getmtime(library)), str(os.path.getmtime(header))):
     key.update(part.encode())
@@ -119,7 +124,7 @@ def _build(header: str, library: str) -> str:
     os.unlink(tmp)
     lines = (build.stderr or build.stdout).strip().splitlines()
     errors = [line for line in lines if 'error' in line] or lines
-    raise Unavailable(f'building {os.path.basename(_SOURCE)} failed: '
+    raise Unavailable(f'building {_LIBRARY} failed: '
                       f'{errors[0] if errors else build.returncode}')
   os.replace(tmp, out)
   return out
@@ -378,3 +383,22 @@ def backward(strides, padding, precision, x_BxHxWxI, w_KxLxIxO, g_BxPxQxO):
                       x_BxHxWxI.shape),
           _kernel_grad(x_BxHxWxI, g_BxPxQxO, strides, padding,
                        w_KxLxIxO.shape))
+
+
+def row_patches(src_RxC: jax.Array, idx_S: jax.Array, *, height: int,
+                width: int, num_rows: int) -> jax.Array:
+  """The `[S, 9, C]` 3x3 windows of `src` at rows `idx_S` (row_gather.cc).
+
+  What `sparse.rows.patches` computes with XLA's gather (same values:
+  copies of rows), 4-6x faster on the CPU: a neighbour outside the image,
+  or any neighbour of a padding index (`>= num_rows`), reads row
+  `num_rows`, clipped to `src`'s last row. Indices are non-negative.
+  Float32 on the CPU only, and no gradient: the sparse path is inference.
+  """
+  _handlers()
+  return jax.ffi.ffi_call(
+      'SactRowPatches3x3',
+      jax.ShapeDtypeStruct((idx_S.shape[0], 9, src_RxC.shape[1]),
+                           src_RxC.dtype), vmap_method='sequential')(
+          src_RxC, idx_S.astype(jnp.int32), height=np.int64(height),
+          width=np.int64(width), num_rows=np.int64(num_rows))

@@ -20,6 +20,7 @@ from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import chex
 from flax import nnx
 import jax
 from jax import lax
@@ -29,6 +30,7 @@ import numpy as np
 from sact_jax import conv
 from sact_jax import halting
 from sact_jax import layers
+from sact_jax import onednn
 from sact_jax import reference
 from sact_jax import sparse
 from sact_jax import units as units_lib
@@ -553,6 +555,35 @@ class RowsTest(parameterized.TestCase):
       patches = jnp.where(valid[..., None], fn(patches), 0.0)
     got = layers.patch_conv(conv, patches)
     np.testing.assert_allclose(got[:-1], dense[idx[:-1]], atol=1e-5)
+
+  @parameterized.parameters((False, 1), (True, 1), (True, 3), (False, 2))
+  def test_window_copies_match_xla_gather(self, zero_row, batch):
+    """`onednn.row_patches`, where `patches` uses it, copies what XLA's
+    gather reads: corners, edges, padding indices, with and without the
+    map's zero row (clipped reads), over several images."""
+    if not rows_lib._copies_rows(jnp.zeros((1, 1), jnp.float32)):
+      self.skipTest('no custom calls here (not built or not the CPU)')
+    height, width, channels = 4, 5, 3
+    num_rows = batch * height * width
+    rng = np.random.default_rng(batch)
+    src = jnp.asarray(rng.normal(size=(num_rows + zero_row, channels)),
+                      jnp.float32)
+    idx = jnp.asarray([0, 4, 6, 15, 19, num_rows - 1, num_rows,
+                       num_rows + 1], jnp.int32)
+    def patches(src, idx):  # A new function per trace: jit caches traces.
+      return rows_lib.patches(src, idx, 3, height=height, width=width,
+                              num_rows=num_rows)
+    got, got_valid = jax.jit(patches)(src, idx)
+    self.assertIn('SactRowPatches3x3',
+                  jax.jit(patches).lower(src, idx).as_text())
+    with onednn.disabled():
+      xla_patches = lambda *args: patches(*args)
+      want, want_valid = jax.jit(xla_patches)(src, idx)
+      self.assertNotIn('SactRowPatches3x3',
+                       jax.jit(xla_patches).lower(src, idx).as_text())
+    chex.assert_shape(got, (idx.shape[0], 9, channels))
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got_valid, want_valid)
 
   def test_indices_match_nonzero(self):
     rng = np.random.default_rng(1)
