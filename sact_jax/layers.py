@@ -1,6 +1,7 @@
 """Small building blocks shared by the CIFAR and ImageNet ResNets."""
 
 import dataclasses
+import functools
 from typing import Callable
 
 from flax import nnx
@@ -72,6 +73,48 @@ def same_padding(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
   total = kernel - 1
   pad = (total // 2, total - total // 2)
   return (pad, pad)
+
+
+def max_pool(x_BxHxWxC: jax.Array, window: int, stride: int) -> jax.Array:
+  """`nnx.max_pool` over a square window with SAME padding.
+
+  On the CPU as two 1-D passes (along W, then along H): the same values
+  (SAME pads each axis on its own, and a max is exact), 2.5-3.4x faster
+  than XLA:CPU's 2-D `reduce_window` (the ImageNet stem's 3x3 / 2 pool at
+  batch 32: 13.6 vs 5.5 ms). The gradient is the 2-D pool's, so that ties
+  (zeros after a ReLU) send it where they always did. Other backends keep
+  the 2-D pool.
+  """
+  if jax.default_backend() != 'cpu':
+    return _max_pool_2d(x_BxHxWxC, window, stride)
+  return _max_pool_separable(x_BxHxWxC, window, stride)
+
+
+def _max_pool_2d(x, window, stride):
+  return nnx.max_pool(x, (window, window), strides=(stride, stride),
+                      padding='SAME')
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _max_pool_separable(x, window, stride):
+  for axis in (2, 1):
+    dims = [1] * x.ndim
+    dims[axis] = window
+    steps = [1] * x.ndim
+    steps[axis] = stride
+    x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, dims, steps, 'SAME')
+  return x
+
+
+def _max_pool_separable_fwd(x, window, stride):
+  return _max_pool_separable(x, window, stride), x
+
+
+def _max_pool_separable_bwd(window, stride, x, g):
+  return jax.vjp(lambda x: _max_pool_2d(x, window, stride), x)[1](g)
+
+
+_max_pool_separable.defvjp(_max_pool_separable_fwd, _max_pool_separable_bwd)
 
 
 def batch_norm_affine(bn: nnx.BatchNorm) -> tuple[jax.Array, jax.Array]:

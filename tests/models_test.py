@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sact_jax import layers
 from sact_jax.models import create_model
 from sact_jax.models import depth_or_units
 from sact_jax.models import resolve_units
@@ -187,6 +188,31 @@ class ModelTest(parameterized.TestCase):
       np.testing.assert_array_equal(aux['num_units'][0], 1)
       np.testing.assert_array_equal(aux['ponder_cost'][0], 2.0)
       self.assertEqual(float(aux['ponder_loss']), 2.0)
+
+
+class MaxPoolTest(parameterized.TestCase):
+  """`layers.max_pool` (the ImageNet stem's) against `nnx.max_pool`."""
+
+  @parameterized.parameters((3, 2, 12, 12), (3, 2, 7, 9), (3, 1, 5, 6),
+                            (2, 2, 5, 5))
+  def test_values_and_gradient_are_the_2d_pools(self, window, stride,
+                                                height, width):
+    rng = np.random.default_rng(window + height)
+    # Half the entries zero, as after a ReLU: ties in most windows.
+    x = jnp.asarray(np.maximum(rng.normal(size=(2, height, width, 3)), 0.0),
+                    jnp.float32)
+    def pool_2d(x):
+      return nnx.max_pool(x, (window, window), strides=(stride, stride),
+                          padding='SAME')
+    pool = lambda x: layers.max_pool(x, window, stride)
+    want = pool_2d(x)
+    got = jax.jit(pool)(x)
+    chex.assert_shape(got, want.shape)
+    np.testing.assert_array_equal(got, want)
+    weights = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+    grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * weights))(x)
+    np.testing.assert_array_equal(jax.jit(lambda x: grad(pool))(x),
+                                  grad(pool_2d))
 
 
 class CreateModelTest(parameterized.TestCase):

@@ -68,7 +68,7 @@ class ImageNetResNet(base.AdaptiveResNet):
   def stem(self, images, counter: flops_lib.FlopCounter):
     x = self.stem_conv(images)
     counter.add_dense_conv(self.stem_conv, x)
-    return nnx.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
+    return layers.max_pool(x, 3, 2)
 
   def head(self, x, counter: flops_lib.FlopCounter):
     pooled = jnp.mean(jax.nn.relu(self.postnorm(x)), axis=(1, 2))
