@@ -10,13 +10,14 @@ How: onednn_conv.cc holds XLA FFI handlers of an NHWC x HWIO float32
 convolution (forward, forward from a stack of kernels, input gradient,
 kernel gradient), and row_gather.cc one for the sparse path
 (`row_patches`, which needs no oneDNN but rides on this build and cache).
-`available()` compiles them with the system's C++ compiler against oneDNN's headers and
-library (the PyPI packages `onednn-cpu-gomp` / `onednn-devel-cpu-gomp`,
-built with GNU OpenMP) and jaxlib's FFI headers, once per machine: the
-library is kept under `~/.cache/sact_jax/onednn/`, keyed by everything
-that goes into it. It then registers the handlers with XLA:CPU. Where any
-of that is missing or fails, `available()` logs one line saying why and
-returns False, and `conv` keeps XLA's convolutions. Set
+`available()` compiles them with the system's C++ compiler against
+oneDNN's headers and library (the PyPI packages `onednn-cpu-gomp` /
+`onednn-devel-cpu-gomp`, built with GNU OpenMP) and jaxlib's FFI headers,
+once per machine: the library is kept under `~/.cache/sact_jax/onednn/`,
+keyed by everything that goes into it. It then registers the handlers with
+XLA:CPU. Where any of that is missing or fails, `available()` logs one
+line saying why and returns False, and `conv` keeps XLA's convolutions
+(and `sparse.rows` XLA's gather). Set
 `SACT_JAX_ONEDNN=0` to keep them anyway (or trace inside `disabled()`).
 
 `forward` and `backward` are the two passes `conv.conv2d` calls for its

@@ -6,7 +6,7 @@
 // the `[S, 9 C]` rows the matmul reads, and its loop over that 2-D output
 // works out every element's source on its own; the same gather left 3-D
 // runs 3.5x faster, and whole rows copied here 4-6x faster (BUILD.md,
-// "Sparse inference").
+// "The row windows, the stem's pool and the heads' sums").
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
