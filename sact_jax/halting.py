@@ -168,9 +168,13 @@ class SactHead(nnx.Module):
 
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
     """Returns the halting probability `[B, H, W]`."""
-    global_B = self.global_logits(jnp.mean(x_BxHxWxC, axis=(1, 2)))
+    return self.scores(x_BxHxWxC, jnp.mean(x_BxHxWxC, axis=(1, 2)))
+
+  def scores(self, x_BxHxWxC: jax.Array, mean_BxC: jax.Array) -> jax.Array:
+    """`self(x)` given `x`'s spatial mean, for a caller that keeps the
+    per-image sums (one pass over the map less)."""
     return self.probability(self.local_logits(x_BxHxWxC),
-                            global_B[:, None, None])
+                            self.global_logits(mean_BxC)[:, None, None])
 
   @property
   def local_cost(self) -> int:

@@ -303,8 +303,7 @@ class SactBlock:
     block keeps anyway: the head's own mean would read the map once more
     (1 ms at 14x14x1024, batch 32)."""
     hw = x_BxHxWxC.shape[1] * x_BxHxWxC.shape[2]
-    return head.probability(head.local_logits(x_BxHxWxC),
-                            head.global_logits(xsum_BxC / hw)[:, None, None])
+    return head.scores(x_BxHxWxC, xsum_BxC / hw)
 
   @staticmethod
   def _to_maps(maps, **maps_BxHxWxC):
