@@ -10,11 +10,18 @@ in turn (the order reversed every other round), so the calls of one round
 see the same machine state and the ratio is taken per round. The idle
 side waits on its stdin and uses no CPU.
 
+A side may also be several servers, each pinned to its own CPUs and given
+its share of the batch (`ShardedClient`): they run each workload at once,
+and the side's time is the slowest shard's. That is how a batch is served
+on a multi-core CPU by one single-threaded process per core, with no
+synchronisation between the cores inside any operation.
+
 Pure Python without JAX or TF: the TF server (benchmarks/tf_server.py)
 imports it from the TF port's venv.
 """
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -32,24 +39,29 @@ def emit(record: dict) -> None:
 def serve(calls: dict[str, Callable[[], object]], info: dict) -> None:
   """The server side: warms `calls`, then times them once per `run` line.
 
+  `run` times every workload in turn, `run NAME` that one alone.
+
   Args:
     calls: name -> a call that returns once its work is done (block on
       asynchronous results inside it).
-    info: what the ready line reports besides `ready` (e.g. the FLOPs).
+    info: what the ready line reports besides `ready` and `workloads` (e.g.
+      the FLOPs).
   """
   for fn in calls.values():
     for _ in range(2):
       fn()
-  emit({'ready': True, **info})
+  emit({'ready': True, 'workloads': list(calls), **info})
   for line in sys.stdin:
-    command = line.strip()
-    if command == 'quit':
+    words = line.split()
+    if words == ['quit']:
       return
-    if command != 'run':
-      emit({'error': f'unknown command {command!r}'})
+    names = words[1:]
+    if words[:1] != ['run'] or not set(names) <= set(calls):
+      emit({'error': f'unknown command {line.strip()!r}'})
       continue
     times = {}
-    for name, fn in calls.items():
+    for name in names or calls:
+      fn = calls[name]
       start = time.perf_counter()
       fn()
       times[name] = time.perf_counter() - start
@@ -61,14 +73,23 @@ class ServerError(RuntimeError):
 
 
 class Client:
-  """The driver's handle on one server process."""
+  """The driver's handle on one server process.
 
-  def __init__(self, name: str, command: list[str], env: dict):
+  Args:
+    name: the server's name in rounds and errors.
+    command: what starts it.
+    env: its environment.
+    cpus: the CPUs it may run on (its affinity), or None for the driver's.
+  """
+
+  def __init__(self, name: str, command: list[str], env: dict,
+               cpus: set[int] | None = None):
     self.name = name
     self._stderr = tempfile.TemporaryFile(mode='w+')
+    pin = None if cpus is None else lambda: os.sched_setaffinity(0, cpus)
     self._proc = subprocess.Popen(
         command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=self._stderr, text=True, env=env)
+        stderr=self._stderr, text=True, env=env, preexec_fn=pin)
 
   def _read(self) -> dict:
     for line in self._proc.stdout:
@@ -87,11 +108,19 @@ class Client:
     """Blocks until the server has built and warmed its workload."""
     return self._read()
 
+  def send(self, *workloads: str) -> None:
+    """Asks for one call of these workloads (all of them if none)."""
+    self._proc.stdin.write(' '.join(('run',) + workloads) + '\n')
+    self._proc.stdin.flush()
+
+  def receive(self) -> dict[str, float]:
+    """The answer to `send`: seconds per workload."""
+    return self._read()
+
   def run(self) -> dict[str, float]:
     """Seconds of one call of each of the server's workloads."""
-    self._proc.stdin.write('run\n')
-    self._proc.stdin.flush()
-    return self._read()
+    self.send()
+    return self.receive()
 
   def close(self) -> None:
     if self._proc.poll() is None:
@@ -105,7 +134,56 @@ class Client:
     self._stderr.close()
 
 
-def rounds(clients: list[Client], count: int) -> list[dict[str, dict]]:
+def cpu_shards(count: int) -> list[set[int]]:
+  """This process's CPUs dealt into `count` disjoint, nonempty sets."""
+  cpus = sorted(os.sched_getaffinity(0))
+  if not 1 <= count <= len(cpus):
+    raise ValueError(f'{count} shards: this process may use {len(cpus)} '
+                     f'CPUs, so 1 to {len(cpus)} shards.')
+  return [set(cpus[k::count]) for k in range(count)]
+
+
+class ShardedClient:
+  """One side as several servers, each on its own CPUs with part of the
+  batch; quacks like `Client`.
+
+  Each round asks every shard for one workload at a time, so the shards
+  run the same workload together, and takes the slowest shard's seconds:
+  the time the whole batch took.
+  """
+
+  def __init__(self, name: str, commands: list[list[str]], env: dict,
+               cpus: list[set[int]]):
+    if len(commands) != len(cpus):
+      raise ValueError(f'{len(commands)} commands for {len(cpus)} CPU sets.')
+    self.name = name
+    self._shards = [Client(f'{name}[{k}]', command, env, shard_cpus)
+                    for k, (command, shard_cpus)
+                    in enumerate(zip(commands, cpus))]
+    self._workloads = None
+
+  def ready(self) -> dict:
+    """Blocks until every shard is ready; their ready lines by shard."""
+    infos = [shard.ready() for shard in self._shards]
+    self._workloads = infos[0]['workloads']
+    return {'ready': True, 'workloads': self._workloads, 'shards': infos}
+
+  def run(self) -> dict[str, float]:
+    """Seconds of one call of each workload, the slowest shard's."""
+    times = {}
+    for workload in self._workloads:
+      for shard in self._shards:
+        shard.send(workload)
+      times[workload] = max(shard.receive()[workload]
+                            for shard in self._shards)
+    return times
+
+  def close(self) -> None:
+    for shard in self._shards:
+      shard.close()
+
+
+def rounds(clients: list[Client | ShardedClient], count: int) -> list[dict[str, dict]]:
   """`count` rounds, each asking every client once; order flips per round.
 
   Returns one `{client name: {workload: seconds}}` per round.

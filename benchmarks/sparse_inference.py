@@ -92,6 +92,10 @@ _SERVE = flags.DEFINE_bool(
     'serve', False, 'Serve the one --families / --batch_sizes / --fractions '
     'workload to benchmarks/vs_original.py --lockstep instead of measuring '
     '(benchmarks/lockstep.py).')
+_SHARD = flags.DEFINE_string(
+    'shard', '0/1', 'With --serve, K/N: serve the K-th of N equal parts of '
+    'the batch (halting tuned on the whole batch\'s first images, as '
+    'without it), for a side of N pinned servers (lockstep.ShardedClient).')
 _OUT = flags.DEFINE_string(
     'out', os.path.join(os.path.dirname(__file__), 'results',
                         'sparse_inference.json'),
@@ -425,19 +429,36 @@ def _build_models(family: str, unrolled: bool):
   return (*built, vanilla_flops)
 
 
-def serve(family: str, batch: int, fraction: float, options: dict) -> None:
+def parse_shard(shard: str, batch: int) -> tuple[int, int]:
+  """`--shard`'s K/N as (K, N), checked against the batch size."""
+  try:
+    k, n = (int(v) for v in shard.split('/'))
+  except ValueError:
+    raise ValueError(f'--shard must be K/N, got {shard!r}.') from None
+  if not 0 <= k < n or batch % n:
+    raise ValueError(f'--shard={shard}: need 0 <= K < N and N dividing the '
+                     f'batch size {batch}.')
+  return k, n
+
+
+def serve(family: str, batch: int, fraction: float, options: dict,
+          shard: str = '0/1') -> None:
   """One workload as a lockstep server (benchmarks/lockstep.py).
 
   Workloads `dense` (the dense vanilla model) and `sparse` (`sparse.apply`
   at `fraction` of its FLOPs), as `measure_family` builds and tunes them;
-  for benchmarks/vs_original.py's `--lockstep` claim rows.
+  for benchmarks/vs_original.py's `--lockstep` claim rows. With `shard`
+  K/N, on the K-th of N equal parts of the batch.
   """
   from benchmarks import lockstep  # pylint: disable=g-import-not-at-top
+  k, n = parse_shard(shard, batch)
   vanilla, sact, _, vanilla_flops = _build_models(family, False)
   images = _images(batch, _CONFIGS[family]['size'])
   sact_fn = _Dense(sact)
   tune_halting(sact, sact_fn, images[:4], fraction, vanilla_flops,
                _SIGMA.value)
+  part = batch // n
+  images = images[k * part:(k + 1) * part]
   runner = sparse.SparseRunner(sact, **options)
   vanilla_fn = _Dense(vanilla)
   _, aux = runner(images)
@@ -584,6 +605,17 @@ def _print_row(row):
 
 def main(argv):
   del argv
+  if _SHARD.value != '0/1' and not _SERVE.value:
+    raise app.UsageError('--shard needs --serve.')
+  if _SERVE.value:
+    if len(_FAMILIES.value) * len(_BATCH_SIZES.value) * len(
+        _FRACTIONS.value) != 1:
+      raise app.UsageError('--serve takes one family, batch size and '
+                           'fraction.')
+    try:
+      parse_shard(_SHARD.value, int(_BATCH_SIZES.value[0]))
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
   if _REUSE.value:
     host_memory.reuse_freed_memory()
   benchmarks.configure_jax(_CACHE.value)
@@ -602,12 +634,8 @@ def main(argv):
   print(f"backend {header['backend']} ({header['device']}), jax "
         f'{jax.__version__}', flush=True)
   if _SERVE.value:
-    if len(_FAMILIES.value) * len(_BATCH_SIZES.value) * len(
-        _FRACTIONS.value) != 1:
-      raise app.UsageError('--serve takes one family, batch size and '
-                           'fraction.')
     serve(_FAMILIES.value[0], int(_BATCH_SIZES.value[0]),
-          float(_FRACTIONS.value[0]), options)
+          float(_FRACTIONS.value[0]), options, _SHARD.value)
     return
   for family in _FAMILIES.value:
     measure_family(family, [int(b) for b in _BATCH_SIZES.value],

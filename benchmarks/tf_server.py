@@ -5,7 +5,7 @@ Runs in the TF port's venv (`bash ../shared/tfref/setup.sh`), started by
 the original's eval-mode network (`imagenet_model.get_network` or
 `cifar_model.resnet` under their `resnet_arg_scope(is_training=False)`) on
 random normal images held in a variable, as the port's own harness does,
-with 2 intra- and 2 inter-op threads and no XLA. `--halt` overwrites every
+with 2 intra- and 2 inter-op threads (`--threads`) and no XLA. `--halt` overwrites every
 halting branch (weights 0, bias -10: nothing halts early; +10: everything
 halts after the first unit) so that both sides compute the same units.
 Workloads: `dense` (the model type as built) and, for ACT, `sparse` (the
@@ -37,6 +37,9 @@ _BATCH = flags.DEFINE_integer('batch', 1, 'Batch size.')
 _SIZE = flags.DEFINE_integer('size', 224, 'Image side.')
 _HALT = flags.DEFINE_enum('halt', 'never', ['never', 'first'],
                           'Halting override (see the module docstring).')
+_THREADS = flags.DEFINE_integer(
+    'threads', 2, 'Intra- and inter-op threads (1 for a server pinned to '
+    'one core, lockstep.ShardedClient).')
 _CIFAR_UNITS = {20: 3, 32: 5, 56: 9, 110: 18}
 
 
@@ -74,7 +77,8 @@ def build(model_type: str, images_np):
     init = [tf.global_variables_initializer(),
             tf.local_variables_initializer()]
   session = tf.Session(graph=graph, config=tf.ConfigProto(
-      intra_op_parallelism_threads=2, inter_op_parallelism_threads=2))
+      intra_op_parallelism_threads=_THREADS.value,
+      inter_op_parallelism_threads=_THREADS.value))
   session.run(init)
   if overrides:
     session.run(overrides)

@@ -42,6 +42,14 @@ calls of a round see the same machine state, and each ratio is the median
 of the per-round ratios. On a VM whose speed drifts over minutes that is
 the figure to quote; the medians of separate processes move with the drift.
 
+With `--shards=N` as well, each side of an inference or claim row is N
+servers, each pinned to its own share of the CPUs with 1/N of the batch
+(TF with as many threads as its CPUs), run together; a round takes the
+slowest shard's time (`lockstep.ShardedClient`). That is the batch served
+by one process per core, with no threads synchronising inside an
+operation: XLA:CPU gains more from it than TF (BUILD.md, "One process per
+core").
+
 `--jax_infer_xla_flags` adds XLA flags to the JAX side's inference and
 claim processes only, for example the batch-1 latency setting
 `--xla_cpu_enable_concurrency_optimized_scheduler=false` (BUILD.md,
@@ -97,6 +105,11 @@ _LOCKSTEP = flags.DEFINE_bool(
     'side and time their calls in turn, --reps rounds per pair of '
     'processes; ratios are medians of per-round ratios '
     '(benchmarks/lockstep.py). Training rows run as without it.')
+_SHARDS = flags.DEFINE_integer(
+    'shards', 1, 'With --lockstep: each side of an inference or claim row '
+    'as this many servers, each pinned to its share of the CPUs with its '
+    'share of the batch (the module docstring). Training rows run as '
+    'without it.')
 _CACHE = flags.DEFINE_bool(
     'compilation_cache', True, 'The JAX side loads its programs from the '
     'benchmarks\' persistent compilation cache (benchmarks.CACHE_DIR, '
@@ -309,32 +322,56 @@ def _run_claim(config: str, env: dict) -> dict:
           'flop_fraction': row['flop_fraction']}
 
 
-def _server_commands(config: str, tfref: str) -> tuple[list[str],
-                                                      list[str]]:
-  """The TF and JAX lockstep servers of an `infer` or `claim` workload."""
+def _server_commands(config: str, tfref: str, shard: int = 0,
+                     cpus: tuple[set[int], ...] = ()) -> tuple[list[str],
+                                                              list[str]]:
+  """The TF and JAX lockstep servers of an `infer` or `claim` workload.
+
+  With `cpus` (one set per shard), those of shard `shard`: its part of the
+  batch, TF with a thread per CPU of its set.
+  """
   c = parse(config)
+  shards = max(len(cpus), 1)
+  batch = c['batch'] // shards
+  threads = len(cpus[shard]) if cpus else 2
   here = os.path.dirname(os.path.abspath(__file__))
   tf = [os.path.join(tfref, 'venv', 'bin', 'python'),
         os.path.join(here, 'tf_server.py'), f'--tfref_dir={tfref}',
         f'--family={c["family"]}', f'--depth={c["depth"]}',
-        f'--model_type={c["model_type"]}', f'--batch={c["batch"]}',
-        f'--size={c["size"]}', f'--halt={c["halt"]}']
+        f'--model_type={c["model_type"]}', f'--batch={batch}',
+        f'--size={c["size"]}', f'--halt={c["halt"]}', f'--threads={threads}']
   if c['kind'] == 'claim':
-    jax_side = _claim_command(c, '--serve')
-  else:
-    jax_side = _worker_command(config, '--serve')
+    jax_side = _claim_command(c, '--serve', f'--shard={shard}/{shards}')
+  else:  # Random images: a shard is the workload at its part of the batch.
+    fields = config.split(':')
+    fields[4] = str(batch)
+    jax_side = _worker_command(':'.join(fields), '--serve')
   return tf, jax_side
+
+
+def _clients(config: str, tfref: str, env: dict, tf_env: dict) -> list:
+  """A lockstep client per side, sharded with --shards > 1."""
+  from benchmarks import lockstep  # pylint: disable=g-import-not-at-top
+  if _SHARDS.value == 1:
+    tf_command, jax_command = _server_commands(config, tfref)
+    return [lockstep.Client('tf', tf_command, tf_env),
+            lockstep.Client('jax', jax_command, env)]
+  cpus = tuple(lockstep.cpu_shards(_SHARDS.value))
+  commands = [_server_commands(config, tfref, k, cpus)
+              for k in range(len(cpus))]
+  return [lockstep.ShardedClient('tf', [tf for tf, _ in commands], tf_env,
+                                 list(cpus)),
+          lockstep.ShardedClient('jax', [jx for _, jx in commands], env,
+                                 list(cpus))]
 
 
 def _lockstep(config: str, tfref: str, env: dict, tf_env: dict
               ) -> tuple[dict, list[dict]]:
   """A table row from --processes pairs of servers, --reps rounds each."""
   from benchmarks import lockstep  # pylint: disable=g-import-not-at-top
-  tf_command, jax_command = _server_commands(config, tfref)
   per_round, records = [], []
   for rep in range(_PROCESSES.value):
-    clients = [lockstep.Client('tf', tf_command, tf_env),
-               lockstep.Client('jax', jax_command, env)]
+    clients = _clients(config, tfref, env, tf_env)
     try:
       info = {c.name: c.ready() for c in clients}
       rounds = lockstep.rounds(clients, _REPS.value)
@@ -349,7 +386,8 @@ def _lockstep(config: str, tfref: str, env: dict, tf_env: dict
     per_round += rounds
     records.append({'config': config, 'rep': rep, 'lockstep': True,
                     'ready': info, 'rounds': rounds})
-  row = {'config': config, 'lockstep_rounds': len(per_round)}
+  row = {'config': config, 'lockstep_rounds': len(per_round),
+         'shards': _SHARDS.value}
   for side in ('tf', 'jax'):
     for workload in ('dense', 'sparse'):
       row[f'{side}_{workload}'] = _median(
@@ -409,7 +447,9 @@ def table(summary: list[dict]) -> str:
       cells[1] += f' (original early stop / sparse.apply: {early:.2f}x)'
     name = r['config']
     if r.get('lockstep_rounds'):
-      name += f' (lockstep, {r["lockstep_rounds"]} rounds)'
+      shards = r.get('shards', 1)
+      name += (f' (lockstep, {r["lockstep_rounds"]} rounds'
+               + (f', {shards} processes per side)' if shards > 1 else ')'))
     lines.append(f'| {name} | {tf} | {jx} | {cells[0]} | {cells[1]} |')
   return '\n'.join(lines) + '\n'
 
@@ -428,6 +468,14 @@ def main(argv):
       return
     print(json.dumps(worker(_WORKER.value, _REPS.value)), flush=True)
     return
+  if _SHARDS.value > 1 and not _LOCKSTEP.value:
+    raise app.UsageError('--shards needs --lockstep.')
+  if _SHARDS.value > 1:
+    from benchmarks import lockstep  # pylint: disable=g-import-not-at-top
+    try:
+      lockstep.cpu_shards(_SHARDS.value)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
   tfref = _TFREF_DIR.value
   have_tf = os.path.exists(os.path.join(tfref, 'venv', 'bin', 'python'))
   if not have_tf:
@@ -446,8 +494,12 @@ def main(argv):
         host_memory.with_tunables(e, host_memory.HUGE_PAGES_TUNABLE)
         for e in (env, tf_env, infer_env))
   records, summary = [], []
-  for config in _CONFIGS.value:
-    parse(config)  # Bad configs fail before anything runs.
+  for config in _CONFIGS.value:  # Bad configs fail before anything runs.
+    c = parse(config)
+    if _SHARDS.value > 1 and c['kind'] != 'train' and (
+        c['batch'] % _SHARDS.value):
+      raise app.UsageError(f'{config}: --shards={_SHARDS.value} must divide '
+                           'its batch size.')
   for config in _CONFIGS.value:
     if _LOCKSTEP.value and have_tf and parse(config)['kind'] != 'train':
       row, lockstep_records = _lockstep(config, tfref, infer_env, tf_env)

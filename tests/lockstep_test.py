@@ -24,17 +24,23 @@ def _lockstep():
 lockstep = _lockstep()
 
 
-def _server(name: str, log: str, body: str = '') -> list[str]:
-  """A server whose one workload appends `name` to `log` when it runs."""
+def _server(name: str, log: str, body: str = '',
+            workloads: str = 'work', sleep: float = 0.0) -> list[str]:
+  """A server whose workloads append `name` (then the workload's name, if
+  there are several) to `log` when they run, after `sleep` seconds."""
   code = textwrap.dedent(f"""
-      import sys
+      import os, sys, time
       sys.path.insert(0, {os.path.abspath(_BENCHMARKS)!r})
       import lockstep
       {body}
-      def call():
+      def call(workload):
+        time.sleep({sleep})
         with open({log!r}, 'a') as f:
-          f.write({name!r})
-      lockstep.serve({{'work': call}}, {{'name': {name!r}}})
+          f.write({name!r} + (workload if {',' in workloads} else ''))
+      names = {workloads.split(',')!r}
+      lockstep.serve({{w: lambda w=w: call(w) for w in names}},
+                     {{'name': {name!r},
+                       'cpus': sorted(os.sched_getaffinity(0))}})
       """)
   return [sys.executable, '-c', code]
 
@@ -51,9 +57,11 @@ class LockstepTest(absltest.TestCase):
     clients = [lockstep.Client(n, _server(n, self.log), dict(os.environ))
                for n in 'ab']
     try:
-      self.assertEqual([c.ready() for c in clients],
-                       [{'ready': True, 'name': 'a'},
-                        {'ready': True, 'name': 'b'}])
+      cpus = sorted(os.sched_getaffinity(0))
+      self.assertEqual(
+          [c.ready() for c in clients],
+          [{'ready': True, 'workloads': ['work'], 'name': n, 'cpus': cpus}
+           for n in 'ab'])
       with open(self.log) as f:  # Warm-up: two calls each.
         self.assertEqual(sorted(f.read()), list('aabb'))
       os.remove(self.log)
@@ -91,6 +99,56 @@ class LockstepTest(absltest.TestCase):
       self.assertIn('work', client.run())  # It still serves.
     finally:
       client.close()
+
+  def test_run_with_a_name_times_that_workload_alone(self):
+    client = lockstep.Client(
+        'a', _server('a', self.log, workloads='x,y'), dict(os.environ))
+    try:
+      self.assertEqual(client.ready()['workloads'], ['x', 'y'])
+      os.remove(self.log)
+      client.send('y')
+      self.assertEqual(set(client.receive()), {'y'})
+      self.assertEqual(set(client.run()), {'x', 'y'})
+      client.send('z')
+      with self.assertRaisesRegex(lockstep.ServerError,
+                                  "unknown command 'run z'"):
+        client.receive()
+    finally:
+      client.close()
+    with open(self.log) as f:
+      self.assertEqual(f.read(), 'ayaxay')
+
+  def test_shards_run_each_workload_together_on_their_cpus(self):
+    cpu = min(os.sched_getaffinity(0))  # Any machine has one to pin to.
+    sharded = lockstep.ShardedClient(
+        'jax', [_server(str(k), self.log, workloads='x,y', sleep=0.1 * k)
+                for k in range(2)], dict(os.environ), [{cpu}, {cpu}])
+    try:
+      info = sharded.ready()
+      self.assertEqual(info['workloads'], ['x', 'y'])
+      self.assertEqual([s['name'] for s in info['shards']], ['0', '1'])
+      self.assertEqual([s['cpus'] for s in info['shards']], [[cpu], [cpu]])
+      os.remove(self.log)
+      out = lockstep.rounds([sharded], 2)
+    finally:
+      sharded.close()
+    with open(self.log) as f:
+      calls = f.read()
+    # Both shards' x before either's y, in both rounds.
+    self.assertEqual([sorted(calls[i:i + 4]) for i in range(0, 16, 4)],
+                     [['0', '1', 'x', 'x'], ['0', '1', 'y', 'y']] * 2)
+    for r in out:  # The slowest shard's time (shard 1 sleeps 0.1 s).
+      self.assertEqual(set(r['jax']), {'x', 'y'})
+      self.assertGreaterEqual(min(r['jax'].values()), 0.1)
+
+  def test_cpu_shards_deal_this_process_cpus(self):
+    cpus = os.sched_getaffinity(0)
+    shards = lockstep.cpu_shards(len(cpus))
+    self.assertEqual([len(s) for s in shards], [1] * len(cpus))
+    self.assertEqual(set().union(*shards), cpus)
+    self.assertEqual(lockstep.cpu_shards(1), [cpus])
+    with self.assertRaisesRegex(ValueError, 'so 1 to'):
+      lockstep.cpu_shards(len(cpus) + 1)
 
   def test_median_ratio_is_taken_per_round(self):
     per_round = [{'tf': {'dense': 2.0}, 'jax': {'dense': 1.0}},
