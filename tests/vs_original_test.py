@@ -2,18 +2,37 @@
 
 The servers themselves need the TF port and minutes; what is checked here
 is what each shard is told to run: its part of the batch, its threads, and
-(for the claim) the whole batch for tuning the halting.
+(for the claim) the whole batch for tuning the halting. The module runs in
+its own process: its absl flags share names with other benchmarks' that
+tests import (`sparse_inference`).
 """
 
+import json
 import os
+import subprocess
 import sys
+import textwrap
 
-from absl import flags
 from absl.testing import absltest
 from absl.testing import parameterized
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
-from benchmarks import vs_original  # pylint: disable=g-import-not-at-top,wrong-import-position
+_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
+
+
+def _server_commands(config: str, *args) -> tuple[list[str], list[str]]:
+  """`vs_original._server_commands(config, '/tfref', *args)`, run apart."""
+  code = textwrap.dedent(f"""
+      import json, sys
+      sys.path.insert(0, {_ROOT!r})
+      from absl import flags
+      from benchmarks import vs_original
+      flags.FLAGS.mark_as_parsed()  # The commands read flags' defaults.
+      print(json.dumps(vs_original._server_commands(
+          {config!r}, '/tfref', *{args!r})))
+      """)
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                       text=True, check=True).stdout
+  return tuple(json.loads(out.splitlines()[-1]))
 
 
 def _flag(command: list[str], name: str) -> str:
@@ -25,14 +44,8 @@ def _flag(command: list[str], name: str) -> str:
 
 class ServerCommandsTest(parameterized.TestCase):
 
-  def setUp(self):
-    super().setUp()
-    if not flags.FLAGS.is_parsed():  # The commands read flags' defaults.
-      flags.FLAGS.mark_as_parsed()
-
   def test_claim_shard_serves_its_half_tuned_on_the_whole_batch(self):
-    tf, jax_side = vs_original._server_commands(  # pylint: disable=protected-access
-        'claim:32:0.5', '/tfref', 1, ({0}, {1}))
+    tf, jax_side = _server_commands('claim:32:0.5', 1, ({0}, {1}))
     self.assertEqual(_flag(tf, 'batch'), '16')
     self.assertEqual(_flag(tf, 'threads'), '1')
     self.assertEqual(_flag(jax_side, 'batch_sizes'), '32')
@@ -40,18 +53,19 @@ class ServerCommandsTest(parameterized.TestCase):
     self.assertIn('--serve', jax_side)
 
   def test_infer_shard_is_the_workload_at_its_part_of_the_batch(self):
-    tf, jax_side = vs_original._server_commands(  # pylint: disable=protected-access
-        'infer:imagenet:101:sact:32:never', '/tfref', 0, ({0, 2}, {1, 3}))
+    tf, jax_side = _server_commands('infer:imagenet:101:sact:32:never', 0,
+                                    ({0, 2}, {1, 3}))
     self.assertEqual(_flag(tf, 'batch'), '16')
     self.assertEqual(_flag(tf, 'threads'), '2')
     self.assertEqual(_flag(jax_side, 'worker'),
                      'infer:imagenet:101:sact:16:never')
 
-  @parameterized.parameters('claim:32:0.5', 'infer:cifar:110:act:1:first')
-  def test_without_shards_one_server_per_side_with_two_threads(self, config):
-    tf, jax_side = vs_original._server_commands(config, '/tfref')  # pylint: disable=protected-access
-    batch = vs_original.parse(config)['batch']
-    self.assertEqual(_flag(tf, 'batch'), str(batch))
+  @parameterized.parameters(('claim:32:0.5', '32'),
+                            ('infer:cifar:110:act:1:first', '1'))
+  def test_without_shards_one_server_per_side_with_two_threads(
+      self, config, batch):
+    tf, jax_side = _server_commands(config)
+    self.assertEqual(_flag(tf, 'batch'), batch)
     self.assertEqual(_flag(tf, 'threads'), '2')
     if config.startswith('claim'):
       self.assertEqual(_flag(jax_side, 'shard'), '0/1')
