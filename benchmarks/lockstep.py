@@ -183,7 +183,8 @@ class ShardedClient:
       shard.close()
 
 
-def rounds(clients: list[Client | ShardedClient], count: int) -> list[dict[str, dict]]:
+def rounds(clients: list[Client | ShardedClient],
+           count: int) -> list[dict[str, dict]]:
   """`count` rounds, each asking every client once; order flips per round.
 
   Returns one `{client name: {workload: seconds}}` per round.

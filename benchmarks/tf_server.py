@@ -5,9 +5,10 @@ Runs in the TF port's venv (`bash ../shared/tfref/setup.sh`), started by
 the original's eval-mode network (`imagenet_model.get_network` or
 `cifar_model.resnet` under their `resnet_arg_scope(is_training=False)`) on
 random normal images held in a variable, as the port's own harness does,
-with 2 intra- and 2 inter-op threads (`--threads`) and no XLA. `--halt` overwrites every
-halting branch (weights 0, bias -10: nothing halts early; +10: everything
-halts after the first unit) so that both sides compute the same units.
+with 2 intra- and 2 inter-op threads (`--threads`) and no XLA. `--halt`
+overwrites every halting branch (weights 0, bias -10: nothing halts early;
++10: everything halts after the first unit) so that both sides compute the
+same units.
 Workloads: `dense` (the model type as built) and, for ACT, `sparse` (the
 original's `act_early_stopping` mode, a second graph).
 
