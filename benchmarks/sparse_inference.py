@@ -442,16 +442,16 @@ def parse_shard(shard: str, batch: int) -> tuple[int, int]:
 
 
 def serve(family: str, batch: int, fraction: float, options: dict,
-          shard: str = '0/1') -> None:
+          shard: tuple[int, int] = (0, 1)) -> None:
   """One workload as a lockstep server (benchmarks/lockstep.py).
 
   Workloads `dense` (the dense vanilla model) and `sparse` (`sparse.apply`
   at `fraction` of its FLOPs), as `measure_family` builds and tunes them;
   for benchmarks/vs_original.py's `--lockstep` claim rows. With `shard`
-  K/N, on the K-th of N equal parts of the batch.
+  (K, N) from `parse_shard`, on the K-th of N equal parts of the batch.
   """
   from benchmarks import lockstep  # pylint: disable=g-import-not-at-top
-  k, n = parse_shard(shard, batch)
+  k, n = shard
   vanilla, sact, _, vanilla_flops = _build_models(family, False)
   images = _images(batch, _CONFIGS[family]['size'])
   sact_fn = _Dense(sact)
@@ -613,7 +613,7 @@ def main(argv):
       raise app.UsageError('--serve takes one family, batch size and '
                            'fraction.')
     try:
-      parse_shard(_SHARD.value, int(_BATCH_SIZES.value[0]))
+      shard = parse_shard(_SHARD.value, int(_BATCH_SIZES.value[0]))
     except ValueError as e:
       raise app.UsageError(str(e)) from None
   if _REUSE.value:
@@ -635,7 +635,7 @@ def main(argv):
         f'{jax.__version__}', flush=True)
   if _SERVE.value:
     serve(_FAMILIES.value[0], int(_BATCH_SIZES.value[0]),
-          float(_FRACTIONS.value[0]), options, _SHARD.value)
+          float(_FRACTIONS.value[0]), options, shard)
     return
   for family in _FAMILIES.value:
     measure_family(family, [int(b) for b in _BATCH_SIZES.value],

@@ -47,8 +47,8 @@ servers, each pinned to its own share of the CPUs with 1/N of the batch
 (TF with as many threads as its CPUs), run together; a round takes the
 slowest shard's time (`lockstep.ShardedClient`). That is the batch served
 by one process per core, with no threads synchronising inside an
-operation: XLA:CPU gains more from it than TF (BUILD.md, "One process per
-core").
+operation: on ImageNet XLA:CPU gains more from it than TF, on CIFAR both
+gain alike (BUILD.md, "One process per core").
 
 `--jax_infer_xla_flags` adds XLA flags to the JAX side's inference and
 claim processes only, for example the batch-1 latency setting
