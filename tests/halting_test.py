@@ -31,7 +31,7 @@ def _sact_head(channels: int, activation, fast_conv: bool, seed: int = 0
 
 class SactHeadTest(parameterized.TestCase):
 
-  @parameterized.parameters((2, 5, 7), (1, 1, 1))
+  @parameterized.parameters((2, 5, 7), (1, 1, 1), (3, 2, 9), (1, 14, 14))
   def test_folded_local_bn_equals_bn_then_conv(self, *shape):
     head = _sact_head(6, layers.identity, True)
     head.eval()
