@@ -646,7 +646,9 @@ def rows_matmul(x_SxK: jax.Array, w_KxO: jax.Array,
   or where oneDNN is not built. `w` may be a stack `[U, K, O]` that `pick`
   left whole (inside a loop over units): unit `stacked_unit`'s matrix is
   used, read in place by oneDNN, where XLA's dot would need a copy of it.
-  A plain `w` with 256 rows or more goes to XLA's dot.
+  A plain `w` with 256 rows or more goes to XLA's dot. oneDNN runs the
+  small ones as two one-thread halves, one on XLA's thread pool
+  (`onednn.forward_splits`).
 
   On a 2-core AVX-512 EPYC, 16-196 rows by a ResNet-101 block-3 matrix
   (1024 -> 256, 2304 -> 256, 256 -> 1024) took 0.31-0.70 of XLA's dot's

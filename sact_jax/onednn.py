@@ -24,10 +24,12 @@ line saying why and returns False, and `conv` keeps XLA's convolutions
 'onednn' formulation (each differentiates to any order). `enabled()` says
 whether convolutions traced now should use them: not inside `disabled()`
 and not where JAX has several devices. onednn_conv.cc runs one pass at a
-time in the process, each on as many OpenMP threads as its size pays for,
-and reads the forward's weights in the caller's layout where oneDNN's
-direct kernels take it and the convolution is too small to pay for a
-reorder (why: its comments on `Run`, `ThreadsForPass` and `Build`, and
+time in the process, each on as many OpenMP threads as its size pays for
+(the sparse path's small row matmuls instead as two one-thread halves, one
+on XLA's own thread pool: `forward_splits`), and reads the forward's
+weights in the caller's layout where oneDNN's direct kernels take it and
+the convolution is too small to pay for a reorder (why: its comments on
+`Run`, `RunSplit`, `ThreadsForPass` and `Build`, and
 `BLOCKED_WEIGHTS_MIN_FLOPS` here). Where they cannot (CPUs without
 AVX-512), `forward_copies_weights` says so, and `conv.formulation` keeps
 XLA's forward for the convolutions too small to pay for the copy.
@@ -260,6 +262,22 @@ def forward_copies_weights(x_shape, w_shape, strides, padding) -> bool:
   if answer < 0:
     raise Unavailable(f'oneDNN has no forward for {x_shape} x {w_shape}')
   return bool(answer)
+
+
+def forward_splits(x_shape, w_shape) -> bool:
+  """Whether a stride-1 unpadded forward runs as two one-thread matmuls.
+
+  The sparse path's small row matmuls (`conv.rows_matmul`) with enough
+  FLOPs for two threads do, one half of the output channels on the calling
+  thread and one on XLA's thread pool (onednn_conv.cc, `RunSplit`, says
+  why).
+  """
+  handlers = _handlers()
+  kh, kw, cin, cout = w_shape
+  shape = (ctypes.c_int64 * 13)(
+      x_shape[0], x_shape[1], x_shape[2], cin, cout, kh, kw, 1, 1, 0, 0,
+      x_shape[1] - kh + 1, x_shape[2] - kw + 1)
+  return bool(handlers.SactOnednnForwardSplits(shape))
 
 
 # The forward reorders the HWIO weights to oneDNN's blocked layout on every

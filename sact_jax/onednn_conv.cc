@@ -2,6 +2,7 @@
 // onednn.py: forward, input gradient and kernel gradient of an NHWC x HWIO
 // float32 convolution (any strides, zero padding before and after).
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <exception>
@@ -206,6 +207,16 @@ class ThreadsForPass {
   int saved_;
 };
 
+// One OpenMP thread for the current thread while in scope.
+class OneThread {
+ public:
+  OneThread() : saved_(omp_get_max_threads()) { omp_set_num_threads(1); }
+  ~OneThread() { omp_set_num_threads(saved_); }
+
+ private:
+  int saved_;
+};
+
 ffi::Error Run(Kind kind, const Shape& shape, void* x, void* w, void* y) try {
   std::lock_guard<std::mutex> lock(RunMutex());
   ThreadsForPass threads(shape);
@@ -236,12 +247,146 @@ ffi::Error Run(Kind kind, const Shape& shape, void* x, void* w, void* y) try {
                     std::string("oneDNN convolution: ") + e.what());
 }
 
+// A small row matmul (`x` an `[M, K]` matrix) as two one-thread matmuls
+// over the halves of the output channels: the calling thread runs the
+// first, one of XLA's intra-op threads the second, and whichever of the two
+// gets to the second first runs it (so it never waits for a busy pool). Why
+// not oneDNN's own two threads: XLA runs the custom calls on its pool
+// threads, in turn, and GNU OpenMP gives each of them a team of its own;
+// with more OpenMP threads than CPUs (on 2 CPUs, any team of two started
+// off the process's first thread) its workers stop spinning at once and
+// every call waits for its worker to be woken. On a 2-core VM a 26-row
+// matmul 256 -> 1024 took 81-94 us called from another thread against
+// 47-50 us from the first one; split, the sparse path at batch 1 took
+// 0.94-1.01x its time (BUILD.md, "Packed weights and oneDNN's calls inside
+// the program").
+constexpr int64_t kSplitMaxRows = 4096;
+
+struct SplitHalf {
+  dnnl::matmul prim;
+  dnnl::memory::desc a, b, c;
+  dnnl::memory scratchpad;  // Its own: the halves run at once.
+  int64_t n0;               // First output channel.
+};
+
+struct Split {
+  SplitHalf half[2];
+};
+
+// Whether `s` runs as a `Split`: a row matmul of the sparse path
+// (`conv.rows_matmul`: a 1x1 convolution over one image row of S
+// positions) with few rows that would get more than one thread. The dense
+// models' 1x1 convolutions keep oneDNN's own threads: split, they ran no
+// faster, and at times slower.
+bool Splits(const Shape& s) {
+  return s.n() == 1 && s.h() == 1 && s.kh() == 1 && s.kw() == 1 &&
+         s.sh() == 1 && s.sw() == 1 && s.top() == 0 && s.left() == 0 &&
+         s.ow() == s.w() && s.w() <= kSplitMaxRows &&
+         s.o() >= 32 && s.flops() >= 2 * kFlopsPerThread &&
+         omp_get_max_threads() > 1;
+}
+
+// The caller holds RunMutex().
+Split* GetSplit(const Shape& s) {
+  static std::unordered_map<Shape, std::unique_ptr<Split>, ShapeHash> cache;
+  auto& slot = cache[s];
+  if (slot) return slot.get();
+  auto split = std::make_unique<Split>();
+  int64_t m = s.n() * s.h() * s.w(), k = s.c(), n = s.o();
+  int64_t n0 = (n / 2 + 15) / 16 * 16;
+  for (int i = 0; i < 2; ++i) {
+    SplitHalf& h = split->half[i];
+    h.n0 = i ? n0 : 0;
+    int64_t width = i ? n - n0 : n0;
+    // Rows of the caller's HWIO weights and NHWC output, `n` apart.
+    h.a = dnnl::memory::desc({m, k}, dt::f32, tag::ab);
+    h.b = dnnl::memory::desc({k, width}, dt::f32, dnnl::memory::dims{n, 1});
+    h.c = dnnl::memory::desc({m, width}, dt::f32, dnnl::memory::dims{n, 1});
+    dnnl::primitive_attr attr;
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    auto pd = dnnl::matmul::primitive_desc(Engine(), h.a, h.b, h.c, attr);
+    h.prim = dnnl::matmul(pd);
+    h.scratchpad = dnnl::memory(pd.scratchpad_desc(), Engine());
+  }
+  slot = std::move(split);
+  return slot.get();
+}
+
+void RunHalf(SplitHalf& h, void* x, void* w, void* y) {
+  dnnl::stream stream(Engine());
+  dnnl::memory am(h.a, Engine(), x);
+  dnnl::memory bm(h.b, Engine(), static_cast<float*>(w) + h.n0);
+  dnnl::memory cm(h.c, Engine(), static_cast<float*>(y) + h.n0);
+  h.prim.execute(stream, {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm},
+                          {DNNL_ARG_DST, cm},
+                          {DNNL_ARG_SCRATCHPAD, h.scratchpad}});
+  stream.wait();
+}
+
+ffi::Error RunSplit(const Shape& shape, void* x, void* w, void* y,
+                    ffi::ThreadPool& pool) {
+  struct Claim {
+    std::atomic<bool> taken{false}, done{false}, failed{false};
+  };
+  Split* split;
+  try {
+    OneThread one;  // The halves' primitives: one thread each.
+    split = GetSplit(shape);
+  } catch (const std::exception& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal,
+                      std::string("oneDNN convolution: ") + e.what());
+  }
+  auto claim = std::make_shared<Claim>();
+  SplitHalf* second = &split->half[1];
+  auto run = [](SplitHalf& half, void* x, void* w, void* y) {
+    try {
+      OneThread one;
+      RunHalf(half, x, w, y);
+    } catch (const std::exception&) {  // Never into XLA's pool.
+      return false;
+    }
+    return true;
+  };
+  // The task may run after the call returned (the caller took the half):
+  // it then only drops its reference to `claim`.
+  pool.Schedule([claim, second, run, x, w, y] {
+    if (claim->taken.exchange(true)) return;
+    if (!run(*second, x, w, y)) claim->failed.store(true);
+    claim->done.store(true, std::memory_order_release);
+  });
+  bool ok = run(split->half[0], x, w, y);
+  if (!claim->taken.exchange(true)) {
+    ok = run(*second, x, w, y) && ok;
+  } else {
+    // The pool runs the half: wait for it even after a failure here, as it
+    // writes into `y`.
+    while (!claim->done.load(std::memory_order_acquire)) {
+      __builtin_ia32_pause();
+    }
+    ok = ok && !claim->failed.load();
+  }
+  return ok ? ffi::Error::Success()
+            : ffi::Error(ffi::ErrorCode::kInternal,
+                         "oneDNN convolution: a matmul half failed");
+}
+
+// A forward: split where `Splits` says so and XLA lent its thread pool.
+ffi::Error RunForward(const Shape& shape, void* x, void* w, void* y,
+                      ffi::ThreadPool& pool) {
+  {
+    std::unique_lock<std::mutex> lock(RunMutex());
+    if (Splits(shape)) return RunSplit(shape, x, w, y, pool);
+  }
+  return Run(kForward, shape, x, w, y);
+}
+
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                   ffi::ResultBuffer<ffi::F32> y, ConvAttrs attrs) {
-  return Run(kForward,
-             MakeShape(x.dimensions(), w.dimensions(), y->dimensions(),
-                       attrs),
-             x.untyped_data(), w.untyped_data(), y->untyped_data());
+                   ffi::ResultBuffer<ffi::F32> y, ConvAttrs attrs,
+                   ffi::ThreadPool pool) {
+  return RunForward(MakeShape(x.dimensions(), w.dimensions(),
+                              y->dimensions(), attrs),
+                    x.untyped_data(), w.untyped_data(), y->untyped_data(),
+                    pool);
 }
 
 // The forward of unit `index` of a stack of equal kernels `[U, kh, kw, I,
@@ -252,7 +397,8 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
 // clamps a dynamic slice.
 ffi::Error ForwardStacked(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                           ffi::Buffer<ffi::S32> index,
-                          ffi::ResultBuffer<ffi::F32> y, ConvAttrs attrs) {
+                          ffi::ResultBuffer<ffi::F32> y, ConvAttrs attrs,
+                          ffi::ThreadPool pool) {
   auto stack = w.dimensions();
   if (stack.size() != 5 || index.element_count() != 1) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
@@ -261,11 +407,10 @@ ffi::Error ForwardStacked(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   }
   int64_t unit = std::clamp<int64_t>(index.typed_data()[0], 0, stack[0] - 1);
   int64_t size = stack[1] * stack[2] * stack[3] * stack[4];
-  return Run(kForward,
-             MakeShape(x.dimensions(), stack.last(4), y->dimensions(),
-                       attrs),
-             x.untyped_data(), w.typed_data() + unit * size,
-             y->untyped_data());
+  return RunForward(MakeShape(x.dimensions(), stack.last(4),
+                              y->dimensions(), attrs),
+                    x.untyped_data(), w.typed_data() + unit * size,
+                    y->untyped_data(), pool);
 }
 
 ffi::Error InputGrad(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
@@ -301,6 +446,15 @@ extern "C" int SactOnednnForwardCopiesWeights(const int64_t* shape) try {
   return -1;
 }
 
+// Whether a forward of `shape` (the 13 numbers, as above) runs as two
+// matmul halves (`Splits`), for onednn.py's tests.
+extern "C" int SactOnednnForwardSplits(const int64_t* shape) {
+  Shape s{};
+  std::memcpy(s.v, shape, 13 * sizeof(int64_t));
+  std::lock_guard<std::mutex> lock(RunMutex());
+  return Splits(s) ? 1 : 0;
+}
+
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(ConvAttrs, ffi::StructMember<int64_t>(
     "stride_h"), ffi::StructMember<int64_t>("stride_w"),
     ffi::StructMember<int64_t>("pad_top"),
@@ -314,13 +468,15 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(ConvAttrs, ffi::StructMember<int64_t>(
       .Ret<ffi::Buffer<ffi::F32>>()                \
       .Attrs<ConvAttrs>()
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvForward, Forward, SACT_BIND);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvForward, Forward,
+                              SACT_BIND.Ctx<ffi::ThreadPool>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvForwardStacked, ForwardStacked,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attrs<ConvAttrs>());
+                                  .Attrs<ConvAttrs>()
+                                  .Ctx<ffi::ThreadPool>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvInputGrad, InputGrad, SACT_BIND);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvKernelGrad, KernelGrad, SACT_BIND);

@@ -228,6 +228,33 @@ class OnednnTest(parameterized.TestCase):
         jax.jit(jax.value_and_grad(sliced, (0, 1)))(x, stack),
         rtol=1e-5, atol=1e-4)
 
+  @parameterized.named_parameters(
+      ('rows', (1, 1, 26, 256), 1024, True, False),
+      ('uneven_halves', (1, 1, 4096, 64), 40, True, False),
+      ('stacked', (1, 1, 52, 1024), 256, True, True),
+      ('too_few_flops', (1, 1, 8, 64), 64, False, False),
+      ('too_many_rows', (1, 1, 4097, 64), 64, False, False),
+      ('a_map', (1, 8, 8, 512), 512, False, False))
+  def test_small_1x1_forward_runs_as_two_halves(self, x_shape, cout,
+                                                splits, stacked):
+    """A row matmul (one image row) with few rows and enough FLOPs for two
+    threads: two matmuls over halves of the output channels (40 -> 32 +
+    8), on the caller and XLA's pool."""
+    x, w = _inputs(x_shape, (1, 1, x_shape[-1], cout), seed=5)
+    pads = ((0, 0), (0, 0))
+    two_cpus = (len(os.sched_getaffinity(0)) > 1
+                and os.environ.get('OMP_NUM_THREADS') != '1')
+    self.assertEqual(onednn.forward_splits(x.shape, w.shape),
+                     splits and two_cpus)
+    expected = _lax_conv((1, 1), pads)(x, w)
+    if stacked:
+      stack = jnp.stack([-w, w, 2.0 * w])
+      got = jax.jit(lambda x, s: onednn.forward_stacked(
+          x, s, jnp.int32(1), (1, 1), pads))(x, stack)
+    else:
+      got = jax.jit(_onednn_conv((1, 1), pads))(x, w)
+    chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-4)
+
   def test_conv_reads_a_stack_only_under_stacked_unit(self):
     x, w = _inputs((2, 16, 16, 4), (3, 3, 4, 4))  # oneDNN's on any CPU.
     stack = jnp.stack([w, 3.0 * w])
