@@ -241,6 +241,15 @@ def _call(target, result_shape, operands, strides, padding,
           *operands, **{k: np.int64(v) for k, v in attrs.items()})
 
 
+def _c_shape(x_shape, w_shape, strides, padding):
+  """The 13 numbers of onednn_conv.cc's `Shape` (its layout flag left out)."""
+  out_h, out_w = _out_hw(x_shape, w_shape, strides, padding)
+  kh, kw, cin, cout = w_shape
+  return (ctypes.c_int64 * 13)(
+      x_shape[0], x_shape[1], x_shape[2], cin, cout, kh, kw, strides[0],
+      strides[1], padding[0][0], padding[1][0], out_h, out_w)
+
+
 @functools.cache
 def forward_copies_weights(x_shape, w_shape, strides, padding) -> bool:
   """Whether the forward copies its HWIO weights into another layout on
@@ -252,13 +261,8 @@ def forward_copies_weights(x_shape, w_shape, strides, padding) -> bool:
   does not pay back (`conv.formulation`). Asks oneDNN, which decides when
   the process starts; the primitive is the one the call will run.
   """
-  handlers = _handlers()
-  out_h, out_w = _out_hw(x_shape, w_shape, strides, padding)
-  kh, kw, cin, cout = w_shape
-  shape = (ctypes.c_int64 * 13)(
-      x_shape[0], x_shape[1], x_shape[2], cin, cout, kh, kw, strides[0],
-      strides[1], padding[0][0], padding[1][0], out_h, out_w)
-  answer = handlers.SactOnednnForwardCopiesWeights(shape)
+  answer = _handlers().SactOnednnForwardCopiesWeights(
+      _c_shape(x_shape, w_shape, strides, padding))
   if answer < 0:
     raise Unavailable(f'oneDNN has no forward for {x_shape} x {w_shape}')
   return bool(answer)
@@ -272,12 +276,8 @@ def forward_splits(x_shape, w_shape) -> bool:
   thread and one on XLA's thread pool (onednn_conv.cc, `RunSplit`, says
   why).
   """
-  handlers = _handlers()
-  kh, kw, cin, cout = w_shape
-  shape = (ctypes.c_int64 * 13)(
-      x_shape[0], x_shape[1], x_shape[2], cin, cout, kh, kw, 1, 1, 0, 0,
-      x_shape[1] - kh + 1, x_shape[2] - kw + 1)
-  return bool(handlers.SactOnednnForwardSplits(shape))
+  return bool(_handlers().SactOnednnForwardSplits(
+      _c_shape(x_shape, w_shape, (1, 1), ((0, 0), (0, 0)))))
 
 
 # The forward reorders the HWIO weights to oneDNN's blocked layout on every

@@ -277,16 +277,16 @@ struct Split {
 // (`conv.rows_matmul`: a 1x1 convolution over one image row of S
 // positions) with few rows that would get more than one thread. The dense
 // models' 1x1 convolutions keep oneDNN's own threads: split, they ran no
-// faster, and at times slower.
+// faster, and at times slower. Reads no shared state (no lock needed).
 bool Splits(const Shape& s) {
   return s.n() == 1 && s.h() == 1 && s.kh() == 1 && s.kw() == 1 &&
          s.sh() == 1 && s.sw() == 1 && s.top() == 0 && s.left() == 0 &&
-         s.ow() == s.w() && s.w() <= kSplitMaxRows &&
+         s.oh() == s.h() && s.ow() == s.w() && s.w() <= kSplitMaxRows &&
          s.o() >= 32 && s.flops() >= 2 * kFlopsPerThread &&
          omp_get_max_threads() > 1;
 }
 
-// The caller holds RunMutex().
+// The caller holds RunMutex() (as for `Get`).
 Split* GetSplit(const Shape& s) {
   static std::unordered_map<Shape, std::unique_ptr<Split>, ShapeHash> cache;
   auto& slot = cache[s];
@@ -323,6 +323,7 @@ void RunHalf(SplitHalf& h, void* x, void* w, void* y) {
   stream.wait();
 }
 
+// The caller holds RunMutex(): one pass (here, one pair of halves) at a time.
 ffi::Error RunSplit(const Shape& shape, void* x, void* w, void* y,
                     ffi::ThreadPool& pool) {
   struct Claim {
@@ -370,14 +371,12 @@ ffi::Error RunSplit(const Shape& shape, void* x, void* w, void* y,
                          "oneDNN convolution: a matmul half failed");
 }
 
-// A forward: split where `Splits` says so and XLA lent its thread pool.
+// A forward: as two halves where `Splits` says so, else as `Run` does.
 ffi::Error RunForward(const Shape& shape, void* x, void* w, void* y,
                       ffi::ThreadPool& pool) {
-  {
-    std::unique_lock<std::mutex> lock(RunMutex());
-    if (Splits(shape)) return RunSplit(shape, x, w, y, pool);
-  }
-  return Run(kForward, shape, x, w, y);
+  if (!Splits(shape)) return Run(kForward, shape, x, w, y);
+  std::lock_guard<std::mutex> lock(RunMutex());
+  return RunSplit(shape, x, w, y, pool);
 }
 
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -451,7 +450,6 @@ extern "C" int SactOnednnForwardCopiesWeights(const int64_t* shape) try {
 extern "C" int SactOnednnForwardSplits(const int64_t* shape) {
   Shape s{};
   std::memcpy(s.v, shape, 13 * sizeof(int64_t));
-  std::lock_guard<std::mutex> lock(RunMutex());
   return Splits(s) ? 1 : 0;
 }
 
