@@ -19,9 +19,14 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// Below this many bytes of output, one thread: a second costs more to wake
-// than it copies.
-constexpr int64_t kBytesPerThread = 64 << 10;
+// Below this many bytes of output per thread, one thread: a second costs
+// more to wake than it copies. XLA calls this from its pool threads, so a
+// second thread is an OpenMP team of that thread's own, whose worker sleeps
+// between calls (onednn_conv.cc, `RunSplit`). At 64 KB the sparse path at
+// batch 1 (ImageNet ResNet-101, 50% of the FLOPs; patches of 0.2-2 MB) took
+// 1.01x its time with 1 MB, at batch 32 (chunks of 2-5 MB) 1.003x (BUILD.md,
+// "Packed weights and oneDNN's calls inside the program").
+constexpr int64_t kBytesPerThread = 1 << 20;
 
 // `out[s, t] = src[neighbour t of idx[s]]` for the 9 taps of a 3x3 window
 // in row-major order, as `rows.patches` computes it with XLA's gather: a

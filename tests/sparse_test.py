@@ -556,20 +556,24 @@ class RowsTest(parameterized.TestCase):
     got = layers.patch_conv(conv, patches)
     np.testing.assert_allclose(got[:-1], dense[idx[:-1]], atol=1e-5)
 
-  @parameterized.parameters((False, 1), (True, 1), (True, 3), (False, 2))
-  def test_window_copies_match_xla_gather(self, zero_row, batch):
+  @parameterized.parameters((False, 1, 3, 1), (True, 1, 3, 1),
+                            (True, 3, 3, 1), (False, 2, 3, 1),
+                            (True, 2, 600, 16))
+  def test_window_copies_match_xla_gather(self, zero_row, batch, channels,
+                                          repeats):
     """`onednn.row_patches`, where `patches` uses it, copies what XLA's
     gather reads: corners, edges, padding indices, with and without the
-    map's zero row (clipped reads), over several images."""
+    map's zero row (clipped reads), over several images; the last case
+    copies 2.8 MB, which row_gather.cc splits between two threads."""
     if not rows_lib._copies_rows(jnp.zeros((1, 1), jnp.float32)):
       self.skipTest('no custom calls here (not built or not the CPU)')
-    height, width, channels = 4, 5, 3
+    height, width = 4, 5
     num_rows = batch * height * width
     rng = np.random.default_rng(batch)
     src = jnp.asarray(rng.normal(size=(num_rows + zero_row, channels)),
                       jnp.float32)
-    idx = jnp.asarray([0, 4, 6, 15, 19, num_rows - 1, num_rows,
-                       num_rows + 1], jnp.int32)
+    idx = jnp.tile(jnp.asarray([0, 4, 6, 15, 19, num_rows - 1, num_rows,
+                                num_rows + 1], jnp.int32), repeats)
     def patches(src, idx):  # A new function per trace: jit caches traces.
       return rows_lib.patches(src, idx, 3, height=height, width=width,
                               num_rows=num_rows)
