@@ -55,7 +55,7 @@ _SOURCES = tuple(os.path.join(os.path.dirname(__file__), name)
                  for name in ('onednn_conv.cc', 'row_gather.cc'))
 _TARGETS = ('OnednnConvForward', 'OnednnConvForwardStacked',
             'OnednnConvInputGrad', 'OnednnConvKernelGrad',
-            'SactRowPatches3x3')
+            'SactRowPatches3x3', 'SactNonzeroRows')
 _LIBRARY = 'libsact_onednn.so'
 DISABLE_ENV = 'SACT_JAX_ONEDNN'
 
@@ -421,3 +421,14 @@ def row_patches(src_RxC: jax.Array, idx_S: jax.Array, *, height: int,
                            src_RxC.dtype), vmap_method='sequential')(
           src_RxC, idx_S.astype(jnp.int32), height=np.int64(height),
           width=np.int64(width), num_rows=np.int64(num_rows))
+
+
+def nonzero_rows(mask_N: jax.Array, length: int) -> jax.Array:
+  """Sorted flat indices of `mask_N > 0`, padded with `N + 1` to `length`
+  (row_gather.cc): `jnp.nonzero(mask_N > 0, size=length, fill_value=N +
+  1)`, as `sparse.rows.indices` computes it with XLA. Float32 on the CPU
+  only."""
+  _handlers()
+  return jax.ffi.ffi_call(
+      'SactNonzeroRows', jax.ShapeDtypeStruct((length,), jnp.int32),
+      vmap_method='sequential')(mask_N.astype(jnp.float32))

@@ -1,6 +1,7 @@
-// The sparse path's 3x3 patch gather as an XLA FFI custom call, built into
-// the same library as onednn_conv.cc by onednn.py (it needs no oneDNN, only
-// the compiler, cache and registration that library already has).
+// The sparse path's 3x3 patch gather and its row index sets as XLA FFI
+// custom calls, built into the same library as onednn_conv.cc by onednn.py
+// (they need no oneDNN, only the compiler, cache and registration that
+// library already has).
 //
 // Why: XLA:CPU fuses the gather of `[S, 9, C]` patches with the reshape to
 // the `[S, 9 C]` rows the matmul reads, and its loop over that 2-D output
@@ -8,6 +9,7 @@
 // runs 3.5x faster, and whole rows copied here 4-6x faster (BUILD.md,
 // "The row windows, the stem's pool and the heads' sums").
 #include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <cstring>
 
@@ -69,6 +71,28 @@ ffi::Error Patches3x3(ffi::Buffer<ffi::F32> src, ffi::Buffer<ffi::S32> idx,
   return ffi::Error::Success();
 }
 
+// `out[k]` = the k-th flat index `i` with `mask[i] > 0`, in increasing
+// order; the rest of `out` the padding index `N + 1` (`rows.indices`).
+// Why: XLA computes the same with a prefix sum (a small matmul, a scan over
+// blocks) and a scatter, some ten operations of 1-18 us on the path from
+// one unit to the next (two index sets per unit); this is one pass.
+ffi::Error NonzeroRows(ffi::Buffer<ffi::F32> mask,
+                       ffi::ResultBuffer<ffi::S32> out) {
+  const int64_t num_rows = mask.element_count();
+  const int64_t length = out->element_count();
+  if (num_rows + 1 > INT32_MAX) {
+    return ffi::Error::InvalidArgument("row indices: too many rows");
+  }
+  const float* m = mask.typed_data();
+  int32_t* o = out->typed_data();
+  int64_t k = 0;
+  for (int64_t i = 0; i < num_rows && k < length; ++i) {
+    if (m[i] > 0) o[k++] = static_cast<int32_t>(i);
+  }
+  std::fill(o + k, o + length, static_cast<int32_t>(num_rows + 1));
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SactRowPatches3x3, Patches3x3,
@@ -79,3 +103,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SactRowPatches3x3, Patches3x3,
                                   .Attr<int64_t>("height")
                                   .Attr<int64_t>("width")
                                   .Attr<int64_t>("num_rows"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SactNonzeroRows, NonzeroRows,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());

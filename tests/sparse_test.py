@@ -11,6 +11,7 @@ occur (fractions of positions halting early, units skipped).
 precision (TF32 on GPUs), with bounds for its rounding.
 """
 
+import contextlib
 import functools
 import importlib.util
 import json
@@ -589,14 +590,25 @@ class RowsTest(parameterized.TestCase):
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(got_valid, want_valid)
 
-  def test_indices_match_nonzero(self):
+  @parameterized.parameters(True, False)
+  def test_indices_match_nonzero(self, custom_calls):
+    """Both formulations: the CPU's custom call (where built) and XLA's."""
+    if custom_calls and not rows_lib._custom_calls():
+      self.skipTest('no custom calls here (not built or not the CPU)')
     rng = np.random.default_rng(1)
-    for num_rows in (1, 5, 128, 300):
-      mask = jnp.asarray(rng.random(num_rows) < 0.4, jnp.float32)
-      expected = jnp.nonzero(mask, size=num_rows + 7,
-                             fill_value=num_rows + 1)[0]
-      np.testing.assert_array_equal(
-          rows_lib.indices(mask, num_rows + 7, block=16), expected)
+    with contextlib.ExitStack() as stack:
+      if not custom_calls:
+        stack.enter_context(onednn.disabled())
+      for num_rows in (1, 5, 128, 300):
+        mask = jnp.asarray(rng.random(num_rows) < 0.4, jnp.float32)
+        mask = mask.at[0].set(-1.0)  # Only positive entries count.
+        expected = jnp.nonzero(mask > 0, size=num_rows + 7,
+                               fill_value=num_rows + 1)[0]
+        fn = lambda m: rows_lib.indices(m, num_rows + 7, block=16)
+        got = jax.jit(fn)(mask)
+        self.assertEqual('SactNonzeroRows' in jax.jit(fn).lower(mask).as_text(),
+                         custom_calls)
+        np.testing.assert_array_equal(got, expected)
 
   def test_plans_cover_every_count_without_clamping(self):
     for num_rows in (1, 7, 50):

@@ -78,12 +78,17 @@ def padded_length(num_rows: int, chunk: int) -> int:
 def indices(mask_N: jax.Array, length: int, block: int = 128) -> jax.Array:
   """Sorted flat indices of the nonzero entries, padded with `N + 1`.
 
-  Same as `jnp.nonzero(mask, size=length, fill_value=N + 1)`, faster on
-  XLA:CPU: the prefix sum that places each entry is a matmul with a
-  triangular matrix within blocks of `block` entries plus a short cumsum
-  over blocks, instead of a cumsum over all N. The sums are integers below
-  2**24, exact in float32.
+  Same as `jnp.nonzero(mask, size=length, fill_value=N + 1)`. On the CPU
+  one pass in a custom call (`onednn.nonzero_rows`): it sits on the path
+  from each unit to the next, where XLA's formulation below took some ten
+  operations. Elsewhere (and without the custom calls) faster than
+  `jnp.nonzero` on XLA: the prefix sum that places each entry is a matmul
+  with a triangular matrix within blocks of `block` entries plus a short
+  cumsum over blocks, instead of a cumsum over all N. The sums are
+  integers below 2**24, exact in float32.
   """
+  if _custom_calls():  # One pass on the CPU (`onednn.nonzero_rows`).
+    return onednn.nonzero_rows(mask_N, length)
   num_rows = mask_N.shape[0]
   flat_N = mask_N > 0
   pad = -num_rows % block
@@ -184,8 +189,13 @@ def _copies_rows(src_NxC: jax.Array) -> bool:
   (`[512, 9, 256]`: 272 vs 48 us; a block-3 unit of ImageNet ResNet-101 at
   batch 32 19.5 vs 14.9 ms).
   """
-  return (src_NxC.dtype == jnp.float32 and jax.default_backend() == 'cpu'
-          and onednn.enabled())
+  return src_NxC.dtype == jnp.float32 and _custom_calls()
+
+
+def _custom_calls() -> bool:
+  """Whether the sparse path's row custom calls (row_gather.cc) run: on the
+  CPU, where `onednn` is built and enabled."""
+  return jax.default_backend() == 'cpu' and onednn.enabled()
 
 
 def scatter_set(dst_NxC: jax.Array, idx_S: jax.Array,
