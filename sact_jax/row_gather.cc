@@ -27,7 +27,7 @@ namespace {
 // between calls (onednn_conv.cc, `RunSplit`). At 64 KB the sparse path at
 // batch 1 (ImageNet ResNet-101, 50% of the FLOPs; patches of 0.2-2 MB) took
 // 1.01x its time with 1 MB, at batch 32 (chunks of 2-5 MB) 1.003x (BUILD.md,
-// "Packed weights and oneDNN's calls inside the program").
+// "Where batch 1's time goes after the split").
 constexpr int64_t kBytesPerThread = 1 << 20;
 
 // `out[s, t] = src[neighbour t of idx[s]]` for the 9 taps of a 3x3 window
