@@ -426,8 +426,8 @@ def row_patches(src_RxC: jax.Array, idx_S: jax.Array, *, height: int,
 def nonzero_rows(mask_N: jax.Array, length: int) -> jax.Array:
   """Sorted flat indices of `mask_N > 0`, padded with `N + 1` to `length`
   (row_gather.cc): `jnp.nonzero(mask_N > 0, size=length, fill_value=N +
-  1)`, as `sparse.rows.indices` computes it with XLA. Float32 on the CPU
-  only."""
+  1)`, as `sparse.rows.indices` computes it with XLA. On the CPU only; the
+  mask is read as float32."""
   _handlers()
   return jax.ffi.ffi_call(
       'SactNonzeroRows', jax.ShapeDtypeStruct((length,), jnp.int32),

@@ -565,7 +565,8 @@ class RowsTest(parameterized.TestCase):
     """`onednn.row_patches`, where `patches` uses it, copies what XLA's
     gather reads: corners, edges, padding indices, with and without the
     map's zero row (clipped reads), over several images; the last case
-    copies 2.8 MB, which row_gather.cc splits between two threads."""
+    copies 2.8 MB, which row_gather.cc splits between two threads where
+    there are two CPUs."""
     if not rows_lib._copies_rows(jnp.zeros((1, 1), jnp.float32)):
       self.skipTest('no custom calls here (not built or not the CPU)')
     height, width = 4, 5
