@@ -16,10 +16,13 @@ Needs JAX's CUDA plugin in the environment, e.g. a venv of its own:
   JAX_PLATFORMS=cpu /tmp/gpu-venv/bin/python -m benchmarks.gpu_kernels
 
 Models are built as on a GPU (`fast_conv_backward=False`: XLA's own
-convolutions; `remat=False`), in evaluation for the forward. The training
-step is the forward and gradient of cross-entropy + 0.01 ponder cost and a
-plain SGD update (the trainer's without its metrics and momentum). Prints
-a table and writes JSON (`--out`).
+convolutions), in evaluation for the forward. The training step is the
+forward and gradient of cross-entropy + 0.01 ponder cost and a plain SGD
+update (the trainer's without its metrics and momentum), its units
+rematerialised where the trainer's config has them so (`--remat_families`).
+Besides the kernels it adds up the bytes they read and write: at batch 32
+and above the elementwise kernels are bound by memory traffic. Prints a
+table and writes JSON (`--out`).
 """
 
 import collections
@@ -46,6 +49,10 @@ _TYPES = flags.DEFINE_list('model_types', ['vanilla', 'act', 'sact'],
                            'Model types.')
 _UNROLL = flags.DEFINE_bool('unroll', False,
                             'Unrolled blocks instead of scans.')
+_REMAT = flags.DEFINE_list(
+    'remat_families', ['imagenet'],
+    'Families whose training steps rematerialise the scanned units, as the '
+    "trainer's configs have them (ImageNet ResNet-101: `remat=True`).")
 _OUT = flags.DEFINE_string('out', 'benchmarks/results/gpu_kernels.json',
                            'JSON output path.')
 
@@ -78,8 +85,9 @@ _NO_KERNEL = frozenset((
     'add-dependency', 'partition-id', 'replica-id'))
 _COMPUTATION = re.compile(r'^(ENTRY\s+)?%(\S+)\s.*\{\s*$')
 _INSTRUCTION = re.compile(
-    r'^\s*(?:ROOT\s+)?%\S+\s*=\s*(\(.*?\)|\S+)\s+([a-z][a-z0-9-]*)\((.*)$')
+    r'^\s*(ROOT\s+)?%(\S+)\s*=\s*(\(.*?\)|\S+)\s+([a-z][a-z0-9-]*)\((.*)$')
 _ARRAY = re.compile(r'\b([a-z]+\d*)\[([\d,]*)\]')
+_NAME = re.compile(r'%([\w.\-]+)')
 _BYTES = {'f32': 4, 's32': 4, 'u32': 4, 'f16': 2, 'bf16': 2, 's8': 1,
           'u8': 1, 'pred': 1}
 
@@ -95,9 +103,21 @@ def _bytes(shape: str) -> int:
   return total
 
 
+def _operands(rest: str) -> str:
+  """The operand list of an instruction: its text up to the closing
+  parenthesis of the call."""
+  depth = 1
+  for i, c in enumerate(rest):
+    depth += (c in '([{') - (c in ')]}')
+    if not depth:
+      return rest[:i]
+  return rest
+
+
 def _computations(hlo: str) -> tuple[dict, str]:
-  """`{name: [(opcode, result shape, rest of line)]}` of an HLO module's
-  text, and the entry computation's name."""
+  """`{name: [instruction]}` of an HLO module's text (each a dict of
+  `name`, `op`, `shape`, `rest` of the line, `root`), and the entry
+  computation's name."""
   computations, current, entry = {}, None, None
   for line in hlo.split('\n'):
     m = _COMPUTATION.match(line)
@@ -110,39 +130,90 @@ def _computations(hlo: str) -> tuple[dict, str]:
     elif current is not None:
       mi = _INSTRUCTION.match(line)
       if mi:
-        computations[current].append((mi.group(2), mi.group(1),
-                                      mi.group(3)))
+        computations[current].append(dict(
+            root=bool(mi.group(1)), name=mi.group(2), shape=mi.group(3),
+            op=mi.group(4), rest=mi.group(5)))
   return computations, entry
 
 
+def _fusion_traffic(instructions: list[dict]) -> tuple[int, int]:
+  """Bytes a fusion reads and writes, from its fused computation.
+
+  A parameter that the fusion only slices counts as the slices; the buffer
+  a dynamic-update-slice writes into in place counts as nothing read and
+  the update written (a scan's stacked residuals and gradients).
+  """
+  by_name = {i['name']: i for i in instructions}
+  users = collections.defaultdict(list)
+  for i in instructions:
+    for operand in _NAME.findall(_operands(i['rest'])):
+      users[operand].append(i)
+  read = 0
+  for i in instructions:
+    if i['op'] != 'parameter':
+      continue
+    uses = users[i['name']]
+    if uses and all(u['op'] in ('slice', 'dynamic-slice') for u in uses):
+      read += sum(_bytes(u['shape']) for u in uses)
+    elif not (uses and all(
+        u['op'] == 'dynamic-update-slice'
+        and _NAME.findall(_operands(u['rest']))[0] == i['name']
+        for u in uses)):
+      read += _bytes(i['shape'])
+  root = next(i for i in instructions if i['root'])
+  outputs = ([by_name[n] for n in _NAME.findall(_operands(root['rest']))]
+             if root['op'] == 'tuple' else [root])
+  written = 0
+  for out in outputs:
+    if out['op'] == 'dynamic-update-slice':
+      update = _NAME.findall(_operands(out['rest']))[1]
+      written += _bytes(by_name[update]['shape']) if update in by_name else 0
+    else:
+      written += _bytes(out['shape'])
+  return read, written
+
+
 def count_kernels(hlo: str) -> dict:
-  """Kernels launched per call of an optimised GPU program, by kind.
+  """Kernels launched per call of an optimised GPU program, by kind, and
+  the bytes they move.
 
   Walks the entry computation and what it runs (loop bodies and
   conditions times their known trip count, the first branch of a
   conditional, calls); fusions are counted by kind, library calls by
-  target. `written_mb` adds up the kernels' results: the memory traffic a
-  program cannot avoid, where a large batch is bound by it (reads are not
-  counted: a fusion may read a slice of an operand).
+  target. `read_mb` and `written_mb` add up what each kernel reads and
+  writes (`_fusion_traffic`; a library call, its operands and results):
+  where a large batch is bound by memory traffic, the time follows them.
+  Each kernel counts on its own, as if nothing stayed in the L2 cache.
   """
   computations, entry = _computations(hlo)
   kinds = collections.Counter()
   loop_bodies = []
-  written = [0]
+  traffic = [0, 0]
 
   def callee(rest, key):
     return re.search(key + r'=%([\w.\-]+)', rest).group(1)
 
   def visit(name, times):
-    for op, shape, rest in computations[name]:
-      if op not in _NO_KERNEL:
-        written[0] += _bytes(shape) * times
+    shapes = {i['name']: i['shape'] for i in computations[name]}
+    for i in computations[name]:
+      op, rest = i['op'], i['rest']
+      if op == 'fusion':
+        read, written = _fusion_traffic(
+            computations[callee(rest, 'calls')])
+      elif op in _NO_KERNEL:
+        read = written = 0
+      else:
+        read = sum(_bytes(shapes.get(n, ''))
+                   for n in _NAME.findall(_operands(rest)))
+        written = _bytes(i['shape'])
+      traffic[0] += read * times
+      traffic[1] += written * times
       if op == 'while':
         trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
         trips = int(trips.group(1)) if trips else 1
         body = callee(rest, 'body')
-        loop_bodies.append(sum(1 for o, _, _ in computations[body]
-                               if o not in _NO_KERNEL))
+        loop_bodies.append(sum(1 for j in computations[body]
+                               if j['op'] not in _NO_KERNEL))
         visit(body, times * trips)
         visit(callee(rest, 'condition'), times * trips)
       elif op == 'conditional':
@@ -161,21 +232,23 @@ def count_kernels(hlo: str) -> dict:
 
   visit(entry, 1)
   return {'kernels': sum(kinds.values()), 'loop_bodies': loop_bodies,
-          'written_mb': written[0] / 1e6, 'kinds': dict(kinds.most_common())}
+          'read_mb': traffic[0] / 1e6, 'written_mb': traffic[1] / 1e6,
+          'kinds': dict(kinds.most_common())}
 
 
-def _build(family: str, model_type: str):
+def _build(family: str, model_type: str, remat: bool):
   model = _MODELS[family]
   return create_model(family, model['depth'], model_type,
                       num_classes=model['num_classes'], rngs=nnx.Rngs(0),
-                      fast_conv_backward=False, remat=False,
+                      fast_conv_backward=False, remat=remat,
                       unroll=_UNROLL.value)
 
 
 def compile_program(kind: str, family: str, model_type: str, batch: int,
                     sharding) -> str:
   """The optimised HLO of one program, compiled for the target."""
-  abstract = nnx.eval_shape(lambda: _build(family, model_type))
+  remat = kind == 'train' and family in _REMAT.value
+  abstract = nnx.eval_shape(lambda: _build(family, model_type, remat))
   if kind == 'forward':
     abstract.eval()
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
@@ -217,7 +290,8 @@ def main(argv):
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   rows = []
   print(f'{"program":<20} {"type":<8} {"kernels":>8} {"/vanilla":>9} '
-        f'{"written MB":>11} {"per loop iteration":<24}')
+        f'{"read GB":>8} {"written GB":>10} {"/vanilla":>9} '
+        f'{"per loop iteration":<24}')
   for program in _PROGRAMS.value:
     kind, family, batch = program.split(':')
     base = None
@@ -228,12 +302,16 @@ def main(argv):
       row = {'program': program, 'model_type': model_type,
              'unroll': _UNROLL.value,
              'compile_s': time.perf_counter() - t0, **counts}
-      base = row['kernels'] if model_type == 'vanilla' else base
-      row['vs_vanilla'] = row['kernels'] / base if base else None
+      moved = row['read_mb'] + row['written_mb']
+      if model_type == 'vanilla':
+        base = (row['kernels'], moved)
+      row['vs_vanilla'] = row['kernels'] / base[0] if base else None
+      row['bytes_vs_vanilla'] = moved / base[1] if base else None
       rows.append(row)
       print(f'{program:<20} {model_type:<8} {row["kernels"]:>8} '
             f'{row["vs_vanilla"] or float("nan"):>9.2f} '
-            f'{row["written_mb"]:>11.1f} '
+            f'{row["read_mb"] / 1e3:>8.2f} {row["written_mb"] / 1e3:>10.2f} '
+            f'{row["bytes_vs_vanilla"] or float("nan"):>9.2f} '
             f'{str(sorted(set(row["loop_bodies"]))):<24}', flush=True)
   benchmarks.write_json(_OUT.value, {
       'jax': jax.__version__, 'target': 'H200 (sm_90), compile-only',

@@ -210,18 +210,19 @@ def _taps(x_BxHxWxI, w_KxLxIxO, strides, padding, precision):
              for i in range(kh) for j in range(kw))
 
 
-def _taps_bwd(strides, padding, precision, x_BxHxWxI, w_KxLxIxO, g_BxPxQxO):
-  """The transpose of `_taps`, written out so that it stays two dots.
+def _shifted_gradients(strides, padding, x_shape, w_shape, g_BxPxQxO):
+  """`[B, H, W, kh * kw * O]`: what each tap of each input position
+  received, channel `(i * kw + j) * O + o` for tap (i, j).
 
   Tap (i, j) of padded position (p * s + i, q * s + j) received g[p, q]:
   its gradient is `g` dilated by the stride and shifted by (i, j), and the
   taps stacked are one elementwise fusion. (Autodiff of the strided slices
   gives one scatter per tap instead, 25x slower on XLA:CPU.)
   """
-  kh, kw, cin, cout = w_KxLxIxO.shape
+  kh, kw, _, _ = w_shape
   sh, sw = strides
   (top, bottom), (left, right) = padding
-  _, h, w, _ = x_BxHxWxI.shape
+  _, h, w, _ = x_shape
   hp, wp = h + top + bottom, w + left + right
   _, p, q, _ = g_BxPxQxO.shape
   zero = jnp.zeros((), g_BxPxQxO.dtype)
@@ -231,7 +232,15 @@ def _taps_bwd(strides, padding, precision, x_BxHxWxI, w_KxLxIxO, g_BxPxQxO):
       taps.append(lax.pad(g_BxPxQxO, zero, (
           (0, 0, 0), (i, hp - i - (p - 1) * sh - 1, sh - 1),
           (j, wp - j - (q - 1) * sw - 1, sw - 1), (0, 0, 0))))
-  dz = jnp.concatenate(taps, axis=-1)[:, top:top + h, left:left + w]
+  return jnp.concatenate(taps, axis=-1)[:, top:top + h, left:left + w]
+
+
+def _taps_bwd(strides, padding, precision, x_BxHxWxI, w_KxLxIxO, g_BxPxQxO):
+  """The transpose of `_taps`, written out so that it stays two dots over
+  the shifted gradients (`_shifted_gradients`)."""
+  kh, kw, cin, cout = w_KxLxIxO.shape
+  dz = _shifted_gradients(strides, padding, x_BxHxWxI.shape,
+                          w_KxLxIxO.shape, g_BxPxQxO)
   dx = lax.dot_general(dz, _taps_kernel(w_KxLxIxO),
                        (((3,), (1,)), ((), ())), precision=precision)
   dw_IxT = lax.dot_general(x_BxHxWxI, dz, (((0, 1, 2), (0, 1, 2)), ((), ())),
@@ -277,10 +286,25 @@ def _window_sum_fwd(x, w, padding):
 
 
 def _window_sum_bwd(padding, residuals, g_BxPxQx1):
-  """`_taps_bwd`: the output gradient at every tap's shift (one fusion),
-  then two dots, where autodiff of the windows makes a kernel per tap."""
+  """The output gradient at every tap's shift (`_shifted_gradients`, a
+  small map), where autodiff of the windows makes a kernel per tap.
+
+  The input's gradient is then the sum over the taps of that map times
+  the tap's weights, written as elementwise products so that XLA merges
+  it into the fusion that adds the input's other gradients: as `_taps_bwd`'s
+  dot, a GPU wrote it out as a map and read it back (a SACT head's
+  backward pass, a map of the unit's width each way). The kernel's
+  gradient stays a dot, which reads the input once.
+  """
   x_BxHxWxI, w_KxLxIx1 = residuals
-  return _taps_bwd((1, 1), padding, None, x_BxHxWxI, w_KxLxIx1, g_BxPxQx1)
+  kh, kw, cin, _ = w_KxLxIx1.shape
+  dz_BxHxWxT = _shifted_gradients((1, 1), padding, x_BxHxWxI.shape,
+                                  w_KxLxIx1.shape, g_BxPxQx1)
+  w_TxI = w_KxLxIx1.reshape(kh * kw, cin)
+  dx = sum(dz_BxHxWxT[..., t:t + 1] * w_TxI[t] for t in range(kh * kw))
+  dw_IxT = lax.dot_general(x_BxHxWxI, dz_BxHxWxT,
+                           (((0, 1, 2), (0, 1, 2)), ((), ())))
+  return dx, dw_IxT.reshape(cin, kh, kw, 1).transpose(1, 2, 0, 3)
 
 
 window_sum.defvjp(_window_sum_fwd, _window_sum_bwd)

@@ -132,6 +132,37 @@ def batch_norm_affine(bn: nnx.BatchNorm) -> tuple[jax.Array, jax.Array]:
   return scale_C, shift_C
 
 
+def batch_statistics_affine(bn: nnx.BatchNorm, x_XxC: jax.Array
+                            ) -> tuple[jax.Array, jax.Array]:
+  """`bn(x)` in training as `x * scale + shift`, per channel.
+
+  The statistics are `nnx.BatchNorm`'s: the mean over every axis but the
+  last and the variance as `E[x^2] - E[x]^2` clipped at 0 (its default
+  `use_fast_variance`), and the running averages are updated as its call
+  updates them. Lets a conv that reads the normalised map take the scale
+  into its kernel in training too, so that the normalised map is never
+  written out (`halting.SactHead.folds_batch_statistics`).
+  """
+  if not bn.use_fast_variance or bn.axis != -1 or bn.axis_name is not None:
+    raise ValueError('batch_statistics_affine computes the default '
+                     'BatchNorm (last axis, fast variance, no axis name).')
+  axes = tuple(range(x_XxC.ndim - 1))
+  mean_C = jnp.mean(x_XxC, axes)
+  var_C = jnp.maximum(0.0, jnp.mean(jnp.square(x_XxC), axes)
+                      - jnp.square(mean_C))
+  keep = bn.momentum
+  bn.mean[...] = jax.lax.stop_gradient(keep * bn.mean[...]
+                                       + (1 - keep) * mean_C)
+  bn.var[...] = jax.lax.stop_gradient(keep * bn.var[...] + (1 - keep) * var_C)
+  scale_C = jax.lax.rsqrt(var_C + bn.epsilon)
+  if bn.scale is not None:
+    scale_C = scale_C * bn.scale[...]
+  shift_C = -mean_C * scale_C
+  if bn.bias is not None:
+    shift_C = shift_C + bn.bias[...]
+  return scale_C, shift_C
+
+
 def _strides(conv: nnx.Conv) -> tuple[int, int]:
   strides = conv.strides
   return (strides, strides) if isinstance(strides, int) else tuple(strides)

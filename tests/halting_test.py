@@ -85,6 +85,51 @@ class SactHeadTest(parameterized.TestCase):
         jax.grad(loss, argnums=(0, 1))(state, x, False), rtol=1e-4,
         atol=1e-4)
 
+  @parameterized.parameters((2, 5, 7), (1, 1, 1), (4, 14, 14))
+  def test_batch_statistics_fold_equals_bn_then_sums(self, *shape):
+    """In training with window sums (GPUs, TPUs) the identity-activation
+    head folds the batch statistics: BatchNorm-then-sums' values,
+    gradients and running averages."""
+    head = _sact_head(6, layers.identity, False)
+    self.assertTrue(head.folds_batch_statistics)
+    self.assertFalse(_sact_head(6, layers.leaky_relu, False)
+                     .folds_batch_statistics)
+    self.assertFalse(_sact_head(6, layers.identity, True)
+                     .folds_batch_statistics)
+    x = tu.images((*shape, 6), seed=5) * 2.0 + 0.5
+    before = {name: np.asarray(getattr(head.local_bn, name)[...])
+              for name in ('mean', 'var')}
+
+    def local(x, folded):
+      h = _sact_head(6, layers.identity, False)  # Fresh statistics.
+      if folded:
+        out = h.local_logits(x)
+      else:
+        out = h.local_conv(h.local_features(x))[..., 0]
+      return out, {name: np.asarray(getattr(h.local_bn, name)[...])
+                   for name in before}
+
+    (got, got_stats), (expected, expected_stats) = (
+        local(x, True), local(x, False))
+    chex.assert_shape(got, shape)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    for name in before:
+      np.testing.assert_allclose(got_stats[name], expected_stats[name],
+                                 rtol=1e-6, atol=1e-7)
+      self.assertFalse(np.allclose(got_stats[name], before[name]))
+    graphdef, state = nnx.split(head)
+
+    def loss(state, x, folded):
+      h = nnx.merge(graphdef, state)
+      if folded:
+        return jnp.sum(jnp.sin(h.local_logits(x)))
+      return jnp.sum(jnp.sin(h.local_conv(h.local_features(x))[..., 0]))
+
+    chex.assert_trees_all_close(
+        jax.grad(loss, argnums=(0, 1))(state, x, True),
+        jax.grad(loss, argnums=(0, 1))(state, x, False), rtol=1e-4,
+        atol=1e-4)
+
   def test_folded_head_gradient_matches(self):
     head = _sact_head(5, layers.identity, True)
     head.eval()

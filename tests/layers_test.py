@@ -1,0 +1,58 @@
+"""Tests of `sact_jax.layers`' BatchNorm affines."""
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import chex
+from flax import nnx
+import jax.numpy as jnp
+import numpy as np
+
+from sact_jax import layers
+import testing_utils as tu
+
+
+def _bn(channels: int, **kwargs) -> nnx.BatchNorm:
+  bn = nnx.BatchNorm(channels, momentum=0.9, epsilon=1e-3,
+                     rngs=nnx.Rngs(0), **kwargs)
+  rng = np.random.default_rng(1)
+  bn.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, channels), jnp.float32)
+  bn.bias[...] = jnp.asarray(rng.normal(size=channels), jnp.float32)
+  bn.mean[...] = jnp.asarray(rng.normal(size=channels), jnp.float32)
+  bn.var[...] = jnp.asarray(rng.uniform(0.5, 2.0, channels), jnp.float32)
+  return bn
+
+
+class BatchNormAffineTest(parameterized.TestCase):
+
+  @parameterized.parameters(((3, 4, 5, 6),), ((7, 6),), ((1, 1, 1, 6),))
+  def test_batch_statistics_affine_is_the_training_batch_norm(self, shape):
+    x = tu.images(shape, seed=2) * 3.0 - 1.0
+    ours, theirs = _bn(6), _bn(6)
+    scale_C, shift_C = layers.batch_statistics_affine(ours, x)
+    chex.assert_shape((scale_C, shift_C), (6,))
+    np.testing.assert_allclose(x * scale_C + shift_C, theirs(x), rtol=1e-5,
+                               atol=1e-5)
+    # The running averages moved as nnx.BatchNorm's call moves them.
+    for name in ('mean', 'var'):
+      np.testing.assert_allclose(getattr(ours, name)[...],
+                                 getattr(theirs, name)[...], rtol=1e-6,
+                                 atol=1e-7)
+      self.assertFalse(np.allclose(getattr(ours, name)[...],
+                                   getattr(_bn(6), name)[...]))
+
+  def test_batch_norm_affine_is_the_evaluation_batch_norm(self):
+    bn = _bn(6)
+    bn.eval()
+    x = tu.images((2, 3, 3, 6), seed=3)
+    scale_C, shift_C = layers.batch_norm_affine(bn)
+    np.testing.assert_allclose(x * scale_C + shift_C, bn(x), rtol=1e-5,
+                               atol=1e-5)
+
+  def test_other_batch_norms_are_refused(self):
+    x = jnp.ones((2, 6))
+    with self.assertRaisesRegex(ValueError, 'fast variance'):
+      layers.batch_statistics_affine(_bn(6, use_fast_variance=False), x)
+
+
+if __name__ == '__main__':
+  absltest.main()
