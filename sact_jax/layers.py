@@ -14,8 +14,15 @@ Activation = Callable[[jax.Array], jax.Array]
 
 
 def leaky_relu(x: jax.Array) -> jax.Array:
-  """The reference CIFAR nonlinearity, `max(x, 0.1 x)`."""
-  return jnp.maximum(x, 0.1 * x)
+  """The reference CIFAR nonlinearity, `max(x, 0.1 x)`, as a select.
+
+  The same values; the gradient is 1 from 0 up, 0.1 below (TensorFlow's
+  for the maximum, where JAX's splits a tie: 0.55 at 0). Autodiff of the
+  select keeps only which side `x` is on, where the maximum's keeps two
+  float masks per activation: on a GPU a CIFAR training step then moves
+  a fifth fewer bytes (BUILD.md, "ACT and SACT over vanilla on a GPU").
+  """
+  return jnp.where(x >= 0, x, 0.1 * x)
 
 
 def identity(x: jax.Array) -> jax.Array:

@@ -4,6 +4,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import chex
 from flax import nnx
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -20,6 +21,21 @@ def _bn(channels: int, **kwargs) -> nnx.BatchNorm:
   bn.mean[...] = jnp.asarray(rng.normal(size=channels), jnp.float32)
   bn.var[...] = jnp.asarray(rng.uniform(0.5, 2.0, channels), jnp.float32)
   return bn
+
+
+class LeakyReluTest(absltest.TestCase):
+
+  def test_values_and_gradient(self):
+    x = jnp.array([-3.0, -1e-30, -0.0, 0.0, 1e-30, 2.5, jnp.nan, -jnp.inf,
+                   jnp.inf])
+    got = layers.leaky_relu(x)
+    np.testing.assert_array_equal(got, jnp.maximum(x, 0.1 * x))
+    np.testing.assert_array_equal(jnp.signbit(got),
+                                  jnp.signbit(jnp.maximum(x, 0.1 * x)))
+    grad = jax.vmap(jax.grad(layers.leaky_relu))(x[:6])
+    # TensorFlow's gradient of the maximum: 1 from 0 up, 0.1 below.
+    np.testing.assert_allclose(grad, [0.1, 0.1, 1.0, 1.0, 1.0, 1.0],
+                               rtol=1e-7)
 
 
 class BatchNormAffineTest(parameterized.TestCase):
