@@ -52,7 +52,7 @@ def sact_runs(num_units_BxHxW: jax.Array, num_heads: int
 
 def _head_scores(head: nnx.Module, x: jax.Array, remat: bool) -> jax.Array:
   """`head(x)`, recomputed from `x` in the backward pass where a SACT
-  head would otherwise keep maps of its own.
+  head in training would otherwise keep maps of its own.
 
   Where the units are not rematerialised (accelerators), autodiff keeps
   for every unit what the local term's backward reads: the normalised map,
@@ -63,6 +63,7 @@ def _head_scores(head: nnx.Module, x: jax.Array, remat: bool) -> jax.Array:
   recomputing it would read more.
   """
   if (remat or not isinstance(head, halting.SactHead)
+      or head.local_bn.use_running_average  # Evaluation: nothing kept.
       or head.folds_batch_statistics):
     return head(x)
   return nnx.remat(lambda head, x: head(x))(head, x)

@@ -278,6 +278,12 @@ class BlockScanTest(parameterized.TestCase):
     closed = jax.make_jaxpr(
         lambda state, x: _scan(nnx.merge(graphdef, state), x)[0])(state, x)
     self.assertEqual(_remats(_scan_body(closed.jaxpr)), remats)
+    block.eval()  # Nothing is kept for a backward pass: no remat.
+    graphdef, state = nnx.split(block)
+    closed = jax.make_jaxpr(
+        lambda state, x: _scan(nnx.merge(graphdef, state), x)[0])(state, x)
+    self.assertEqual(_remats(_scan_body(closed.jaxpr)), 0)
+    block.train()
     if model_type == 'sact':
       self.assertEqual(block.steps.head.folds_batch_statistics, remats == 0)
 
