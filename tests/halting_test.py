@@ -22,10 +22,7 @@ def _sact_head(channels: int, activation, fast_conv: bool, seed: int = 0
                           rngs=nnx.Rngs(seed))
   rng = np.random.default_rng(seed)
   for bn in (head.local_bn, head.global_bn):
-    bn.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, channels), jnp.float32)
-    bn.bias[...] = jnp.asarray(rng.normal(size=channels), jnp.float32)
-    bn.mean[...] = jnp.asarray(rng.normal(size=channels), jnp.float32)
-    bn.var[...] = jnp.asarray(rng.uniform(0.5, 2.0, channels), jnp.float32)
+    tu.randomize_batch_norm(bn, rng)
   return head
 
 

@@ -15,11 +15,7 @@ import testing_utils as tu
 def _bn(channels: int, **kwargs) -> nnx.BatchNorm:
   bn = nnx.BatchNorm(channels, momentum=0.9, epsilon=1e-3,
                      rngs=nnx.Rngs(0), **kwargs)
-  rng = np.random.default_rng(1)
-  bn.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, channels), jnp.float32)
-  bn.bias[...] = jnp.asarray(rng.normal(size=channels), jnp.float32)
-  bn.mean[...] = jnp.asarray(rng.normal(size=channels), jnp.float32)
-  bn.var[...] = jnp.asarray(rng.uniform(0.5, 2.0, channels), jnp.float32)
+  tu.randomize_batch_norm(bn, np.random.default_rng(1))
   return bn
 
 

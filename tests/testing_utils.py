@@ -130,6 +130,15 @@ def forward(model: nnx.Module, images: jax.Array) -> tuple[jax.Array, dict]:
   return model(images)
 
 
+def randomize_batch_norm(bn: nnx.BatchNorm, rng: np.random.Generator):
+  """Random, non-trivial scale, bias and running statistics for `bn`."""
+  channels = bn.num_features
+  bn.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, channels), jnp.float32)
+  bn.bias[...] = jnp.asarray(rng.normal(size=channels), jnp.float32)
+  bn.mean[...] = jnp.asarray(rng.normal(size=channels), jnp.float32)
+  bn.var[...] = jnp.asarray(rng.uniform(0.5, 2.0, channels), jnp.float32)
+
+
 def images(shape: tuple[int, ...], seed: int = 0) -> jax.Array:
   """Random images with a per-image gain and offset, so images differ."""
   rng = np.random.default_rng(seed)
