@@ -53,6 +53,10 @@ _REMAT = flags.DEFINE_list(
     'remat_families', ['imagenet'],
     'Families whose training steps rematerialise the scanned units, as the '
     "trainer's configs have them (ImageNet ResNet-101: `remat=True`).")
+_REMAT_MODE = flags.DEFINE_enum(
+    'remat_mode', 'all', ['all', 'convs'],
+    "How those families rematerialise: the whole unit (`remat=True`) or "
+    "all but the convolutions' outputs (`remat='convs'`).")
 _OUT = flags.DEFINE_string('out', 'benchmarks/results/gpu_kernels.json',
                            'JSON output path.')
 
@@ -148,17 +152,19 @@ def _fusion_traffic(instructions: list[dict]) -> tuple[int, int]:
   for i in instructions:
     for operand in _NAME.findall(_operands(i['rest'])):
       users[operand].append(i)
+  def only(uses, ops, name):  # Every use takes `name` as what it slices.
+    return uses and all(u['op'] in ops and
+                        _NAME.findall(_operands(u['rest']))[0] == name
+                        for u in uses)
+
   read = 0
   for i in instructions:
     if i['op'] != 'parameter':
       continue
     uses = users[i['name']]
-    if uses and all(u['op'] in ('slice', 'dynamic-slice') for u in uses):
+    if only(uses, ('slice', 'dynamic-slice'), i['name']):
       read += sum(_bytes(u['shape']) for u in uses)
-    elif not (uses and all(
-        u['op'] == 'dynamic-update-slice'
-        and _NAME.findall(_operands(u['rest']))[0] == i['name']
-        for u in uses)):
+    elif not only(uses, ('dynamic-update-slice',), i['name']):
       read += _bytes(i['shape'])
   root = next(i for i in instructions if i['root'])
   outputs = ([by_name[n] for n in _NAME.findall(_operands(root['rest']))]
@@ -236,7 +242,7 @@ def count_kernels(hlo: str) -> dict:
           'kinds': dict(kinds.most_common())}
 
 
-def _build(family: str, model_type: str, remat: bool):
+def _build(family: str, model_type: str, remat: bool | str):
   model = _MODELS[family]
   return create_model(family, model['depth'], model_type,
                       num_classes=model['num_classes'], rngs=nnx.Rngs(0),
@@ -247,7 +253,8 @@ def _build(family: str, model_type: str, remat: bool):
 def compile_program(kind: str, family: str, model_type: str, batch: int,
                     sharding) -> str:
   """The optimised HLO of one program, compiled for the target."""
-  remat = kind == 'train' and family in _REMAT.value
+  remat = kind == 'train' and family in _REMAT.value and (
+      True if _REMAT_MODE.value == 'all' else 'convs')
   abstract = nnx.eval_shape(lambda: _build(family, model_type, remat))
   if kind == 'forward':
     abstract.eval()

@@ -8,13 +8,15 @@ Run by hand on a GPU (it runs on the CPU too, slowly):
 
 The paper's overhead question on the GPU: the training step (the trainer's
 own, `benchmarks.steps`) of CIFAR ResNet-110 at batch 128 and ImageNet
-ResNet-101 at 224, batch 64, in vanilla, ACT and SACT; and the dense forward
-in evaluation at batch 1 and 32, scanned and unrolled. The programs of a
-phase are traced one after another and compiled at once (in threads: XLA
-compiles without holding the GIL), then timed interleaved, call by call,
-so that every ratio comes from one stretch of time. Ratios to vanilla are
-medians of per-round ratios. Prints tables and writes JSON (`--out`) after
-each phase.
+ResNet-101 at 224, batch 64, in vanilla, ACT and SACT, as the trainer
+builds them and with `remat='convs'` (`--train_variants`); and the dense
+forward in evaluation at batch 1 and 32, scanned and unrolled. The
+programs of a phase are traced one after another and compiled at once (in
+threads: XLA compiles without holding the GIL), then timed interleaved,
+call by call, so that every ratio comes from one stretch of time. Ratios
+to vanilla (and of a variant to the trainer's step) are medians of
+per-round ratios. Prints tables and writes JSON (`--out`) after each
+phase.
 """
 
 import concurrent.futures
@@ -56,6 +58,11 @@ _UNROLLED_FAMILIES = flags.DEFINE_list(
 _TRAIN_BATCHES = flags.DEFINE_list(
     'train_batches', ['cifar:128', 'imagenet:64'],
     'family:batch of the training steps (empty: no training phase).')
+_TRAIN_VARIANTS = flags.DEFINE_list(
+    'train_variants', ['scan', 'scan_convs'],
+    'Variants of the training steps (`benchmarks.steps.VARIANT_CONFIG`): '
+    "scan, the trainer's own; scan_convs, its units rematerialised keeping "
+    "the convolutions' outputs (`remat='convs'`).")
 _ROUNDS = flags.DEFINE_integer('rounds', 30, 'Timed forward rounds.')
 _TRAIN_ROUNDS = flags.DEFINE_integer('train_rounds', 10,
                                      'Timed training rounds.')
@@ -199,16 +206,24 @@ def profile(fns: dict, tag: str) -> dict:
 
 
 def summarise(samples: dict) -> list[dict]:
-  """Median seconds per program and the median per-round ratio to the
-  vanilla program of its group (keys are `<group>-<model type>`)."""
+  """Median seconds per program and the median per-round ratios to the
+  vanilla program of its group (keys are `<group>-<model type>`) and, for a
+  training variant, to the same program as the trainer builds it (`scan`).
+  """
+  def ratio(values, base):
+    return float(np.median(np.array(values) / np.array(samples[base])))
+
   rows = []
   for key, values in samples.items():
     base = key.rsplit('-', 1)[0] + '-vanilla'
     row = {'key': key, 'median_s': float(np.median(values)),
            'min_s': float(np.min(values))}
     if base in samples:
-      row['vs_vanilla'] = float(np.median(
-          np.array(values) / np.array(samples[base])))
+      row['vs_vanilla'] = ratio(values, base)
+    for variant in _TRAIN_VARIANTS.value:
+      scan = key.replace(f'-{variant}-', '-scan-')
+      if f'-{variant}-' in key and scan != key and scan in samples:
+        row['vs_scan'] = ratio(values, scan)
     rows.append(row)
   return rows
 
@@ -225,11 +240,12 @@ def measure(title: str, lowered: dict, trace_s: float, make_fn,
   fns = {k: make_fn(k, c) for k, (c, _) in compiled.items()}
   rows = summarise(interleaved(fns, rounds))
   print(f'\n{title}\n{"program":<38} {"median ms":>10} {"min ms":>9} '
-        f'{"/vanilla":>9}')
+        f'{"/vanilla":>9} {"/scan":>7}')
   for r in rows:
     r['compile_s'] = compiled[r['key']][1]
     print(f'{r["key"]:<38} {r["median_s"] * 1e3:>10.2f} '
-          f'{r["min_s"] * 1e3:>9.2f} {r.get("vs_vanilla", float("nan")):>9.2f}')
+          f'{r["min_s"] * 1e3:>9.2f} {r.get("vs_vanilla", float("nan")):>9.2f} '
+          f'{r.get("vs_scan", float("nan")):>7.2f}')
   return rows, fns
 
 
@@ -261,12 +277,13 @@ def train_phase(result: dict, write):
     family, batch = item.split(':')
     if family not in _FAMILIES.value:
       continue
-    for model_type in _TYPES.value:
-      low, state, batch_arrays, _ = steps.lower_step(
-          _MODELS[family]['depth'], model_type, int(batch), family=family,
-          variant='scan')
-      key = f'{family}-b{batch}-{model_type}'
-      lowered[key], args[key] = low, (state, batch_arrays)
+    for variant in _TRAIN_VARIANTS.value:
+      for model_type in _TYPES.value:
+        low, state, batch_arrays, _ = steps.lower_step(
+            _MODELS[family]['depth'], model_type, int(batch), family=family,
+            variant=variant)
+        key = f'{family}-b{batch}-{variant}-{model_type}'
+        lowered[key], args[key] = low, (state, batch_arrays)
   result['train'], fns = measure(
       'training step', lowered, time.perf_counter() - t0,
       lambda k, c: steps.stepper(c, *args[k]), _TRAIN_ROUNDS.value)

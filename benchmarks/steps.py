@@ -22,6 +22,7 @@ VARIANT_CONFIG = {
     'unrolled': {'unroll': True},
     'scan_remat': {'remat': True},
     'scan_noremat': {'remat': False},
+    'scan_convs': {'remat': 'convs'},
     'scan_ynn': {},
     'xlaconv': {},
 }

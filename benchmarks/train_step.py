@@ -47,6 +47,7 @@ _COMPILE_ONLY = flags.DEFINE_bool(
 _VARIANTS = flags.DEFINE_list(
     'variants', ['scan'], 'scan (the defaults: remat on the CPU), unrolled '
     '(config.unroll), scan_remat (remat on), scan_noremat (remat off), '
+    "scan_convs (remat keeping the convolutions' outputs), "
     'scan_ynn (without the CPU training compiler options: '
     "jaxlib's default YNNPACK convolutions), xlaconv (XLA's convolutions "
     "instead of oneDNN's).")

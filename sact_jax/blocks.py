@@ -27,6 +27,14 @@ from sact_jax import halting
 
 ModelType = Literal['vanilla', 'act', 'sact']
 MODEL_TYPES = ('vanilla', 'act', 'sact')
+# `remat` values: the backend's default, none, the whole unit, or all but
+# the outputs of XLA's convolutions.
+REMAT_MODES = (None, False, True, 'convs')
+
+
+def _keeps_convs(prim, *_, **__) -> bool:
+  """A `jax.checkpoint` policy: keep what XLA's convolutions output."""
+  return prim is lax.conv_general_dilated_p
 
 
 def sact_runs(num_units_BxHxW: jax.Array, num_heads: int
@@ -50,7 +58,8 @@ def sact_runs(num_units_BxHxW: jax.Array, num_heads: int
           jnp.minimum(num_units_BxHxW, num_heads))
 
 
-def _head_scores(head: nnx.Module, x: jax.Array, remat: bool) -> jax.Array:
+def _head_scores(head: nnx.Module, x: jax.Array,
+                 remat: bool | str) -> jax.Array:
   """`head(x)`, recomputed from `x` in the backward pass where a SACT
   head in training would otherwise keep maps of its own.
 
@@ -91,10 +100,16 @@ class Block(nnx.Module):
     model_type: 'vanilla', 'act' (one halting score per image) or 'sact'
       (one per position).
     eps: halting threshold is `1 - eps`.
-    remat: rematerialise each scanned unit in the backward pass. None: on
-      the CPU only, where a scan's stacked per-unit residuals cost more
-      memory traffic than recomputing the forward (BUILD.md, "The scan trap
-      (XLA:CPU) and compile times"); accelerators keep their residuals.
+    remat: rematerialise each scanned unit in the backward pass. True:
+      recompute the whole unit; 'convs': keep the outputs of XLA's
+      convolutions and recompute the rest, the BatchNorms, activations and
+      heads (on a GPU a fifth fewer bytes than keeping everything, counted
+      for CIFAR; BUILD.md, "ACT and SACT over vanilla on a GPU"; the CPU's
+      own convolutions (`conv.py`) are not XLA's, so there it recomputes
+      everything). None: on the CPU only, where a scan's stacked per-unit
+      residuals cost more memory traffic than recomputing the forward
+      (BUILD.md, "The scan trap (XLA:CPU) and compile times");
+      accelerators keep their residuals.
     unroll: fully unroll the scan (for benchmarks: compile time then grows
       with depth).
   """
@@ -103,8 +118,9 @@ class Block(nnx.Module):
                make_unit: Callable[..., nnx.Module],
                make_head: Callable[..., nnx.Module],
                num_units: int, model_type: ModelType, *,
-               eps: float = act_lib.DEFAULT_EPS, remat: bool | None = None,
-               unroll: bool = False, rngs: nnx.Rngs):
+               eps: float = act_lib.DEFAULT_EPS,
+               remat: bool | str | None = None, unroll: bool = False,
+               rngs: nnx.Rngs):
     if model_type not in MODEL_TYPES:
       raise ValueError(f'model_type must be one of {MODEL_TYPES}, got '
                        f'{model_type!r}.')
@@ -112,6 +128,8 @@ class Block(nnx.Module):
       raise ValueError(f'A block needs at least one unit, got {num_units}.')
     if not 0.0 < eps < 1.0:
       raise ValueError(f'eps must lie in (0, 1), got {eps}.')
+    if not (remat is None or isinstance(remat, bool) or remat == 'convs'):
+      raise ValueError(f'remat must be one of {REMAT_MODES}, got {remat!r}.')
     self.num_units = num_units
     self.model_type = model_type
     self.eps = eps
@@ -150,7 +168,8 @@ class Block(nnx.Module):
                       length=self.num_units - 1,
                       unroll=True if self.unroll else 1)[0][1]
     if self.remat:
-      body = nnx.remat(body)
+      body = nnx.remat(body, policy=_keeps_convs if self.remat == 'convs'
+                       else None)
     return nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
                     unroll=True if self.unroll else 1)(carry, self.steps)
 

@@ -169,6 +169,35 @@ class BlockScanTest(parameterized.TestCase):
           self.assertGreater(
               max(float(jnp.max(jnp.abs(g))) for g in head_grads), 1e-3)
 
+  @parameterized.product(family=('cifar', 'imagenet'),
+                         model_type=('vanilla', 'sact'))
+  def test_remat_keeping_convs_equals_keeping_everything(self, family,
+                                                         model_type):
+    """`remat='convs'` (XLA's convolutions, as on accelerators): the
+    values, grads and BN statistics of the unrematerialised scan, and the
+    rematerialised step keeps the convolutions' outputs."""
+    results = []
+    for remat in (False, 'convs'):
+      block, x = _make_block(family, model_type, remat=remat,
+                             fast_conv_backward=False)
+      block.train()
+      w = tu.images(x.shape[:3] + (6 if family == 'cifar' else 8,), seed=2)
+      results.append((*_scan_step(block, x, w), _batch_stats(block)))
+    (y_ref, _, grads_ref, stats_ref), (y, _, grads, stats) = results
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(grads, grads_ref, rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(stats, stats_ref, rtol=1e-5, atol=1e-6)
+    graphdef, state = nnx.split(block)
+    closed = jax.make_jaxpr(
+        lambda state, x: _scan(nnx.merge(graphdef, state), x)[0])(state, x)
+    body = _scan_body(closed.jaxpr)
+    self.assertEqual(_remats(body), 1)
+    self.assertIn('_keeps_convs', str(body.eqns[0].params['policy']))
+
+  def test_unknown_remat_is_refused(self):
+    with self.assertRaisesRegex(ValueError, 'remat must be one of'):
+      _make_block('cifar', 'sact', remat='all')
+
   @parameterized.parameters('cifar', 'imagenet')
   def test_accelerator_heads_equal_the_cpu_heads(self, family):
     """Train mode without rematerialised units: the SACT heads as an
@@ -233,6 +262,7 @@ class BlockScanTest(parameterized.TestCase):
       ('scan', dict(remat=False), False, 1),
       ('default', {}, jax.default_backend() == 'cpu', 1),
       ('remat', dict(remat=True), True, 1),
+      ('remat_convs', dict(remat='convs'), True, 1),
       ('unroll', dict(unroll=True, remat=False), False, _UNITS - 1),
       ('fast_conv_backward', dict(fast_conv_backward=True, remat=False),
        False, 1),

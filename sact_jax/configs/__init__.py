@@ -57,9 +57,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Halting threshold is 1 - eps; in (0, 1).
   config.eps = 0.01
   # Rematerialise each scanned residual unit in the backward pass (saves
-  # activation memory for deep models at the cost of recomputation); None:
-  # on the CPU only, where it also saves time (blocks.Block).
-  config.remat = ml_collections.config_dict.placeholder(bool)
+  # activation memory for deep models at the cost of recomputation): True,
+  # or 'convs' to keep the convolutions' outputs; None: on the CPU only,
+  # where it also saves time (blocks.Block).
+  config.remat = ml_collections.config_dict.placeholder(object)
   # Unroll the scan over each block's units 2..L: faster steps for shallow
   # blocks on CPU (no while loop), but compile time grows with depth.
   config.unroll = False

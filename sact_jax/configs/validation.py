@@ -28,14 +28,14 @@ def model_spec(config: ml_collections.ConfigDict) -> models.ModelSpec:
     raise ConfigError(f'Invalid model in config: {e}') from None
 
 
-def model_options(config: ml_collections.ConfigDict) -> dict[str, bool]:
+def model_options(config: ml_collections.ConfigDict) -> dict[str, object]:
   """Runtime options of `create_model` (not part of the weights' spec)."""
   return {'remat': config.get('remat'),
           'unroll': config.get('unroll', False)}
 
 
 def label_offset(config: ml_collections.ConfigDict) -> int:
-  """Shift of dataset labels into the model's classes (see data.label_offset)."""
+  """Shift of dataset labels into the model's classes (data.label_offset)."""
   try:
     return data_lib.label_offset(config.dataset, config.num_classes)
   except ValueError as e:
@@ -67,6 +67,9 @@ def validate_config(config: ml_collections.ConfigDict,
         f'sact_shapes/tiny). ({e})') from None
   check(config.tau >= 0, f'tau must be >= 0, got {config.tau}.')
   check(0 < config.eps < 1, f'eps must lie in (0, 1), got {config.eps}.')
+  remat = config.get('remat')
+  check(remat is None or isinstance(remat, bool) or remat == 'convs',
+        f"remat must be None, True, False or 'convs', got {remat!r}.")
   spec = model_spec(config)
   label_offset(config)
   try:

@@ -38,7 +38,8 @@ class CifarResNet(base.AdaptiveResNet):
 
   def __init__(self, units: Sequence[int], model_type: str, *,
                num_classes: int = 10, base_channels: int = 16,
-               eps: float = act_lib.DEFAULT_EPS, remat: bool | None = None,
+               eps: float = act_lib.DEFAULT_EPS,
+               remat: bool | str | None = None,
                unroll: bool = False,
                fast_conv_backward: bool | None = None,
                unit_cls: type[units_lib.CifarUnit] = units_lib.CifarUnit,

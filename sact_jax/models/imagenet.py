@@ -34,7 +34,8 @@ class ImageNetResNet(base.AdaptiveResNet):
 
   def __init__(self, units: Sequence[int], model_type: str, *,
                num_classes: int = 1001, base_channels: int = 64,
-               eps: float = act_lib.DEFAULT_EPS, remat: bool | None = None,
+               eps: float = act_lib.DEFAULT_EPS,
+               remat: bool | str | None = None,
                unroll: bool = False,
                fast_conv_backward: bool | None = None,
                rngs: nnx.Rngs):
