@@ -9,21 +9,21 @@ from benchmarks import gpu_kernels
 # writing a product into a stack in place, and a copy of the stack.
 _HLO = """HloModule m
 
-%fused_slice (param_0: f32[17,8,4], param_1: s32[]) -> f32[1,8,4] {
-  %param_0 = f32[17,8,4]{2,1,0} parameter(0)
-  %param_1 = s32[] parameter(1)
+%fused_slice (a: f32[17,8,4], i: s32[]) -> f32[1,8,4] {
+  %a = f32[17,8,4]{2,1,0} parameter(0)
+  %i = s32[] parameter(1)
   %c = s32[] constant(0)
-  ROOT %ds = f32[1,8,4]{2,1,0} dynamic-slice(%param_0, %param_1, %c, %c), dynamic_slice_sizes={1,8,4}
+  ROOT %ds = f32[1,8,4]{2,1,0} dynamic-slice(%a, %i, %c, %c)
 }
 
-%fused_dus (param_0: f32[17,8,4], param_1: f32[8,4], param_2: s32[]) -> f32[17,8,4] {
-  %param_0 = f32[17,8,4]{2,1,0} parameter(0)
-  %param_1 = f32[8,4]{1,0} parameter(1)
-  %param_2 = s32[] parameter(2)
-  %m = f32[8,4]{1,0} multiply(%param_1, %param_1)
-  %b = f32[1,8,4]{2,1,0} bitcast(%m)
+%fused_dus (a: f32[17,8,4], b: f32[8,4], i: s32[]) -> f32[17,8,4] {
+  %a = f32[17,8,4]{2,1,0} parameter(0)
+  %b = f32[8,4]{1,0} parameter(1)
+  %i = s32[] parameter(2)
+  %m = f32[8,4]{1,0} multiply(%b, %b)
+  %u = f32[1,8,4]{2,1,0} bitcast(%m)
   %c = s32[] constant(0)
-  ROOT %dus = f32[17,8,4]{2,1,0} dynamic-update-slice(%param_0, %b, %param_2, %c, %c)
+  ROOT %dus = f32[17,8,4]{2,1,0} dynamic-update-slice(%a, %u, %i, %c, %c)
 }
 
 ENTRY %main (p0: f32[17,8,4], p1: f32[8,4], p2: s32[]) -> f32[17,8,4] {
