@@ -25,8 +25,6 @@ and above the elementwise kernels are bound by memory traffic. Prints a
 table and writes JSON (`--out`).
 """
 
-import collections
-import re
 import time
 
 from absl import app
@@ -38,6 +36,7 @@ import jax.numpy as jnp
 import optax
 
 import benchmarks
+from benchmarks import hlo_counts
 from sact_jax.models import create_model
 
 _PROGRAMS = flags.DEFINE_list(
@@ -81,166 +80,6 @@ platform_name: "CUDA"
 dnn_version_info { major: 9 minor: 8 }
 device_description_str: "NVIDIA H200"
 '''
-
-# Ops in a program's (not a fusion's) computations that launch nothing.
-_NO_KERNEL = frozenset((
-    'parameter', 'constant', 'get-tuple-element', 'tuple', 'bitcast',
-    'while', 'conditional', 'call', 'after-all', 'opt-barrier',
-    'add-dependency', 'partition-id', 'replica-id'))
-_COMPUTATION = re.compile(r'^(ENTRY\s+)?%(\S+)\s.*\{\s*$')
-_INSTRUCTION = re.compile(
-    r'^\s*(ROOT\s+)?%(\S+)\s*=\s*(\(.*?\)|\S+)\s+([a-z][a-z0-9-]*)\((.*)$')
-_ARRAY = re.compile(r'\b([a-z]+\d*)\[([\d,]*)\]')
-_NAME = re.compile(r'%([\w.\-]+)')
-_BYTES = {'f32': 4, 's32': 4, 'u32': 4, 'f16': 2, 'bf16': 2, 's8': 1,
-          'u8': 1, 'pred': 1}
-
-
-def _bytes(shape: str) -> int:
-  """Bytes of the arrays an HLO result shape (maybe a tuple) names."""
-  total = 0
-  for dtype, dims in _ARRAY.findall(shape):
-    size = _BYTES.get(dtype, 4)
-    for d in dims.split(','):
-      size *= int(d) if d else 1
-    total += size
-  return total
-
-
-def _operands(rest: str) -> str:
-  """The operand list of an instruction: its text up to the closing
-  parenthesis of the call."""
-  depth = 1
-  for i, c in enumerate(rest):
-    depth += (c in '([{') - (c in ')]}')
-    if not depth:
-      return rest[:i]
-  return rest
-
-
-def _computations(hlo: str) -> tuple[dict, str]:
-  """`{name: [instruction]}` of an HLO module's text (each a dict of
-  `name`, `op`, `shape`, `rest` of the line, `root`), and the entry
-  computation's name."""
-  computations, current, entry = {}, None, None
-  for line in hlo.split('\n'):
-    m = _COMPUTATION.match(line)
-    if m:
-      current = m.group(2)
-      computations[current] = []
-      entry = current if m.group(1) else entry
-    elif line.startswith('}'):
-      current = None
-    elif current is not None:
-      mi = _INSTRUCTION.match(line)
-      if mi:
-        computations[current].append(dict(
-            root=bool(mi.group(1)), name=mi.group(2), shape=mi.group(3),
-            op=mi.group(4), rest=mi.group(5)))
-  return computations, entry
-
-
-def _fusion_traffic(instructions: list[dict]) -> tuple[int, int]:
-  """Bytes a fusion reads and writes, from its fused computation.
-
-  A parameter that the fusion only slices counts as the slices; the buffer
-  a dynamic-update-slice writes into in place counts as nothing read and
-  the update written (a scan's stacked residuals and gradients).
-  """
-  by_name = {i['name']: i for i in instructions}
-  users = collections.defaultdict(list)
-  for i in instructions:
-    for operand in _NAME.findall(_operands(i['rest'])):
-      users[operand].append(i)
-  def only(uses, ops, name):  # Every use takes `name` as what it slices.
-    return uses and all(u['op'] in ops and
-                        _NAME.findall(_operands(u['rest']))[0] == name
-                        for u in uses)
-
-  read = 0
-  for i in instructions:
-    if i['op'] != 'parameter':
-      continue
-    uses = users[i['name']]
-    if only(uses, ('slice', 'dynamic-slice'), i['name']):
-      read += sum(_bytes(u['shape']) for u in uses)
-    elif not only(uses, ('dynamic-update-slice',), i['name']):
-      read += _bytes(i['shape'])
-  root = next(i for i in instructions if i['root'])
-  outputs = ([by_name[n] for n in _NAME.findall(_operands(root['rest']))]
-             if root['op'] == 'tuple' else [root])
-  written = 0
-  for out in outputs:
-    if out['op'] == 'dynamic-update-slice':
-      update = _NAME.findall(_operands(out['rest']))[1]
-      written += _bytes(by_name[update]['shape']) if update in by_name else 0
-    else:
-      written += _bytes(out['shape'])
-  return read, written
-
-
-def count_kernels(hlo: str) -> dict:
-  """Kernels launched per call of an optimised GPU program, by kind, and
-  the bytes they move.
-
-  Walks the entry computation and what it runs (loop bodies and
-  conditions times their known trip count, the first branch of a
-  conditional, calls); fusions are counted by kind, library calls by
-  target. `read_mb` and `written_mb` add up what each kernel reads and
-  writes (`_fusion_traffic`; a library call, its operands and results):
-  where a large batch is bound by memory traffic, the time follows them.
-  Each kernel counts on its own, as if nothing stayed in the L2 cache.
-  """
-  computations, entry = _computations(hlo)
-  kinds = collections.Counter()
-  loop_bodies = []
-  traffic = [0, 0]
-
-  def callee(rest, key):
-    return re.search(key + r'=%([\w.\-]+)', rest).group(1)
-
-  def visit(name, times):
-    shapes = {i['name']: i['shape'] for i in computations[name]}
-    for i in computations[name]:
-      op, rest = i['op'], i['rest']
-      if op == 'fusion':
-        read, written = _fusion_traffic(
-            computations[callee(rest, 'calls')])
-      elif op in _NO_KERNEL:
-        read = written = 0
-      else:
-        read = sum(_bytes(shapes.get(n, ''))
-                   for n in _NAME.findall(_operands(rest)))
-        written = _bytes(i['shape'])
-      traffic[0] += read * times
-      traffic[1] += written * times
-      if op == 'while':
-        trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
-        trips = int(trips.group(1)) if trips else 1
-        body = callee(rest, 'body')
-        loop_bodies.append(sum(1 for j in computations[body]
-                               if j['op'] not in _NO_KERNEL))
-        visit(body, times * trips)
-        visit(callee(rest, 'condition'), times * trips)
-      elif op == 'conditional':
-        branches = re.search(r'branch_computations=\{%([\w.\-]+)', rest)
-        visit(branches.group(1), times)
-      elif op == 'call':
-        visit(callee(rest, 'to_apply'), times)
-      elif op == 'fusion':
-        kind = re.search(r'kind=(\w+)', rest)
-        kinds['fusion:' + (kind.group(1) if kind else '?')] += times
-      elif op == 'custom-call':
-        target = re.search(r'custom_call_target="([^"]+)"', rest)
-        kinds[target.group(1) if target else 'custom-call'] += times
-      elif op not in _NO_KERNEL:
-        kinds[op] += times
-
-  visit(entry, 1)
-  return {'kernels': sum(kinds.values()), 'loop_bodies': loop_bodies,
-          'read_mb': traffic[0] / 1e6, 'written_mb': traffic[1] / 1e6,
-          'kinds': dict(kinds.most_common())}
-
 
 def _build(family: str, model_type: str, remat: bool | str):
   model = _MODELS[family]
@@ -304,8 +143,8 @@ def main(argv):
     base = None
     for model_type in _TYPES.value:
       t0 = time.perf_counter()
-      counts = count_kernels(compile_program(kind, family, model_type,
-                                             int(batch), sharding))
+      counts = hlo_counts.count_kernels(compile_program(
+          kind, family, model_type, int(batch), sharding))
       row = {'program': program, 'model_type': model_type,
              'unroll': _UNROLL.value,
              'compile_s': time.perf_counter() - t0, **counts}

@@ -1,8 +1,8 @@
-"""The byte and kernel counts of `benchmarks/gpu_kernels.py` on HLO text."""
+"""The kernel and byte counts of `benchmarks/hlo_counts.py` on HLO text."""
 
 from absl.testing import absltest
 
-from benchmarks import gpu_kernels
+from benchmarks import hlo_counts
 
 # A scan's two kinds of stacked-buffer kernel and a copy, as XLA prints an
 # optimised module: a fusion slicing one unit out of a stack, a fusion
@@ -40,7 +40,7 @@ ENTRY %main (p0: f32[17,8,4], p1: f32[8,4], p2: s32[]) -> f32[17,8,4] {
 class CountKernelsTest(absltest.TestCase):
 
   def test_slices_and_in_place_updates_count_what_they_touch(self):
-    counts = gpu_kernels.count_kernels(_HLO)
+    counts = hlo_counts.count_kernels(_HLO)
     self.assertEqual(counts['kernels'], 3)
     self.assertEqual(counts['kinds'], {'fusion:kLoop': 2, 'copy': 1})
     unit, stack, index = 8 * 4 * 4, 17 * 8 * 4 * 4, 4
