@@ -105,12 +105,11 @@ class Block(nnx.Module):
       convolutions and recompute the rest, the BatchNorms, activations and
       heads (a CIFAR training step moves 17-21% fewer bytes on a GPU than
       keeping everything, by XLA's count; BUILD.md, "ACT and SACT over
-      vanilla on a GPU"; the CPU's
-      own convolutions (`conv.py`) are not XLA's, so there it recomputes
-      everything). None: on the CPU only, where a scan's stacked per-unit
-      residuals cost more memory traffic than recomputing the forward
-      (BUILD.md, "The scan trap (XLA:CPU) and compile times");
-      accelerators keep their residuals.
+      vanilla on a GPU"; the CPU's own convolutions (`conv.py`) are not
+      XLA's, so there it recomputes everything). None: on the CPU only,
+      where a scan's stacked per-unit residuals cost more memory traffic
+      than recomputing the forward (BUILD.md, "The scan trap (XLA:CPU) and
+      compile times"); accelerators keep their residuals.
     unroll: fully unroll the scan (for benchmarks: compile time then grows
       with depth).
   """
