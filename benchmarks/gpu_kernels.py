@@ -56,6 +56,9 @@ _REMAT_MODE = flags.DEFINE_enum(
     'remat_mode', 'all', ['all', 'convs'],
     "How those families rematerialise: the whole unit (`remat=True`) or "
     "all but the convolutions' outputs (`remat='convs'`).")
+_SOURCES = flags.DEFINE_integer(
+    'sources', 0, 'Also print, per program, this many of what its kernels '
+    'compute for JAX (forward or backward op), most bytes first.')
 _OUT = flags.DEFINE_string('out', 'benchmarks/results/gpu_kernels.json',
                            'JSON output path.')
 
@@ -159,6 +162,9 @@ def main(argv):
             f'{row["read_mb"] / 1e3:>8.2f} {row["written_mb"] / 1e3:>10.2f} '
             f'{row["bytes_vs_vanilla"] or float("nan"):>9.2f} '
             f'{str(sorted(set(row["loop_bodies"]))):<24}', flush=True)
+      for source in row['sources'][:_SOURCES.value]:
+        print(f'    {source["source"][:40]:<40} {source["launches"]:>7} '
+              f'launches {source["mb"] / 1e3:>8.2f} GB', flush=True)
   benchmarks.write_json(_OUT.value, {
       'jax': jax.__version__, 'target': 'H200 (sm_90), compile-only',
       'rows': rows})

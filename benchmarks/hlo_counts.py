@@ -19,6 +19,10 @@ _INSTRUCTION = re.compile(
     r'^\s*(ROOT\s+)?%(\S+)\s*=\s*(\(.*?\)|\S+)\s+([a-z][a-z0-9-]*)\((.*)$')
 _ARRAY = re.compile(r'\b([a-z]+\d*)\[([\d,]*)\]')
 _NAME = re.compile(r'%([\w.\-]+)')
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+# Wrappers in a JAX op name that say where, not what.
+_PLACE = re.compile(r'(jit\([^/]*\)|while|body|cond|closed_call|checkpoint|'
+                    r'rematted_computation|dynamic_(update_)?index_in_dim)/')
 _BYTES = {'f32': 4, 's32': 4, 'u32': 4, 'f16': 2, 'bf16': 2, 's8': 1,
           'u8': 1, 'pred': 1}
 
@@ -61,9 +65,11 @@ def _computations(hlo: str) -> tuple[dict, str]:
     elif current is not None:
       mi = _INSTRUCTION.match(line)
       if mi:
+        source = _OP_NAME.search(mi.group(5))
         computations[current].append(dict(
             root=bool(mi.group(1)), name=mi.group(2), shape=mi.group(3),
-            op=mi.group(4), rest=mi.group(5)))
+            op=mi.group(4), rest=mi.group(5),
+            source=source.group(1) if source else ''))
   return computations, entry
 
 
@@ -106,6 +112,16 @@ def _fusion_traffic(instructions: list[dict]) -> tuple[int, int]:
   return read, written
 
 
+def _source(op_name: str) -> str:
+  """What a kernel computes for JAX: the last op of its JAX name, marked
+  as forward or backward (`jvp` / `transpose` in the name)."""
+  if not op_name:
+    return '(unnamed)'
+  direction = ('backward ' if 'transpose(' in op_name else
+               'forward ' if 'jvp(' in op_name else '')
+  return direction + _PLACE.sub('', op_name).rsplit('/', 1)[-1]
+
+
 def count_kernels(hlo: str) -> dict:
   """Kernels launched per call of an optimised GPU program, by kind, and
   the bytes they move.
@@ -117,9 +133,12 @@ def count_kernels(hlo: str) -> dict:
   writes (`_fusion_traffic`; a library call, its operands and results):
   where a large batch is bound by memory traffic, the time follows them.
   Each kernel counts on its own, as if nothing stayed in the L2 cache.
+  `sources` gives launches and bytes by what the kernels compute for JAX
+  (`_source`), the 20 that move the most.
   """
   computations, entry = _computations(hlo)
   kinds = collections.Counter()
+  sources = collections.defaultdict(lambda: [0, 0])
   loop_bodies = []
   traffic = [0, 0]
 
@@ -141,6 +160,10 @@ def count_kernels(hlo: str) -> dict:
         written = _bytes(i['shape'])
       traffic[0] += read * times
       traffic[1] += written * times
+      if op not in _NO_KERNEL:
+        row = sources[_source(i['source'])]
+        row[0] += times
+        row[1] += (read + written) * times
       if op == 'while':
         trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
         trips = int(trips.group(1)) if trips else 1
@@ -164,6 +187,9 @@ def count_kernels(hlo: str) -> dict:
         kinds[op] += times
 
   visit(entry, 1)
+  top = sorted(sources.items(), key=lambda kv: -kv[1][1])[:20]
   return {'kernels': sum(kinds.values()), 'loop_bodies': loop_bodies,
           'read_mb': traffic[0] / 1e6, 'written_mb': traffic[1] / 1e6,
-          'kinds': dict(kinds.most_common())}
+          'kinds': dict(kinds.most_common()),
+          'sources': [{'source': k, 'launches': n, 'mb': b / 1e6}
+                      for k, (n, b) in top]}

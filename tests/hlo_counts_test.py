@@ -31,7 +31,10 @@ ENTRY %main (p0: f32[17,8,4], p1: f32[8,4], p2: s32[]) -> f32[17,8,4] {
   %p1 = f32[8,4]{1,0} parameter(1)
   %p2 = s32[] parameter(2)
   %f1 = f32[1,8,4]{2,1,0} fusion(%p0, %p2), kind=kLoop, calls=%fused_slice
-  %f2 = f32[17,8,4]{2,1,0} fusion(%p0, %p1, %p2), kind=kLoop, calls=%fused_dus
+""" + (  # One instruction, one line.
+    '  %f2 = f32[17,8,4]{2,1,0} fusion(%p0, %p1, %p2), kind=kLoop, '
+    'calls=%fused_dus, '
+    'metadata={op_name="jit(f)/jvp()/while/body/closed_call/mul"}\n') + """\
   ROOT %copy = f32[17,8,4]{2,1,0} copy(%f2)
 }
 """
@@ -49,6 +52,12 @@ class CountKernelsTest(absltest.TestCase):
     self.assertEqual(counts['read_mb'] * 1e6,
                      (unit + index) + (unit + index) + stack)
     self.assertEqual(counts['written_mb'] * 1e6, unit + unit + stack)
+    # By what they compute for JAX, the most bytes first.
+    self.assertEqual(
+        [(s['source'], s['launches'], s['mb'] * 1e6)
+         for s in counts['sources']],
+        [('(unnamed)', 2, (unit + index + unit) + 2 * stack),
+         ('forward mul', 1, unit + index + unit)])
 
 
 if __name__ == '__main__':
