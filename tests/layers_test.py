@@ -47,8 +47,8 @@ class BatchNormAffineTest(parameterized.TestCase):
     # The running averages moved as nnx.BatchNorm's call moves them.
     for name in ('mean', 'var'):
       np.testing.assert_allclose(getattr(ours, name)[...],
-                                 getattr(theirs, name)[...], rtol=1e-6,
-                                 atol=1e-7)
+                                 getattr(theirs, name)[...], rtol=1e-5,
+                                 atol=1e-6)
       self.assertFalse(np.allclose(getattr(ours, name)[...],
                                    getattr(_bn(6), name)[...]))
 
