@@ -32,6 +32,11 @@ MODEL_TYPES = ('vanilla', 'act', 'sact')
 REMAT_MODES = (None, False, True, 'convs')
 
 
+def is_remat_mode(remat) -> bool:
+  """Whether `remat` is one of `REMAT_MODES` (bools as bools, not 0 / 1)."""
+  return remat is None or isinstance(remat, bool) or remat == 'convs'
+
+
 def _keeps_convs(prim, *_, **__) -> bool:
   """A `jax.checkpoint` policy: keep what XLA's convolutions output."""
   return prim is lax.conv_general_dilated_p
@@ -128,7 +133,7 @@ class Block(nnx.Module):
       raise ValueError(f'A block needs at least one unit, got {num_units}.')
     if not 0.0 < eps < 1.0:
       raise ValueError(f'eps must lie in (0, 1), got {eps}.')
-    if not (remat is None or isinstance(remat, bool) or remat == 'convs'):
+    if not is_remat_mode(remat):
       raise ValueError(f'remat must be one of {REMAT_MODES}, got {remat!r}.')
     self.num_units = num_units
     self.model_type = model_type

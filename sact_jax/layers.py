@@ -130,10 +130,16 @@ def batch_norm_affine(bn: nnx.BatchNorm) -> tuple[jax.Array, jax.Array]:
   What it computes in evaluation (`use_running_average`), up to rounding;
   lets a conv that reads the normalised map take the scale into its kernel.
   """
-  scale_C = jax.lax.rsqrt(bn.var[...] + bn.epsilon)
+  return _affine(bn, bn.mean[...], bn.var[...])
+
+
+def _affine(bn: nnx.BatchNorm, mean_C: jax.Array, var_C: jax.Array
+            ) -> tuple[jax.Array, jax.Array]:
+  """`bn` normalising with `mean_C` and `var_C`, as `x * scale + shift`."""
+  scale_C = jax.lax.rsqrt(var_C + bn.epsilon)
   if bn.scale is not None:
     scale_C = scale_C * bn.scale[...]
-  shift_C = -bn.mean[...] * scale_C
+  shift_C = -mean_C * scale_C
   if bn.bias is not None:
     shift_C = shift_C + bn.bias[...]
   return scale_C, shift_C
@@ -161,13 +167,7 @@ def batch_statistics_affine(bn: nnx.BatchNorm, x_XxC: jax.Array
   bn.mean[...] = jax.lax.stop_gradient(keep * bn.mean[...]
                                        + (1 - keep) * mean_C)
   bn.var[...] = jax.lax.stop_gradient(keep * bn.var[...] + (1 - keep) * var_C)
-  scale_C = jax.lax.rsqrt(var_C + bn.epsilon)
-  if bn.scale is not None:
-    scale_C = scale_C * bn.scale[...]
-  shift_C = -mean_C * scale_C
-  if bn.bias is not None:
-    shift_C = shift_C + bn.bias[...]
-  return scale_C, shift_C
+  return _affine(bn, mean_C, var_C)
 
 
 def _strides(conv: nnx.Conv) -> tuple[int, int]:

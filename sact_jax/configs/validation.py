@@ -11,6 +11,7 @@ import os
 import jax
 import ml_collections
 
+from sact_jax import blocks
 from sact_jax import checkpoint as checkpoint_lib
 from sact_jax import data as data_lib
 from sact_jax import models
@@ -68,7 +69,7 @@ def validate_config(config: ml_collections.ConfigDict,
   check(config.tau >= 0, f'tau must be >= 0, got {config.tau}.')
   check(0 < config.eps < 1, f'eps must lie in (0, 1), got {config.eps}.')
   remat = config.get('remat')
-  check(remat is None or isinstance(remat, bool) or remat == 'convs',
+  check(blocks.is_remat_mode(remat),
         f"remat must be None, True, False or 'convs', got {remat!r}.")
   spec = model_spec(config)
   label_offset(config)
