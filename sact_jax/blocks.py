@@ -23,7 +23,6 @@ import jax.numpy as jnp
 from sact_jax import act as act_lib
 from sact_jax import conv as conv_lib
 from sact_jax import flops as flops_lib
-from sact_jax import halting
 
 ModelType = Literal['vanilla', 'act', 'sact']
 MODEL_TYPES = ('vanilla', 'act', 'sact')
@@ -61,26 +60,6 @@ def sact_runs(num_units_BxHxW: jax.Array, num_heads: int
   return (flops_lib.spatial_count(act_lib.dilate_mask(num_units_BxHxW) - 1),
           flops_lib.spatial_count(num_units_BxHxW - 1),
           jnp.minimum(num_units_BxHxW, num_heads))
-
-
-def _head_scores(head: nnx.Module, x: jax.Array,
-                 remat: bool | str) -> jax.Array:
-  """`head(x)`, recomputed from `x` in the backward pass where a SACT
-  head in training would otherwise keep maps of its own.
-
-  Where the units are not rematerialised (accelerators), autodiff keeps
-  for every unit what the local term's backward reads: the normalised map,
-  the activation's slopes, `x` minus its mean. Recomputing the head costs
-  a pass over `x` instead (a GPU's CIFAR SACT training step moves 6% fewer
-  bytes; BUILD.md, "ACT and SACT over vanilla on a GPU"). The folded head
-  (`SactHead.folds_batch_statistics`) keeps only `x` anyway, and
-  recomputing it would read more.
-  """
-  if (remat or not isinstance(head, halting.SactHead)
-      or head.local_bn.use_running_average  # Evaluation: nothing kept.
-      or head.folds_batch_statistics):
-    return head(x)
-  return nnx.remat(lambda head, x: head(x))(head, x)
 
 
 class ScanStep(nnx.Module):
@@ -210,8 +189,7 @@ class Block(nnx.Module):
     if self.steps is not None:
       def body(carry, step):
         x, state = carry
-        state = act_lib.step(state, _head_scores(step.head, x, self.remat),
-                             x, eps)
+        state = act_lib.step(state, step.head(x), x, eps)
         residual = step.unit.residual(x)
         if sact:
           x = act_lib.masked_residual(x, residual, state.running)

@@ -310,6 +310,52 @@ def _window_sum_bwd(padding, residuals, g_BxPxQx1):
 window_sum.defvjp(_window_sum_fwd, _window_sum_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def affine_window_sum(x_BxHxWxI: jax.Array, scale_I: jax.Array,
+                      shift_I: jax.Array, w_KxLxIx1: jax.Array,
+                      padding: Padding,
+                      activation: Callable[[jax.Array], jax.Array]
+                      ) -> jax.Array:
+  """`window_sum(activation(x * scale + shift), w)`: the SACT head's local
+  term in training, its BatchNorm as a per-channel affine map of `x`.
+
+  The backward pass keeps only `x` (which the unit keeps anyway) and
+  recomputes the activation from it; the four gradients then take one
+  pass over `x` (the kernel's, the scale's and the shift's are sums over
+  the batch and positions of the same products) plus elementwise work
+  that XLA merges into the fusion adding up `x`'s other gradients.
+  Autodiff of the composition kept the normalised map and the
+  activation's slopes for every unit, and read them back in separate
+  kernels (BUILD.md, "ACT and SACT over vanilla on a GPU"). The
+  activation must be elementwise.
+  """
+  return window_sum(activation(x_BxHxWxI * scale_I + shift_I), w_KxLxIx1,
+                    padding)
+
+
+def _affine_window_sum_fwd(x, scale, shift, w, padding, activation):
+  return (affine_window_sum(x, scale, shift, w, padding, activation),
+          (x, scale, shift, w))
+
+
+def _affine_window_sum_bwd(padding, activation, residuals, g_BxPxQx1):
+  x_BxHxWxI, scale_I, shift_I, w_KxLxIx1 = residuals
+  kh, kw, cin, _ = w_KxLxIx1.shape
+  f, activation_vjp = jax.vjp(activation, x_BxHxWxI * scale_I + shift_I)
+  dz_BxHxWxT = _shifted_gradients((1, 1), padding, x_BxHxWxI.shape,
+                                  w_KxLxIx1.shape, g_BxPxQx1)
+  w_TxI = w_KxLxIx1.reshape(kh * kw, cin)
+  df = sum(dz_BxHxWxT[..., t:t + 1] * w_TxI[t] for t in range(kh * kw))
+  dy, = activation_vjp(df)
+  axes = (0, 1, 2)
+  dw_IxT = jnp.sum(f[..., None] * dz_BxHxWxT[..., None, :], axes)
+  return (dy * scale_I, jnp.sum(dy * x_BxHxWxI, axes), jnp.sum(dy, axes),
+          dw_IxT.reshape(cin, kh, kw, 1).transpose(1, 2, 0, 3))
+
+
+affine_window_sum.defvjp(_affine_window_sum_fwd, _affine_window_sum_bwd)
+
+
 # ---------------------------------------------------------------------------
 # Strided convolutions with few input channels on a space-to-depth input
 # ---------------------------------------------------------------------------

@@ -1,11 +1,15 @@
 """Tests of `sact_jax.conv`: the CPU formulations against `lax`, routing,
 compiler options."""
 
+import contextlib
+import io
+
 from absl.testing import absltest
 from absl.testing import parameterized
 import chex
 from flax import nnx
 import jax
+from jax import ad_checkpoint
 from jax import lax
 import jax.numpy as jnp
 from jax import test_util as jtu
@@ -266,6 +270,60 @@ class WindowSumTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, 'one output channel'):
       conv.window_sum(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 3, 2)),
                       ((1, 1), (1, 1)))
+
+
+class AffineWindowSumTest(parameterized.TestCase):
+  """`affine_window_sum`: the SACT head's local term in training on
+  accelerators, with a backward pass that keeps only its inputs."""
+
+  @staticmethod
+  def _reference(x, scale, shift, w, padding, activation):
+    """The same composition through XLA's conv and plain autodiff."""
+    return lax.conv_general_dilated(activation(x * scale + shift), w,
+                                    (1, 1), padding,
+                                    dimension_numbers=_NHWC)
+
+  @parameterized.product(
+      activation=(layers.leaky_relu, layers.identity, jax.nn.relu),
+      padding=(((1, 1), (1, 1)), ((0, 2), (2, 1))))
+  def test_values_and_grads_match_autodiff(self, activation, padding):
+    rng = np.random.default_rng(6)
+    args = [jnp.asarray(rng.normal(size=shape), jnp.float32)
+            for shape in ((2, 7, 6, 5), (5,), (5,), (3, 3, 5, 1))]
+    got_fn = jax.jit(lambda *a: conv.affine_window_sum(*a, padding,
+                                                       activation))
+    want_fn = jax.jit(lambda *a: self._reference(*a, padding, activation))
+    want = want_fn(*args)
+    got = got_fn(*args)
+    chex.assert_shape(got, want.shape)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # A cotangent that weighs every output differently.
+    g = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+    grads = jax.vjp(got_fn, *args)[1](g)
+    want_grads = jax.vjp(want_fn, *args)[1](g)
+    for got_grad, want_grad in zip(grads, want_grads):
+      chex.assert_shape(got_grad, want_grad.shape)
+      # Sums over 84 positions of products of unit normals.
+      np.testing.assert_allclose(got_grad, want_grad, rtol=1e-4, atol=1e-4)
+    self.assertGreater(float(jnp.abs(grads[0]).max()), 0.1)
+
+  def test_backward_keeps_only_the_inputs(self):
+    """What autodiff of the composition would keep (the normalised map,
+    the activation's side of 0) is recomputed instead."""
+    x = jnp.ones((2, 5, 4, 3))
+    args = (x, jnp.ones(3), jnp.zeros(3), jnp.ones((3, 3, 3, 1)))
+    padding = ((1, 1), (1, 1))
+
+    def residual_maps(fn):
+      out = io.StringIO()
+      with contextlib.redirect_stdout(out):
+        ad_checkpoint.print_saved_residuals(
+            lambda *a: jnp.sum(fn(*a, padding, layers.leaky_relu)), *args)
+      return [line for line in out.getvalue().splitlines()
+              if '[2,5,4,3]' in line and 'from the argument' not in line]
+
+    self.assertEqual(residual_maps(conv.affine_window_sum), [])
+    self.assertNotEmpty(residual_maps(self._reference))
 
 
 class SpaceToDepthTest(parameterized.TestCase):

@@ -56,7 +56,9 @@ class SactHeadTest(parameterized.TestCase):
                          train=(True, False))
   def test_window_sums_equal_the_conv(self, activation, train):
     """With XLA's convolutions (GPUs, TPUs) the local term is one fused
-    reduction (`conv.window_sum`): the conv's values and gradients."""
+    reduction (`conv.window_sum`; in training `conv.affine_window_sum`
+    or, with the identity, the fold of the batch statistics): the conv's
+    values, gradients and running averages."""
     head = _sact_head(6, activation, False)
     self.assertTrue(head.sums_windows)
     self.assertFalse(_sact_head(6, activation, True).sums_windows)
@@ -81,6 +83,15 @@ class SactHeadTest(parameterized.TestCase):
         jax.grad(loss, argnums=(0, 1))(state, x, True),
         jax.grad(loss, argnums=(0, 1))(state, x, False), rtol=1e-4,
         atol=1e-4)
+    if train:  # The running averages move as BatchNorm's call moves them.
+      windows, conv = (_sact_head(6, activation, False) for _ in range(2))
+      windows.local_logits(x)
+      conv.local_conv(conv.local_features(x))
+      for name in ('mean', 'var'):
+        got = getattr(windows.local_bn, name)[...]
+        np.testing.assert_allclose(got, getattr(conv.local_bn, name)[...],
+                                   rtol=1e-5, atol=1e-6)
+        self.assertFalse(np.allclose(got, getattr(head.local_bn, name)[...]))
 
   @parameterized.parameters((2, 5, 7), (1, 1, 1), (4, 14, 14))
   def test_batch_statistics_fold_equals_bn_then_sums(self, *shape):
