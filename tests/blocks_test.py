@@ -198,16 +198,19 @@ class BlockScanTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, 'remat must be one of'):
       _make_block('cifar', 'sact', remat='all')
 
-  @parameterized.parameters('cifar', 'imagenet')
-  def test_accelerator_heads_equal_the_cpu_heads(self, family):
-    """Train mode without rematerialised units: the SACT heads as an
-    accelerator runs them (window sums; ImageNet's folding its batch
-    statistics, CIFAR's as `conv.affine_window_sum`) against the CPU's
-    (BatchNorm, then the conv): outputs, grads and BN statistics."""
+  @parameterized.product(family=('cifar', 'imagenet'),
+                         remat=(False, True, 'convs'))
+  def test_accelerator_heads_equal_the_cpu_heads(self, family, remat):
+    """Train mode: the SACT heads as an accelerator runs them (window
+    sums; ImageNet's folding its batch statistics, CIFAR's as
+    `conv.affine_window_sum`), inside rematerialised units too, against
+    the CPU's (BatchNorm, then the conv) without remat: outputs, grads and
+    BN statistics."""
     w = None
     results = []
     for fast in (True, False):
-      block, x = _make_block(family, 'sact', remat=False,
+      block, x = _make_block(family, 'sact',
+                             remat=remat if not fast else False,
                              fast_conv_backward=fast)
       block.train()
       self.assertEqual(block.steps.head.sums_windows, not fast)
