@@ -5,7 +5,8 @@
 expects); `layers.LayerFactory` uses it where the default backend is the
 CPU. GPUs and TPUs keep XLA's native convolutions, except the SACT head's
 3x3 convolution to one channel, which runs there as `window_sum` (one
-fused reduction instead of a library call and its operands). Each undilated,
+fused reduction instead of a library call and its operands; in training,
+with the head's BatchNorm, `affine_window_sum`). Each undilated,
 ungrouped NHWC/HWIO convolution is a `conv2d` whose forward and backward
 passes each run in one of five formulations (`formulation` picks them):
 
@@ -320,13 +321,13 @@ def affine_window_sum(x_BxHxWxI: jax.Array, scale_I: jax.Array,
   term in training, its BatchNorm as a per-channel affine map of `x`.
 
   The backward pass keeps only `x` (which the unit keeps anyway) and
-  recomputes the activation from it; the four gradients then take one
-  pass over `x` (the kernel's, the scale's and the shift's are sums over
-  the batch and positions of the same products) plus elementwise work
-  that XLA merges into the fusion adding up `x`'s other gradients.
-  Autodiff of the composition kept the normalised map and the
-  activation's slopes for every unit, and read them back in separate
-  kernels (BUILD.md, "ACT and SACT over vanilla on a GPU"). The
+  recomputes the activation from it: the input's gradient is elementwise
+  (XLA merges it into the fusion that adds up `x`'s other gradients), the
+  kernel's, the scale's and the shift's are sums over the batch and the
+  positions of products of `x`'s values with the shifted output
+  gradient. Autodiff of the composition kept the normalised map and the
+  activation's slopes for every unit and read them back in kernels of
+  their own (BUILD.md, "ACT and SACT over vanilla on a GPU"). The
   activation must be elementwise.
   """
   return window_sum(activation(x_BxHxWxI * scale_I + shift_I), w_KxLxIx1,
