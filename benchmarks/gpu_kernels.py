@@ -22,7 +22,8 @@ update (the trainer's without its metrics and momentum), its units
 rematerialised where the trainer's config has them so (`--remat_families`).
 Besides the kernels it adds up the bytes they read and write: at batch 32
 and above the elementwise kernels are bound by memory traffic. Prints a
-table and writes JSON (`--out`).
+table and writes JSON (`--out`); `--sources` and `--list_mb` print where
+the bytes go (by JAX op; kernel by kernel in each loop body).
 """
 
 import time
@@ -59,6 +60,10 @@ _REMAT_MODE = flags.DEFINE_enum(
 _SOURCES = flags.DEFINE_integer(
     'sources', 0, 'Also print, per program, this many of what its kernels '
     'compute for JAX (forward or backward op), most bytes first.')
+_LIST_MB = flags.DEFINE_float(
+    'list_mb', None, 'Also print, per program, each loop body once (with '
+    'its trip count) and its kernels that move at least this many MB a '
+    'launch: what they read and write and compute for JAX.')
 _OUT = flags.DEFINE_string('out', 'benchmarks/results/gpu_kernels.json',
                            'JSON output path.')
 
@@ -130,6 +135,26 @@ def compile_program(kind: str, family: str, model_type: str, batch: int,
                   labels).compile().as_text()
 
 
+def _print_loop_bodies(kernels: list[dict], min_mb: float) -> None:
+  """Each loop body once: its kernels, MB moved a trip, and those of its
+  kernels that move at least `min_mb` MB (MB read, written, kind, result
+  shape, JAX source)."""
+  bodies = {}
+  for k in kernels:
+    if k['loops'] and k['computation'] == k['loops'][-1][2]:
+      bodies.setdefault(k['loops'], []).append(k)
+  for loops, body in bodies.items():
+    name, trips, _ = loops[-1]
+    moved = sum(k['read'] + k['written'] for k in body) / 1e6
+    print(f'    loop {name} x{trips} (depth {len(loops)}): {len(body)} '
+          f'kernels, {moved:.1f} MB a trip')
+    for k in body:
+      if (k['read'] + k['written']) / 1e6 >= min_mb:
+        print(f'      {k["read"] / 1e6:8.1f} {k["written"] / 1e6:8.1f}  '
+              f'{k["kind"][:20]:<20} {k["shape"][:44]:<44} '
+              f'{k["source"][:50]}')
+
+
 def main(argv):
   del argv
   topology = topologies.get_topology_desc(
@@ -146,8 +171,8 @@ def main(argv):
     base = None
     for model_type in _TYPES.value:
       t0 = time.perf_counter()
-      counts = hlo_counts.count_kernels(compile_program(
-          kind, family, model_type, int(batch), sharding))
+      hlo = compile_program(kind, family, model_type, int(batch), sharding)
+      counts = hlo_counts.count_kernels(hlo)
       row = {'program': program, 'model_type': model_type,
              'unroll': _UNROLL.value,
              'compile_s': time.perf_counter() - t0, **counts}
@@ -165,6 +190,8 @@ def main(argv):
       for source in row['sources'][:_SOURCES.value]:
         print(f'    {source["source"][:40]:<40} {source["launches"]:>7} '
               f'launches {source["mb"] / 1e3:>8.2f} GB', flush=True)
+      if _LIST_MB.value is not None:
+        _print_loop_bodies(hlo_counts.list_kernels(hlo), _LIST_MB.value)
   benchmarks.write_json(_OUT.value, {
       'jax': jax.__version__, 'target': 'H200 (sm_90), compile-only',
       'rows': rows})

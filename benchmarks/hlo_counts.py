@@ -1,8 +1,8 @@
 """Kernels and bytes of an optimised XLA GPU program, read from its text.
 
-`count_kernels` walks the HLO module that XLA prints after optimising for
+`list_kernels` walks the HLO module that XLA prints after optimising for
 a GPU: every fusion, library call and copy is a kernel launch, loop bodies
-count times their trip count. Used by `benchmarks/gpu_kernels.py`; kept
+count times their trip count; `count_kernels` adds them up. Used by `benchmarks/gpu_kernels.py`; kept
 free of flags so that tests can import it beside other benchmarks.
 """
 
@@ -122,73 +122,94 @@ def _source(op_name: str) -> str:
   return direction + _PLACE.sub('', op_name).rsplit('/', 1)[-1]
 
 
-def count_kernels(hlo: str) -> dict:
-  """Kernels launched per call of an optimised GPU program, by kind, and
-  the bytes they move.
+def _callee(rest: str, key: str) -> str:
+  return re.search(key + r'=%([\w.\-]+)', rest).group(1)
 
-  Walks the entry computation and what it runs (loop bodies and
-  conditions times their known trip count, the first branch of a
-  conditional, calls); fusions are counted by kind, library calls by
-  target. `read_mb` and `written_mb` add up what each kernel reads and
-  writes (`_fusion_traffic`; a library call, its operands and results):
-  where a large batch is bound by memory traffic, the time follows them.
-  Each kernel counts on its own, as if nothing stayed in the L2 cache.
-  `sources` gives launches and bytes by what the kernels compute for JAX
-  (`_source`), the 20 that move the most.
+
+def list_kernels(hlo: str) -> list[dict]:
+  """Every kernel an optimised GPU program launches, in program order.
+
+  Walks the entry computation and what it runs: loop bodies and
+  conditions (`times` their known trip count), the first branch of a
+  conditional, calls. Each kernel is a dict: `computation` (where it
+  is), `loops` (the enclosing loops, outermost first, each as its name,
+  trip count and body computation), `times`
+  (launches per call), `name`, `kind` (`fusion:` and the fusion kind, a
+  library call's target, or the op), `shape` (its result), `read` and
+  `written` (bytes per launch: `_fusion_traffic`; a library call, its
+  operands and results) and `source` (what it computes for JAX:
+  `_source`).
   """
   computations, entry = _computations(hlo)
-  kinds = collections.Counter()
-  sources = collections.defaultdict(lambda: [0, 0])
-  loop_bodies = []
-  traffic = [0, 0]
+  kernels = []
 
-  def callee(rest, key):
-    return re.search(key + r'=%([\w.\-]+)', rest).group(1)
-
-  def visit(name, times):
+  def visit(name, times, loops):
     shapes = {i['name']: i['shape'] for i in computations[name]}
     for i in computations[name]:
       op, rest = i['op'], i['rest']
-      if op == 'fusion':
-        read, written = _fusion_traffic(
-            computations[callee(rest, 'calls')])
-      elif op in _NO_KERNEL:
-        read = written = 0
-      else:
-        read = sum(_bytes(shapes.get(n, ''))
-                   for n in _NAME.findall(_operands(rest)))
-        written = _bytes(i['shape'])
-      traffic[0] += read * times
-      traffic[1] += written * times
-      if op not in _NO_KERNEL:
-        row = sources[_source(i['source'])]
-        row[0] += times
-        row[1] += (read + written) * times
       if op == 'while':
         trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
         trips = int(trips.group(1)) if trips else 1
-        body = callee(rest, 'body')
-        loop_bodies.append(sum(1 for j in computations[body]
-                               if j['op'] not in _NO_KERNEL))
-        visit(body, times * trips)
-        visit(callee(rest, 'condition'), times * trips)
+        body = _callee(rest, 'body')
+        inner = loops + ((i['name'], trips, body),)
+        visit(body, times * trips, inner)
+        visit(_callee(rest, 'condition'), times * trips, inner)
       elif op == 'conditional':
         branches = re.search(r'branch_computations=\{%([\w.\-]+)', rest)
-        visit(branches.group(1), times)
+        visit(branches.group(1), times, loops)
       elif op == 'call':
-        visit(callee(rest, 'to_apply'), times)
-      elif op == 'fusion':
-        kind = re.search(r'kind=(\w+)', rest)
-        kinds['fusion:' + (kind.group(1) if kind else '?')] += times
-      elif op == 'custom-call':
-        target = re.search(r'custom_call_target="([^"]+)"', rest)
-        kinds[target.group(1) if target else 'custom-call'] += times
+        visit(_callee(rest, 'to_apply'), times, loops)
       elif op not in _NO_KERNEL:
-        kinds[op] += times
+        if op == 'fusion':
+          read, written = _fusion_traffic(computations[_callee(rest,
+                                                               'calls')])
+          kind = re.search(r'kind=(\w+)', rest)
+          kind = 'fusion:' + (kind.group(1) if kind else '?')
+        else:
+          read = sum(_bytes(shapes.get(n, ''))
+                     for n in _NAME.findall(_operands(rest)))
+          written = _bytes(i['shape'])
+          target = re.search(r'custom_call_target="([^"]+)"', rest)
+          kind = (target.group(1) if target else 'custom-call'
+                  ) if op == 'custom-call' else op
+        kernels.append({
+            'computation': name, 'loops': loops, 'times': times,
+            'name': i['name'], 'kind': kind, 'shape': i['shape'],
+            'read': read, 'written': written,
+            'source': _source(i['source'])})
 
-  visit(entry, 1)
+  visit(entry, 1, ())
+  return kernels
+
+
+def count_kernels(hlo: str) -> dict:
+  """Kernels launched per call of an optimised GPU program, by kind, and
+  the bytes they move (`list_kernels`, added up).
+
+  Fusions count by kind, library calls by target. `read_mb` and
+  `written_mb` add up what each kernel reads and writes: where a large
+  batch is bound by memory traffic, the time follows them. Each kernel
+  counts on its own, as if nothing stayed in the L2 cache.
+  `loop_bodies` gives the kernels of each loop body (each loop once),
+  `sources` launches and bytes by what the kernels compute for JAX, the
+  20 that move the most.
+  """
+  kinds = collections.Counter()
+  sources = collections.defaultdict(lambda: [0, 0])
+  bodies = collections.Counter()
+  traffic = [0, 0]
+  for k in list_kernels(hlo):
+    times = k['times']
+    kinds[k['kind']] += times
+    traffic[0] += k['read'] * times
+    traffic[1] += k['written'] * times
+    row = sources[k['source']]
+    row[0] += times
+    row[1] += (k['read'] + k['written']) * times
+    if k['loops'] and k['computation'] == k['loops'][-1][2]:
+      bodies[k['loops']] += 1
   top = sorted(sources.items(), key=lambda kv: -kv[1][1])[:20]
-  return {'kernels': sum(kinds.values()), 'loop_bodies': loop_bodies,
+  return {'kernels': sum(kinds.values()), 'loop_bodies': list(bodies.values()),
           'read_mb': traffic[0] / 1e6, 'written_mb': traffic[1] / 1e6,
           'kinds': dict(kinds.most_common()),
           'sources': [{'source': k, 'launches': n, 'mb': b / 1e6}
