@@ -2,8 +2,9 @@
 
 `list_kernels` walks the HLO module that XLA prints after optimising for
 a GPU: every fusion, library call and copy is a kernel launch, loop bodies
-count times their trip count; `count_kernels` adds them up. Used by `benchmarks/gpu_kernels.py`; kept
-free of flags so that tests can import it beside other benchmarks.
+count times their trip count; `count_kernels` adds them up. Used by
+`benchmarks/gpu_kernels.py`; kept free of flags so that tests can import
+it beside other benchmarks.
 """
 
 import collections
