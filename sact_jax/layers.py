@@ -46,13 +46,17 @@ class LayerFactory:
   bn_epsilon: float
   fast_conv_backward: bool | None = None
 
+  @property
+  def routes_convs(self) -> bool:
+    """`fast_conv_backward`, resolved for the default backend."""
+    if self.fast_conv_backward is None:
+      return jax.default_backend() == 'cpu'
+    return self.fast_conv_backward
+
   def conv(self, cin: int, cout: int, kernel: int, *, rngs: nnx.Rngs,
            stride: int = 1, padding='SAME', use_bias: bool = False,
            bias_init: float = 0.0) -> nnx.Conv:
-    fast = self.fast_conv_backward
-    if fast is None:
-      fast = jax.default_backend() == 'cpu'
-    fn = (conv_lib.conv_general_dilated if fast
+    fn = (conv_lib.conv_general_dilated if self.routes_convs
           else jax.lax.conv_general_dilated)
     return nnx.Conv(
         cin, cout, (kernel, kernel), strides=(stride, stride),
@@ -159,15 +163,56 @@ def batch_statistics_affine(bn: nnx.BatchNorm, x_XxC: jax.Array
   if not bn.use_fast_variance or bn.axis != -1 or bn.axis_name is not None:
     raise ValueError('batch_statistics_affine computes the default '
                      'BatchNorm (last axis, fast variance, no axis name).')
-  axes = tuple(range(x_XxC.ndim - 1))
-  mean_C = jnp.mean(x_XxC, axes)
-  var_C = jnp.maximum(0.0, jnp.mean(jnp.square(x_XxC), axes)
-                      - jnp.square(mean_C))
+  channels = x_XxC.shape[-1]
+  ones = jnp.ones((channels,), x_XxC.dtype)
+  scale_C, shift_C, mean_C, var_C = _statistics_affine(
+      x_XxC, ones if bn.scale is None else bn.scale[...],
+      ones * 0 if bn.bias is None else bn.bias[...], bn.epsilon)
   keep = bn.momentum
   bn.mean[...] = jax.lax.stop_gradient(keep * bn.mean[...]
                                        + (1 - keep) * mean_C)
   bn.var[...] = jax.lax.stop_gradient(keep * bn.var[...] + (1 - keep) * var_C)
-  return _affine(bn, mean_C, var_C)
+  return scale_C, shift_C
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _statistics_affine(x_XxC, gamma_C, beta_C, epsilon):
+  """`x`'s batch statistics and the affine map they make with `gamma` and
+  `beta`: `(scale, shift, mean, var)`.
+
+  Its backward pass keeps `x` and one `[3, C]` array (the mean, the
+  inverse deviation, whether the variance was clipped). Autodiff kept
+  each intermediate per-channel value on its own, and inside a scan over
+  units each is a buffer and a kernel of its own per unit (a GPU's SACT
+  training step: BUILD.md, "ACT and SACT over vanilla on a GPU").
+  """
+  return _statistics_affine_fwd(x_XxC, gamma_C, beta_C, epsilon)[0]
+
+
+def _statistics_affine_fwd(x, gamma, beta, epsilon):
+  axes = tuple(range(x.ndim - 1))
+  mean = jnp.mean(x, axes)
+  raw_var = jnp.mean(jnp.square(x), axes) - jnp.square(mean)
+  var = jnp.maximum(0.0, raw_var)
+  inv = jax.lax.rsqrt(var + epsilon)
+  scale = inv * gamma
+  saved = jnp.stack([mean, inv, (raw_var > 0).astype(x.dtype)])
+  return (scale, beta - mean * scale, mean, var), (x, saved, gamma)
+
+
+def _statistics_affine_bwd(epsilon, residuals, cotangents):
+  del epsilon
+  x, (mean, inv, positive), gamma = residuals
+  dscale, dshift, dmean, dvar = cotangents
+  dscale = dscale - dshift * mean  # Through `shift = beta - mean * scale`.
+  dvar = (dvar - 0.5 * inv ** 3 * gamma * dscale) * positive
+  dmean = dmean - dshift * inv * gamma - 2.0 * mean * dvar
+  n = x.size // x.shape[-1]
+  dx = (dmean + 2.0 * dvar * x) / n
+  return dx, dscale * inv, dshift
+
+
+_statistics_affine.defvjp(_statistics_affine_fwd, _statistics_affine_bwd)
 
 
 def _strides(conv: nnx.Conv) -> tuple[int, int]:

@@ -26,6 +26,45 @@ def _sact_head(channels: int, activation, fast_conv: bool, seed: int = 0
   return head
 
 
+class GlobalTermTest(parameterized.TestCase):
+
+  @parameterized.product(head=('act', 'sact'),
+                         activation=(layers.identity, layers.leaky_relu))
+  def test_xla_convs_heads_equal_the_cpu_heads(self, head, activation):
+    """Where the model keeps XLA's convolutions, the global term's
+    BatchNorm in training is its batch statistics' affine map: the same
+    logits, gradients and running averages as `nnx.BatchNorm`'s."""
+    def make(fast_conv):
+      factory = layers.LayerFactory(bn_momentum=0.9, bn_epsilon=1e-3,
+                                    fast_conv_backward=fast_conv)
+      cls = halting.ActHead if head == 'act' else halting.SactHead
+      h = cls(6, factory=factory, activation=activation, rngs=nnx.Rngs(0))
+      tu.randomize_batch_norm(h.global_bn, np.random.default_rng(0))
+      return h
+
+    mean_BxC = tu.images((5, 1, 1, 6), seed=6)[:, 0, 0] * 2.0 + 0.5
+    results = []
+    for fast_conv in (False, True):
+      graphdef, state = nnx.split(make(fast_conv))
+
+      def logits(state, mean_BxC):
+        h = nnx.merge(graphdef, state)
+        return h.global_logits(mean_BxC), nnx.state(h, nnx.BatchStat)
+
+      out, stats = logits(state, mean_BxC)
+      # A cotangent that weighs every image differently.
+      grads = jax.grad(lambda s, m: jnp.sum(
+          logits(s, m)[0] * jnp.arange(1.0, 6.0)), argnums=(0, 1))(
+              state, mean_BxC)
+      results.append((out, stats, grads))
+    (out, stats, grads), (want, want_stats, want_grads) = results
+    chex.assert_shape(out, (5,))
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(stats, want_stats, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(grads, want_grads, rtol=1e-4, atol=1e-5)
+    self.assertGreater(float(jnp.abs(want_grads[1]).max()), 1e-3)
+
+
 class SactHeadTest(parameterized.TestCase):
 
   @parameterized.parameters((2, 5, 7), (1, 1, 1), (3, 2, 9), (1, 14, 14))
