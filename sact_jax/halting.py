@@ -51,11 +51,11 @@ def _global_logits(head: nnx.Module, mean_BxC: jax.Array,
 
   In training where the model keeps XLA's convolutions (`xla_convs`: GPUs
   and TPUs), the BatchNorm is its batch statistics' affine map
-  (`layers.batch_statistics_affine`), whose backward pass keeps one small
-  array where autodiff of `nnx.BatchNorm` kept six; inside a scan over
-  units each is a kernel per unit on a GPU (a CIFAR SACT training step
-  launches 4% fewer kernels; BUILD.md, "ACT and SACT over vanilla on a
-  GPU"). Equal up to rounding.
+  (`layers.batch_statistics_affine`), whose backward pass keeps its
+  statistics as one small array where autodiff of `nnx.BatchNorm` kept
+  six values; inside a scan over units each kept value is a kernel per
+  unit on a GPU (a CIFAR SACT training step launches 4% fewer kernels;
+  BUILD.md, "ACT and SACT over vanilla on a GPU"). Equal up to rounding.
   """
   bn = head.global_bn
   if xla_convs and not bn.use_running_average:

@@ -164,10 +164,12 @@ def batch_statistics_affine(bn: nnx.BatchNorm, x_XxC: jax.Array
     raise ValueError('batch_statistics_affine computes the default '
                      'BatchNorm (last axis, fast variance, no axis name).')
   channels = x_XxC.shape[-1]
-  ones = jnp.ones((channels,), x_XxC.dtype)
   scale_C, shift_C, mean_C, var_C = _statistics_affine(
-      x_XxC, ones if bn.scale is None else bn.scale[...],
-      ones * 0 if bn.bias is None else bn.bias[...], bn.epsilon)
+      x_XxC,
+      jnp.ones((channels,), x_XxC.dtype) if bn.scale is None
+      else bn.scale[...],
+      jnp.zeros((channels,), x_XxC.dtype) if bn.bias is None
+      else bn.bias[...], bn.epsilon)
   keep = bn.momentum
   bn.mean[...] = jax.lax.stop_gradient(keep * bn.mean[...]
                                        + (1 - keep) * mean_C)
