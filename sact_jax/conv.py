@@ -335,12 +335,14 @@ def affine_window_sum(x_BxHxWxI: jax.Array, scale_I: jax.Array,
 
 
 def _affine_window_sum_fwd(x, scale, shift, w, padding, activation):
+  # Scale and shift kept as one array: inside a scan over units every kept
+  # value is a store (a kernel on a GPU) per unit.
   return (affine_window_sum(x, scale, shift, w, padding, activation),
-          (x, scale, shift, w))
+          (x, jnp.stack([scale, shift]), w))
 
 
 def _affine_window_sum_bwd(padding, activation, residuals, g_BxPxQx1):
-  x_BxHxWxI, scale_I, shift_I, w_KxLxIx1 = residuals
+  x_BxHxWxI, (scale_I, shift_I), w_KxLxIx1 = residuals
   kh, kw, cin, _ = w_KxLxIx1.shape
   f, activation_vjp = jax.vjp(activation, x_BxHxWxI * scale_I + shift_I)
   dz_BxHxWxT = _shifted_gradients((1, 1), padding, x_BxHxWxI.shape,
