@@ -158,7 +158,10 @@ def batch_statistics_affine(bn: nnx.BatchNorm, x_XxC: jax.Array
   `use_fast_variance`), and the running averages are updated as its call
   updates them. Lets a conv that reads the normalised map take the scale
   into its kernel in training too, so that the normalised map is never
-  written out (`halting.SactHead.folds_batch_statistics`).
+  written out (`halting.SactHead.folds_batch_statistics`), or a custom
+  backward pass recompute it (`conv.affine_window_sum`); the heads' global
+  term uses it on accelerators for its small backward pass
+  (`_statistics_affine`).
   """
   if not bn.use_fast_variance or bn.axis != -1 or bn.axis_name is not None:
     raise ValueError('batch_statistics_affine computes the default '
