@@ -141,6 +141,61 @@ class ModelTest(parameterized.TestCase):
         grads['stem_conv']['kernel'][...]))), 0.0)
     np.testing.assert_array_equal(grads['logits']['kernel'][...], 0.0)
 
+  @parameterized.parameters('act', 'sact')
+  def test_accelerator_path_equals_the_cpu_path(self, model_type):
+    """Train mode, the whole CIFAR model: XLA's convolutions and the heads
+    as an accelerator runs them (window sums, the BatchNorms as affine maps
+    with their own backward passes) against the CPU's formulations:
+    logits, ponder cost, halting, gradients of the training loss and
+    BatchNorm statistics. (The small ImageNet model's last blocks run at
+    1x1 and 2x2: BatchNorms over 2-8 values there amplify the formulations'
+    rounding to 1% of a gradient's scale; blocks_test compares its heads.)
+    """
+    config = 'cifar'
+    spec = _CIFAR
+    images = _images(config)
+    labels = jnp.arange(images.shape[0]) % 10
+    results = []
+    for fast in (True, False):
+      model = tu.build(spec['family'], spec['units'], model_type,
+                       base_channels=spec['base_channels'], seed=3,
+                       fast_conv_backward=fast, remat=False)
+      # Some images or positions halt before their block's last unit.
+      tu.set_halting_bias(model, 2.0)
+      model.train()
+      graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+      def loss_fn(params, rest):
+        # Fresh BatchNorm statistics inside the trace.
+        m = nnx.merge(graphdef, params, jax.tree.map(lambda a: a, rest))
+        logits, aux = m(images)
+        loss = jnp.mean(-jax.nn.log_softmax(logits)[
+            jnp.arange(labels.size), labels]) + 0.01 * aux['ponder_loss']
+        return loss, (logits, aux, nnx.state(m, nnx.BatchStat))
+
+      (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params,
+                                                                 rest)
+      results.append((out, grads))
+    ((logits_ref, aux_ref, stats_ref), grads_ref), (
+        (logits, aux, stats), grads) = results
+    self.assertTrue(any(np.min(n) < units for n, units in
+                        zip(aux_ref['num_units'], spec['units'])))
+    np.testing.assert_allclose(logits, logits_ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(aux['ponder_loss'], aux_ref['ponder_loss'],
+                               rtol=1e-5)
+    for got, want in zip(aux['num_units'], aux_ref['num_units']):
+      np.testing.assert_array_equal(got, want)
+    chex.assert_trees_all_close(stats, stats_ref, rtol=1e-4, atol=1e-5)
+    # Two conv formulations through the whole network: single gradients
+    # that nearly cancel differ by more than their own size allows, so
+    # each parameter's gradient is compared at the scale of its largest.
+    # (Measured on one CPU: within 1.3e-4 of that scale.)
+    for (path, got), (_, want) in zip(nnx.to_flat_state(grads),
+                                      nnx.to_flat_state(grads_ref)):
+      got, want = np.asarray(got[...]), np.asarray(want[...])
+      self.assertLessEqual(np.max(np.abs(got - want)),
+                           1e-3 * np.max(np.abs(want)) + 1e-5, path)
+
   def test_no_retracing(self):
     model = nnx.clone(_model('cifar', 'sact'))
     graphdef, state = nnx.split(model)
