@@ -183,6 +183,13 @@ def list_kernels(hlo: str) -> list[dict]:
   return kernels
 
 
+def loop_body(kernel: dict) -> tuple | None:
+  """The loops of the loop body that launches `kernel` itself (not in a
+  loop nested in it, nor in the loop's condition), or None."""
+  loops = kernel['loops']
+  return loops if loops and kernel['computation'] == loops[-1][2] else None
+
+
 def count_kernels(hlo: str) -> dict:
   """Kernels launched per call of an optimised GPU program, by kind, and
   the bytes they move (`list_kernels`, added up).
@@ -207,8 +214,8 @@ def count_kernels(hlo: str) -> dict:
     row = sources[k['source']]
     row[0] += times
     row[1] += (k['read'] + k['written']) * times
-    if k['loops'] and k['computation'] == k['loops'][-1][2]:
-      bodies[k['loops']] += 1
+    if loop_body(k):
+      bodies[loop_body(k)] += 1
   top = sorted(sources.items(), key=lambda kv: -kv[1][1])[:20]
   return {'kernels': sum(kinds.values()), 'loop_bodies': list(bodies.values()),
           'read_mb': traffic[0] / 1e6, 'written_mb': traffic[1] / 1e6,

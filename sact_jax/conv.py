@@ -298,14 +298,30 @@ def _window_sum_bwd(padding, residuals, g_BxPxQx1):
   gradient stays a dot, which reads the input once.
   """
   x_BxHxWxI, w_KxLxIx1 = residuals
-  kh, kw, cin, _ = w_KxLxIx1.shape
-  dz_BxHxWxT = _shifted_gradients((1, 1), padding, x_BxHxWxI.shape,
-                                  w_KxLxIx1.shape, g_BxPxQx1)
-  w_TxI = w_KxLxIx1.reshape(kh * kw, cin)
-  dx = sum(dz_BxHxWxT[..., t:t + 1] * w_TxI[t] for t in range(kh * kw))
+  dz_BxHxWxT, dx = _window_gradients(padding, x_BxHxWxI.shape, w_KxLxIx1,
+                                     g_BxPxQx1)
   dw_IxT = lax.dot_general(x_BxHxWxI, dz_BxHxWxT,
                            (((0, 1, 2), (0, 1, 2)), ((), ())))
-  return dx, dw_IxT.reshape(cin, kh, kw, 1).transpose(1, 2, 0, 3)
+  return dx, _as_kernel(dw_IxT, w_KxLxIx1.shape)
+
+
+def _window_gradients(padding, x_shape, w_KxLxIx1, g_BxPxQx1
+                      ) -> tuple[jax.Array, jax.Array]:
+  """The backward pass of window sums, less the kernel's gradient: the
+  output gradient at every tap's shift `[B, H, W, T]`, and the input's
+  gradient as its elementwise products with the taps' weights."""
+  kh, kw, cin, _ = w_KxLxIx1.shape
+  dz_BxHxWxT = _shifted_gradients((1, 1), padding, x_shape, w_KxLxIx1.shape,
+                                  g_BxPxQx1)
+  w_TxI = w_KxLxIx1.reshape(kh * kw, cin)
+  return dz_BxHxWxT, sum(dz_BxHxWxT[..., t:t + 1] * w_TxI[t]
+                         for t in range(kh * kw))
+
+
+def _as_kernel(dw_IxT: jax.Array, w_shape) -> jax.Array:
+  """A `[I, kh * kw]` gradient in the one-channel kernel's HWIO layout."""
+  kh, kw, cin, _ = w_shape
+  return dw_IxT.reshape(cin, kh, kw, 1).transpose(1, 2, 0, 3)
 
 
 window_sum.defvjp(_window_sum_fwd, _window_sum_bwd)
@@ -343,17 +359,14 @@ def _affine_window_sum_fwd(x, scale, shift, w, padding, activation):
 
 def _affine_window_sum_bwd(padding, activation, residuals, g_BxPxQx1):
   x_BxHxWxI, (scale_I, shift_I), w_KxLxIx1 = residuals
-  kh, kw, cin, _ = w_KxLxIx1.shape
   f, activation_vjp = jax.vjp(activation, x_BxHxWxI * scale_I + shift_I)
-  dz_BxHxWxT = _shifted_gradients((1, 1), padding, x_BxHxWxI.shape,
-                                  w_KxLxIx1.shape, g_BxPxQx1)
-  w_TxI = w_KxLxIx1.reshape(kh * kw, cin)
-  df = sum(dz_BxHxWxT[..., t:t + 1] * w_TxI[t] for t in range(kh * kw))
+  dz_BxHxWxT, df = _window_gradients(padding, x_BxHxWxI.shape, w_KxLxIx1,
+                                     g_BxPxQx1)
   dy, = activation_vjp(df)
   axes = (0, 1, 2)
   dw_IxT = jnp.sum(f[..., None] * dz_BxHxWxT[..., None, :], axes)
   return (dy * scale_I, jnp.sum(dy * x_BxHxWxI, axes), jnp.sum(dy, axes),
-          dw_IxT.reshape(cin, kh, kw, 1).transpose(1, 2, 0, 3))
+          _as_kernel(dw_IxT, w_KxLxIx1.shape))
 
 
 affine_window_sum.defvjp(_affine_window_sum_fwd, _affine_window_sum_bwd)

@@ -134,19 +134,23 @@ def batch_norm_affine(bn: nnx.BatchNorm) -> tuple[jax.Array, jax.Array]:
   What it computes in evaluation (`use_running_average`), up to rounding;
   lets a conv that reads the normalised map take the scale into its kernel.
   """
-  return _affine(bn, bn.mean[...], bn.var[...])
+  return _affine(bn.mean[...], jax.lax.rsqrt(bn.var[...] + bn.epsilon),
+                 *_scale_and_bias(bn))
 
 
-def _affine(bn: nnx.BatchNorm, mean_C: jax.Array, var_C: jax.Array
-            ) -> tuple[jax.Array, jax.Array]:
-  """`bn` normalising with `mean_C` and `var_C`, as `x * scale + shift`."""
-  scale_C = jax.lax.rsqrt(var_C + bn.epsilon)
-  if bn.scale is not None:
-    scale_C = scale_C * bn.scale[...]
-  shift_C = -mean_C * scale_C
-  if bn.bias is not None:
-    shift_C = shift_C + bn.bias[...]
-  return scale_C, shift_C
+def _scale_and_bias(bn: nnx.BatchNorm) -> tuple[jax.Array, jax.Array]:
+  """`bn`'s learned scale and bias `[C]`, ones and zeros where it has none."""
+  channels = (bn.num_features,)
+  return (jnp.ones(channels) if bn.scale is None else bn.scale[...],
+          jnp.zeros(channels) if bn.bias is None else bn.bias[...])
+
+
+def _affine(mean_C: jax.Array, inv_C: jax.Array, gamma_C: jax.Array,
+            beta_C: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Normalising with `mean_C` and inverse deviation `inv_C`, then `gamma_C`
+  and `beta_C`, as `x * scale + shift`."""
+  scale_C = inv_C * gamma_C
+  return scale_C, beta_C - mean_C * scale_C
 
 
 def batch_statistics_affine(bn: nnx.BatchNorm, x_XxC: jax.Array
@@ -166,13 +170,8 @@ def batch_statistics_affine(bn: nnx.BatchNorm, x_XxC: jax.Array
   if not bn.use_fast_variance or bn.axis != -1 or bn.axis_name is not None:
     raise ValueError('batch_statistics_affine computes the default '
                      'BatchNorm (last axis, fast variance, no axis name).')
-  channels = x_XxC.shape[-1]
   scale_C, shift_C, mean_C, var_C = _statistics_affine(
-      x_XxC,
-      jnp.ones((channels,), x_XxC.dtype) if bn.scale is None
-      else bn.scale[...],
-      jnp.zeros((channels,), x_XxC.dtype) if bn.bias is None
-      else bn.bias[...], bn.epsilon)
+      x_XxC, *_scale_and_bias(bn), bn.epsilon)
   keep = bn.momentum
   bn.mean[...] = jax.lax.stop_gradient(keep * bn.mean[...]
                                        + (1 - keep) * mean_C)
@@ -200,9 +199,8 @@ def _statistics_affine_fwd(x, gamma, beta, epsilon):
   raw_var = jnp.mean(jnp.square(x), axes) - jnp.square(mean)
   var = jnp.maximum(0.0, raw_var)
   inv = jax.lax.rsqrt(var + epsilon)
-  scale = inv * gamma
   saved = jnp.stack([mean, inv, (raw_var > 0).astype(x.dtype)])
-  return (scale, beta - mean * scale, mean, var), (x, saved, gamma)
+  return (*_affine(mean, inv, gamma, beta), mean, var), (x, saved, gamma)
 
 
 def _statistics_affine_bwd(epsilon, residuals, cotangents):
