@@ -14,6 +14,7 @@ Conventions follow the reference implementation (docs/method.md, section 1):
 * `rho = N + R`. N carries no gradient, so d rho / d h^l = -1 for l < N.
 """
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -108,6 +109,27 @@ def step(state: HaltingState, halting: jax.Array, x: jax.Array,
   Returns:
     The carry after this unit. Scores of halted positions are ignored.
   """
+  num_units = state.num_units + (state.running > 0).astype(jnp.int32)
+  floats = _step(_Floats(state.cumulative, state.remainder, state.output,
+                         state.ponder_cost, state.running), halting, x, eps)
+  return HaltingState(
+      cumulative=floats.cumulative, remainder=floats.remainder,
+      output=floats.output, ponder_cost=floats.ponder_cost,
+      num_units=num_units, running=floats.running)
+
+
+class _Floats(NamedTuple):
+  """The differentiable part of a `HaltingState` (all but `num_units`)."""
+  cumulative: jax.Array
+  remainder: jax.Array
+  output: jax.Array
+  ponder_cost: jax.Array
+  running: jax.Array
+
+
+def _step_values(state: _Floats, halting: jax.Array, x: jax.Array,
+                 eps: float) -> _Floats:
+  """`step` without the unit count."""
   running = state.running
   h = halting * running  # Finished positions contribute nothing.
   cumulative = state.cumulative + h
@@ -120,11 +142,57 @@ def step(state: HaltingState, halting: jax.Array, x: jax.Array,
   # rho = N + R: +1 for every unit run, +R at the halting unit.
   ponder_cost = (state.ponder_cost + running
                  + halts_now_f * remainder_here)
-  num_units = state.num_units + (running > 0).astype(jnp.int32)
-  return HaltingState(
-      cumulative=cumulative, remainder=remainder, output=output,
-      ponder_cost=ponder_cost, num_units=num_units,
-      running=running * (1.0 - halts_now_f))
+  return _Floats(cumulative=cumulative, remainder=remainder, output=output,
+                 ponder_cost=ponder_cost,
+                 running=running * (1.0 - halts_now_f))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _step(state, halting, x, eps):
+  return _step_values(state, halting, x, eps)
+
+
+def _step_fwd(state, halting, x, eps):
+  """Keeps `x` (which its unit keeps anyway) and one `[3, ...]` array.
+
+  Autodiff of `_step_values` keeps five arrays of the halting shape per
+  unit (the mask, the halting decision twice, the weight, its broadcast),
+  each one more store into a scan's stack of kept values: a kernel each
+  on a GPU, where a training step's small kernels are most of SACT's
+  extra ones (BUILD.md, "ACT and SACT over vanilla on a GPU").
+  """
+  kept = jnp.stack([state.running, state.cumulative,
+                    halting.astype(state.cumulative.dtype)])
+  return _step_values(state, halting, x, eps), (kept, x)
+
+
+def _step_bwd(eps, residuals, g):
+  """The gradients of `_step_values`, from the kept inputs recomputed."""
+  kept, x = residuals
+  running, cumulative, halting = kept[0], kept[1], kept[2]
+  h = halting * running
+  halts_now = (running > 0) & (cumulative + h >= _threshold(eps, h.dtype))
+  halts_now_f = halts_now.astype(h.dtype)
+  p = jnp.where(halts_now, 1.0 - cumulative, h)
+  # output = output_before + p * x.
+  g_x = (_expand(p, x.ndim).astype(x.dtype) * g.output).astype(x.dtype)
+  trailing = tuple(range(p.ndim, x.ndim))
+  g_p = jnp.sum(g.output * x, axis=trailing).astype(h.dtype)
+  # p = where(halts_now, 1 - cumulative_before, h); then the cumulative,
+  # remainder, ponder cost and mask after the unit.
+  g_h = g.cumulative + jnp.where(halts_now, 0.0, g_p)
+  g_state = _Floats(
+      cumulative=(g.cumulative
+                  - jnp.where(halts_now, g_p + g.remainder, 0.0)
+                  - halts_now_f * g.ponder_cost),
+      remainder=jnp.where(halts_now, 0.0, g.remainder),
+      output=g.output, ponder_cost=g.ponder_cost,
+      running=(g.ponder_cost + g.running * (1.0 - halts_now_f)
+               + g_h * halting))
+  return g_state, (g_h * running).astype(halting.dtype), g_x
+
+
+_step.defvjp(_step_fwd, _step_bwd)
 
 
 def finish(state: HaltingState, x_last: jax.Array,

@@ -1,9 +1,13 @@
 """Tests of the pure halting arithmetic in `sact_jax.act`."""
 
+import contextlib
+import io
+
 from absl.testing import absltest
 from absl.testing import parameterized
 import chex
 import jax
+from jax import ad_checkpoint
 from jax import lax
 import jax.numpy as jnp
 import numpy as np
@@ -243,6 +247,74 @@ class IncrementalTest(parameterized.TestCase):
     # The running image carries on: ponder 2 units so far, output 0.2 + 0.6.
     self.assertEqual(int(later.num_units[1]), 2)
     np.testing.assert_allclose(later.output[1], 0.2 + 0.3 * 2.0, rtol=1e-6)
+
+
+class StepVjpTest(parameterized.TestCase):
+  """`act.step`'s own backward pass against autodiff of its arithmetic."""
+
+  @staticmethod
+  def _inputs(batch_shape, seed):
+    rng = np.random.default_rng(seed)
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    x_shape = batch_shape + (2, 3) if len(batch_shape) == 1 else (
+        batch_shape + (3,))
+    # Halted (0), running, and running ones that halt at this unit.
+    running = f32(rng.uniform(size=batch_shape) > 0.25)
+    cumulative = f32(rng.uniform(0.0, 0.9, batch_shape))
+    halting = f32(rng.uniform(0.0, 1.0, batch_shape))
+    state = act.HaltingState(
+        cumulative=cumulative, remainder=f32(rng.uniform(size=batch_shape)),
+        output=f32(rng.normal(size=x_shape)),
+        ponder_cost=f32(rng.uniform(1.0, 3.0, batch_shape)),
+        num_units=jnp.ones(batch_shape, jnp.int32), running=running)
+    return state, halting, f32(rng.normal(size=x_shape)), rng
+
+  @staticmethod
+  def _autodiff(state, halting, x):
+    floats = act._Floats(state.cumulative, state.remainder, state.output,
+                         state.ponder_cost, state.running)
+    return act._step_values(floats, halting, x, 0.01)
+
+  @parameterized.named_parameters(('act', (16,)), ('sact', (2, 4, 5)))
+  def test_gradients_equal_autodiff(self, batch_shape):
+    state, halting, x, rng = self._inputs(batch_shape, seed=11)
+    halts = (state.running > 0) & (state.cumulative + halting >= 0.99)
+    # Every case occurs: halted before, halting now, running on.
+    self.assertTrue(bool(jnp.any(halts)))
+    self.assertTrue(bool(jnp.any(state.running == 0)))
+    self.assertTrue(bool(jnp.any((state.running > 0) & ~halts)))
+    fields = ('cumulative', 'remainder', 'output', 'ponder_cost', 'running')
+    floats = lambda s: tuple(getattr(s, f) for f in fields)
+    with_floats = lambda f: state._replace(**dict(zip(fields, f)))
+    got, vjp = jax.vjp(lambda f, h, x: floats(act.step(with_floats(f), h, x)),
+                       floats(state), halting, x)
+    want, want_vjp = jax.vjp(
+        lambda f, h, x: tuple(self._autodiff(with_floats(f), h, x)),
+        floats(state), halting, x)
+    chex.assert_trees_all_equal(got, want)
+    # A cotangent that weighs every output differently.
+    g = tuple(jnp.asarray(rng.normal(size=a.shape), jnp.float32)
+              for a in got)
+    grads, want_grads = vjp(g), want_vjp(g)
+    chex.assert_trees_all_close(grads, want_grads, atol=1e-5, rtol=1e-5)
+    self.assertGreater(float(jnp.abs(grads[1]).max()), 0.1)
+    self.assertGreater(float(jnp.abs(grads[0][0]).max()), 0.1)
+
+  def test_keeps_the_output_and_one_array(self):
+    """Autodiff of the arithmetic keeps five arrays of the halting shape;
+    `step` keeps one stacked `[3, ...]` array besides `x`."""
+    state, halting, x, _ = self._inputs((2, 4, 5), seed=12)
+
+    def kept(fn):
+      out = io.StringIO()
+      with contextlib.redirect_stdout(out):
+        ad_checkpoint.print_saved_residuals(
+            lambda h, x: jnp.sum(fn(state, h, x).output), halting, x)
+      return [line.split(' ')[0] for line in out.getvalue().splitlines()
+              if 'literal' not in line]
+
+    self.assertCountEqual(kept(act.step), ['f32[3,2,4,5]', 'f32[2,4,5,3]'])
+    self.assertGreater(len(kept(self._autodiff)), 2)
 
 
 class MaskTest(parameterized.TestCase):
