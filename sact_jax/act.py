@@ -127,16 +127,28 @@ class _Floats(NamedTuple):
   running: jax.Array
 
 
+def _weight(running: jax.Array, cumulative: jax.Array, halting: jax.Array,
+            eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """A unit's masked score h, whether it halts there, and its weight p.
+
+  Args:
+    running, cumulative: the mask and the cumulative score before the unit.
+    halting: the unit's score.
+    eps: halting threshold is `1 - eps`.
+  """
+  h = halting * running  # Finished positions contribute nothing.
+  halts_now = (running > 0) & (cumulative + h >= _threshold(eps, h.dtype))
+  return h, halts_now, jnp.where(halts_now, 1.0 - cumulative, h)
+
+
 def _step_values(state: _Floats, halting: jax.Array, x: jax.Array,
                  eps: float) -> _Floats:
   """`step` without the unit count."""
   running = state.running
-  h = halting * running  # Finished positions contribute nothing.
+  h, halts_now, p = _weight(running, state.cumulative, halting, eps)
   cumulative = state.cumulative + h
-  halts_now = (running > 0) & (cumulative >= _threshold(eps, h.dtype))
   halts_now_f = halts_now.astype(h.dtype)
   remainder_here = 1.0 - state.cumulative
-  p = jnp.where(halts_now, remainder_here, h)
   output = state.output + _expand(p, x.ndim).astype(x.dtype) * x
   remainder = jnp.where(halts_now, remainder_here, state.remainder)
   # rho = N + R: +1 for every unit run, +R at the halting unit.
@@ -170,10 +182,8 @@ def _step_bwd(eps, residuals, g):
   """The gradients of `_step_values`, from the kept inputs recomputed."""
   kept, x = residuals
   running, cumulative, halting = kept[0], kept[1], kept[2]
-  h = halting * running
-  halts_now = (running > 0) & (cumulative + h >= _threshold(eps, h.dtype))
+  h, halts_now, p = _weight(running, cumulative, halting, eps)
   halts_now_f = halts_now.astype(h.dtype)
-  p = jnp.where(halts_now, 1.0 - cumulative, h)
   # output = output_before + p * x.
   g_x = (_expand(p, x.ndim).astype(x.dtype) * g.output).astype(x.dtype)
   trailing = tuple(range(p.ndim, x.ndim))
