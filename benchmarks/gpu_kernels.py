@@ -141,8 +141,8 @@ def _print_loop_bodies(kernels: list[dict], min_mb: float) -> None:
   shape, JAX source)."""
   bodies = {}
   for k in kernels:
-    if hlo_counts.loop_body(k):
-      bodies.setdefault(hlo_counts.loop_body(k), []).append(k)
+    if loops := hlo_counts.loop_body(k):
+      bodies.setdefault(loops, []).append(k)
   for loops, body in bodies.items():
     name, trips, _ = loops[-1]
     moved = sum(k['read'] + k['written'] for k in body) / 1e6

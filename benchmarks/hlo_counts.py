@@ -214,8 +214,8 @@ def count_kernels(hlo: str) -> dict:
     row = sources[k['source']]
     row[0] += times
     row[1] += (k['read'] + k['written']) * times
-    if loop_body(k):
-      bodies[loop_body(k)] += 1
+    if loops := loop_body(k):
+      bodies[loops] += 1
   top = sorted(sources.items(), key=lambda kv: -kv[1][1])[:20]
   return {'kernels': sum(kinds.values()), 'loop_bodies': list(bodies.values()),
           'read_mb': traffic[0] / 1e6, 'written_mb': traffic[1] / 1e6,

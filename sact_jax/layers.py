@@ -13,6 +13,7 @@ from sact_jax import conv as conv_lib
 Activation = Callable[[jax.Array], jax.Array]
 
 
+@jax.custom_vjp
 def leaky_relu(x: jax.Array) -> jax.Array:
   """The reference CIFAR nonlinearity, `max(x, 0.1 x)`, as a select.
 
@@ -26,16 +27,11 @@ def leaky_relu(x: jax.Array) -> jax.Array:
   kernels than with the select (BUILD.md, "ACT and SACT over vanilla on a
   GPU").
   """
-  return _leaky_relu(x)
-
-
-@jax.custom_vjp
-def _leaky_relu(x):
   return jnp.where(x >= 0, x, 0.1 * x)
 
 
 def _leaky_relu_fwd(x):
-  y = _leaky_relu(x)
+  y = leaky_relu(x)
   return y, y
 
 
@@ -43,7 +39,7 @@ def _leaky_relu_bwd(y, g):
   return (jnp.where(y >= 0, g, 0.1 * g),)
 
 
-_leaky_relu.defvjp(_leaky_relu_fwd, _leaky_relu_bwd)
+leaky_relu.defvjp(_leaky_relu_fwd, _leaky_relu_bwd)
 
 
 def identity(x: jax.Array) -> jax.Array:
