@@ -8,6 +8,8 @@ Run by hand (not a test), on a quiet machine:
       --formulations=conv --options=default,training
   python -m benchmarks.conv_formulations --formulations=conv,onednn \
       --options=training
+  python -m benchmarks.conv_formulations --shapes=imagenet --batches=1 \
+      --formulations=onednn,rows --options=training --chain=12
 
 For every convolution shape the CIFAR and ImageNet ResNets use, times
 `conv.conv2d` with both passes in each formulation ('conv': XLA's
@@ -15,7 +17,8 @@ convolution, stride 1 with the canonical-layout backward; 'dot': one dot
 over the input windows; 'taps': where `kh * kw * O <= I`, a dot to every
 tap's outputs and a shifted sum; 's2d', by request, for strided shapes:
 a stride-1 conv over space-to-depth blocks; 'onednn', by request:
-oneDNN's kernels through `jax.ffi` (sact_jax/onednn.py),
+oneDNN's kernels through `jax.ffi` (sact_jax/onednn.py); 'rows', by
+request: oneDNN's 1x1 forward over the windows as one image row,
 with the largest relative difference from 'conv' printed), compiled with
 XLA's default options and/or `conv.compiler_options` ('training'),
 forward and forward + backward (input and kernel gradients), interleaved,
@@ -77,8 +80,27 @@ _FORMULATIONS = flags.DEFINE_list('formulations', ['conv', 'dot', 'taps'],
 _OPTIONS = flags.DEFINE_list(
     'options', ['default'], "Compiler options: 'default' (XLA's) and/or "
     "'training' (conv.compiler_options).")
+_CHAIN = flags.DEFINE_integer(
+    'chain', 1, 'Time this many convolutions of a shape in one program, '
+    'each with its own kernel and reading the one before (the time per '
+    'convolution is printed): the kernels then come from memory, and '
+    "oneDNN's calls from XLA's threads, as inside a model.")
 _OUT = flags.DEFINE_string('out', 'benchmarks/results/conv_formulations.json',
                            'JSON output path.')
+
+
+def _chained(fn):
+  """`fn` over a list of kernels (separate buffers: a slice of a stack
+  would be copied before oneDNN's call), each call reading the one before
+  (its first element, times zero, added to the input: a dependency
+  only)."""
+  def run(x, ws):
+    y, carry = None, 0.0
+    for w in ws:
+      y = fn(x + carry, w)
+      carry = 0.0 * y[0, 0, 0, 0]
+    return y
+  return run
 
 
 def _fns(kernel, stride, padding, variants):
@@ -88,6 +110,8 @@ def _fns(kernel, stride, padding, variants):
   for name, options in variants:
     fn = functools.partial(conv.conv2d, strides=strides, padding=padding,
                            precision=None, forward=name, backward=name)
+    if _CHAIN.value > 1:
+      fn = _chained(fn)
     compiler_options = (conv.compiler_options()
                         if options == 'training' else None)
 
@@ -155,10 +179,13 @@ def main(argv):
       padding = conv.explicit_padding('SAME', (kernel, kernel),
                                       (stride, stride), (size, size))
       x = jnp.asarray(rng.normal(size=(batch, size, size, cin)), jnp.float32)
-      w = jnp.asarray(0.1 * rng.normal(size=(kernel, kernel, cin, cout)),
-                      jnp.float32)
+      ws = [jnp.asarray(0.1 * rng.normal(size=(kernel, kernel, cin, cout)),
+                        jnp.float32) for _ in range(max(_CHAIN.value, 1))]
+      w = ws if _CHAIN.value > 1 else ws[0]
       out = -(-size // stride)
-      flops = 2 * batch * out * out * kernel * kernel * cin * cout
+      # Of the whole chain, so that GFLOP/s are per convolution's time.
+      flops = (2 * batch * out * out * kernel * kernel * cin * cout
+               * len(ws))
       # Taps only where they make fewer channels than they read; s2d only
       # for strided convolutions (at stride 1 it is 'conv').
       usable = [(f, o) for f, o in variants
@@ -172,10 +199,11 @@ def main(argv):
           times[key] += _time(fn, (x, w), 1, _MIN_SECONDS.value)
       med = {k: float(np.median(v)) for k, v in times.items()}
       difference = _onednn_difference(fns, (x, w))
-      chosen = conv.chosen_formulation(x.shape, w.shape, (stride, stride),
-                                       padding, x.dtype)
+      chosen = conv.chosen_formulation(x.shape, ws[0].shape,
+                                       (stride, stride), padding, x.dtype)
       rows.append(dict(name=name, batch=batch, size=size, cin=cin,
                        cout=cout, kernel=kernel, stride=stride, flops=flops,
+                       chain=len(ws),
                        seconds=med, onednn_difference=difference,
                        chosen=chosen))
       cells = []

@@ -80,16 +80,17 @@ class Client:
     command: what starts it.
     env: its environment.
     cpus: the CPUs it may run on (its affinity), or None for the driver's.
+    cwd: its working directory, or None for the driver's.
   """
 
   def __init__(self, name: str, command: list[str], env: dict,
-               cpus: set[int] | None = None):
+               cpus: set[int] | None = None, cwd: str | None = None):
     self.name = name
     self._stderr = tempfile.TemporaryFile(mode='w+')
     pin = None if cpus is None else lambda: os.sched_setaffinity(0, cpus)
     self._proc = subprocess.Popen(
         command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=self._stderr, text=True, env=env, preexec_fn=pin)
+        stderr=self._stderr, text=True, env=env, preexec_fn=pin, cwd=cwd)
 
   def _read(self) -> dict:
     for line in self._proc.stdout:

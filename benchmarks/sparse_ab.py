@@ -2,15 +2,19 @@ r"""A/B of `sparse.apply` options, two warm processes in lockstep.
 
 Starts two benchmarks/sparse_inference.py servers (`--serve`: the dense
 vanilla model and `sparse.apply` at `--fraction` of its FLOPs, the same
-models and halting) that differ only in their `SparseOptions`, asks them in
+models and halting) that differ only in their `SparseOptions` or in the
+source tree they run from (`--a_tree`, `--b_tree`), asks them in
 turn for `--rounds` rounds (benchmarks/lockstep.py) and prints the medians
 and the median per-round ratio B / A of `sparse.apply` and of the dense
-model. The dense model is the same program in both: its ratio shows what
-the method resolves on this machine (1.00 within a percent or two).
+model. Between options the dense model is the same program in both: its
+ratio shows what the method resolves on this machine (1.00 within a
+percent or two).
 
   python -m benchmarks.sparse_ab --b='{"unit_cost": 9e7}' --batch=1
   python -m benchmarks.sparse_ab --a='{"dense_head": 1.0}' \
       --b='{"dense_head": 1e9}' --batch=32 --rounds=10
+  git worktree add /tmp/base HEAD~1 && \
+      python -m benchmarks.sparse_ab --a_tree=/tmp/base  # Code A/B.
 """
 
 import json
@@ -25,6 +29,10 @@ from benchmarks import lockstep
 
 _A = flags.DEFINE_string('a', '{}', 'SparseOptions fields of A (JSON).')
 _B = flags.DEFINE_string('b', '{}', 'SparseOptions fields of B (JSON).')
+_A_TREE = flags.DEFINE_string(
+    'a_tree', None, 'Source tree A runs from (e.g. a `git worktree` of '
+    'another commit: its sact_jax and benchmarks); default this one.')
+_B_TREE = flags.DEFINE_string('b_tree', None, 'Source tree B runs from.')
 _FAMILY = flags.DEFINE_enum('family', 'imagenet', ['cifar', 'imagenet'],
                             'Model family (sparse_inference.py).')
 _BATCH = flags.DEFINE_integer('batch', 1, 'Batch size.')
@@ -48,13 +56,26 @@ def main(argv):
       options[name] = json.loads(value)
     except json.JSONDecodeError as e:
       raise app.UsageError(f'--{name} is not JSON: {e}') from e
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  trees = {'a': _A_TREE.value, 'b': _B_TREE.value}
+  for tree in trees.values():
+    if tree is not None and not os.path.isfile(
+        os.path.join(tree, 'benchmarks', 'sparse_inference.py')):
+      raise app.UsageError(f'{tree} has no benchmarks/sparse_inference.py')
+
+  def env(tree):  # The tree's sact_jax before any installed one.
+    env = dict(os.environ, JAX_PLATFORMS='cpu')
+    if tree is not None:
+      env['PYTHONPATH'] = os.pathsep.join(
+          [os.path.abspath(tree), *filter(None, [env.get('PYTHONPATH')])])
+    return env
+
   clients = [lockstep.Client(name, [
       sys.executable, '-m', 'benchmarks.sparse_inference', '--serve',
       f'--families={_FAMILY.value}', f'--batch_sizes={_BATCH.value}',
       f'--fractions={_FRACTION.value}',
       f'--sparse_options={json.dumps(options[name])}',
-      *([] if _CACHE.value else ['--cache_dir='])], env)
+      *([] if _CACHE.value else ['--cache_dir='])], env(trees[name]),
+                             cwd=trees[name])
              for name in ('a', 'b')]
   try:
     ready = {c.name: c.ready() for c in clients}

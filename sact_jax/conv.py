@@ -8,15 +8,20 @@ CPU. GPUs and TPUs keep XLA's native convolutions, except the SACT head's
 fused reduction instead of a library call and its operands; in training,
 with the head's BatchNorm, `affine_window_sum`). Each undilated,
 ungrouped NHWC/HWIO convolution is a `conv2d` whose forward and backward
-passes each run in one of five formulations (`formulation` picks them):
+passes each run in one of six formulations (`formulation` picks them):
 
 * 'onednn': oneDNN's kernels (those TensorFlow runs) as XLA custom calls,
   built at first use (`onednn.py`). The default for float32 wherever they
   are available (the SACT head's forward stays 'taps', and where oneDNN's
   forward would copy its weights on every call, as without AVX-512, so do
   small ones: see `formulation`): XLA:CPU's convolutions run the narrow
-  ResNet shapes far below its dots' speed, oneDNN's near it. Where they
-  are not (no compiler, another platform), the four below, XLA's own:
+  ResNet shapes far below its dots' speed, oneDNN's near it.
+* 'rows': a forward of oneDNN's too, where a convolution has few output
+  positions (batch 1 in ImageNet's blocks 3-4): its windows as one image
+  row, multiplied as two one-thread matmul halves (see `formulation`).
+
+Where oneDNN's kernels are not available (no compiler, another
+platform), the four below, XLA's own:
 
 * 'conv': XLA's convolution. Inside a while loop (every `lax.scan`),
   XLA:CPU leaves the *backward* convolutions in non-canonical layouts that
@@ -419,11 +424,40 @@ def _s2d_bwd(strides, padding, precision, x, w, g_BxPxQxO):
 # One convolution, each pass in its formulation
 # ---------------------------------------------------------------------------
 
-FORMULATIONS = ('conv', 'dot', 'taps', 's2d', 'onednn')
+# ---------------------------------------------------------------------------
+# Few output positions: one row matmul over the windows
+# ---------------------------------------------------------------------------
+
+
+def _rows(x_BxHxWxI, w_KxLxIxO, strides, padding, precision=None,
+          index=None):
+  """oneDNN's forward as a 1x1 convolution over one image row of windows.
+
+  The windows (`patches`) become `[1, 1, B * P * Q, kh * kw * I]`, which
+  oneDNN runs as two one-thread matmul halves, one on XLA's thread pool
+  (`onednn.forward_splits`), instead of its direct convolution on a team
+  of OpenMP threads. With `index`, `w` is a stack `[U, kh, kw, I, O]` and
+  kernel `index` of it is read in place (`onednn.forward_stacked`).
+  """
+  rows = patches(x_BxHxWxI, w_KxLxIxO.shape[-4:-2], strides, padding)
+  batch, p, q, depth = rows.shape
+  row = rows.reshape(1, 1, batch * p * q, depth)
+  w = w_KxLxIxO.reshape(*w_KxLxIxO.shape[:-4], 1, 1, depth,
+                        w_KxLxIxO.shape[-1])
+  unpadded = ((0, 0), (0, 0))
+  if index is None:
+    y = onednn.forward(row, w, (1, 1), unpadded, precision)
+  else:
+    y = onednn.forward_stacked(row, w, index, (1, 1), unpadded)
+  return y.reshape(batch, p, q, w.shape[-1])
+
+
+FORMULATIONS = ('conv', 'dot', 'taps', 's2d', 'onednn', 'rows')
 _FORWARD = {'conv': _native, 'dot': _dot, 'taps': _taps, 's2d': _s2d,
-            'onednn': onednn.forward}
+            'onednn': onednn.forward, 'rows': _rows}
 _BACKWARD = {'conv': _native_bwd, 'dot': _dot_bwd, 'taps': _taps_bwd,
-             's2d': _s2d_bwd, 'onednn': onednn.backward}
+             's2d': _s2d_bwd, 'onednn': onednn.backward,
+             'rows': onednn.backward}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
@@ -436,7 +470,9 @@ def conv2d(x_BxHxWxI, w_KxLxIxO, strides: tuple[int, int], padding: Padding,
   'taps': a dot to every tap's outputs and a shifted sum (few output
   channels). 's2d': a stride-1 conv over space-to-depth blocks (strided,
   few input channels). 'onednn': oneDNN's kernels (float32, where
-  `onednn.supported`). The values are the same up to float rounding; only
+  `onednn.supported`). 'rows': oneDNN's 1x1 forward over the windows as
+  one image row, where the convolution is not differentiated (else, and
+  backward, 'onednn'). The values are the same up to float rounding; only
   the speed differs. Every backward pass keeps only `x` and `w` as
   residuals.
   """
@@ -445,6 +481,10 @@ def conv2d(x_BxHxWxI, w_KxLxIxO, strides: tuple[int, int], padding: Padding,
 
 
 def _conv2d_fwd(x, w, strides, padding, precision, forward, backward):
+  # 'rows' serves inference: differentiated, the forward runs as oneDNN's
+  # convolution, which its backward passes follow faster (BUILD.md, "Few
+  # output positions as one row matmul").
+  forward = 'onednn' if forward == 'rows' else forward
   y = conv2d(x, w, strides, padding, precision, forward, backward)
   return y, (x, w)
 
@@ -499,6 +539,17 @@ def _is_nhwc(dimension_numbers) -> bool:
 #   in a fast one: the copies cost most where memory bandwidth is short),
 #   `sparse.apply` at 0.86-0.90 of its time before in both; batch 32 equal.
 #
+# Where oneDNN's forward has few output positions (at most 256, or 4096
+# for 1x1 kernels) and is not differentiated, it runs as 'rows': the
+# windows as one image row, which oneDNN multiplies as two one-thread
+# matmul halves, one on XLA's thread pool (`onednn.forward_splits`),
+# where its direct convolution would wake an OpenMP team from one of XLA's
+# threads (onednn_conv.cc, `RunSplit`). On a 2-core Intel Xeon (AVX-512)
+# the ImageNet ResNet-101's dense batch-1 forward took 0.83 of its time
+# and `sparse.apply` 0.93-0.95; 3x3 kernels over 784 positions lost (the
+# windows' copy), and differentiated convolutions' backward passes ran
+# slower after it (BUILD.md, "Few output positions as one row matmul").
+#
 # Without oneDNN, where a dot beats XLA:CPU's convolution (the same
 # benchmark, before oneDNN):
 # * 1x1 kernels: a 1x1 convolution is a dot already, which XLA's emitter
@@ -524,11 +575,14 @@ _DOT_BACKWARD_MAX_ROWS = 1024
 _DOT_BACKWARD_MIN_CHANNELS = 128
 _S2D_MAX_CHANNELS = 16
 _TAPS_BACKWARD_MAX_CHANNELS = 64
+_ROWS_FORWARD_MAX_ROWS = 256
+_ROWS_FORWARD_MAX_ROWS_1X1 = 4096
 
 
 def formulation(x_shape: Sequence[int], w_shape: Sequence[int],
                 strides: Sequence[int], use_onednn: bool = False,
-                onednn_copies_weights: bool = False) -> tuple[str, str]:
+                onednn_copies_weights: bool = False,
+                onednn_splits_rows: bool = False) -> tuple[str, str]:
   """(forward, backward) formulations of a convolution on XLA:CPU.
 
   Args:
@@ -539,10 +593,12 @@ def formulation(x_shape: Sequence[int], w_shape: Sequence[int],
       supported padding: `conv_general_dilated` decides).
     onednn_copies_weights: whether oneDNN's forward would copy the weights
       into its own layout on every call (`onednn.forward_copies_weights`).
+    onednn_splits_rows: whether oneDNN would run the windows as one image
+      row in two matmul halves (`onednn.forward_splits`).
 
   Returns:
-    Each of the two passes' formulation, 'conv', 'dot', 'taps', 's2d' or
-    'onednn' (see `conv2d`).
+    Each of the two passes' formulation, 'conv', 'dot', 'taps', 's2d',
+    'onednn' or 'rows' (see `conv2d`).
   """
   kh, kw, cin, cout = w_shape
   few_outputs = (kh, kw) != (1, 1) and kh * kw * cout <= cin
@@ -555,6 +611,11 @@ def formulation(x_shape: Sequence[int], w_shape: Sequence[int],
     if onednn_copies_weights and ((kh, kw) == (1, 1)
                                   or out_rows < _ONEDNN_COPY_MIN_ROWS):
       return (formulation(x_shape, w_shape, strides)[0], 'onednn')
+    one_row = tuple(x_shape[:2]) == (1, 1) and (kh, kw) == (1, 1)
+    max_rows = (_ROWS_FORWARD_MAX_ROWS_1X1 if (kh, kw) == (1, 1)
+                else _ROWS_FORWARD_MAX_ROWS)
+    if onednn_splits_rows and not one_row and out_rows <= max_rows:
+      return ('rows', 'onednn')
     return ('onednn', 'onednn')
   if few_outputs:
     return ('taps', 'taps')
@@ -573,14 +634,24 @@ def chosen_formulation(x_shape: Sequence[int], w_shape: Sequence[int],
                        dtype) -> tuple[str, str]:
   """`formulation` as `conv_general_dilated` asks it here and now: with
   oneDNN where it runs this convolution (`dtype` None: the operands'
-  dtypes differ), and whether its forward would copy the weights."""
+  dtypes differ), whether its forward would copy the weights and whether
+  it would split the windows as one row."""
   use_onednn = (dtype is not None
                 and onednn.supported(x_shape, w_shape, strides, padding,
                                      dtype)
                 and onednn.enabled())
   copies = use_onednn and onednn.forward_copies_weights(
       tuple(x_shape), tuple(w_shape), tuple(strides), padding)
-  return formulation(x_shape, w_shape, strides, use_onednn, copies)
+  splits = False
+  if use_onednn and not copies:
+    kh, kw, cin, cout = w_shape
+    out_rows = x_shape[0] * math.prod(
+        (size + lo + hi - k) // s + 1 for size, k, s, (lo, hi) in zip(
+            x_shape[1:3], (kh, kw), strides, padding))
+    depth = kh * kw * cin
+    splits = onednn.forward_splits((1, 1, out_rows, depth),
+                                   (1, 1, depth, cout))
+  return formulation(x_shape, w_shape, strides, use_onednn, copies, splits)
 
 
 # ---------------------------------------------------------------------------
@@ -706,6 +777,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding,
     lhs, strides = _subsampled(lhs, rhs.shape, strides, pads, dtype)
     forward, backward = chosen_formulation(lhs.shape, rhs.shape, strides,
                                            pads, dtype)
+    if unit is not None and forward == 'rows':
+      return _rows(lhs, stack, strides, pads, index=unit).astype(lhs.dtype)
     if unit is not None and (forward, backward) == ('onednn', 'onednn'):
       return onednn.forward_stacked(lhs, stack, unit, strides,
                                     pads).astype(lhs.dtype)

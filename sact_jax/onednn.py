@@ -271,10 +271,11 @@ def forward_copies_weights(x_shape, w_shape, strides, padding) -> bool:
 def forward_splits(x_shape, w_shape) -> bool:
   """Whether a stride-1 unpadded forward runs as two one-thread matmuls.
 
-  The sparse path's small row matmuls (`conv.rows_matmul`) with enough
-  FLOPs for two threads do, one half of the output channels on the calling
-  thread and one on XLA's thread pool (onednn_conv.cc, `RunSplit`, says
-  why).
+  One image row of at most 4096 positions with enough FLOPs for two
+  threads does (the sparse path's row matmuls, `conv.rows_matmul`, and
+  convolutions with few output positions, `conv.formulation`'s 'rows'):
+  one half of the output channels on the calling thread and one on XLA's
+  thread pool (onednn_conv.cc, `RunSplit`, says why).
   """
   return bool(_handlers().SactOnednnForwardSplits(
       _c_shape(x_shape, w_shape, (1, 1), ((0, 0), (0, 0)))))

@@ -273,11 +273,11 @@ struct Split {
   SplitHalf half[2];
 };
 
-// Whether `s` runs as a `Split`: a row matmul of the sparse path
-// (`conv.rows_matmul`: a 1x1 convolution over one image row of S
-// positions) with few rows that would get more than one thread. The dense
-// models' 1x1 convolutions keep oneDNN's own threads: split, they ran no
-// faster, and at times slower. Reads no shared state (no lock needed).
+// Whether `s` runs as a `Split`: a 1x1 convolution over one image row of
+// at most kSplitMaxRows positions that would get more than one thread: a
+// row matmul of the sparse path (`conv.rows_matmul`), or a convolution
+// with few output positions whose windows conv.py lays out as one row
+// (its 'rows' formulation). Reads no shared state (no lock needed).
 bool Splits(const Shape& s) {
   return s.n() == 1 && s.h() == 1 && s.kh() == 1 && s.kw() == 1 &&
          s.sh() == 1 && s.sw() == 1 && s.top() == 0 && s.left() == 0 &&

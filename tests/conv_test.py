@@ -433,6 +433,87 @@ class FormulationTest(parameterized.TestCase):
     self.assertEqual(conv.formulation((32, 56, 56, 256), (3, 3, 256, 1),
                                       (1, 1), True), ('taps', 'onednn'))
 
+  @parameterized.named_parameters(
+      ('3x3_7x7', (1, 7, 7, 512), (3, 3, 512, 512), (1, 1), 'rows'),
+      ('3x3_strided_to_7x7', (1, 14, 14, 512), (3, 3, 512, 512), (2, 2),
+       'rows'),
+      ('3x3_256_rows', (4, 8, 8, 64), (3, 3, 64, 64), (1, 1), 'rows'),
+      ('1x1_4096_rows', (1, 64, 64, 256), (1, 1, 256, 64), (1, 1), 'rows'),
+      ('3x3_784_rows', (1, 28, 28, 128), (3, 3, 128, 128), (1, 1),
+       'onednn'),
+      ('1x1_past_4096_rows', (2, 56, 56, 256), (1, 1, 256, 64), (1, 1),
+       'onednn'),
+      ('1x1_one_row_already', (1, 1, 200, 1024), (1, 1, 1024, 256), (1, 1),
+       'onednn'),
+  )
+  def test_few_positions_as_one_row(self, x_shape, w_shape, strides,
+                                    forward):
+    """'rows' where oneDNN would split the row, and few positions."""
+    self.assertEqual(conv.formulation(x_shape, w_shape, strides, True, False,
+                                      True), (forward, 'onednn'))
+    self.assertEqual(conv.formulation(x_shape, w_shape, strides, True, False,
+                                      False), ('onednn', 'onednn'))
+
+  @parameterized.named_parameters(
+      [(f'{name}_stride{stride}', kernel_hw, padding, stride)
+       for name, kernel_hw, padding in _CASES for stride in (1, 2)])
+  def test_rows_forward_matches_lax(self, kernel_hw, padding, stride):
+    """'rows' as the forward of a convolution not differentiated (under
+    differentiation `test_every_combination_matches_lax` runs oneDNN's)."""
+    if not onednn.enabled():
+      self.skipTest('oneDNN is not built here.')
+    x, w = _inputs(kernel_hw)
+    strides = (stride, stride)
+    pads = conv.explicit_padding(padding, kernel_hw, strides, x.shape[1:3])
+    got = jax.jit(lambda x, w: conv.conv2d(x, w, strides, pads, None, 'rows',
+                                           'onednn'))(x, w)
+    want = _lax(padding, strides)(x, w)
+    chex.assert_shape(got, want.shape)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+  @parameterized.product(stride=(1, 2), stacked=(False, True))
+  def test_rows_through_the_route(self, stride, stacked):
+    """A convolution with 64 output positions and 19 MFLOPs: 'rows' where
+    oneDNN splits it (two CPUs), with the values and input gradient of
+    `lax`'s, its kernel read from a stack in place too; differentiated,
+    oneDNN's convolution (but from a stack: `onednn.forward_stacked`)."""
+    if not onednn.enabled():
+      self.skipTest('oneDNN is not built here.')
+    rng = np.random.default_rng(stride)
+    size = 8 * stride
+    x = jnp.asarray(rng.normal(size=(1, size, size, 128)), jnp.float32)
+    stack = jnp.asarray(rng.normal(size=(3, 3, 3, 128, 128)) / 34.0,
+                        jnp.float32)
+    pads = conv.explicit_padding('SAME', (3, 3), (stride, stride),
+                                 (size, size))
+    splits = onednn.forward_splits((1, 1, 64, 1152), (1, 1, 1152, 128))
+    self.assertEqual(
+        conv.chosen_formulation(x.shape, stack.shape[1:], (stride, stride),
+                                pads, jnp.float32),
+        ('rows' if splits else 'onednn', 'onednn'))
+
+    def ours(x, stack):
+      if not stacked:
+        return _ours('SAME', (stride, stride))(x, stack[1])
+      with conv.stacked_unit(jnp.int32(1)):
+        return _ours('SAME', (stride, stride))(x, stack)
+
+    y = jax.jit(ours)(x, stack)
+    y_ref = _lax('SAME', (stride, stride))(x, stack[1])
+    chex.assert_shape(y, y_ref.shape)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-4)
+    text = jax.jit(ours).lower(x, stack).as_text()
+    self.assertEqual('1x1x64x1152xf32' in text, splits)
+    cotangent = jnp.asarray(rng.normal(size=(1, 8, 8, 128)), jnp.float32)
+    grad = jax.jit(jax.grad(lambda x: jnp.vdot(ours(x, stack), cotangent)))
+    np.testing.assert_allclose(
+        grad(x), jax.vjp(_lax('SAME', (stride, stride)), x,
+                         stack[1])[1](cotangent)[0], rtol=1e-5, atol=1e-4)
+    # Differentiated, a kernel of its own runs oneDNN's convolution.
+    self.assertEqual('1x1x64x1152xf32' in grad.lower(x).as_text(),
+                     splits and stacked)
+    self.assertEqual('OnednnConvForwardStacked' in text, stacked)
+
   @parameterized.product(forward=conv.FORMULATIONS,
                          backward=conv.FORMULATIONS, stride=(1, 2),
                          kernel=(1, 3))

@@ -77,6 +77,18 @@ class LockstepTest(absltest.TestCase):
       self.assertEqual(set(r['a']), {'work'})
       self.assertGreater(r['a']['work'], 0.0)
 
+  def test_a_server_runs_in_its_working_directory(self):
+    workdir = os.path.dirname(self.log)
+    client = lockstep.Client('a', _server('a', 'relative_log'),
+                             dict(os.environ), cwd=workdir)
+    try:
+      client.ready()
+    finally:
+      client.close()
+    # The warm-up's two calls, logged to a path relative to its directory.
+    with open(os.path.join(workdir, 'relative_log')) as f:
+      self.assertEqual(f.read(), 'aa')
+
   def test_a_server_that_fails_reports_its_last_error_line(self):
     client = lockstep.Client(
         'bad', _server('x', self.log, "raise ValueError('no such model')"),
