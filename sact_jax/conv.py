@@ -736,7 +736,7 @@ def _subsampled(x_BxHxWxI, w_shape, strides, pads, dtype):
   sh, sw = strides
   x_sub = x_BxHxWxI[:, ::sh, ::sw]
   if chosen_formulation(x_sub.shape, w_shape, (1, 1), pads,
-                        dtype)[0] != 'onednn':
+                        dtype)[0] not in ('onednn', 'rows'):
     return x_BxHxWxI, strides
   return x_sub, (1, 1)
 

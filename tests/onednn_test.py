@@ -331,6 +331,24 @@ class OnednnTest(parameterized.TestCase):
     for got, want in zip((y, *vjp(g)), (y_ref, *vjp_ref(g))):
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
+  def test_strided_1x1_conv_with_few_positions_subsamples_first(self):
+    """Where the subsampled conv has few output positions it runs as one
+    row (`conv.formulation`'s 'rows'), not as XLA's strided conv."""
+    x, w = _inputs((1, 16, 16, 512), (1, 1, 512, 256))
+
+    def ours(x, w):
+      return conv.conv_general_dilated(x, w, (2, 2), 'SAME',
+                                       dimension_numbers=_NHWC)
+
+    forward = conv.chosen_formulation((1, 8, 8, 512), w.shape, (1, 1),
+                                      ((0, 0), (0, 0)), jnp.float32)[0]
+    text = jax.jit(ours).lower(x, w).as_text()
+    self.assertNotIn('stablehlo.convolution', text)
+    self.assertEqual('1x1x64x512xf32' in text, forward == 'rows')
+    np.testing.assert_allclose(jax.jit(ours)(x, w),
+                               _lax_conv((2, 2), 'SAME')(x, w),
+                               rtol=1e-5, atol=1e-4)
+
   def test_avx2_kernels_match_lax(self):
     """The kernels a CPU without AVX-512 gets (blocked forward weights, as
     im2col + gemm would otherwise read HWIO), on any x86 CPU: oneDNN picks
