@@ -421,10 +421,6 @@ def _s2d_bwd(strides, padding, precision, x, w, g_BxPxQxO):
 
 
 # ---------------------------------------------------------------------------
-# One convolution, each pass in its formulation
-# ---------------------------------------------------------------------------
-
-# ---------------------------------------------------------------------------
 # Few output positions: one row matmul over the windows
 # ---------------------------------------------------------------------------
 
@@ -451,6 +447,10 @@ def _rows(x_BxHxWxI, w_KxLxIxO, strides, padding, precision=None,
     y = onednn.forward_stacked(row, w, index, (1, 1), unpadded)
   return y.reshape(batch, p, q, w.shape[-1])
 
+
+# ---------------------------------------------------------------------------
+# One convolution, each pass in its formulation
+# ---------------------------------------------------------------------------
 
 FORMULATIONS = ('conv', 'dot', 'taps', 's2d', 'onednn', 'rows')
 _FORWARD = {'conv': _native, 'dot': _dot, 'taps': _taps, 's2d': _s2d,
