@@ -17,9 +17,10 @@ convolution, stride 1 with the canonical-layout backward; 'dot': one dot
 over the input windows; 'taps': where `kh * kw * O <= I`, a dot to every
 tap's outputs and a shifted sum; 's2d', by request, for strided shapes:
 a stride-1 conv over space-to-depth blocks; 'onednn', by request:
-oneDNN's kernels through `jax.ffi` (sact_jax/onednn.py); 'rows', by
-request: oneDNN's 1x1 forward over the windows as one image row,
-with the largest relative difference from 'conv' printed), compiled with
+oneDNN's kernels through `jax.ffi` (sact_jax/onednn.py), with the largest
+relative difference from 'conv' printed; 'rows', by request: oneDNN's 1x1
+forward over the windows as one image row, its forward only: under
+differentiation it runs 'onednn'), compiled with
 XLA's default options and/or `conv.compiler_options` ('training'),
 forward and forward + backward (input and kernel gradients), interleaved,
 in one process. Prints GFLOP/s per variant and shape, and the
