@@ -792,7 +792,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding,
 
 # `rows_matmul` hands matrices that are not stacked to oneDNN only for
 # fewer rows than this (see there).
-_ROWS_MATMUL_ONEDNN_MAX = 256
+_ROWS_MATMUL_ONEDNN_MAX = 4096
 
 
 def rows_matmul(x_SxK: jax.Array, w_KxO: jax.Array,
@@ -805,9 +805,9 @@ def rows_matmul(x_SxK: jax.Array, w_KxO: jax.Array,
   or where oneDNN is not built. `w` may be a stack `[U, K, O]` that `pick`
   left whole (inside a loop over units): unit `stacked_unit`'s matrix is
   used, read in place by oneDNN, where XLA's dot would need a copy of it.
-  A plain `w` with 256 rows or more goes to XLA's dot. oneDNN runs the
-  small ones as two one-thread halves, one on XLA's thread pool
-  (`onednn.forward_splits`).
+  A plain `w` with 4096 rows or more goes to XLA's dot. oneDNN runs the
+  smaller ones as two one-thread halves, one on XLA's thread pool
+  (`onednn.forward_splits`), where they have the FLOPs for two threads.
 
   On a 2-core AVX-512 EPYC, 16-196 rows by a ResNet-101 block-3 matrix
   (1024 -> 256, 2304 -> 256, 256 -> 1024) took 0.31-0.70 of XLA's dot's
@@ -816,7 +816,10 @@ def rows_matmul(x_SxK: jax.Array, w_KxO: jax.Array,
   for every row matmul, 1.015x under 256 rows, 1.00x under 128; at batch 1
   (a device loop per block, stacks) 0.88-0.94x with oneDNN for every row
   matmul, 1.01x with XLA's dot from 128 rows on (BUILD.md, "Sparse
-  inference").
+  inference"). Those figures came before the halves; with them, on a
+  2-core Intel Xeon, oneDNN up to 4096 rows instead of 256 made
+  `sparse.apply` at batch 32 take 0.973-0.978 of its time (BUILD.md, "On
+  an Intel Xeon VM").
   """
   rows, depth = x_SxK.shape
   if rows >= _ROWS_MATMUL_ONEDNN_MAX and w_KxO.ndim == 2:

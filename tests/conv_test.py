@@ -526,7 +526,8 @@ class FormulationTest(parameterized.TestCase):
 class RowsMatmulTest(parameterized.TestCase):
   """`rows_matmul`: a sparse unit's row matmul, plain or from a stack."""
 
-  @parameterized.product(rows=(1, 16, 255, 256, 300), stacked=(False, True),
+  @parameterized.product(rows=(1, 16, 256, 300, 4095, 4096),
+                         stacked=(False, True),
                          with_onednn=(False, True))
   def test_matches_matmul(self, rows, stacked, with_onednn):
     k1, k2 = jax.random.split(jax.random.key(rows))
