@@ -642,15 +642,8 @@ def chosen_formulation(x_shape: Sequence[int], w_shape: Sequence[int],
                 and onednn.enabled())
   copies = use_onednn and onednn.forward_copies_weights(
       tuple(x_shape), tuple(w_shape), tuple(strides), padding)
-  splits = False
-  if use_onednn and not copies:
-    kh, kw, cin, cout = w_shape
-    out_rows = x_shape[0] * math.prod(
-        (size + lo + hi - k) // s + 1 for size, k, s, (lo, hi) in zip(
-            x_shape[1:3], (kh, kw), strides, padding))
-    depth = kh * kw * cin
-    splits = onednn.forward_splits((1, 1, out_rows, depth),
-                                   (1, 1, depth, cout))
+  splits = use_onednn and not copies and onednn.windows_split(
+      x_shape, w_shape, strides, padding)
   return formulation(x_shape, w_shape, strides, use_onednn, copies, splits)
 
 

@@ -281,6 +281,17 @@ def forward_splits(x_shape, w_shape) -> bool:
       _c_shape(x_shape, w_shape, (1, 1), ((0, 0), (0, 0)))))
 
 
+def windows_split(x_shape, w_shape, strides, padding) -> bool:
+  """Whether a convolution's windows, laid out as one image row of
+  `kh * kw * I` features (`conv`'s 'rows'), run as two one-thread matmuls
+  (`forward_splits`)."""
+  out_h, out_w = _out_hw(x_shape, w_shape, strides, padding)
+  kh, kw, cin, cout = w_shape[-4:]
+  depth = kh * kw * cin
+  return forward_splits((1, 1, x_shape[0] * out_h * out_w, depth),
+                        (1, 1, depth, cout))
+
+
 # The forward reorders the HWIO weights to oneDNN's blocked layout on every
 # call when the convolution does at least this many FLOPs, and reads them as
 # they are otherwise. The reorder costs in proportion to the weights, the
