@@ -219,12 +219,23 @@ class SactHead(nnx.Module):
     (`local_logits_from_taps`), which is cheaper at rows than an im2col of
     the neighbours.
     """
-    if self.folds_local_bn:  # As `local_logits` does.
-      kernel, shift_taps = self._folded_local_conv(
-          *layers.batch_norm_affine(self.local_bn))
-      return x_SxC @ kernel.reshape(9, -1).T + shift_taps.reshape(9)
+    affine = self.taps_affine()
+    if affine is not None:
+      kernel_9xC, shift_9 = affine
+      return x_SxC @ kernel_9xC.T + shift_9
     kernel_9xC = self.local_conv.kernel[...].reshape(9, -1)
     return self.local_features(x_SxC) @ kernel_9xC.T
+
+  def taps_affine(self) -> tuple[jax.Array, jax.Array] | None:
+    """`local_taps` as `x @ kernel_9xC.T + shift_9` where it is affine in
+    `x` (`folds_local_bn`: the BatchNorm folded, as `local_logits` does),
+    else None. Lets the sparse path compute the taps inside its row
+    passes (`sparse.rows.update_rows`, `row_taps`)."""
+    if not self.folds_local_bn:
+      return None
+    kernel, shift_taps = self._folded_local_conv(
+        *layers.batch_norm_affine(self.local_bn))
+    return kernel.reshape(9, -1), shift_taps.reshape(9)
 
   def local_logits_from_taps(self, taps_Sx9: jax.Array) -> jax.Array:
     """The local term `[S]` from tap d of neighbour d (`local_taps`).

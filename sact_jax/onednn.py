@@ -8,8 +8,9 @@ and its convolutions are not, and no XLA flag changes that.
 
 How: onednn_conv.cc holds XLA FFI handlers of an NHWC x HWIO float32
 convolution (forward, forward from a stack of kernels, input gradient,
-kernel gradient), and row_gather.cc one for the sparse path
-(`row_patches`, which needs no oneDNN but rides on this build and cache).
+kernel gradient), and row_gather.cc those of the sparse path's row passes
+(`row_patches`, `nonzero_rows`, `update_rows`, `row_taps`, which need no
+oneDNN but ride on this build and cache).
 `available()` compiles them with the system's C++ compiler against
 oneDNN's headers and library (the PyPI packages `onednn-cpu-gomp` /
 `onednn-devel-cpu-gomp`, built with GNU OpenMP) and jaxlib's FFI headers,
@@ -17,7 +18,7 @@ once per machine: the library is kept under `~/.cache/sact_jax/onednn/`,
 keyed by everything that goes into it. It then registers the handlers with
 XLA:CPU. Where any of that is missing or fails, `available()` logs one
 line saying why and returns False, and `conv` keeps XLA's convolutions
-(and `sparse.rows` XLA's gather). Set
+(and `sparse.rows` XLA's gathers and scatters). Set
 `SACT_JAX_ONEDNN=0` to keep them anyway (or trace inside `disabled()`).
 
 `forward` and `backward` are the two passes `conv.conv2d` calls for its
@@ -55,7 +56,8 @@ _SOURCES = tuple(os.path.join(os.path.dirname(__file__), name)
                  for name in ('onednn_conv.cc', 'row_gather.cc'))
 _TARGETS = ('OnednnConvForward', 'OnednnConvForwardStacked',
             'OnednnConvInputGrad', 'OnednnConvKernelGrad',
-            'SactRowPatches3x3', 'SactNonzeroRows')
+            'SactRowPatches3x3', 'SactNonzeroRows', 'SactUpdateRows',
+            'SactRowTaps')
 _LIBRARY = 'libsact_onednn.so'
 DISABLE_ENV = 'SACT_JAX_ONEDNN'
 
@@ -444,3 +446,52 @@ def nonzero_rows(mask_N: jax.Array, length: int) -> jax.Array:
   return jax.ffi.ffi_call(
       'SactNonzeroRows', jax.ShapeDtypeStruct((length,), jnp.int32),
       vmap_method='sequential')(mask_N.astype(jnp.float32))
+
+
+def update_rows(x_NxC: jax.Array, out_NxC: jax.Array, xsum_BxC: jax.Array,
+                taps_Nx9: jax.Array, idx_S: jax.Array,
+                residual_SxC: jax.Array, weight_S: jax.Array,
+                tap_affine: tuple[jax.Array, jax.Array] | None, *, hw: int,
+                update_x: bool, with_rows: bool):
+  """The active rows' update of a SACT block's maps (row_gather.cc).
+
+  What `sparse.rows.update_rows` computes with XLA's scatters, in one
+  pass: `(x, out, xsum, taps, rows)`; `taps` rewritten at the rows from
+  `tap_affine` (`[9, C]` kernel, `[9]` shift) if given, `rows` the new `x`
+  at the rows (`[S, C]`, 0 at padding indices) or None without
+  `with_rows`. The maps are updated in place where the caller donates
+  them. Float32 on the CPU only, and no gradient: the sparse path is
+  inference.
+  """
+  _handlers()
+  f32 = jnp.float32
+  channels = x_NxC.shape[1]
+  if tap_affine is None:
+    tap_affine = (jnp.zeros((0, channels), f32), jnp.zeros((0,), f32))
+  rows_shape = (idx_S.shape[0] if with_rows else 0, channels)
+  maps = (x_NxC, out_NxC, xsum_BxC, taps_Nx9)
+  *maps, rows = jax.ffi.ffi_call(
+      'SactUpdateRows',
+      (*(jax.ShapeDtypeStruct(m.shape, f32) for m in maps),
+       jax.ShapeDtypeStruct(rows_shape, f32)),
+      input_output_aliases={0: 0, 1: 1, 2: 2, 3: 3},
+      vmap_method='sequential')(
+          *maps, residual_SxC, idx_S.astype(jnp.int32), weight_S.astype(f32),
+          *(a.astype(f32) for a in tap_affine), hw=np.int64(hw),
+          update_x=np.int64(update_x))
+  return (*maps, rows if with_rows else None)
+
+
+def row_taps(x_NxC: jax.Array, idx_S: jax.Array, tap_affine,
+             taps_Nx9: jax.Array) -> jax.Array:
+  """`taps` with rows `idx_S` (those inside the map) set to `x[idx] @
+  kernel.T + shift` (`tap_affine`: `[9, C]`, `[9]`), in one pass
+  (row_gather.cc); in place where the caller donates `taps`. Float32 on
+  the CPU only, no gradient."""
+  _handlers()
+  kernel_9xC, shift_9 = tap_affine
+  return jax.ffi.ffi_call(
+      'SactRowTaps', jax.ShapeDtypeStruct(taps_Nx9.shape, jnp.float32),
+      input_output_aliases={4: 0}, vmap_method='sequential')(
+          x_NxC, idx_S.astype(jnp.int32), kernel_9xC.astype(jnp.float32),
+          shift_9.astype(jnp.float32), taps_Nx9)

@@ -13,19 +13,6 @@ from sact_jax import layers
 import testing_utils as tu
 
 
-def _sact_head(channels: int, activation, fast_conv: bool, seed: int = 0
-               ) -> halting.SactHead:
-  """A head whose BatchNorms hold random, non-trivial statistics."""
-  factory = layers.LayerFactory(bn_momentum=0.9, bn_epsilon=1e-3,
-                                fast_conv_backward=fast_conv)
-  head = halting.SactHead(channels, factory=factory, activation=activation,
-                          rngs=nnx.Rngs(seed))
-  rng = np.random.default_rng(seed)
-  for bn in (head.local_bn, head.global_bn):
-    tu.randomize_batch_norm(bn, rng)
-  return head
-
-
 class GlobalTermTest(parameterized.TestCase):
 
   @parameterized.product(head=('act', 'sact'),
@@ -69,7 +56,7 @@ class SactHeadTest(parameterized.TestCase):
 
   @parameterized.parameters((2, 5, 7), (1, 1, 1), (3, 2, 9), (1, 14, 14))
   def test_folded_local_bn_equals_bn_then_conv(self, *shape):
-    head = _sact_head(6, layers.identity, True)
+    head = tu.sact_head(6, layers.identity, True)
     head.eval()
     self.assertTrue(head.folds_local_bn)
     x = tu.images((*shape, 6), seed=3)
@@ -85,9 +72,9 @@ class SactHeadTest(parameterized.TestCase):
                                rtol=1e-5, atol=1e-5)
 
   def test_no_fold_in_training_or_with_a_nonlinearity(self):
-    head = _sact_head(4, layers.identity, True)
+    head = tu.sact_head(4, layers.identity, True)
     self.assertFalse(head.folds_local_bn)  # Training: batch statistics.
-    leaky = _sact_head(4, layers.leaky_relu, True)
+    leaky = tu.sact_head(4, layers.leaky_relu, True)
     leaky.eval()
     self.assertFalse(leaky.folds_local_bn)
 
@@ -98,9 +85,9 @@ class SactHeadTest(parameterized.TestCase):
     reduction (`conv.window_sum`; in training `conv.affine_window_sum`
     or, with the identity, the fold of the batch statistics): the conv's
     values, gradients and running averages."""
-    head = _sact_head(6, activation, False)
+    head = tu.sact_head(6, activation, False)
     self.assertTrue(head.sums_windows)
-    self.assertFalse(_sact_head(6, activation, True).sums_windows)
+    self.assertFalse(tu.sact_head(6, activation, True).sums_windows)
     if not train:
       head.eval()
     self.assertFalse(head.folds_local_bn)
@@ -123,7 +110,7 @@ class SactHeadTest(parameterized.TestCase):
         jax.grad(loss, argnums=(0, 1))(state, x, False), rtol=1e-4,
         atol=1e-4)
     if train:  # The running averages move as BatchNorm's call moves them.
-      windows, conv = (_sact_head(6, activation, False) for _ in range(2))
+      windows, conv = (tu.sact_head(6, activation, False) for _ in range(2))
       windows.local_logits(x)
       conv.local_conv(conv.local_features(x))
       for name in ('mean', 'var'):
@@ -137,18 +124,18 @@ class SactHeadTest(parameterized.TestCase):
     """In training with window sums (GPUs, TPUs) the identity-activation
     head folds the batch statistics: BatchNorm-then-sums' values,
     gradients and running averages."""
-    head = _sact_head(6, layers.identity, False)
+    head = tu.sact_head(6, layers.identity, False)
     self.assertTrue(head.folds_batch_statistics)
-    self.assertFalse(_sact_head(6, layers.leaky_relu, False)
+    self.assertFalse(tu.sact_head(6, layers.leaky_relu, False)
                      .folds_batch_statistics)
-    self.assertFalse(_sact_head(6, layers.identity, True)
+    self.assertFalse(tu.sact_head(6, layers.identity, True)
                      .folds_batch_statistics)
     x = tu.images((*shape, 6), seed=5) * 2.0 + 0.5
     before = {name: np.asarray(getattr(head.local_bn, name)[...])
               for name in ('mean', 'var')}
 
     def local(x, folded):
-      h = _sact_head(6, layers.identity, False)  # Fresh statistics.
+      h = tu.sact_head(6, layers.identity, False)  # Fresh statistics.
       if folded:
         out = h.local_logits(x)
       else:
@@ -178,7 +165,7 @@ class SactHeadTest(parameterized.TestCase):
         atol=1e-4)
 
   def test_folded_head_gradient_matches(self):
-    head = _sact_head(5, layers.identity, True)
+    head = tu.sact_head(5, layers.identity, True)
     head.eval()
     x = tu.images((2, 4, 4, 5), seed=1)
     graphdef, state = nnx.split(head)

@@ -591,6 +591,86 @@ class RowsTest(parameterized.TestCase):
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(got_valid, want_valid)
 
+  @parameterized.product(head=(None, 'affine', 'leaky'),
+                         update_x=(True, False), size=('small', 'threads'))
+  def test_update_rows_matches_scatters(self, head, update_x, size):
+    """`update_rows` (row_gather.cc where built) gives what XLA's scatters
+    give: the maps exactly, the head's taps up to rounding (a different
+    summation order), padding indices changing nothing; at 'threads' size
+    the rows carry 2.4 MB, split by channels between two threads where
+    there are two CPUs."""
+    if not rows_lib._custom_calls():
+      self.skipTest('no custom calls here (not built or not the CPU)')
+    batch, hw, channels, count = ((2, 12, 5, 7) if size == 'small'
+                                  else (4, 300, 600, 1000))
+    num_rows = batch * hw
+    rng = np.random.default_rng(count)
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+    maps = (normal(num_rows, channels), normal(num_rows, channels),
+            normal(batch, channels), normal(num_rows + 1, 9))
+    # The first and last rows, others at random, two padding indices.
+    inner = rng.choice(np.arange(1, num_rows - 1), count - 4, replace=False)
+    idx = jnp.asarray(np.concatenate([
+        np.sort(np.concatenate([[0, num_rows - 1], inner])),
+        [num_rows + 1] * 2]), jnp.int32)
+    residual, weight = normal(count, channels), normal(count)
+    if head is not None:
+      activation = layers.identity if head == 'affine' else layers.leaky_relu
+      head = tu.sact_head(channels, activation, fast_conv=True)
+      head.eval()
+      self.assertEqual(head.taps_affine() is not None, activation
+                       is layers.identity)
+    def update(*args):
+      return rows_lib.update_rows(*args, hw=hw, update_x=update_x, head=head)
+    args = (*maps, idx, residual, weight)
+    got = jax.jit(update)(*args)
+    self.assertIn('SactUpdateRows', jax.jit(update).lower(*args).as_text())
+    with onednn.disabled():
+      xla_update = lambda *args: update(*args)
+      want = jax.jit(xla_update)(*args)
+      self.assertNotIn('SactUpdateRows',
+                       jax.jit(xla_update).lower(*args).as_text())
+    for name, g, w in zip(('x', 'out', 'xsum'), got[:3], want[:3]):
+      np.testing.assert_array_equal(g, w, err_msg=name)
+    np.testing.assert_allclose(got[3], want[3], rtol=1e-5, atol=1e-4)
+    if not update_x or head is None:
+      np.testing.assert_array_equal(got[3], maps[3])
+    if not update_x:
+      np.testing.assert_array_equal(got[0], maps[0])
+      np.testing.assert_array_equal(got[2], maps[2])
+    else:  # Every row of the index set changed (the check is not vacuous).
+      changed = np.any(np.asarray(got[0] != maps[0]), axis=1)
+      np.testing.assert_array_equal(np.flatnonzero(changed),
+                                    np.unique(idx[idx < num_rows]))
+
+  @parameterized.parameters((5, 7), (600, 1000))
+  def test_row_taps_match_xla(self, channels, count):
+    """`row_taps` where the head's taps are affine: the rows of the index
+    set get `local_taps` of `x`'s rows, up to rounding; other rows and
+    padding indices keep what they held."""
+    if not rows_lib._custom_calls():
+      self.skipTest('no custom calls here (not built or not the CPU)')
+    num_rows = 2 * count
+    rng = np.random.default_rng(channels)
+    x = jnp.asarray(rng.normal(size=(num_rows, channels)), jnp.float32)
+    taps = jnp.asarray(rng.normal(size=(num_rows + 1, 9)), jnp.float32)
+    idx = jnp.asarray(np.concatenate([
+        np.sort(rng.choice(num_rows, count - 1, replace=False)),
+        [num_rows + 1]]), jnp.int32)
+    head = tu.sact_head(channels, layers.identity, fast_conv=True)
+    head.eval()
+    fn = lambda *args: rows_lib.row_taps(*args, head)
+    got = jax.jit(fn)(taps, x, idx)
+    self.assertIn('SactRowTaps', jax.jit(fn).lower(taps, x, idx).as_text())
+    with onednn.disabled():
+      want = jax.jit(lambda *args: fn(*args))(taps, x, idx)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    inside = np.asarray(idx[idx < num_rows])
+    np.testing.assert_allclose(got[inside], head.local_taps(x[inside]),
+                               rtol=1e-5, atol=1e-4)
+    kept = np.setdiff1d(np.arange(num_rows + 1), inside)
+    np.testing.assert_array_equal(got[kept], taps[kept])
+
   @parameterized.parameters(True, False)
   def test_indices_match_nonzero(self, custom_calls):
     """Both formulations: the CPU's custom call (where built) and XLA's."""

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sact_jax import flops as flops_lib
+from sact_jax import halting
+from sact_jax import layers
 from sact_jax.models import create_model
 
 TESTDATA = os.path.join(os.path.dirname(__file__), 'testdata')
@@ -137,6 +139,19 @@ def randomize_batch_norm(bn: nnx.BatchNorm, rng: np.random.Generator):
   bn.bias[...] = jnp.asarray(rng.normal(size=channels), jnp.float32)
   bn.mean[...] = jnp.asarray(rng.normal(size=channels), jnp.float32)
   bn.var[...] = jnp.asarray(rng.uniform(0.5, 2.0, channels), jnp.float32)
+
+
+def sact_head(channels: int, activation, fast_conv: bool, seed: int = 0
+              ) -> halting.SactHead:
+  """A head whose BatchNorms hold random, non-trivial statistics."""
+  factory = layers.LayerFactory(bn_momentum=0.9, bn_epsilon=1e-3,
+                                fast_conv_backward=fast_conv)
+  head = halting.SactHead(channels, factory=factory, activation=activation,
+                          rngs=nnx.Rngs(seed))
+  rng = np.random.default_rng(seed)
+  for bn in (head.local_bn, head.global_bn):
+    randomize_batch_norm(bn, rng)
+  return head
 
 
 def images(shape: tuple[int, ...], seed: int = 0) -> jax.Array:

@@ -206,3 +206,65 @@ def scatter_set(dst_NxC: jax.Array, idx_S: jax.Array,
 def scatter_add(dst_NxC: jax.Array, idx_S: jax.Array,
                 rows_SxC: jax.Array) -> jax.Array:
   return dst_NxC.at[idx_S].add(rows_SxC, mode='drop', indices_are_sorted=True)
+
+
+def update_rows(x_NxC: jax.Array, out_NxC: jax.Array, xsum_BxC: jax.Array,
+                taps_Nx9: jax.Array, idx_S: jax.Array,
+                residual_SxC: jax.Array, weight_S: jax.Array, *, hw: int,
+                update_x: bool = True, head=None):
+  """A unit's update of a SACT block's maps at its active rows.
+
+  `out[i] += weight[s] * residual[s]` at `i = idx_S[s]`; with `update_x`
+  also `x[i] += residual[s]`, the per-image sums `xsum[i // hw] +=
+  residual[s]` (`hw` positions per image) and, with a halting `head`, its
+  tap products at the updated rows, `taps[i] = head.local_taps(x[i])`.
+  Padding indices (`>= N`) change nothing.
+
+  Returns:
+    The new `(x, out, xsum, taps)`.
+
+  On the CPU where row_gather.cc is built, one custom call
+  (`onednn.update_rows`; the taps inside it where the head's are affine,
+  `SactHead.taps_affine`) instead of XLA's gather, 9-column dot and four
+  scatters, each scatter on one thread, which read the residual three
+  times.
+  """
+  head = head if update_x else None
+  if _custom_calls() and x_NxC.dtype == jnp.float32:
+    affine = None if head is None else head.taps_affine()
+    x_NxC, out_NxC, xsum_BxC, taps_Nx9, rows_SxC = onednn.update_rows(
+        x_NxC, out_NxC, xsum_BxC, taps_Nx9, idx_S, residual_SxC, weight_S,
+        affine, hw=hw, update_x=update_x,
+        with_rows=head is not None and affine is None)
+    if rows_SxC is not None:
+      taps_Nx9 = scatter_set(taps_Nx9, idx_S, head.local_taps(rows_SxC))
+    return x_NxC, out_NxC, xsum_BxC, taps_Nx9
+  out_NxC = scatter_add(out_NxC, idx_S, weight_S[:, None] * residual_SxC)
+  if not update_x:
+    return x_NxC, out_NxC, xsum_BxC, taps_Nx9
+  if head is None:
+    x_NxC = scatter_add(x_NxC, idx_S, residual_SxC)
+  else:
+    # Gather, add, set (not scatter-add): the new rows feed the head's
+    # taps, and the data dependency lets XLA update `x` in place.
+    rows_SxC = gather(x_NxC, idx_S) + residual_SxC
+    taps_Nx9 = scatter_set(taps_Nx9, idx_S, head.local_taps(rows_SxC))
+    x_NxC = scatter_set(x_NxC, idx_S, rows_SxC)
+  xsum_BxC = scatter_add(xsum_BxC, idx_S // hw, residual_SxC)
+  return x_NxC, out_NxC, xsum_BxC, taps_Nx9
+
+
+def row_taps(taps_Nx9: jax.Array, x_NxC: jax.Array, idx_S: jax.Array,
+             head) -> jax.Array:
+  """`taps` with `head.local_taps` of `x`'s rows `idx_S` written at them
+  (padding indices write nothing).
+
+  On the CPU where row_gather.cc is built and the head's taps are affine
+  (`SactHead.taps_affine`), one custom call (`onednn.row_taps`) instead of
+  XLA's gather, 9-column dot and scatter.
+  """
+  affine = head.taps_affine()
+  if (affine is not None and _custom_calls()
+      and x_NxC.dtype == jnp.float32):
+    return onednn.row_taps(x_NxC, idx_S, affine, taps_Nx9)
+  return scatter_set(taps_Nx9, idx_S, head.local_taps(gather(x_NxC, idx_S)))

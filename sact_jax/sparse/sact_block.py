@@ -264,8 +264,7 @@ class SactBlock:
                                   width=width, num_rows=x.shape[0])
       y = rows_lib.scatter_set(y, idx_S, rows)
       if head is not None:
-        taps = rows_lib.scatter_set(
-            taps, idx_S, head.local_taps(rows_lib.gather(x, idx_S)))
+        taps = rows_lib.row_taps(taps, x, idx_S, head)
       return y, taps
     idx_dilated = self.index_rows(state, dilated=True)
     y, taps = rows_lib.row_loop(idx_dilated, n_full, self.costs.chunk_dilated,
@@ -357,19 +356,11 @@ class SactBlock:
       residual = stages.active_stage(self._unit(unit_vars), y, idx_S,
                                      height=height, width=width)
       weight = 1.0 - rows_lib.gather(cumulative_N, idx_S)
-      out = rows_lib.scatter_add(out, idx_S, weight[:, None] * residual)
-      if not update_x:  # The block's last unit: only `out` is read after.
-        return x, out, xsum, taps
-      if taps_head is None:
-        x = rows_lib.scatter_add(x, idx_S, residual)
-      else:
-        # Gather, add, set (not scatter-add): the new rows feed the head's
-        # taps, and the data dependency lets XLA update `x` in place.
-        new_rows = rows_lib.gather(x, idx_S) + residual
-        taps = rows_lib.scatter_set(
-            taps, idx_S, self._head(taps_head).local_taps(new_rows))
-        x = rows_lib.scatter_set(x, idx_S, new_rows)
-      xsum = rows_lib.scatter_add(xsum, idx_S // hw, residual)
+      # The block's last unit (no `update_x`): only `out` is read after.
+      x, out, xsum, taps = rows_lib.update_rows(
+          x, out, xsum, taps, idx_S, residual, weight, hw=hw,
+          update_x=update_x,
+          head=None if taps_head is None else self._head(taps_head))
       return x, out, xsum, taps
     x, out, xsum, taps = rows_lib.row_loop(
         idx_active, n_full, self.costs.chunk_active, tail, body,
