@@ -11,9 +11,11 @@
 // (BUILD.md, "The row windows, the stem's pool and the heads' sums"). Each
 // of the others says why it is here.
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -25,14 +27,64 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// Below this many bytes of output per thread, one thread: a second costs
-// more to wake than it copies. XLA calls this from its pool threads, so a
-// second thread is an OpenMP team of that thread's own, whose worker sleeps
-// between calls (onednn_conv.cc, `RunSplit`). At 64 KB the sparse path at
-// batch 1 (ImageNet ResNet-101, 50% of the FLOPs; patches of 0.2-2 MB) took
-// 1.01x its time with 1 MB, at batch 32 (chunks of 2-5 MB) 1.003x (BUILD.md,
-// "Where batch 1's time goes after the split").
+// Below this many bytes per part, one part: a second costs more to hand
+// over than it copies. At 64 KB the sparse path at batch 1 (ImageNet
+// ResNet-101, 50% of the FLOPs; patches of 0.2-2 MB) took 1.01x its time
+// with 1 MB, at batch 32 (chunks of 2-5 MB) 1.003x (BUILD.md, "Where batch
+// 1's time goes after the split").
 constexpr int64_t kBytesPerThread = 1 << 20;
+
+// Parts of a pass of `bytes`: two where there are two CPUs and the bytes
+// pay for a second, else one.
+int Parts(int64_t bytes) {
+  return bytes >= 2 * kBytesPerThread && omp_get_max_threads() > 1 ? 2 : 1;
+}
+
+// Runs `part(k, parts)` for k < parts (1 or 2): the calling thread runs
+// the first, one of XLA's pool threads the second, and whichever gets to
+// the second first runs it (so it never waits for a busy pool), as
+// onednn_conv.cc's `RunSplit` runs its matmul halves.
+// Why not an OpenMP team: XLA calls these from its pool threads, and a
+// team started there is a second set of threads on the same CPUs, which
+// the pool's own work then contends with. With teams, `sparse.apply` at
+// batch 32 ran no faster than with every pass on one thread (2-core Intel
+// Xeon; BUILD.md, "Two cores against one at batch 32").
+template <typename Part>
+void RunParts(ffi::ThreadPool& pool, int parts, const Part& part) {
+  if (parts < 2) {
+    part(0, 1);
+    return;
+  }
+  struct Claim {
+    std::atomic<bool> taken{false}, done{false};
+  };
+  auto claim = std::make_shared<Claim>();
+  // The task may run after this returned (the caller took the part): it
+  // then only drops its reference to `claim`, never touching `part`.
+  const Part* second = &part;
+  pool.Schedule([claim, second] {
+    if (claim->taken.exchange(true)) return;
+    (*second)(1, 2);
+    claim->done.store(true, std::memory_order_release);
+  });
+  part(0, 2);
+  if (!claim->taken.exchange(true)) {
+    part(1, 2);
+  } else {
+    while (!claim->done.load(std::memory_order_acquire)) {
+      __builtin_ia32_pause();
+    }
+  }
+}
+
+// `[begin, end)` of part k of `parts` over `size` items, whole multiples
+// of `align`.
+std::pair<int64_t, int64_t> PartRange(int64_t size, int k, int parts,
+                                      int64_t align = 1) {
+  const int64_t units = (size + align - 1) / align;
+  return {std::min(size, units * k / parts * align),
+          std::min(size, units * (k + 1) / parts * align)};
+}
 
 // `out[s, t] = src[neighbour t of idx[s]]` for the 9 taps of a 3x3 window
 // in row-major order, as `rows.patches` computes it with XLA's gather: a
@@ -40,7 +92,7 @@ constexpr int64_t kBytesPerThread = 1 << 20;
 // reads row `num_rows`; every row index is clipped to `src`'s rows.
 ffi::Error Patches3x3(ffi::Buffer<ffi::F32> src, ffi::Buffer<ffi::S32> idx,
                       ffi::ResultBuffer<ffi::F32> out, int64_t height,
-                      int64_t width, int64_t num_rows) {
+                      int64_t width, int64_t num_rows, ffi::ThreadPool pool) {
   const int64_t src_rows = src.dimensions()[0];
   const int64_t channels = src.dimensions()[1];
   const int64_t count = idx.dimensions()[0];
@@ -53,25 +105,25 @@ ffi::Error Patches3x3(ffi::Buffer<ffi::F32> src, ffi::Buffer<ffi::S32> idx,
   const int64_t map = height * width;
   const int64_t outside = std::min(num_rows, src_rows - 1);
   const size_t bytes = channels * sizeof(float);
-  const int threads = static_cast<int>(std::clamp<int64_t>(
-      count * 9 * static_cast<int64_t>(bytes) / kBytesPerThread, 1,
-      omp_get_max_threads()));
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t s = 0; s < count; ++s) {
-    const int64_t c = centre[s];
-    const bool inside = c >= 0 && c < num_rows;
-    const int64_t i = inside ? (c % map) / width : 0;
-    const int64_t j = inside ? c % width : 0;
-    float* row = dst + s * 9 * channels;
-    for (int64_t t = 0; t < 9; ++t) {
-      const int64_t di = t / 3 - 1, dj = t % 3 - 1;
-      const bool valid = inside && i + di >= 0 && i + di < height &&
-                         j + dj >= 0 && j + dj < width;
-      const int64_t r =
-          valid ? std::min(c + di * width + dj, src_rows - 1) : outside;
-      std::memcpy(row + t * channels, in + r * channels, bytes);
+  RunParts(pool, Parts(count * 9 * static_cast<int64_t>(bytes)),
+           [&](int k, int parts) {
+    const auto [begin, end] = PartRange(count, k, parts);
+    for (int64_t s = begin; s < end; ++s) {
+      const int64_t c = centre[s];
+      const bool inside = c >= 0 && c < num_rows;
+      const int64_t i = inside ? (c % map) / width : 0;
+      const int64_t j = inside ? c % width : 0;
+      float* row = dst + s * 9 * channels;
+      for (int64_t t = 0; t < 9; ++t) {
+        const int64_t di = t / 3 - 1, dj = t % 3 - 1;
+        const bool valid = inside && i + di >= 0 && i + di < height &&
+                           j + dj >= 0 && j + dj < width;
+        const int64_t r =
+            valid ? std::min(c + di * width + dj, src_rows - 1) : outside;
+        std::memcpy(row + t * channels, in + r * channels, bytes);
+      }
     }
-  }
+  });
   return ffi::Error::Success();
 }
 
@@ -96,26 +148,6 @@ ffi::Error NonzeroRows(ffi::Buffer<ffi::F32> mask,
   std::fill(o + k, o + length, static_cast<int32_t>(num_rows + 1));
   return ffi::Error::Success();
 }
-
-// Channels per thread are whole cache lines (16 floats): no two threads
-// write to one line.
-struct ChannelSplit {
-  int64_t lines;
-  int threads;
-  ChannelSplit(int64_t count, int64_t channels) {
-    lines = (channels + 15) / 16;
-    threads = static_cast<int>(std::clamp<int64_t>(
-        std::min(count * channels * static_cast<int64_t>(sizeof(float)) /
-                     kBytesPerThread,
-                 lines),
-        1, omp_get_max_threads()));
-  }
-  // Thread t of n's channels [c0, c1).
-  std::pair<int64_t, int64_t> Range(int64_t channels, int t, int n) const {
-    return {std::min(channels, lines * t / n * 16),
-            std::min(channels, lines * (t + 1) / n * 16)};
-  }
-};
 
 // `acc[t] = sum over c in [c0, c1) of x[c] * k[t * stride + c]`, t < 9:
 // a row's share of the 9 taps of a halting head's folded local conv
@@ -144,21 +176,21 @@ void TapSums(const float* __restrict x, const float* __restrict k,
   acc[5] = a5, acc[6] = a6, acc[7] = a7, acc[8] = a8;
 }
 
-// Per-thread partial tap sums of `count` rows, added up into `taps[idx[s]]`
-// with the shift, for the rows `valid` says.
+// Per-part partial tap sums of `count` rows, added up into `taps[idx[s]]`
+// with the shift, for the rows inside the map.
 class Taps {
  public:
-  Taps(int threads, int64_t count)
-      : count_(count), partial_(threads * count * 9) {}
-  float* Of(int t, int64_t s) { return partial_.data() + (t * count_ + s) * 9; }
-  void AddUp(int threads, const int32_t* idx, const float* shift,
+  Taps(int parts, int64_t count)
+      : count_(count), partial_(parts * count * 9) {}
+  float* Of(int k, int64_t s) { return partial_.data() + (k * count_ + s) * 9; }
+  void AddUp(int parts, const int32_t* idx, const float* shift,
              int64_t num_rows, float* taps) {
     for (int64_t s = 0; s < count_; ++s) {
       const int64_t i = idx[s];
       if (i < 0 || i >= num_rows) continue;
       for (int64_t t = 0; t < 9; ++t) {
         float sum = shift[t];
-        for (int th = 0; th < threads; ++th) sum += Of(th, s)[t];
+        for (int k = 0; k < parts; ++k) sum += Of(k, s)[t];
         taps[i * 9 + t] = sum;
       }
     }
@@ -183,8 +215,8 @@ void InPlace(const float* src, float* dst, int64_t size) {
 // `x[i]` (0 at padding indices).
 // Why: XLA runs each of these as a scatter of its own, on one thread, and
 // reads the residual three times and `x`'s rows twice; this reads each
-// once, on as many threads as its bytes pay for, each thread a range of
-// channels.
+// once, in two parts where its bytes pay for them (`RunParts`), each part
+// a range of channels.
 ffi::Error UpdateRows(ffi::Buffer<ffi::F32> x_in, ffi::Buffer<ffi::F32> out_in,
                       ffi::Buffer<ffi::F32> xsum_in,
                       ffi::Buffer<ffi::F32> taps_in,
@@ -196,7 +228,7 @@ ffi::Error UpdateRows(ffi::Buffer<ffi::F32> x_in, ffi::Buffer<ffi::F32> out_in,
                       ffi::ResultBuffer<ffi::F32> xsum_out,
                       ffi::ResultBuffer<ffi::F32> taps_out,
                       ffi::ResultBuffer<ffi::F32> rows_out, int64_t hw,
-                      int64_t update_x) {
+                      int64_t update_x, ffi::ThreadPool pool) {
   const int64_t num_rows = x_in.dimensions()[0];
   const int64_t channels = x_in.dimensions()[1];
   const int64_t count = idx.dimensions()[0];
@@ -224,12 +256,13 @@ ffi::Error UpdateRows(ffi::Buffer<ffi::F32> x_in, ffi::Buffer<ffi::F32> out_in,
   const float* w = weight.typed_data();
   const float* kernel = k.typed_data();
   const int32_t* at = idx.typed_data();
-  const ChannelSplit split(count, channels);
-  Taps taps(with_taps ? split.threads : 0, count);
-#pragma omp parallel num_threads(split.threads)
-  {
-    const int t = omp_get_thread_num(), n = omp_get_num_threads();
-    const auto [c0, c1] = split.Range(channels, t, n);
+  // Each part a range of channels, of whole cache lines (no two parts
+  // write to one line).
+  const int parts =
+      Parts(count * channels * static_cast<int64_t>(sizeof(float)));
+  Taps taps(with_taps ? parts : 0, count);
+  RunParts(pool, parts, [&](int k, int n) {
+    const auto [c0, c1] = PartRange(channels, k, n, 16);
     for (int64_t s = 0; s < count; ++s) {
       const int64_t i = at[s];
       float* row = with_rows ? rows + s * channels : nullptr;
@@ -250,12 +283,12 @@ ffi::Error UpdateRows(ffi::Buffer<ffi::F32> x_in, ffi::Buffer<ffi::F32> out_in,
         xi[c] += rs[c];
         sum[c] += rs[c];
       }
-      if (with_taps) TapSums(xi, kernel, channels, c0, c1, taps.Of(t, s));
+      if (with_taps) TapSums(xi, kernel, channels, c0, c1, taps.Of(k, s));
       if (row) std::memcpy(row + c0, xi + c0, (c1 - c0) * sizeof(float));
     }
-  }
+  });
   if (with_taps) {
-    taps.AddUp(split.threads, at, shift.typed_data(), num_rows,
+    taps.AddUp(parts, at, shift.typed_data(), num_rows,
                taps_out->typed_data());
   }
   return ffi::Error::Success();
@@ -269,7 +302,8 @@ ffi::Error UpdateRows(ffi::Buffer<ffi::F32> x_in, ffi::Buffer<ffi::F32> out_in,
 ffi::Error RowTaps(ffi::Buffer<ffi::F32> x_in, ffi::Buffer<ffi::S32> idx,
                    ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> shift,
                    ffi::Buffer<ffi::F32> taps_in,
-                   ffi::ResultBuffer<ffi::F32> taps_out) {
+                   ffi::ResultBuffer<ffi::F32> taps_out,
+                   ffi::ThreadPool pool) {
   const int64_t num_rows = x_in.dimensions()[0];
   const int64_t channels = x_in.dimensions()[1];
   const int64_t count = idx.dimensions()[0];
@@ -283,20 +317,18 @@ ffi::Error RowTaps(ffi::Buffer<ffi::F32> x_in, ffi::Buffer<ffi::S32> idx,
   const float* x = x_in.typed_data();
   const float* kernel = k.typed_data();
   const int32_t* at = idx.typed_data();
-  const ChannelSplit split(count, channels);
-  Taps taps(split.threads, count);
-#pragma omp parallel num_threads(split.threads)
-  {
-    const int t = omp_get_thread_num(), n = omp_get_num_threads();
-    const auto [c0, c1] = split.Range(channels, t, n);
+  const int parts =
+      Parts(count * channels * static_cast<int64_t>(sizeof(float)));
+  Taps taps(parts, count);
+  RunParts(pool, parts, [&](int k, int n) {
+    const auto [c0, c1] = PartRange(channels, k, n, 16);
     for (int64_t s = 0; s < count; ++s) {
       const int64_t i = at[s];
       if (i < 0 || i >= num_rows) continue;
-      TapSums(x + i * channels, kernel, channels, c0, c1, taps.Of(t, s));
+      TapSums(x + i * channels, kernel, channels, c0, c1, taps.Of(k, s));
     }
-  }
-  taps.AddUp(split.threads, at, shift.typed_data(), num_rows,
-             taps_out->typed_data());
+  });
+  taps.AddUp(parts, at, shift.typed_data(), num_rows, taps_out->typed_data());
   return ffi::Error::Success();
 }
 
@@ -309,7 +341,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SactRowPatches3x3, Patches3x3,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("height")
                                   .Attr<int64_t>("width")
-                                  .Attr<int64_t>("num_rows"));
+                                  .Attr<int64_t>("num_rows")
+                                  .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SactNonzeroRows, NonzeroRows,
                               ffi::Ffi::Bind()
@@ -333,7 +366,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SactUpdateRows, UpdateRows,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()  // rows
                                   .Attr<int64_t>("hw")
-                                  .Attr<int64_t>("update_x"));
+                                  .Attr<int64_t>("update_x")
+                                  .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SactRowTaps, RowTaps,
                               ffi::Ffi::Bind()
@@ -342,4 +376,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SactRowTaps, RowTaps,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // k
                                   .Arg<ffi::Buffer<ffi::F32>>()  // shift
                                   .Arg<ffi::Buffer<ffi::F32>>()  // taps
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ctx<ffi::ThreadPool>());

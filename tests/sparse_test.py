@@ -565,8 +565,8 @@ class RowsTest(parameterized.TestCase):
     """`onednn.row_patches`, where `patches` uses it, copies what XLA's
     gather reads: corners, edges, padding indices, with and without the
     map's zero row (clipped reads), over several images; the last case
-    copies 2.8 MB, which row_gather.cc splits between two threads where
-    there are two CPUs."""
+    copies 2.8 MB, which row_gather.cc splits in two parts (one on XLA's
+    thread pool) where there are two CPUs."""
     if not rows_lib._copies_rows(jnp.zeros((1, 1), jnp.float32)):
       self.skipTest('no custom calls here (not built or not the CPU)')
     height, width = 4, 5
@@ -597,8 +597,8 @@ class RowsTest(parameterized.TestCase):
     """`update_rows` (row_gather.cc where built) gives what XLA's scatters
     give: the maps exactly, the head's taps up to rounding (a different
     summation order), padding indices changing nothing; at 'threads' size
-    the rows carry 2.4 MB, split by channels between two threads where
-    there are two CPUs."""
+    the rows carry 2.4 MB, split by channels in two parts (one on XLA's
+    thread pool) where there are two CPUs."""
     if not rows_lib._custom_calls():
       self.skipTest('no custom calls here (not built or not the CPU)')
     batch, hw, channels, count = ((2, 12, 5, 7) if size == 'small'
