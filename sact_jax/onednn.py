@@ -54,6 +54,8 @@ import numpy as np
 
 _SOURCES = tuple(os.path.join(os.path.dirname(__file__), name)
                  for name in ('onednn_conv.cc', 'row_gather.cc'))
+# Included by the sources: part of the build's cache key too.
+_HEADERS = (os.path.join(os.path.dirname(__file__), 'run_parts.h'),)
 _TARGETS = ('OnednnConvForward', 'OnednnConvForwardStacked',
             'OnednnConvInputGrad', 'OnednnConvKernelGrad',
             'SactRowPatches3x3', 'SactNonzeroRows', 'SactUpdateRows',
@@ -99,7 +101,7 @@ def _build(header: str, library: str) -> str:
              f'-L{lib_dir}', '-l:' + os.path.basename(library),
              f'-Wl,-rpath,{lib_dir}']
   key = hashlib.sha256()
-  for source in _SOURCES:
+  for source in (*_SOURCES, *_HEADERS):
     with open(source, 'rb') as f:
       key.update(f.read())
   for part in (*command, jax.__version__, jax.lib.__version__,

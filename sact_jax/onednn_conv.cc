@@ -2,7 +2,6 @@
 // onednn.py: forward, input gradient and kernel gradient of an NHWC x HWIO
 // float32 convolution (any strides, zero padding before and after).
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <exception>
@@ -16,8 +15,10 @@
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
+#include "run_parts.h"
 
 namespace ffi = xla::ffi;
+using sact_jax::RunParts;
 
 namespace {
 
@@ -326,9 +327,6 @@ void RunHalf(SplitHalf& h, void* x, void* w, void* y) {
 // The caller holds RunMutex(): one pass (here, one pair of halves) at a time.
 ffi::Error RunSplit(const Shape& shape, void* x, void* w, void* y,
                     ffi::ThreadPool& pool) {
-  struct Claim {
-    std::atomic<bool> taken{false}, done{false}, failed{false};
-  };
   Split* split;
   try {
     OneThread one;  // The halves' primitives: one thread each.
@@ -337,38 +335,18 @@ ffi::Error RunSplit(const Shape& shape, void* x, void* w, void* y,
     return ffi::Error(ffi::ErrorCode::kInternal,
                       std::string("oneDNN convolution: ") + e.what());
   }
-  auto claim = std::make_shared<Claim>();
-  SplitHalf* second = &split->half[1];
-  auto run = [](SplitHalf& half, void* x, void* w, void* y) {
+  bool ok[2] = {false, false};
+  RunParts(pool, 2, [&](int k, int) {
     try {
       OneThread one;
-      RunHalf(half, x, w, y);
+      RunHalf(split->half[k], x, w, y);
+      ok[k] = true;
     } catch (const std::exception&) {  // Never into XLA's pool.
-      return false;
     }
-    return true;
-  };
-  // The task may run after the call returned (the caller took the half):
-  // it then only drops its reference to `claim`.
-  pool.Schedule([claim, second, run, x, w, y] {
-    if (claim->taken.exchange(true)) return;
-    if (!run(*second, x, w, y)) claim->failed.store(true);
-    claim->done.store(true, std::memory_order_release);
   });
-  bool ok = run(split->half[0], x, w, y);
-  if (!claim->taken.exchange(true)) {
-    ok = run(*second, x, w, y) && ok;
-  } else {
-    // The pool runs the half: wait for it even after a failure here, as it
-    // writes into `y`.
-    while (!claim->done.load(std::memory_order_acquire)) {
-      __builtin_ia32_pause();
-    }
-    ok = ok && !claim->failed.load();
-  }
-  return ok ? ffi::Error::Success()
-            : ffi::Error(ffi::ErrorCode::kInternal,
-                         "oneDNN convolution: a matmul half failed");
+  if (ok[0] && ok[1]) return ffi::Error::Success();
+  return ffi::Error(ffi::ErrorCode::kInternal,
+                    "oneDNN convolution: a matmul half failed");
 }
 
 // A forward: as two halves where `Splits` says so, else as `Run` does.

@@ -11,19 +11,19 @@
 // (BUILD.md, "The row windows, the stem's pool and the heads' sums"). Each
 // of the others says why it is here.
 #include <algorithm>
-#include <atomic>
 #include <climits>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 #include <utility>
 #include <vector>
 
 #include <omp.h>
 
 #include "xla/ffi/api/ffi.h"
+#include "run_parts.h"
 
 namespace ffi = xla::ffi;
+using sact_jax::RunParts;
 
 namespace {
 
@@ -32,49 +32,17 @@ namespace {
 // ResNet-101, 50% of the FLOPs; patches of 0.2-2 MB) took 1.01x its time
 // with 1 MB, at batch 32 (chunks of 2-5 MB) 1.003x (BUILD.md, "Where batch
 // 1's time goes after the split").
-constexpr int64_t kBytesPerThread = 1 << 20;
+constexpr int64_t kBytesPerPart = 1 << 20;
 
-// Parts of a pass of `bytes`: two where there are two CPUs and the bytes
-// pay for a second, else one.
-int Parts(int64_t bytes) {
-  return bytes >= 2 * kBytesPerThread && omp_get_max_threads() > 1 ? 2 : 1;
-}
-
-// Runs `part(k, parts)` for k < parts (1 or 2): the calling thread runs
-// the first, one of XLA's pool threads the second, and whichever gets to
-// the second first runs it (so it never waits for a busy pool), as
-// onednn_conv.cc's `RunSplit` runs its matmul halves.
-// Why not an OpenMP team: XLA calls these from its pool threads, and a
-// team started there is a second set of threads on the same CPUs, which
+// Parts of a pass of `bytes` (`sact_jax::RunParts`): two where there are
+// two CPUs and the bytes pay for a second, else one.
+// Why not an OpenMP team: XLA calls these passes from its pool threads, and
+// a team started there is a second set of threads on the same CPUs, which
 // the pool's own work then contends with. With teams, `sparse.apply` at
 // batch 32 ran no faster than with every pass on one thread (2-core Intel
 // Xeon; BUILD.md, "Two cores against one at batch 32").
-template <typename Part>
-void RunParts(ffi::ThreadPool& pool, int parts, const Part& part) {
-  if (parts < 2) {
-    part(0, 1);
-    return;
-  }
-  struct Claim {
-    std::atomic<bool> taken{false}, done{false};
-  };
-  auto claim = std::make_shared<Claim>();
-  // The task may run after this returned (the caller took the part): it
-  // then only drops its reference to `claim`, never touching `part`.
-  const Part* second = &part;
-  pool.Schedule([claim, second] {
-    if (claim->taken.exchange(true)) return;
-    (*second)(1, 2);
-    claim->done.store(true, std::memory_order_release);
-  });
-  part(0, 2);
-  if (!claim->taken.exchange(true)) {
-    part(1, 2);
-  } else {
-    while (!claim->done.load(std::memory_order_acquire)) {
-      __builtin_ia32_pause();
-    }
-  }
+int Parts(int64_t bytes) {
+  return bytes >= 2 * kBytesPerPart && omp_get_max_threads() > 1 ? 2 : 1;
 }
 
 // `[begin, end)` of part k of `parts` over `size` items, whole multiples
