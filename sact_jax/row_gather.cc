@@ -207,7 +207,8 @@ ffi::Error UpdateRows(ffi::Buffer<ffi::F32> x_in, ffi::Buffer<ffi::F32> out_in,
       res.dimensions()[0] != count || res.dimensions()[1] != channels ||
       (with_taps && (k.dimensions()[1] != channels ||
                      shift.element_count() != 9 ||
-                     taps_in.dimensions()[1] != 9))) {
+                     taps_in.dimensions()[1] != 9 ||
+                     taps_in.dimensions()[0] < num_rows))) {
     return ffi::Error::InvalidArgument("update rows: shapes disagree");
   }
   InPlace(x_in.typed_data(), x_out->typed_data(), x_in.element_count());
