@@ -249,6 +249,27 @@ class SactHead(nnx.Module):
       local_S = local_S + self.local_conv.bias[...][0]
     return local_S
 
+  def local_logits_from_tap_map(self, taps_BxHxWx9: jax.Array) -> jax.Array:
+    """The local term `[B, H, W]` from `local_taps` at every position.
+
+    Tap d of neighbour d (zero outside the image), as
+    `local_logits_from_taps` at rows: the 3x3 conv with SAME padding, whose
+    tap `(i, j)` of output `(p, q)` reads input `(p + i - 1, q + j - 1)`.
+    """
+    conv = self.local_conv
+    _, height, width, _ = taps_BxHxWx9.shape
+    pads = conv_lib.explicit_padding(conv.padding, conv.kernel_size, (1, 1),
+                                     (height, width))
+    if tuple(conv.kernel_size) != (3, 3) or pads != ((1, 1), (1, 1)):
+      raise ValueError('Tap maps need a 3x3 local conv with SAME padding, '
+                       f'got {conv.kernel_size} padded {pads}.')
+    padded = jnp.pad(taps_BxHxWx9, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    neighbours_BxHxWx9 = jnp.stack(
+        [padded[:, i:i + height, j:j + width, 3 * i + j]
+         for i in range(3) for j in range(3)], axis=-1)
+    return self.local_logits_from_taps(
+        neighbours_BxHxWx9.reshape(-1, 9)).reshape(taps_BxHxWx9.shape[:3])
+
   def global_logits(self, mean_BxC: jax.Array) -> jax.Array:
     """The global term `[B]` from the spatial mean of the unit output."""
     return _global_logits(self, mean_BxC, self.sums_windows)

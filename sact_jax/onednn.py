@@ -9,8 +9,8 @@ and its convolutions are not, and no XLA flag changes that.
 How: onednn_conv.cc holds XLA FFI handlers of an NHWC x HWIO float32
 convolution (forward, forward from a stack of kernels, input gradient,
 kernel gradient), and row_gather.cc those of the sparse path's row passes
-(`row_patches`, `nonzero_rows`, `update_rows`, `row_taps`, which need no
-oneDNN but ride on this build and cache).
+(`row_patches`, `nonzero_rows`, `update_rows`, `update_dense`,
+`row_taps`, which need no oneDNN but ride on this build and cache).
 `available()` compiles them with the system's C++ compiler against
 oneDNN's headers and library (the PyPI packages `onednn-cpu-gomp` /
 `onednn-devel-cpu-gomp`, built with GNU OpenMP) and jaxlib's FFI headers,
@@ -42,6 +42,7 @@ import functools
 import hashlib
 import importlib.metadata
 import logging
+import math
 import os
 import platform
 import shutil
@@ -59,7 +60,7 @@ _HEADERS = (os.path.join(os.path.dirname(__file__), 'run_parts.h'),)
 _TARGETS = ('OnednnConvForward', 'OnednnConvForwardStacked',
             'OnednnConvInputGrad', 'OnednnConvKernelGrad',
             'SactRowPatches3x3', 'SactNonzeroRows', 'SactUpdateRows',
-            'SactRowTaps')
+            'SactRowTaps', 'SactUpdateDense')
 _LIBRARY = 'libsact_onednn.so'
 DISABLE_ENV = 'SACT_JAX_ONEDNN'
 
@@ -482,6 +483,44 @@ def update_rows(x_NxC: jax.Array, out_NxC: jax.Array, xsum_BxC: jax.Array,
           *(a.astype(f32) for a in tap_affine), hw=np.int64(hw),
           update_x=np.int64(update_x))
   return (*maps, rows if with_rows else None)
+
+
+def update_dense(x_XxC: jax.Array, out_XxC: jax.Array | None,
+                 residual_XxC: jax.Array | None, weight_X: jax.Array | None,
+                 tap_affine: tuple[jax.Array, jax.Array], *, hw: int):
+  """A densely run unit's update of a SACT block's maps (row_gather.cc).
+
+  Maps `[..., C]` of any rank (rows of `C`; `hw` rows an image), `weight_X`
+  their shape without `C`. Where `weight != 0` (the running positions),
+  `out += weight * residual` and `x += residual`; then the per-image sums
+  of the new `x` and its tap products `x @ kernel.T + shift`
+  (`tap_affine`: `[9, C]`, `[9]`) at every row, in one pass: `(x, out,
+  xsum_BxC, taps_Xx9)`. With `residual_XxC` None only the sums and taps of
+  `x` (`out` None). The maps are updated in place where the caller
+  donates them. Float32 on the CPU only, no gradient.
+  """
+  _handlers()
+  f32 = jnp.float32
+  channels = x_XxC.shape[-1]
+  rows = x_XxC.shape[:-1]
+  update = residual_XxC is not None
+  if not update:  # `x` only read: no aliased result (XLA would copy it).
+    out_XxC = residual_XxC = jnp.zeros((0, channels), f32)
+    weight_X = jnp.zeros((0,), f32)
+  kernel_9xC, shift_9 = tap_affine
+  new_x, out_XxC, xsum_BxC, taps_Xx9 = jax.ffi.ffi_call(
+      'SactUpdateDense',
+      (jax.ShapeDtypeStruct(out_XxC.shape, f32),
+       jax.ShapeDtypeStruct(out_XxC.shape, f32),
+       jax.ShapeDtypeStruct((math.prod(rows) // hw, channels), f32),
+       jax.ShapeDtypeStruct((*rows, 9), f32)),
+      input_output_aliases={0: 0, 1: 1} if update else {},
+      vmap_method='sequential')(
+          x_XxC, out_XxC, residual_XxC, weight_X.astype(f32),
+          kernel_9xC.astype(f32), shift_9.astype(f32), hw=np.int64(hw))
+  if not update:
+    return x_XxC, None, xsum_BxC, taps_Xx9
+  return new_x, out_XxC, xsum_BxC, taps_Xx9
 
 
 def row_taps(x_NxC: jax.Array, idx_S: jax.Array, tap_affine,

@@ -71,6 +71,21 @@ class SactHeadTest(parameterized.TestCase):
                                head.local_features(rows_Sx6) @ kernel_9xC.T,
                                rtol=1e-5, atol=1e-5)
 
+  @parameterized.product(shape=((2, 5, 7), (1, 1, 1), (1, 3, 2)),
+                         activation=(layers.identity, layers.leaky_relu))
+  def test_local_logits_from_tap_map_equal_the_conv(self, shape, activation):
+    """The local term from a map of every position's taps (tap d of
+    neighbour d, zero outside the image) is the 3x3 conv's, borders
+    included."""
+    head = tu.sact_head(6, activation, True)
+    head.eval()
+    x = tu.images((*shape, 6), seed=4)
+    taps = head.local_taps(x.reshape(-1, 6)).reshape(*shape, 9)
+    got = head.local_logits_from_tap_map(taps)
+    chex.assert_shape(got, shape)
+    np.testing.assert_allclose(got, head.local_logits(x), rtol=1e-5,
+                               atol=1e-5)
+
   def test_no_fold_in_training_or_with_a_nonlinearity(self):
     head = tu.sact_head(4, layers.identity, True)
     self.assertFalse(head.folds_local_bn)  # Training: batch statistics.

@@ -643,6 +643,55 @@ class RowsTest(parameterized.TestCase):
       np.testing.assert_array_equal(np.flatnonzero(changed),
                                     np.unique(idx[idx < num_rows]))
 
+  @parameterized.product(update=(True, False), size=('small', 'threads'))
+  def test_update_dense_matches_xla(self, update, size):
+    """`update_dense` gives the dense path's masked residual and output sum
+    exactly, the per-image sums of the new map and the head's taps at every
+    position up to rounding; halted positions (weight 0) keep `x` and
+    `out`. At 'threads' size the maps carry over 2 MB, split by images in
+    two parts (one on XLA's thread pool) where there are two CPUs; batch 1
+    splits one image's rows."""
+    if not rows_lib._custom_calls():
+      self.skipTest('no custom calls here (not built or not the CPU)')
+    shape = (3, 4, 5, 7) if size == 'small' else (1, 48, 40, 320)
+    channels = shape[-1]
+    rng = np.random.default_rng(channels)
+    normal = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
+    x, out, residual = normal(*shape), normal(*shape), normal(*shape)
+    running = rng.random(shape[:3]) < 0.7
+    weight = jnp.asarray(np.where(running, rng.uniform(0.1, 1.0, shape[:3]),
+                                  0.0), jnp.float32)
+    head = tu.sact_head(channels, layers.identity, fast_conv=True)
+    head.eval()
+    self.assertTrue(rows_lib.fuses_dense(head, jnp.float32))
+    hw = shape[1] * shape[2]
+    def fn(x, out, residual, weight):
+      if not update:
+        return rows_lib.update_dense(x, None, None, None, hw=hw, head=head)
+      return rows_lib.update_dense(x, out, residual, weight, hw=hw,
+                                   head=head)
+    args = (x, out, residual, weight)
+    self.assertIn('SactUpdateDense', jax.jit(fn).lower(*args).as_text())
+    new_x, new_out, xsum, taps = jax.jit(fn)(*args)
+    mask = jnp.asarray(running, jnp.float32)[..., None]
+    want_x = x + mask * residual if update else x
+    np.testing.assert_array_equal(new_x, want_x)
+    if update:
+      np.testing.assert_allclose(new_out, out + weight[..., None] * residual,
+                                 rtol=1e-6, atol=1e-6)
+      halted = ~running
+      np.testing.assert_array_equal(np.asarray(new_out)[halted],
+                                    np.asarray(out)[halted])
+      self.assertTrue(np.all(np.any(np.asarray(new_x != x), -1)[running]))
+    else:
+      self.assertIsNone(new_out)
+    chex.assert_shape((xsum, taps), ((shape[0], channels), (*shape[:3], 9)))
+    np.testing.assert_allclose(xsum, jnp.sum(want_x, axis=(1, 2)),
+                               rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(
+        taps, head.local_taps(want_x.reshape(-1, channels)).reshape(taps.shape),
+        rtol=1e-5, atol=1e-4)
+
   @parameterized.parameters((5, 7), (600, 1000))
   def test_row_taps_match_xla(self, channels, count):
     """`row_taps` where the head's taps are affine: the rows of the index

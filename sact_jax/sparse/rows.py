@@ -254,6 +254,36 @@ def update_rows(x_NxC: jax.Array, out_NxC: jax.Array, xsum_BxC: jax.Array,
   return x_NxC, out_NxC, xsum_BxC, taps_Nx9
 
 
+def fuses_dense(head, dtype) -> bool:
+  """Whether `update_dense` runs for the units before `head`: on the CPU
+  where row_gather.cc is built, in float32, for a head whose taps are
+  affine in the map (`SactHead.taps_affine`)."""
+  return (head.folds_local_bn and dtype == jnp.float32
+          and _custom_calls())
+
+
+def update_dense(x_BxHxWxC: jax.Array, out_BxHxWxC: jax.Array | None,
+                 residual_BxHxWxC: jax.Array | None,
+                 weight_BxHxW: jax.Array | None, *, hw: int, head):
+  """A densely run unit's update of a SACT block's maps, and `head`'s taps.
+
+  Where `weight != 0` (the running positions; `running * (1 -
+  cumulative)` is 0 at halted ones) `out += weight * residual` and `x +=
+  residual`; then the per-image sums `[B, C]` of the new `x` (`hw`
+  positions an image) and `head.local_taps` of it at every position:
+  `(x, out, xsum, taps_BxHxWx9)`. Without a residual (None), only the sums
+  and taps of `x` (`out` None). Only where `fuses_dense`: one custom call
+  (`onednn.update_dense`) that reads each row once, where XLA makes a pass
+  each for the masked residual, the output sum, the spatial sum and the
+  head's taps (the dense model's code, which the caller runs elsewhere).
+  The maps stay `[B, H, W, C]`: passed reshaped to `[N, C]`, XLA copied
+  `x` and `out` before the call and again after it (a jitted unit at
+  block 1's maps, batch 32: four copies of 102 MB).
+  """
+  return onednn.update_dense(x_BxHxWxC, out_BxHxWxC, residual_BxHxWxC,
+                             weight_BxHxW, head.taps_affine(), hw=hw)
+
+
 def row_taps(taps_Nx9: jax.Array, x_NxC: jax.Array, idx_S: jax.Array,
              head) -> jax.Array:
   """`taps` with `head.local_taps` of `x`'s rows `idx_S` written at them

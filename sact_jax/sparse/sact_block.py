@@ -200,9 +200,8 @@ class SactBlock:
     head = nnx.merge(self.head_gd, conv_lib.pick(stacked_heads, 0))
     state = act_lib.init_state(common.dummy_output((batch, height, width)),
                                (batch, height, width))
-    xsum = jnp.sum(x, axis=(1, 2))
-    halting_carry, sizes = self.halting_step(
-        head, self._dense_scores(head, x, xsum), state, flops_B)
+    xsum, halting = self._first_scores(head, x)
+    halting_carry, sizes = self.halting_step(head, halting, state, flops_B)
     x_NxC = x.reshape(num_rows, channels)
     maps = {
         'x': x_NxC,
@@ -289,12 +288,12 @@ class SactBlock:
     if dense:
       unit = self._unit(unit_vars)
       shape = (*state.running.shape, maps['x'].shape[-1])
-      new_x, out = self._update_dense(unit, maps['x'].reshape(shape),
-                                      maps['out'].reshape(shape), state)
+      x, out = maps['x'].reshape(shape), maps['out'].reshape(shape)
       if not with_head:  # The block's last unit: only `out` is read after.
+        _, out = self._update_dense(unit, x, out, state)
         return self._to_maps(maps, out=out), None, None
-      maps = self._with_xsum(self._to_maps(maps, x=new_x, out=out), new_x)
-      halting = self._dense_scores(head, new_x, maps['xsum'])
+      x, out, xsum, halting = self._dense_unit(unit, head, x, out, state)
+      maps = dict(self._to_maps(maps, x=x, out=out), xsum=xsum)
     else:
       idx_active = self.index_rows(state, dilated=False)
       maps = self._update_rows(unit_vars, maps, state, idx_active, n_full,
@@ -324,6 +323,45 @@ class SactBlock:
     weight = (state.running * (1.0 - state.cumulative))[..., None]
     return new_x, out_BxHxWxC + weight * residual
 
+  def _dense_unit(self, unit, head, x_BxHxWxC, out_BxHxWxC, state):
+    """`_update_dense`, then the head after the unit on the whole map.
+
+    Returns the new `x` and `out`, the new `x`'s per-image sums and the
+    head's scores `[B, H, W]`. Where `rows.fuses_dense`, the maps' update,
+    the sums and the head's tap products are one pass over the map
+    (`rows.update_dense`); elsewhere the dense model's code.
+    """
+    shape = x_BxHxWxC.shape
+    if not rows_lib.fuses_dense(head, x_BxHxWxC.dtype):
+      x, out = self._update_dense(unit, x_BxHxWxC, out_BxHxWxC, state)
+      xsum = jnp.sum(x, axis=(1, 2))
+      return x, out, xsum, self._dense_scores(head, x, xsum)
+    residual = unit.residual(x_BxHxWxC)
+    weight = state.running * (1.0 - state.cumulative)
+    x, out, xsum, taps = rows_lib.update_dense(
+        x_BxHxWxC, out_BxHxWxC, residual, weight, hw=shape[1] * shape[2],
+        head=head)
+    return x, out, xsum, self._tap_scores(head, taps, xsum, shape)
+
+  def _first_scores(self, head, x_BxHxWxC):
+    """The per-image sums of a block's first unit output and the scores of
+    the head after it (one pass over the map where `rows.fuses_dense`)."""
+    shape = x_BxHxWxC.shape
+    if not rows_lib.fuses_dense(head, x_BxHxWxC.dtype):
+      xsum = jnp.sum(x_BxHxWxC, axis=(1, 2))
+      return xsum, self._dense_scores(head, x_BxHxWxC, xsum)
+    _, _, xsum, taps = rows_lib.update_dense(
+        x_BxHxWxC, None, None, None, hw=shape[1] * shape[2], head=head)
+    return xsum, self._tap_scores(head, taps, xsum, shape)
+
+  @staticmethod
+  def _tap_scores(head, taps_BxHxWx9, xsum_BxC, shape):
+    """The head's scores `[B, H, W]` from its tap products at every
+    position and the map's per-image sums (`shape`: the map's)."""
+    local = head.local_logits_from_tap_map(taps_BxHxWx9)
+    global_B = head.global_logits(xsum_BxC / (shape[1] * shape[2]))
+    return head.probability(local, global_B[:, None, None])
+
   @staticmethod
   def _dense_scores(head, x_BxHxWxC, xsum_BxC):
     """`head(x)` with the global term from `x`'s per-image sums, which the
@@ -337,10 +375,6 @@ class SactBlock:
     """`maps` with the given `[B, H, W, C]` maps flattened into it."""
     return dict(maps, **{k: v.reshape(-1, v.shape[-1])
                          for k, v in maps_BxHxWxC.items()})
-
-  @staticmethod
-  def _with_xsum(maps, x_BxHxWxC):
-    return dict(maps, xsum=jnp.sum(x_BxHxWxC, axis=(1, 2)))
 
   def _update_rows(self, unit_vars, maps, state, idx_active, n_full, tail,
                    *, update_x, taps_head):
@@ -425,19 +459,19 @@ class SactBlock:
     shape = (*halting_carry['state'].running.shape, maps['x'].shape[-1])
 
     def cond(loop):  # A unit with a head, some position runs, dense pays.
-      i, _, _, _, sizes, _ = loop
+      i, _, _, _, _, sizes, _ = loop
       return ((i < last) & (sizes[1] > 0)
               & self.costs.runs_dense(sizes[0], sizes[1], num_rows))
 
     def step(unit_vars, head_vars, loop):
-      i, x, out, halting_carry, _, sizes_Ux2 = loop
+      i, x, out, _, halting_carry, _, sizes_Ux2 = loop
       unit = nnx.merge(self.unit_gd, unit_vars)
       head = nnx.merge(self.head_gd, head_vars)
       state = halting_carry['state']
-      x, out = self._update_dense(unit, x, out, state)
+      x, out, xsum, halting = self._dense_unit(unit, head, x, out, state)
       halting_carry, sizes = self.halting_step(
-          head, head(x), state, halting_carry['flops'])
-      return (i + 1, x, out, halting_carry, sizes,
+          head, halting, state, halting_carry['flops'])
+      return (i + 1, x, out, xsum, halting_carry, sizes,
               sizes_Ux2.at[i + 1].set(sizes))
 
     def body(loop):
@@ -447,28 +481,29 @@ class SactBlock:
                     conv_lib.pick(stacked_heads, i + 1), loop)
 
     loop = (start, maps['x'].reshape(shape), maps['out'].reshape(shape),
-            halting_carry, sizes, sizes_Ux2)
+            maps['xsum'], halting_carry, sizes, sizes_Ux2)
     loop = lax.cond(cond(loop), functools.partial(step, unit_vars, head_vars),
                     lambda loop: loop, loop)
-    stop, x, out, halting_carry, _, sizes_Ux2 = lax.while_loop(cond, body,
-                                                               loop)
-    maps = self._with_xsum(self._to_maps(maps, x=x, out=out), x)
+    stop, x, out, xsum, halting_carry, _, sizes_Ux2 = lax.while_loop(
+        cond, body, loop)
+    maps = dict(self._to_maps(maps, x=x, out=out), xsum=xsum)
     return maps, halting_carry, stop, sizes_Ux2
 
   def _device_loop(self, first_vars, stacked_units, stacked_heads, x_in,
                    flops_B):
     """The whole block on the device: dense masked units in a while loop.
 
-    Numerically the dense model's block (`blocks.py`), except that the loop
-    stops once no position runs; the heads it then skips still count, as
-    the reference counts them. Iteration i runs unit i+2 and then the head
-    of unit i+2 (stacked at index i+1); the last unit, which has no head,
-    runs after the loop if any position still does (so no iteration
-    computes a head only to drop it). Returns the block output, ponder
-    cost, units, FLOPs, the FLOPs computed beyond the count (at halted
-    positions), the number of units run after the first and, for `adapt`,
-    the dilated and active positions summed over those units and their
-    number.
+    The dense model's block (`blocks.py`) up to rounding, except that the
+    loop stops once no position runs; the heads it then skips still count,
+    as the reference counts them. Iteration i runs unit i+2 and then the
+    head of unit i+2 (stacked at index i+1), as `_dense_unit` (the block
+    output summed as the host loop's `out`, a pass over the map per unit
+    where `rows.fuses_dense`); the last unit, which has no head, runs after
+    the loop if any position still does (so no iteration computes a head
+    only to drop it). Returns the block output, ponder cost, units, FLOPs,
+    the FLOPs computed beyond the count (at halted positions), the number
+    of units run after the first and, for `adapt`, the dilated and active
+    positions summed over those units and their number.
     """
     self.phases.trace('block_device_loop')
     x, flops_B = self._first(first_vars, x_in, flops_B)
@@ -476,37 +511,48 @@ class SactBlock:
     num_rows = batch * height * width
     costs = self.costs
     last = self.num_units - 2
+    halting_shape = (batch, height, width)
 
-    def apply_head(i, x, state):
-      head = nnx.merge(self.head_gd, conv_lib.pick(stacked_heads, i))
-      return act_lib.step(state, head(x), x, self.eps)
+    def halt(state, halting):
+      return act_lib.step(state, halting, common.dummy_output(halting_shape),
+                          self.eps)
 
-    def apply_unit(i, x, state):
-      unit = nnx.merge(self.unit_gd,
+    def unit_at(i):
+      return nnx.merge(self.unit_gd,
                        conv_lib.pick(stacked_units, i, self.in_place))
-      with conv_lib.stacked_unit(i):
-        return act_lib.masked_residual(x, unit.residual(x), state.running)
 
-    state = act_lib.init_state(x, (batch, height, width))
-    state = apply_head(0, x, state)
+    state = act_lib.init_state(common.dummy_output(halting_shape),
+                               halting_shape)
+    _, halting = self._first_scores(
+        nnx.merge(self.head_gd, conv_lib.pick(stacked_heads, 0)), x)
+    state = halt(state, halting)
 
     def cond(loop):
-      i, _, state = loop
+      i, _, _, state = loop
       return (i < last) & jnp.any(state.running > 0)
 
     def body(loop):
-      i, x, state = loop
-      x = apply_unit(i, x, state)
-      return i + 1, x, apply_head(i + 1, x, state)
+      i, x, out, state = loop
+      head = nnx.merge(self.head_gd, conv_lib.pick(stacked_heads, i + 1))
+      with conv_lib.stacked_unit(i):
+        x, out, _, halting = self._dense_unit(unit_at(i), head, x, out,
+                                              state)
+      return i + 1, x, out, halt(state, halting)
 
-    steps, x, state = lax.while_loop(cond, body, (jnp.int32(0), x, state))
+    steps, x, out, state = lax.while_loop(cond, body,
+                                          (jnp.int32(0), x, x, state))
     heads = (steps + 1).astype(jnp.float32)
     run_last = (steps == last) & jnp.any(state.running > 0)
-    x = lax.cond(run_last, lambda x: apply_unit(last, x, state),
-                 lambda x: x, x)
+
+    def last_unit(out):
+      with conv_lib.stacked_unit(last):
+        return self._update_dense(unit_at(last), x, out, state)[1]
+
+    out = lax.cond(run_last, last_unit, lambda out: out, out)
     steps = steps + run_last.astype(jnp.int32)
     units = steps.astype(jnp.float32)
-    state = act_lib.finish(state, x, self.eps)
+    state = act_lib.finish(state, common.dummy_output(halting_shape),
+                           self.eps)
     # What ran, from the units used per position as the dense model counts
     # it, rather than per unit inside the loop; heads the loop skipped
     # count as the head says.
@@ -521,8 +567,8 @@ class SactBlock:
              + (units * num_rows - active) * costs.active_cost
              + (heads * num_rows - jnp.sum(head_runs)) * costs.local_cost)
     usage_3 = jnp.stack([dilated, active, units])
-    return (state.output, state.ponder_cost, state.num_units, flops_B, waste,
-            steps, usage_3)
+    return (out, state.ponder_cost, state.num_units, flops_B, waste, steps,
+            usage_3)
 
   def _device_rows(self, first_vars, stacked_units, stacked_heads, x_in,
                    flops_B):
