@@ -358,11 +358,12 @@ ffi::Error RowTaps(ffi::Buffer<ffi::F32> x_in, ffi::Buffer<ffi::S32> idx,
 // `x[i] += res[i]`; then for every row `xsum[i / hw] += x[i]` (a fresh
 // sum of the new map) and `taps[i] = x[i] . k + shift`. With `res` of no
 // rows nothing is updated: the sums and taps of `x` alone (a block's first
-// head), and the results `x` and `out` have no rows. Why: XLA runs the masked residual, the output sum, the spatial
-// sum and the head's tap products as four passes over the map (at 56x56x256,
-// batch 32, 102 MB each); this reads each row once. The parts split the
-// rows, at image boundaries where there are as many images as parts, so
-// that each image's sum is one part's, in row order.
+// head), and the results `x` and `out` have no rows. Why: XLA runs the
+// masked residual, the output sum, the spatial sum and the head's tap
+// products as four passes over the map (at 56x56x256, batch 32, 102 MB
+// each); this reads each row once. The parts split the rows, at image
+// boundaries where there are as many images as parts, so that each image's
+// sum is one part's, in row order.
 // Rows `UpdateDense` prefetches ahead of the one it works on: each row is
 // read once, and alternating a row's loads with its tap sums left the
 // loads unhidden (block 1's maps at batch 32, 2 cores: 23.6 ms without,
