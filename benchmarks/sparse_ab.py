@@ -2,8 +2,9 @@ r"""A/B of `sparse.apply` options, two warm processes in lockstep.
 
 Starts two benchmarks/sparse_inference.py servers (`--serve`: the dense
 vanilla model and `sparse.apply` at `--fraction` of its FLOPs, the same
-models and halting) that differ only in their `SparseOptions` or in the
-source tree they run from (`--a_tree`, `--b_tree`), asks them in
+models and halting) that differ only in their `SparseOptions`, in the
+source tree they run from (`--a_tree`, `--b_tree`) or in environment
+variables (`--a_env`, `--b_env`), asks them in
 turn for `--rounds` rounds (benchmarks/lockstep.py) and prints the medians
 and the median per-round ratio B / A of `sparse.apply` and of the dense
 model. Between options the dense model is the same program in both: its
@@ -15,6 +16,7 @@ percent or two).
       --b='{"dense_head": 1e9}' --batch=32 --rounds=10
   git worktree add /tmp/base HEAD~1 && \
       python -m benchmarks.sparse_ab --a_tree=/tmp/base  # Code A/B.
+  python -m benchmarks.sparse_ab --b_env='{"OMP_WAIT_POLICY": "passive"}'
 """
 
 import json
@@ -33,6 +35,10 @@ _A_TREE = flags.DEFINE_string(
     'a_tree', None, 'Source tree A runs from (e.g. a `git worktree` of '
     'another commit: its sact_jax and benchmarks); default this one.')
 _B_TREE = flags.DEFINE_string('b_tree', None, 'Source tree B runs from.')
+_A_ENV = flags.DEFINE_string('a_env', '{}', 'Environment variables set for A '
+                             '(JSON), e.g. \'{"OMP_WAIT_POLICY": "passive"}\'.')
+_B_ENV = flags.DEFINE_string('b_env', '{}', 'Environment variables set for B '
+                             '(JSON).')
 _FAMILY = flags.DEFINE_enum('family', 'imagenet', ['cifar', 'imagenet'],
                             'Model family (sparse_inference.py).')
 _BATCH = flags.DEFINE_integer('batch', 1, 'Batch size.')
@@ -50,20 +56,26 @@ _OUT = flags.DEFINE_string('output', None, 'Also write the rounds as JSON.')
 
 def main(argv):
   del argv
-  options = {}
-  for name, value in (('a', _A.value), ('b', _B.value)):
+  options, extra_env = {}, {}
+  for flag, into in ((_A, options), (_B, options), (_A_ENV, extra_env),
+                     (_B_ENV, extra_env)):
     try:
-      options[name] = json.loads(value)
+      value = json.loads(flag.value)
     except json.JSONDecodeError as e:
-      raise app.UsageError(f'--{name} is not JSON: {e}') from e
+      raise app.UsageError(f'--{flag.name} is not JSON: {e}') from e
+    if not isinstance(value, dict):
+      raise app.UsageError(f'--{flag.name} is not a JSON object.')
+    into[flag.name[0]] = value
   trees = {'a': _A_TREE.value, 'b': _B_TREE.value}
   for tree in trees.values():
     if tree is not None and not os.path.isfile(
         os.path.join(tree, 'benchmarks', 'sparse_inference.py')):
       raise app.UsageError(f'{tree} has no benchmarks/sparse_inference.py')
 
-  def env(tree):  # The tree's sact_jax before any installed one.
-    env = dict(os.environ, JAX_PLATFORMS='cpu')
+  def env(name):  # The tree's sact_jax before any installed one.
+    tree = trees[name]
+    env = dict(os.environ, JAX_PLATFORMS='cpu',
+               **{k: str(v) for k, v in extra_env[name].items()})
     if tree is not None:
       env['PYTHONPATH'] = os.pathsep.join(
           [os.path.abspath(tree), *filter(None, [env.get('PYTHONPATH')])])
@@ -74,7 +86,7 @@ def main(argv):
       f'--families={_FAMILY.value}', f'--batch_sizes={_BATCH.value}',
       f'--fractions={_FRACTION.value}',
       f'--sparse_options={json.dumps(options[name])}',
-      *([] if _CACHE.value else ['--cache_dir='])], env(trees[name]),
+      *([] if _CACHE.value else ['--cache_dir='])], env(name),
                              cwd=trees[name])
              for name in ('a', 'b')]
   try:
@@ -83,7 +95,8 @@ def main(argv):
   finally:
     for c in clients:
       c.close()
-  print(f'A {options["a"]}, B {options["b"]}; {_FAMILY.value} batch '
+  print(f'A {options["a"]} {extra_env["a"] or ""}, B {options["b"]} '
+        f'{extra_env["b"] or ""}; {_FAMILY.value} batch '
         f'{_BATCH.value}, FLOP fraction '
         f'{ready["a"]["flop_fraction"]:.3f} / {ready["b"]["flop_fraction"]:.3f}'
         f', {len(per_round)} rounds')
@@ -95,7 +108,8 @@ def main(argv):
           f'B {1e3 * statistics.median(b):8.1f} ms  B / A {ratio:.3f}')
   if _OUT.value:
     with open(_OUT.value, 'w') as f:
-      json.dump({'options': options, 'ready': ready, 'rounds': per_round},
+      json.dump({'options': options, 'env': extra_env, 'ready': ready,
+                 'rounds': per_round},
                 f, indent=1)
 
 
