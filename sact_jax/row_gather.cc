@@ -176,8 +176,9 @@ inline __attribute__((always_inline)) void TapSumsOf(
 // whichever the CPU has, picked at load time (the library is built
 // without -march, so that one build serves any x86-64 CPU). Why vectors
 // written out: the same loop as `omp simd` with nine scalar reductions
-// left each lane sum to a chain of scalar adds through the stack, 4x
-// slower (BUILD.md, "A densely run unit's update as one pass").
+// summed each accumulator's lanes one by one through the stack; on the
+// Intel Xeon VM (one core, rows in L2) 86.7 against 69.5 ns a row of 256
+// channels, 281 against 259 of 1024.
 __attribute__((target("arch=x86-64-v4"))) void TapSums(
     const float* x, const float* k, int64_t stride, int64_t c0, int64_t c1,
     float* acc) {
