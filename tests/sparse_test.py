@@ -664,12 +664,10 @@ class RowsTest(parameterized.TestCase):
     head = tu.sact_head(channels, layers.identity, fast_conv=True)
     head.eval()
     self.assertTrue(rows_lib.fuses_dense(head, jnp.float32))
-    hw = shape[1] * shape[2]
     def fn(x, out, residual, weight):
       if not update:
-        return rows_lib.update_dense(x, None, None, None, hw=hw, head=head)
-      return rows_lib.update_dense(x, out, residual, weight, hw=hw,
-                                   head=head)
+        return rows_lib.update_dense(x, None, None, None, head=head)
+      return rows_lib.update_dense(x, out, residual, weight, head=head)
     args = (x, out, residual, weight)
     self.assertIn('SactUpdateDense', jax.jit(fn).lower(*args).as_text())
     new_x, new_out, xsum, taps = jax.jit(fn)(*args)

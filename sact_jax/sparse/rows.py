@@ -264,13 +264,13 @@ def fuses_dense(head, dtype) -> bool:
 
 def update_dense(x_BxHxWxC: jax.Array, out_BxHxWxC: jax.Array | None,
                  residual_BxHxWxC: jax.Array | None,
-                 weight_BxHxW: jax.Array | None, *, hw: int, head):
+                 weight_BxHxW: jax.Array | None, *, head):
   """A densely run unit's update of a SACT block's maps, and `head`'s taps.
 
   Where `weight != 0` (the running positions; `running * (1 -
   cumulative)` is 0 at halted ones) `out += weight * residual` and `x +=
-  residual`; then the per-image sums `[B, C]` of the new `x` (`hw`
-  positions an image) and `head.local_taps` of it at every position:
+  residual`; then the per-image sums `[B, C]` of the new `x` and
+  `head.local_taps` of it at every position:
   `(x, out, xsum, taps_BxHxWx9)`. Without a residual (None), only the sums
   and taps of `x` (`out` None). Only where `fuses_dense`: one custom call
   (`onednn.update_dense`) that reads each row once, where XLA makes a pass
@@ -280,8 +280,9 @@ def update_dense(x_BxHxWxC: jax.Array, out_BxHxWxC: jax.Array | None,
   `x` and `out` before the call and again after it (a jitted unit at
   block 1's maps, batch 32: four copies of 102 MB).
   """
-  return onednn.update_dense(x_BxHxWxC, out_BxHxWxC, residual_BxHxWxC,
-                             weight_BxHxW, head.taps_affine(), hw=hw)
+  return onednn.update_dense(
+      x_BxHxWxC, out_BxHxWxC, residual_BxHxWxC, weight_BxHxW,
+      head.taps_affine(), hw=x_BxHxWxC.shape[1] * x_BxHxWxC.shape[2])
 
 
 def row_taps(taps_Nx9: jax.Array, x_NxC: jax.Array, idx_S: jax.Array,

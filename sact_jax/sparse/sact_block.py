@@ -339,8 +339,7 @@ class SactBlock:
     residual = unit.residual(x_BxHxWxC)
     weight = state.running * (1.0 - state.cumulative)
     x, out, xsum, taps = rows_lib.update_dense(
-        x_BxHxWxC, out_BxHxWxC, residual, weight, hw=shape[1] * shape[2],
-        head=head)
+        x_BxHxWxC, out_BxHxWxC, residual, weight, head=head)
     return x, out, xsum, self._tap_scores(head, taps, xsum, shape)
 
   def _first_scores(self, head, x_BxHxWxC):
@@ -350,8 +349,8 @@ class SactBlock:
     if not rows_lib.fuses_dense(head, x_BxHxWxC.dtype):
       xsum = jnp.sum(x_BxHxWxC, axis=(1, 2))
       return xsum, self._dense_scores(head, x_BxHxWxC, xsum)
-    _, _, xsum, taps = rows_lib.update_dense(
-        x_BxHxWxC, None, None, None, hw=shape[1] * shape[2], head=head)
+    _, _, xsum, taps = rows_lib.update_dense(x_BxHxWxC, None, None, None,
+                                             head=head)
     return xsum, self._tap_scores(head, taps, xsum, shape)
 
   @staticmethod
