@@ -230,7 +230,7 @@ class SactHead(nnx.Module):
     """`local_taps` as `x @ kernel_9xC.T + shift_9` where it is affine in
     `x` (`folds_local_bn`: the BatchNorm folded, as `local_logits` does),
     else None. Lets the sparse path compute the taps inside its row
-    passes (`sparse.rows.update_rows`, `row_taps`)."""
+    passes (`sparse.rows.update_rows`, `update_dense`, `row_taps`)."""
     if not self.folds_local_bn:
       return None
     kernel, shift_taps = self._folded_local_conv(

@@ -352,6 +352,12 @@ ffi::Error RowTaps(ffi::Buffer<ffi::F32> x_in, ffi::Buffer<ffi::S32> idx,
   return ffi::Error::Success();
 }
 
+// Rows `UpdateDense` prefetches ahead of the one it works on: each row is
+// read once, and alternating a row's loads with its tap sums left the
+// loads unhidden (block 1's maps at batch 32, 2 cores: 23.6 ms without,
+// 20-22 ms with 2-16 rows ahead).
+constexpr int64_t kAhead = 4;
+
 // A densely run unit's update of a SACT block's maps and the next head's
 // tap products (`rows.update_dense`): for every row `i` with
 // `weight[i] != 0` (the running positions: a halted one's weight,
@@ -365,12 +371,6 @@ ffi::Error RowTaps(ffi::Buffer<ffi::F32> x_in, ffi::Buffer<ffi::S32> idx,
 // each); this reads each row once. The parts split the rows, at image
 // boundaries where there are as many images as parts, so that each image's
 // sum is one part's, in row order.
-// Rows `UpdateDense` prefetches ahead of the one it works on: each row is
-// read once, and alternating a row's loads with its tap sums left the
-// loads unhidden (block 1's maps at batch 32, 2 cores: 23.6 ms without,
-// 20-22 ms with 2-16 rows ahead).
-constexpr int64_t kAhead = 4;
-
 ffi::Error UpdateDense(ffi::Buffer<ffi::F32> x_in, ffi::Buffer<ffi::F32> out_in,
                        ffi::Buffer<ffi::F32> res, ffi::Buffer<ffi::F32> weight,
                        ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> shift,

@@ -320,8 +320,14 @@ class SactBlock:
     """
     residual = unit.residual(x_BxHxWxC)
     new_x = act_lib.masked_residual(x_BxHxWxC, residual, state.running)
-    weight = (state.running * (1.0 - state.cumulative))[..., None]
+    weight = SactBlock._out_weight(state)[..., None]
     return new_x, out_BxHxWxC + weight * residual
+
+  @staticmethod
+  def _out_weight(state):
+    """`[B, H, W]` weight of a unit's residual in the block output summed
+    as `out` (`x_1 + sum of (1 - cumulative) r`): 0 at halted positions."""
+    return state.running * (1.0 - state.cumulative)
 
   def _dense_unit(self, unit, head, x_BxHxWxC, out_BxHxWxC, state):
     """`_update_dense`, then the head after the unit on the whole map.
@@ -331,34 +337,32 @@ class SactBlock:
     the sums and the head's tap products are one pass over the map
     (`rows.update_dense`); elsewhere the dense model's code.
     """
-    shape = x_BxHxWxC.shape
     if not rows_lib.fuses_dense(head, x_BxHxWxC.dtype):
       x, out = self._update_dense(unit, x_BxHxWxC, out_BxHxWxC, state)
       xsum = jnp.sum(x, axis=(1, 2))
       return x, out, xsum, self._dense_scores(head, x, xsum)
-    residual = unit.residual(x_BxHxWxC)
-    weight = state.running * (1.0 - state.cumulative)
     x, out, xsum, taps = rows_lib.update_dense(
-        x_BxHxWxC, out_BxHxWxC, residual, weight, head=head)
-    return x, out, xsum, self._tap_scores(head, taps, xsum, shape)
+        x_BxHxWxC, out_BxHxWxC, unit.residual(x_BxHxWxC),
+        self._out_weight(state), head=head)
+    return x, out, xsum, self._tap_scores(head, taps, xsum)
 
   def _first_scores(self, head, x_BxHxWxC):
     """The per-image sums of a block's first unit output and the scores of
     the head after it (one pass over the map where `rows.fuses_dense`)."""
-    shape = x_BxHxWxC.shape
     if not rows_lib.fuses_dense(head, x_BxHxWxC.dtype):
       xsum = jnp.sum(x_BxHxWxC, axis=(1, 2))
       return xsum, self._dense_scores(head, x_BxHxWxC, xsum)
     _, _, xsum, taps = rows_lib.update_dense(x_BxHxWxC, None, None, None,
                                              head=head)
-    return xsum, self._tap_scores(head, taps, xsum, shape)
+    return xsum, self._tap_scores(head, taps, xsum)
 
   @staticmethod
-  def _tap_scores(head, taps_BxHxWx9, xsum_BxC, shape):
+  def _tap_scores(head, taps_BxHxWx9, xsum_BxC):
     """The head's scores `[B, H, W]` from its tap products at every
-    position and the map's per-image sums (`shape`: the map's)."""
+    position and the map's per-image sums."""
     local = head.local_logits_from_tap_map(taps_BxHxWx9)
-    global_B = head.global_logits(xsum_BxC / (shape[1] * shape[2]))
+    hw = taps_BxHxWx9.shape[1] * taps_BxHxWx9.shape[2]
+    global_B = head.global_logits(xsum_BxC / hw)
     return head.probability(local, global_B[:, None, None])
 
   @staticmethod
