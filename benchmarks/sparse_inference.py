@@ -7,8 +7,10 @@ depth (scanned and unrolled; the faster is the baseline), the dense SACT
 model (compute everything, then mask, as the reference) and the sparse path.
 Reports FLOP fraction, time ratio and efficiency =
 (t_vanilla / t_sparse) / (flops_vanilla / flops_sparse), the split of the
-sparse time into its phases, and a gather / matmul / scatter breakdown of a
-representative unit.
+sparse time into its phases, each block of the sparse path beside the same
+block of the vanilla model (FLOP fraction, time ratio and efficiency per
+block, where the blocks run as calls of their own), and a gather / matmul /
+scatter breakdown of a representative unit.
 
 Halting is tuned on a randomly initialised model: every head's local conv
 becomes a 3x3 box filter over the mean of its input channels (so the
@@ -27,6 +29,7 @@ Other engineers share the 2 cores: the load average is recorded beside each
 measurement, and the minimum over repetitions is reported with the median.
 """
 
+import functools
 import json
 import os
 import platform
@@ -74,6 +77,10 @@ _RESIDUAL_SCALE = flags.DEFINE_float(
     'module docstring).')
 _BREAKDOWN = flags.DEFINE_bool('breakdown', True,
                                'Also time the phases of the sparse path.')
+_BLOCK_BREAKDOWN = flags.DEFINE_bool(
+    'block_breakdown', True, 'Also time every block of the vanilla model '
+    'alone and set it beside the same block of the sparse path (its FLOP '
+    'fraction, time ratio and efficiency per block).')
 _UNIT_BREAKDOWN = flags.DEFINE_integer(
     'unit_breakdown_block', 2,
     'Block whose unit is split into gathers / matmuls / scatters (at 50%% '
@@ -251,6 +258,68 @@ def tune_halting(model, dense: '_Dense', images, fraction: float,
 def _first_head(block):
   graphdef, state = nnx.split(block.steps.head)
   return graphdef, jax.tree.map(lambda a: a[0], nnx.to_pure_dict(state))
+
+
+def _blocks_alone(model, images) -> list[tuple[Callable, jax.Array]]:
+  """Each block of `model` jitted alone, with its input (the model's own
+  previous blocks' output): `fn(x)` returns the block output and its FLOPs
+  per image `[B]` as the model counts them."""
+  graphdef, state = nnx.split(model)
+
+  def stem(state, images):
+    return nnx.merge(graphdef, state).stem(images, flops_lib.FlopCounter())
+
+  def block(state, x, index):
+    counter = flops_lib.FlopCounter()
+    x, _ = nnx.merge(graphdef, state).run_blocks(x, counter, index,
+                                                 index + 1)
+    return x, counter.per_image(x.shape[0])
+
+  x = conv.jit(stem)(state, images)
+  out = []
+  for index in range(len(model.blocks)):
+    fn = functools.partial(conv.jit(functools.partial(block, index=index)),
+                           state)
+    out.append((fn, x))
+    x, _ = fn(x)
+  return out
+
+
+def block_breakdown(vanilla, sact, images, sparse_s: dict, reps: int
+                    ) -> list[dict]:
+  """Per block: the vanilla block alone and the sparse path's block.
+
+  Args:
+    vanilla, sact: the models.
+    images: the batch.
+    sparse_s: the sparse path's seconds per block (`SparseRunner`'s
+      `timings` under `sparse.BLOCK_TIMINGS`), by index.
+    reps: timed repetitions of each vanilla block.
+
+  Returns:
+    One dict per block: its input shape, vanilla seconds (min over `reps`),
+    sparse seconds, FLOPs per image of the vanilla and SACT blocks (the
+    latter as the model counts them, halting heads included), their ratio
+    (FLOP fraction), the time ratio and the efficiency
+    (`(t_vanilla / t_sparse) * flop_fraction`).
+  """
+  rows = []
+  for index, ((vanilla_fn, x), (sact_fn, x_sact)) in enumerate(zip(
+      _blocks_alone(vanilla, images), _blocks_alone(sact, images))):
+    vanilla_flops = float(jnp.mean(vanilla_fn(x)[1]))
+    sact_flops = float(jnp.mean(sact_fn(x_sact)[1]))
+    timing = _time({'vanilla': lambda: vanilla_fn(x)}, reps)
+    seconds = timing['vanilla']['wall_min']
+    fraction = sact_flops / vanilla_flops
+    row = {'block': index, 'input_shape': list(x.shape),
+           'vanilla_s': seconds, 'vanilla_flops': vanilla_flops,
+           'flops': sact_flops, 'flop_fraction': fraction}
+    if index in sparse_s:
+      row.update(sparse_s=sparse_s[index],
+                 time_ratio=sparse_s[index] / seconds,
+                 efficiency=seconds / sparse_s[index] * fraction)
+    rows.append(row)
+  return rows
 
 
 def _time(fns: dict, reps: int) -> dict:
@@ -512,6 +581,13 @@ def measure_family(family: str, batch_sizes, fractions, options,
           trial = {}
           runner(images, timings=trial)
           phases = {k: min(v, phases.get(k, v)) for k, v in trial.items()}
+      blocks = []
+      if _BLOCK_BREAKDOWN.value:
+        prefix = sparse.BLOCK_TIMINGS
+        blocks = block_breakdown(
+            vanilla, sact, images,
+            {int(k[len(prefix):]): v for k, v in phases.items()
+             if k.startswith(prefix)}, reps)
       base = min(timing['vanilla']['wall_min'],
                  timing.get('vanilla_unrolled', timing['vanilla'])['wall_min'])
       speedup = base / timing['sparse']['wall_min']
@@ -535,6 +611,7 @@ def measure_family(family: str, batch_sizes, fractions, options,
           'sparse_vs_sact_dense': (timing['sact_dense']['wall_min']
                                    / timing['sparse']['wall_min']),
           'phases_s': phases,
+          'blocks': blocks,
           'units': units,
           'seconds_measuring': time.time() - t0,
       }
@@ -595,12 +672,26 @@ def _print_row(row):
         f"  load {t['load_avg_1min']:.1f}", flush=True)
   print('   units (active fraction, D = run densely): ' + ' '.join(
       _describe(u) for u in row['units']), flush=True)
-  if row['phases_s']:
-    total = sum(row['phases_s'].values())
+  phases = {k: v for k, v in row['phases_s'].items()
+            if not k.startswith(sparse.BLOCK_TIMINGS)}
+  if phases:
+    total = sum(phases.values())
     print('   phases: ' + ', '.join(
         f'{k} {v * 1e3:.1f}' for k, v in sorted(
-            row['phases_s'].items(), key=lambda kv: -kv[1]))
+            phases.items(), key=lambda kv: -kv[1]))
           + f' (sum {total * 1e3:.1f} ms)', flush=True)
+  if row['blocks']:
+    print('   block  input shape         vanilla ms sparse ms  FLOP fraction'
+          '  time ratio  efficiency')
+  for b in row['blocks']:
+    shape = 'x'.join(str(d) for d in b['input_shape'])
+    line = f"   {b['block']:5d}  {shape:18s} {b['vanilla_s'] * 1e3:10.1f}"
+    if 'sparse_s' in b:
+      line += (f" {b['sparse_s'] * 1e3:9.1f}  {b['flop_fraction']:13.3f}"
+               f"  {b['time_ratio']:10.2f}  {b['efficiency']:10.2f}")
+    else:  # The blocks ran as one program (`whole_model`).
+      line += f" {'-':>9s}  {b['flop_fraction']:13.3f}"
+    print(line, flush=True)
 
 
 def main(argv):

@@ -285,6 +285,15 @@ class RandomModelTest(parameterized.TestCase):
     self.assertIn('block_device_loop', timings)
     self.assertIn('stage_dilated', timings)
     self.assertGreaterEqual(float(aux['flops_overhead']), 2**40)
+    # Each block's whole time too, which holds its phases (and its host
+    # work between them).
+    blocks = {k: v for k, v in timings.items()
+              if k.startswith(sparse.BLOCK_TIMINGS)}
+    self.assertEqual(set(blocks), {f'{sparse.BLOCK_TIMINGS}{k}'
+                                   for k in range(len(model.blocks))})
+    phases = sum(v for k, v in timings.items()
+                 if k not in blocks and k not in ('stem', 'head'))
+    self.assertGreaterEqual(sum(blocks.values()), phases)
 
   def test_adapt_moves_all_dense_blocks_to_the_device_and_back(self):
     """`adapt`: a call whose units all ran densely makes the next one a
@@ -1105,6 +1114,38 @@ class BenchmarkTest(absltest.TestCase):
     self.assertLen(out['pieces_s'], 10)
     self.assertTrue(all(v > 0 for v in out['pieces_s'].values()))
     self.assertEqual(set(out['whole_s']), {'vanilla unit (dense)'})
+
+  def test_block_breakdown_splits_the_model_by_block(self):
+    model, images, _ = _random_sact('cifar', 0.5)
+    vanilla = tu.build('cifar', (4, 4), 'vanilla', seed=1, base_channels=8)
+    vanilla.eval()
+    timings = {}
+    _runner_for(model, sact_mode='rows')(images, timings=timings)
+    prefix = sparse.BLOCK_TIMINGS
+    sparse_s = {int(k[len(prefix):]): v for k, v in timings.items()
+                if k.startswith(prefix)}
+    rows = _benchmark().block_breakdown(vanilla, model, images, sparse_s,
+                                        reps=1)
+    self.assertLen(rows, len(model.blocks))
+    self.assertEqual([r['input_shape'] for r in rows],
+                     [[1, 23, 29, 8], [1, 23, 29, 8]])
+    # The blocks' FLOPs add up to the models' counts, less the stem and
+    # head the two models share (float32 counts: within their rounding).
+    sact_total = float(tu.forward(model, images)[1]['flops'][0])
+    vanilla_total = float(tu.forward(vanilla, images)[1]['flops'][0])
+    np.testing.assert_allclose(
+        sact_total - sum(r['flops'] for r in rows),
+        vanilla_total - sum(r['vanilla_flops'] for r in rows),
+        rtol=0, atol=1e-5 * vanilla_total)
+    for r in rows:
+      self.assertEqual(r['sparse_s'], sparse_s[r['block']])
+      self.assertAlmostEqual(r['flop_fraction'],
+                             r['flops'] / r['vanilla_flops'])
+      self.assertAlmostEqual(r['time_ratio'], r['sparse_s'] / r['vanilla_s'])
+      self.assertAlmostEqual(
+          r['efficiency'], r['flop_fraction'] / r['time_ratio'])
+    # Halting saved FLOPs in some block (units 2..L ran at rows).
+    self.assertLess(min(r['flop_fraction'] for r in rows), 0.99)
 
 
 if __name__ == '__main__':

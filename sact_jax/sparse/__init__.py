@@ -7,5 +7,6 @@ their active (and dilated) positions. See `runner.py`.
 
 from sact_jax.sparse.options import SparseOptions
 from sact_jax.sparse.runner import apply
+from sact_jax.sparse.runner import BLOCK_TIMINGS
 from sact_jax.sparse.runner import runner_for
 from sact_jax.sparse.runner import SparseRunner

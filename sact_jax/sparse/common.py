@@ -106,9 +106,11 @@ class Clock:
     self.host(name, start)
     return out
 
-  def host(self, name: str, start: float):
-    """Adds the host time since `start` under `name`."""
+  def host(self, name: str, start: float, wait_for=None):
+    """Adds the time since `start` under `name`, once `wait_for` (arrays)
+    is ready."""
     if self.timings is not None:
+      jax.block_until_ready(wait_for)
       self.timings[name] = (self.timings.get(name, 0.0)
                             + time.perf_counter() - start)
 
