@@ -286,6 +286,29 @@ def forward_splits(x_shape, w_shape) -> bool:
       _c_shape(x_shape, w_shape, (1, 1), ((0, 0), (0, 0)))))
 
 
+def tap_sums(x_C: np.ndarray, kernel_9xC: np.ndarray, c0: int, c1: int,
+             width: int) -> np.ndarray:
+  """`acc[t] = sum of x[c] * kernel[t, c]` over channels [c0, c1), t < 9,
+  by row_gather.cc's `TapSums` body on vectors of `width` floats (16:
+  AVX-512, 8: AVX2, 4: SSE), for tests: a CPU runs only the widest body it
+  has, so each is checked where the CPU has its instructions (the caller
+  makes sure it does)."""
+  x = np.ascontiguousarray(x_C, np.float32)
+  kernel = np.ascontiguousarray(kernel_9xC, np.float32)
+  if kernel.shape != (9, x.shape[0]) or not 0 <= c0 <= c1 <= x.shape[0]:
+    raise ValueError(f'Expected x [C], kernel [9, C] and 0 <= c0 <= c1 <= '
+                     f'C, got {x.shape}, {kernel.shape}, [{c0}, {c1}).')
+  acc = np.zeros(9, np.float32)
+  pointer = ctypes.POINTER(ctypes.c_float)
+  status = _handlers().SactTapSums(
+      ctypes.c_int(width), x.ctypes.data_as(pointer),
+      kernel.ctypes.data_as(pointer), ctypes.c_int64(x.shape[0]),
+      ctypes.c_int64(c0), ctypes.c_int64(c1), acc.ctypes.data_as(pointer))
+  if status != 0:
+    raise ValueError(f'width must be 16, 8 or 4, got {width}.')
+  return acc
+
+
 def windows_split(x_shape, w_shape, strides, padding) -> bool:
   """Whether a convolution's windows, laid out as one image row of
   `kh * kw * I` features (`conv`'s 'rows'), run as two one-thread matmuls

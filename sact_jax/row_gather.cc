@@ -171,28 +171,45 @@ inline __attribute__((always_inline)) void TapSumsOf(
   }
 }
 
-// A row's share of the 9 taps of a halting head's folded local conv
-// (`SactHead.taps_affine`): `TapSumsOf` on AVX-512, AVX2 or SSE vectors,
-// whichever the CPU has, picked at load time (the library is built
-// without -march, so that one build serves any x86-64 CPU). Why vectors
-// written out: the same loop as `omp simd` with nine scalar reductions
-// summed each accumulator's lanes one by one through the stack; on the
-// Intel Xeon VM (one core, rows in L2) 86.7 against 69.5 ns a row of 256
-// channels, 281 against 259 of 1024.
-__attribute__((target("arch=x86-64-v4"))) void TapSums(
+// `TapSumsOf` on AVX-512, AVX2 and SSE vectors: the bodies `TapSums` picks
+// from, each named so that tests run every one the CPU has (`SactTapSums`),
+// not only the one it picks.
+__attribute__((target("arch=x86-64-v4"))) void TapSums16(
     const float* x, const float* k, int64_t stride, int64_t c0, int64_t c1,
     float* acc) {
   TapSumsOf<V16>(x, k, stride, c0, c1, acc);
 }
-__attribute__((target("arch=x86-64-v3"))) void TapSums(
+__attribute__((target("arch=x86-64-v3"))) void TapSums8(
     const float* x, const float* k, int64_t stride, int64_t c0, int64_t c1,
     float* acc) {
   TapSumsOf<V8>(x, k, stride, c0, c1, acc);
 }
+void TapSums4(const float* x, const float* k, int64_t stride, int64_t c0,
+              int64_t c1, float* acc) {
+  TapSumsOf<V4>(x, k, stride, c0, c1, acc);
+}
+
+// A row's share of the 9 taps of a halting head's folded local conv
+// (`SactHead.taps_affine`): the body of the widest vectors the CPU has,
+// picked at load time (the library is built without -march, so that one
+// build serves any x86-64 CPU). Why vectors written out: the same loop as
+// `omp simd` with nine scalar reductions summed each accumulator's lanes
+// one by one through the stack; on the Intel Xeon VM (one core, rows in
+// L2) 86.7 against 69.5 ns a row of 256 channels, 281 against 259 of 1024.
+__attribute__((target("arch=x86-64-v4"))) void TapSums(
+    const float* x, const float* k, int64_t stride, int64_t c0, int64_t c1,
+    float* acc) {
+  TapSums16(x, k, stride, c0, c1, acc);
+}
+__attribute__((target("arch=x86-64-v3"))) void TapSums(
+    const float* x, const float* k, int64_t stride, int64_t c0, int64_t c1,
+    float* acc) {
+  TapSums8(x, k, stride, c0, c1, acc);
+}
 __attribute__((target("default"))) void TapSums(
     const float* x, const float* k, int64_t stride, int64_t c0, int64_t c1,
     float* acc) {
-  TapSumsOf<V4>(x, k, stride, c0, c1, acc);
+  TapSums4(x, k, stride, c0, c1, acc);
 }
 
 // Per-part partial tap sums of `count` rows, added up into `taps[idx[s]]`
@@ -461,6 +478,24 @@ ffi::Error UpdateDense(ffi::Buffer<ffi::F32> x_in, ffi::Buffer<ffi::F32> out_in,
 }
 
 }  // namespace
+
+// For tests (`onednn.tap_sums`): `TapSums`' body on vectors of `width`
+// floats (16, 8 or 4), whose instructions the caller made sure the CPU has;
+// 0, or -1 for another width.
+extern "C" int SactTapSums(int width, const float* x, const float* k,
+                           int64_t stride, int64_t c0, int64_t c1,
+                           float* acc) {
+  if (width == 16) {
+    TapSums16(x, k, stride, c0, c1, acc);
+  } else if (width == 8) {
+    TapSums8(x, k, stride, c0, c1, acc);
+  } else if (width == 4) {
+    TapSums4(x, k, stride, c0, c1, acc);
+  } else {
+    return -1;
+  }
+  return 0;
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SactRowPatches3x3, Patches3x3,
                               ffi::Ffi::Bind()

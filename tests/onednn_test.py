@@ -383,6 +383,71 @@ class OnednnTest(parameterized.TestCase):
     self.assertLess(float(error), 1e-5)
 
 
+def _cpu_flags() -> set[str]:
+  """The CPU's feature flags as /proc/cpuinfo names them."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('flags'):
+          return set(line.split(':', 1)[1].split())
+  except OSError:
+    pass
+  return set()
+
+
+# What GCC's `arch=x86-64-v4` / `-v3` targets (TapSums' 16- and 8-float
+# bodies) may use, by /proc/cpuinfo's names (lzcnt is `abm` there).
+_WIDTH_FLAGS = {
+    16: {'avx512f', 'avx512bw', 'avx512cd', 'avx512dq', 'avx512vl', 'avx2',
+         'fma', 'bmi1', 'bmi2', 'f16c', 'abm', 'movbe', 'xsave'},
+    8: {'avx', 'avx2', 'fma', 'bmi1', 'bmi2', 'f16c', 'abm', 'movbe',
+        'xsave'},
+    4: set(),  # x86-64's baseline (SSE2).
+}
+
+
+class TapSumsTest(parameterized.TestCase):
+  """Each vector body of row_gather.cc's tap sums against float64 sums: a
+  CPU runs only the widest it has, so the suite checks the others here."""
+
+  @parameterized.named_parameters(('avx512', 16), ('avx2', 8), ('sse', 4))
+  def test_body_matches_float64_sums(self, width):
+    if not _ON_X86_LINUX:
+      self.skipTest('oneDNN is installed on x86-64 Linux only (setup.cfg)')
+    missing = _WIDTH_FLAGS[width] - _cpu_flags()
+    if missing:
+      self.skipTest(f'This CPU lacks {sorted(missing)} for {width} lanes.')
+    rng = np.random.default_rng(width)
+    for channels, c0, c1 in ((1, 0, 1), (3, 0, 3), (4, 0, 4), (15, 0, 15),
+                             (16, 0, 16), (17, 0, 17), (33, 5, 30),
+                             (256, 0, 256), (256, 7, 200), (1000, 0, 1000),
+                             (1024, 16, 1024), (1024, 3, 3)):
+      x = rng.normal(size=channels).astype(np.float32)
+      kernel = rng.normal(size=(9, channels)).astype(np.float32)
+      got = onednn.tap_sums(x, kernel, c0, c1, width)
+      terms = (kernel[:, c0:c1].astype(np.float64)
+               * x[c0:c1].astype(np.float64))
+      want = terms.sum(axis=1)
+      # float32 accumulation in any order: within a few ulps of the sum of
+      # the terms' magnitudes.
+      bound = 4 * np.finfo(np.float32).eps * (np.abs(terms).sum(axis=1) + 1)
+      np.testing.assert_array_less(np.abs(got - want), bound,
+                                   err_msg=f'{channels} [{c0}, {c1})')
+      if c0 == c1:  # The empty range sums to zero.
+        np.testing.assert_array_equal(got, np.zeros(9, np.float32))
+
+  def test_bad_width_or_shapes(self):
+    if not _ON_X86_LINUX:
+      self.skipTest('oneDNN is installed on x86-64 Linux only (setup.cfg)')
+    x, kernel = np.ones(8, np.float32), np.ones((9, 8), np.float32)
+    with self.assertRaisesRegex(ValueError, 'width must be 16, 8 or 4'):
+      onednn.tap_sums(x, kernel, 0, 8, 32)
+    with self.assertRaisesRegex(ValueError, 'kernel \\[9, C\\]'):
+      onednn.tap_sums(x, kernel[:, :4], 0, 8, 4)
+    with self.assertRaisesRegex(ValueError, 'c0 <= c1'):
+      onednn.tap_sums(x, kernel, 5, 2, 4)
+
+
 class BuildTest(absltest.TestCase):
 
   def setUp(self):
