@@ -476,9 +476,16 @@ class FormulationTest(parameterized.TestCase):
     """A convolution with 64 output positions and 19 MFLOPs: 'rows' where
     oneDNN splits it (two CPUs), with the values and input gradient of
     `lax`'s, its kernel read from a stack in place too; differentiated,
-    oneDNN's convolution (but from a stack: `onednn.forward_stacked`)."""
+    oneDNN's convolution (but from a stack: `onednn.forward_stacked`).
+
+    The route of a CPU whose oneDNN forward reads the weights in place
+    (AVX-512), taken on any: where it would copy them (AVX2), this small
+    convolution is XLA's (`test_forward_where_onednn_copies_its_weights`).
+    """
     if not onednn.enabled():
       self.skipTest('oneDNN is not built here.')
+    self.enter_context(absltest.mock.patch.object(
+        onednn, 'forward_copies_weights', return_value=False))
     rng = np.random.default_rng(stride)
     size = 8 * stride
     x = jnp.asarray(rng.normal(size=(1, size, size, 128)), jnp.float32)

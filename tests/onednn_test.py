@@ -331,10 +331,16 @@ class OnednnTest(parameterized.TestCase):
     for got, want in zip((y, *vjp(g)), (y_ref, *vjp_ref(g))):
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
-  def test_strided_1x1_conv_with_few_positions_subsamples_first(self):
+  @parameterized.named_parameters(('in_place', False), ('copied', True))
+  def test_strided_1x1_conv_with_few_positions_subsamples_first(
+      self, copies_weights):
     """Where the subsampled conv has few output positions it runs as one
-    row (`conv.formulation`'s 'rows'), not as XLA's strided conv."""
+    row (`conv.formulation`'s 'rows'), not as XLA's strided conv; where
+    oneDNN's forward would copy its weights (AVX2) nothing changes. Both
+    branches on any CPU: the copy question's answer is set."""
     x, w = _inputs((1, 16, 16, 512), (1, 1, 512, 256))
+    self.enter_context(absltest.mock.patch.object(
+        onednn, 'forward_copies_weights', return_value=copies_weights))
 
     def ours(x, w):
       return conv.conv_general_dilated(x, w, (2, 2), 'SAME',
@@ -342,8 +348,11 @@ class OnednnTest(parameterized.TestCase):
 
     forward = conv.chosen_formulation((1, 8, 8, 512), w.shape, (1, 1),
                                       ((0, 0), (0, 0)), jnp.float32)[0]
+    self.assertEqual(forward, 'dot' if copies_weights else (
+        'rows' if onednn.forward_splits((1, 1, 64, 512), (1, 1, 512, 256))
+        else 'onednn'))
     text = jax.jit(ours).lower(x, w).as_text()
-    self.assertNotIn('stablehlo.convolution', text)
+    self.assertEqual('stablehlo.convolution' in text, copies_weights)
     self.assertEqual('1x1x64x512xf32' in text, forward == 'rows')
     np.testing.assert_allclose(jax.jit(ours)(x, w),
                                _lax_conv((2, 2), 'SAME')(x, w),
