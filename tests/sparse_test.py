@@ -333,6 +333,41 @@ class RandomModelTest(parameterized.TestCase):
     self.assertIn('stage_dilated', phases(runner))  # then rows that pay.
     self.assertIn('stage_dilated', phases(runner))
 
+  def test_adapt_hands_loops_that_ran_every_unit_to_the_dense_model(self):
+    """`adapt` where every block is a device loop whatever halts (cheap
+    units): a call in which each loop ran every unit (some position ran to
+    the end, the halted ones were masked) did the dense model's work, so
+    the next call is the dense model itself, with the same FLOPs beyond
+    the count; a dense call in which a block's positions all halted early
+    sends the next one back to the loops, which skip those units."""
+    model, images = _model('cifar')
+    runner = _runner_for(model, sact_mode='auto', device_flops=1e18,
+                         buckets=5)
+    _set_biases(model, _regime_biases('cifar', 0.5))
+    dense = tu.forward(model, images)
+    for units, block in zip(dense[1]['num_units'], model.blocks):
+      self.assertEqual(int(np.max(units)), block.num_units)  # The regime:
+      self.assertLess(int(np.min(units)), block.num_units)  # some halted.
+
+    def call():
+      timings = {}
+      out = runner(images, timings=timings)
+      _assert_same(self, dense, out)
+      return set(timings), float(out[1]['flops_overhead'])
+
+    phases, overhead = call()
+    self.assertEqual(phases, {'whole_model'})
+    self.assertGreater(overhead, 0.0)  # The halted positions, masked.
+    for _ in range(2):
+      phases, dense_overhead = call()
+      self.assertEqual(phases, {'dense_model'})
+      np.testing.assert_allclose(dense_overhead, overhead, rtol=1e-4)
+    _set_biases(model, [16.0, 16.0])  # Every position halts at once.
+    dense = tu.forward(model, images)
+    self.assertEqual(call()[0], {'dense_model'})  # Learns from it:
+    self.assertEqual(call()[0], {'whole_model'})
+    self.assertEqual(call()[0], {'whole_model'})  # Units skipped there.
+
   def test_device_loop_nothing_halts_computes_nothing_beyond_the_count(self):
     """The device loop runs every unit and head once, none dropped."""
     model, images = _model('cifar')

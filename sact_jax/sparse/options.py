@@ -69,12 +69,16 @@ class SparseOptions:
       in its last call for inputs of this shape runs as a device loop in
       the next one, without a host round trip per unit, until a device
       loop's average unit would have paid at rows; after a call in which
-      every block was such a loop and no position halted early, the
-      dense model itself runs, until it computes FLOPs beyond the count.
-      Outputs never depend on it, only the time (where nothing halts,
-      ImageNet ResNet-101 batch 1: 1.06-1.11x the dense model from the
-      host, 0.99-1.01x as device loops; CIFAR ResNet-110 batch 1: 1.07-
-      1.13x as one program, 1.01x with the dense model).
+      every block was such a loop and did the dense model's work (no
+      position halted early, or, in a block that is a device loop
+      whatever halts (`device_flops`), every unit ran), the dense model
+      itself runs, until one of its calls shows a block that would have
+      skipped work. Outputs never depend on it, only the time (where
+      nothing halts, ImageNet ResNet-101 batch 1: 1.06-1.11x the dense
+      model from the host, 0.99-1.01x as device loops; CIFAR ResNet-110
+      batch 1: 1.07-1.13x as one program, 1.01x with the dense model;
+      halting at 30-50% of the FLOPs with every loop running every unit,
+      about 4% less time with the dense model).
     rows_loop: where the units of 'rows' and 'auto' blocks that are not
       device loops of dense units are driven from. 'device': the block is
       one program (`SactBlock._device_rows`), a `lax.while_loop` whose

@@ -164,12 +164,13 @@ class SparseRunner:
     self._whole = self._phases.jit(self._whole_fn,
                                    static_argnames=('rows',))
     self._block_shapes = {}  # Image shape -> each block's input shape.
-    # `adapt`, per image shape: the last whole-model call's usage and FLOPs
-    # (read at the next call), the dense model's FLOPs per image where
-    # nothing halts, and the last dense call's overhead.
+    # `adapt`, per image shape: the last whole-model call's usage, FLOPs
+    # and overhead (read at the next call); the FLOPs per image of every
+    # unit at every position; and, where the dense model runs the next
+    # call, its last call's `num_units` (None before its first).
     self._whole_usage = {}
     self._full_flops = {}
-    self._dense_overhead = {}
+    self._dense_units = {}
 
   @property
   def trace_counts(self):
@@ -301,25 +302,36 @@ class SparseRunner:
     return self._block_shapes[images_shape]
 
   def _dense_pays(self, weights, images_shape) -> bool:
-    """`adapt`: the dense model itself, after a whole-model call in which
-    no position of any block halted early (nothing to skip; on XLA:CPU the
-    dense model's program also runs on the caller's thread, BUILD.md), until
-    a dense call computes FLOPs beyond the count."""
+    """`adapt`: the dense model itself, after a whole-model call whose
+    device loops did the dense model's work (`did_dense_work`: where no
+    position halted early there is nothing to skip, and a block that is a
+    device loop whatever halts and ran every unit skipped none; on XLA:CPU
+    the dense model's program also runs on the caller's thread, BUILD.md),
+    until a dense call shows a block that would have skipped work
+    (`dense_call_fits`)."""
     opts = self.options
     if self.model_type != 'sact' or opts.sact_mode != 'auto' or not opts.adapt:
       return False
     if images_shape in self._whole_usage:
-      usage, flops_B = self._whole_usage.pop(images_shape)
-      if all(block.nothing_halted(shape, block_usage)
+      usage, flops_B, overhead = self._whole_usage.pop(images_shape)
+      if all(block.did_dense_work(shape, block_usage)
              for (block, shape), block_usage in zip(
                  self._looped_blocks(weights, images_shape), usage)):
-        self._full_flops[images_shape] = float(np.max(np.asarray(flops_B)))
-        self._dense_overhead[images_shape] = 0.0
-    overhead = self._dense_overhead.get(images_shape)
-    if overhead is None:
+        # Every image computed every unit at every position: the count and
+        # what the loops computed beyond it, per image.
+        flops_B = np.asarray(flops_B, np.float64)
+        self._full_flops[images_shape] = (
+            (flops_B.sum() + float(overhead)) / flops_B.size)
+        self._dense_units[images_shape] = None
+    if images_shape not in self._dense_units:
       return False
-    if float(overhead) > 0:
-      del self._dense_overhead[images_shape]
+    num_units = self._dense_units[images_shape]
+    if num_units is not None and not all(
+        block.dense_call_fits(shape, units)
+        for block, shape, units in zip(
+            self._blocks, self._block_input_shapes(weights, images_shape),
+            num_units) if block.num_units > 1):
+      del self._dense_units[images_shape]
       return False
     return True
 
@@ -381,7 +393,8 @@ class SparseRunner:
       # Per image first: exactly 0 where nothing halted, at any batch size.
       aux['flops_overhead'] = jnp.sum(self._full_flops[images.shape]
                                       - aux['flops'])
-      self._dense_overhead[images.shape] = aux['flops_overhead']
+      # Read when the next call asks (by then it is done).
+      self._dense_units[images.shape] = aux['num_units']
       self._phases.record({'dense_model': True})
       return logits, aux
 
@@ -399,7 +412,8 @@ class SparseRunner:
           else:
             block.record_rows(shape, log)
           block.note_device_usage(shape, block_usage)
-        self._whole_usage[images.shape] = (usage, aux['flops'])
+        self._whole_usage[images.shape] = (usage, aux['flops'],
+                                           aux['flops_overhead'])
       else:
         for block_steps in steps:
           self._phases.record({'device_loop': True, 'steps': block_steps})

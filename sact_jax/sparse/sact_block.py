@@ -708,12 +708,17 @@ class SactBlock:
     if self.num_units == 1:
       return True
     opts = self.phases.options
-    unit_flops = (self.num_rows(in_shape)
-                  * (self.costs.dilated_cost + self.costs.active_cost))
-    cheap = unit_flops < self.phases.device_flops
     if opts.sact_mode != 'auto':
       return opts.sact_mode == 'device'
-    return cheap or (opts.adapt and self._adapted_device(tuple(in_shape)))
+    return self._cheap(in_shape) or (
+        opts.adapt and self._adapted_device(tuple(in_shape)))
+
+  def _cheap(self, in_shape) -> bool:
+    """Whether a dense unit (for the whole batch) costs less than
+    `device_flops`: in 'auto', a device loop whatever halts."""
+    unit_flops = (self.num_rows(in_shape)
+                  * (self.costs.dilated_cost + self.costs.active_cost))
+    return unit_flops < self.phases.device_flops
 
   def _adapted_device(self, in_shape) -> bool:
     """`adapt`: device loop while its average unit would run densely."""
@@ -725,12 +730,26 @@ class SactBlock:
           self.num_rows(in_shape))
     return self._adapted.get(in_shape, False)
 
-  def nothing_halted(self, in_shape, usage_3: jax.Array) -> bool:
-    """Whether a device loop with this usage (`_device_loop`) ran every
-    unit at every position (`adapt`'s step to the dense model)."""
+  def did_dense_work(self, in_shape, usage_3: jax.Array) -> bool:
+    """Whether a device loop with this usage (`_device_loop`) did what the
+    dense model's block does (`adapt`'s step to the dense model): every
+    unit at every position, or, in a block that is a device loop whatever
+    halts (`_cheap`), every unit, its halted positions masked as the dense
+    model masks them."""
     dilated, active, units = np.asarray(usage_3).tolist()
-    return (units == self.num_units - 1
-            and dilated == active == units * self.num_rows(in_shape))
+    if units != self.num_units - 1:
+      return False
+    return (dilated == active == units * self.num_rows(in_shape)
+            or self._cheap(in_shape))
+
+  def dense_call_fits(self, in_shape, num_units_BxHxW) -> bool:
+    """Whether a call of the dense model did no more than this block's
+    device loop would have: every position ran every unit, or, in a block
+    that is a device loop whatever halts, some position did (`adapt`'s
+    step back from the dense model)."""
+    units = np.asarray(num_units_BxHxW)
+    reached = units.max() if self._cheap(in_shape) else units.min()
+    return int(reached) == self.num_units
 
   def note_device_usage(self, in_shape, usage_3: jax.Array) -> None:
     """Keeps a device loop's usage (`_device_loop`) for `adapt`."""
