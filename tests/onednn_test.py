@@ -404,13 +404,15 @@ def _cpu_flags() -> set[str]:
   return set()
 
 
-# What GCC's `arch=x86-64-v4` / `-v3` targets (TapSums' 16- and 8-float
-# bodies) may use, by /proc/cpuinfo's names (lzcnt is `abm` there).
+# What GCC's `arch=x86-64-v3` / `-v4` targets (TapSums' 8- and 16-float
+# bodies) may use, by /proc/cpuinfo's names (lzcnt is `abm` there); v4 is
+# v3 and AVX-512's core.
+_X86_64_V3 = {'avx', 'avx2', 'fma', 'bmi1', 'bmi2', 'f16c', 'abm', 'movbe',
+              'xsave'}
 _WIDTH_FLAGS = {
-    16: {'avx512f', 'avx512bw', 'avx512cd', 'avx512dq', 'avx512vl', 'avx2',
-         'fma', 'bmi1', 'bmi2', 'f16c', 'abm', 'movbe', 'xsave'},
-    8: {'avx', 'avx2', 'fma', 'bmi1', 'bmi2', 'f16c', 'abm', 'movbe',
-        'xsave'},
+    16: _X86_64_V3 | {'avx512f', 'avx512bw', 'avx512cd', 'avx512dq',
+                      'avx512vl'},
+    8: _X86_64_V3,
     4: set(),  # x86-64's baseline (SSE2).
 }
 

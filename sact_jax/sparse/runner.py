@@ -429,8 +429,7 @@ class SparseRunner:
       start = time.perf_counter()
       x, ponder, units, flops_B, waste = runner_block.run(
           block_weights, x, flops_B, clock)
-      if timings is not None:
-        clock.host(f'{BLOCK_TIMINGS}{k}', start, wait_for=x)
+      clock.host(f'{BLOCK_TIMINGS}{k}', start, wait_for=x)
       if isinstance(waste, jax.Array):
         device_overheads.append(waste)
       else:
