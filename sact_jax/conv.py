@@ -697,6 +697,12 @@ def pick(stacked_state, index: jax.Array,
       else lax.dynamic_index_in_dim(a, index, keepdims=False), stacked_state)
 
 
+def current_unit() -> jax.Array | None:
+  """The index of the enclosing `stacked_unit`, else None: the unit whose
+  matrices a custom call reads from a stack `pick` left whole."""
+  return _UNIT.get()
+
+
 @contextlib.contextmanager
 def stacked_unit(index: jax.Array):
   """Within: a conv whose kernel has a leading stack axis uses kernel `index`.

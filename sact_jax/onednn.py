@@ -8,9 +8,12 @@ and its convolutions are not, and no XLA flag changes that.
 
 How: onednn_conv.cc holds XLA FFI handlers of an NHWC x HWIO float32
 convolution (forward, forward from a stack of kernels, input gradient,
-kernel gradient), and row_gather.cc those of the sparse path's row passes
+kernel gradient), row_gather.cc those of the sparse path's row passes
 (`row_patches`, `nonzero_rows`, `update_rows`, `update_dense`,
-`row_taps`, which need no oneDNN but ride on this build and cache).
+`row_taps`, which need no oneDNN but ride on this build and cache), and
+row_stages.cc a bottleneck unit's two stages at rows as one call each
+(`dilated_rows`, `active_rows`: gathers, oneDNN matmuls by packed weights
+and the block's update, in tiles on two threads).
 `available()` compiles them with the system's C++ compiler against
 oneDNN's headers and library (the PyPI packages `onednn-cpu-gomp` /
 `onednn-devel-cpu-gomp`, built with GNU OpenMP) and jaxlib's FFI headers,
@@ -54,13 +57,16 @@ import jax.numpy as jnp
 import numpy as np
 
 _SOURCES = tuple(os.path.join(os.path.dirname(__file__), name)
-                 for name in ('onednn_conv.cc', 'row_gather.cc'))
+                 for name in ('onednn_conv.cc', 'row_gather.cc', 'row_stages.cc'))
 # Included by the sources: part of the build's cache key too.
-_HEADERS = (os.path.join(os.path.dirname(__file__), 'run_parts.h'),)
+_HEADERS = tuple(
+    os.path.join(os.path.dirname(__file__), name)
+    for name in ('onednn_common.h', 'row_passes.h', 'run_parts.h'))
 _TARGETS = ('OnednnConvForward', 'OnednnConvForwardStacked',
             'OnednnConvInputGrad', 'OnednnConvKernelGrad',
             'SactRowPatches3x3', 'SactNonzeroRows', 'SactUpdateRows',
-            'SactRowTaps', 'SactUpdateDense')
+            'SactRowTaps', 'SactUpdateDense', 'SactDilatedRows',
+            'SactActiveRows')
 _LIBRARY = 'libsact_onednn.so'
 DISABLE_ENV = 'SACT_JAX_ONEDNN'
 
@@ -559,3 +565,60 @@ def row_taps(x_NxC: jax.Array, idx_S: jax.Array, tap_affine,
       input_output_aliases={4: 0}, vmap_method='sequential')(
           x_NxC, idx_S.astype(jnp.int32), kernel_9xC.astype(jnp.float32),
           shift_9.astype(jnp.float32), taps_Nx9)
+
+
+
+def _unit_operand(unit) -> jax.Array:
+  """The unit index of stacked matrices (`[1]`), or none (`[0]`)."""
+  if unit is None:
+    return jnp.zeros((0,), jnp.int32)
+  return jnp.reshape(unit, (1,)).astype(jnp.int32)
+
+
+def dilated_rows(x_NxC: jax.Array, y_RxD: jax.Array, idx_S: jax.Array,
+                 matrices, unit=None) -> jax.Array:
+  """A bottleneck unit's dilated stage at rows `idx_S`, written into `y`
+  (row_stages.cc): `y[i] = relu(relu(x[i] * s0 + t0) @ w1 * s1 + t1)` for
+  the indices inside `x` (`matrices`: `units.RowMatrices`; `unit` indexes
+  stacked matrices). In place where the caller donates `y`. Float32 on
+  the CPU only, no gradient."""
+  _handlers()
+  f32 = jnp.float32
+  m = matrices
+  return jax.ffi.ffi_call(
+      'SactDilatedRows', jax.ShapeDtypeStruct(y_RxD.shape, f32),
+      input_output_aliases={8: 0}, vmap_method='sequential')(
+          x_NxC, idx_S.astype(jnp.int32),
+          *(a.astype(f32) for a in (m.s0, m.t0, m.w1, m.s1, m.t1)),
+          _unit_operand(unit), y_RxD)
+
+
+def active_rows(y_N1xD: jax.Array, idx_S: jax.Array, matrices, unit,
+                cumulative_N: jax.Array, x_NxC: jax.Array, out_NxC: jax.Array,
+                xsum_BxC: jax.Array, taps_Nx9: jax.Array,
+                tap_affine: tuple[jax.Array, jax.Array] | None, *,
+                height: int, width: int, update_x: bool):
+  """A bottleneck unit's active stage and the block's update at rows
+  `idx_S` (row_stages.cc): the residual `relu(p @ w2 * s2 + t2) @ w3 + b3`
+  from the 3x3 windows `p` of `y` (`N + 1` rows, the last zero), then what
+  `update_rows` does with it, weighted `1 - cumulative_N[i]` at row `i`:
+  `(x, out, xsum, taps)`. The maps are updated
+  in place where the caller donates them. Float32 on the CPU only, no
+  gradient."""
+  _handlers()
+  f32 = jnp.float32
+  m = matrices
+  channels = x_NxC.shape[1]
+  if tap_affine is None:
+    tap_affine = (jnp.zeros((0, channels), f32), jnp.zeros((0,), f32))
+  maps = (x_NxC, out_NxC, xsum_BxC, taps_Nx9)
+  return tuple(jax.ffi.ffi_call(
+      'SactActiveRows', tuple(jax.ShapeDtypeStruct(a.shape, f32)
+                              for a in maps),
+      input_output_aliases={9: 0, 10: 1, 11: 2, 12: 3},
+      vmap_method='sequential')(
+          y_N1xD, idx_S.astype(jnp.int32),
+          *(a.astype(f32) for a in (m.w2, m.s2, m.t2, m.w3, m.b3)),
+          _unit_operand(unit), cumulative_N.astype(f32), *maps,
+          *(a.astype(f32) for a in tap_affine), height=np.int64(height),
+          width=np.int64(width), update_x=np.int64(update_x)))

@@ -15,20 +15,19 @@
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
+#include "onednn_common.h"
 #include "run_parts.h"
 
 namespace ffi = xla::ffi;
+using sact_jax::Engine;
+using sact_jax::OneThread;
+using sact_jax::RunMutex;
 using sact_jax::RunParts;
 
 namespace {
 
 using tag = dnnl::memory::format_tag;
 using dt = dnnl::memory::data_type;
-
-dnnl::engine& Engine() {
-  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
-  return engine;
-}
 
 // Batch, input H and W, input and output channels, kernel H and W, strides
 // along H and W, padding before H and W, output H and W (the padding after
@@ -172,22 +171,6 @@ Shape MakeShape(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
                 a.blocked_weights}};
 }
 
-// forward: (x, w) -> y; input gradient: (dy, w) -> dx; kernel gradient:
-// (x, dy) -> dw. `x`, `w` and `y` point at the input, kernel and output
-// (or their gradients), whichever are operands and result of the pass.
-// oneDNN reports failures as exceptions, which must not cross into XLA.
-//
-// One pass runs at a time in the process. XLA:CPU runs independent
-// operations concurrently on its threads, and two executions of one
-// primitive at once (two same-shaped kernel gradients of a backward pass)
-// share its scratchpad and the spin barrier inside oneDNN's kernel: one
-// thread was seen spinning at that barrier for 16 minutes. A pass large
-// enough to pay for them uses every core through OpenMP anyway.
-std::mutex& RunMutex() {
-  static std::mutex mu;
-  return mu;
-}
-
 // OpenMP threads for one pass: at least kFlopsPerThread each, at most as
 // many as OpenMP would use. Waking a thread team costs more than small
 // convolutions gain from it (next to XLA's own threads): a CIFAR ResNet-110
@@ -208,16 +191,10 @@ class ThreadsForPass {
   int saved_;
 };
 
-// One OpenMP thread for the current thread while in scope.
-class OneThread {
- public:
-  OneThread() : saved_(omp_get_max_threads()) { omp_set_num_threads(1); }
-  ~OneThread() { omp_set_num_threads(saved_); }
-
- private:
-  int saved_;
-};
-
+// forward: (x, w) -> y; input gradient: (dy, w) -> dx; kernel gradient:
+// (x, dy) -> dw. `x`, `w` and `y` point at the input, kernel and output
+// (or their gradients), whichever are operands and result of the pass.
+// oneDNN reports failures as exceptions, which must not cross into XLA.
 ffi::Error Run(Kind kind, const Shape& shape, void* x, void* w, void* y) try {
   std::lock_guard<std::mutex> lock(RunMutex());
   ThreadsForPass threads(shape);

@@ -3,7 +3,9 @@
 // a densely run unit's update of them and the halting heads' tap products
 // at rows. Built into the same library
 // as onednn_conv.cc by onednn.py (they need no oneDNN, only the compiler,
-// cache and registration that library already has).
+// cache and registration that library already has). A bottleneck unit's
+// stages run whole in row_stages.cc; these serve the other units (CIFAR's)
+// and the heads.
 //
 // Why the gather: XLA:CPU fuses the gather of `[S, 9, C]` patches with the
 // reshape to the `[S, 9 C]` rows the matmul reads, and its loop over that
@@ -21,9 +23,12 @@
 #include <omp.h>
 
 #include "xla/ffi/api/ffi.h"
+#include "row_passes.h"
 #include "run_parts.h"
 
 namespace ffi = xla::ffi;
+using sact_jax::InPlace;
+using sact_jax::PartRange;
 using sact_jax::RunParts;
 
 namespace {
@@ -44,15 +49,6 @@ constexpr int64_t kBytesPerPart = 1 << 20;
 // Xeon; BUILD.md, "Two cores against one at batch 32").
 int Parts(int64_t bytes) {
   return bytes >= 2 * kBytesPerPart && omp_get_max_threads() > 1 ? 2 : 1;
-}
-
-// `[begin, end)` of part k of `parts` over `size` items, whole multiples
-// of `align`.
-std::pair<int64_t, int64_t> PartRange(int64_t size, int k, int parts,
-                                      int64_t align = 1) {
-  const int64_t units = (size + align - 1) / align;
-  return {std::min(size, units * k / parts * align),
-          std::min(size, units * (k + 1) / parts * align)};
 }
 
 // `out[s, t] = src[neighbour t of idx[s]]` for the 9 taps of a 3x3 window
@@ -236,11 +232,6 @@ class Taps {
   int64_t count_;
   std::vector<float> partial_;
 };
-
-// The maps come in aliased to the results, so normally already in place.
-void InPlace(const float* src, float* dst, int64_t size) {
-  if (src != dst) std::memcpy(dst, src, size * sizeof(float));
-}
 
 // The active rows' update of a SACT block's maps (`rows.update_rows`): for
 // each row `s` whose index `i = idx[s]` lies in the map (padding indices
@@ -478,6 +469,17 @@ ffi::Error UpdateDense(ffi::Buffer<ffi::F32> x_in, ffi::Buffer<ffi::F32> out_in,
 }
 
 }  // namespace
+
+namespace sact_jax {
+
+// Not multiversioned itself: a call from another file reaches `TapSums`'
+// resolver through it.
+void RowTapSums(const float* x, const float* k, int64_t stride, int64_t c0,
+                int64_t c1, float* acc) {
+  TapSums(x, k, stride, c0, c1, acc);
+}
+
+}  // namespace sact_jax
 
 // For tests (`onednn.tap_sums`): `TapSums`' body on vectors of `width`
 // floats (16, 8 or 4), whose instructions the caller made sure the CPU has;

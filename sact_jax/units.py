@@ -16,6 +16,8 @@ subclass that changes a nonlinearity changes both. `dilated_cost` /
 `active_cost` are the FLOPs per position of the two parts.
 """
 
+from typing import NamedTuple
+
 from flax import nnx
 import jax
 from jax import lax
@@ -77,6 +79,14 @@ class ResidualUnit(nnx.Module):
     """Whether `self(x) == x + self.residual(x)` (units 2..L of a block)."""
     raise NotImplementedError
 
+  # Whether `row_matrices` describes the unit (the sparse path then runs
+  # its stages as one custom call each where it can, `sparse.stages`).
+  row_stages = False
+
+  def row_matrices(self) -> 'RowMatrices':
+    """The unit as `RowMatrices` (units with `row_stages`)."""
+    raise NotImplementedError
+
   def _branch(self, preact_BxHxWxC: jax.Array) -> jax.Array:
     y = self.post_conv1(self.conv1(preact_BxHxWxC))
     return self.post_conv2(self.conv2(y))
@@ -125,6 +135,47 @@ class ResidualUnit(nnx.Module):
   @property
   def dilated_cost(self) -> int:
     return flops_lib.conv_cost(self.conv1)
+
+
+class RowMatrices(NamedTuple):
+  """A bottleneck unit as matrices and per-channel affine maps, for the
+  sparse path's row stages in one custom call each (`sparse.stages`):
+
+  * conv1's input `a = relu(x * s0 + t0)`,
+  * conv2's input `b = relu(a @ w1 * s1 + t1)` (at every position),
+  * conv3's input `c = relu(p @ w2 * s2 + t2)`, `p` the 3x3 windows of `b`,
+  * the residual `c @ w3 + b3`.
+
+  BatchNorm in evaluation as `layers.batch_norm_affine`, each conv's bias
+  folded into the shift after it. A matrix keeps a leading stack axis where
+  its kernel is a stack `conv.pick` left whole.
+  """
+  s0: jax.Array
+  t0: jax.Array
+  w1: jax.Array
+  s1: jax.Array
+  t1: jax.Array
+  w2: jax.Array
+  s2: jax.Array
+  t2: jax.Array
+  w3: jax.Array
+  b3: jax.Array
+
+
+def _matrix(conv: nnx.Conv) -> jax.Array:
+  """`conv`'s kernel `[..., kh, kw, I, O]` as a matrix `[..., kh kw I, O]`
+  (rows in HWIO order: a row-major window's taps)."""
+  kernel = conv.kernel[...]
+  return kernel.reshape(*kernel.shape[:-4], -1, kernel.shape[-1])
+
+
+def _bn_after(conv: nnx.Conv, bn: nnx.BatchNorm
+              ) -> tuple[jax.Array, jax.Array]:
+  """`bn(y + bias)` as `y * scale + shift`, `bias` `conv`'s (if any)."""
+  scale, shift = layers.batch_norm_affine(bn)
+  if conv.bias is not None:
+    shift = shift + conv.bias[...] * scale
+  return scale, shift
 
 
 def _pointwise(conv: nnx.Conv, x: jax.Array) -> jax.Array:
@@ -218,6 +269,18 @@ class BottleneckUnit(ResidualUnit):
 
   def preactivation(self, x_XxC: jax.Array) -> jax.Array:
     return self.activation(self.preact(x_XxC))
+
+  row_stages = True
+
+  def row_matrices(self) -> 'RowMatrices':
+    s0, t0 = layers.batch_norm_affine(self.preact)
+    s1, t1 = _bn_after(self.conv1, self.conv1_bn)
+    s2, t2 = _bn_after(self.conv2, self.conv2_bn)
+    bias = self.conv3.bias
+    return RowMatrices(
+        s0=s0, t0=t0, w1=_matrix(self.conv1), s1=s1, t1=t1,
+        w2=_matrix(self.conv2), s2=s2, t2=t2, w3=_matrix(self.conv3),
+        b3=(jnp.zeros((self.depth,)) if bias is None else bias[...]))
 
   def post_conv1(self, y_XxD: jax.Array) -> jax.Array:
     return self.activation(self.conv1_bn(y_XxD))

@@ -643,7 +643,7 @@ class RowsTest(parameterized.TestCase):
     summation order), padding indices changing nothing; at 'threads' size
     the rows carry 2.4 MB, split by channels in two parts (one on XLA's
     thread pool) where there are two CPUs."""
-    if not rows_lib._custom_calls():
+    if not rows_lib.custom_calls():
       self.skipTest('no custom calls here (not built or not the CPU)')
     batch, hw, channels, count = ((2, 12, 5, 7) if size == 'small'
                                   else (4, 300, 600, 1000))
@@ -695,7 +695,7 @@ class RowsTest(parameterized.TestCase):
     `out`. At 'threads' size the maps carry over 2 MB, split by images in
     two parts (one on XLA's thread pool) where there are two CPUs; batch 1
     splits one image's rows."""
-    if not rows_lib._custom_calls():
+    if not rows_lib.custom_calls():
       self.skipTest('no custom calls here (not built or not the CPU)')
     shape = (3, 4, 5, 7) if size == 'small' else (1, 48, 40, 320)
     channels = shape[-1]
@@ -739,7 +739,7 @@ class RowsTest(parameterized.TestCase):
     """`row_taps` where the head's taps are affine: the rows of the index
     set get `local_taps` of `x`'s rows, up to rounding; other rows and
     padding indices keep what they held."""
-    if not rows_lib._custom_calls():
+    if not rows_lib.custom_calls():
       self.skipTest('no custom calls here (not built or not the CPU)')
     num_rows = 2 * count
     rng = np.random.default_rng(channels)
@@ -765,7 +765,7 @@ class RowsTest(parameterized.TestCase):
   @parameterized.parameters(True, False)
   def test_indices_match_nonzero(self, custom_calls):
     """Both formulations: the CPU's custom call (where built) and XLA's."""
-    if custom_calls and not rows_lib._custom_calls():
+    if custom_calls and not rows_lib.custom_calls():
       self.skipTest('no custom calls here (not built or not the CPU)')
     rng = np.random.default_rng(1)
     with contextlib.ExitStack() as stack:
@@ -835,6 +835,168 @@ class RowsTest(parameterized.TestCase):
     np.testing.assert_allclose(
         got[:-1], expected.reshape(num_rows, -1)[idx[:-1]], rtol=1e-5,
         atol=1e-5)
+
+
+def _bottleneck(channels: int, bottleneck: int, seed: int = 0
+                ) -> units_lib.BottleneckUnit:
+  """An ImageNet unit in evaluation, with random BatchNorm statistics and
+  a bias on conv3."""
+  factory = layers.LayerFactory(bn_momentum=0.9, bn_epsilon=1e-3,
+                                fast_conv_backward=True)
+  unit = units_lib.BottleneckUnit(channels, channels, bottleneck,
+                                  factory=factory, rngs=nnx.Rngs(seed))
+  rng = np.random.default_rng(seed)
+  for bn in (unit.preact, unit.conv1_bn, unit.conv2_bn):
+    tu.randomize_batch_norm(bn, rng)
+  unit.conv3.bias[...] = jnp.asarray(rng.normal(size=channels), jnp.float32)
+  unit.eval()
+  return unit
+
+
+def _rows(rng, num_rows: int, count: int, length: int) -> jax.Array:
+  """`count` sorted rows (the first and last among them), padded with
+  `num_rows + 1` to `length`, as `rows.indices` gives them."""
+  inner = rng.choice(np.arange(1, num_rows - 1), count - 2, replace=False)
+  rows = np.sort(np.concatenate([[0, num_rows - 1], inner]))
+  return jnp.asarray(np.concatenate(
+      [rows, [num_rows + 1] * (length - count)]), jnp.int32)
+
+
+class RowStagesTest(parameterized.TestCase):
+  """A bottleneck unit's stages as one custom call each (row_stages.cc)
+  against the chunked XLA path they replace."""
+
+  def setUp(self):
+    super().setUp()
+    if not rows_lib.custom_calls():
+      self.skipTest('no custom calls here (not built or not the CPU)')
+
+  def test_fused_only_for_bottleneck_units_with_custom_calls(self):
+    unit = _bottleneck(8, 4)
+    self.assertIsNotNone(stages.fused_dilated(
+        unit, jnp.zeros((6, 8)), jnp.zeros((7, 4)), jnp.zeros(3, jnp.int32)))
+    with onednn.disabled():
+      self.assertIsNone(stages.fused_dilated(
+          unit, jnp.zeros((6, 8)), jnp.zeros((7, 4)),
+          jnp.zeros(3, jnp.int32)))
+    model, _, _ = _random_sact('cifar', 0.5)
+    graphdef, state = nnx.split(model.blocks[0].steps.unit)
+    cifar_unit = nnx.merge(graphdef, jax.tree.map(lambda a: a[1],
+                                                  nnx.to_pure_dict(state)))
+    self.assertFalse(stages.fusable(cifar_unit))
+    self.assertIsNone(stages.fused_dilated(
+        cifar_unit, jnp.zeros((6, 16)), jnp.zeros((7, 16)),
+        jnp.zeros(3, jnp.int32)))
+
+  @parameterized.product(head=(None, 'affine'), update_x=(True, False),
+                         size=('small', 'threads'))
+  def test_stages_match_the_chunked_path(self, head, update_x, size):
+    """Both stages at every row of an index set: `y` at the dilated rows,
+    then `x`, `out`, the per-image sums and the head's taps at the active
+    rows, as the XLA path computes them (up to rounding: BatchNorm folded,
+    other summation orders), rows outside the sets and padding indices
+    changing nothing. At 'threads' size the rows span several tiles and
+    images, taken by two threads where there are two CPUs."""
+    batch, height, width, channels, bottleneck, dilated, active = (
+        (2, 5, 6, 16, 8, 40, 25) if size == 'small'
+        else (3, 16, 15, 256, 128, 600, 420))
+    num_rows, hw = batch * height * width, height * width
+    unit = _bottleneck(channels, bottleneck, seed=size == 'threads')
+    rng = np.random.default_rng(channels)
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+    x, out = normal(num_rows, channels), normal(num_rows, channels)
+    xsum, taps = normal(batch, channels), normal(num_rows + 1, 9)
+    y = jnp.concatenate([normal(num_rows, bottleneck),
+                         jnp.zeros((1, bottleneck))])
+    cumulative = jnp.asarray(rng.uniform(0.0, 0.9, num_rows), jnp.float32)
+    idx_dilated = _rows(rng, num_rows, dilated, dilated + 5)
+    idx_active = _rows(rng, num_rows, active, active + 3)
+    if head is not None:
+      head = tu.sact_head(channels, layers.identity, fast_conv=True)
+      head.eval()
+    maps = (x, out, xsum, taps)
+
+    def fused(y, *maps):
+      y = stages.fused_dilated(unit, x, y, idx_dilated)
+      return y, stages.fused_active(
+          unit, y, idx_active, cumulative, maps, height=height, width=width,
+          update_x=update_x, head=head)
+
+    def chunked(y, *maps):
+      y = rows_lib.scatter_set(y, idx_dilated, stages.dilated_stage(
+          unit, x, idx_dilated, height=height, width=width,
+          num_rows=num_rows))
+      residual = stages.active_stage(unit, y, idx_active, height=height,
+                                     width=width)
+      weight = 1.0 - rows_lib.gather(cumulative, idx_active)
+      return y, rows_lib.update_rows(*maps, idx_active, residual, weight,
+                                     hw=hw, update_x=update_x, head=head)
+
+    text = jax.jit(fused).lower(y, *maps).as_text()
+    self.assertIn('SactDilatedRows', text)
+    self.assertIn('SactActiveRows', text)
+    got_y, got = jax.jit(fused)(y, *maps)
+    with onednn.disabled():
+      want_y, want = jax.jit(chunked)(y, *maps)
+    np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-5)
+    dilated_rows = np.asarray(idx_dilated[:dilated])
+    untouched = np.setdiff1d(np.arange(num_rows + 1), dilated_rows)
+    np.testing.assert_array_equal(got_y[untouched], y[untouched])
+    for name, g, w, before in zip(('x', 'out', 'xsum', 'taps'), got, want,
+                                  maps):
+      scale = float(jnp.max(jnp.abs(w)))
+      np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * scale,
+                                 err_msg=name)
+      if name in ('x', 'out'):
+        changed = np.flatnonzero(np.any(np.asarray(g != before), axis=1))
+        if name == 'out' or update_x:
+          np.testing.assert_array_equal(changed, idx_active[:active])
+        else:
+          self.assertEmpty(changed)
+    if not update_x or head is None:
+      np.testing.assert_array_equal(got[3], taps)
+    if not update_x:
+      np.testing.assert_array_equal(got[2], xsum)
+
+  def test_stacked_matrices_read_the_unit_given(self):
+    """A stack of matrices with a unit index reads that unit's, as the
+    unit's own matrices do (a device loop's stacks)."""
+    unit = _bottleneck(16, 8)
+    matrices = unit.row_matrices()
+    rng = np.random.default_rng(1)
+    stack = lambda w: jnp.stack(
+        [jnp.asarray(rng.normal(size=w.shape), jnp.float32), w,
+         jnp.asarray(rng.normal(size=w.shape), jnp.float32)])
+    stacked = matrices._replace(w1=stack(matrices.w1), w2=stack(matrices.w2),
+                                w3=stack(matrices.w3))
+    num_rows = 2 * 4 * 5
+    x = jnp.asarray(rng.normal(size=(num_rows, 16)), jnp.float32)
+    y = jnp.zeros((num_rows + 1, 8))
+    idx = _rows(rng, num_rows, 12, 14)
+    maps = (x, jnp.zeros_like(x), jnp.zeros((2, 16)),
+            jnp.zeros((num_rows + 1, 9)))
+    cumulative = jnp.zeros((num_rows,))
+    def run(m, unit_index):
+      y_new = onednn.dilated_rows(x, y, idx, m, unit_index)
+      return y_new, onednn.active_rows(
+          y_new, idx, m, unit_index, cumulative, *maps, None, height=4,
+          width=5, update_x=True)
+    want = run(matrices, None)
+    got = run(stacked, jnp.int32(1))
+    chex.assert_trees_all_equal(got, want)
+    self.assertGreater(float(jnp.max(jnp.abs(want[0]))), 0.0)
+
+  def test_matrices_that_disagree_fail_in_one_line(self):
+    unit = _bottleneck(16, 8)
+    matrices = unit.row_matrices()
+    x, y = jnp.zeros((10, 16)), jnp.zeros((11, 8))
+    idx = jnp.arange(4, dtype=jnp.int32)
+    with self.assertRaisesRegex(Exception, 'dilated rows: shapes disagree'):
+      jax.block_until_ready(onednn.dilated_rows(
+          x, y, idx, matrices._replace(w1=jnp.zeros((16, 7))), None))
+    with self.assertRaisesRegex(Exception, 'dilated rows: shapes disagree'):
+      jax.block_until_ready(onednn.dilated_rows(  # A stack, no index.
+          x, y, idx, matrices._replace(w1=jnp.zeros((2, 16, 8))), None))
 
 
 class _TanhUnit(units_lib.CifarUnit):

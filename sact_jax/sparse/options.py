@@ -233,13 +233,15 @@ class CostModel:
     return at_rows >= dense
 
   def waste(self, plan: planner_lib.UnitPlan, n_dilated: int, n_active: int,
-            num_rows: int) -> int:
+            num_rows: int, exact_rows: bool = False) -> int:
     """Conv FLOPs a unit run as `plan` computes beyond the reference count.
 
     Args:
       plan: how the unit ran.
       n_dilated, n_active: the exact sizes of its sets.
       num_rows: positions of the map.
+      exact_rows: whether its stages computed their sets' rows and no
+        chunk padding (fused, `sparse.stages.fusable`).
     """
     if plan.dense:
       waste = (num_rows * (self.dilated_cost + self.active_cost)
@@ -247,7 +249,8 @@ class CostModel:
       if plan.with_head:  # The head's local conv runs on the whole map.
         waste += (num_rows - n_active) * self.local_cost
       return waste
-    rows_dilated, rows_active = plan.dilated.rows, plan.active.rows
+    rows_dilated, rows_active = ((n_dilated, n_active) if exact_rows
+                                 else (plan.dilated.rows, plan.active.rows))
     waste = ((rows_dilated - n_dilated) * self.dilated_cost
              + (rows_active - n_active) * self.active_cost)
     if plan.dense_head:  # The head's local conv runs on the whole map.

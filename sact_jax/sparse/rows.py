@@ -87,7 +87,7 @@ def indices(mask_N: jax.Array, length: int, block: int = 128) -> jax.Array:
   cumsum over blocks, instead of a cumsum over all N. The sums are
   integers below 2**24, exact in float32.
   """
-  if _custom_calls():  # One pass on the CPU (`onednn.nonzero_rows`).
+  if custom_calls():  # One pass on the CPU (`onednn.nonzero_rows`).
     return onednn.nonzero_rows(mask_N, length)
   num_rows = mask_N.shape[0]
   flat_N = mask_N > 0
@@ -189,10 +189,10 @@ def _copies_rows(src_NxC: jax.Array) -> bool:
   (`[512, 9, 256]`: 272 vs 48 us; a block-3 unit of ImageNet ResNet-101 at
   batch 32 19.5 vs 14.9 ms).
   """
-  return _custom_calls(src_NxC.dtype)
+  return custom_calls(src_NxC.dtype)
 
 
-def _custom_calls(dtype=jnp.float32) -> bool:
+def custom_calls(dtype=jnp.float32) -> bool:
   """Whether the sparse path's row custom calls (row_gather.cc) run for
   maps of `dtype`: float32 on the CPU, where `onednn` is built and
   enabled."""
@@ -232,7 +232,7 @@ def update_rows(x_NxC: jax.Array, out_NxC: jax.Array, xsum_BxC: jax.Array,
   times.
   """
   head = head if update_x else None
-  if _custom_calls(x_NxC.dtype):
+  if custom_calls(x_NxC.dtype):
     affine = None if head is None else head.taps_affine()
     x_NxC, out_NxC, xsum_BxC, taps_Nx9, rows_SxC = onednn.update_rows(
         x_NxC, out_NxC, xsum_BxC, taps_Nx9, idx_S, residual_SxC, weight_S,
@@ -260,7 +260,7 @@ def fuses_dense(head, dtype) -> bool:
   """Whether `update_dense` runs for the units before `head`: on the CPU
   where row_gather.cc is built, in float32, for a head whose taps are
   affine in the map (`SactHead.taps_affine`)."""
-  return head.folds_local_bn and _custom_calls(dtype)
+  return head.folds_local_bn and custom_calls(dtype)
 
 
 def update_dense(x_BxHxWxC: jax.Array, out_BxHxWxC: jax.Array | None,
@@ -296,6 +296,6 @@ def row_taps(taps_Nx9: jax.Array, x_NxC: jax.Array, idx_S: jax.Array,
   XLA's gather, 9-column dot and scatter.
   """
   affine = head.taps_affine()
-  if affine is not None and _custom_calls(x_NxC.dtype):
+  if affine is not None and custom_calls(x_NxC.dtype):
     return onednn.row_taps(x_NxC, idx_S, affine, taps_Nx9)
   return scatter_set(taps_Nx9, idx_S, head.local_taps(gather(x_NxC, idx_S)))

@@ -121,6 +121,7 @@ class SactBlock:
     self.unit_gd = common.graphdef(unit)
     # Loops over the stacked units read these kernels in place.
     self.in_place = conv_lib.kernels_read_in_place(unit)
+    self.fusable = stages.fusable(unit)
     self.head_gd = common.graphdef(head)
     self.costs = options_lib.CostModel(phases.options, unit, head)
     self.dilated_channels = unit.dilated_channels
@@ -139,6 +140,12 @@ class SactBlock:
     self.dense_loop = phases.jit(self._dense_loop, donate_argnames=('maps',))
     # Donated: the block output aliases `out` instead of being a fresh copy.
     self.finish = phases.jit(self._finish, donate_argnames=('maps',))
+
+  def fuses(self, dtype) -> bool:
+    """Whether units at rows run each stage as one call on all their rows
+    (`stages.fused_dilated`, `fused_active`): then the chunk plans do not
+    reach the stages (no padding rows, one compiled program)."""
+    return self.fusable and rows_lib.custom_calls(dtype)
 
   def num_rows(self, in_shape) -> int:
     """Positions of the block's maps, batch included, for inputs of
@@ -254,6 +261,14 @@ class SactBlock:
     self.phases.trace('stage_dilated')
     height, width = hw
     x = maps['x']
+    idx_dilated = self.index_rows(state, dilated=True)
+    y = stages.fused_dilated(self._unit(unit_vars), x, maps['y'],
+                             idx_dilated)
+    if y is not None:  # Every row in one call.
+      taps = maps['taps']
+      if with_taps:
+        taps = rows_lib.row_taps(taps, x, idx_dilated, self._head(head_vars))
+      return dict(maps, y=y, taps=taps)
     source = stages.dilated_source(self._unit(unit_vars), x)
     def body(idx_S, carry):
       unit = self._unit(unit_vars)  # Sliced here: see `_Picked`.
@@ -265,7 +280,6 @@ class SactBlock:
       if head is not None:
         taps = rows_lib.row_taps(taps, x, idx_S, head)
       return y, taps
-    idx_dilated = self.index_rows(state, dilated=True)
     y, taps = rows_lib.row_loop(idx_dilated, n_full, self.costs.chunk_dilated,
                                 tail, body, (maps['y'], maps['taps']))
     return dict(maps, y=y, taps=taps)
@@ -388,20 +402,27 @@ class SactBlock:
     hw = height * width
     cumulative_N = state.cumulative.reshape(-1)
     y = maps['y']
+    carry = (maps['x'], maps['out'], maps['xsum'], maps['taps'])
+    # The block's last unit (no `update_x`): only `out` is read after.
+    fused = stages.fused_active(
+        self._unit(unit_vars), y, idx_active, cumulative_N, carry,
+        height=height, width=width, update_x=update_x,
+        head=None if taps_head is None else self._head(taps_head))
+    if fused is not None:  # Every row in one call.
+      x, out, xsum, taps = fused
+      return dict(maps, x=x, out=out, xsum=xsum, taps=taps)
     def body(idx_S, carry):
       x, out, xsum, taps = carry
       residual = stages.active_stage(self._unit(unit_vars), y, idx_S,
                                      height=height, width=width)
       weight = 1.0 - rows_lib.gather(cumulative_N, idx_S)
-      # The block's last unit (no `update_x`): only `out` is read after.
       x, out, xsum, taps = rows_lib.update_rows(
           x, out, xsum, taps, idx_S, residual, weight, hw=hw,
           update_x=update_x,
           head=None if taps_head is None else self._head(taps_head))
       return x, out, xsum, taps
     x, out, xsum, taps = rows_lib.row_loop(
-        idx_active, n_full, self.costs.chunk_active, tail, body,
-        (maps['x'], maps['out'], maps['xsum'], maps['taps']))
+        idx_active, n_full, self.costs.chunk_active, tail, body, carry)
     return dict(maps, x=x, out=out, xsum=xsum, taps=taps)
 
   def _halting_rows(self, head_vars, maps, state, idx_active, n_full, tail):
@@ -623,21 +644,29 @@ class SactBlock:
                 jnp.full((2,), num_rows, jnp.int32))
 
       def at_rows(maps, halting_carry):
-        n_full, tail = plans[0](n_dilated)
-        maps = lax.switch(tail, [functools.partial(
-            self._stage_dilated, tail=t, hw=(height, width), with_taps=True)
-                                 for t in plans[0].tails],
-                          unit_vars, head_vars, maps,
-                          halting_carry['state'], n_full)
-        rows_dilated = plans[0].rows(n_full, tail)
+        if self.fuses(maps['x'].dtype):  # Every row at once, one program.
+          maps = self._stage_dilated(
+              unit_vars, head_vars, maps, halting_carry['state'], 0, tail=0,
+              hw=(height, width), with_taps=True)
+          rows_dilated = n_dilated
+        else:
+          n_full, tail = plans[0](n_dilated)
+          maps = lax.switch(tail, [functools.partial(
+              self._stage_dilated, tail=t, hw=(height, width),
+              with_taps=True) for t in plans[0].tails],
+                            unit_vars, head_vars, maps,
+                            halting_carry['state'], n_full)
+          rows_dilated = plans[0].rows(n_full, tail)
         n_full, tail = plans[1](n_active)
         maps, carry, new_sizes = lax.switch(tail, [functools.partial(
             self._stage_active, tail=t, dense=False, with_head=True,
             dense_head=False) for t in plans[1].tails],
                                             unit_vars, head_vars, maps,
                                             halting_carry, n_full)
+        rows_active = (n_active if self.fuses(maps['x'].dtype)
+                       else plans[1].rows(n_full, tail))
         return (maps, carry, new_sizes,
-                jnp.stack([rows_dilated, plans[1].rows(n_full, tail)]))
+                jnp.stack([rows_dilated, rows_active]))
 
       with conv_lib.stacked_unit(i):
         if isinstance(dense, bool):  # 'rows' or 'dense' mode: static.
@@ -846,7 +875,7 @@ class SactBlock:
         weights, planner, maps, halting_carry, clock, first)
     out, ponder, units, flops_B = clock('block_finish', self.finish, maps,
                                         halting_carry, skipped)
-    waste = self._account(planner)
+    waste = self._account(planner, self.fuses(x_in.dtype))
     # Every unit dense (or none run): the device loop does the same work
     # without a round trip per unit (`adapt`).
     self._adapted[tuple(x_in.shape)] = all(
@@ -883,6 +912,7 @@ class SactBlock:
     """
     height, width = halting_carry['state'].running.shape[1:]
     num_rows = planner.num_rows
+    fused = self.fuses(maps['out'].dtype)
     last = self.num_units - 2
     i = first
     while i <= last:
@@ -906,14 +936,17 @@ class SactBlock:
         continue
       head = weights.heads[i + 1] if with_head else None
       plan = planner.plan(sizes, dense=dense, with_head=with_head)
+      # A fused dilated stage takes every row at once: one program whatever
+      # the plan. (The active stage's plan still serves the head's scores.)
+      n_dilated, tail_dilated = ((0, 0) if fused else
+                                 (plan.dilated.n_full, plan.dilated.tail))
       clock.host('host', start)
       if not dense:
         with_taps = with_head and not plan.dense_head
         maps = clock('stage_dilated', self.stage_dilated, weights.units[i],
                      head if with_taps else None, maps,
-                     halting_carry['state'], plan.dilated.n_full,
-                     tail=plan.dilated.tail, hw=(height, width),
-                     with_taps=with_taps)
+                     halting_carry['state'], n_dilated, tail=tail_dilated,
+                     hw=(height, width), with_taps=with_taps)
       maps, new_carry, sizes = clock(
           'stage_active', self.stage_active, weights.units[i], head, maps,
           halting_carry, plan.active.n_full, tail=plan.active.tail,
@@ -924,14 +957,15 @@ class SactBlock:
       i += 1
     return maps, halting_carry, 0
 
-  def _account(self, planner: planner_lib.Planner) -> int:
+  def _account(self, planner: planner_lib.Planner, fused: bool) -> int:
     """Records the units run; returns the FLOPs computed beyond the count.
 
     Reads the exact sizes of every unit run (the block is done by then).
     """
     waste = 0
     for (n_dilated, n_active), plan in planner.planned():
-      waste += self.costs.waste(plan, n_dilated, n_active, planner.num_rows)
+      waste += self.costs.waste(plan, n_dilated, n_active, planner.num_rows,
+                                exact_rows=fused)
       self.phases.record({
           'rows': planner.num_rows, 'dilated': n_dilated,
           'active': n_active, 'dense': plan.dense,

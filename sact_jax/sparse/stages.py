@@ -7,13 +7,20 @@ sparsely unchanged. A unit's *dilated stage* (everything up to the input of
 its 3x3 conv that reads neighbours) runs on the dilated active set; its
 *active stage* (the rest) on the active set, reading the dilated stage's
 output at the neighbours.
+
+A unit that is `fusable` (ImageNet's bottleneck units) runs each stage as
+one custom call on all of its rows where the row custom calls run
+(`fused_dilated`, `fused_active`: row_stages.cc, the unit's math handed
+over as `units.RowMatrices`); the chunked functions here serve the others.
 """
 
 from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from sact_jax import conv as conv_lib
 from sact_jax import halting
+from sact_jax import onednn
 from sact_jax import units as units_lib
 from sact_jax.sparse import rows as rows_lib
 
@@ -65,6 +72,54 @@ def dilated_stage(unit: units_lib.ResidualUnit, source: jax.Array,
   if window == 1:
     return unit.dilated_rows(patches_SxKxC, valid_SxK)
   return unit.dilated_rows_preactivated(patches_SxKxC)
+
+
+def fusable(unit: units_lib.ResidualUnit) -> bool:
+  """Whether the unit's stages can run as one custom call each
+  (row_stages.cc): units that are `RowMatrices` (`row_stages`) with a 1x1
+  conv1. They do where the row custom calls run (`rows.custom_calls`)."""
+  return unit.row_stages and unit.dilated_kernel_size == 1
+
+
+def _fused(unit: units_lib.ResidualUnit, dtype
+           ) -> units_lib.RowMatrices | None:
+  """The unit's `RowMatrices` where its stages run fused, else None."""
+  if not (fusable(unit) and rows_lib.custom_calls(dtype)):
+    return None
+  return unit.row_matrices()
+
+
+def fused_dilated(unit: units_lib.ResidualUnit, x_NxC: jax.Array,
+                  y_N1xD: jax.Array, idx_L: jax.Array) -> jax.Array | None:
+  """`y` with `dilated_stage` written at every row of `idx_L` (padding
+  indices write nothing), in one call (`onednn.dilated_rows`), where the
+  unit's stages are fused; else None, and the caller runs `dilated_stage`
+  over chunks."""
+  matrices = _fused(unit, x_NxC.dtype)
+  if matrices is None:
+    return None
+  return onednn.dilated_rows(x_NxC, y_N1xD, idx_L, matrices,
+                             conv_lib.current_unit())
+
+
+def fused_active(unit: units_lib.ResidualUnit, y_N1xD: jax.Array,
+                 idx_L: jax.Array, cumulative_N: jax.Array, maps, *,
+                 height: int, width: int, update_x: bool,
+                 head: halting.SactHead | None):
+  """`active_stage` at every row of `idx_L` and the block's update with it
+  (what `rows.update_rows` does, weighted `1 - cumulative`): the new `(x,
+  out, xsum, taps)` of `maps`, in one call (`onednn.active_rows`), where
+  the unit's stages are fused and the head's taps (if any) are affine
+  (`SactHead.taps_affine`); else None, and the caller runs them over
+  chunks."""
+  matrices = _fused(unit, y_N1xD.dtype)
+  head = head if update_x else None
+  affine = None if head is None else head.taps_affine()
+  if matrices is None or (head is not None and affine is None):
+    return None
+  return onednn.active_rows(
+      y_N1xD, idx_L, matrices, conv_lib.current_unit(), cumulative_N,
+      *maps, affine, height=height, width=width, update_x=update_x)
 
 
 def active_stage(unit: units_lib.ResidualUnit, y_N1xD: jax.Array,
