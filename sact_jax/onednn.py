@@ -56,8 +56,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_SOURCES = tuple(os.path.join(os.path.dirname(__file__), name)
-                 for name in ('onednn_conv.cc', 'row_gather.cc', 'row_stages.cc'))
+_SOURCES = tuple(
+    os.path.join(os.path.dirname(__file__), name)
+    for name in ('onednn_conv.cc', 'row_gather.cc', 'row_stages.cc'))
 # Included by the sources: part of the build's cache key too.
 _HEADERS = tuple(
     os.path.join(os.path.dirname(__file__), name)
