@@ -870,11 +870,17 @@ class RowStagesTest(parameterized.TestCase):
     super().setUp()
     if not rows_lib.custom_calls():
       self.skipTest('no custom calls here (not built or not the CPU)')
+    # The test maps are small: fused at any size.
+    self.enter_context(mock.patch.object(stages, 'FUSED_MIN_ROWS', 0))
 
   def test_fused_only_for_bottleneck_units_with_custom_calls(self):
     unit = _bottleneck(8, 4)
     self.assertIsNotNone(stages.fused_dilated(
         unit, jnp.zeros((6, 8)), jnp.zeros((7, 4)), jnp.zeros(3, jnp.int32)))
+    with mock.patch.object(stages, 'FUSED_MIN_ROWS', 7):  # Too few rows.
+      self.assertIsNone(stages.fused_dilated(
+          unit, jnp.zeros((6, 8)), jnp.zeros((7, 4)),
+          jnp.zeros(3, jnp.int32)))
     with onednn.disabled():
       self.assertIsNone(stages.fused_dilated(
           unit, jnp.zeros((6, 8)), jnp.zeros((7, 4)),
@@ -957,6 +963,26 @@ class RowStagesTest(parameterized.TestCase):
       np.testing.assert_array_equal(got[3], taps)
     if not update_x:
       np.testing.assert_array_equal(got[2], xsum)
+
+  @parameterized.parameters('host', 'device')
+  def test_sparse_apply_with_fused_stages(self, rows_loop):
+    """The whole model with fused stages gives the dense model's outputs,
+    in the host's loop over units and in a device loop per block (stacked
+    matrices read in place), and counts no padding rows as waste."""
+    model, images, _ = _random_sact('imagenet', 0.5)
+    with mock.patch.object(onednn, 'active_rows',
+                           wraps=onednn.active_rows) as active:
+      # A fresh runner: shared ones may hold programs traced unfused.
+      runner = _runner(model, sact_mode='rows', rows_loop=rows_loop,
+                       device_flops=0, adapt=False, buckets=2)
+      _assert_same(self, tu.forward(model, images), runner(images))
+    self.assertTrue(active.called)
+    self.assertNotEmpty(_partial_row_units(runner))
+    if rows_loop == 'device':
+      for u in runner.last_units:
+        if not u['dense']:
+          self.assertEqual((u['rows_dilated'], u['rows_active']),
+                           (u['dilated'], u['active']))
 
   def test_stacked_matrices_read_the_unit_given(self):
     """A stack of matrices with a unit index reads that unit's, as the

@@ -141,11 +141,12 @@ class SactBlock:
     # Donated: the block output aliases `out` instead of being a fresh copy.
     self.finish = phases.jit(self._finish, donate_argnames=('maps',))
 
-  def fuses(self, dtype) -> bool:
-    """Whether units at rows run each stage as one call on all their rows
-    (`stages.fused_dilated`, `fused_active`): then the chunk plans do not
-    reach the stages (no padding rows, one compiled program)."""
-    return self.fusable and rows_lib.custom_calls(dtype)
+  def fuses(self, dtype, num_rows: int) -> bool:
+    """Whether units at rows of a map of `num_rows` positions run each
+    stage as one call on all their rows (`stages.fused_dilated`,
+    `fused_active`): then the dilated stage's chunk plan does not reach it
+    (no padding rows, one compiled program)."""
+    return self.fusable and stages.runs_fused(dtype, num_rows)
 
   def num_rows(self, in_shape) -> int:
     """Positions of the block's maps, batch included, for inputs of
@@ -644,7 +645,7 @@ class SactBlock:
                 jnp.full((2,), num_rows, jnp.int32))
 
       def at_rows(maps, halting_carry):
-        if self.fuses(maps['x'].dtype):  # Every row at once, one program.
+        if self.fuses(maps['x'].dtype, num_rows):  # All rows, one program.
           maps = self._stage_dilated(
               unit_vars, head_vars, maps, halting_carry['state'], 0, tail=0,
               hw=(height, width), with_taps=True)
@@ -663,7 +664,7 @@ class SactBlock:
             dense_head=False) for t in plans[1].tails],
                                             unit_vars, head_vars, maps,
                                             halting_carry, n_full)
-        rows_active = (n_active if self.fuses(maps['x'].dtype)
+        rows_active = (n_active if self.fuses(maps['x'].dtype, num_rows)
                        else plans[1].rows(n_full, tail))
         return (maps, carry, new_sizes,
                 jnp.stack([rows_dilated, rows_active]))
@@ -875,7 +876,7 @@ class SactBlock:
         weights, planner, maps, halting_carry, clock, first)
     out, ponder, units, flops_B = clock('block_finish', self.finish, maps,
                                         halting_carry, skipped)
-    waste = self._account(planner, self.fuses(x_in.dtype))
+    waste = self._account(planner, self.fuses(x_in.dtype, num_rows))
     # Every unit dense (or none run): the device loop does the same work
     # without a round trip per unit (`adapt`).
     self._adapted[tuple(x_in.shape)] = all(
@@ -912,7 +913,7 @@ class SactBlock:
     """
     height, width = halting_carry['state'].running.shape[1:]
     num_rows = planner.num_rows
-    fused = self.fuses(maps['out'].dtype)
+    fused = self.fuses(maps['out'].dtype, num_rows)
     last = self.num_units - 2
     i = first
     while i <= last:

@@ -9,9 +9,10 @@ its 3x3 conv that reads neighbours) runs on the dilated active set; its
 output at the neighbours.
 
 A unit that is `fusable` (ImageNet's bottleneck units) runs each stage as
-one custom call on all of its rows where the row custom calls run
-(`fused_dilated`, `fused_active`: row_stages.cc, the unit's math handed
-over as `units.RowMatrices`); the chunked functions here serve the others.
+one custom call on all of its rows where the row custom calls run and the
+map is large enough (`runs_fused`; `fused_dilated`, `fused_active`:
+row_stages.cc, the unit's math handed over as `units.RowMatrices`); the
+chunked functions here serve the others.
 """
 
 from flax import nnx
@@ -74,17 +75,34 @@ def dilated_stage(unit: units_lib.ResidualUnit, source: jax.Array,
   return unit.dilated_rows_preactivated(patches_SxKxC)
 
 
+# Fewest positions a map needs (batch included) for fused stages. Their
+# two threads take tiles of at least 64 rows, so a smaller map's sets are a
+# tile or two: one thread, where the chunked path's row matmuls run as two
+# column halves. At batch 1 (ImageNet ResNet-101, maps of 3136, 784, 196
+# and 49 positions) fused stages in every block took 1.10x the chunked
+# path's time (`sparse_ab`, Intel Xeon VM); batch 32's maps have 1568 or
+# more.
+FUSED_MIN_ROWS = 1024
+
+
 def fusable(unit: units_lib.ResidualUnit) -> bool:
   """Whether the unit's stages can run as one custom call each
   (row_stages.cc): units that are `RowMatrices` (`row_stages`) with a 1x1
-  conv1. They do where the row custom calls run (`rows.custom_calls`)."""
+  conv1. They do where `runs_fused` says so."""
   return unit.row_stages and unit.dilated_kernel_size == 1
 
 
-def _fused(unit: units_lib.ResidualUnit, dtype
+def runs_fused(dtype, num_rows: int) -> bool:
+  """Whether a `fusable` unit's stages run fused over a map of `num_rows`
+  positions: where the row custom calls run (`rows.custom_calls`) and the
+  map has `FUSED_MIN_ROWS`."""
+  return rows_lib.custom_calls(dtype) and num_rows >= FUSED_MIN_ROWS
+
+
+def _fused(unit: units_lib.ResidualUnit, dtype, num_rows: int
            ) -> units_lib.RowMatrices | None:
   """The unit's `RowMatrices` where its stages run fused, else None."""
-  if not (fusable(unit) and rows_lib.custom_calls(dtype)):
+  if not (fusable(unit) and runs_fused(dtype, num_rows)):
     return None
   return unit.row_matrices()
 
@@ -93,9 +111,9 @@ def fused_dilated(unit: units_lib.ResidualUnit, x_NxC: jax.Array,
                   y_N1xD: jax.Array, idx_L: jax.Array) -> jax.Array | None:
   """`y` with `dilated_stage` written at every row of `idx_L` (padding
   indices write nothing), in one call (`onednn.dilated_rows`), where the
-  unit's stages are fused; else None, and the caller runs `dilated_stage`
-  over chunks."""
-  matrices = _fused(unit, x_NxC.dtype)
+  unit's stages run fused (`fusable`, `runs_fused`); else None, and the
+  caller runs `dilated_stage` over chunks."""
+  matrices = _fused(unit, x_NxC.dtype, x_NxC.shape[0])
   if matrices is None:
     return None
   return onednn.dilated_rows(x_NxC, y_N1xD, idx_L, matrices,
@@ -109,10 +127,10 @@ def fused_active(unit: units_lib.ResidualUnit, y_N1xD: jax.Array,
   """`active_stage` at every row of `idx_L` and the block's update with it
   (what `rows.update_rows` does, weighted `1 - cumulative`): the new `(x,
   out, xsum, taps)` of `maps`, in one call (`onednn.active_rows`), where
-  the unit's stages are fused and the head's taps (if any) are affine
+  the unit's stages run fused and the head's taps (if any) are affine
   (`SactHead.taps_affine`); else None, and the caller runs them over
   chunks."""
-  matrices = _fused(unit, y_N1xD.dtype)
+  matrices = _fused(unit, y_N1xD.dtype, cumulative_N.shape[0])
   head = head if update_x else None
   affine = None if head is None else head.taps_affine()
   if matrices is None or (head is not None and affine is None):
