@@ -91,31 +91,22 @@ inline void AffineRelu(const float* from, const float* __restrict scale,
   }
 }
 
-// Tiles `[begin, end)` of the valid rows (`ValidRows`), at most
-// `tile_rows` each; with `hw` > 0 also ending where the image changes, so
-// that each tile's rows are one image's (`rows.indices` gives them in
-// increasing order, so each image's rows are contiguous).
-std::vector<std::pair<int64_t, int64_t>> Tiles(
-    const std::vector<int64_t>& valid, const int32_t* idx,
-    int64_t tile_rows, int64_t hw) {
+// Tiles `[begin, end)` of `count` valid rows (`ValidRows`), at most
+// `tile_rows` each.
+std::vector<std::pair<int64_t, int64_t>> Tiles(int64_t count,
+                                               int64_t tile_rows) {
   std::vector<std::pair<int64_t, int64_t>> tiles;
-  const int64_t count = valid.size();
-  for (int64_t b = 0; b < count;) {
-    int64_t e = std::min(count, b + tile_rows);
-    if (hw > 0) {
-      const int64_t image = idx[valid[b]] / hw;
-      for (int64_t r = b + 1; r < e; ++r) {
-        if (idx[valid[r]] / hw != image) {
-          e = r;
-          break;
-        }
-      }
-    }
-    tiles.emplace_back(b, e);
-    b = e;
+  for (int64_t b = 0; b < count; b += tile_rows) {
+    tiles.emplace_back(b, std::min(count, b + tile_rows));
   }
   return tiles;
 }
+
+// Rows each matmul runs: a tile's rows rounded up to a multiple of 8 (the
+// caller zeroes the extra input rows and ignores their output), so that
+// the matmuls built per row count (0.2 ms and about 100 KB each) are at
+// most 128 per matrix whatever the set sizes a long run sees.
+int64_t MatmulRows(int64_t rows) { return (rows + 7) / 8 * 8; }
 
 // Runs `tile(t)` for every tile on two threads where there are two tiles
 // or more (`RunParts`), each taking the next tile not yet taken. Why not
@@ -144,7 +135,7 @@ bool RunTiles(ffi::ThreadPool& pool, int64_t count, const Tile& tile) {
 // Builds `m`'s matmuls for every tile size. The caller holds RunMutex().
 void PrepareTiles(PackedMatmuls& m,
                   const std::vector<std::pair<int64_t, int64_t>>& tiles) {
-  for (const auto& [begin, end] : tiles) m.Prepare(end - begin);
+  for (const auto& [begin, end] : tiles) m.Prepare(MatmulRows(end - begin));
 }
 
 ffi::Error Failed(const char* what) {
@@ -173,7 +164,7 @@ ffi::Error DilatedRows(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> idx,
   const int32_t* at = idx.typed_data();
   const std::vector<int64_t> valid =
       ValidRows(at, idx.element_count(), num_rows);
-  const auto tiles = Tiles(valid, at, TileRows(channels), 0);
+  const auto tiles = Tiles(valid.size(), TileRows(channels));
   std::lock_guard<std::mutex> lock(sact_jax::RunMutex());
   PackedMatmuls& matmul = GetPackedMatmuls(channels, depth);
   PrepareTiles(matmul, tiles);
@@ -186,14 +177,15 @@ ffi::Error DilatedRows(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> idx,
     const auto [begin, end] = tiles[t];
     thread_local std::vector<float> a, c;
     thread_local std::vector<char> scratch;
-    const int64_t rows = end - begin;
-    a.resize(rows * channels);
-    c.resize(rows * depth);
+    const int64_t rows = end - begin, m = MatmulRows(rows);
+    a.resize(m * channels);
+    c.resize(m * depth);
     for (int64_t r = 0; r < rows; ++r) {
       AffineRelu(xs + at[valid[begin + r]] * channels, a0, b0, channels,
                  a.data() + r * channels);
     }
-    matmul.Run(rows, a.data(), c.data(), scratch);
+    std::fill(a.data() + rows * channels, a.data() + m * channels, 0.0f);
+    matmul.Run(m, a.data(), c.data(), scratch);
     for (int64_t r = 0; r < rows; ++r) {
       AffineRelu(c.data() + r * depth, a1, b1, depth,
                  y + at[valid[begin + r]] * depth);
@@ -252,13 +244,26 @@ ffi::Error ActiveRows(ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::S32> idx,
           taps_in.element_count());
   const int32_t* at = idx.typed_data();
   const std::vector<int64_t> valid = ValidRows(at, count, num_rows);
-  // With `update_x`, each tile's rows are one image's, and their sum goes
-  // to the tile's own row of `sums`, added to `xsum` in tile order after:
-  // the same sums whichever thread ran which tile.
-  const auto tiles = Tiles(valid, at, TileRows(9 * depth), update_x ? hw : 0);
+  const auto tiles = Tiles(valid.size(), TileRows(9 * depth));
+  // With `update_x`, the rows of each image within each tile (a segment:
+  // its first row and image; a tile's segments from `first_segment[t]`)
+  // are summed into the segment's own row of `sums`, added to `xsum` in
+  // order after: the same sums whichever thread ran which tile.
+  std::vector<std::pair<int64_t, int64_t>> segments;
+  std::vector<size_t> first_segment;
+  for (const auto& [begin, end] : tiles) {
+    first_segment.push_back(segments.size());
+    for (int64_t r = begin; update_x && r < end; ++r) {
+      const int64_t image = at[valid[r]] / hw;
+      if (r == begin || image != segments.back().second) {
+        segments.emplace_back(r, image);
+      }
+    }
+  }
+  first_segment.push_back(segments.size());
   std::lock_guard<std::mutex> lock(sact_jax::RunMutex());
   static std::vector<float> sums;  // Kept: no page faults per call.
-  if (update_x) sums.resize(tiles.size() * channels);
+  sums.assign(segments.size() * channels, 0.0f);
   PackedMatmuls& first = GetPackedMatmuls(9 * depth, depth);
   PackedMatmuls& second = GetPackedMatmuls(depth, channels);
   PrepareTiles(first, tiles);
@@ -277,15 +282,13 @@ ffi::Error ActiveRows(ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::S32> idx,
   const size_t depth_bytes = depth * sizeof(float);
   bool ok = RunTiles(pool, tiles.size(), [&](int64_t tile) {
     const auto [begin, end] = tiles[tile];
-    float* __restrict sum = update_x ? sums.data() + tile * channels
-                                     : nullptr;
-    if (sum) std::fill(sum, sum + channels, 0.0f);
+    size_t segment = first_segment[tile];
     thread_local std::vector<float> a, z, r;
     thread_local std::vector<char> scratch;
-    const int64_t rows = end - begin;
-    a.resize(rows * 9 * depth);
-    z.resize(rows * depth);
-    r.resize(rows * channels);
+    const int64_t rows = end - begin, m = MatmulRows(rows);
+    a.resize(m * 9 * depth);
+    z.resize(m * depth);
+    r.resize(m * channels);
     // The 3x3 windows, row-major taps, row `N` outside the image.
     for (int64_t q = 0; q < rows; ++q) {
       const int64_t c = at[valid[begin + q]];
@@ -299,11 +302,12 @@ ffi::Error ActiveRows(ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::S32> idx,
         std::memcpy(dst + t * depth, src + n * depth, depth_bytes);
       }
     }
-    first.Run(rows, a.data(), z.data(), scratch);
+    std::fill(a.data() + rows * 9 * depth, a.data() + m * 9 * depth, 0.0f);
+    first.Run(m, a.data(), z.data(), scratch);
     for (int64_t q = 0; q < rows; ++q) {
       AffineRelu(z.data() + q * depth, a2, c2, depth, z.data() + q * depth);
     }
-    second.Run(rows, z.data(), r.data(), scratch);
+    second.Run(m, z.data(), r.data(), scratch);
     for (int64_t q = 0; q < rows; ++q) {
       const int64_t i = at[valid[begin + q]];
       float* __restrict rs = r.data() + q * channels;
@@ -315,6 +319,11 @@ ffi::Error ActiveRows(ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::S32> idx,
         o[c] += ws * rs[c];
       }
       if (!update_x) continue;
+      while (segment + 1 < first_segment[tile + 1] &&
+             segments[segment + 1].first <= begin + q) {
+        ++segment;
+      }
+      float* __restrict sum = sums.data() + segment * channels;
       float* __restrict xi = x + i * channels;
 #pragma omp simd
       for (int64_t c = 0; c < channels; ++c) {
@@ -329,9 +338,9 @@ ffi::Error ActiveRows(ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::S32> idx,
     }
   });
   if (!ok) return Failed("an active tile failed");
-  for (size_t t = 0; update_x && t < tiles.size(); ++t) {
-    float* __restrict to = xsum + at[valid[tiles[t].first]] / hw * channels;
-    const float* __restrict from = sums.data() + t * channels;
+  for (size_t k = 0; k < segments.size(); ++k) {
+    float* __restrict to = xsum + segments[k].second * channels;
+    const float* __restrict from = sums.data() + k * channels;
 #pragma omp simd
     for (int64_t c = 0; c < channels; ++c) to[c] += from[c];
   }
