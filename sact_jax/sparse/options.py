@@ -38,7 +38,8 @@ class SparseOptions:
       it are processed in a loop (keeps im2col buffers in the last-level
       cache at large batch sizes, while giving each matmul hundreds of
       rows: below about 1000 rows oneDNN's row matmuls run well below
-      their rate).
+      their rate). Fused stages (`stages.runs_fused`) take all their rows
+      in one call and tile them themselves.
     chunk_rows: fixed rows per chunk, overriding `chunk_bytes` (tests force
       tiny chunks to exercise the loop).
     sact_mode: how SACT units 2..L run. 'rows': at their active and dilated
