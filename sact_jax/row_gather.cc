@@ -29,6 +29,7 @@
 namespace ffi = xla::ffi;
 using sact_jax::InPlace;
 using sact_jax::PartRange;
+using sact_jax::TapsFit;
 using sact_jax::RunParts;
 
 namespace {
@@ -264,18 +265,13 @@ ffi::Error UpdateRows(ffi::Buffer<ffi::F32> x_in, ffi::Buffer<ffi::F32> out_in,
   const bool with_taps = update_x && k.dimensions()[0] == 9;
   if (hw < 1 || out_in.dimensions()[0] != num_rows ||
       res.dimensions()[0] != count || res.dimensions()[1] != channels ||
-      (with_taps && (k.dimensions()[1] != channels ||
-                     shift.element_count() != 9 ||
-                     taps_in.dimensions()[1] != 9 ||
-                     taps_in.dimensions()[0] < num_rows))) {
+      (with_taps && !TapsFit(k, shift, taps_in, channels, num_rows))) {
     return ffi::Error::InvalidArgument("update rows: shapes disagree");
   }
-  InPlace(x_in.typed_data(), x_out->typed_data(), x_in.element_count());
-  InPlace(out_in.typed_data(), out_out->typed_data(), out_in.element_count());
-  InPlace(xsum_in.typed_data(), xsum_out->typed_data(),
-          xsum_in.element_count());
-  InPlace(taps_in.typed_data(), taps_out->typed_data(),
-          taps_in.element_count());
+  InPlace(x_in, x_out);
+  InPlace(out_in, out_out);
+  InPlace(xsum_in, xsum_out);
+  InPlace(taps_in, taps_out);
   float* x = x_out->typed_data();
   float* out = out_out->typed_data();
   float* xsum = xsum_out->typed_data();
@@ -335,13 +331,10 @@ ffi::Error RowTaps(ffi::Buffer<ffi::F32> x_in, ffi::Buffer<ffi::S32> idx,
   const int64_t num_rows = x_in.dimensions()[0];
   const int64_t channels = x_in.dimensions()[1];
   const int64_t count = idx.dimensions()[0];
-  if (k.dimensions()[0] != 9 || k.dimensions()[1] != channels ||
-      shift.element_count() != 9 || taps_in.dimensions()[1] != 9 ||
-      taps_in.dimensions()[0] < num_rows) {
+  if (!TapsFit(k, shift, taps_in, channels, num_rows)) {
     return ffi::Error::InvalidArgument("row taps: shapes disagree");
   }
-  InPlace(taps_in.typed_data(), taps_out->typed_data(),
-          taps_in.element_count());
+  InPlace(taps_in, taps_out);
   const float* x = x_in.typed_data();
   const float* kernel = k.typed_data();
   const int32_t* at = idx.typed_data();

@@ -8,6 +8,8 @@
 #include <cstring>
 #include <utility>
 
+#include "xla/ffi/api/ffi.h"
+
 namespace sact_jax {
 
 // `[begin, end)` of part k of `parts` over `size` items, whole multiples
@@ -22,6 +24,23 @@ inline std::pair<int64_t, int64_t> PartRange(int64_t size, int k, int parts,
 // The maps come in aliased to the results, so normally already in place.
 inline void InPlace(const float* src, float* dst, int64_t size) {
   if (src != dst) std::memcpy(dst, src, size * sizeof(float));
+}
+
+inline void InPlace(const xla::ffi::Buffer<xla::ffi::F32>& in,
+                    xla::ffi::ResultBuffer<xla::ffi::F32>& out) {
+  InPlace(in.typed_data(), out->typed_data(), in.element_count());
+}
+
+// Whether a halting head's tap kernel `k` (`[9, C]`) and `shift` (`[9]`)
+// fit maps of `channels` and a map of tap products `taps` of at least
+// `num_rows` rows.
+inline bool TapsFit(const xla::ffi::Buffer<xla::ffi::F32>& k,
+                    const xla::ffi::Buffer<xla::ffi::F32>& shift,
+                    const xla::ffi::Buffer<xla::ffi::F32>& taps,
+                    int64_t channels, int64_t num_rows) {
+  return k.dimensions()[0] == 9 && k.dimensions()[1] == channels &&
+         shift.element_count() == 9 && taps.dimensions()[1] == 9 &&
+         taps.dimensions()[0] >= num_rows;
 }
 
 // `acc[t] = sum over c in [c0, c1) of x[c] * k[t * stride + c]`, t < 9: a

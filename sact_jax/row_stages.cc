@@ -41,6 +41,7 @@ using sact_jax::InPlace;
 using sact_jax::OneThread;
 using sact_jax::PackedMatmuls;
 using sact_jax::RunParts;
+using sact_jax::TapsFit;
 
 // Rows per tile: enough floats of gathered input (`kTileFloats`) that each
 // oneDNN call has work to pay for itself (on the Intel Xeon VM a 64-row
@@ -160,7 +161,7 @@ ffi::Error DilatedRows(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> idx,
       y_in.dimensions()[0] < num_rows) {
     return ffi::Error::InvalidArgument("dilated rows: shapes disagree");
   }
-  InPlace(y_in.typed_data(), y_out->typed_data(), y_in.element_count());
+  InPlace(y_in, y_out);
   const int32_t* at = idx.typed_data();
   const std::vector<int64_t> valid =
       ValidRows(at, idx.element_count(), num_rows);
@@ -230,18 +231,13 @@ ffi::Error ActiveRows(ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::S32> idx,
       xsum_in.dimensions()[1] != channels || s2.element_count() != depth ||
       t2.element_count() != depth || b3.element_count() != channels ||
       cumulative.element_count() != num_rows ||
-      (with_taps && (k.dimensions()[1] != channels ||
-                     shift.element_count() != 9 ||
-                     taps_in.dimensions()[1] != 9 ||
-                     taps_in.dimensions()[0] < num_rows))) {
+      (with_taps && !TapsFit(k, shift, taps_in, channels, num_rows))) {
     return ffi::Error::InvalidArgument("active rows: shapes disagree");
   }
-  InPlace(x_in.typed_data(), x_out->typed_data(), x_in.element_count());
-  InPlace(out_in.typed_data(), out_out->typed_data(), out_in.element_count());
-  InPlace(xsum_in.typed_data(), xsum_out->typed_data(),
-          xsum_in.element_count());
-  InPlace(taps_in.typed_data(), taps_out->typed_data(),
-          taps_in.element_count());
+  InPlace(x_in, x_out);
+  InPlace(out_in, out_out);
+  InPlace(xsum_in, xsum_out);
+  InPlace(taps_in, taps_out);
   const int32_t* at = idx.typed_data();
   const std::vector<int64_t> valid = ValidRows(at, count, num_rows);
   const auto tiles = Tiles(valid.size(), TileRows(9 * depth));
