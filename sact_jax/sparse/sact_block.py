@@ -121,7 +121,8 @@ class SactBlock:
     self.unit_gd = common.graphdef(unit)
     # Loops over the stacked units read these kernels in place.
     self.in_place = conv_lib.kernels_read_in_place(unit)
-    self.fusable = stages.fusable(unit)
+    # Heads whose taps are not affine take the chunked update (`stages`).
+    self.fusable = stages.fusable(unit) and head.folds_local_bn
     self.head_gd = common.graphdef(head)
     self.costs = options_lib.CostModel(phases.options, unit, head)
     self.dilated_channels = unit.dilated_channels
@@ -144,8 +145,9 @@ class SactBlock:
   def fuses(self, dtype, num_rows: int) -> bool:
     """Whether units at rows of a map of `num_rows` positions run each
     stage as one call on all their rows (`stages.fused_dilated`,
-    `fused_active`): then the dilated stage's chunk plan does not reach it
-    (no padding rows, one compiled program)."""
+    `fused_active`; for heads with affine taps, `SactHead.taps_affine`):
+    then the dilated stage's chunk plan does not reach it (no padding
+    rows, one compiled program)."""
     return self.fusable and stages.runs_fused(dtype, num_rows)
 
   def num_rows(self, in_shape) -> int:
@@ -263,9 +265,9 @@ class SactBlock:
     height, width = hw
     x = maps['x']
     idx_dilated = self.index_rows(state, dilated=True)
-    y = stages.fused_dilated(self._unit(unit_vars), x, maps['y'],
-                             idx_dilated)
-    if y is not None:  # Every row in one call.
+    if self.fuses(x.dtype, x.shape[0]):  # Every row in one call.
+      y = stages.fused_dilated(self._unit(unit_vars), x, maps['y'],
+                               idx_dilated)
       taps = maps['taps']
       if with_taps:
         taps = rows_lib.row_taps(taps, x, idx_dilated, self._head(head_vars))
@@ -405,12 +407,11 @@ class SactBlock:
     y = maps['y']
     carry = (maps['x'], maps['out'], maps['xsum'], maps['taps'])
     # The block's last unit (no `update_x`): only `out` is read after.
-    fused = stages.fused_active(
-        self._unit(unit_vars), y, idx_active, cumulative_N, carry,
-        height=height, width=width, update_x=update_x,
-        head=None if taps_head is None else self._head(taps_head))
-    if fused is not None:  # Every row in one call.
-      x, out, xsum, taps = fused
+    if self.fuses(y.dtype, cumulative_N.shape[0]):  # Every row in one call.
+      x, out, xsum, taps = stages.fused_active(
+          self._unit(unit_vars), y, idx_active, cumulative_N, carry,
+          height=height, width=width, update_x=update_x,
+          head=None if taps_head is None else self._head(taps_head))
       return dict(maps, x=x, out=out, xsum=xsum, taps=taps)
     def body(idx_S, carry):
       x, out, xsum, taps = carry
