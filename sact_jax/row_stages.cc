@@ -166,6 +166,7 @@ ffi::Error DilatedRows(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> idx,
   const std::vector<int64_t> valid =
       ValidRows(at, idx.element_count(), num_rows);
   const auto tiles = Tiles(valid.size(), TileRows(channels));
+  if (tiles.empty()) return ffi::Error::Success();  // Nothing to pack.
   std::lock_guard<std::mutex> lock(sact_jax::RunMutex());
   PackedMatmuls& matmul = GetPackedMatmuls(channels, depth);
   PrepareTiles(matmul, tiles);
@@ -241,6 +242,7 @@ ffi::Error ActiveRows(ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::S32> idx,
   const int32_t* at = idx.typed_data();
   const std::vector<int64_t> valid = ValidRows(at, count, num_rows);
   const auto tiles = Tiles(valid.size(), TileRows(9 * depth));
+  if (tiles.empty()) return ffi::Error::Success();  // Nothing to pack.
   // With `update_x`, the rows of each image within each tile (a segment:
   // its first row and image; a tile's segments from `first_segment[t]`)
   // are summed into the segment's own row of `sums`, added to `xsum` in

@@ -1012,6 +1012,21 @@ class RowStagesTest(parameterized.TestCase):
     chex.assert_trees_all_equal(got, want)
     self.assertGreater(float(jnp.max(jnp.abs(want[0]))), 0.0)
 
+  def test_only_padding_changes_nothing(self):
+    unit = _bottleneck(16, 8)
+    matrices = unit.row_matrices()
+    rng = np.random.default_rng(2)
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+    num_rows = 2 * 4 * 5
+    x, y = normal(num_rows, 16), normal(num_rows + 1, 8)
+    maps = (x, normal(num_rows, 16), normal(2, 16), normal(num_rows + 1, 9))
+    idx = jnp.full((6,), num_rows + 1, jnp.int32)
+    np.testing.assert_array_equal(
+        onednn.dilated_rows(x, y, idx, matrices, None), y)
+    got = onednn.active_rows(y, idx, matrices, None, jnp.zeros(num_rows),
+                             *maps, None, height=4, width=5, update_x=True)
+    chex.assert_trees_all_equal(got, maps)
+
   def test_matrices_that_disagree_fail_in_one_line(self):
     unit = _bottleneck(16, 8)
     matrices = unit.row_matrices()
