@@ -44,12 +44,13 @@ using sact_jax::RunParts;
 using sact_jax::TapsFit;
 
 // Rows per tile: enough floats of gathered input (`kTileFloats`) that each
-// oneDNN call has work to pay for itself (on the Intel Xeon VM a 64-row
-// tile of ResNet-101's first block, 256 channels, ran at half the rate of
-// a 512-row one), at least 64 (where a one-thread matmul by a packed
-// ResNet-101 matrix ran within noise of 128-512 rows) and at most 1024.
-// 64 rows of the widest input, block 4's 3x3 windows (18 KB a row), stay
-// in a 2 MB L2 cache.
+// oneDNN call has work to pay for itself (on the Intel Xeon VM, in the
+// model, the dilated stage of ResNet-101's first block, 256 -> 64 at 67487
+// rows, took 23-28 ms in 64-row tiles and 16.2 ms in 512-row ones), at
+// least 64 (where a one-thread matmul by a packed ResNet-101 matrix ran
+// within noise of 128-512 rows) and at most 1024. 64 rows of the widest
+// input, the last block's 3x3 windows (18 KB a row), stay in a 2 MB L2
+// cache.
 constexpr int64_t kTileFloats = 1 << 17;
 
 int64_t TileRows(int64_t floats_per_row) {
