@@ -481,6 +481,14 @@ def nonzero_rows(mask_N: jax.Array, length: int) -> jax.Array:
       vmap_method='sequential')(mask_N.astype(jnp.float32))
 
 
+def _tap_operands(tap_affine, channels: int) -> tuple[jax.Array, jax.Array]:
+  """A head's tap kernel `[9, C]` and shift `[9]` (`SactHead.taps_affine`)
+  as float32 operands, or empty ones (`[0, C]`, `[0]`) for no taps."""
+  if tap_affine is None:
+    return jnp.zeros((0, channels), jnp.float32), jnp.zeros((0,), jnp.float32)
+  return tuple(a.astype(jnp.float32) for a in tap_affine)
+
+
 def update_rows(x_NxC: jax.Array, out_NxC: jax.Array, xsum_BxC: jax.Array,
                 taps_Nx9: jax.Array, idx_S: jax.Array,
                 residual_SxC: jax.Array, weight_S: jax.Array,
@@ -499,8 +507,7 @@ def update_rows(x_NxC: jax.Array, out_NxC: jax.Array, xsum_BxC: jax.Array,
   _handlers()
   f32 = jnp.float32
   channels = x_NxC.shape[1]
-  if tap_affine is None:
-    tap_affine = (jnp.zeros((0, channels), f32), jnp.zeros((0,), f32))
+  tap_affine = _tap_operands(tap_affine, channels)
   rows_shape = (idx_S.shape[0] if with_rows else 0, channels)
   maps = (x_NxC, out_NxC, xsum_BxC, taps_Nx9)
   *maps, rows = jax.ffi.ffi_call(
@@ -510,7 +517,7 @@ def update_rows(x_NxC: jax.Array, out_NxC: jax.Array, xsum_BxC: jax.Array,
       input_output_aliases={0: 0, 1: 1, 2: 2, 3: 3},
       vmap_method='sequential')(
           *maps, residual_SxC, idx_S.astype(jnp.int32), weight_S.astype(f32),
-          *(a.astype(f32) for a in tap_affine), hw=np.int64(hw),
+          *tap_affine, hw=np.int64(hw),
           update_x=np.int64(update_x))
   return (*maps, rows if with_rows else None)
 
@@ -568,7 +575,6 @@ def row_taps(x_NxC: jax.Array, idx_S: jax.Array, tap_affine,
           shift_9.astype(jnp.float32), taps_Nx9)
 
 
-
 def _unit_operand(unit) -> jax.Array:
   """The unit index of stacked matrices (`[1]`), or none (`[0]`)."""
   if unit is None:
@@ -610,8 +616,7 @@ def active_rows(y_N1xD: jax.Array, idx_S: jax.Array, matrices, unit,
   f32 = jnp.float32
   m = matrices
   channels = x_NxC.shape[1]
-  if tap_affine is None:
-    tap_affine = (jnp.zeros((0, channels), f32), jnp.zeros((0,), f32))
+  tap_affine = _tap_operands(tap_affine, channels)
   maps = (x_NxC, out_NxC, xsum_BxC, taps_Nx9)
   return tuple(jax.ffi.ffi_call(
       'SactActiveRows', tuple(jax.ShapeDtypeStruct(a.shape, f32)
@@ -621,5 +626,5 @@ def active_rows(y_N1xD: jax.Array, idx_S: jax.Array, matrices, unit,
           y_N1xD, idx_S.astype(jnp.int32),
           *(a.astype(f32) for a in (m.w2, m.s2, m.t2, m.w3, m.b3)),
           _unit_operand(unit), cumulative_N.astype(f32), *maps,
-          *(a.astype(f32) for a in tap_affine), height=np.int64(height),
+          *tap_affine, height=np.int64(height),
           width=np.int64(width), update_x=np.int64(update_x)))

@@ -874,25 +874,31 @@ class RowStagesTest(parameterized.TestCase):
     self.enter_context(mock.patch.object(stages, 'FUSED_MIN_ROWS', 0))
 
   def test_fused_only_for_bottleneck_units_with_custom_calls(self):
-    unit = _bottleneck(8, 4)
-    self.assertIsNotNone(stages.fused_dilated(
-        unit, jnp.zeros((6, 8)), jnp.zeros((7, 4)), jnp.zeros(3, jnp.int32)))
+    self.assertTrue(stages.fusable(_bottleneck(8, 4)))
+    self.assertTrue(stages.runs_fused(jnp.float32, 6))
     with mock.patch.object(stages, 'FUSED_MIN_ROWS', 7):  # Too few rows.
-      self.assertIsNone(stages.fused_dilated(
-          unit, jnp.zeros((6, 8)), jnp.zeros((7, 4)),
-          jnp.zeros(3, jnp.int32)))
+      self.assertFalse(stages.runs_fused(jnp.float32, 6))
+      self.assertTrue(stages.runs_fused(jnp.float32, 7))
     with onednn.disabled():
-      self.assertIsNone(stages.fused_dilated(
-          unit, jnp.zeros((6, 8)), jnp.zeros((7, 4)),
-          jnp.zeros(3, jnp.int32)))
+      self.assertFalse(stages.runs_fused(jnp.float32, 6))
     model, _, _ = _random_sact('cifar', 0.5)
     graphdef, state = nnx.split(model.blocks[0].steps.unit)
     cifar_unit = nnx.merge(graphdef, jax.tree.map(lambda a: a[1],
                                                   nnx.to_pure_dict(state)))
     self.assertFalse(stages.fusable(cifar_unit))
-    self.assertIsNone(stages.fused_dilated(
-        cifar_unit, jnp.zeros((6, 16)), jnp.zeros((7, 16)),
-        jnp.zeros(3, jnp.int32)))
+
+  def test_a_head_whose_taps_are_not_affine_is_refused(self):
+    head = tu.sact_head(16, layers.leaky_relu, fast_conv=True)
+    head.eval()
+    self.assertIsNone(head.taps_affine())
+    num_rows = 2 * 4 * 5
+    maps = (jnp.zeros((num_rows, 16)), jnp.zeros((num_rows, 16)),
+            jnp.zeros((2, 16)), jnp.zeros((num_rows + 1, 9)))
+    with self.assertRaisesRegex(ValueError, 'taps are affine'):
+      stages.fused_active(
+          _bottleneck(16, 8), jnp.zeros((num_rows + 1, 8)),
+          jnp.arange(4, dtype=jnp.int32), jnp.zeros(num_rows), maps,
+          height=4, width=5, update_x=True, head=head)
 
   @parameterized.product(head=(None, 'affine'), update_x=(True, False),
                          size=('small', 'threads'))

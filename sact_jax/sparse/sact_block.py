@@ -646,7 +646,8 @@ class SactBlock:
                 jnp.full((2,), num_rows, jnp.int32))
 
       def at_rows(maps, halting_carry):
-        if self.fuses(maps['x'].dtype, num_rows):  # All rows, one program.
+        fused = self.fuses(maps['x'].dtype, num_rows)
+        if fused:  # All rows, one program.
           maps = self._stage_dilated(
               unit_vars, head_vars, maps, halting_carry['state'], 0, tail=0,
               hw=(height, width), with_taps=True)
@@ -665,8 +666,7 @@ class SactBlock:
             dense_head=False) for t in plans[1].tails],
                                             unit_vars, head_vars, maps,
                                             halting_carry, n_full)
-        rows_active = (n_active if self.fuses(maps['x'].dtype, num_rows)
-                       else plans[1].rows(n_full, tail))
+        rows_active = n_active if fused else plans[1].rows(n_full, tail)
         return (maps, carry, new_sizes,
                 jnp.stack([rows_dilated, rows_active]))
 
@@ -940,14 +940,14 @@ class SactBlock:
       plan = planner.plan(sizes, dense=dense, with_head=with_head)
       # A fused dilated stage takes every row at once: one program whatever
       # the plan. (The active stage's plan still serves the head's scores.)
-      n_dilated, tail_dilated = ((0, 0) if fused else
-                                 (plan.dilated.n_full, plan.dilated.tail))
+      full_dilated, tail_dilated = ((0, 0) if fused else
+                                    (plan.dilated.n_full, plan.dilated.tail))
       clock.host('host', start)
       if not dense:
         with_taps = with_head and not plan.dense_head
         maps = clock('stage_dilated', self.stage_dilated, weights.units[i],
                      head if with_taps else None, maps,
-                     halting_carry['state'], n_dilated, tail=tail_dilated,
+                     halting_carry['state'], full_dilated, tail=tail_dilated,
                      hw=(height, width), with_taps=with_taps)
       maps, new_carry, sizes = clock(
           'stage_active', self.stage_active, weights.units[i], head, maps,

@@ -99,24 +99,13 @@ def runs_fused(dtype, num_rows: int) -> bool:
   return rows_lib.custom_calls(dtype) and num_rows >= FUSED_MIN_ROWS
 
 
-def _fused(unit: units_lib.ResidualUnit, dtype, num_rows: int
-           ) -> units_lib.RowMatrices | None:
-  """The unit's `RowMatrices` where its stages run fused, else None."""
-  if not (fusable(unit) and runs_fused(dtype, num_rows)):
-    return None
-  return unit.row_matrices()
-
-
 def fused_dilated(unit: units_lib.ResidualUnit, x_NxC: jax.Array,
-                  y_N1xD: jax.Array, idx_L: jax.Array) -> jax.Array | None:
+                  y_N1xD: jax.Array, idx_L: jax.Array) -> jax.Array:
   """`y` with `dilated_stage` written at every row of `idx_L` (padding
-  indices write nothing), in one call (`onednn.dilated_rows`), where the
-  unit's stages run fused (`fusable`, `runs_fused`); else None, and the
-  caller runs `dilated_stage` over chunks."""
-  matrices = _fused(unit, x_NxC.dtype, x_NxC.shape[0])
-  if matrices is None:
-    return None
-  return onednn.dilated_rows(x_NxC, y_N1xD, idx_L, matrices,
+  indices write nothing), in one call (`onednn.dilated_rows`). For
+  `fusable` units where `runs_fused` (the caller decides; elsewhere
+  `dilated_stage` over chunks)."""
+  return onednn.dilated_rows(x_NxC, y_N1xD, idx_L, unit.row_matrices(),
                              conv_lib.current_unit())
 
 
@@ -126,18 +115,19 @@ def fused_active(unit: units_lib.ResidualUnit, y_N1xD: jax.Array,
                  head: halting.SactHead | None):
   """`active_stage` at every row of `idx_L` and the block's update with it
   (what `rows.update_rows` does, weighted `1 - cumulative`): the new `(x,
-  out, xsum, taps)` of `maps`, in one call (`onednn.active_rows`), where
-  the unit's stages run fused and the head's taps (if any) are affine
-  (`SactHead.taps_affine`); else None, and the caller runs them over
-  chunks."""
-  matrices = _fused(unit, y_N1xD.dtype, cumulative_N.shape[0])
+  out, xsum, taps)` of `maps`, in one call (`onednn.active_rows`). For
+  `fusable` units where `runs_fused` and the head's taps (if any) are
+  affine (`SactHead.taps_affine`): the caller decides; elsewhere
+  `active_stage` and `update_rows` over chunks."""
   head = head if update_x else None
   affine = None if head is None else head.taps_affine()
-  if matrices is None or (head is not None and affine is None):
-    return None
+  if head is not None and affine is None:
+    raise ValueError('Fused stages need a head whose taps are affine '
+                     '(SactHead.taps_affine).')
   return onednn.active_rows(
-      y_N1xD, idx_L, matrices, conv_lib.current_unit(), cumulative_N,
-      *maps, affine, height=height, width=width, update_x=update_x)
+      y_N1xD, idx_L, unit.row_matrices(), conv_lib.current_unit(),
+      cumulative_N, *maps, affine, height=height, width=width,
+      update_x=update_x)
 
 
 def active_stage(unit: units_lib.ResidualUnit, y_N1xD: jax.Array,
