@@ -533,25 +533,32 @@ def update_dense(x_XxC: jax.Array, out_XxC: jax.Array | None,
   of the new `x` and its tap products `x @ kernel.T + shift`
   (`tap_affine`: `[9, C]`, `[9]`) at every row, in one pass: `(x, out,
   xsum_BxC, taps_Xx9)`. With `residual_XxC` None only the sums and taps of
-  `x` (`out` None). The maps are updated in place where the caller
-  donates them. Float32 on the CPU only, no gradient.
+  `x` (`out` None). With `out_XxC` None and a residual, `out` starts as `x`
+  (written fresh: aliased to `x` XLA would copy it). The maps are updated
+  in place where the caller donates them. Float32 on the CPU only, no
+  gradient.
   """
   _handlers()
   f32 = jnp.float32
   channels = x_XxC.shape[-1]
   rows = x_XxC.shape[:-1]
   update = residual_XxC is not None
+  empty = jnp.zeros((0, channels), f32)
   if not update:  # `x` only read: no aliased result (XLA would copy it).
-    out_XxC = residual_XxC = jnp.zeros((0, channels), f32)
+    out_XxC = residual_XxC = empty
     weight_X = jnp.zeros((0,), f32)
+  out_is_x = update and out_XxC is None
+  if out_is_x:
+    out_XxC = empty
   kernel_9xC, shift_9 = tap_affine
   new_x, out_XxC, xsum_BxC, taps_Xx9 = jax.ffi.ffi_call(
       'SactUpdateDense',
-      (jax.ShapeDtypeStruct(out_XxC.shape, f32),
-       jax.ShapeDtypeStruct(out_XxC.shape, f32),
+      (jax.ShapeDtypeStruct(x_XxC.shape if update else (0, channels), f32),
+       jax.ShapeDtypeStruct(x_XxC.shape if update else (0, channels), f32),
        jax.ShapeDtypeStruct((math.prod(rows) // hw, channels), f32),
        jax.ShapeDtypeStruct((*rows, 9), f32)),
-      input_output_aliases={0: 0, 1: 1} if update else {},
+      input_output_aliases=(({0: 0} if out_is_x else {0: 0, 1: 1})
+                            if update else {}),
       vmap_method='sequential')(
           x_XxC, out_XxC, residual_XxC, weight_X.astype(f32),
           kernel_9xC.astype(f32), shift_9.astype(f32), hw=np.int64(hw))
@@ -583,21 +590,33 @@ def _unit_operand(unit) -> jax.Array:
 
 
 def dilated_rows(x_NxC: jax.Array, y_RxD: jax.Array, idx_S: jax.Array,
-                 matrices, unit=None) -> jax.Array:
+                 matrices, unit=None, taps_Nx9: jax.Array | None = None,
+                 tap_affine: tuple[jax.Array, jax.Array] | None = None):
   """A bottleneck unit's dilated stage at rows `idx_S`, written into `y`
   (row_stages.cc): `y[i] = relu(relu(x[i] * s0 + t0) @ w1 * s1 + t1)` for
   the indices inside `x` (`matrices`: `units.RowMatrices`; `unit` indexes
-  stacked matrices). In place where the caller donates `y`. Float32 on
-  the CPU only, no gradient."""
+  stacked matrices). With `taps_Nx9` and `tap_affine` (`[9, C]`, `[9]`)
+  also a head's tap products `x[i] @ kernel.T + shift` written into
+  `taps` at the same rows: returns `(y, taps)`, else `y`. In place where
+  the caller donates the maps. Float32 on the CPU only, no gradient."""
   _handlers()
   f32 = jnp.float32
   m = matrices
-  return jax.ffi.ffi_call(
-      'SactDilatedRows', jax.ShapeDtypeStruct(y_RxD.shape, f32),
-      input_output_aliases={8: 0}, vmap_method='sequential')(
+  with_taps = taps_Nx9 is not None
+  if with_taps != (tap_affine is not None):
+    raise ValueError('dilated_rows takes taps and tap_affine together.')
+  kernel_9xC, shift_9 = _tap_operands(tap_affine, x_NxC.shape[1])
+  if not with_taps:
+    taps_Nx9 = jnp.zeros((0, 9), f32)
+  y, taps = jax.ffi.ffi_call(
+      'SactDilatedRows', (jax.ShapeDtypeStruct(y_RxD.shape, f32),
+                          jax.ShapeDtypeStruct(taps_Nx9.shape, f32)),
+      input_output_aliases={8: 0, 11: 1}, vmap_method='sequential')(
           x_NxC, idx_S.astype(jnp.int32),
           *(a.astype(f32) for a in (m.s0, m.t0, m.w1, m.s1, m.t1)),
-          _unit_operand(unit), y_RxD)
+          _unit_operand(unit), y_RxD, kernel_9xC, shift_9,
+          taps_Nx9.astype(f32))
+  return (y, taps) if with_taps else y
 
 
 def active_rows(y_N1xD: jax.Array, idx_S: jax.Array, matrices, unit,

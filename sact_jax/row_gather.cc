@@ -366,12 +366,16 @@ constexpr int64_t kAhead = 4;
 // `x[i] += res[i]`; then for every row `xsum[i / hw] += x[i]` (a fresh
 // sum of the new map) and `taps[i] = x[i] . k + shift`. With `res` of no
 // rows nothing is updated: the sums and taps of `x` alone (a block's first
-// head), and the results `x` and `out` have no rows. Why: XLA runs the
-// masked residual, the output sum, the spatial sum and the head's tap
-// products as four passes over the map (at 56x56x256, batch 32, 102 MB
-// each); this reads each row once. The parts split the rows, at image
-// boundaries where there are as many images as parts, so that each image's
-// sum is one part's, in row order.
+// head), and the results `x` and `out` have no rows. With `out` of no rows
+// (but a residual) `out` starts as `x` (a block's second unit: the output
+// so far is the first unit's) and is written fresh, `out[i] = x[i] +
+// weight[i] * res[i]` from `x` before the update, where XLA would copy `x`
+// to alias `out` (11 ms at 56x56x256, batch 32, on one of the two
+// threads). Why one pass: XLA runs the masked residual, the output sum,
+// the spatial sum and the head's tap products as four passes over the map
+// (at 56x56x256, batch 32, 102 MB each); this reads each row once. The
+// parts split the rows, at image boundaries where there are as many images
+// as parts, so that each image's sum is one part's, in row order.
 ffi::Error UpdateDense(ffi::Buffer<ffi::F32> x_in, ffi::Buffer<ffi::F32> out_in,
                        ffi::Buffer<ffi::F32> res, ffi::Buffer<ffi::F32> weight,
                        ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> shift,
@@ -386,10 +390,13 @@ ffi::Error UpdateDense(ffi::Buffer<ffi::F32> x_in, ffi::Buffer<ffi::F32> out_in,
   const int64_t num_rows = channels ? x_in.element_count() / channels : 0;
   const int64_t images = xsum_out->dimensions()[0];
   const bool update = res.element_count() > 0;
+  const bool out_is_x = update && out_in.element_count() == 0;
   if (hw < 1 || images * hw != num_rows ||
       xsum_out->dimensions()[1] != channels ||
       (update && (res.element_count() != num_rows * channels ||
-                  out_in.element_count() != num_rows * channels ||
+                  (!out_is_x &&
+                   out_in.element_count() != num_rows * channels) ||
+                  out_out->element_count() != num_rows * channels ||
                   weight.element_count() != num_rows ||
                   x_out->element_count() != num_rows * channels)) ||
       k.dimensions()[0] != 9 || k.dimensions()[1] != channels ||
@@ -398,8 +405,10 @@ ffi::Error UpdateDense(ffi::Buffer<ffi::F32> x_in, ffi::Buffer<ffi::F32> out_in,
   }
   if (update) {
     InPlace(x_in.typed_data(), x_out->typed_data(), x_in.element_count());
-    InPlace(out_in.typed_data(), out_out->typed_data(),
-            out_in.element_count());
+    if (!out_is_x) {
+      InPlace(out_in.typed_data(), out_out->typed_data(),
+              out_in.element_count());
+    }
   }
   // Without an update `x` is only read (the results `x` and `out` have no
   // rows then).
@@ -432,11 +441,30 @@ ffi::Error UpdateDense(ffi::Buffer<ffi::F32> x_in, ffi::Buffer<ffi::F32> out_in,
           __builtin_prefetch(xi + kAhead * channels + c, 1);
           if (update) {
             __builtin_prefetch(r + (i + kAhead) * channels + c, 0);
-            __builtin_prefetch(out + (i + kAhead) * channels + c, 1);
+            if (!out_is_x) {
+              __builtin_prefetch(out + (i + kAhead) * channels + c, 1);
+            }
           }
         }
       }
-      if (wi != 0.0f) {
+      if (out_is_x) {
+        const float* __restrict ri = r + i * channels;
+        float* __restrict o = out + i * channels;
+        if (wi != 0.0f) {
+#pragma omp simd
+          for (int64_t c = 0; c < channels; ++c) {
+            o[c] = xi[c] + wi * ri[c];
+            xi[c] += ri[c];
+            sum[c] += xi[c];
+          }
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < channels; ++c) {
+            o[c] = xi[c];
+            sum[c] += xi[c];
+          }
+        }
+      } else if (wi != 0.0f) {
         const float* __restrict ri = r + i * channels;
         float* __restrict o = out + i * channels;
 #pragma omp simd

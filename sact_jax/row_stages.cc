@@ -3,7 +3,8 @@
 // `onednn.active_rows`):
 //
 // * dilated: `y[i] = relu(relu(x[i] * s0 + t0) @ w1 * s1 + t1)` at the
-//   dilated rows `i`, written into the map `y`;
+//   dilated rows `i`, written into the map `y`, and optionally the next
+//   head's tap products of `x[i]` (as row_gather.cc's `RowTaps`);
 // * active: the residual `r = relu(patches3x3(y)[i] @ w2 * s2 + t2) @ w3 +
 //   b3` at the active rows, and the block's update with it (as
 //   row_gather.cc's `UpdateRows`, with the weight `1 - cumulative[i]`:
@@ -42,6 +43,11 @@ using sact_jax::OneThread;
 using sact_jax::PackedMatmuls;
 using sact_jax::RunParts;
 using sact_jax::TapsFit;
+
+// Bytes of `x` and `out` rows an active tile prefetches into L2 for its
+// update: at most ResNet-101's first three blocks' tiles (452-512 KB); the
+// last block's (1 MB, beside 1.2 MB of 3x3 windows) would push them out.
+constexpr size_t kWarmBytes = 768 << 10;
 
 // Rows per tile: enough floats of gathered input (`kTileFloats`) that each
 // oneDNN call has work to pay for itself (on the Intel Xeon VM, in the
@@ -146,23 +152,34 @@ ffi::Error Failed(const char* what) {
 }
 
 // The dilated stage into `y` (`[N + 1, D]`, aliased; rows not in `idx`
-// unchanged).
+// unchanged) and, with a tap kernel `k` of 9 rows, the tap products
+// `taps[i] = x[i] . k + shift` (`[N + 1, 9]`, aliased) of the next head at
+// the same rows: a head's 3x3 window at an active row reads them at its
+// neighbours, the dilated rows. Why here: the stage has each row of `x` in
+// cache; a pass of its own read the rows again (at 14x14x1024, batch 32,
+// 2-3 ms a unit where the stage took 10).
 ffi::Error DilatedRows(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> idx,
                        ffi::Buffer<ffi::F32> s0, ffi::Buffer<ffi::F32> t0,
                        ffi::Buffer<ffi::F32> w1, ffi::Buffer<ffi::F32> s1,
                        ffi::Buffer<ffi::F32> t1, ffi::Buffer<ffi::S32> unit,
-                       ffi::Buffer<ffi::F32> y_in,
+                       ffi::Buffer<ffi::F32> y_in, ffi::Buffer<ffi::F32> k,
+                       ffi::Buffer<ffi::F32> shift,
+                       ffi::Buffer<ffi::F32> taps_in,
                        ffi::ResultBuffer<ffi::F32> y_out,
+                       ffi::ResultBuffer<ffi::F32> taps_out,
                        ffi::ThreadPool pool) try {
   const int64_t num_rows = x.dimensions()[0], channels = x.dimensions()[1];
   const int64_t depth = y_in.dimensions()[1];
+  const bool with_taps = k.dimensions()[0] == 9;
   const float* wp = Matrix(w1, unit, channels, depth);
   if (!wp || s0.element_count() != channels || t0.element_count() != channels ||
       s1.element_count() != depth || t1.element_count() != depth ||
-      y_in.dimensions()[0] < num_rows) {
+      y_in.dimensions()[0] < num_rows ||
+      (with_taps && !TapsFit(k, shift, taps_in, channels, num_rows))) {
     return ffi::Error::InvalidArgument("dilated rows: shapes disagree");
   }
   InPlace(y_in, y_out);
+  InPlace(taps_in, taps_out);
   const int32_t* at = idx.typed_data();
   const std::vector<int64_t> valid =
       ValidRows(at, idx.element_count(), num_rows);
@@ -174,8 +191,9 @@ ffi::Error DilatedRows(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> idx,
   matmul.Pack(wp);
   const float *xs = x.typed_data(), *a0 = s0.typed_data(),
               *b0 = t0.typed_data(), *a1 = s1.typed_data(),
-              *b1 = t1.typed_data();
-  float* y = y_out->typed_data();
+              *b1 = t1.typed_data(), *kernel = k.typed_data(),
+              *tap_shift = shift.typed_data();
+  float *y = y_out->typed_data(), *taps = taps_out->typed_data();
   bool ok = RunTiles(pool, tiles.size(), [&](int64_t t) {
     const auto [begin, end] = tiles[t];
     thread_local std::vector<float> a, c;
@@ -184,8 +202,21 @@ ffi::Error DilatedRows(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> idx,
     a.resize(m * channels);
     c.resize(m * depth);
     for (int64_t r = 0; r < rows; ++r) {
-      AffineRelu(xs + at[valid[begin + r]] * channels, a0, b0, channels,
+      if (r + 4 < rows) {
+        const float* ahead = xs + at[valid[begin + r + 4]] * channels;
+        for (int64_t c = 0; c < channels; c += 16) {
+          __builtin_prefetch(ahead + c, 0);
+        }
+      }
+      const int64_t i = at[valid[begin + r]];
+      AffineRelu(xs + i * channels, a0, b0, channels,
                  a.data() + r * channels);
+      if (with_taps) {
+        float acc[9];
+        sact_jax::RowTapSums(xs + i * channels, kernel, channels, 0,
+                             channels, acc);
+        for (int t = 0; t < 9; ++t) taps[i * 9 + t] = acc[t] + tap_shift[t];
+      }
     }
     std::fill(a.data() + rows * channels, a.data() + m * channels, 0.0f);
     matmul.Run(m, a.data(), c.data(), scratch);
@@ -288,6 +319,7 @@ ffi::Error ActiveRows(ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::S32> idx,
     a.resize(m * 9 * depth);
     z.resize(m * depth);
     r.resize(m * channels);
+    const bool warm = rows * channels * 2 * sizeof(float) <= kWarmBytes;
     // The 3x3 windows, row-major taps, row `N` outside the image.
     for (int64_t q = 0; q < rows; ++q) {
       const int64_t c = at[valid[begin + q]];
@@ -300,6 +332,12 @@ ffi::Error ActiveRows(ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::S32> idx,
         const int64_t n = inside ? c + di * width + dj : num_rows;
         std::memcpy(dst + t * depth, src + n * depth, depth_bytes);
       }
+      // The rows the update reads and writes, on their way to L2 while the
+      // matmuls run (where they fit beside the tile's inputs).
+      for (int64_t ch = 0; warm && ch < channels; ch += 16) {
+        __builtin_prefetch(out + c * channels + ch, 1, 2);
+        if (update_x) __builtin_prefetch(x + c * channels + ch, 1, 2);
+      }
     }
     std::fill(a.data() + rows * 9 * depth, a.data() + m * 9 * depth, 0.0f);
     first.Run(m, a.data(), z.data(), scratch);
@@ -309,6 +347,13 @@ ffi::Error ActiveRows(ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::S32> idx,
     second.Run(m, z.data(), r.data(), scratch);
     for (int64_t q = 0; q < rows; ++q) {
       const int64_t i = at[valid[begin + q]];
+      if (q + 4 < rows) {
+        const int64_t ahead = at[valid[begin + q + 4]] * channels;
+        for (int64_t c = 0; c < channels; c += 16) {
+          __builtin_prefetch(out + ahead + c, 1);
+          if (update_x) __builtin_prefetch(x + ahead + c, 1);
+        }
+      }
       float* __restrict rs = r.data() + q * channels;
       float* __restrict o = out + i * channels;
       const float ws = 1.0f - done[i];
@@ -361,7 +406,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SactDilatedRows, DilatedRows,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // t1
                                   .Arg<ffi::Buffer<ffi::S32>>()  // unit
                                   .Arg<ffi::Buffer<ffi::F32>>()  // y
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // shift
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // taps
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // taps
                                   .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SactActiveRows, ActiveRows,

@@ -687,14 +687,17 @@ class RowsTest(parameterized.TestCase):
       np.testing.assert_array_equal(np.flatnonzero(changed),
                                     np.unique(idx[idx < num_rows]))
 
-  @parameterized.product(update=(True, False), size=('small', 'threads'))
+  @parameterized.product(update=('maps', 'out_is_x', 'none'),
+                         size=('small', 'threads'))
   def test_update_dense_matches_xla(self, update, size):
     """`update_dense` gives the dense path's masked residual and output sum
     exactly, the per-image sums of the new map and the head's taps at every
     position up to rounding; halted positions (weight 0) keep `x` and
-    `out`. At 'threads' size the maps carry over 2 MB, split by images in
-    two parts (one on XLA's thread pool) where there are two CPUs; batch 1
-    splits one image's rows."""
+    `out`. With `out` None (`out_is_x`) the output sum starts from `x`
+    itself; with no residual (`none`) only the sums and taps of `x`. At
+    'threads' size the maps carry over 2 MB, split by images in two parts
+    (one on XLA's thread pool) where there are two CPUs; batch 1 splits one
+    image's rows."""
     if not rows_lib.custom_calls():
       self.skipTest('no custom calls here (not built or not the CPU)')
     shape = (3, 4, 5, 7) if size == 'small' else (1, 48, 40, 320)
@@ -709,24 +712,29 @@ class RowsTest(parameterized.TestCase):
     head.eval()
     self.assertTrue(rows_lib.fuses_dense(head, jnp.float32))
     def fn(x, out, residual, weight):
-      if not update:
+      if update == 'none':
         return rows_lib.update_dense(x, None, None, None, head=head)
+      if update == 'out_is_x':
+        return rows_lib.update_dense(x, None, residual, weight, head=head)
       return rows_lib.update_dense(x, out, residual, weight, head=head)
     args = (x, out, residual, weight)
     self.assertIn('SactUpdateDense', jax.jit(fn).lower(*args).as_text())
     new_x, new_out, xsum, taps = jax.jit(fn)(*args)
     mask = jnp.asarray(running, jnp.float32)[..., None]
-    want_x = x + mask * residual if update else x
+    want_x = x if update == 'none' else x + mask * residual
     np.testing.assert_array_equal(new_x, want_x)
-    if update:
-      np.testing.assert_allclose(new_out, out + weight[..., None] * residual,
+    if update == 'none':
+      self.assertIsNone(new_out)
+    else:
+      old_out = x if update == 'out_is_x' else out
+      chex.assert_shape(new_out, shape)
+      np.testing.assert_allclose(new_out,
+                                 old_out + weight[..., None] * residual,
                                  rtol=1e-6, atol=1e-6)
       halted = ~running
       np.testing.assert_array_equal(np.asarray(new_out)[halted],
-                                    np.asarray(out)[halted])
+                                    np.asarray(old_out)[halted])
       self.assertTrue(np.all(np.any(np.asarray(new_x != x), -1)[running]))
-    else:
-      self.assertIsNone(new_out)
     chex.assert_shape((xsum, taps), ((shape[0], channels), (*shape[:3], 9)))
     np.testing.assert_allclose(xsum, jnp.sum(want_x, axis=(1, 2)),
                                rtol=1e-5, atol=1e-3)
@@ -929,7 +937,12 @@ class RowStagesTest(parameterized.TestCase):
     maps = (x, out, xsum, taps)
 
     def fused(y, *maps):
-      y = stages.fused_dilated(unit, x, y, idx_dilated)
+      if head is None:
+        y = stages.fused_dilated(unit, x, y, idx_dilated)
+      else:  # With the head's taps at the dilated rows.
+        y, taps = stages.fused_dilated(unit, x, y, idx_dilated, head,
+                                       maps[3])
+        maps = (*maps[:3], taps)
       return y, stages.fused_active(
           unit, y, idx_active, cumulative, maps, height=height, width=width,
           update_x=update_x, head=head)
@@ -938,6 +951,8 @@ class RowStagesTest(parameterized.TestCase):
       y = rows_lib.scatter_set(y, idx_dilated, stages.dilated_stage(
           unit, x, idx_dilated, height=height, width=width,
           num_rows=num_rows))
+      if head is not None:
+        maps = (*maps[:3], rows_lib.row_taps(maps[3], x, idx_dilated, head))
       residual = stages.active_stage(unit, y, idx_active, height=height,
                                      width=width)
       weight = 1.0 - rows_lib.gather(cumulative, idx_active)
@@ -965,8 +980,15 @@ class RowStagesTest(parameterized.TestCase):
           np.testing.assert_array_equal(changed, idx_active[:active])
         else:
           self.assertEmpty(changed)
-    if not update_x or head is None:
+    if head is None:
       np.testing.assert_array_equal(got[3], taps)
+    else:  # Taps change at the dilated rows (and with `update_x` the
+      # active ones) only.
+      written = (np.union1d(dilated_rows, idx_active[:active]) if update_x
+                 else dilated_rows)
+      kept = np.setdiff1d(np.arange(num_rows + 1), written)
+      np.testing.assert_array_equal(got[3][kept], taps[kept])
+      self.assertTrue(np.all(np.asarray(got[3] != taps)[written]))
     if not update_x:
       np.testing.assert_array_equal(got[2], xsum)
 

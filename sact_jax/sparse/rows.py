@@ -273,7 +273,8 @@ def update_dense(x_BxHxWxC: jax.Array, out_BxHxWxC: jax.Array | None,
   residual`; then the per-image sums `[B, C]` of the new `x` and
   `head.local_taps` of it at every position:
   `(x, out, xsum, taps_BxHxWx9)`. Without a residual (None), only the sums
-  and taps of `x` (`out` None). Only where `fuses_dense`: one custom call
+  and taps of `x` (`out` None); with a residual but `out` None, `out`
+  starts as `x` (a block's second unit). Only where `fuses_dense`: one custom call
   (`onednn.update_dense`) that reads each row once, where XLA makes a pass
   each for the masked residual, the output sum, the spatial sum and the
   head's taps (the dense model's code, which the caller runs elsewhere).

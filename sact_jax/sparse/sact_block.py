@@ -203,7 +203,14 @@ class SactBlock:
 
   def _first_maps(self, first_vars, stacked_heads, x_in, flops_B):
     """First unit and first head densely: the maps, the halting carry and
-    unit 2's set sizes."""
+    unit 2's set sizes.
+
+    The block output so far is the first unit's output `x` itself: `out`
+    is None until unit 2 writes it (`_dense_loop`). A map given as both
+    `x` and `out` to a call that updates both in place is one buffer that
+    XLA copies first (at 56x56x256, batch 32, 11 ms on one of the two
+    threads).
+    """
     x, flops_B = self._first(first_vars, x_in, flops_B)
     batch, height, width, channels = x.shape
     num_rows = batch * height * width
@@ -215,7 +222,7 @@ class SactBlock:
     x_NxC = x.reshape(num_rows, channels)
     maps = {
         'x': x_NxC,
-        'out': x_NxC,
+        'out': None,
         'y': jnp.zeros((num_rows + 1, self.dilated_channels), x.dtype),
         'taps': jnp.zeros((num_rows + 1, 9), x.dtype),
         'xsum': xsum,
@@ -266,11 +273,12 @@ class SactBlock:
     x = maps['x']
     idx_dilated = self.index_rows(state, dilated=True)
     if self.fuses(x.dtype, x.shape[0]):  # Every row in one call.
-      y = stages.fused_dilated(self._unit(unit_vars), x, maps['y'],
-                               idx_dilated)
-      taps = maps['taps']
-      if with_taps:
-        taps = rows_lib.row_taps(taps, x, idx_dilated, self._head(head_vars))
+      unit = self._unit(unit_vars)
+      if not with_taps:
+        return dict(maps, y=stages.fused_dilated(unit, x, maps['y'],
+                                                 idx_dilated))
+      y, taps = stages.fused_dilated(unit, x, maps['y'], idx_dilated,
+                                     self._head(head_vars), maps['taps'])
       return dict(maps, y=y, taps=taps)
     source = stages.dilated_source(self._unit(unit_vars), x)
     def body(idx_S, carry):
@@ -338,6 +346,8 @@ class SactBlock:
     residual = unit.residual(x_BxHxWxC)
     new_x = act_lib.masked_residual(x_BxHxWxC, residual, state.running)
     weight = SactBlock._out_weight(state)[..., None]
+    if out_BxHxWxC is None:  # `out` is `x` (`_first_maps`).
+      out_BxHxWxC = x_BxHxWxC
     return new_x, out_BxHxWxC + weight * residual
 
   @staticmethod
@@ -349,9 +359,10 @@ class SactBlock:
   def _dense_unit(self, unit, head, x_BxHxWxC, out_BxHxWxC, state):
     """`_update_dense`, then the head after the unit on the whole map.
 
-    Returns the new `x` and `out`, the new `x`'s per-image sums and the
-    head's scores `[B, H, W]`. Where `rows.fuses_dense`, the maps' update,
-    the sums and the head's tap products are one pass over the map
+    Returns the new `x` and `out` (given as None, `out` is `x`:
+    `_first_maps`), the new `x`'s per-image sums and the head's scores
+    `[B, H, W]`. Where `rows.fuses_dense`, the maps' update, the sums and
+    the head's tap products are one pass over the map
     (`rows.update_dense`); elsewhere the dense model's code.
     """
     if not rows_lib.fuses_dense(head, x_BxHxWxC.dtype):
@@ -428,7 +439,13 @@ class SactBlock:
     return dict(maps, x=x, out=out, xsum=xsum, taps=taps)
 
   def _halting_rows(self, head_vars, maps, state, idx_active, n_full, tail):
-    """The head's scores `[B, H, W]` at the active rows (0 elsewhere)."""
+    """The head's scores `[B, H, W]` at the active rows (0 elsewhere).
+
+    Over the active stage's chunks, or where the stages fuse over all of
+    the padded set at once (9 taps a row: even the largest set is small
+    next to a chunk of the stage, and XLA runs a loop of small chunks
+    slower; the chunk plan is then not needed).
+    """
     batch, height, width = state.running.shape
     hw = height * width
     taps = maps['taps']
@@ -440,9 +457,13 @@ class SactBlock:
       halting_S = head.probability(
           local_S, rows_lib.gather(global_B, idx_S // hw))
       return rows_lib.scatter_set(halting_N, idx_S, halting_S)
-    halting_N = rows_lib.row_loop(
-        idx_active, n_full, self.costs.chunk_active, tail, body,
-        jnp.zeros((batch * hw,), maps['x'].dtype))
+    halting_N = jnp.zeros((batch * hw,), maps['x'].dtype)
+    if self.fuses(maps['x'].dtype, batch * hw):
+      halting_N = body(idx_active, halting_N)
+    else:
+      halting_N = rows_lib.row_loop(idx_active, n_full,
+                                    self.costs.chunk_active, tail, body,
+                                    halting_N)
     return halting_N.reshape(batch, height, width)
 
   def _dense_loop(self, stacked_units, stacked_heads, unit_vars, head_vars,
@@ -506,10 +527,16 @@ class SactBlock:
         return step(conv_lib.pick(stacked_units, i, self.in_place),
                     conv_lib.pick(stacked_heads, i + 1), loop)
 
-    loop = (start, maps['x'].reshape(shape), maps['out'].reshape(shape),
-            maps['xsum'], halting_carry, sizes, sizes_Ux2)
+    def skip(loop):  # Unit `start` does not run densely: `out` as it is.
+      i, x, out, *rest = loop
+      return (i, x, x if out is None else out, *rest)
+
+    out = maps['out']  # None: `x` (`_first_maps`), until unit `start`.
+    loop = (start, maps['x'].reshape(shape),
+            None if out is None else out.reshape(shape), maps['xsum'],
+            halting_carry, sizes, sizes_Ux2)
     loop = lax.cond(cond(loop), functools.partial(step, unit_vars, head_vars),
-                    lambda loop: loop, loop)
+                    skip, loop)
     stop, x, out, xsum, halting_carry, _, sizes_Ux2 = lax.while_loop(
         cond, body, loop)
     maps = dict(self._to_maps(maps, x=x, out=out), xsum=xsum)
@@ -617,6 +644,7 @@ class SactBlock:
     self.phases.trace('block_device_rows')
     maps, halting_carry, sizes = self._first_maps(first_vars, stacked_heads,
                                                   x_in, flops_B)
+    maps['out'] = maps['x']  # The loop carries `out` from unit 2 on.
     batch, height, width = halting_carry['state'].running.shape
     num_rows = batch * height * width
     costs = self.costs
@@ -646,29 +674,29 @@ class SactBlock:
                 jnp.full((2,), num_rows, jnp.int32))
 
       def at_rows(maps, halting_carry):
-        fused = self.fuses(maps['x'].dtype, num_rows)
-        if fused:  # All rows, one program.
+        if self.fuses(maps['x'].dtype, num_rows):  # All rows, one program.
           maps = self._stage_dilated(
               unit_vars, head_vars, maps, halting_carry['state'], 0, tail=0,
               hw=(height, width), with_taps=True)
-          rows_dilated = n_dilated
-        else:
-          n_full, tail = plans[0](n_dilated)
-          maps = lax.switch(tail, [functools.partial(
-              self._stage_dilated, tail=t, hw=(height, width),
-              with_taps=True) for t in plans[0].tails],
-                            unit_vars, head_vars, maps,
-                            halting_carry['state'], n_full)
-          rows_dilated = plans[0].rows(n_full, tail)
+          maps, carry, new_sizes = self._stage_active(
+              unit_vars, head_vars, maps, halting_carry, 0, tail=0,
+              dense=False, with_head=True, dense_head=False)
+          return (maps, carry, new_sizes, jnp.stack([n_dilated, n_active]))
+        n_full, tail = plans[0](n_dilated)
+        maps = lax.switch(tail, [functools.partial(
+            self._stage_dilated, tail=t, hw=(height, width),
+            with_taps=True) for t in plans[0].tails],
+                          unit_vars, head_vars, maps,
+                          halting_carry['state'], n_full)
+        rows_dilated = plans[0].rows(n_full, tail)
         n_full, tail = plans[1](n_active)
         maps, carry, new_sizes = lax.switch(tail, [functools.partial(
             self._stage_active, tail=t, dense=False, with_head=True,
             dense_head=False) for t in plans[1].tails],
                                             unit_vars, head_vars, maps,
                                             halting_carry, n_full)
-        rows_active = n_active if fused else plans[1].rows(n_full, tail)
         return (maps, carry, new_sizes,
-                jnp.stack([rows_dilated, rows_active]))
+                jnp.stack([rows_dilated, plans[1].rows(n_full, tail)]))
 
       with conv_lib.stacked_unit(i):
         if isinstance(dense, bool):  # 'rows' or 'dense' mode: static.
@@ -865,19 +893,28 @@ class SactBlock:
         x_in, flops_B)
     halting_shape = halting_carry['state'].running.shape
     num_rows = math.prod(halting_shape)
+    fused = self.fuses(x_in.dtype, num_rows)
     planner = planner_lib.Planner(
         sizes, num_rows=num_rows, chunk_dilated=self.costs.chunk_dilated,
         chunk_active=self.costs.chunk_active, buckets=opts.buckets,
-        pipeline=opts.pipeline,
+        # Fused stages find their exact rows on the device whatever the
+        # bound: always planned ahead (a stale bound only lets units with
+        # empty sets run once every position has halted, a few calls that
+        # return at once). Waiting for each unit's sizes left the CPUs idle
+        # 1-5 ms a unit.
+        pipeline=1.0 if fused else opts.pipeline,
         read=lambda values: common.read_counts(values, clock),
-        head_runs_dense=lambda rows_dilated, rows_active: (
+        # Fused stages compute the head's taps at their rows inside their
+        # calls; on the whole map the head's local conv is an XLA dot of 9
+        # columns (14x14x1024 maps at batch 32: 3-4 ms a unit).
+        head_runs_dense=lambda rows_dilated, rows_active: not fused and (
             self.costs.head_runs_dense(rows_dilated, rows_active, num_rows)))
     first = self._dense_ran(planner, 0, stop, sizes_Ux2, clock)
     maps, halting_carry, skipped = self._run_units(
         weights, planner, maps, halting_carry, clock, first)
     out, ponder, units, flops_B = clock('block_finish', self.finish, maps,
                                         halting_carry, skipped)
-    waste = self._account(planner, self.fuses(x_in.dtype, num_rows))
+    waste = self._account(planner, fused)
     # Every unit dense (or none run): the device loop does the same work
     # without a round trip per unit (`adapt`).
     self._adapted[tuple(x_in.shape)] = all(
@@ -938,10 +975,11 @@ class SactBlock:
         continue
       head = weights.heads[i + 1] if with_head else None
       plan = planner.plan(sizes, dense=dense, with_head=with_head)
-      # A fused dilated stage takes every row at once: one program whatever
-      # the plan. (The active stage's plan still serves the head's scores.)
-      full_dilated, tail_dilated = ((0, 0) if fused else
-                                    (plan.dilated.n_full, plan.dilated.tail))
+      # Fused stages take every row at once: one program whatever the plan.
+      (full_dilated, tail_dilated), (full_active, tail_active) = (
+          ((0, 0), (0, 0)) if fused else
+          ((plan.dilated.n_full, plan.dilated.tail),
+           (plan.active.n_full, plan.active.tail)))
       clock.host('host', start)
       if not dense:
         with_taps = with_head and not plan.dense_head
@@ -951,7 +989,7 @@ class SactBlock:
                      hw=(height, width), with_taps=with_taps)
       maps, new_carry, sizes = clock(
           'stage_active', self.stage_active, weights.units[i], head, maps,
-          halting_carry, plan.active.n_full, tail=plan.active.tail,
+          halting_carry, full_active, tail=tail_active,
           dense=dense, with_head=with_head, dense_head=plan.dense_head)
       if with_head:
         halting_carry = new_carry

@@ -100,13 +100,30 @@ def runs_fused(dtype, num_rows: int) -> bool:
 
 
 def fused_dilated(unit: units_lib.ResidualUnit, x_NxC: jax.Array,
-                  y_N1xD: jax.Array, idx_L: jax.Array) -> jax.Array:
+                  y_N1xD: jax.Array, idx_L: jax.Array,
+                  head: halting.SactHead | None = None,
+                  taps_N1x9: jax.Array | None = None):
   """`y` with `dilated_stage` written at every row of `idx_L` (padding
-  indices write nothing), in one call (`onednn.dilated_rows`). For
+  indices write nothing), in one call (`onednn.dilated_rows`). With a
+  `head` (taps affine: `SactHead.taps_affine`), also `taps` with
+  `head.local_taps` of `x` written at the same rows: `(y, taps)`. For
   `fusable` units where `runs_fused` (the caller decides; elsewhere
   `dilated_stage` over chunks)."""
+  if head is None:
+    return onednn.dilated_rows(x_NxC, y_N1xD, idx_L, unit.row_matrices(),
+                               conv_lib.current_unit())
   return onednn.dilated_rows(x_NxC, y_N1xD, idx_L, unit.row_matrices(),
-                             conv_lib.current_unit())
+                             conv_lib.current_unit(), taps_N1x9,
+                             _taps_affine(head))
+
+
+def _taps_affine(head: halting.SactHead):
+  """The head's affine taps, which fused stages need."""
+  affine = head.taps_affine()
+  if affine is None:
+    raise ValueError('Fused stages need a head whose taps are affine '
+                     '(SactHead.taps_affine).')
+  return affine
 
 
 def fused_active(unit: units_lib.ResidualUnit, y_N1xD: jax.Array,
@@ -120,10 +137,7 @@ def fused_active(unit: units_lib.ResidualUnit, y_N1xD: jax.Array,
   affine (`SactHead.taps_affine`): the caller decides; elsewhere
   `active_stage` and `update_rows` over chunks."""
   head = head if update_x else None
-  affine = None if head is None else head.taps_affine()
-  if head is not None and affine is None:
-    raise ValueError('Fused stages need a head whose taps are affine '
-                     '(SactHead.taps_affine).')
+  affine = None if head is None else _taps_affine(head)
   return onednn.active_rows(
       y_N1xD, idx_L, unit.row_matrices(), conv_lib.current_unit(),
       cumulative_N, *maps, affine, height=height, width=width,
