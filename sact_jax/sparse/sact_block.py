@@ -897,12 +897,7 @@ class SactBlock:
     planner = planner_lib.Planner(
         sizes, num_rows=num_rows, chunk_dilated=self.costs.chunk_dilated,
         chunk_active=self.costs.chunk_active, buckets=opts.buckets,
-        # Fused stages find their exact rows on the device whatever the
-        # bound: always planned ahead (a stale bound only lets units with
-        # empty sets run once every position has halted, a few calls that
-        # return at once). Waiting for each unit's sizes left the CPUs idle
-        # 1-5 ms a unit.
-        pipeline=1.0 if fused else opts.pipeline,
+        pipeline=opts.pipeline,
         read=lambda values: common.read_counts(values, clock),
         # Fused stages compute the head's taps at their rows inside their
         # calls; on the whole map the head's local conv is an XLA dot of 9
