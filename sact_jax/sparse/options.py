@@ -113,7 +113,8 @@ class SparseOptions:
       the rows the unit's two stages compute reach this fraction of the
       map's positions: at rows its tap products are computed at the dilated
       rows and again at the active ones, each with a gather and a scatter.
-      0: always; `math.inf`: never.
+      0: always; `math.inf`: never. Not after fused stages
+      (`SactBlock.fuses`), which compute the taps inside their calls.
     compiler_options: XLA compiler options for every jitted phase, as
       `(name, value)` pairs (e.g. `(('xla_backend_optimization_level', 0),)`
       for fast compiles in tests, at a large cost in speed); None:
