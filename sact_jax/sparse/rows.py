@@ -274,10 +274,11 @@ def update_dense(x_BxHxWxC: jax.Array, out_BxHxWxC: jax.Array | None,
   `head.local_taps` of it at every position:
   `(x, out, xsum, taps_BxHxWx9)`. Without a residual (None), only the sums
   and taps of `x` (`out` None); with a residual but `out` None, `out`
-  starts as `x` (a block's second unit). Only where `fuses_dense`: one custom call
-  (`onednn.update_dense`) that reads each row once, where XLA makes a pass
-  each for the masked residual, the output sum, the spatial sum and the
-  head's taps (the dense model's code, which the caller runs elsewhere).
+  starts as `x` (a block's second unit). Only where `fuses_dense`: one
+  custom call (`onednn.update_dense`) that reads each row once, where XLA
+  makes a pass each for the masked residual, the output sum, the spatial
+  sum and the head's taps (the dense model's code, which the caller runs
+  elsewhere).
   The maps stay `[B, H, W, C]`: passed reshaped to `[N, C]`, XLA copied
   `x` and `out` before the call and again after it (a jitted unit at
   block 1's maps, batch 32: four copies of 102 MB).
