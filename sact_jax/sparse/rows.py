@@ -278,10 +278,9 @@ def update_dense(x_BxHxWxC: jax.Array, out_BxHxWxC: jax.Array | None,
   custom call (`onednn.update_dense`) that reads each row once, where XLA
   makes a pass each for the masked residual, the output sum, the spatial
   sum and the head's taps (the dense model's code, which the caller runs
-  elsewhere).
-  The maps stay `[B, H, W, C]`: passed reshaped to `[N, C]`, XLA copied
-  `x` and `out` before the call and again after it (a jitted unit at
-  block 1's maps, batch 32: four copies of 102 MB).
+  elsewhere). The maps stay `[B, H, W, C]`: passed reshaped to `[N, C]`,
+  XLA copied `x` and `out` before the call and again after it (a jitted
+  unit at block 1's maps, batch 32: four copies of 102 MB).
   """
   return onednn.update_dense(
       x_BxHxWxC, out_BxHxWxC, residual_BxHxWxC, weight_BxHxW,
