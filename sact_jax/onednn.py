@@ -550,18 +550,18 @@ def update_dense(x_XxC: jax.Array, out_XxC: jax.Array | None,
   out_is_x = update and out_XxC is None
   if out_is_x:
     out_XxC = empty
-  kernel_9xC, shift_9 = tap_affine
+  map_result = jax.ShapeDtypeStruct(x_XxC.shape if update else empty.shape,
+                                    f32)
   new_x, out_XxC, xsum_BxC, taps_Xx9 = jax.ffi.ffi_call(
       'SactUpdateDense',
-      (jax.ShapeDtypeStruct(x_XxC.shape if update else (0, channels), f32),
-       jax.ShapeDtypeStruct(x_XxC.shape if update else (0, channels), f32),
+      (map_result, map_result,
        jax.ShapeDtypeStruct((math.prod(rows) // hw, channels), f32),
        jax.ShapeDtypeStruct((*rows, 9), f32)),
       input_output_aliases=(({0: 0} if out_is_x else {0: 0, 1: 1})
                             if update else {}),
       vmap_method='sequential')(
           x_XxC, out_XxC, residual_XxC, weight_X.astype(f32),
-          kernel_9xC.astype(f32), shift_9.astype(f32), hw=np.int64(hw))
+          *_tap_operands(tap_affine, channels), hw=np.int64(hw))
   if not update:
     return x_XxC, None, xsum_BxC, taps_Xx9
   return new_x, out_XxC, xsum_BxC, taps_Xx9
@@ -574,12 +574,11 @@ def row_taps(x_NxC: jax.Array, idx_S: jax.Array, tap_affine,
   (row_gather.cc); in place where the caller donates `taps`. Float32 on
   the CPU only, no gradient."""
   _handlers()
-  kernel_9xC, shift_9 = tap_affine
   return jax.ffi.ffi_call(
       'SactRowTaps', jax.ShapeDtypeStruct(taps_Nx9.shape, jnp.float32),
       input_output_aliases={4: 0}, vmap_method='sequential')(
-          x_NxC, idx_S.astype(jnp.int32), kernel_9xC.astype(jnp.float32),
-          shift_9.astype(jnp.float32), taps_Nx9)
+          x_NxC, idx_S.astype(jnp.int32),
+          *_tap_operands(tap_affine, x_NxC.shape[1]), taps_Nx9)
 
 
 def _unit_operand(unit) -> jax.Array:

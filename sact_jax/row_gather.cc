@@ -431,7 +431,6 @@ ffi::Error UpdateDense(ffi::Buffer<ffi::F32> x_in, ffi::Buffer<ffi::F32> out_in,
         PartRange(num_rows, part, n, images >= n ? hw : 1);
     float* sums = part == 0 ? xsum_out->typed_data()
                             : own.data() + (part - 1) * images * channels;
-    float acc[9];
     for (int64_t i = begin; i < end; ++i) {
       float* __restrict xi = x + i * channels;
       float* __restrict sum = sums + (i / hw) * channels;
@@ -477,8 +476,7 @@ ffi::Error UpdateDense(ffi::Buffer<ffi::F32> x_in, ffi::Buffer<ffi::F32> out_in,
 #pragma omp simd
         for (int64_t c = 0; c < channels; ++c) sum[c] += xi[c];
       }
-      TapSums(xi, kernel, channels, 0, channels, acc);
-      for (int t = 0; t < 9; ++t) taps[i * 9 + t] = acc[t] + add[t];
+      sact_jax::TapProducts(xi, kernel, add, channels, taps + i * 9);
     }
   });
   float* xsum = xsum_out->typed_data();
@@ -495,9 +493,11 @@ namespace sact_jax {
 
 // Not multiversioned itself: a call from another file reaches `TapSums`'
 // resolver through it.
-void RowTapSums(const float* x, const float* k, int64_t stride, int64_t c0,
-                int64_t c1, float* acc) {
-  TapSums(x, k, stride, c0, c1, acc);
+void TapProducts(const float* x, const float* k, const float* shift,
+                 int64_t channels, float* taps) {
+  float acc[9];
+  TapSums(x, k, channels, 0, channels, acc);
+  for (int t = 0; t < 9; ++t) taps[t] = acc[t] + shift[t];
 }
 
 }  // namespace sact_jax

@@ -43,12 +43,12 @@ inline bool TapsFit(const xla::ffi::Buffer<xla::ffi::F32>& k,
          taps.dimensions()[0] >= num_rows;
 }
 
-// `acc[t] = sum over c in [c0, c1) of x[c] * k[t * stride + c]`, t < 9: a
-// row's share of the 9 taps of a halting head's folded local conv
-// (`SactHead.taps_affine`), on the widest vectors the CPU has
-// (row_gather.cc).
-void RowTapSums(const float* x, const float* k, int64_t stride, int64_t c0,
-                int64_t c1, float* acc);
+// `taps[t] = x . k[t] + shift[t]`, t < 9: a row's tap products, of
+// `channels`, for a halting head's folded local conv
+// (`SactHead.taps_affine`: `k` `[9, C]`, `shift` `[9]`), on the widest
+// vectors the CPU has (row_gather.cc).
+void TapProducts(const float* x, const float* k, const float* shift,
+                 int64_t channels, float* taps);
 
 }  // namespace sact_jax
 

@@ -219,10 +219,8 @@ ffi::Error DilatedRows(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> idx,
       AffineRelu(xs + i * channels, a0, b0, channels,
                  a.data() + r * channels);
       if (with_taps) {
-        float acc[9];
-        sact_jax::RowTapSums(xs + i * channels, kernel, channels, 0,
-                             channels, acc);
-        for (int t = 0; t < 9; ++t) taps[i * 9 + t] = acc[t] + tap_shift[t];
+        sact_jax::TapProducts(xs + i * channels, kernel, tap_shift, channels,
+                              taps + i * 9);
       }
     }
     std::fill(a.data() + rows * channels, a.data() + m * channels, 0.0f);
@@ -382,9 +380,7 @@ ffi::Error ActiveRows(ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::S32> idx,
         sum[c] += rs[c];
       }
       if (with_taps) {
-        float acc[9];
-        sact_jax::RowTapSums(xi, kernel, channels, 0, channels, acc);
-        for (int t = 0; t < 9; ++t) taps[i * 9 + t] = acc[t] + tap_shift[t];
+        sact_jax::TapProducts(xi, kernel, tap_shift, channels, taps + i * 9);
       }
     }
   });

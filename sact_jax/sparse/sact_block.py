@@ -906,7 +906,7 @@ class SactBlock:
             self.costs.head_runs_dense(rows_dilated, rows_active, num_rows)))
     first = self._dense_ran(planner, 0, stop, sizes_Ux2, clock)
     maps, halting_carry, skipped = self._run_units(
-        weights, planner, maps, halting_carry, clock, first)
+        weights, planner, maps, halting_carry, clock, first, fused)
     out, ponder, units, flops_B = clock('block_finish', self.finish, maps,
                                         halting_carry, skipped)
     waste = self._account(planner, fused)
@@ -937,16 +937,16 @@ class SactBlock:
     return stop
 
   def _run_units(self, weights, planner, maps, halting_carry, clock,
-                 first):
+                 first, fused: bool):
     """Units 2..L from unit `first` (index into them) until none is
-    active; returns the heads skipped too.
+    active, their stages fused where `fused` (`fuses`); returns the heads
+    skipped too.
 
     A unit that runs densely hands over to `dense_loop`, which runs it and
     the next ones on the device for as long as they would run densely too.
     """
     height, width = halting_carry['state'].running.shape[1:]
     num_rows = planner.num_rows
-    fused = self.fuses(maps['out'].dtype, num_rows)
     last = self.num_units - 2
     i = first
     while i <= last:

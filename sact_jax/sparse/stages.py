@@ -109,12 +109,10 @@ def fused_dilated(unit: units_lib.ResidualUnit, x_NxC: jax.Array,
   `head.local_taps` of `x` written at the same rows: `(y, taps)`. For
   `fusable` units where `runs_fused` (the caller decides; elsewhere
   `dilated_stage` over chunks)."""
-  if head is None:
-    return onednn.dilated_rows(x_NxC, y_N1xD, idx_L, unit.row_matrices(),
-                               conv_lib.current_unit())
-  return onednn.dilated_rows(x_NxC, y_N1xD, idx_L, unit.row_matrices(),
-                             conv_lib.current_unit(), taps_N1x9,
-                             _taps_affine(head))
+  return onednn.dilated_rows(
+      x_NxC, y_N1xD, idx_L, unit.row_matrices(), conv_lib.current_unit(),
+      None if head is None else taps_N1x9,
+      None if head is None else _taps_affine(head))
 
 
 def _taps_affine(head: halting.SactHead):
