@@ -524,7 +524,8 @@ def update_rows(x_NxC: jax.Array, out_NxC: jax.Array, xsum_BxC: jax.Array,
 
 def update_dense(x_XxC: jax.Array, out_XxC: jax.Array | None,
                  residual_XxC: jax.Array | None, weight_X: jax.Array | None,
-                 tap_affine: tuple[jax.Array, jax.Array], *, hw: int):
+                 tap_affine: tuple[jax.Array, jax.Array], *, hw: int,
+                 bias_C: jax.Array | None = None):
   """A densely run unit's update of a SACT block's maps (row_gather.cc).
 
   Maps `[..., C]` of any rank (rows of `C`; `hw` rows an image), `weight_X`
@@ -534,37 +535,46 @@ def update_dense(x_XxC: jax.Array, out_XxC: jax.Array | None,
   (`tap_affine`: `[9, C]`, `[9]`) at every row, in one pass: `(x, out,
   xsum_BxC, taps_Xx9)`. With `residual_XxC` None only the sums and taps of
   `x` (`out` None). With `out_XxC` None and a residual, `out` starts as `x`
-  (written fresh: aliased to `x` XLA would copy it). The maps are updated
-  in place where the caller donates them. Float32 on the CPU only, no
-  gradient.
+  (written fresh: aliased to `x` XLA would copy it). With `weight_X` None
+  and a residual, `x += residual` at every row and no `out` (None). With
+  `bias_C`, the residual is `residual + bias` (added as each row is read).
+  The maps are updated in place where the caller donates them. Float32 on
+  the CPU only, no gradient.
   """
   _handlers()
   f32 = jnp.float32
   channels = x_XxC.shape[-1]
   rows = x_XxC.shape[:-1]
   update = residual_XxC is not None
+  plain = update and weight_X is None
   empty = jnp.zeros((0, channels), f32)
   if not update:  # `x` only read: no aliased result (XLA would copy it).
     out_XxC = residual_XxC = empty
+  if weight_X is None:
     weight_X = jnp.zeros((0,), f32)
-  out_is_x = update and out_XxC is None
+  if plain:
+    out_XxC = empty
+  out_is_x = update and not plain and out_XxC is None
   if out_is_x:
     out_XxC = empty
   map_result = jax.ShapeDtypeStruct(x_XxC.shape if update else empty.shape,
                                     f32)
+  out_result = map_result if update and not plain else jax.ShapeDtypeStruct(
+      empty.shape, f32)
+  aliases = {0: 0} if out_is_x or plain else {0: 0, 1: 1}
   new_x, out_XxC, xsum_BxC, taps_Xx9 = jax.ffi.ffi_call(
       'SactUpdateDense',
-      (map_result, map_result,
+      (map_result, out_result,
        jax.ShapeDtypeStruct((math.prod(rows) // hw, channels), f32),
        jax.ShapeDtypeStruct((*rows, 9), f32)),
-      input_output_aliases=(({0: 0} if out_is_x else {0: 0, 1: 1})
-                            if update else {}),
+      input_output_aliases=aliases if update else {},
       vmap_method='sequential')(
           x_XxC, out_XxC, residual_XxC, weight_X.astype(f32),
+          jnp.zeros((0,), f32) if bias_C is None else bias_C.astype(f32),
           *_tap_operands(tap_affine, channels), hw=np.int64(hw))
   if not update:
     return x_XxC, None, xsum_BxC, taps_Xx9
-  return new_x, out_XxC, xsum_BxC, taps_Xx9
+  return new_x, None if plain else out_XxC, xsum_BxC, taps_Xx9
 
 
 def row_taps(x_NxC: jax.Array, idx_S: jax.Array, tap_affine,

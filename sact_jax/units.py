@@ -94,6 +94,13 @@ class ResidualUnit(nnx.Module):
   def residual(self, x_BxHxWxC: jax.Array) -> jax.Array:
     return self._branch(self.preactivation(x_BxHxWxC))
 
+  def residual_and_bias(self, x_BxHxWxC: jax.Array
+                        ) -> tuple[jax.Array, jax.Array | None]:
+    """`residual(x)` less the bias its last conv adds, and that bias `[C]`
+    (None: the residual whole), for a caller that adds the bias where it
+    reads the residual anyway (`sparse.rows.update_dense`)."""
+    return self.residual(x_BxHxWxC), None
+
   def dilated_rows(self, x_SxKxC: jax.Array, valid_SxK: jax.Array
                    ) -> jax.Array:
     """conv2's input at rows, from patches of the unit input: `[S, D]`.
@@ -287,6 +294,12 @@ class BottleneckUnit(ResidualUnit):
 
   def post_conv2(self, z_XxD: jax.Array) -> jax.Array:
     return _pointwise(self.conv3, self.activation(self.conv2_bn(z_XxD)))
+
+  def residual_and_bias(self, x_BxHxWxC: jax.Array
+                        ) -> tuple[jax.Array, jax.Array | None]:
+    y = self.post_conv1(self.conv1(self.preactivation(x_BxHxWxC)))
+    z = self.activation(self.conv2_bn(self.conv2(y)))
+    return layers.conv_without_bias(self.conv3, z)
 
   @property
   def identity_shortcut(self) -> bool:

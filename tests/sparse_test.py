@@ -687,25 +687,32 @@ class RowsTest(parameterized.TestCase):
       np.testing.assert_array_equal(np.flatnonzero(changed),
                                     np.unique(idx[idx < num_rows]))
 
-  @parameterized.product(update=('maps', 'out_is_x', 'none'),
+  @parameterized.product(update=('maps', 'maps+bias', 'out_is_x',
+                                 'out_is_x+bias', 'plain+bias', 'none'),
                          size=('small', 'threads'))
   def test_update_dense_matches_xla(self, update, size):
     """`update_dense` gives the dense path's masked residual and output sum
     exactly, the per-image sums of the new map and the head's taps at every
     position up to rounding; halted positions (weight 0) keep `x` and
     `out`. With `out` None (`out_is_x`) the output sum starts from `x`
-    itself; with no residual (`none`) only the sums and taps of `x`. At
-    'threads' size the maps carry over 2 MB, split by images in two parts
-    (one on XLA's thread pool) where there are two CPUs; batch 1 splits one
-    image's rows."""
+    itself; with no weight (`plain`) every position adds the residual and
+    there is no `out`; with no residual (`none`) only the sums and taps of
+    `x`. With a bias, the residual is `residual + bias`, the sum XLA makes.
+    At 'threads' size the maps carry over 2 MB, split by images in two
+    parts (one on XLA's thread pool) where there are two CPUs; batch 1
+    splits one image's rows."""
     if not rows_lib.custom_calls():
       self.skipTest('no custom calls here (not built or not the CPU)')
+    update, bias = update.split('+')[0], update.endswith('+bias')
     shape = (3, 4, 5, 7) if size == 'small' else (1, 48, 40, 320)
     channels = shape[-1]
     rng = np.random.default_rng(channels)
     normal = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
     x, out, residual = normal(*shape), normal(*shape), normal(*shape)
+    bias_C = normal(channels) if bias else None
     running = rng.random(shape[:3]) < 0.7
+    if update == 'plain':
+      running = np.ones(shape[:3], bool)
     weight = jnp.asarray(np.where(running, rng.uniform(0.1, 1.0, shape[:3]),
                                   0.0), jnp.float32)
     head = tu.sact_head(channels, layers.identity, fast_conv=True)
@@ -714,16 +721,23 @@ class RowsTest(parameterized.TestCase):
     def fn(x, out, residual, weight):
       if update == 'none':
         return rows_lib.update_dense(x, None, None, None, head=head)
+      if update == 'plain':
+        return rows_lib.update_dense(x, None, residual, None, head=head,
+                                     bias_C=bias_C)
       if update == 'out_is_x':
-        return rows_lib.update_dense(x, None, residual, weight, head=head)
-      return rows_lib.update_dense(x, out, residual, weight, head=head)
+        return rows_lib.update_dense(x, None, residual, weight, head=head,
+                                     bias_C=bias_C)
+      return rows_lib.update_dense(x, out, residual, weight, head=head,
+                                   bias_C=bias_C)
     args = (x, out, residual, weight)
     self.assertIn('SactUpdateDense', jax.jit(fn).lower(*args).as_text())
     new_x, new_out, xsum, taps = jax.jit(fn)(*args)
+    if bias:
+      residual = residual + bias_C
     mask = jnp.asarray(running, jnp.float32)[..., None]
     want_x = x if update == 'none' else x + mask * residual
     np.testing.assert_array_equal(new_x, want_x)
-    if update == 'none':
+    if update in ('none', 'plain'):
       self.assertIsNone(new_out)
     else:
       old_out = x if update == 'out_is_x' else out
@@ -734,6 +748,7 @@ class RowsTest(parameterized.TestCase):
       halted = ~running
       np.testing.assert_array_equal(np.asarray(new_out)[halted],
                                     np.asarray(old_out)[halted])
+    if update != 'none':
       self.assertTrue(np.all(np.any(np.asarray(new_x != x), -1)[running]))
     chex.assert_shape((xsum, taps), ((shape[0], channels), (*shape[:3], 9)))
     np.testing.assert_allclose(xsum, jnp.sum(want_x, axis=(1, 2)),
@@ -741,6 +756,26 @@ class RowsTest(parameterized.TestCase):
     np.testing.assert_allclose(
         taps, head.local_taps(want_x.reshape(-1, channels)).reshape(taps.shape),
         rtol=1e-5, atol=1e-4)
+
+  def test_residual_and_bias_add_up_to_the_residual(self):
+    """A bottleneck unit's residual less conv3's bias, plus that bias, is
+    its residual exactly (the same conv, the same addition); a unit whose
+    last conv has no bias gives its residual whole."""
+    unit = _bottleneck(16, 8)
+    x = tu.images((2, 5, 6, 16), seed=3)
+    residual, bias = unit.residual_and_bias(x)
+    chex.assert_shape((residual, bias), ((2, 5, 6, 16), (16,)))
+    np.testing.assert_array_equal(bias, unit.conv3.bias[...])
+    np.testing.assert_array_equal(residual + bias, unit.residual(x))
+    self.assertFalse(np.allclose(residual, unit.residual(x)))
+    self.assertTrue(unit.conv3.use_bias)  # Restored after the call.
+    cifar = units_lib.CifarUnit(
+        16, 16, factory=layers.LayerFactory(bn_momentum=0.9, bn_epsilon=1e-3),
+        rngs=nnx.Rngs(0))
+    cifar.eval()
+    whole, none = cifar.residual_and_bias(x)
+    self.assertIsNone(none)
+    np.testing.assert_array_equal(whole, cifar.residual(x))
 
   @parameterized.parameters((5, 7), (600, 1000))
   def test_row_taps_match_xla(self, channels, count):

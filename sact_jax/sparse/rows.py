@@ -265,7 +265,8 @@ def fuses_dense(head, dtype) -> bool:
 
 def update_dense(x_BxHxWxC: jax.Array, out_BxHxWxC: jax.Array | None,
                  residual_BxHxWxC: jax.Array | None,
-                 weight_BxHxW: jax.Array | None, *, head):
+                 weight_BxHxW: jax.Array | None, *, head,
+                 bias_C: jax.Array | None = None):
   """A densely run unit's update of a SACT block's maps, and `head`'s taps.
 
   Where `weight != 0` (the running positions; `running * (1 -
@@ -274,17 +275,23 @@ def update_dense(x_BxHxWxC: jax.Array, out_BxHxWxC: jax.Array | None,
   `head.local_taps` of it at every position:
   `(x, out, xsum, taps_BxHxWx9)`. Without a residual (None), only the sums
   and taps of `x` (`out` None); with a residual but `out` None, `out`
-  starts as `x` (a block's second unit). Only where `fuses_dense`: one
-  custom call (`onednn.update_dense`) that reads each row once, where XLA
-  makes a pass each for the masked residual, the output sum, the spatial
-  sum and the head's taps (the dense model's code, which the caller runs
-  elsewhere). The maps stay `[B, H, W, C]`: passed reshaped to `[N, C]`,
-  XLA copied `x` and `out` before the call and again after it (a jitted
-  unit at block 1's maps, batch 32: four copies of 102 MB).
+  starts as `x` (a block's second unit); with a residual but no weight
+  (None), `x += residual` everywhere and no `out` (a block's first unit:
+  `x` its shortcut). With `bias_C` the residual is `residual + bias`: a
+  unit's last bias (`ResidualUnit.split_output`), added as each row is
+  read instead of in a pass over the map of its own. Only where
+  `fuses_dense`: one custom call (`onednn.update_dense`) that reads each
+  row once, where XLA makes a pass each for the masked residual, the
+  output sum, the spatial sum and the head's taps (the dense model's code,
+  which the caller runs elsewhere). The maps stay `[B, H, W, C]`: passed
+  reshaped to `[N, C]`, XLA copied `x` and `out` before the call and again
+  after it (a jitted unit at block 1's maps, batch 32: four copies of 102
+  MB).
   """
   return onednn.update_dense(
       x_BxHxWxC, out_BxHxWxC, residual_BxHxWxC, weight_BxHxW,
-      head.taps_affine(), hw=x_BxHxWxC.shape[1] * x_BxHxWxC.shape[2])
+      head.taps_affine(), hw=x_BxHxWxC.shape[1] * x_BxHxWxC.shape[2],
+      bias_C=bias_C)
 
 
 def row_taps(taps_Nx9: jax.Array, x_NxC: jax.Array, idx_S: jax.Array,

@@ -363,15 +363,17 @@ class SactBlock:
     `_first_maps`), the new `x`'s per-image sums and the head's scores
     `[B, H, W]`. Where `rows.fuses_dense`, the maps' update, the sums and
     the head's tap products are one pass over the map
-    (`rows.update_dense`); elsewhere the dense model's code.
+    (`rows.update_dense`, which also adds the unit's last bias:
+    `residual_and_bias`); elsewhere the dense model's code.
     """
     if not rows_lib.fuses_dense(head, x_BxHxWxC.dtype):
       x, out = self._update_dense(unit, x_BxHxWxC, out_BxHxWxC, state)
       xsum = jnp.sum(x, axis=(1, 2))
       return x, out, xsum, self._dense_scores(head, x, xsum)
+    residual, bias = unit.residual_and_bias(x_BxHxWxC)
     x, out, xsum, taps = rows_lib.update_dense(
-        x_BxHxWxC, out_BxHxWxC, unit.residual(x_BxHxWxC),
-        self._out_weight(state), head=head)
+        x_BxHxWxC, out_BxHxWxC, residual, self._out_weight(state),
+        head=head, bias_C=bias)
     return x, out, xsum, self._tap_scores(head, taps, xsum)
 
   def _first_scores(self, head, x_BxHxWxC):
@@ -592,8 +594,16 @@ class SactBlock:
                                               state)
       return i + 1, x, out, halt(state, halting)
 
-    steps, x, out, state = lax.while_loop(cond, body,
-                                          (jnp.int32(0), x, x, state))
+    def skip(loop):  # Unit 2 does not run: `out` is `x`.
+      i, x, _, state = loop
+      return i, x, x, state
+
+    # Unit 2 outside the loop, from `out` None (`_first_maps` says why):
+    # a loop started from `(x, x)` copied both maps (at 56x56x256, batch
+    # 32, four copies of the map, 8 ms).
+    loop = (jnp.int32(0), x, None, state)
+    loop = lax.cond(cond(loop), body, skip, loop)
+    steps, x, out, state = lax.while_loop(cond, body, loop)
     heads = (steps + 1).astype(jnp.float32)
     run_last = (steps == last) & jnp.any(state.running > 0)
 
