@@ -101,6 +101,15 @@ class ResidualUnit(nnx.Module):
     reads the residual anyway (`sparse.rows.update_dense`)."""
     return self.residual(x_BxHxWxC), None
 
+  def split_output(self, x_BxHxWxC: jax.Array
+                   ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """`self(x)` as `(shortcut, residual, bias)`: `self(x) = shortcut +
+    residual + bias` up to rounding, `bias` `[C]` the biases of the
+    shortcut's and the branch's last convs (None: none), for a caller that
+    adds the three in a pass of its own (`sparse.rows.update_dense`).
+    `residual` None: `shortcut` is the whole output (no split)."""
+    return self(x_BxHxWxC), None, None
+
   def dilated_rows(self, x_SxKxC: jax.Array, valid_SxK: jax.Array
                    ) -> jax.Array:
     """conv2's input at rows, from patches of the unit input: `[S, D]`.
@@ -297,9 +306,26 @@ class BottleneckUnit(ResidualUnit):
 
   def residual_and_bias(self, x_BxHxWxC: jax.Array
                         ) -> tuple[jax.Array, jax.Array | None]:
-    y = self.post_conv1(self.conv1(self.preactivation(x_BxHxWxC)))
+    return self._branch_and_bias(self.preactivation(x_BxHxWxC))
+
+  def _branch_and_bias(self, preact_BxHxWxC: jax.Array
+                       ) -> tuple[jax.Array, jax.Array | None]:
+    y = self.post_conv1(self.conv1(preact_BxHxWxC))
     z = self.activation(self.conv2_bn(self.conv2(y)))
     return layers.conv_without_bias(self.conv3, z)
+
+  def split_output(self, x_BxHxWxC: jax.Array):
+    preact = self.preactivation(x_BxHxWxC)
+    if self.shortcut is not None:
+      shortcut, shortcut_bias = layers.conv_without_bias(self.shortcut,
+                                                         preact)
+    else:
+      shortcut = x_BxHxWxC[:, ::self.stride, ::self.stride, :]
+      shortcut_bias = None
+    residual, bias = self._branch_and_bias(preact)
+    if shortcut_bias is not None:
+      bias = shortcut_bias if bias is None else bias + shortcut_bias
+    return shortcut, residual, bias
 
   @property
   def identity_shortcut(self) -> bool:

@@ -777,6 +777,42 @@ class RowsTest(parameterized.TestCase):
     self.assertIsNone(none)
     np.testing.assert_array_equal(whole, cifar.residual(x))
 
+  @parameterized.parameters((16, 1), (32, 1), (32, 2), (16, 2))
+  def test_split_output_adds_up_to_the_unit(self, depth, stride):
+    """A bottleneck unit's output is its shortcut plus its residual plus
+    the last convs' biases, up to rounding: with a projection shortcut
+    (depth 32), strided or not, and an identity one (depth 16); the
+    biases are the shortcut's and conv3's. A CIFAR unit does not split."""
+    factory = layers.LayerFactory(bn_momentum=0.9, bn_epsilon=1e-3,
+                                  fast_conv_backward=True)
+    unit = units_lib.BottleneckUnit(16, depth, 8, stride=stride,
+                                    factory=factory, rngs=nnx.Rngs(1))
+    rng = np.random.default_rng(depth + stride)
+    for bn in (unit.preact, unit.conv1_bn, unit.conv2_bn):
+      tu.randomize_batch_norm(bn, rng)
+    convs = [unit.conv3] + ([unit.shortcut] if unit.shortcut else [])
+    for conv in convs:
+      conv.bias[...] = jnp.asarray(rng.normal(size=depth), jnp.float32)
+    unit.eval()
+    x = tu.images((2, 6, 8, 16), seed=4)
+    shortcut, residual, bias = unit.split_output(x)
+    want = unit(x)
+    chex.assert_equal_shape((shortcut, residual, want))
+    np.testing.assert_allclose(bias, sum(c.bias[...] for c in convs),
+                               rtol=1e-6)
+    np.testing.assert_allclose(shortcut + residual + bias, want, rtol=1e-5,
+                               atol=1e-5)
+    if unit.shortcut is None:
+      np.testing.assert_array_equal(shortcut, x[:, ::stride, ::stride])
+    cifar = units_lib.CifarUnit(
+        16, 16, factory=layers.LayerFactory(bn_momentum=0.9, bn_epsilon=1e-3),
+        rngs=nnx.Rngs(0))
+    cifar.eval()
+    whole, none, no_bias = cifar.split_output(x)
+    self.assertIsNone(none)
+    self.assertIsNone(no_bias)
+    np.testing.assert_array_equal(whole, cifar(x))
+
   @parameterized.parameters((5, 7), (600, 1000))
   def test_row_taps_match_xla(self, channels, count):
     """`row_taps` where the head's taps are affine: the rows of the index

@@ -157,6 +157,12 @@ def run_first_unit(first_gd, first_vars, x_in: jax.Array, flops_B: jax.Array
   """A block's first unit, densely; its output and the FLOPs with it."""
   first = nnx.merge(first_gd, first_vars)
   x = first(x_in)
-  flops_B = flops_B + first.dense_flops(
-      x_in.shape[1] * x_in.shape[2], x.shape[1] * x.shape[2])
-  return x, flops_B
+  return x, flops_B + first_unit_flops(first, x_in, x)
+
+
+def first_unit_flops(first: nnx.Module, x_in: jax.Array, x: jax.Array
+                     ) -> int:
+  """FLOPs per image of a block's first unit, densely from `x_in` to
+  `x`."""
+  return first.dense_flops(x_in.shape[1] * x_in.shape[2],
+                           x.shape[1] * x.shape[2])
