@@ -7,6 +7,10 @@ Every unit is pre-activation and offers two entry points:
 * `residual(x)`: the residual branch `f(x)` of a unit whose shortcut is the
   identity, so a block can apply the masked update `x + mask * f(x)`.
 
+`residual_and_bias` and `split_output` give the same with the last convs'
+biases apart, for the sparse path's passes over the map that add them on
+the way (`sparse.rows.update_dense`).
+
 The branch is written once, as `ResidualUnit` splits it where SACT's two
 position sets meet: everything up to the input of the 3x3 conv that reads
 neighbours runs on the dilated active set, the rest on the active set.
