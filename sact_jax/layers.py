@@ -248,20 +248,13 @@ def conv_with_kernel(conv: nnx.Conv, x_BxHxWxI: jax.Array,
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=conv.precision)
 
 
-def conv_without_bias(conv: nnx.Conv, x: jax.Array
+def conv_without_bias(conv: nnx.Conv, x_BxHxWxI: jax.Array
                       ) -> tuple[jax.Array, jax.Array | None]:
-  """`conv(x)` less its bias, and the bias (None where it has none), for
-  a caller that adds the bias in a pass over the output it makes anyway.
-  nnx.Conv adds its bias where `use_bias` says so: the flag is lowered for
-  the call (the module is the caller's, e.g. merged inside its jit)."""
-  if conv.bias is None:
-    return conv(x), None
-  conv.use_bias = False
-  try:
-    y = conv(x)
-  finally:
-    conv.use_bias = True
-  return y, conv.bias[...]
+  """`conv(x)` less its bias (`conv_with_kernel` with its own kernel), and
+  the bias (None where it has none), for a caller that adds the bias in a
+  pass over the output it makes anyway."""
+  y = conv_with_kernel(conv, x_BxHxWxI, conv.kernel[...])
+  return y, None if conv.bias is None else conv.bias[...]
 
 
 def patch_conv(conv: nnx.Conv, patches_SxKxC: jax.Array) -> jax.Array:

@@ -546,35 +546,29 @@ def update_dense(x_XxC: jax.Array, out_XxC: jax.Array | None,
   channels = x_XxC.shape[-1]
   rows = x_XxC.shape[:-1]
   update = residual_XxC is not None
-  plain = update and weight_X is None
+  writes_out = update and weight_X is not None  # Else no `out` at all.
+  reads_out = writes_out and out_XxC is not None  # Else it starts as `x`.
   empty = jnp.zeros((0, channels), f32)
-  if not update:  # `x` only read: no aliased result (XLA would copy it).
-    out_XxC = residual_XxC = empty
-  if weight_X is None:
-    weight_X = jnp.zeros((0,), f32)
-  if plain:
-    out_XxC = empty
-  out_is_x = update and not plain and out_XxC is None
-  if out_is_x:
-    out_XxC = empty
+  # Without an update `x` is only read: no aliased result (XLA would copy
+  # it). An `out` written fresh from `x` is not aliased to anything.
   map_result = jax.ShapeDtypeStruct(x_XxC.shape if update else empty.shape,
                                     f32)
-  out_result = map_result if update and not plain else jax.ShapeDtypeStruct(
+  out_result = map_result if writes_out else jax.ShapeDtypeStruct(
       empty.shape, f32)
-  aliases = {0: 0} if out_is_x or plain else {0: 0, 1: 1}
-  new_x, out_XxC, xsum_BxC, taps_Xx9 = jax.ffi.ffi_call(
+  aliases = ({0: 0, 1: 1} if reads_out else {0: 0}) if update else {}
+  new_x, new_out, xsum_BxC, taps_Xx9 = jax.ffi.ffi_call(
       'SactUpdateDense',
       (map_result, out_result,
        jax.ShapeDtypeStruct((math.prod(rows) // hw, channels), f32),
        jax.ShapeDtypeStruct((*rows, 9), f32)),
-      input_output_aliases=aliases if update else {},
-      vmap_method='sequential')(
-          x_XxC, out_XxC, residual_XxC, weight_X.astype(f32),
+      input_output_aliases=aliases, vmap_method='sequential')(
+          x_XxC, out_XxC if reads_out else empty,
+          residual_XxC if update else empty,
+          (weight_X if writes_out else jnp.zeros((0,), f32)).astype(f32),
           jnp.zeros((0,), f32) if bias_C is None else bias_C.astype(f32),
           *_tap_operands(tap_affine, channels), hw=np.int64(hw))
-  if not update:
-    return x_XxC, None, xsum_BxC, taps_Xx9
-  return new_x, None if plain else out_XxC, xsum_BxC, taps_Xx9
+  return (new_x if update else x_XxC, new_out if writes_out else None,
+          xsum_BxC, taps_Xx9)
 
 
 def row_taps(x_NxC: jax.Array, idx_S: jax.Array, tap_affine,

@@ -306,7 +306,10 @@ class BottleneckUnit(ResidualUnit):
     return self.activation(self.conv1_bn(y_XxD))
 
   def post_conv2(self, z_XxD: jax.Array) -> jax.Array:
-    return _pointwise(self.conv3, self.activation(self.conv2_bn(z_XxD)))
+    return _pointwise(self.conv3, self._conv3_input(z_XxD))
+
+  def _conv3_input(self, z_XxD: jax.Array) -> jax.Array:
+    return self.activation(self.conv2_bn(z_XxD))
 
   def residual_and_bias(self, x_BxHxWxC: jax.Array
                         ) -> tuple[jax.Array, jax.Array | None]:
@@ -314,9 +317,10 @@ class BottleneckUnit(ResidualUnit):
 
   def _branch_and_bias(self, preact_BxHxWxC: jax.Array
                        ) -> tuple[jax.Array, jax.Array | None]:
+    """`_branch` with conv3's bias apart."""
     y = self.post_conv1(self.conv1(preact_BxHxWxC))
-    z = self.activation(self.conv2_bn(self.conv2(y)))
-    return layers.conv_without_bias(self.conv3, z)
+    return layers.conv_without_bias(self.conv3,
+                                    self._conv3_input(self.conv2(y)))
 
   def split_output(self, x_BxHxWxC: jax.Array):
     preact = self.preactivation(x_BxHxWxC)

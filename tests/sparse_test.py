@@ -768,7 +768,7 @@ class RowsTest(parameterized.TestCase):
     np.testing.assert_array_equal(bias, unit.conv3.bias[...])
     np.testing.assert_array_equal(residual + bias, unit.residual(x))
     self.assertFalse(np.allclose(residual, unit.residual(x)))
-    self.assertTrue(unit.conv3.use_bias)  # Restored after the call.
+    self.assertTrue(unit.conv3.use_bias)  # The unit is left as it was.
     cifar = units_lib.CifarUnit(
         16, 16, factory=layers.LayerFactory(bn_momentum=0.9, bn_epsilon=1e-3),
         rngs=nnx.Rngs(0))
