@@ -425,6 +425,27 @@ def _s2d_bwd(strides, padding, precision, x, w, g_BxPxQxO):
 # ---------------------------------------------------------------------------
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _windows(x_BxHxWxI, kernel_hw, strides, padding):
+  """`patches` as one custom call (`onednn.windows`) where `_rows` runs:
+  XLA's pad, slices and concatenation were passes of their own (at batch 1
+  the concatenation alone 175 us at 14x14x256; BUILD.md, "On an AVX-512
+  EPYC (Zen 4) again"). Differentiated like `patches`."""
+  return onednn.windows(x_BxHxWxI, kernel_hw, strides, padding)
+
+
+def _windows_fwd(x, kernel_hw, strides, padding):
+  return _windows(x, kernel_hw, strides, padding), x
+
+
+def _windows_bwd(kernel_hw, strides, padding, x, g):
+  _, to_x = jax.vjp(lambda x_: patches(x_, kernel_hw, strides, padding), x)
+  return to_x(g)
+
+
+_windows.defvjp(_windows_fwd, _windows_bwd)
+
+
 def _rows(x_BxHxWxI, w_KxLxIxO, strides, padding, precision=None,
           index=None):
   """oneDNN's forward as a 1x1 convolution over one image row of windows.
@@ -435,7 +456,12 @@ def _rows(x_BxHxWxI, w_KxLxIxO, strides, padding, precision=None,
   of OpenMP threads. With `index`, `w` is a stack `[U, kh, kw, I, O]` and
   kernel `index` of it is read in place (`onednn.forward_stacked`).
   """
-  rows = patches(x_BxHxWxI, w_KxLxIxO.shape[-4:-2], strides, padding)
+  kernel_hw = tuple(w_KxLxIxO.shape[-4:-2])
+  if kernel_hw == (1, 1):  # The map itself (`_subsampled` ran before).
+    rows = patches(x_BxHxWxI, kernel_hw, strides, padding)
+  else:
+    rows = _windows(x_BxHxWxI, kernel_hw, tuple(strides),
+                    tuple(map(tuple, padding)))
   batch, p, q, depth = rows.shape
   row = rows.reshape(1, 1, batch * p * q, depth)
   w = w_KxLxIxO.reshape(*w_KxLxIxO.shape[:-4], 1, 1, depth,

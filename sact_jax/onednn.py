@@ -65,9 +65,9 @@ _HEADERS = tuple(
     for name in ('onednn_common.h', 'row_passes.h', 'run_parts.h'))
 _TARGETS = ('OnednnConvForward', 'OnednnConvForwardStacked',
             'OnednnConvInputGrad', 'OnednnConvKernelGrad',
-            'SactRowPatches3x3', 'SactNonzeroRows', 'SactUpdateRows',
-            'SactRowTaps', 'SactUpdateDense', 'SactDilatedRows',
-            'SactActiveRows')
+            'SactRowPatches3x3', 'SactWindows', 'SactNonzeroRows',
+            'SactUpdateRows', 'SactRowTaps', 'SactUpdateDense',
+            'SactDilatedRows', 'SactActiveRows')
 _LIBRARY = 'libsact_onednn.so'
 DISABLE_ENV = 'SACT_JAX_ONEDNN'
 
@@ -468,6 +468,26 @@ def row_patches(src_RxC: jax.Array, idx_S: jax.Array, *, height: int,
                            src_RxC.dtype), vmap_method='sequential')(
           src_RxC, idx_S.astype(jnp.int32), height=np.int64(height),
           width=np.int64(width), num_rows=np.int64(num_rows))
+
+
+def windows(x_BxHxWxI: jax.Array, kernel_hw, strides, padding) -> jax.Array:
+  """A convolution's input windows as rows, `[B, P, Q, kh * kw * I]`, in
+  one pass (row_gather.cc): what `conv.patches` computes with XLA's pad,
+  slices and concatenation (same values: copies, zeros outside the map).
+  Float32 on the CPU only, and no gradient (`conv._windows` has one)."""
+  _handlers()
+  (kh, kw), (sh, sw) = kernel_hw, strides
+  (top, bottom), (left, right) = padding
+  batch, height, width, channels = x_BxHxWxI.shape
+  out_h = (height + top + bottom - kh) // sh + 1
+  out_w = (width + left + right - kw) // sw + 1
+  return jax.ffi.ffi_call(
+      'SactWindows',
+      jax.ShapeDtypeStruct((batch, out_h, out_w, kh * kw * channels),
+                           x_BxHxWxI.dtype), vmap_method='sequential')(
+          x_BxHxWxI, kh=np.int64(kh), kw=np.int64(kw), stride_h=np.int64(sh),
+          stride_w=np.int64(sw), pad_top=np.int64(top),
+          pad_left=np.int64(left))
 
 
 def nonzero_rows(mask_N: jax.Array, length: int) -> jax.Array:

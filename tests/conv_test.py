@@ -530,6 +530,51 @@ class FormulationTest(parameterized.TestCase):
                                (stride, stride), 'SAME', seed=5)
 
 
+class WindowsTest(parameterized.TestCase):
+  """`conv._windows`: 'rows'' windows as one custom call (row_gather.cc)."""
+
+  @parameterized.named_parameters(
+      ('3x3_same', (1, 14, 14, 8), (3, 3), (1, 1), ((1, 1), (1, 1))),
+      ('3x3_stride2_odd', (2, 9, 7, 5), (3, 3), (2, 2), ((1, 1), (1, 1))),
+      ('3x3_asymmetric', (2, 6, 6, 4), (3, 3), (2, 2), ((0, 1), (0, 1))),
+      ('7x7_stride2', (1, 8, 8, 3), (7, 7), (2, 2), ((3, 3), (3, 3))),
+      ('3x1_hw_strides', (1, 6, 5, 2), (3, 1), (2, 1), ((2, 0), (0, 0))),
+  )
+  def test_values_and_gradient_are_patches(self, x_shape, kernel_hw,
+                                           strides, padding):
+    """The same copies as `patches` (exactly, zeros outside the map), in
+    one call, and the same input gradient."""
+    if not onednn.enabled():
+      self.skipTest('oneDNN is not built here.')
+    rng = np.random.default_rng(len(x_shape) + x_shape[-1])
+    x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+    windows = jax.jit(conv._windows, static_argnums=(1, 2, 3))
+    got = windows(x, kernel_hw, strides, padding)
+    want = conv.patches(x, kernel_hw, strides, padding)
+    chex.assert_equal_shape([got, want])
+    np.testing.assert_array_equal(got, want)
+    self.assertIn('SactWindows', windows.lower(
+        x, kernel_hw, strides, padding).as_text())
+    g = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+    grad = lambda f: jax.grad(lambda x: jnp.sum(
+        f(x, kernel_hw, strides, padding) * g))(x)
+    np.testing.assert_allclose(grad(conv._windows), grad(conv.patches),
+                               rtol=1e-6, atol=1e-6)
+
+  def test_rows_reads_3x3_windows_in_one_call(self):
+    """'rows' copies a 3x3 kernel's windows in one custom call (no
+    concatenation) and takes a 1x1 kernel's map as it is (no copy)."""
+    if not onednn.enabled():
+      self.skipTest('oneDNN is not built here.')
+    for kernel_hw, calls in (((3, 3), 1), ((1, 1), 0)):
+      x, w = _inputs(kernel_hw)
+      pads = conv.explicit_padding('SAME', kernel_hw, (1, 1), x.shape[1:3])
+      hlo = jax.jit(lambda x, w: conv.conv2d(
+          x, w, (1, 1), pads, None, 'rows', 'onednn')).lower(x, w).as_text()
+      self.assertEqual(hlo.count('SactWindows'), calls, kernel_hw)
+      self.assertNotIn('concatenate', hlo)
+
+
 class RowsMatmulTest(parameterized.TestCase):
   """`rows_matmul`: a sparse unit's row matmul, plain or from a stack."""
 
