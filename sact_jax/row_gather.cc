@@ -1,7 +1,7 @@
 // The sparse path's row passes as XLA FFI custom calls: the 3x3 patch
-// gather, a dense convolution's windows, the row index sets, the active rows' update of the block's maps,
-// a densely run unit's update of them and the halting heads' tap products
-// at rows. Built into the same library
+// gather, a dense convolution's windows, the row index sets, the active
+// rows' update of the block's maps, a densely run unit's update of them
+// and the halting heads' tap products at rows. Built into the same library
 // as onednn_conv.cc by onednn.py (they need no oneDNN, only the compiler,
 // cache and registration that library already has). A bottleneck unit's
 // stages run whole in row_stages.cc; these serve the other units (CIFAR's)
