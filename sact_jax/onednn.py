@@ -477,10 +477,10 @@ def windows(x_BxHxWxI: jax.Array, kernel_hw, strides, padding) -> jax.Array:
   Float32 on the CPU only, and no gradient (`conv._windows` has one)."""
   _handlers()
   (kh, kw), (sh, sw) = kernel_hw, strides
-  (top, bottom), (left, right) = padding
-  batch, height, width, channels = x_BxHxWxI.shape
-  out_h = (height + top + bottom - kh) // sh + 1
-  out_w = (width + left + right - kw) // sw + 1
+  top, left = padding[0][0], padding[1][0]
+  batch, channels = x_BxHxWxI.shape[0], x_BxHxWxI.shape[3]
+  out_h, out_w = _out_hw(x_BxHxWxI.shape, (kh, kw, channels, 1), strides,
+                         padding)
   return jax.ffi.ffi_call(
       'SactWindows',
       jax.ShapeDtypeStruct((batch, out_h, out_w, kh * kw * channels),
