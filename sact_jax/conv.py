@@ -428,9 +428,8 @@ def _s2d_bwd(strides, padding, precision, x, w, g_BxPxQxO):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _windows(x_BxHxWxI, kernel_hw, strides, padding):
   """`patches` as one custom call (`onednn.windows`) where `_rows` runs:
-  XLA's pad, slices and concatenation were passes of their own (at batch 1
-  the concatenation alone 175 us at 14x14x256; BUILD.md, "On an AVX-512
-  EPYC (Zen 4) again"). Differentiated like `patches`."""
+  XLA's pad, slices and concatenation are passes of their own (row_gather.cc's
+  `Windows` says what they cost). Differentiated like `patches`."""
   return onednn.windows(x_BxHxWxI, kernel_hw, strides, padding)
 
 
