@@ -176,7 +176,7 @@ class Block(nnx.Module):
       if self.steps is None:
         return x, {}
       def vanilla_body(x, step):
-        return x + step.unit.residual(x)
+        return step.unit.plus_residual(x)
       x = self._scan(vanilla_body, x)
       counter.add((self.num_units - 1) * self._unit_dense_cost(hw))
       return x, {}

@@ -60,6 +60,7 @@ from flax import nnx
 import jax
 from jax import lax
 import jax.numpy as jnp
+import numpy as np
 
 from sact_jax import onednn
 
@@ -446,14 +447,16 @@ _windows.defvjp(_windows_fwd, _windows_bwd)
 
 
 def _rows(x_BxHxWxI, w_KxLxIxO, strides, padding, precision=None,
-          index=None):
+          index=None, affine=None):
   """oneDNN's forward as a 1x1 convolution over one image row of windows.
 
   The windows (`patches`) become `[1, 1, B * P * Q, kh * kw * I]`, which
   oneDNN runs as two one-thread matmul halves, one on XLA's thread pool
   (`onednn.forward_splits`), instead of its direct convolution on a team
   of OpenMP threads. With `index`, `w` is a stack `[U, kh, kw, I, O]` and
-  kernel `index` of it is read in place (`onednn.forward_stacked`).
+  kernel `index` of it is read in place (`onednn.forward_stacked`). With
+  `affine` `(scale, shift)`, `relu(y * scale + shift)`
+  (`onednn.forward_affine_relu`, not differentiable).
   """
   kernel_hw = tuple(w_KxLxIxO.shape[-4:-2])
   if kernel_hw == (1, 1):  # The map itself (`_subsampled` ran before).
@@ -466,7 +469,9 @@ def _rows(x_BxHxWxI, w_KxLxIxO, strides, padding, precision=None,
   w = w_KxLxIxO.reshape(*w_KxLxIxO.shape[:-4], 1, 1, depth,
                         w_KxLxIxO.shape[-1])
   unpadded = ((0, 0), (0, 0))
-  if index is None:
+  if affine is not None:
+    y = onednn.forward_affine_relu(row, w, *affine, (1, 1), unpadded, index)
+  elif index is None:
     y = onednn.forward(row, w, (1, 1), unpadded, precision)
   else:
     y = onednn.forward_stacked(row, w, index, (1, 1), unpadded)
@@ -812,6 +817,130 @@ def conv_general_dilated(lhs, rhs, window_strides, padding,
       lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
       rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
       feature_group_count=feature_group_count, precision=precision, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# A convolution and what follows it per channel, in evaluation
+# ---------------------------------------------------------------------------
+
+# In evaluation a bottleneck unit's conv1 and conv2 are each followed by a
+# batch norm (a per-channel affine map) and a ReLU, and its conv3 by its
+# bias and the sum into the residual stream. As XLA's fusions each is a pass
+# over a map; as oneDNN's post-ops they are applied to the output while it
+# is in cache (BUILD.md, "Batch norm, ReLU and the residual sum inside
+# oneDNN's convolutions").
+
+
+def _onednn_route(lhs, rhs, window_strides, padding):
+  """`(x, strides, pads, unit, forward)` where oneDNN's forward runs this
+  convolution (`forward` 'onednn' or 'rows', `x` and `strides` after
+  `_subsampled`, `unit` the `stacked_unit` index where `rhs` is a stack),
+  else None."""
+  strides = tuple(int(s) for s in window_strides)
+  kernel_shape = rhs.shape[-4:]
+  unit = None
+  if rhs.ndim == 5:
+    unit = _UNIT.get()
+    if unit is None:
+      raise ValueError(f'A stack of kernels {rhs.shape} outside '
+                       '`conv.stacked_unit`.')
+  pads = explicit_padding(padding, kernel_shape[:2], strides, lhs.shape[1:3])
+  if lhs.ndim != 4 or pads is None or rhs.dtype != lhs.dtype:
+    return None
+  x, strides = _subsampled(lhs, kernel_shape, strides, pads, lhs.dtype)
+  forward = chosen_formulation(x.shape, kernel_shape, strides, pads,
+                               lhs.dtype)[0]
+  if forward not in ('onednn', 'rows'):
+    return None
+  return x, strides, pads, unit, forward
+
+
+def conv_affine_relu(lhs, rhs, window_strides, padding, scale_O, shift_O,
+                     precision=None):
+  """`relu(conv(lhs, rhs) * scale + shift)`, `conv` as
+  `conv_general_dilated` runs it (NHWC/HWIO; `rhs` may be a stack that
+  `pick` left whole).
+
+  Where oneDNN's forward runs the convolution, the affine map and the ReLU
+  are its post-ops, one custom call; under differentiation the steps run
+  apart, the convolution in its differentiable formulation. Elsewhere
+  three steps.
+  """
+  route = _onednn_route(lhs, rhs, window_strides, padding)
+  if route is not None:
+    x, strides, pads, unit, forward = route
+    return _fused(x, rhs, (scale_O, shift_O), unit, 'affine_relu', strides,
+                  pads, forward)
+  y = conv_general_dilated(lhs, rhs, window_strides, padding,
+                           dimension_numbers=_NHWC, precision=precision)
+  return jax.nn.relu(y * scale_O + shift_O)
+
+
+def conv_add_into(lhs, rhs, window_strides, padding, bias_O, into_BxPxQxO,
+                  precision=None):
+  """`into + conv(lhs, rhs) + bias` (a residual unit's last convolution
+  and the sum into the residual stream), `conv` as `conv_affine_relu`'s.
+
+  Where oneDNN's direct forward runs the convolution ('onednn'), one custom
+  call that adds into `into`'s buffer (XLA copies `into` first where it is
+  used after). 'rows' keeps the sum apart: there the sum made oneDNN's
+  matmul halves slower than they and XLA's sum took (the ImageNet
+  ResNet-101 at batch 1 1.065x its time).
+  """
+  route = _onednn_route(lhs, rhs, window_strides, padding)
+  if route is not None and route[4] == 'onednn':
+    x, strides, pads, unit, forward = route
+    return _fused(x, rhs, (bias_O, into_BxPxQxO), unit, 'add_into', strides,
+                  pads, forward)
+  y = conv_general_dilated(lhs, rhs, window_strides, padding,
+                           dimension_numbers=_NHWC, precision=precision)
+  return into_BxPxQxO + (y + bias_O)
+
+
+def _unfused(x, w, operands, index, post, strides, padding):
+  """`_fused` as separate steps, the convolution differentiable (oneDNN's
+  'onednn' passes)."""
+  if index is None:
+    y = conv2d(x, w, strides, padding, None, 'onednn', 'onednn')
+  else:
+    y = onednn.forward_stacked(x, w, index, strides, padding)
+  if post == 'affine_relu':
+    scale, shift = operands
+    return jax.nn.relu(y * scale + shift)
+  bias, into = operands
+  return into + (y + bias)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _fused(x, w, operands, index, post, strides, padding, forward):
+  """The convolution and its `post` ('affine_relu': `operands` the scale
+  and the shift; 'add_into': the bias and `into`) in one oneDNN call, run
+  as `forward` ('onednn' or 'rows')."""
+  if forward == 'rows':  # Only `conv_affine_relu` sends 'rows'.
+    return _rows(x, w, strides, padding, index=index, affine=operands)
+  if post == 'affine_relu':
+    return onednn.forward_affine_relu(x, w, *operands, strides, padding,
+                                      index)
+  return onednn.forward_add_into(x, w, *operands, strides, padding, index)
+
+
+def _fused_fwd(x, w, operands, index, post, strides, padding, forward):
+  del forward
+  y, to_inputs = jax.vjp(
+      lambda x, w, operands: _unfused(x, w, operands, index, post, strides,
+                                      padding), x, w, operands)
+  return y, (to_inputs, index)
+
+
+def _fused_bwd(post, strides, padding, forward, residuals, g):
+  del post, strides, padding, forward
+  to_inputs, index = residuals
+  index_grad = (None if index is None
+                else np.zeros(np.shape(index), jax.dtypes.float0))
+  return (*to_inputs(g), index_grad)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 # `rows_matmul` hands matrices that are not stacked to oneDNN only for

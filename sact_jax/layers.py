@@ -155,6 +155,16 @@ def batch_norm_affine(bn: nnx.BatchNorm) -> tuple[jax.Array, jax.Array]:
                  *_scale_and_bias(bn))
 
 
+def conv_bn_affine(conv: nnx.Conv, bn: nnx.BatchNorm
+                   ) -> tuple[jax.Array, jax.Array]:
+  """`bn(y + bias)` in evaluation as `y * scale + shift`, `y` what `conv`
+  computes without its bias (if it has one)."""
+  scale, shift = batch_norm_affine(bn)
+  if conv.bias is not None:
+    shift = shift + conv.bias[...] * scale
+  return scale, shift
+
+
 def _scale_and_bias(bn: nnx.BatchNorm) -> tuple[jax.Array, jax.Array]:
   """`bn`'s learned scale and bias `[C]`, ones and zeros where it has none."""
   channels = (bn.num_features,)
@@ -255,6 +265,29 @@ def conv_without_bias(conv: nnx.Conv, x_BxHxWxI: jax.Array
   pass over the output it makes anyway."""
   y = conv_with_kernel(conv, x_BxHxWxI, conv.kernel[...])
   return y, None if conv.bias is None else conv.bias[...]
+
+
+def conv_bn_relu(conv: nnx.Conv, bn: nnx.BatchNorm, x_BxHxWxI: jax.Array
+                 ) -> jax.Array:
+  """`relu(bn(conv(x)))` with `bn` in evaluation, as
+  `conv.conv_affine_relu` runs it: one oneDNN call where oneDNN runs the
+  convolution. `conv` must route through `conv.conv_general_dilated`."""
+  scale, shift = conv_bn_affine(conv, bn)
+  return conv_lib.conv_affine_relu(x_BxHxWxI, conv.kernel[...],
+                                   _strides(conv), conv.padding, scale,
+                                   shift, precision=conv.precision)
+
+
+def conv_add_into(conv: nnx.Conv, x_BxHxWxI: jax.Array,
+                  into_BxPxQxO: jax.Array) -> jax.Array:
+  """`into + conv(x)` as `conv.conv_add_into` runs it: one oneDNN call that
+  adds into `into`'s buffer where oneDNN runs the convolution. `conv` must
+  route through `conv.conv_general_dilated`."""
+  bias = (jnp.zeros((conv.out_features,), x_BxHxWxI.dtype)
+          if conv.bias is None else conv.bias[...])
+  return conv_lib.conv_add_into(x_BxHxWxI, conv.kernel[...], _strides(conv),
+                                conv.padding, bias, into_BxPxQxO,
+                                precision=conv.precision)
 
 
 def patch_conv(conv: nnx.Conv, patches_SxKxC: jax.Array) -> jax.Array:

@@ -8,9 +8,11 @@ and its convolutions are not, and no XLA flag changes that.
 
 How: onednn_conv.cc holds XLA FFI handlers of an NHWC x HWIO float32
 convolution (forward, forward from a stack of kernels, input gradient,
-kernel gradient), row_gather.cc those of the sparse path's row passes
-(`row_patches`, `nonzero_rows`, `update_rows`, `update_dense`,
-`row_taps`, which need no oneDNN but ride on this build and cache), and
+kernel gradient; the forward also with what follows it per channel in
+evaluation, `forward_affine_relu` and `forward_add_into`), row_gather.cc
+those of the sparse path's row passes (`row_patches`, `nonzero_rows`,
+`update_rows`, `update_dense`, `row_taps`, which need no oneDNN but ride
+on this build and cache), and
 row_stages.cc a bottleneck unit's two stages at rows as one call each
 (`dilated_rows`, `active_rows`: gathers, oneDNN matmuls by packed weights
 and the block's update, in tiles on two threads).
@@ -64,6 +66,9 @@ _HEADERS = tuple(
     os.path.join(os.path.dirname(__file__), name)
     for name in ('onednn_common.h', 'row_passes.h', 'run_parts.h'))
 _TARGETS = ('OnednnConvForward', 'OnednnConvForwardStacked',
+            'OnednnConvForwardAffineRelu',
+            'OnednnConvForwardStackedAffineRelu',
+            'OnednnConvForwardAddInto', 'OnednnConvForwardStackedAddInto',
             'OnednnConvInputGrad', 'OnednnConvKernelGrad',
             'SactRowPatches3x3', 'SactWindows', 'SactNonzeroRows',
             'SactUpdateRows', 'SactRowTaps', 'SactUpdateDense',
@@ -242,14 +247,14 @@ def _handlers() -> ctypes.CDLL:
 
 
 def _call(target, result_shape, operands, strides, padding,
-          blocked_weights=False):
+          blocked_weights=False, aliases=None):
   _handlers()
   attrs = {'stride_h': strides[0], 'stride_w': strides[1],
            'pad_top': padding[0][0], 'pad_left': padding[1][0],
            'blocked_weights': int(blocked_weights)}
   return jax.ffi.ffi_call(
       target, jax.ShapeDtypeStruct(result_shape, operands[0].dtype),
-      vmap_method='sequential')(
+      vmap_method='sequential', input_output_aliases=aliases)(
           *operands, **{k: np.int64(v) for k, v in attrs.items()})
 
 
@@ -339,11 +344,14 @@ BLOCKED_WEIGHTS_MIN_FLOPS = 1e9
 
 
 def _forward(x_BxHxWxI, w_KxLxIxO, strides, padding, blocked_weights=None,
-             index=None):
+             index=None, affine=None, add_into=None):
   """The forward pass; `blocked_weights` None: by the FLOPs (above).
 
   With `index`, `w_KxLxIxO` is a stack `[U, kh, kw, I, O]` and the pass
-  convolves with kernel `index` of it (`forward_stacked`).
+  convolves with kernel `index` of it (`forward_stacked`). With `affine`
+  `(scale_O, shift_O)`, it returns `relu(y * scale + shift)`
+  (`forward_affine_relu`); with `add_into` `(bias_O, into)`, `into + y +
+  bias` (`forward_add_into`).
   """
   batch = x_BxHxWxI.shape[0]
   kh, kw, cin, cout = w_KxLxIxO.shape[-4:]
@@ -351,12 +359,26 @@ def _forward(x_BxHxWxI, w_KxLxIxO, strides, padding, blocked_weights=None,
   if blocked_weights is None:
     flops = 2.0 * batch * out_hw[0] * out_hw[1] * kh * kw * cin * cout
     blocked_weights = flops >= BLOCKED_WEIGHTS_MIN_FLOPS
-  if index is None:
-    return _call('OnednnConvForward', (batch, *out_hw, cout),
-                 (x_BxHxWxI, w_KxLxIxO), strides, padding, blocked_weights)
-  return _call('OnednnConvForwardStacked', (batch, *out_hw, cout),
-               (x_BxHxWxI, w_KxLxIxO, index.astype(np.int32)), strides,
-               padding, blocked_weights)
+  operands = (x_BxHxWxI, w_KxLxIxO)
+  if index is not None:
+    operands += (index.astype(np.int32),)
+  post_ops, aliases = None, None
+  if affine is not None:
+    post_ops = 'AffineRelu'
+    operands += tuple(a.astype(x_BxHxWxI.dtype) for a in affine)
+  elif add_into is not None:
+    post_ops = 'AddInto'
+    operands += (add_into[0].astype(x_BxHxWxI.dtype), add_into[1])
+    aliases = {len(operands) - 1: 0}
+  target = {(False, None): 'OnednnConvForward',
+            (True, None): 'OnednnConvForwardStacked',
+            (False, 'AffineRelu'): 'OnednnConvForwardAffineRelu',
+            (True, 'AffineRelu'): 'OnednnConvForwardStackedAffineRelu',
+            (False, 'AddInto'): 'OnednnConvForwardAddInto',
+            (True, 'AddInto'): 'OnednnConvForwardStackedAddInto'}[
+                index is not None, post_ops]
+  return _call(target, (batch, *out_hw, cout), operands, strides, padding,
+               blocked_weights, aliases)
 
 
 # The three passes are linear in each operand, and each one's derivatives
@@ -440,6 +462,31 @@ def _forward_stacked_bwd(strides, padding, residuals, c_BxPxQxO):
 
 
 forward_stacked.defvjp(_forward_stacked_fwd, _forward_stacked_bwd)
+
+
+def forward_affine_relu(x_BxHxWxI, w_KxLxIxO, scale_O, shift_O, strides,
+                        padding, index=None):
+  """`relu(forward(x, w) * scale + shift)` in one call: the affine map
+  and the ReLU are oneDNN's post-ops, applied while the output is in cache
+  (onednn_conv.cc, `PostOps`). With `index`, kernel `index` of a
+  stack `[U, kh, kw, I, O]`, read in place (`forward_stacked`).
+
+  Not differentiable: `conv.conv_affine_relu` differentiates the three
+  steps apart instead.
+  """
+  return _forward(x_BxHxWxI, w_KxLxIxO, strides, padding, index=index,
+                  affine=(scale_O, shift_O))
+
+
+def forward_add_into(x_BxHxWxI, w_KxLxIxO, bias_O, into_BxPxQxO, strides,
+                     padding, index=None):
+  """`into + forward(x, w) + bias` in one call, written over `into`'s
+  buffer: oneDNN adds the output into it and the bias as post-ops
+  (onednn_conv.cc, `PostOps`). With `index`, kernel `index` of a stack, read
+  in place. Not differentiable (`conv.conv_add_into` is).
+  """
+  return _forward(x_BxHxWxI, w_KxLxIxO, strides, padding, index=index,
+                  add_into=(bias_O, into_BxPxQxO))
 
 
 def backward(strides, padding, precision, x_BxHxWxI, w_KxLxIxO, g_BxPxQxO):

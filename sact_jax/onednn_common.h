@@ -1,9 +1,11 @@
 // What onednn_conv.cc and row_stages.cc share: oneDNN's CPU engine, the
 // lock that lets one oneDNN pass run at a time, OpenMP's thread count held
-// at one, and one-thread matmuls of row tiles by packed matrices.
+// at one, one-thread matmuls of row tiles by packed matrices, and a row's
+// batch norm and ReLU.
 #ifndef SACT_JAX_ONEDNN_COMMON_H_
 #define SACT_JAX_ONEDNN_COMMON_H_
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -144,6 +146,15 @@ inline PackedMatmuls& GetPackedMatmuls(int64_t k, int64_t n) {
   auto& slot = cache[{k, n}];
   if (!slot) slot = std::make_unique<PackedMatmuls>(k, n);
   return *slot;
+}
+
+// `to[c] = max(from[c] * scale[c] + shift[c], 0)` for a row of `n`.
+inline void AffineRelu(const float* from, const float* __restrict scale,
+                       const float* __restrict shift, int64_t n, float* to) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) {
+    to[c] = std::max(from[c] * scale[c] + shift[c], 0.0f);
+  }
 }
 
 }  // namespace sact_jax

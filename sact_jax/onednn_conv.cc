@@ -19,6 +19,7 @@
 #include "run_parts.h"
 
 namespace ffi = xla::ffi;
+using sact_jax::AffineRelu;
 using sact_jax::Engine;
 using sact_jax::OneThread;
 using sact_jax::RunMutex;
@@ -33,9 +34,9 @@ using dt = dnnl::memory::data_type;
 // along H and W, padding before H and W, output H and W (the padding after
 // follows from them); and, for the forward, whether the primitive gets the
 // weights in the layout it prefers (reordered on every call) rather than
-// as HWIO.
+// as HWIO, and which post-ops it ends in (`PostOps`).
 struct Shape {
-  int64_t v[14];
+  int64_t v[15];
   bool operator==(const Shape& o) const {
     return std::memcmp(v, o.v, sizeof(v)) == 0;
   }
@@ -53,6 +54,7 @@ struct Shape {
   int64_t oh() const { return v[11]; }
   int64_t ow() const { return v[12]; }
   bool blocked_weights() const { return v[13] != 0; }
+  int64_t post_ops() const { return v[14]; }
   dnnl::memory::dims strides() const { return {sh(), sw()}; }
   dnnl::memory::dims pad_l() const { return {top(), left()}; }
   dnnl::memory::dims pad_r() const {
@@ -69,6 +71,55 @@ struct Shape {
   }
 };
 
+// What a forward does to its output `y` while it is in cache, per output
+// channel `c`, as oneDNN post-ops. XLA's pass over the output afterwards
+// reads and writes the whole map (BUILD.md, "Batch norm, ReLU and the
+// residual sum inside oneDNN's convolutions"):
+// * kAffineRelu: `relu(y * scale[c] + shift[c])`, an inference unit's batch
+//   norm and ReLU after conv1 and conv2 (conv.py's `conv_affine_relu`);
+// * kBiasSum: `y + bias[c] + d`, `d` what the output buffer held before
+//   (XLA passes it aliased): conv3 and its bias added into the residual
+//   stream (conv.py's `conv_add_into`).
+enum PostOps { kNone = 0, kAffineRelu = 1, kBiasSum = 2 };
+
+dnnl::primitive_attr PostOpsAttr(int64_t kind,
+                                 const dnnl::memory::desc& channels) {
+  dnnl::post_ops ops;
+  if (kind == kAffineRelu) {
+    ops.append_binary(dnnl::algorithm::binary_mul, channels);
+    ops.append_binary(dnnl::algorithm::binary_add, channels);
+    ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.0f, 0.0f);
+  } else if (kind == kBiasSum) {
+    ops.append_sum();
+    ops.append_binary(dnnl::algorithm::binary_add, channels);
+  }
+  dnnl::primitive_attr attr;
+  attr.set_post_ops(ops);
+  return attr;
+}
+
+// The post-ops and their per-channel operands: `a` the scale or the bias,
+// `b` the shift (null where unused).
+struct PostOpArgs {
+  int64_t kind = kNone;
+  const float* a = nullptr;
+  const float* b = nullptr;
+};
+
+// `PostOpsAttr`'s operands as execution arguments.
+void AddPostOpArgs(const PostOpArgs& post, const dnnl::memory::desc& channels,
+                   std::unordered_map<int, dnnl::memory>& args) {
+  auto at = [&](const float* p) {
+    return dnnl::memory(channels, Engine(), const_cast<float*>(p));
+  };
+  if (post.kind == kAffineRelu) {
+    args[DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1] = at(post.a);
+    args[DNNL_ARG_ATTR_MULTIPLE_POST_OP(1) | DNNL_ARG_SRC_1] = at(post.b);
+  } else if (post.kind == kBiasSum) {
+    args[DNNL_ARG_ATTR_MULTIPLE_POST_OP(1) | DNNL_ARG_SRC_1] = at(post.a);
+  }
+}
+
 struct ShapeHash {
   size_t operator()(const Shape& k) const {
     size_t h = 0;
@@ -82,6 +133,7 @@ struct ShapeHash {
 struct Pass {
   dnnl::primitive prim;
   dnnl::memory::desc x, w_user, w_prim, y;
+  dnnl::memory::desc channels;  // `[1, O, 1, 1]`: the post-ops' operands.
   dnnl::reorder w_reorder;
   bool reorder = false;
   // The weights in the primitive's layout, allocated once: a fresh buffer
@@ -93,10 +145,11 @@ enum Kind { kForward, kInputGrad, kKernelGrad };
 
 dnnl::convolution_forward::primitive_desc ForwardDesc(
     const Shape& s, const dnnl::memory::desc& x, const dnnl::memory::desc& y,
-    dnnl::prop_kind prop, tag w_layout) {
+    dnnl::prop_kind prop, tag w_layout,
+    const dnnl::primitive_attr& attr = dnnl::primitive_attr()) {
   return dnnl::convolution_forward::primitive_desc(
       Engine(), prop, dnnl::algorithm::convolution_direct, x,
-      s.w_desc(w_layout), y, s.strides(), s.pad_l(), s.pad_r());
+      s.w_desc(w_layout), y, s.strides(), s.pad_l(), s.pad_r(), attr);
 }
 
 std::unique_ptr<Pass> Build(Kind kind, const Shape& s) {
@@ -111,12 +164,16 @@ std::unique_ptr<Pass> Build(Kind kind, const Shape& s) {
     // caller asks for the blocked layout (onednn.py says when) or only
     // im2col + gemm would take HWIO (AVX2; the gradients everywhere, 3x
     // slower than with the layout the primitive prefers).
+    pass->channels = dnnl::memory::desc({1, s.o(), 1, 1}, dt::f32,
+                                        tag::nchw);
+    dnnl::primitive_attr attr;
+    if (s.post_ops() != kNone) attr = PostOpsAttr(s.post_ops(), pass->channels);
     auto pd = ForwardDesc(s, pass->x, pass->y,
                           dnnl::prop_kind::forward_inference,
-                          s.blocked_weights() ? tag::any : tag::hwio);
+                          s.blocked_weights() ? tag::any : tag::hwio, attr);
     if (std::string(pd.impl_info_str()).find("gemm") != std::string::npos) {
       pd = ForwardDesc(s, pass->x, pass->y,
-                       dnnl::prop_kind::forward_inference, tag::any);
+                       dnnl::prop_kind::forward_inference, tag::any, attr);
     }
     pass->prim = dnnl::convolution_forward(pd);
     pass->w_prim = pd.weights_desc();
@@ -165,10 +222,11 @@ struct ConvAttrs {
 };
 
 Shape MakeShape(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
-                ffi::Span<const int64_t> y, const ConvAttrs& a) {
+                ffi::Span<const int64_t> y, const ConvAttrs& a,
+                int64_t post_ops = kNone) {
   return Shape{{x[0], x[1], x[2], x[3], w[3], w[0], w[1], a.stride_h,
                 a.stride_w, a.pad_top, a.pad_left, y[1], y[2],
-                a.blocked_weights}};
+                a.blocked_weights, post_ops}};
 }
 
 // OpenMP threads for one pass: at least kFlopsPerThread each, at most as
@@ -194,8 +252,10 @@ class ThreadsForPass {
 // forward: (x, w) -> y; input gradient: (dy, w) -> dx; kernel gradient:
 // (x, dy) -> dw. `x`, `w` and `y` point at the input, kernel and output
 // (or their gradients), whichever are operands and result of the pass.
-// oneDNN reports failures as exceptions, which must not cross into XLA.
-ffi::Error Run(Kind kind, const Shape& shape, void* x, void* w, void* y) try {
+// `post`: the forward's post-ops' operands. oneDNN reports failures as
+// exceptions, which must not cross into XLA.
+ffi::Error Run(Kind kind, const Shape& shape, void* x, void* w, void* y,
+               const PostOpArgs& post = PostOpArgs()) try {
   std::lock_guard<std::mutex> lock(RunMutex());
   ThreadsForPass threads(shape);
   Pass* pass = Get(kind, shape);
@@ -207,8 +267,10 @@ ffi::Error Run(Kind kind, const Shape& shape, void* x, void* w, void* y) try {
     pass->w_reorder.execute(stream, wu, wp);
   }
   if (kind == kForward) {
-    pass->prim.execute(stream, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wp},
-                                {DNNL_ARG_DST, ym}});
+    std::unordered_map<int, dnnl::memory> args = {
+        {DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wp}, {DNNL_ARG_DST, ym}};
+    AddPostOpArgs(post, pass->channels, args);
+    pass->prim.execute(stream, args);
   } else if (kind == kInputGrad) {
     pass->prim.execute(stream, {{DNNL_ARG_DIFF_DST, ym},
                                 {DNNL_ARG_WEIGHTS, wp},
@@ -290,20 +352,31 @@ Split* GetSplit(const Shape& s) {
   return slot.get();
 }
 
-void RunHalf(SplitHalf& h, void* x, void* w, void* y) {
+// kAffineRelu then runs on the same thread, while the half's output is in
+// cache: oneDNN's matmul of a half (rows `n` apart) has binary post-ops
+// only in its reference implementation, 20x slower.
+void RunHalf(SplitHalf& h, void* x, void* w, void* y, const PostOpArgs& post) {
   dnnl::stream stream(Engine());
+  float* out = static_cast<float*>(y) + h.n0;
   dnnl::memory am(h.a, Engine(), x);
   dnnl::memory bm(h.b, Engine(), static_cast<float*>(w) + h.n0);
-  dnnl::memory cm(h.c, Engine(), static_cast<float*>(y) + h.n0);
+  dnnl::memory cm(h.c, Engine(), out);
   h.prim.execute(stream, {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm},
                           {DNNL_ARG_DST, cm},
                           {DNNL_ARG_SCRATCHPAD, h.scratchpad}});
   stream.wait();
+  if (post.kind != kAffineRelu) return;
+  const auto dims = h.c.get_dims();
+  const int64_t rows = dims[0], width = dims[1], stride = h.c.get_strides()[0];
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = out + r * stride;
+    AffineRelu(row, post.a + h.n0, post.b + h.n0, width, row);
+  }
 }
 
 // The caller holds RunMutex(): one pass (here, one pair of halves) at a time.
 ffi::Error RunSplit(const Shape& shape, void* x, void* w, void* y,
-                    ffi::ThreadPool& pool) {
+                    const PostOpArgs& post, ffi::ThreadPool& pool) {
   Split* split;
   try {
     OneThread one;  // The halves' primitives: one thread each.
@@ -316,7 +389,7 @@ ffi::Error RunSplit(const Shape& shape, void* x, void* w, void* y,
   RunParts(pool, 2, [&](int k, int) {
     try {
       OneThread one;
-      RunHalf(split->half[k], x, w, y);
+      RunHalf(split->half[k], x, w, y, post);
       ok[k] = true;
     } catch (const std::exception&) {  // Never into XLA's pool.
     }
@@ -327,11 +400,16 @@ ffi::Error RunSplit(const Shape& shape, void* x, void* w, void* y,
 }
 
 // A forward: as two halves where `Splits` says so, else as `Run` does.
+// kBiasSum never splits: as gemm's sum (beta 1) the halves took longer
+// than without it and XLA's sum after them (conv.py's `conv_add_into`
+// keeps those apart).
 ffi::Error RunForward(const Shape& shape, void* x, void* w, void* y,
-                      ffi::ThreadPool& pool) {
-  if (!Splits(shape)) return Run(kForward, shape, x, w, y);
+                      const PostOpArgs& post, ffi::ThreadPool& pool) {
+  if (!Splits(shape) || post.kind == kBiasSum) {
+    return Run(kForward, shape, x, w, y, post);
+  }
   std::lock_guard<std::mutex> lock(RunMutex());
-  return RunSplit(shape, x, w, y, pool);
+  return RunSplit(shape, x, w, y, post, pool);
 }
 
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -340,7 +418,61 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   return RunForward(MakeShape(x.dimensions(), w.dimensions(),
                               y->dimensions(), attrs),
                     x.untyped_data(), w.untyped_data(), y->untyped_data(),
-                    pool);
+                    PostOpArgs(), pool);
+}
+
+// Post-ops `kind` with per-channel operands `a` and `b` (`[O]` each, `b`
+// null for kBiasSum), checked against the output `y`.
+ffi::ErrorOr<PostOpArgs> CheckedPostOps(int64_t kind,
+                                        const ffi::Buffer<ffi::F32>& a,
+                                        const ffi::Buffer<ffi::F32>* b,
+                                        ffi::ResultBuffer<ffi::F32>& y) {
+  const int64_t channels = y->dimensions().back();
+  if (a.element_count() != channels ||
+      (b != nullptr && b->element_count() != channels)) {
+    return ffi::Unexpected(ffi::Error(
+        ffi::ErrorCode::kInvalidArgument,
+        "oneDNN convolution: expected one value per output channel"));
+  }
+  return PostOpArgs{kind, a.typed_data(),
+                    b == nullptr ? nullptr : b->typed_data()};
+}
+
+ffi::Error RunWithPostOps(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                          ffi::ResultBuffer<ffi::F32> y,
+                          const ConvAttrs& attrs,
+                          const ffi::ErrorOr<PostOpArgs>& post,
+                          ffi::ThreadPool& pool) {
+  if (post.has_error()) return post.error();
+  return RunForward(MakeShape(x.dimensions(), w.dimensions(),
+                              y->dimensions(), attrs, post->kind),
+                    x.untyped_data(), w.untyped_data(), y->untyped_data(),
+                    *post, pool);
+}
+
+// `Forward` followed by `relu(y * scale + shift)` (kAffineRelu).
+ffi::Error ForwardAffineRelu(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                             ffi::Buffer<ffi::F32> scale,
+                             ffi::Buffer<ffi::F32> shift,
+                             ffi::ResultBuffer<ffi::F32> y, ConvAttrs attrs,
+                             ffi::ThreadPool pool) {
+  return RunWithPostOps(x, w, y, attrs,
+                        CheckedPostOps(kAffineRelu, scale, &shift, y), pool);
+}
+
+// `into + Forward + bias` (kBiasSum), `y` aliased to `into`.
+ffi::Error ForwardAddInto(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                          ffi::Buffer<ffi::F32> bias,
+                          ffi::Buffer<ffi::F32> into,
+                          ffi::ResultBuffer<ffi::F32> y, ConvAttrs attrs,
+                          ffi::ThreadPool pool) {
+  if (into.untyped_data() != y->untyped_data()) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "oneDNN convolution: the sum's operand must be "
+                      "aliased to the output");
+  }
+  return RunWithPostOps(x, w, y, attrs,
+                        CheckedPostOps(kBiasSum, bias, nullptr, y), pool);
 }
 
 // The forward of unit `index` of a stack of equal kernels `[U, kh, kw, I,
@@ -349,10 +481,12 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
 // ImageNet unit, a tenth of a batch-1 forward); the stack itself is the
 // loop's operand and costs nothing to pass. The index is clamped as XLA
 // clamps a dynamic slice.
-ffi::Error ForwardStacked(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                          ffi::Buffer<ffi::S32> index,
-                          ffi::ResultBuffer<ffi::F32> y, ConvAttrs attrs,
-                          ffi::ThreadPool pool) {
+ffi::Error RunStacked(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                      ffi::Buffer<ffi::S32> index,
+                      ffi::ResultBuffer<ffi::F32> y, const ConvAttrs& attrs,
+                      const ffi::ErrorOr<PostOpArgs>& post,
+                      ffi::ThreadPool& pool) {
+  if (post.has_error()) return post.error();
   auto stack = w.dimensions();
   if (stack.size() != 5 || index.element_count() != 1) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
@@ -362,9 +496,39 @@ ffi::Error ForwardStacked(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   int64_t unit = std::clamp<int64_t>(index.typed_data()[0], 0, stack[0] - 1);
   int64_t size = stack[1] * stack[2] * stack[3] * stack[4];
   return RunForward(MakeShape(x.dimensions(), stack.last(4),
-                              y->dimensions(), attrs),
+                              y->dimensions(), attrs, post->kind),
                     x.untyped_data(), w.typed_data() + unit * size,
-                    y->untyped_data(), pool);
+                    y->untyped_data(), *post, pool);
+}
+
+ffi::Error ForwardStacked(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                          ffi::Buffer<ffi::S32> index,
+                          ffi::ResultBuffer<ffi::F32> y, ConvAttrs attrs,
+                          ffi::ThreadPool pool) {
+  return RunStacked(x, w, index, y, attrs, PostOpArgs(), pool);
+}
+
+ffi::Error ForwardStackedAffineRelu(
+    ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+    ffi::Buffer<ffi::S32> index, ffi::Buffer<ffi::F32> scale,
+    ffi::Buffer<ffi::F32> shift, ffi::ResultBuffer<ffi::F32> y,
+    ConvAttrs attrs, ffi::ThreadPool pool) {
+  return RunStacked(x, w, index, y, attrs,
+                    CheckedPostOps(kAffineRelu, scale, &shift, y), pool);
+}
+
+ffi::Error ForwardStackedAddInto(
+    ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+    ffi::Buffer<ffi::S32> index, ffi::Buffer<ffi::F32> bias,
+    ffi::Buffer<ffi::F32> into, ffi::ResultBuffer<ffi::F32> y,
+    ConvAttrs attrs, ffi::ThreadPool pool) {
+  if (into.untyped_data() != y->untyped_data()) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "oneDNN convolution: the sum's operand must be "
+                      "aliased to the output");
+  }
+  return RunStacked(x, w, index, y, attrs,
+                    CheckedPostOps(kBiasSum, bias, nullptr, y), pool);
 }
 
 ffi::Error InputGrad(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
@@ -431,5 +595,36 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvForwardStacked, ForwardStacked,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attrs<ConvAttrs>()
                                   .Ctx<ffi::ThreadPool>());
+// (x, w, a, b) -> y and (x, w, index, a, b) -> y.
+#define SACT_BIND_POST_OPS                         \
+  ffi::Ffi::Bind()                                 \
+      .Arg<ffi::Buffer<ffi::F32>>()                \
+      .Arg<ffi::Buffer<ffi::F32>>()                \
+      .Arg<ffi::Buffer<ffi::F32>>()                \
+      .Arg<ffi::Buffer<ffi::F32>>()                \
+      .Ret<ffi::Buffer<ffi::F32>>()                \
+      .Attrs<ConvAttrs>()                          \
+      .Ctx<ffi::ThreadPool>()
+#define SACT_BIND_STACKED_POST_OPS                 \
+  ffi::Ffi::Bind()                                 \
+      .Arg<ffi::Buffer<ffi::F32>>()                \
+      .Arg<ffi::Buffer<ffi::F32>>()                \
+      .Arg<ffi::Buffer<ffi::S32>>()                \
+      .Arg<ffi::Buffer<ffi::F32>>()                \
+      .Arg<ffi::Buffer<ffi::F32>>()                \
+      .Ret<ffi::Buffer<ffi::F32>>()                \
+      .Attrs<ConvAttrs>()                          \
+      .Ctx<ffi::ThreadPool>()
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvForwardAffineRelu, ForwardAffineRelu,
+                              SACT_BIND_POST_OPS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvForwardStackedAffineRelu,
+                              ForwardStackedAffineRelu,
+                              SACT_BIND_STACKED_POST_OPS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvForwardAddInto, ForwardAddInto,
+                              SACT_BIND_POST_OPS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvForwardStackedAddInto,
+                              ForwardStackedAddInto,
+                              SACT_BIND_STACKED_POST_OPS);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvInputGrad, InputGrad, SACT_BIND);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvKernelGrad, KernelGrad, SACT_BIND);

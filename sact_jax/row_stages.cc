@@ -37,6 +37,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+using sact_jax::AffineRelu;
 using sact_jax::GetPackedMatmuls;
 using sact_jax::InPlace;
 using sact_jax::OneThread;
@@ -95,15 +96,6 @@ const float* Matrix(const ffi::Buffer<ffi::F32>& w,
   // Clamped as XLA clamps a dynamic slice.
   const int64_t u = std::clamp<int64_t>(unit.typed_data()[0], 0, d[0] - 1);
   return w.typed_data() + u * k * n;
-}
-
-// `to[c] = max(from[c] * scale[c] + shift[c], 0)` for a row of `n`.
-inline void AffineRelu(const float* from, const float* __restrict scale,
-                       const float* __restrict shift, int64_t n, float* to) {
-#pragma omp simd
-  for (int64_t c = 0; c < n; ++c) {
-    to[c] = std::max(from[c] * scale[c] + shift[c], 0.0f);
-  }
 }
 
 // Tiles `[begin, end)` of `count` valid rows (`ValidRows`), at most

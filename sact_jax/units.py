@@ -27,6 +27,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from sact_jax import conv as conv_lib
 from sact_jax import flops as flops_lib
 from sact_jax import layers
 
@@ -97,6 +98,10 @@ class ResidualUnit(nnx.Module):
 
   def residual(self, x_BxHxWxC: jax.Array) -> jax.Array:
     return self._branch(self.preactivation(x_BxHxWxC))
+
+  def plus_residual(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    """`x + residual(x)`: the unit where nothing masks its update."""
+    return x_BxHxWxC + self.residual(x_BxHxWxC)
 
   def residual_and_bias(self, x_BxHxWxC: jax.Array
                         ) -> tuple[jax.Array, jax.Array | None]:
@@ -187,15 +192,6 @@ def _matrix(conv: nnx.Conv) -> jax.Array:
   (rows in HWIO order: a row-major window's taps)."""
   kernel = conv.kernel[...]
   return kernel.reshape(*kernel.shape[:-4], -1, kernel.shape[-1])
-
-
-def _bn_after(conv: nnx.Conv, bn: nnx.BatchNorm
-              ) -> tuple[jax.Array, jax.Array]:
-  """`bn(y + bias)` as `y * scale + shift`, `bias` `conv`'s (if any)."""
-  scale, shift = layers.batch_norm_affine(bn)
-  if conv.bias is not None:
-    shift = shift + conv.bias[...] * scale
-  return scale, shift
 
 
 def _pointwise(conv: nnx.Conv, x: jax.Array) -> jax.Array:
@@ -294,8 +290,8 @@ class BottleneckUnit(ResidualUnit):
 
   def row_matrices(self) -> 'RowMatrices':
     s0, t0 = layers.batch_norm_affine(self.preact)
-    s1, t1 = _bn_after(self.conv1, self.conv1_bn)
-    s2, t2 = _bn_after(self.conv2, self.conv2_bn)
+    s1, t1 = layers.conv_bn_affine(self.conv1, self.conv1_bn)
+    s2, t2 = layers.conv_bn_affine(self.conv2, self.conv2_bn)
     bias = self.conv3.bias
     return RowMatrices(
         s0=s0, t0=t0, w1=_matrix(self.conv1), s1=s1, t1=t1,
@@ -311,6 +307,43 @@ class BottleneckUnit(ResidualUnit):
   def _conv3_input(self, z_XxD: jax.Array) -> jax.Array:
     return self.activation(self.conv2_bn(z_XxD))
 
+  def _fuses(self) -> bool:
+    """Whether the unit runs its convolutions with what follows them as
+    one oneDNN call each where oneDNN runs them: in evaluation, on the
+    CPU's routed convolutions, with the ReLU of this class."""
+    return (self.conv1_bn.use_running_average
+            and self.conv1.conv_general_dilated
+            is conv_lib.conv_general_dilated
+            and type(self).activation is BottleneckUnit.activation)
+
+  def _conv_bn_relu(self, conv: nnx.Conv, bn: nnx.BatchNorm,
+                    x_BxHxWxC: jax.Array) -> jax.Array:
+    """`activation(bn(conv(x)))`: conv1 then `post_conv1`, or conv2 then
+    `_conv3_input` (`layers.conv_bn_relu` where `_fuses`)."""
+    if self._fuses():
+      return layers.conv_bn_relu(conv, bn, x_BxHxWxC)
+    return self.activation(bn(conv(x_BxHxWxC)))
+
+  def _add_branch(self, preact_BxHxWxC: jax.Array,
+                  into_BxPxQxD: jax.Array) -> jax.Array:
+    """`into + _branch(preact)` (conv3 adds into `into` where `_fuses`:
+    `layers.conv_add_into`)."""
+    if self._fuses():
+      return layers.conv_add_into(
+          self.conv3, self._conv3_input_from(preact_BxHxWxC), into_BxPxQxD)
+    return into_BxPxQxD + self._branch(preact_BxHxWxC)
+
+  def plus_residual(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    return self._add_branch(self.preactivation(x_BxHxWxC), x_BxHxWxC)
+
+  def _conv3_input_from(self, preact_BxHxWxC: jax.Array) -> jax.Array:
+    """conv3's input from the pre-activated unit input."""
+    y = self._conv_bn_relu(self.conv1, self.conv1_bn, preact_BxHxWxC)
+    return self._conv_bn_relu(self.conv2, self.conv2_bn, y)
+
+  def _branch(self, preact_BxHxWxC: jax.Array) -> jax.Array:
+    return _pointwise(self.conv3, self._conv3_input_from(preact_BxHxWxC))
+
   def residual_and_bias(self, x_BxHxWxC: jax.Array
                         ) -> tuple[jax.Array, jax.Array | None]:
     return self._branch_and_bias(self.preactivation(x_BxHxWxC))
@@ -318,9 +351,8 @@ class BottleneckUnit(ResidualUnit):
   def _branch_and_bias(self, preact_BxHxWxC: jax.Array
                        ) -> tuple[jax.Array, jax.Array | None]:
     """`_branch` with conv3's bias apart."""
-    y = self.post_conv1(self.conv1(preact_BxHxWxC))
     return layers.conv_without_bias(self.conv3,
-                                    self._conv3_input(self.conv2(y)))
+                                    self._conv3_input_from(preact_BxHxWxC))
 
   def split_output(self, x_BxHxWxC: jax.Array):
     preact = self.preactivation(x_BxHxWxC)
@@ -345,7 +377,7 @@ class BottleneckUnit(ResidualUnit):
       shortcut = self.shortcut(preact)
     else:
       shortcut = x_BxHxWxC[:, ::self.stride, ::self.stride, :]
-    return shortcut + self._branch(preact)
+    return self._add_branch(preact, shortcut)
 
   @property
   def active_cost(self) -> int:

@@ -575,6 +575,127 @@ class WindowsTest(parameterized.TestCase):
       self.assertNotIn('concatenate', hlo)
 
 
+def _reference_post_ops(post, x, w, operands, strides):
+  """What `conv_affine_relu` / `conv_add_into` compute, from `lax`."""
+  y = lax.conv_general_dilated(x, w, strides, 'SAME', dimension_numbers=_NHWC,
+                               precision=lax.Precision.HIGHEST)
+  if post == 'affine_relu':
+    scale, shift = operands
+    return jax.nn.relu(y * scale + shift)
+  bias, into = operands
+  return into + y + bias
+
+
+def _ours_post_ops(post, x, w, operands, strides):
+  fn = conv.conv_affine_relu if post == 'affine_relu' else conv.conv_add_into
+  return fn(x, w, strides, 'SAME', *operands)
+
+
+_POST_OPS_CASES = (
+    # 3x3 over 4 x 16 x 16 positions: oneDNN's direct convolution.
+    ('direct_3x3', (4, 16, 16, 32), (3, 3, 32, 48), 1, 'onednn'),
+    ('direct_3x3_stride2', (4, 17, 17, 32), (3, 3, 32, 48), 2, 'onednn'),
+    ('direct_1x1', (2, 16, 16, 64), (1, 1, 64, 40), 1, 'onednn'),
+    # 64 positions, 19 MFLOPs: two matmul halves over the windows.
+    ('rows_3x3', (1, 8, 8, 128), (3, 3, 128, 128), 1, 'rows'),
+    ('rows_3x3_stride2', (1, 16, 16, 128), (3, 3, 128, 128), 2, 'rows'),
+    ('rows_1x1', (1, 8, 8, 512), (1, 1, 512, 256), 1, 'rows'),
+)
+
+
+class ConvPostOpsTest(parameterized.TestCase):
+  """`conv_affine_relu` and `conv_add_into`: a convolution and what follows
+  it per channel, in one oneDNN call where oneDNN's forward runs it."""
+
+  @parameterized.named_parameters(
+      [(f'{name}_{post}', post, *case) for name, *case in _POST_OPS_CASES
+       for post in ('affine_relu', 'add_into')])
+  def test_values_gradients_and_one_call(self, post, x_shape, w_shape,
+                                         stride, route):
+    """The values and the gradients of the steps apart; the post-ops in
+    the call (plain and from a stack), nothing left to XLA's fusions.
+    `conv_add_into` keeps 'rows' and its sum apart."""
+    if not onednn.enabled():
+      self.skipTest('oneDNN is not built here.')
+    self.enter_context(absltest.mock.patch.object(
+        onednn, 'forward_copies_weights', return_value=False))
+    strides = (stride, stride)
+    pads = conv.explicit_padding('SAME', w_shape[:2], strides, x_shape[1:3])
+    if route == 'rows' and not onednn.windows_split(x_shape, w_shape,
+                                                    strides, pads):
+      self.skipTest('One CPU: oneDNN does not split the row here.')
+    self.assertEqual(conv.chosen_formulation(x_shape, w_shape, strides, pads,
+                                             jnp.float32)[0], route)
+    rng = np.random.default_rng(sum(x_shape) + stride)
+    x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+    fan_in = np.prod(w_shape[:3])
+    stack = jnp.asarray(rng.normal(size=(3, *w_shape)) / np.sqrt(fan_in),
+                        jnp.float32)
+    cout = w_shape[-1]
+    out_shape = (x_shape[0], *(-(-n // stride) for n in x_shape[1:3]), cout)
+    if post == 'affine_relu':
+      operands = (jnp.asarray(rng.uniform(0.5, 1.5, cout), jnp.float32),
+                  jnp.asarray(rng.normal(size=cout), jnp.float32))
+    else:
+      operands = (jnp.asarray(rng.normal(size=cout), jnp.float32),
+                  jnp.asarray(rng.normal(size=out_shape), jnp.float32))
+
+    def plain(x, w, operands):
+      return _ours_post_ops(post, x, w[1], operands, strides)
+
+    def stacked(x, w, operands):
+      with conv.stacked_unit(jnp.int32(1)):
+        return _ours_post_ops(post, x, w, operands, strides)
+
+    want = _reference_post_ops(post, x, stack[1], operands, strides)
+    if post == 'affine_relu':
+      self.assertGreater(float(jnp.mean(want == 0.0)), 0.1)  # ReLU bites.
+    cotangent = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+    _, to_inputs = jax.vjp(
+        lambda x, w, o: _reference_post_ops(post, x, w, o, strides),
+        x, stack[1], operands)
+    want_x, want_w, want_operands = to_inputs(cotangent)
+    target = {'affine_relu': 'AffineRelu', 'add_into': 'AddInto'}[post]
+    fused = post == 'affine_relu' or route == 'onednn'
+    for fn, call in ((plain, f'OnednnConvForward{target}'),
+                     (stacked, f'OnednnConvForwardStacked{target}')):
+      got = jax.jit(fn)(x, stack, operands)
+      chex.assert_shape(got, want.shape)
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+      hlo = jax.jit(fn).lower(x, stack, operands).compile().as_text()
+      self.assertEqual(hlo.count(f'custom_call_target="{call}"'), fused)
+      # What follows the convolution is in XLA's program only if apart.
+      for op in {'affine_relu': (' multiply(', ' maximum('),
+                 'add_into': (' add(',)}[post]:
+        self.assertEqual(op in hlo, not fused, op)
+      grads = jax.jit(jax.grad(lambda *a: jnp.vdot(fn(*a), cotangent),
+                               argnums=(0, 1, 2)))(x, stack, operands)
+      want_stack = jnp.zeros_like(stack).at[1].set(want_w)
+      chex.assert_trees_all_close(grads, (want_x, want_stack, want_operands),
+                                  rtol=1e-4, atol=1e-3)
+
+  @parameterized.parameters('affine_relu', 'add_into')
+  def test_separate_steps_without_onednn(self, post):
+    x, w = _inputs((3, 3))
+    operands = ((jnp.array([1.0, -2.0, 0.5, 3.0]),
+                 jnp.array([0.1, 0.2, -0.3, 0.0])) if post == 'affine_relu'
+                else (jnp.array([0.1, 0.2, -0.3, 0.0]),
+                      jnp.ones((2, 7, 6, 4))))
+    with onednn.disabled():
+      fn = jax.jit(lambda x, w: _ours_post_ops(post, x, w, operands, (1, 1)))
+      got = fn(x, w)
+      hlo = fn.lower(x, w).as_text()
+    np.testing.assert_allclose(
+        got, _reference_post_ops(post, x, w, operands, (1, 1)), rtol=1e-5,
+        atol=1e-5)
+    self.assertNotIn('OnednnConv', hlo)
+
+  def test_stack_outside_stacked_unit_is_an_error(self):
+    with self.assertRaisesRegex(ValueError, 'stacked_unit'):
+      conv.conv_affine_relu(jnp.ones((1, 4, 4, 2)), jnp.ones((2, 1, 1, 2, 3)),
+                            (1, 1), 'SAME', jnp.ones(3), jnp.zeros(3))
+
+
 class RowsMatmulTest(parameterized.TestCase):
   """`rows_matmul`: a sparse unit's row matmul, plain or from a stack."""
 

@@ -1,6 +1,7 @@
 """Whole-model properties: ACT/SACT generalise ResNet, SACT reduces to ACT."""
 
 import functools
+import re
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sact_jax import layers
+from sact_jax import onednn
 from sact_jax.models import create_model
 from sact_jax.models import depth_or_units
 from sact_jax.models import resolve_units
@@ -195,6 +197,44 @@ class ModelTest(parameterized.TestCase):
       got, want = np.asarray(got[...]), np.asarray(want[...])
       self.assertLessEqual(np.max(np.abs(got - want)),
                            1e-3 * np.max(np.abs(want)) + 1e-5, path)
+
+  @parameterized.parameters('vanilla', 'sact')
+  def test_evaluation_runs_what_follows_convs_inside_onednn(self,
+                                                             model_type):
+    """Evaluation on the CPU's routed convolutions: every bottleneck's conv1
+    and conv2 ends in its BatchNorm and ReLU as oneDNN's post-ops, and conv3
+    in the sum into the stream where nothing masks it, with the logits and
+    ponder cost of XLA's convolutions and separate steps."""
+    if not onednn.enabled():
+      self.skipTest('oneDNN is not built here.')
+    spec = _IMAGENET
+    images = _images('imagenet')
+    outputs, programs = [], []
+    for fast in (True, False):
+      model = tu.build(spec['family'], spec['units'], model_type,
+                       base_channels=spec['base_channels'], seed=3,
+                       fast_conv_backward=fast)
+      model.eval()
+      graphdef, state = nnx.split(model)
+      forward = jax.jit(lambda state: nnx.merge(graphdef, state)(images))
+      outputs.append(forward(state))
+      programs.append(forward.lower(state).compile().as_text())
+    (logits, aux), (logits_ref, aux_ref) = outputs
+    np.testing.assert_allclose(logits, logits_ref, rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(aux['ponder_cost'], aux_ref['ponder_cost'],
+                                rtol=1e-5)
+    def calls(post_ops, program):
+      return len(re.findall(
+          rf'custom_call_target="OnednnConvForward\w*{post_ops}"', program))
+    # Per unit that runs outside a loop (each block's first) and per loop
+    # body over the others: two convolutions with their BatchNorm and ReLU,
+    # and, where nothing masks the update, conv3 added into the stream.
+    self.assertGreaterEqual(calls('AffineRelu', programs[0]),
+                            2 * len(spec['units']))
+    self.assertGreaterEqual(calls('AddInto', programs[0]),
+                            len(spec['units']))
+    self.assertEqual(calls('AffineRelu', programs[1])
+                     + calls('AddInto', programs[1]), 0)
 
   def test_no_retracing(self):
     model = nnx.clone(_model('cifar', 'sact'))
