@@ -190,12 +190,12 @@ class Block(nnx.Module):
       def body(carry, step):
         x, state = carry
         state = act_lib.step(state, step.head(x), x, eps)
-        residual = step.unit.residual(x)
         if sact:
-          x = act_lib.masked_residual(x, residual, state.running)
+          x = act_lib.masked_residual(x, step.unit.residual(x),
+                                      state.running)
         else:
           # ACT masks nothing: a halted image's later states get weight 0.
-          x = x + residual
+          x = step.unit.plus_residual(x)
         return x, state
 
       x, state = self._scan(body, (x, state))

@@ -198,7 +198,7 @@ class ModelTest(parameterized.TestCase):
       self.assertLessEqual(np.max(np.abs(got - want)),
                            1e-3 * np.max(np.abs(want)) + 1e-5, path)
 
-  @parameterized.parameters('vanilla', 'sact')
+  @parameterized.parameters('vanilla', 'act', 'sact')
   def test_evaluation_runs_what_follows_convs_inside_onednn(self,
                                                              model_type):
     """Evaluation on the CPU's routed convolutions: every bottleneck's conv1
