@@ -45,6 +45,10 @@ platform), the four below, XLA's own:
 (training and inference); `jit` applies them. `pick` and `stacked_unit`
 let a loop over a block's stacked units have oneDNN read each unit's
 kernel in place instead of a copy XLA would make of it.
+`conv_affine_relu` and `conv_add_into` give a convolution with what
+follows it per channel in evaluation (a batch norm and ReLU; a bias and
+the sum into the residual stream) as one oneDNN call where oneDNN's
+forward runs it.
 
 Values agree up to float rounding; every other convolution falls through
 to `lax.conv_general_dilated`.
