@@ -310,19 +310,15 @@ class BottleneckUnit(ResidualUnit):
   def _fuses(self) -> bool:
     """Whether the unit runs its convolutions with what follows them as
     one oneDNN call each where oneDNN runs them: in evaluation, on the
-    CPU's routed convolutions, with the ReLU of this class."""
+    CPU's routed convolutions, with this class's steps after them (a
+    subclass that changes one keeps them apart)."""
+    cls = type(self)
     return (self.conv1_bn.use_running_average
             and self.conv1.conv_general_dilated
             is conv_lib.conv_general_dilated
-            and type(self).activation is BottleneckUnit.activation)
-
-  def _conv_bn_relu(self, conv: nnx.Conv, bn: nnx.BatchNorm,
-                    x_BxHxWxC: jax.Array) -> jax.Array:
-    """`activation(bn(conv(x)))`: conv1 then `post_conv1`, or conv2 then
-    `_conv3_input` (`layers.conv_bn_relu` where `_fuses`)."""
-    if self._fuses():
-      return layers.conv_bn_relu(conv, bn, x_BxHxWxC)
-    return self.activation(bn(conv(x_BxHxWxC)))
+            and cls.activation is BottleneckUnit.activation
+            and cls.post_conv1 is BottleneckUnit.post_conv1
+            and cls._conv3_input is BottleneckUnit._conv3_input)
 
   def _add_branch(self, preact_BxHxWxC: jax.Array,
                   into_BxPxQxD: jax.Array) -> jax.Array:
@@ -337,9 +333,14 @@ class BottleneckUnit(ResidualUnit):
     return self._add_branch(self.preactivation(x_BxHxWxC), x_BxHxWxC)
 
   def _conv3_input_from(self, preact_BxHxWxC: jax.Array) -> jax.Array:
-    """conv3's input from the pre-activated unit input."""
-    y = self._conv_bn_relu(self.conv1, self.conv1_bn, preact_BxHxWxC)
-    return self._conv_bn_relu(self.conv2, self.conv2_bn, y)
+    """conv3's input from the pre-activated unit input: conv1 and
+    `post_conv1`, conv2 and `_conv3_input` (each as `layers.conv_bn_relu`
+    where `_fuses`)."""
+    if self._fuses():
+      y = layers.conv_bn_relu(self.conv1, self.conv1_bn, preact_BxHxWxC)
+      return layers.conv_bn_relu(self.conv2, self.conv2_bn, y)
+    y = self.post_conv1(self.conv1(preact_BxHxWxC))
+    return self._conv3_input(self.conv2(y))
 
   def _branch(self, preact_BxHxWxC: jax.Array) -> jax.Array:
     return _pointwise(self.conv3, self._conv3_input_from(preact_BxHxWxC))

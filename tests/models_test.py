@@ -13,6 +13,7 @@ import numpy as np
 
 from sact_jax import layers
 from sact_jax import onednn
+from sact_jax import units
 from sact_jax.models import create_model
 from sact_jax.models import depth_or_units
 from sact_jax.models import resolve_units
@@ -240,6 +241,39 @@ class ModelTest(parameterized.TestCase):
                             len(spec['units']))
     self.assertEqual(calls('AffineRelu', programs[1])
                      + calls('AddInto', programs[1]), 0)
+
+  def test_a_unit_with_another_activation_keeps_its_steps_apart(self):
+    """A `BottleneckUnit` subclass with its own activation is not fused in
+    evaluation: its residual is its own steps', not the ReLU's."""
+    if not onednn.enabled():
+      self.skipTest('oneDNN is not built here.')
+
+    class LeakyUnit(units.BottleneckUnit):
+
+      def activation(self, x):
+        return jax.nn.leaky_relu(x, 0.3)
+
+    factory = layers.LayerFactory(bn_momentum=0.9, bn_epsilon=1e-3)
+    rng = np.random.default_rng(0)
+    made = []
+    for cls in (units.BottleneckUnit, LeakyUnit):
+      unit = cls(16, 16, 8, factory=factory, rngs=nnx.Rngs(0))
+      for bn in (unit.preact, unit.conv1_bn, unit.conv2_bn):
+        tu.randomize_batch_norm(bn, np.random.default_rng(1))
+      unit.eval()
+      made.append(unit)
+    relu_unit, leaky_unit = made
+    self.assertTrue(relu_unit._fuses())
+    self.assertFalse(leaky_unit._fuses())
+    x = jnp.asarray(rng.normal(size=(2, 8, 8, 16)), jnp.float32)
+    leaky = leaky_unit.activation
+    want = leaky_unit.conv3(leaky(leaky_unit.conv2_bn(leaky_unit.conv2(leaky(
+        leaky_unit.conv1_bn(leaky_unit.conv1(leaky_unit.preactivation(
+            x))))))))
+    np.testing.assert_allclose(leaky_unit.residual(x), want, rtol=1e-5,
+                               atol=1e-5)
+    self.assertGreater(float(jnp.max(jnp.abs(
+        relu_unit.residual(x) - want))), 1e-2)
 
   def test_no_retracing(self):
     model = nnx.clone(_model('cifar', 'sact'))
