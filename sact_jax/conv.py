@@ -751,6 +751,18 @@ def stacked_unit(index: jax.Array):
     _UNIT.reset(token)
 
 
+def _unit_of_stack(lhs, rhs) -> jax.Array | None:
+  """`stacked_unit`'s index where `rhs` is a stack of kernels that `pick`
+  left whole (one axis more than `lhs`), else None."""
+  if rhs.ndim != lhs.ndim + 1:
+    return None
+  unit = _UNIT.get()
+  if unit is None:
+    raise ValueError(f'A stack of kernels {rhs.shape} outside '
+                     '`conv.stacked_unit`.')
+  return unit
+
+
 def _subsampled(x_BxHxWxI, w_shape, strides, pads, dtype):
   """A strided unpadded 1x1 convolution's input subsampled, stride 1.
 
@@ -785,12 +797,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding,
   convolutions run as `formulation` says; anything else falls through to
   `lax.conv_general_dilated`.
   """
-  unit = None
-  if rhs.ndim == lhs.ndim + 1:  # A stack of kernels that `pick` left whole.
-    unit = _UNIT.get()
-    if unit is None:
-      raise ValueError(f'A stack of kernels {rhs.shape} outside '
-                       '`conv.stacked_unit`.')
+  unit = _unit_of_stack(lhs, rhs)
+  if unit is not None:
     # Where oneDNN's forward runs, the slice is unused (XLA drops it).
     stack, rhs = rhs, lax.dynamic_index_in_dim(rhs, unit, keepdims=False)
   strides = tuple(int(s) for s in window_strides)
@@ -842,12 +850,7 @@ def _onednn_route(lhs, rhs, window_strides, padding):
   else None."""
   strides = tuple(int(s) for s in window_strides)
   kernel_shape = rhs.shape[-4:]
-  unit = None
-  if rhs.ndim == 5:
-    unit = _UNIT.get()
-    if unit is None:
-      raise ValueError(f'A stack of kernels {rhs.shape} outside '
-                       '`conv.stacked_unit`.')
+  unit = _unit_of_stack(lhs, rhs)
   pads = explicit_padding(padding, kernel_shape[:2], strides, lhs.shape[1:3])
   if lhs.ndim != 4 or pads is None or rhs.dtype != lhs.dtype:
     return None
@@ -870,14 +873,8 @@ def conv_affine_relu(lhs, rhs, window_strides, padding, scale_O, shift_O,
   apart, the convolution in its differentiable formulation. Elsewhere
   three steps.
   """
-  route = _onednn_route(lhs, rhs, window_strides, padding)
-  if route is not None:
-    x, strides, pads, unit, forward = route
-    return _fused(x, rhs, (scale_O, shift_O), unit, 'affine_relu', strides,
-                  pads, forward)
-  y = conv_general_dilated(lhs, rhs, window_strides, padding,
-                           dimension_numbers=_NHWC, precision=precision)
-  return jax.nn.relu(y * scale_O + shift_O)
+  return _conv_then('affine_relu', (scale_O, shift_O), ('onednn', 'rows'),
+                    lhs, rhs, window_strides, padding, precision)
 
 
 def conv_add_into(lhs, rhs, window_strides, padding, bias_O, into_BxPxQxO,
@@ -891,14 +888,32 @@ def conv_add_into(lhs, rhs, window_strides, padding, bias_O, into_BxPxQxO,
   matmul halves slower than they and XLA's sum took (the ImageNet
   ResNet-101 at batch 1 1.065x its time).
   """
+  return _conv_then('add_into', (bias_O, into_BxPxQxO), ('onednn',), lhs,
+                    rhs, window_strides, padding, precision)
+
+
+def _conv_then(post, operands, fused_forwards, lhs, rhs, window_strides,
+               padding, precision):
+  """The convolution and `post` (`_post_ops`) as one oneDNN call where
+  oneDNN's forward runs it in one of `fused_forwards`, else apart."""
   route = _onednn_route(lhs, rhs, window_strides, padding)
-  if route is not None and route[4] == 'onednn':
+  if route is not None and route[4] in fused_forwards:
     x, strides, pads, unit, forward = route
-    return _fused(x, rhs, (bias_O, into_BxPxQxO), unit, 'add_into', strides,
-                  pads, forward)
-  y = conv_general_dilated(lhs, rhs, window_strides, padding,
-                           dimension_numbers=_NHWC, precision=precision)
-  return into_BxPxQxO + (y + bias_O)
+    return _fused(x, rhs, operands, unit, post, strides, pads, forward)
+  return _post_ops(post, conv_general_dilated(
+      lhs, rhs, window_strides, padding, dimension_numbers=_NHWC,
+      precision=precision), operands)
+
+
+def _post_ops(post, y, operands):
+  """What follows the convolution's output `y`, as XLA's operations:
+  'affine_relu' (`operands` the scale and the shift) or 'add_into' (the
+  bias and `into`)."""
+  if post == 'affine_relu':
+    scale, shift = operands
+    return jax.nn.relu(y * scale + shift)
+  bias, into = operands
+  return into + (y + bias)
 
 
 def _unfused(x, w, operands, index, post, strides, padding):
@@ -908,11 +923,7 @@ def _unfused(x, w, operands, index, post, strides, padding):
     y = conv2d(x, w, strides, padding, None, 'onednn', 'onednn')
   else:
     y = onednn.forward_stacked(x, w, index, strides, padding)
-  if post == 'affine_relu':
-    scale, shift = operands
-    return jax.nn.relu(y * scale + shift)
-  bias, into = operands
-  return into + (y + bias)
+  return _post_ops(post, y, operands)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))

@@ -412,30 +412,35 @@ ffi::Error RunForward(const Shape& shape, void* x, void* w, void* y,
   return RunSplit(shape, x, w, y, post, pool);
 }
 
-ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                   ffi::ResultBuffer<ffi::F32> y, ConvAttrs attrs,
-                   ffi::ThreadPool pool) {
-  return RunForward(MakeShape(x.dimensions(), w.dimensions(),
-                              y->dimensions(), attrs),
-                    x.untyped_data(), w.untyped_data(), y->untyped_data(),
-                    PostOpArgs(), pool);
-}
-
-// Post-ops `kind` with per-channel operands `a` and `b` (`[O]` each, `b`
-// null for kBiasSum), checked against the output `y`.
-ffi::ErrorOr<PostOpArgs> CheckedPostOps(int64_t kind,
-                                        const ffi::Buffer<ffi::F32>& a,
-                                        const ffi::Buffer<ffi::F32>* b,
+// kAffineRelu's operands, `relu(y * scale + shift)`, checked against the
+// output `y` (one value per channel).
+ffi::ErrorOr<PostOpArgs> AffineReluArgs(const ffi::Buffer<ffi::F32>& scale,
+                                        const ffi::Buffer<ffi::F32>& shift,
                                         ffi::ResultBuffer<ffi::F32>& y) {
   const int64_t channels = y->dimensions().back();
-  if (a.element_count() != channels ||
-      (b != nullptr && b->element_count() != channels)) {
-    return ffi::Unexpected(ffi::Error(
-        ffi::ErrorCode::kInvalidArgument,
+  if (scale.element_count() != channels ||
+      shift.element_count() != channels) {
+    return ffi::Unexpected(ffi::Error::InvalidArgument(
         "oneDNN convolution: expected one value per output channel"));
   }
-  return PostOpArgs{kind, a.typed_data(),
-                    b == nullptr ? nullptr : b->typed_data()};
+  return PostOpArgs{kAffineRelu, scale.typed_data(), shift.typed_data()};
+}
+
+// kBiasSum's operands, `into + y + bias`, checked against the output `y`
+// (one bias per channel; `y` aliased to `into`).
+ffi::ErrorOr<PostOpArgs> BiasSumArgs(const ffi::Buffer<ffi::F32>& bias,
+                                     const ffi::Buffer<ffi::F32>& into,
+                                     ffi::ResultBuffer<ffi::F32>& y) {
+  if (bias.element_count() != y->dimensions().back()) {
+    return ffi::Unexpected(ffi::Error::InvalidArgument(
+        "oneDNN convolution: expected one value per output channel"));
+  }
+  if (into.untyped_data() != y->untyped_data()) {
+    return ffi::Unexpected(ffi::Error::InvalidArgument(
+        "oneDNN convolution: the sum's operand must be aliased to the "
+        "output"));
+  }
+  return PostOpArgs{kBiasSum, bias.typed_data(), nullptr};
 }
 
 ffi::Error RunWithPostOps(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -450,14 +455,20 @@ ffi::Error RunWithPostOps(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                     *post, pool);
 }
 
+ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                   ffi::ResultBuffer<ffi::F32> y, ConvAttrs attrs,
+                   ffi::ThreadPool pool) {
+  return RunWithPostOps(x, w, y, attrs, PostOpArgs(), pool);
+}
+
 // `Forward` followed by `relu(y * scale + shift)` (kAffineRelu).
 ffi::Error ForwardAffineRelu(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                              ffi::Buffer<ffi::F32> scale,
                              ffi::Buffer<ffi::F32> shift,
                              ffi::ResultBuffer<ffi::F32> y, ConvAttrs attrs,
                              ffi::ThreadPool pool) {
-  return RunWithPostOps(x, w, y, attrs,
-                        CheckedPostOps(kAffineRelu, scale, &shift, y), pool);
+  return RunWithPostOps(x, w, y, attrs, AffineReluArgs(scale, shift, y),
+                        pool);
 }
 
 // `into + Forward + bias` (kBiasSum), `y` aliased to `into`.
@@ -466,13 +477,7 @@ ffi::Error ForwardAddInto(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                           ffi::Buffer<ffi::F32> into,
                           ffi::ResultBuffer<ffi::F32> y, ConvAttrs attrs,
                           ffi::ThreadPool pool) {
-  if (into.untyped_data() != y->untyped_data()) {
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "oneDNN convolution: the sum's operand must be "
-                      "aliased to the output");
-  }
-  return RunWithPostOps(x, w, y, attrs,
-                        CheckedPostOps(kBiasSum, bias, nullptr, y), pool);
+  return RunWithPostOps(x, w, y, attrs, BiasSumArgs(bias, into, y), pool);
 }
 
 // The forward of unit `index` of a stack of equal kernels `[U, kh, kw, I,
@@ -513,8 +518,8 @@ ffi::Error ForwardStackedAffineRelu(
     ffi::Buffer<ffi::S32> index, ffi::Buffer<ffi::F32> scale,
     ffi::Buffer<ffi::F32> shift, ffi::ResultBuffer<ffi::F32> y,
     ConvAttrs attrs, ffi::ThreadPool pool) {
-  return RunStacked(x, w, index, y, attrs,
-                    CheckedPostOps(kAffineRelu, scale, &shift, y), pool);
+  return RunStacked(x, w, index, y, attrs, AffineReluArgs(scale, shift, y),
+                    pool);
 }
 
 ffi::Error ForwardStackedAddInto(
@@ -522,13 +527,7 @@ ffi::Error ForwardStackedAddInto(
     ffi::Buffer<ffi::S32> index, ffi::Buffer<ffi::F32> bias,
     ffi::Buffer<ffi::F32> into, ffi::ResultBuffer<ffi::F32> y,
     ConvAttrs attrs, ffi::ThreadPool pool) {
-  if (into.untyped_data() != y->untyped_data()) {
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "oneDNN convolution: the sum's operand must be "
-                      "aliased to the output");
-  }
-  return RunStacked(x, w, index, y, attrs,
-                    CheckedPostOps(kBiasSum, bias, nullptr, y), pool);
+  return RunStacked(x, w, index, y, attrs, BiasSumArgs(bias, into, y), pool);
 }
 
 ffi::Error InputGrad(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
@@ -578,6 +577,7 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(ConvAttrs, ffi::StructMember<int64_t>(
     ffi::StructMember<int64_t>("pad_left"),
     ffi::StructMember<int64_t>("blocked_weights"));
 
+// The gradients' handlers: (dy, w) -> dx and (x, dy) -> dw.
 #define SACT_BIND                                  \
   ffi::Ffi::Bind()                                 \
       .Arg<ffi::Buffer<ffi::F32>>()                \
@@ -585,46 +585,29 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(ConvAttrs, ffi::StructMember<int64_t>(
       .Ret<ffi::Buffer<ffi::F32>>()                \
       .Attrs<ConvAttrs>()
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvForward, Forward,
-                              SACT_BIND.Ctx<ffi::ThreadPool>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvForwardStacked, ForwardStacked,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attrs<ConvAttrs>()
-                                  .Ctx<ffi::ThreadPool>());
-// (x, w, a, b) -> y and (x, w, index, a, b) -> y.
-#define SACT_BIND_POST_OPS                         \
-  ffi::Ffi::Bind()                                 \
-      .Arg<ffi::Buffer<ffi::F32>>()                \
-      .Arg<ffi::Buffer<ffi::F32>>()                \
-      .Arg<ffi::Buffer<ffi::F32>>()                \
-      .Arg<ffi::Buffer<ffi::F32>>()                \
-      .Ret<ffi::Buffer<ffi::F32>>()                \
-      .Attrs<ConvAttrs>()                          \
-      .Ctx<ffi::ThreadPool>()
-#define SACT_BIND_STACKED_POST_OPS                 \
-  ffi::Ffi::Bind()                                 \
-      .Arg<ffi::Buffer<ffi::F32>>()                \
-      .Arg<ffi::Buffer<ffi::F32>>()                \
-      .Arg<ffi::Buffer<ffi::S32>>()                \
-      .Arg<ffi::Buffer<ffi::F32>>()                \
-      .Arg<ffi::Buffer<ffi::F32>>()                \
-      .Ret<ffi::Buffer<ffi::F32>>()                \
-      .Attrs<ConvAttrs>()                          \
+// The forward handlers: (x, w, [index,] [a, b]) -> y, `index` for a stack
+// of kernels, `a` and `b` the post-ops' operands.
+#define SACT_F32 .Arg<ffi::Buffer<ffi::F32>>()
+#define SACT_INDEX .Arg<ffi::Buffer<ffi::S32>>()
+#define SACT_BIND_FORWARD(...)                                  \
+  ffi::Ffi::Bind() SACT_F32 SACT_F32 __VA_ARGS__                \
+      .Ret<ffi::Buffer<ffi::F32>>()                             \
+      .Attrs<ConvAttrs>()                                       \
       .Ctx<ffi::ThreadPool>()
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvForward, Forward,
+                              SACT_BIND_FORWARD());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvForwardStacked, ForwardStacked,
+                              SACT_BIND_FORWARD(SACT_INDEX));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvForwardAffineRelu, ForwardAffineRelu,
-                              SACT_BIND_POST_OPS);
+                              SACT_BIND_FORWARD(SACT_F32 SACT_F32));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvForwardStackedAffineRelu,
                               ForwardStackedAffineRelu,
-                              SACT_BIND_STACKED_POST_OPS);
+                              SACT_BIND_FORWARD(SACT_INDEX SACT_F32 SACT_F32));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvForwardAddInto, ForwardAddInto,
-                              SACT_BIND_POST_OPS);
+                              SACT_BIND_FORWARD(SACT_F32 SACT_F32));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvForwardStackedAddInto,
                               ForwardStackedAddInto,
-                              SACT_BIND_STACKED_POST_OPS);
+                              SACT_BIND_FORWARD(SACT_INDEX SACT_F32 SACT_F32));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvInputGrad, InputGrad, SACT_BIND);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvKernelGrad, KernelGrad, SACT_BIND);
