@@ -30,9 +30,11 @@ line saying why and returns False, and `conv` keeps XLA's convolutions
 'onednn' formulation (each differentiates to any order). `enabled()` says
 whether convolutions traced now should use them: not inside `disabled()`
 and not where JAX has several devices. onednn_conv.cc runs one pass at a
-time in the process, each on as many OpenMP threads as its size pays for
-(the sparse path's small row matmuls instead as two one-thread halves, one
-on XLA's own thread pool: `forward_splits`), and reads the forward's
+time in the process, each on as many OpenMP threads as its size pays for;
+the forward of one image instead as two one-thread halves, one on XLA's
+own thread pool: halves of the output channels for the sparse path's
+small row matmuls (`forward_splits`), halves of the output rows for the
+rest (`forward_row_halves`). It reads the forward's
 weights in the caller's layout where oneDNN's direct kernels take it and
 the convolution is too small to pay for a reorder (why: its comments on
 `Run`, `RunSplit`, `ThreadsForPass` and `Build`, and
@@ -296,6 +298,23 @@ def forward_splits(x_shape, w_shape) -> bool:
   """
   return bool(_handlers().SactOnednnForwardSplits(
       _c_shape(x_shape, w_shape, (1, 1), ((0, 0), (0, 0)))))
+
+
+@functools.cache
+def forward_row_halves(x_shape, w_shape, strides, padding) -> bool:
+  """Whether a forward runs as two one-thread convolutions over the halves
+  of its output rows.
+
+  One image with at least two output rows and enough FLOPs for two threads
+  does, unless it is a row matmul that `forward_splits` halves by channels:
+  one half on the calling thread and one on XLA's thread pool
+  (onednn_conv.cc, `RowHalves`, says why).
+  """
+  answer = _handlers().SactOnednnForwardRowHalves(
+      _c_shape(x_shape, w_shape, strides, padding))
+  if answer < 0:
+    raise Unavailable(f'oneDNN has no forward for {x_shape} x {w_shape}')
+  return bool(answer)
 
 
 def tap_sums(x_C: np.ndarray, kernel_9xC: np.ndarray, c0: int, c1: int,

@@ -255,6 +255,68 @@ class OnednnTest(parameterized.TestCase):
       got = jax.jit(_onednn_conv((1, 1), pads))(x, w)
     chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-4)
 
+  @parameterized.named_parameters(
+      # name, x, w, strides, padding (each at least 12 MFLOP at batch 1).
+      ('3x3_same', (1, 28, 28, 64), (3, 3, 64, 64), (1, 1),
+       ((1, 1), (1, 1))),
+      ('7x7_s2_stem', (1, 64, 62, 3), (7, 7, 3, 64), (2, 2),
+       ((3, 3), (3, 2))),
+      ('3x3_s2_odd_rows', (1, 30, 30, 64), (3, 3, 64, 64), (2, 2),
+       ((1, 1), (1, 1))),
+      ('3x3_valid_odd', (1, 31, 29, 64), (3, 3, 64, 64), (1, 1),
+       ((0, 0), (0, 0))),
+      ('3x3_uneven_pads', (1, 30, 30, 64), (3, 3, 64, 64), (1, 1),
+       ((0, 2), (1, 0))),
+      ('two_output_rows', (1, 4, 64, 128), (3, 3, 128, 128), (1, 1),
+       ((0, 0), (1, 1))),
+      ('1x1_map', (1, 40, 40, 64), (1, 1, 64, 128), (1, 1),
+       ((0, 0), (0, 0))),
+  )
+  def test_batch_1_forward_runs_as_two_halves_of_its_rows(
+      self, x_shape, w_shape, strides, padding):
+    """One image's forward, with each post-op: two one-thread convolutions
+    over the halves of its output rows (the padding split between them),
+    giving lax's values."""
+    two_cpus = (len(os.sched_getaffinity(0)) > 1
+                and os.environ.get('OMP_NUM_THREADS') != '1')
+    halves = onednn.forward_row_halves(x_shape, w_shape, strides, padding)
+    if two_cpus and not onednn.forward_copies_weights(x_shape, w_shape,
+                                                      strides, padding):
+      # On AVX-512 oneDNN's direct kernels take every shape here.
+      self.assertTrue(halves)
+    elif not two_cpus:
+      self.assertFalse(halves)
+    x, w = _inputs(x_shape, w_shape, seed=7)
+    rng = np.random.default_rng(8)
+    scale, shift, bias = (jnp.asarray(rng.normal(size=w_shape[-1]),
+                                      jnp.float32) for _ in range(3))
+    y = _lax_conv(strides, padding)(x, w)
+    into = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+
+    def assert_close(got, want):
+      chex.assert_shape(got, want.shape)
+      np.testing.assert_allclose(
+          got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+
+    assert_close(jax.jit(_onednn_conv(strides, padding))(x, w), y)
+    assert_close(
+        jax.jit(lambda *a: onednn.forward_affine_relu(*a, strides, padding))(
+            x, w, scale, shift),
+        jnp.maximum(y * scale + shift, 0.0))
+    assert_close(
+        jax.jit(lambda *a: onednn.forward_add_into(*a, strides, padding))(
+            x, w, bias, into),
+        into + y + bias)
+
+  def test_forward_of_several_images_or_one_row_is_not_halved(self):
+    pads = ((1, 1), (1, 1))
+    self.assertFalse(onednn.forward_row_halves(
+        (2, 28, 28, 64), (3, 3, 64, 64), (1, 1), pads))
+    self.assertFalse(onednn.forward_row_halves(
+        (1, 1, 64, 128), (1, 3, 128, 128), (1, 1), ((0, 0), (1, 1))))
+    self.assertFalse(onednn.forward_row_halves(  # 1.2 MFLOP.
+        (1, 8, 8, 32), (3, 3, 32, 32), (1, 1), pads))
+
   def test_conv_reads_a_stack_only_under_stacked_unit(self):
     x, w = _inputs((2, 16, 16, 4), (3, 3, 4, 4))  # oneDNN's on any CPU.
     stack = jnp.stack([w, 3.0 * w])
