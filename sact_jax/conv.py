@@ -578,7 +578,10 @@ def _is_nhwc(dimension_numbers) -> bool:
 # windows as one image row, which oneDNN multiplies as two one-thread
 # matmul halves, one on XLA's thread pool (`onednn.forward_splits`),
 # where its direct convolution would wake an OpenMP team from one of XLA's
-# threads (onednn_conv.cc, `RunSplit`). On a 2-core Intel Xeon (AVX-512)
+# threads (onednn_conv.cc, `RunSplit`; a later change runs one image's
+# direct convolution as two one-thread halves of its rows too,
+# `onednn.forward_row_halves`, and 'rows' was kept for these shapes
+# without measuring them again). On a 2-core Intel Xeon (AVX-512)
 # the ImageNet ResNet-101's dense batch-1 forward took 0.83 of its time
 # and `sparse.apply` 0.93-0.95; 3x3 kernels over 784 positions lost (the
 # windows' copy), and differentiated convolutions' backward passes ran

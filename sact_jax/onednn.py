@@ -34,10 +34,10 @@ time in the process, each on as many OpenMP threads as its size pays for;
 the forward of one image instead as two one-thread halves, one on XLA's
 own thread pool: halves of the output channels for the sparse path's
 small row matmuls (`forward_splits`), halves of the output rows for the
-rest (`forward_row_halves`). It reads the forward's
-weights in the caller's layout where oneDNN's direct kernels take it and
-the convolution is too small to pay for a reorder (why: its comments on
-`Run`, `RunSplit`, `ThreadsForPass` and `Build`, and
+rest (`forward_row_halves`). It reads the forward's weights in the
+caller's layout where oneDNN's direct kernels take it and the convolution
+is too small to pay for a reorder (why: its comments on `Run`,
+`RunSplit`, `RowHalves`, `ThreadsForPass` and `Build`, and
 `BLOCKED_WEIGHTS_MIN_FLOPS` here). Where they cannot (CPUs without
 AVX-512), `forward_copies_weights` says so, and `conv.formulation` keeps
 XLA's forward for the convolutions too small to pay for the copy.

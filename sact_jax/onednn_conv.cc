@@ -462,6 +462,10 @@ RowHalves* GetRowHalves(const Shape& s) {
     int64_t first_row;
     Shape t = i ? RowsOf(s, middle, s.oh(), &first_row)
                 : RowsOf(s, 0, middle, &first_row);
+    if (t.h() < 1) {
+      halves.reset();
+      break;
+    }
     RowHalf& h = halves->half[i];
     h.x = dnnl::memory::desc({1, t.c(), t.h(), t.w()}, dt::f32, tag::nhwc);
     h.y = dnnl::memory::desc({1, t.o(), t.oh(), t.ow()}, dt::f32, tag::nhwc);
@@ -470,12 +474,17 @@ RowHalves* GetRowHalves(const Shape& s) {
       attr = PostOpsAttr(t.post_ops(), halves->whole->channels);
     }
     attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-    auto pd = dnnl::convolution_forward::primitive_desc(
-        Engine(), dnnl::prop_kind::forward_inference,
-        dnnl::algorithm::convolution_direct, h.x, halves->whole->w_prim, h.y,
-        t.strides(), t.pad_l(), t.pad_r(), attr);
-    if (t.h() < 1 ||
-        std::string(pd.impl_info_str()).find("gemm") != std::string::npos ||
+    dnnl::convolution_forward::primitive_desc pd;
+    try {
+      pd = dnnl::convolution_forward::primitive_desc(
+          Engine(), dnnl::prop_kind::forward_inference,
+          dnnl::algorithm::convolution_direct, h.x, halves->whole->w_prim,
+          h.y, t.strides(), t.pad_l(), t.pad_r(), attr);
+    } catch (const dnnl::error&) {  // No kernel for a half: the whole runs.
+      halves.reset();
+      break;
+    }
+    if (std::string(pd.impl_info_str()).find("gemm") != std::string::npos ||
         pd.weights_desc() != halves->whole->w_prim) {
       halves.reset();
       break;
@@ -532,9 +541,9 @@ ffi::Error RunRowHalves(RowHalves& halves, void* x, void* w, void* y,
 
 // A forward: as two halves of its rows where `GetRowHalves` builds them,
 // as two matmul halves where `Splits` says so, else as `Run` does.
-// kBiasSum never splits: as gemm's sum (beta 1) the halves took longer
-// than without it and XLA's sum after them (conv.py's `conv_add_into`
-// keeps those apart).
+// kBiasSum never runs as matmul halves: as gemm's sum (beta 1) the halves
+// took longer than without it and XLA's sum after them (conv.py's
+// `conv_add_into` keeps those apart).
 ffi::Error RunForward(const Shape& shape, void* x, void* w, void* y,
                       const PostOpArgs& post, ffi::ThreadPool& pool) {
   if (SplitsRows(shape)) {
