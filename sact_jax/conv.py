@@ -578,14 +578,18 @@ def _is_nhwc(dimension_numbers) -> bool:
 # windows as one image row, which oneDNN multiplies as two one-thread
 # matmul halves, one on XLA's thread pool (`onednn.forward_splits`),
 # where its direct convolution would wake an OpenMP team from one of XLA's
-# threads (onednn_conv.cc, `RunSplit`; a later change runs one image's
-# direct convolution as two one-thread halves of its rows too,
-# `onednn.forward_row_halves`, and 'rows' was kept for these shapes
-# without measuring them again). On a 2-core Intel Xeon (AVX-512)
+# threads (onednn_conv.cc, `RunSplit`). On a 2-core Intel Xeon (AVX-512)
 # the ImageNet ResNet-101's dense batch-1 forward took 0.83 of its time
 # and `sparse.apply` 0.93-0.95; 3x3 kernels over 784 positions lost (the
 # windows' copy), and differentiated convolutions' backward passes ran
 # slower after it (BUILD.md, "Few output positions as one row matmul").
+# Since one image's direct forward runs as two one-thread halves of its
+# output rows (`onednn.forward_row_halves`), no team either, kernels wider
+# than 1x1 keep it there: the ImageNet ResNet-101's dense batch-1 forward
+# (its 14x14 and 7x7 3x3 convolutions) then took 0.947-0.949 of its time
+# on a 2-core Zen 4, `sparse.apply` 0.995-1.005 (two processes in
+# lockstep, 40 rounds each way; BUILD.md, "Halves of a batch-1
+# convolution").
 #
 # Without oneDNN, where a dot beats XLA:CPU's convolution (the same
 # benchmark, before oneDNN):
@@ -619,7 +623,8 @@ _ROWS_FORWARD_MAX_ROWS_1X1 = 4096
 def formulation(x_shape: Sequence[int], w_shape: Sequence[int],
                 strides: Sequence[int], use_onednn: bool = False,
                 onednn_copies_weights: bool = False,
-                onednn_splits_rows: bool = False) -> tuple[str, str]:
+                onednn_splits_rows: bool = False,
+                onednn_row_halves: bool = False) -> tuple[str, str]:
   """(forward, backward) formulations of a convolution on XLA:CPU.
 
   Args:
@@ -632,6 +637,9 @@ def formulation(x_shape: Sequence[int], w_shape: Sequence[int],
       into its own layout on every call (`onednn.forward_copies_weights`).
     onednn_splits_rows: whether oneDNN would run the windows as one image
       row in two matmul halves (`onednn.forward_splits`).
+    onednn_row_halves: whether oneDNN's direct forward would run as two
+      halves of its output rows (`onednn.forward_row_halves`): then a
+      kernel wider than 1x1 keeps it rather than 'rows'.
 
   Returns:
     Each of the two passes' formulation, 'conv', 'dot', 'taps', 's2d',
@@ -651,7 +659,9 @@ def formulation(x_shape: Sequence[int], w_shape: Sequence[int],
     one_row = tuple(x_shape[:2]) == (1, 1) and (kh, kw) == (1, 1)
     max_rows = (_ROWS_FORWARD_MAX_ROWS_1X1 if (kh, kw) == (1, 1)
                 else _ROWS_FORWARD_MAX_ROWS)
-    if onednn_splits_rows and not one_row and out_rows <= max_rows:
+    direct_halves = onednn_row_halves and (kh, kw) != (1, 1)
+    if (onednn_splits_rows and not one_row and out_rows <= max_rows
+        and not direct_halves):
       return ('rows', 'onednn')
     return ('onednn', 'onednn')
   if few_outputs:
@@ -671,8 +681,9 @@ def chosen_formulation(x_shape: Sequence[int], w_shape: Sequence[int],
                        dtype) -> tuple[str, str]:
   """`formulation` as `conv_general_dilated` asks it here and now: with
   oneDNN where it runs this convolution (`dtype` None: the operands'
-  dtypes differ), whether its forward would copy the weights and whether
-  it would split the windows as one row."""
+  dtypes differ), whether its forward would copy the weights, whether it
+  would split the windows as one row and whether its direct forward would
+  run as two halves of its rows."""
   use_onednn = (dtype is not None
                 and onednn.supported(x_shape, w_shape, strides, padding,
                                      dtype)
@@ -681,7 +692,11 @@ def chosen_formulation(x_shape: Sequence[int], w_shape: Sequence[int],
       tuple(x_shape), tuple(w_shape), tuple(strides), padding)
   splits = use_onednn and not copies and onednn.windows_split(
       x_shape, w_shape, strides, padding)
-  return formulation(x_shape, w_shape, strides, use_onednn, copies, splits)
+  halves = splits and tuple(w_shape[:2]) != (1, 1) and (
+      onednn.forward_row_halves(tuple(x_shape), tuple(w_shape),
+                                tuple(strides), padding))
+  return formulation(x_shape, w_shape, strides, use_onednn, copies, splits,
+                     halves)
 
 
 # ---------------------------------------------------------------------------

@@ -448,11 +448,16 @@ class FormulationTest(parameterized.TestCase):
   )
   def test_few_positions_as_one_row(self, x_shape, w_shape, strides,
                                     forward):
-    """'rows' where oneDNN would split the row, and few positions."""
+    """'rows' where oneDNN would split the row, and few positions; not for
+    a kernel wider than 1x1 whose direct forward runs as two halves of its
+    rows (one image)."""
     self.assertEqual(conv.formulation(x_shape, w_shape, strides, True, False,
                                       True), (forward, 'onednn'))
     self.assertEqual(conv.formulation(x_shape, w_shape, strides, True, False,
                                       False), ('onednn', 'onednn'))
+    self.assertEqual(
+        conv.formulation(x_shape, w_shape, strides, True, False, True, True),
+        (forward if w_shape[:2] == (1, 1) else 'onednn', 'onednn'))
 
   @parameterized.named_parameters(
       [(f'{name}_stride{stride}', kernel_hw, padding, stride)
@@ -473,8 +478,9 @@ class FormulationTest(parameterized.TestCase):
 
   @parameterized.product(stride=(1, 2), stacked=(False, True))
   def test_rows_through_the_route(self, stride, stacked):
-    """A convolution with 64 output positions and 19 MFLOPs: 'rows' where
-    oneDNN splits it (two CPUs), with the values and input gradient of
+    """A convolution with 64 output positions (4 images) and 19 MFLOPs:
+    'rows' where oneDNN splits it (two CPUs), with the values and input
+    gradient of
     `lax`'s, its kernel read from a stack in place too; differentiated,
     oneDNN's convolution (but from a stack: `onednn.forward_stacked`).
 
@@ -487,8 +493,8 @@ class FormulationTest(parameterized.TestCase):
     self.enter_context(absltest.mock.patch.object(
         onednn, 'forward_copies_weights', return_value=False))
     rng = np.random.default_rng(stride)
-    size = 8 * stride
-    x = jnp.asarray(rng.normal(size=(1, size, size, 128)), jnp.float32)
+    size = 4 * stride
+    x = jnp.asarray(rng.normal(size=(4, size, size, 128)), jnp.float32)
     stack = jnp.asarray(rng.normal(size=(3, 3, 3, 128, 128)) / 34.0,
                         jnp.float32)
     pads = conv.explicit_padding('SAME', (3, 3), (stride, stride),
@@ -511,7 +517,7 @@ class FormulationTest(parameterized.TestCase):
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-4)
     text = jax.jit(ours).lower(x, stack).as_text()
     self.assertEqual('1x1x64x1152xf32' in text, splits)
-    cotangent = jnp.asarray(rng.normal(size=(1, 8, 8, 128)), jnp.float32)
+    cotangent = jnp.asarray(rng.normal(size=(4, 4, 4, 128)), jnp.float32)
     grad = jax.jit(jax.grad(lambda x: jnp.vdot(ours(x, stack), cotangent)))
     np.testing.assert_allclose(
         grad(x), jax.vjp(_lax('SAME', (stride, stride)), x,
@@ -596,9 +602,10 @@ _POST_OPS_CASES = (
     ('direct_3x3', (4, 16, 16, 32), (3, 3, 32, 48), 1, 'onednn'),
     ('direct_3x3_stride2', (4, 17, 17, 32), (3, 3, 32, 48), 2, 'onednn'),
     ('direct_1x1', (2, 16, 16, 64), (1, 1, 64, 40), 1, 'onednn'),
-    # 64 positions, 19 MFLOPs: two matmul halves over the windows.
-    ('rows_3x3', (1, 8, 8, 128), (3, 3, 128, 128), 1, 'rows'),
-    ('rows_3x3_stride2', (1, 16, 16, 128), (3, 3, 128, 128), 2, 'rows'),
+    # 64 positions, 19 MFLOPs: two matmul halves over the windows (of 4
+    # images: one image's direct forward would run as halves of its rows).
+    ('rows_3x3', (4, 4, 4, 128), (3, 3, 128, 128), 1, 'rows'),
+    ('rows_3x3_stride2', (4, 8, 8, 128), (3, 3, 128, 128), 2, 'rows'),
     ('rows_1x1', (1, 8, 8, 512), (1, 1, 512, 256), 1, 'rows'),
 )
 
