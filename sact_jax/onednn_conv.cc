@@ -374,6 +374,26 @@ void RunHalf(SplitHalf& h, void* x, void* w, void* y, const PostOpArgs& post) {
   }
 }
 
+// Runs `half(k)` for k = 0, 1 (`RunParts`: the calling thread and one of
+// XLA's), each on one OpenMP thread. An exception in either (never into
+// XLA's pool) fails the pass, saying `what`.
+template <typename Half>
+ffi::Error RunHalves(ffi::ThreadPool& pool, const char* what,
+                     const Half& half) {
+  bool ok[2] = {false, false};
+  RunParts(pool, 2, [&](int k, int) {
+    try {
+      OneThread one;
+      half(k);
+      ok[k] = true;
+    } catch (const std::exception&) {
+    }
+  });
+  if (ok[0] && ok[1]) return ffi::Error::Success();
+  return ffi::Error(ffi::ErrorCode::kInternal,
+                    std::string("oneDNN convolution: ") + what);
+}
+
 // The caller holds RunMutex(): one pass (here, one pair of halves) at a time.
 ffi::Error RunSplit(const Shape& shape, void* x, void* w, void* y,
                     const PostOpArgs& post, ffi::ThreadPool& pool) {
@@ -385,18 +405,9 @@ ffi::Error RunSplit(const Shape& shape, void* x, void* w, void* y,
     return ffi::Error(ffi::ErrorCode::kInternal,
                       std::string("oneDNN convolution: ") + e.what());
   }
-  bool ok[2] = {false, false};
-  RunParts(pool, 2, [&](int k, int) {
-    try {
-      OneThread one;
-      RunHalf(split->half[k], x, w, y, post);
-      ok[k] = true;
-    } catch (const std::exception&) {  // Never into XLA's pool.
-    }
+  return RunHalves(pool, "a matmul half failed", [&](int k) {
+    RunHalf(split->half[k], x, w, y, post);
   });
-  if (ok[0] && ok[1]) return ffi::Error::Success();
-  return ffi::Error(ffi::ErrorCode::kInternal,
-                    "oneDNN convolution: a matmul half failed");
 }
 
 // A forward of one image as two one-thread convolutions over the halves of
@@ -514,29 +525,20 @@ ffi::Error RunRowHalves(RowHalves& halves, void* x, void* w, void* y,
     return ffi::Error(ffi::ErrorCode::kInternal,
                       std::string("oneDNN convolution: ") + e.what());
   }
-  bool ok[2] = {false, false};
-  RunParts(pool, 2, [&](int k, int) {
-    try {
-      OneThread one;
-      const RowHalf& h = halves.half[k];
-      dnnl::stream stream(Engine());
-      std::unordered_map<int, dnnl::memory> args = {
-          {DNNL_ARG_SRC, dnnl::memory(h.x, Engine(),
-                                      static_cast<float*>(x) + h.x_offset)},
-          {DNNL_ARG_WEIGHTS, dnnl::memory(whole.w_prim, Engine(), w)},
-          {DNNL_ARG_DST, dnnl::memory(h.y, Engine(),
-                                      static_cast<float*>(y) + h.y_offset)},
-          {DNNL_ARG_SCRATCHPAD, h.scratchpad}};
-      AddPostOpArgs(post, whole.channels, args);
-      h.prim.execute(stream, args);
-      stream.wait();
-      ok[k] = true;
-    } catch (const std::exception&) {  // Never into XLA's pool.
-    }
+  return RunHalves(pool, "a half of the rows failed", [&](int k) {
+    const RowHalf& h = halves.half[k];
+    dnnl::stream stream(Engine());
+    std::unordered_map<int, dnnl::memory> args = {
+        {DNNL_ARG_SRC, dnnl::memory(h.x, Engine(),
+                                    static_cast<float*>(x) + h.x_offset)},
+        {DNNL_ARG_WEIGHTS, dnnl::memory(whole.w_prim, Engine(), w)},
+        {DNNL_ARG_DST, dnnl::memory(h.y, Engine(),
+                                    static_cast<float*>(y) + h.y_offset)},
+        {DNNL_ARG_SCRATCHPAD, h.scratchpad}};
+    AddPostOpArgs(post, whole.channels, args);
+    h.prim.execute(stream, args);
+    stream.wait();
   });
-  if (ok[0] && ok[1]) return ffi::Error::Success();
-  return ffi::Error(ffi::ErrorCode::kInternal,
-                    "oneDNN convolution: a half of the rows failed");
 }
 
 // A forward: as two halves of its rows where `GetRowHalves` builds them,

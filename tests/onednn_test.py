@@ -42,6 +42,14 @@ def _onednn_conv(strides, padding):
                                   'onednn')
 
 
+def _assert_close(got, want):
+  """Float rounding differs with the order of the sums (kernels, CPUs):
+  tolerances relative to `want`'s largest magnitude."""
+  chex.assert_shape(got, want.shape)
+  np.testing.assert_allclose(
+      got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+
+
 def _inputs(x_shape, w_shape, seed=0):
   rng = np.random.default_rng(seed)
   return (jnp.asarray(rng.normal(size=x_shape), jnp.float32),
@@ -86,18 +94,11 @@ class OnednnTest(parameterized.TestCase):
                                      jnp.float32))
     y, vjp = jax.vjp(_onednn_conv(strides, padding), x, w)
     y_ref, vjp_ref = jax.vjp(_lax_conv(strides, padding), x, w)
-    # Float rounding differs with the order of the sums (kernels, CPUs):
-    # tolerances relative to each result's largest magnitude.
-    def assert_close(got, want):
-      chex.assert_shape(got, want.shape)
-      np.testing.assert_allclose(
-          got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
-
-    assert_close(y, y_ref)
+    _assert_close(y, y_ref)
     g = jnp.asarray(np.random.default_rng(1).normal(size=y.shape),
                     jnp.float32)
     for got, want in zip(vjp(g), vjp_ref(g)):
-      assert_close(got, want)
+      _assert_close(got, want)
 
   @parameterized.named_parameters(
       ('3x3', (2, 14, 14, 64), (3, 3, 64, 128), (1, 1), ((1, 1), (1, 1))),
@@ -292,18 +293,12 @@ class OnednnTest(parameterized.TestCase):
                                       jnp.float32) for _ in range(3))
     y = _lax_conv(strides, padding)(x, w)
     into = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
-
-    def assert_close(got, want):
-      chex.assert_shape(got, want.shape)
-      np.testing.assert_allclose(
-          got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
-
-    assert_close(jax.jit(_onednn_conv(strides, padding))(x, w), y)
-    assert_close(
+    _assert_close(jax.jit(_onednn_conv(strides, padding))(x, w), y)
+    _assert_close(
         jax.jit(lambda *a: onednn.forward_affine_relu(*a, strides, padding))(
             x, w, scale, shift),
         jnp.maximum(y * scale + shift, 0.0))
-    assert_close(
+    _assert_close(
         jax.jit(lambda *a: onednn.forward_add_into(*a, strides, padding))(
             x, w, bias, into),
         into + y + bias)
