@@ -61,6 +61,13 @@ struct Shape {
     return {(oh() - 1) * sh() + kh() - h() - top(),
             (ow() - 1) * sw() + kw() - w() - left()};
   }
+  // The input and the output (NHWC).
+  dnnl::memory::desc x_desc() const {
+    return dnnl::memory::desc({n(), c(), h(), w()}, dt::f32, tag::nhwc);
+  }
+  dnnl::memory::desc y_desc() const {
+    return dnnl::memory::desc({n(), o(), oh(), ow()}, dt::f32, tag::nhwc);
+  }
   // The weights as the user holds them (HWIO), or in whatever layout the
   // primitive prefers.
   dnnl::memory::desc w_desc(tag layout) const {
@@ -145,19 +152,29 @@ enum Kind { kForward, kInputGrad, kKernelGrad };
 
 dnnl::convolution_forward::primitive_desc ForwardDesc(
     const Shape& s, const dnnl::memory::desc& x, const dnnl::memory::desc& y,
-    dnnl::prop_kind prop, tag w_layout,
+    dnnl::prop_kind prop, const dnnl::memory::desc& w,
     const dnnl::primitive_attr& attr = dnnl::primitive_attr()) {
   return dnnl::convolution_forward::primitive_desc(
-      Engine(), prop, dnnl::algorithm::convolution_direct, x,
-      s.w_desc(w_layout), y, s.strides(), s.pad_l(), s.pad_r(), attr);
+      Engine(), prop, dnnl::algorithm::convolution_direct, x, w, y,
+      s.strides(), s.pad_l(), s.pad_r(), attr);
+}
+
+// Whether oneDNN picked im2col + gemm for a convolution.
+bool IsGemm(const dnnl::convolution_forward::primitive_desc& pd) {
+  return std::string(pd.impl_info_str()).find("gemm") != std::string::npos;
+}
+
+// oneDNN's failure as the pass's error (exceptions must not cross into
+// XLA).
+ffi::Error Failed(const std::exception& e) {
+  return ffi::Error(ffi::ErrorCode::kInternal,
+                    std::string("oneDNN convolution: ") + e.what());
 }
 
 std::unique_ptr<Pass> Build(Kind kind, const Shape& s) {
   auto pass = std::make_unique<Pass>();
-  pass->x = dnnl::memory::desc({s.n(), s.c(), s.h(), s.w()}, dt::f32,
-                               tag::nhwc);
-  pass->y = dnnl::memory::desc({s.n(), s.o(), s.oh(), s.ow()}, dt::f32,
-                               tag::nhwc);
+  pass->x = s.x_desc();
+  pass->y = s.y_desc();
   pass->w_user = s.w_desc(tag::hwio);
   if (kind == kForward) {
     // The forward reads the user's HWIO weights as they are unless the
@@ -168,18 +185,20 @@ std::unique_ptr<Pass> Build(Kind kind, const Shape& s) {
                                         tag::nchw);
     dnnl::primitive_attr attr;
     if (s.post_ops() != kNone) attr = PostOpsAttr(s.post_ops(), pass->channels);
-    auto pd = ForwardDesc(s, pass->x, pass->y,
-                          dnnl::prop_kind::forward_inference,
-                          s.blocked_weights() ? tag::any : tag::hwio, attr);
-    if (std::string(pd.impl_info_str()).find("gemm") != std::string::npos) {
+    auto pd = ForwardDesc(
+        s, pass->x, pass->y, dnnl::prop_kind::forward_inference,
+        s.w_desc(s.blocked_weights() ? tag::any : tag::hwio), attr);
+    if (IsGemm(pd)) {
       pd = ForwardDesc(s, pass->x, pass->y,
-                       dnnl::prop_kind::forward_inference, tag::any, attr);
+                       dnnl::prop_kind::forward_inference, s.w_desc(tag::any),
+                       attr);
     }
     pass->prim = dnnl::convolution_forward(pd);
     pass->w_prim = pd.weights_desc();
   } else if (kind == kInputGrad) {
     auto hint = ForwardDesc(s, pass->x, pass->y,
-                            dnnl::prop_kind::forward_training, tag::any);
+                            dnnl::prop_kind::forward_training,
+                            s.w_desc(tag::any));
     auto pd = dnnl::convolution_backward_data::primitive_desc(
         Engine(), dnnl::algorithm::convolution_direct, pass->x,
         s.w_desc(tag::any), pass->y, s.strides(), s.pad_l(), s.pad_r(), hint);
@@ -187,7 +206,8 @@ std::unique_ptr<Pass> Build(Kind kind, const Shape& s) {
     pass->w_prim = pd.weights_desc();
   } else {
     auto hint = ForwardDesc(s, pass->x, pass->y,
-                            dnnl::prop_kind::forward_training, tag::any);
+                            dnnl::prop_kind::forward_training,
+                            s.w_desc(tag::any));
     auto pd = dnnl::convolution_backward_weights::primitive_desc(
         Engine(), dnnl::algorithm::convolution_direct, pass->x,
         s.w_desc(tag::any), pass->y, s.strides(), s.pad_l(), s.pad_r(), hint);
@@ -283,8 +303,7 @@ ffi::Error Run(Kind kind, const Shape& shape, void* x, void* w, void* y,
   stream.wait();
   return ffi::Error::Success();
 } catch (const std::exception& e) {
-  return ffi::Error(ffi::ErrorCode::kInternal,
-                    std::string("oneDNN convolution: ") + e.what());
+  return Failed(e);
 }
 
 // A small row matmul (`x` an `[M, K]` matrix) as two one-thread matmuls
@@ -402,8 +421,7 @@ ffi::Error RunSplit(const Shape& shape, void* x, void* w, void* y,
     OneThread one;  // The halves' primitives: one thread each.
     split = GetSplit(shape);
   } catch (const std::exception& e) {
-    return ffi::Error(ffi::ErrorCode::kInternal,
-                      std::string("oneDNN convolution: ") + e.what());
+    return Failed(e);
   }
   return RunHalves(pool, "a matmul half failed", [&](int k) {
     RunHalf(split->half[k], x, w, y, post);
@@ -457,8 +475,35 @@ Shape RowsOf(const Shape& s, int64_t a, int64_t b, int64_t* first_row) {
   return t;
 }
 
-// The halves of `s`, built once (null where oneDNN would run a half
-// through im2col and gemm, or in another weight layout than the whole: the
+// Output rows [a, b) of `s` as `h`, reading the weights as `whole` does.
+// False where oneDNN has no direct kernel for them in that weight layout
+// (or only im2col and gemm).
+bool BuildRowHalf(const Shape& s, const Pass& whole, int64_t a, int64_t b,
+                  RowHalf* h) {
+  int64_t first_row;
+  const Shape t = RowsOf(s, a, b, &first_row);
+  if (t.h() < 1) return false;
+  h->x = t.x_desc();
+  h->y = t.y_desc();
+  dnnl::primitive_attr attr;
+  if (t.post_ops() != kNone) attr = PostOpsAttr(t.post_ops(), whole.channels);
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  dnnl::convolution_forward::primitive_desc pd;
+  try {
+    pd = ForwardDesc(t, h->x, h->y, dnnl::prop_kind::forward_inference,
+                     whole.w_prim, attr);
+  } catch (const dnnl::error&) {
+    return false;
+  }
+  if (IsGemm(pd) || pd.weights_desc() != whole.w_prim) return false;
+  h->prim = dnnl::convolution_forward(pd);
+  h->scratchpad = dnnl::memory(pd.scratchpad_desc(), Engine());
+  h->x_offset = first_row * s.w() * s.c();
+  h->y_offset = a * s.ow() * s.o();
+  return true;
+}
+
+// The halves of `s`, built once (null where a half cannot be built: the
 // whole then runs as `Run` does). The caller holds RunMutex().
 RowHalves* GetRowHalves(const Shape& s) {
   static std::unordered_map<Shape, std::unique_ptr<RowHalves>, ShapeHash>
@@ -469,41 +514,9 @@ RowHalves* GetRowHalves(const Shape& s) {
   halves->whole = Get(kForward, s);
   OneThread one;  // oneDNN sizes a primitive's team when it is built.
   const int64_t middle = s.oh() / 2;
-  for (int i = 0; i < 2 && halves; ++i) {
-    int64_t first_row;
-    Shape t = i ? RowsOf(s, middle, s.oh(), &first_row)
-                : RowsOf(s, 0, middle, &first_row);
-    if (t.h() < 1) {
-      halves.reset();
-      break;
-    }
-    RowHalf& h = halves->half[i];
-    h.x = dnnl::memory::desc({1, t.c(), t.h(), t.w()}, dt::f32, tag::nhwc);
-    h.y = dnnl::memory::desc({1, t.o(), t.oh(), t.ow()}, dt::f32, tag::nhwc);
-    dnnl::primitive_attr attr;
-    if (t.post_ops() != kNone) {
-      attr = PostOpsAttr(t.post_ops(), halves->whole->channels);
-    }
-    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-    dnnl::convolution_forward::primitive_desc pd;
-    try {
-      pd = dnnl::convolution_forward::primitive_desc(
-          Engine(), dnnl::prop_kind::forward_inference,
-          dnnl::algorithm::convolution_direct, h.x, halves->whole->w_prim,
-          h.y, t.strides(), t.pad_l(), t.pad_r(), attr);
-    } catch (const dnnl::error&) {  // No kernel for a half: the whole runs.
-      halves.reset();
-      break;
-    }
-    if (std::string(pd.impl_info_str()).find("gemm") != std::string::npos ||
-        pd.weights_desc() != halves->whole->w_prim) {
-      halves.reset();
-      break;
-    }
-    h.prim = dnnl::convolution_forward(pd);
-    h.scratchpad = dnnl::memory(pd.scratchpad_desc(), Engine());
-    h.x_offset = first_row * s.w() * s.c();
-    h.y_offset = (i ? middle : 0) * s.ow() * s.o();
+  if (!BuildRowHalf(s, *halves->whole, 0, middle, &halves->half[0]) ||
+      !BuildRowHalf(s, *halves->whole, middle, s.oh(), &halves->half[1])) {
+    halves.reset();
   }
   return (cache[s] = std::move(halves)).get();
 }
@@ -522,8 +535,7 @@ ffi::Error RunRowHalves(RowHalves& halves, void* x, void* w, void* y,
       w = whole.w_prim_buffer.get_data_handle();
     }
   } catch (const std::exception& e) {
-    return ffi::Error(ffi::ErrorCode::kInternal,
-                      std::string("oneDNN convolution: ") + e.what());
+    return Failed(e);
   }
   return RunHalves(pool, "a half of the rows failed", [&](int k) {
     const RowHalf& h = halves.half[k];
@@ -554,8 +566,7 @@ ffi::Error RunForward(const Shape& shape, void* x, void* w, void* y,
     try {
       halves = GetRowHalves(shape);
     } catch (const std::exception& e) {
-      return ffi::Error(ffi::ErrorCode::kInternal,
-                        std::string("oneDNN convolution: ") + e.what());
+      return Failed(e);
     }
     if (halves) return RunRowHalves(*halves, x, w, y, post, pool);
   }
@@ -700,6 +711,13 @@ ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
              x.untyped_data(), dw->untyped_data(), dy.untyped_data());
 }
 
+// `Shape` from onednn.py's 13 numbers (its layout flag and post-ops 0).
+Shape FromC(const int64_t* shape) {
+  Shape s{};
+  std::memcpy(s.v, shape, 13 * sizeof(int64_t));
+  return s;
+}
+
 }  // namespace
 
 // Whether the forward of `shape` (the 13 numbers of `Shape` before its
@@ -708,8 +726,7 @@ ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
 // failed. For onednn.py, at trace time; the primitive it builds is the one
 // the call then runs.
 extern "C" int SactOnednnForwardCopiesWeights(const int64_t* shape) try {
-  Shape s{};
-  std::memcpy(s.v, shape, 13 * sizeof(int64_t));
+  const Shape s = FromC(shape);
   std::lock_guard<std::mutex> lock(RunMutex());
   ThreadsForPass threads(s);
   return Get(kForward, s)->reorder ? 1 : 0;
@@ -720,16 +737,14 @@ extern "C" int SactOnednnForwardCopiesWeights(const int64_t* shape) try {
 // Whether a forward of `shape` (the 13 numbers, as above) runs as two
 // matmul halves (`Splits`), for onednn.py's tests.
 extern "C" int SactOnednnForwardSplits(const int64_t* shape) {
-  Shape s{};
-  std::memcpy(s.v, shape, 13 * sizeof(int64_t));
+  const Shape s = FromC(shape);
   return Splits(s) ? 1 : 0;
 }
 
 // Whether a forward of `shape` (as above) runs as two halves of its output
 // rows (`RowHalves`); -1 where oneDNN fails. For onednn.py's tests.
 extern "C" int SactOnednnForwardRowHalves(const int64_t* shape) try {
-  Shape s{};
-  std::memcpy(s.v, shape, 13 * sizeof(int64_t));
+  const Shape s = FromC(shape);
   if (!SplitsRows(s)) return 0;
   std::lock_guard<std::mutex> lock(RunMutex());
   return GetRowHalves(s) != nullptr ? 1 : 0;
