@@ -44,7 +44,9 @@ platform), the four below, XLA's own:
 `compiler_options` names the XLA:CPU options under which these run best
 (training and inference); `jit` applies them. `pick` and `stacked_unit`
 let a loop over a block's stacked units have oneDNN read each unit's
-kernel in place instead of a copy XLA would make of it.
+kernel in place instead of a copy XLA would make of it; under
+`valid_rows` such a unit's row matmuls skip the padding rows of a sparse
+unit's last chunk.
 `conv_affine_relu` and `conv_add_into` give a convolution with what
 follows it per channel in evaluation (a batch norm and ReLU; a bias and
 the sum into the residual stream) as one oneDNN call where oneDNN's
@@ -769,6 +771,36 @@ def stacked_unit(index: jax.Array):
     _UNIT.reset(token)
 
 
+_ROWS = contextvars.ContextVar('sact_jax_conv_rows', default=None)
+
+
+@contextlib.contextmanager
+def valid_rows(count: jax.Array | int | None):
+  """Within: the positions of a row matmul from `count` on are padding.
+
+  A convolution with a stacked kernel (`stacked_unit`) over one row of
+  positions (`onednn.is_row`: the sparse path's row matmuls) that oneDNN's
+  forward runs computes its first `count` positions only and writes zeros
+  at the others (`onednn.forward_stacked`); elsewhere every position is
+  computed. For the last chunk of a sparse unit's rows, whose bucketed
+  size adds padding rows (`sparse.rows.row_loop`). None: no count. Read
+  when a function is traced, as `stacked_unit` is.
+  """
+  token = _ROWS.set(count)
+  try:
+    yield
+  finally:
+    _ROWS.reset(token)
+
+
+def _rows_of(x_shape, w_shape, strides, padding):
+  """`valid_rows`' count where it applies to this convolution, else None."""
+  count = _ROWS.get()
+  if count is None or not onednn.is_row(x_shape, w_shape, strides, padding):
+    return None
+  return jnp.asarray(count, jnp.int32)
+
+
 def _unit_of_stack(lhs, rhs) -> jax.Array | None:
   """`stacked_unit`'s index where `rhs` is a stack of kernels that `pick`
   left whole (one axis more than `lhs`), else None."""
@@ -839,8 +871,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding,
     if unit is not None and forward == 'rows':
       return _rows(lhs, stack, strides, pads, index=unit).astype(lhs.dtype)
     if unit is not None and (forward, backward) == ('onednn', 'onednn'):
-      return onednn.forward_stacked(lhs, stack, unit, strides,
-                                    pads).astype(lhs.dtype)
+      return onednn.forward_stacked(
+          lhs, stack, unit, strides, pads,
+          _rows_of(lhs.shape, stack.shape, strides, pads)).astype(lhs.dtype)
     return conv2d(lhs, rhs, strides, pads, precision, forward, backward)
   kwargs = {k: v for k, v in kwargs.items() if v is not None}
   return lax.conv_general_dilated(

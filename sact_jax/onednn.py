@@ -363,11 +363,12 @@ BLOCKED_WEIGHTS_MIN_FLOPS = 1e9
 
 
 def _forward(x_BxHxWxI, w_KxLxIxO, strides, padding, blocked_weights=None,
-             index=None, affine=None, add_into=None):
+             index=None, affine=None, add_into=None, rows=None):
   """The forward pass; `blocked_weights` None: by the FLOPs (above).
 
   With `index`, `w_KxLxIxO` is a stack `[U, kh, kw, I, O]` and the pass
-  convolves with kernel `index` of it (`forward_stacked`). With `affine`
+  convolves with kernel `index` of it (`forward_stacked`; with `rows`, its
+  first rows only). With `affine`
   `(scale_O, shift_O)`, it returns `relu(y * scale + shift)`
   (`forward_affine_relu`); with `add_into` `(bias_O, into)`, `into + y +
   bias` (`forward_add_into`).
@@ -380,7 +381,8 @@ def _forward(x_BxHxWxI, w_KxLxIxO, strides, padding, blocked_weights=None,
     blocked_weights = flops >= BLOCKED_WEIGHTS_MIN_FLOPS
   operands = (x_BxHxWxI, w_KxLxIxO)
   if index is not None:
-    operands += (index.astype(np.int32),)
+    operands += (index.astype(np.int32) if rows is None else
+                 jnp.stack([index, rows]).astype(np.int32),)
   post_ops, aliases = None, None
   if affine is not None:
     post_ops = 'AffineRelu'
@@ -455,29 +457,58 @@ _kernel_grad.defvjp(lambda x, g, strides, padding, w_shape: (
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def forward_stacked(x_BxHxWxI, w_UxKxLxIxO, index, strides, padding):
+def forward_stacked(x_BxHxWxI, w_UxKxLxIxO, index, strides, padding,
+                    rows=None):
   """`forward` with kernel `index` of a stack, read in place (no copy).
 
   Inside a loop over a block's units, slicing a unit's kernel out of the
   stack makes XLA copy it before each custom call: 4.4 MB per ImageNet
   ResNet-101 block-3 unit. The gradients (rarely wanted: evaluation) slice
   it and put the kernel gradient back into a stack of zeros.
+
+  With `rows` (a traced count), `x` must be one row of positions `[1, 1,
+  S, I]` under a 1x1 kernel, stride 1, unpadded: only its first `rows`
+  positions are computed (rounded up to a few), and the output is zero at
+  the others (`conv.valid_rows`: the padding of a sparse unit's last chunk
+  of rows).
   """
-  return _forward(x_BxHxWxI, w_UxKxLxIxO, strides, padding, index=index)
+  if rows is not None and not is_row(x_BxHxWxI.shape, w_UxKxLxIxO.shape,
+                                     strides, padding):
+    raise ValueError(
+        f'A count of rows needs one row of positions [1, 1, S, I] under a '
+        f'1x1 kernel, stride 1, unpadded; got {x_BxHxWxI.shape} x '
+        f'{w_UxKxLxIxO.shape[-4:]}, strides {tuple(strides)}, padding '
+        f'{tuple(map(tuple, padding))}.')
+  return _forward(x_BxHxWxI, w_UxKxLxIxO, strides, padding, index=index,
+                  rows=rows)
 
 
-def _forward_stacked_fwd(x, w_stack, index, strides, padding):
-  return forward_stacked(x, w_stack, index, strides, padding), (x, w_stack,
-                                                               index)
+def is_row(x_shape, w_shape, strides, padding) -> bool:
+  """Whether a convolution is a matmul over one row of positions: `x`
+  `[1, 1, S, I]`, a 1x1 kernel (`w_shape` `[..., 1, 1, I, O]`), stride 1,
+  unpadded (what `forward_stacked` takes a count of rows for)."""
+  return (tuple(x_shape[:2]) == (1, 1) and tuple(w_shape[-4:-2]) == (1, 1)
+          and tuple(strides) == (1, 1)
+          and all(tuple(p) == (0, 0) for p in padding))
+
+
+def _forward_stacked_fwd(x, w_stack, index, strides, padding, rows):
+  return (forward_stacked(x, w_stack, index, strides, padding, rows),
+          (x, w_stack, index, rows))
 
 
 def _forward_stacked_bwd(strides, padding, residuals, c_BxPxQxO):
-  x, w_stack, index = residuals
+  x, w_stack, index, rows = residuals
+  if rows is not None:  # The output is zero after the first `rows`.
+    kept_S = jnp.arange(c_BxPxQxO.shape[2]) < rows
+    c_BxPxQxO = jnp.where(kept_S[:, None], c_BxPxQxO, 0)
   w = jax.lax.dynamic_index_in_dim(w_stack, index, keepdims=False)
   dx, dw = _forward_bwd(strides, padding, None, (x, w), c_BxPxQxO)
   dw_stack = jax.lax.dynamic_update_index_in_dim(
       jnp.zeros_like(w_stack), dw, index, 0)
-  return dx, dw_stack, np.zeros(np.shape(index), jax.dtypes.float0)
+  return (dx, dw_stack, np.zeros(np.shape(index), jax.dtypes.float0),
+          None if rows is None
+          else np.zeros(np.shape(rows), jax.dtypes.float0))
 
 
 forward_stacked.defvjp(_forward_stacked_fwd, _forward_stacked_bwd)

@@ -645,12 +645,44 @@ ffi::Error ForwardAddInto(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   return RunWithPostOps(x, w, y, attrs, BiasSumArgs(bias, into, y), pool);
 }
 
-// The forward of unit `index` of a stack of equal kernels `[U, kh, kw, I,
-// O]`, read where it lies. Inside a loop over a block's units, a kernel
+// `s`'s forward at the first `rows` positions of its one row of positions
+// (`[1, 1, S, I]`, a 1x1 kernel, no post-ops), the output's other positions
+// zero: in the sparse path's last chunk of a unit's rows the positions
+// after the set's are padding, which the chunk's bucketed size adds (up to
+// a third of it). The rows computed are rounded up to a multiple of a 32nd
+// of the row (at least 8), so that a row needs few primitives.
+ffi::Error RunFirstRows(const Shape& s, int64_t rows, void* x, void* w,
+                        void* y, const PostOpArgs& post,
+                        ffi::ThreadPool& pool) {
+  if (s.n() != 1 || s.h() != 1 || s.kh() != 1 || s.kw() != 1 ||
+      s.sw() != 1 || s.left() != 0 || s.ow() != s.w() ||
+      post.kind != kNone) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "oneDNN convolution: a count of rows needs one row "
+                      "of positions, a 1x1 kernel and no post-ops");
+  }
+  const int64_t total = s.w();
+  rows = std::clamp<int64_t>(rows, 0, total);
+  const int64_t step = std::max<int64_t>(8, (total + 31) / 32);
+  const int64_t computed = std::min(total, (rows + step - 1) / step * step);
+  if (computed > 0) {
+    Shape t = s;
+    t.v[2] = t.v[12] = computed;
+    ffi::Error error = RunForward(t, x, w, y, post, pool);
+    if (error.failure()) return error;
+  }
+  float* out = static_cast<float*>(y);
+  std::fill(out + rows * s.o(), out + total * s.o(), 0.0f);
+  return ffi::Error::Success();
+}
+
+// The forward of unit `index[0]` of a stack of equal kernels `[U, kh, kw,
+// I, O]`, read where it lies. Inside a loop over a block's units, a kernel
 // sliced out of the stack is a copy XLA makes before every call (4.4 MB per
 // ImageNet unit, a tenth of a batch-1 forward); the stack itself is the
 // loop's operand and costs nothing to pass. The index is clamped as XLA
-// clamps a dynamic slice.
+// clamps a dynamic slice. A second index is a count of rows
+// (`RunFirstRows`).
 ffi::Error RunStacked(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                       ffi::Buffer<ffi::S32> index,
                       ffi::ResultBuffer<ffi::F32> y, const ConvAttrs& attrs,
@@ -658,17 +690,23 @@ ffi::Error RunStacked(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                       ffi::ThreadPool& pool) {
   if (post.has_error()) return post.error();
   auto stack = w.dimensions();
-  if (stack.size() != 5 || index.element_count() != 1) {
+  const size_t indices = index.element_count();
+  if (stack.size() != 5 || indices < 1 || indices > 2) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       "oneDNN convolution: expected [U, kh, kw, I, O] "
-                      "kernels and one index");
+                      "kernels and one index (and a count of rows)");
   }
   int64_t unit = std::clamp<int64_t>(index.typed_data()[0], 0, stack[0] - 1);
   int64_t size = stack[1] * stack[2] * stack[3] * stack[4];
-  return RunForward(MakeShape(x.dimensions(), stack.last(4),
-                              y->dimensions(), attrs, post->kind),
-                    x.untyped_data(), w.typed_data() + unit * size,
-                    y->untyped_data(), *post, pool);
+  const Shape shape = MakeShape(x.dimensions(), stack.last(4),
+                                y->dimensions(), attrs, post->kind);
+  float* kernel = w.typed_data() + unit * size;
+  if (indices == 2) {
+    return RunFirstRows(shape, index.typed_data()[1], x.untyped_data(),
+                        kernel, y->untyped_data(), *post, pool);
+  }
+  return RunForward(shape, x.untyped_data(), kernel, y->untyped_data(),
+                    *post, pool);
 }
 
 ffi::Error ForwardStacked(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,

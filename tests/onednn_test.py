@@ -229,6 +229,75 @@ class OnednnTest(parameterized.TestCase):
         jax.jit(jax.value_and_grad(sliced, (0, 1)))(x, stack),
         rtol=1e-5, atol=1e-4)
 
+  @parameterized.product(
+      shape=((40, 64, 32), (117, 256, 1024), (13, 2304, 256)),
+      rows=(0, 1, 9, 'half', 'all_but_one', 'all', 'more'))
+  def test_forward_stacked_computes_its_first_rows_only(self, shape, rows):
+    """With a count of rows, `forward_stacked` over one row of positions
+    is the stacked kernel's matmul at the first `rows` positions and zero
+    at the others (a count past the row: every position), values and both
+    gradients; the halves (`forward_splits`) at 117 and 13 rows too."""
+    size, cin, cout = shape
+    rows = {'half': size // 2, 'all_but_one': size - 1, 'all': size,
+            'more': size + 5}.get(rows, rows)
+    x, w = _inputs((1, 1, size, cin), (cin, cout), seed=5)
+    stack = jnp.stack([-w, w]).reshape(2, 1, 1, cin, cout)
+    kept_S = (jnp.arange(size) < rows)[:, None]
+    g = jnp.asarray(np.random.default_rng(6).normal(size=(size, cout)),
+                    jnp.float32)
+    unpadded = ((0, 0), (0, 0))
+
+    def stacked(x, stack):
+      y = onednn.forward_stacked(x, stack, jnp.int32(1), (1, 1), unpadded,
+                                 jnp.int32(rows))
+      return y[0, 0], jnp.sum(y[0, 0] * g)
+
+    def reference(x, stack):
+      y = jnp.where(kept_S, jnp.matmul(x[0, 0], stack[1, 0, 0],
+                                       precision='highest'), 0.0)
+      return y, jnp.sum(y * g)
+
+    got, want = jax.jit(stacked)(x, stack), jax.jit(reference)(x, stack)
+    _assert_close(got[0], want[0])
+    np.testing.assert_array_equal(got[0][rows:], 0.0)
+    grads = [jax.jit(jax.grad(lambda *a, f=f: f(*a)[1], (0, 1)))(x, stack)
+             for f in (stacked, reference)]
+    for got_grad, want_grad in zip(*grads):
+      _assert_close(got_grad, want_grad)
+
+  @parameterized.named_parameters(
+      ('a_map', (1, 4, 4, 8), (2, 1, 1, 8, 8), (1, 1), ((0, 0), (0, 0))),
+      ('a_3x3_kernel', (1, 1, 8, 8), (2, 1, 3, 8, 8), (1, 1),
+       ((0, 0), (1, 1))),
+      ('strided', (1, 1, 8, 8), (2, 1, 1, 8, 8), (1, 2), ((0, 0), (0, 0))))
+  def test_a_count_of_rows_needs_one_row_and_a_1x1_kernel(
+      self, x_shape, w_shape, strides, padding):
+    x, stack = _inputs(x_shape, w_shape)
+    with self.assertRaisesRegex(ValueError, 'one row of positions'):
+      onednn.forward_stacked(x, stack, jnp.int32(0), strides, padding,
+                             jnp.int32(3))
+
+  def test_valid_rows_reach_a_stacked_row_matmul_only(self):
+    """`conv.valid_rows` counts the rows of `conv.rows_matmul` over a stack
+    (oneDNN's forward): zero after the count; a plain matrix and a stack
+    outside the context compute every row."""
+    x, w = _inputs((40, 64), (64, 32), seed=7)
+    stack = jnp.stack([w, 2.0 * w])
+    full = jnp.matmul(x, 2.0 * w, precision='highest')
+    # Contexts are read when a function is traced: a jit each.
+    matmul = lambda: jax.jit(lambda x, w: conv.rows_matmul(x, w))
+    with conv.stacked_unit(jnp.int32(1)):
+      every_row = matmul()(x, stack)
+      with conv.valid_rows(jnp.int32(25)):
+        text = matmul().lower(x, stack).as_text()
+        first_rows = matmul()(x, stack)
+        plain = matmul()(x, 2.0 * w)
+    self.assertIn('OnednnConvForwardStacked', text)
+    _assert_close(first_rows[:25], full[:25])
+    np.testing.assert_array_equal(first_rows[25:], 0.0)
+    _assert_close(every_row, full)
+    _assert_close(plain, full)
+
   @parameterized.named_parameters(
       ('rows', (1, 1, 26, 256), 1024, True, False),
       ('uneven_halves', (1, 1, 4096, 64), 40, True, False),

@@ -27,6 +27,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from sact_jax import conv as conv_lib
 from sact_jax import onednn
 
 
@@ -105,7 +106,8 @@ def indices(mask_N: jax.Array, length: int, block: int = 128) -> jax.Array:
 
 
 def row_loop(idx_L: jax.Array, n_full: jax.Array | int, chunk: int,
-             tail: int, body: Callable, carry):
+             tail: int, body: Callable, carry,
+             count: jax.Array | int | None = None):
   """Runs `carry = body(idx_S, carry)` over the planned chunks of `idx_L`.
 
   Args:
@@ -115,13 +117,17 @@ def row_loop(idx_L: jax.Array, n_full: jax.Array | int, chunk: int,
     tail: static size of the last, partial chunk (0 for none).
     body: called with `[chunk]` or `[tail]` indices.
     carry: the loop state (maps updated in place).
+    count: the rows of `idx_L` that are not padding (an upper bound will
+      do), or None. The tail's rows from `count` on are padding: its body
+      runs under `conv.valid_rows`, so that its row matmuls skip them.
   """
   def full(i, carry):
     return body(lax.dynamic_slice_in_dim(idx_L, i * chunk, chunk), carry)
   carry = lax.fori_loop(0, n_full, full, carry)
   if tail:
     start = jnp.asarray(n_full, jnp.int32) * chunk
-    carry = body(lax.dynamic_slice_in_dim(idx_L, start, tail), carry)
+    with conv_lib.valid_rows(None if count is None else count - start):
+      carry = body(lax.dynamic_slice_in_dim(idx_L, start, tail), carry)
   return carry
 
 

@@ -54,8 +54,13 @@ class _TailPlan:
   one of a few static `tails`, picked by index (a `lax.switch`).
 
   Tails are 0-4 granules, then about 1.5x apart up to a chunk (9 sizes for
-  16 granules, wasting at most a third of the tail): every size is compiled
+  16 granules, padding at most a third of the tail): every size is compiled
   into the block's program, so fewer than the host loop's `buckets + 1`.
+  The row matmuls, most of a unit's time, skip the padding
+  (`conv.valid_rows`); gathers and scatters run over it. A tail at every
+  granule instead (17 sizes) made `sparse.apply` on ImageNet ResNet-101
+  at batch 1 about 3% faster before the matmuls skipped the padding, but
+  took its first call from 22 to 40 s of compiling.
   """
 
   def __init__(self, chunk: int, granule: int, num_rows: int):
@@ -259,10 +264,10 @@ class SactBlock:
       head_vars = conv_lib.pick(head_vars.stacked, head_vars.index)
     return nnx.merge(self.head_gd, head_vars)
 
-  def _stage_dilated(self, unit_vars, head_vars, maps, state, n_full, *,
-                     tail, hw, with_taps):
+  def _stage_dilated(self, unit_vars, head_vars, maps, state, n_full,
+                     count=None, *, tail, hw, with_taps):
     """The dilated stage at the dilated rows, into `y`; with `with_taps`, the
-    next head's tap products there.
+    next head's tap products there. `count`: the dilated rows (`row_loop`).
 
     Tap products are computed from the rows before the unit's update: right
     for the rows the unit leaves unchanged, and overwritten in
@@ -292,12 +297,13 @@ class SactBlock:
         taps = rows_lib.row_taps(taps, x, idx_S, head)
       return y, taps
     y, taps = rows_lib.row_loop(idx_dilated, n_full, self.costs.chunk_dilated,
-                                tail, body, (maps['y'], maps['taps']))
+                                tail, body, (maps['y'], maps['taps']), count)
     return dict(maps, y=y, taps=taps)
 
   def _stage_active(self, unit_vars, head_vars, maps, halting_carry, n_full,
-                    *, tail, dense, with_head, dense_head):
-    """The rest of the unit at its active rows, then the next head.
+                    count=None, *, tail, dense, with_head, dense_head):
+    """The rest of the unit at its active rows (`count` of them, for
+    `row_loop`), then the next head.
 
     Updates `x`, `out`, `xsum`; with a head, also its tap products at the
     updated rows, its scores at the active rows (the only ones that matter:
@@ -322,7 +328,7 @@ class SactBlock:
     else:
       idx_active = self.index_rows(state, dilated=False)
       maps = self._update_rows(unit_vars, maps, state, idx_active, n_full,
-                               tail, update_x=with_head,
+                               tail, count, update_x=with_head,
                                taps_head=None if dense_head else head_vars)
       if not with_head:
         return maps, None, None
@@ -420,7 +426,7 @@ class SactBlock:
                          for k, v in maps_BxHxWxC.items()})
 
   def _update_rows(self, unit_vars, maps, state, idx_active, n_full, tail,
-                   *, update_x, taps_head):
+                   count, *, update_x, taps_head):
     """The active stage at the active rows: `out`; with `update_x`, `x` and
     `xsum`; with `taps_head` (a head's variables), its tap products at the
     updated rows."""
@@ -447,7 +453,7 @@ class SactBlock:
           head=None if taps_head is None else self._head(taps_head))
       return x, out, xsum, taps
     x, out, xsum, taps = rows_lib.row_loop(
-        idx_active, n_full, self.costs.chunk_active, tail, body, carry)
+        idx_active, n_full, self.costs.chunk_active, tail, body, carry, count)
     return dict(maps, x=x, out=out, xsum=xsum, taps=taps)
 
   def _halting_rows(self, head_vars, maps, state, idx_active, n_full, tail):
@@ -707,14 +713,14 @@ class SactBlock:
             self._stage_dilated, tail=t, hw=(height, width),
             with_taps=True) for t in plans[0].tails],
                           unit_vars, head_vars, maps,
-                          halting_carry['state'], n_full)
+                          halting_carry['state'], n_full, n_dilated)
         rows_dilated = plans[0].rows(n_full, tail)
         n_full, tail = plans[1](n_active)
         maps, carry, new_sizes = lax.switch(tail, [functools.partial(
             self._stage_active, tail=t, dense=False, with_head=True,
             dense_head=False) for t in plans[1].tails],
                                             unit_vars, head_vars, maps,
-                                            halting_carry, n_full)
+                                            halting_carry, n_full, n_active)
         return (maps, carry, new_sizes,
                 jnp.stack([rows_dilated, plans[1].rows(n_full, tail)]))
 
