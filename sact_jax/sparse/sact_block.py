@@ -53,14 +53,16 @@ class _TailPlan:
   """`rows.plan_rows` on the device: full chunks, then a tail whose size is
   one of a few static `tails`, picked by index (a `lax.switch`).
 
-  Tails are 0-4 granules, then about 1.5x apart up to a chunk (9 sizes for
-  16 granules, padding at most a third of the tail): every size is compiled
+  Tails are 0-4 granules, then twice as far apart up to a chunk (7 sizes
+  for 16 granules, padding up to half the tail): every size is compiled
   into the block's program, so fewer than the host loop's `buckets + 1`.
   The row matmuls, most of a unit's time, skip the padding
-  (`conv.valid_rows`); gathers and scatters run over it. A tail at every
-  granule instead (17 sizes) made `sparse.apply` on ImageNet ResNet-101
-  at batch 1 about 3% faster before the matmuls skipped the padding, but
-  took its first call from 22 to 40 s of compiling.
+  (`conv.valid_rows`); gathers and scatters run over it. On ImageNet
+  ResNet-101 at batch 1, tails 1.5x apart (9 sizes) took the first call
+  of `sparse.apply` 26.5 s against 22.3 s and ran it no faster (these
+  tails took 1.005 and 1.004 of their time); before the matmuls skipped
+  the padding, a tail at every granule (17 sizes) ran it about 3% faster
+  but compiled for 40 s.
   """
 
   def __init__(self, chunk: int, granule: int, num_rows: int):
@@ -68,7 +70,7 @@ class _TailPlan:
     top = -(-min(chunk, num_rows) // granule)
     ks = list(range(min(top, 4) + 1))
     while ks[-1] < top:
-      ks.append(min(top, -(-3 * ks[-1] // 2)))
+      ks.append(min(top, 2 * ks[-1]))
     self._ks = np.asarray(ks, np.int32)
     self.tails = [min(chunk, k * granule) for k in ks]
 
