@@ -649,8 +649,8 @@ ffi::Error ForwardAddInto(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
 // (`[1, 1, S, I]`, a 1x1 kernel, no post-ops), the output's other positions
 // zero: in the sparse path's last chunk of a unit's rows the positions
 // after the set's are padding, which the chunk's bucketed size adds (up to
-// a third of it). The rows computed are rounded up to a multiple of a 32nd
-// of the row (at least 8), so that a row needs few primitives.
+// half of it). The rows computed are rounded up to a multiple of a 32nd of
+// the row (at least 8), so that a row needs few primitives.
 ffi::Error RunFirstRows(const Shape& s, int64_t rows, void* x, void* w,
                         void* y, const PostOpArgs& post,
                         ffi::ThreadPool& pool) {
