@@ -332,17 +332,22 @@ struct Split {
   SplitHalf half[2];
 };
 
+// Whether `s` is a matmul over one row of positions: one image of one row,
+// a 1x1 kernel, stride 1, unpadded (onednn.py's `is_row`).
+bool IsRow(const Shape& s) {
+  return s.n() == 1 && s.h() == 1 && s.kh() == 1 && s.kw() == 1 &&
+         s.sh() == 1 && s.sw() == 1 && s.top() == 0 && s.left() == 0 &&
+         s.oh() == s.h() && s.ow() == s.w();
+}
+
 // Whether `s` runs as a `Split`: a 1x1 convolution over one image row of
 // at most kSplitMaxRows positions that would get more than one thread: a
 // row matmul of the sparse path (`conv.rows_matmul`), or a convolution
 // with few output positions whose windows conv.py lays out as one row
 // (its 'rows' formulation). Reads no shared state (no lock needed).
 bool Splits(const Shape& s) {
-  return s.n() == 1 && s.h() == 1 && s.kh() == 1 && s.kw() == 1 &&
-         s.sh() == 1 && s.sw() == 1 && s.top() == 0 && s.left() == 0 &&
-         s.oh() == s.h() && s.ow() == s.w() && s.w() <= kSplitMaxRows &&
-         s.o() >= 32 && s.flops() >= 2 * kFlopsPerThread &&
-         omp_get_max_threads() > 1;
+  return IsRow(s) && s.w() <= kSplitMaxRows && s.o() >= 32 &&
+         s.flops() >= 2 * kFlopsPerThread && omp_get_max_threads() > 1;
 }
 
 // The caller holds RunMutex() (as for `Get`).
@@ -654,9 +659,7 @@ ffi::Error ForwardAddInto(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
 ffi::Error RunFirstRows(const Shape& s, int64_t rows, void* x, void* w,
                         void* y, const PostOpArgs& post,
                         ffi::ThreadPool& pool) {
-  if (s.n() != 1 || s.h() != 1 || s.kh() != 1 || s.kw() != 1 ||
-      s.sw() != 1 || s.left() != 0 || s.ow() != s.w() ||
-      post.kind != kNone) {
+  if (!IsRow(s) || post.kind != kNone) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       "oneDNN convolution: a count of rows needs one row "
                       "of positions, a 1x1 kernel and no post-ops");
