@@ -10,7 +10,12 @@ overwrites every halting branch (weights 0, bias -10: nothing halts early;
 +10: everything halts after the first unit) so that both sides compute the
 same units.
 Workloads: `dense` (the model type as built) and, for ACT, `sparse` (the
-original's `act_early_stopping` mode, a second graph).
+original's `act_early_stopping` mode, a second graph). With `--train`
+(CIFAR only) the one workload `dense` is a training step of the original's
+cifar_main.py instead: softmax cross-entropy, tau (0.01) times each
+block's mean ponder cost, the arg scope's L2 regularisers, momentum SGD
+(0.9) and slim's train op (BatchNorm updates, numerics checks, the global
+step); images and one-hot labels held in variables.
 
   ~/.cache/sact-tfref/venv/bin/python benchmarks/tf_server.py \
       --family=imagenet --depth=101 --model_type=vanilla --batch=1
@@ -38,6 +43,10 @@ _BATCH = flags.DEFINE_integer('batch', 1, 'Batch size.')
 _SIZE = flags.DEFINE_integer('size', 224, 'Image side.')
 _HALT = flags.DEFINE_enum('halt', 'never', ['never', 'first'],
                           'Halting override (see the module docstring).')
+_TRAIN = flags.DEFINE_bool('train', False, 'Serve a training step '
+                           '(CIFAR) instead of inference.')
+_TAU = flags.DEFINE_float('tau', 0.01, 'With --train: the ponder cost\'s '
+                          'weight.')
 _THREADS = flags.DEFINE_integer(
     'threads', 2, 'Intra- and inter-op threads (1 for a server pinned to '
     'one core, lockstep.ShardedClient).')
@@ -86,6 +95,43 @@ def build(model_type: str, images_np):
   return session, logits
 
 
+def build_train_step(images_np, labels_np):
+  """One session and its train op: a CIFAR training step as the original's
+  cifar_main.py builds it (the learning rate constant at its first value,
+  0.1)."""
+  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  from tfcompat import tf, slim
+  import cifar_model
+  import training_utils
+  # pylint: enable=g-import-not-at-top,import-outside-toplevel
+  graph = tf.Graph()
+  with graph.as_default():
+    tf.set_random_seed(0)
+    local = [tf.GraphKeys.LOCAL_VARIABLES]
+    images = tf.Variable(images_np, trainable=False, name='images',
+                         collections=local)
+    one_hot = tf.Variable(tf.one_hot(labels_np, 10), trainable=False,
+                          name='labels', collections=local)
+    with slim.arg_scope(cifar_model.resnet_arg_scope(is_training=True)):
+      logits, end_points = cifar_model.resnet(
+          images, model=[_CIFAR_UNITS[_DEPTH.value]], num_classes=10,
+          model_type=_TYPE.value)
+    tf.losses.softmax_cross_entropy(onehot_labels=one_hot, logits=logits)
+    if _TYPE.value != 'vanilla':
+      training_utils.add_all_ponder_costs(end_points, weights=_TAU.value)
+    optimizer = tf.train.MomentumOptimizer(0.1, 0.9)
+    tf.train.get_or_create_global_step()
+    train_op = slim.learning.create_train_op(tf.losses.get_total_loss(),
+                                             optimizer)
+    init = [tf.global_variables_initializer(),
+            tf.local_variables_initializer()]
+  session = tf.Session(graph=graph, config=tf.ConfigProto(
+      intra_op_parallelism_threads=_THREADS.value,
+      inter_op_parallelism_threads=_THREADS.value))
+  session.run(init)
+  return session, train_op
+
+
 def main(argv):
   del argv
   if _FAMILY.value == 'cifar' and _DEPTH.value not in _CIFAR_UNITS:
@@ -95,6 +141,14 @@ def main(argv):
   rng = np.random.default_rng(0)
   images_np = rng.normal(size=(_BATCH.value, _SIZE.value, _SIZE.value,
                                3)).astype(np.float32)
+  if _TRAIN.value:
+    if _FAMILY.value != 'cifar':
+      raise app.UsageError('--train takes the CIFAR family.')
+    labels_np = rng.integers(0, 10, size=_BATCH.value)
+    session, train_op = build_train_step(images_np, labels_np)
+    lockstep.serve({'dense': functools.partial(session.run, train_op)},
+                   {'impl': 'tf'})
+    return
   types = {'dense': _TYPE.value}
   if _TYPE.value == 'act':
     types['sparse'] = 'act_early_stopping'

@@ -34,13 +34,15 @@ file's own worker (`--worker=CONFIG`), on the current code:
   whose dense vanilla and `sparse.apply` medians fill the row; the last
   column is then the original's dense vanilla over `sparse.apply`.
 
-With `--lockstep`, inference and claim rows keep one warm server per side
+With `--lockstep`, every row keeps one warm server per side
 (benchmarks/lockstep.py; the TF side is benchmarks/tf_server.py in the TF
-venv, the JAX side this file's worker or sparse_inference.py with
-`--serve`) and ask them in turn, `--reps` rounds per pair of processes: the
-calls of a round see the same machine state, and each ratio is the median
-of the per-round ratios. On a VM whose speed drifts over minutes that is
-the figure to quote; the medians of separate processes move with the drift.
+venv, with `--train` for a training row; the JAX side this file's worker or
+sparse_inference.py with `--serve`) and asks them in turn, `--reps` rounds
+per pair of processes (a training row's STEPS is then unused: a round is
+one step per side): the calls of a round see the same machine state, and
+each ratio is the median of the per-round ratios. On a VM whose speed
+drifts over minutes that is the figure to quote; the medians of separate
+processes move with the drift.
 
 With `--shards=N` as well, each side of an inference or claim row is N
 servers, each pinned to its own share of the CPUs with 1/N of the batch
@@ -101,15 +103,15 @@ _HUGE_PAGES = flags.DEFINE_bool(
     'transparent huge pages for their heap (`host_memory.'
     'HUGE_PAGES_TUNABLE`).')
 _LOCKSTEP = flags.DEFINE_bool(
-    'lockstep', False, 'Inference and claim rows: keep one warm server per '
-    'side and time their calls in turn, --reps rounds per pair of '
-    'processes; ratios are medians of per-round ratios '
-    '(benchmarks/lockstep.py). Training rows run as without it.')
+    'lockstep', False, 'Keep one warm server per side and time their calls '
+    'in turn, --reps rounds per pair of processes (a training row: one '
+    'step per side and round); ratios are medians of per-round ratios '
+    '(benchmarks/lockstep.py).')
 _SHARDS = flags.DEFINE_integer(
     'shards', 1, 'With --lockstep: each side of an inference or claim row '
     'as this many servers, each pinned to its share of the CPUs with its '
-    'share of the batch (the module docstring). Training rows run as '
-    'without it.')
+    'share of the batch (the module docstring). Training rows keep one '
+    'server per side.')
 _CACHE = flags.DEFINE_bool(
     'compilation_cache', True, 'The JAX side loads its programs from the '
     'benchmarks\' persistent compilation cache (benchmarks.CACHE_DIR, '
@@ -125,7 +127,7 @@ _INFER_XLA_FLAGS = flags.DEFINE_string(
 _WORKER = flags.DEFINE_string('worker', None, 'Internal: time one workload '
                               'on the JAX side and print one JSON line.')
 _SERVE = flags.DEFINE_bool('serve', False, 'Internal, with --worker: serve '
-                           'an inference workload (benchmarks/lockstep.py).')
+                           'the workload (benchmarks/lockstep.py).')
 
 _CIFAR_DEPTHS = {20: 3, 32: 5, 56: 9, 110: 18}
 # JAX-side variants of a training step (benchmarks/steps.py); the TF
@@ -222,18 +224,25 @@ def _infer_calls(config: str) -> dict:
   return calls
 
 
-def worker(config: str, reps: int) -> dict:
-  """Times one workload with the current sact_jax; returns medians (s)."""
+def _train_calls(config: str) -> dict:
+  """The JAX side of a `train` workload: {'dense': a step that blocks}."""
   import jax  # pylint: disable=g-import-not-at-top
   from benchmarks import steps  # pylint: disable=g-import-not-at-top
 
   c = parse(config)
+  step, _ = steps.make_step(c['depth'], c['model_type'], c['batch'],
+                            variant=c['variant'])
+  return {'dense': lambda: jax.block_until_ready(step())}
+
+
+def worker(config: str, reps: int) -> dict:
+  """Times one workload with the current sact_jax; returns medians (s)."""
+  c = parse(config)
   result = {'config': config, 'impl': 'jax'}
   if c['kind'] == 'train':
-    step, _ = steps.make_step(c['depth'], c['model_type'], c['batch'],
-                              variant=c['variant'])
+    step = _train_calls(config)['dense']
     for _ in range(2):
-      jax.block_until_ready(step())
+      step()
     result['median_s'] = _timed(step, c['steps'])
     return result
   calls = _infer_calls(config)
@@ -325,16 +334,23 @@ def _run_claim(config: str, env: dict) -> dict:
 def _server_commands(config: str, tfref: str, shard: int = 0,
                      cpus: tuple[set[int], ...] = ()) -> tuple[list[str],
                                                               list[str]]:
-  """The TF and JAX lockstep servers of an `infer` or `claim` workload.
+  """The TF and JAX lockstep servers of a workload.
 
-  With `cpus` (one set per shard), those of shard `shard`: its part of the
-  batch, TF with a thread per CPU of its set.
+  With `cpus` (one set per shard; not for `train`), those of shard
+  `shard`: its part of the batch, TF with a thread per CPU of its set.
   """
   c = parse(config)
+  here = os.path.dirname(os.path.abspath(__file__))
+  if c['kind'] == 'train':
+    tf = [os.path.join(tfref, 'venv', 'bin', 'python'),
+          os.path.join(here, 'tf_server.py'), f'--tfref_dir={tfref}',
+          '--train', '--family=cifar', f'--depth={c["depth"]}',
+          f'--model_type={c["model_type"]}', f'--batch={c["batch"]}',
+          '--size=32']
+    return tf, _worker_command(config, '--serve')
   shards = max(len(cpus), 1)
   batch = c['batch'] // shards
   threads = len(cpus[shard]) if cpus else 2
-  here = os.path.dirname(os.path.abspath(__file__))
   tf = [os.path.join(tfref, 'venv', 'bin', 'python'),
         os.path.join(here, 'tf_server.py'), f'--tfref_dir={tfref}',
         f'--family={c["family"]}', f'--depth={c["depth"]}',
@@ -350,9 +366,10 @@ def _server_commands(config: str, tfref: str, shard: int = 0,
 
 
 def _clients(config: str, tfref: str, env: dict, tf_env: dict) -> list:
-  """A lockstep client per side, sharded with --shards > 1."""
+  """A lockstep client per side, sharded with --shards > 1 (not a training
+  row)."""
   from benchmarks import lockstep  # pylint: disable=g-import-not-at-top
-  if _SHARDS.value == 1:
+  if _SHARDS.value == 1 or parse(config)['kind'] == 'train':
     tf_command, jax_command = _server_commands(config, tfref)
     return [lockstep.Client('tf', tf_command, tf_env),
             lockstep.Client('jax', jax_command, env)]
@@ -387,7 +404,7 @@ def _lockstep(config: str, tfref: str, env: dict, tf_env: dict
     records.append({'config': config, 'rep': rep, 'lockstep': True,
                     'ready': info, 'rounds': rounds})
   row = {'config': config, 'lockstep_rounds': len(per_round),
-         'shards': _SHARDS.value}
+         'shards': 1 if parse(config)['kind'] == 'train' else _SHARDS.value}
   for side in ('tf', 'jax'):
     for workload in ('dense', 'sparse'):
       row[f'{side}_{workload}'] = _median(
@@ -462,9 +479,12 @@ def main(argv):
     benchmarks.configure_jax(benchmarks.CACHE_DIR if _CACHE.value else '')
     if _SERVE.value:
       from benchmarks import lockstep  # pylint: disable=g-import-not-at-top
-      if parse(_WORKER.value)['kind'] != 'infer':
-        raise app.UsageError('--serve takes an infer workload.')
-      lockstep.serve(_infer_calls(_WORKER.value), {'impl': 'jax'})
+      kind = parse(_WORKER.value)['kind']
+      if kind == 'claim':
+        raise app.UsageError('--serve takes a train or infer workload.')
+      calls = (_train_calls(_WORKER.value) if kind == 'train'
+               else _infer_calls(_WORKER.value))
+      lockstep.serve(calls, {'impl': 'jax'})
       return
     print(json.dumps(worker(_WORKER.value, _REPS.value)), flush=True)
     return
@@ -501,8 +521,10 @@ def main(argv):
       raise app.UsageError(f'{config}: --shards={_SHARDS.value} must divide '
                            'its batch size.')
   for config in _CONFIGS.value:
-    if _LOCKSTEP.value and have_tf and parse(config)['kind'] != 'train':
-      row, lockstep_records = _lockstep(config, tfref, infer_env, tf_env)
+    if _LOCKSTEP.value and have_tf:
+      row, lockstep_records = _lockstep(
+          config, tfref, env if parse(config)['kind'] == 'train'
+          else infer_env, tf_env)
       records += lockstep_records
       summary.append(row)
       print(json.dumps(row), file=sys.stderr, flush=True)

@@ -1,10 +1,10 @@
 """benchmarks/vs_original.py: the lockstep servers' commands, one per shard.
 
-The servers themselves need the TF port and minutes; what is checked here
-is what each shard is told to run: its part of the batch, its threads, and
-(for the claim) the whole batch for tuning the halting. The module runs in
-its own process: its absl flags share names with other benchmarks' that
-tests import (`sparse_inference`).
+The TF servers need the TF port and minutes; what is checked here is what
+each shard is told to run: its part of the batch, its threads, and (for the
+claim) the whole batch for tuning the halting; and that the JAX side serves
+a training step. The module runs in its own process: its absl flags share
+names with other benchmarks' that tests import (`sparse_inference`).
 """
 
 import json
@@ -15,6 +15,8 @@ import textwrap
 
 from absl.testing import absltest
 from absl.testing import parameterized
+
+from benchmarks import lockstep
 
 _ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 
@@ -71,6 +73,31 @@ class ServerCommandsTest(parameterized.TestCase):
       self.assertEqual(_flag(jax_side, 'shard'), '0/1')
     else:
       self.assertEqual(_flag(jax_side, 'worker'), config)
+
+  def test_train_row_is_one_server_per_side_even_with_shards(self):
+    tf, jax_side = _server_commands('train:110:act:128:3')
+    self.assertIn('--train', tf)
+    self.assertEqual(_flag(tf, 'family'), 'cifar')
+    self.assertEqual(_flag(tf, 'depth'), '110')
+    self.assertEqual(_flag(tf, 'model_type'), 'act')
+    self.assertEqual(_flag(tf, 'batch'), '128')
+    self.assertEqual(_flag(jax_side, 'worker'), 'train:110:act:128:3')
+    self.assertIn('--serve', jax_side)
+
+
+class TrainServerTest(absltest.TestCase):
+
+  def test_jax_side_serves_a_training_step(self):
+    _, command = _server_commands('train:20:sact:2:1')
+    command.append('--compilation_cache=false')  # Nothing written to HOME.
+    client = lockstep.Client('jax', command, dict(
+        os.environ, JAX_PLATFORMS='cpu'), cwd=_ROOT)
+    try:
+      self.assertEqual(client.ready()['workloads'], ['dense'])
+      times = [client.run()['dense'] for _ in range(2)]
+    finally:
+      client.close()
+    self.assertTrue(all(0.0 < t < 60.0 for t in times), times)
 
 
 if __name__ == '__main__':
