@@ -53,6 +53,21 @@ _THREADS = flags.DEFINE_integer(
 _CIFAR_UNITS = {20: 3, 32: 5, 56: 9, 110: 18}
 
 
+def _session(graph):
+  """A session on `graph` with --threads threads, its variables initialised
+  (the TF port's)."""
+  # pylint: disable-next=g-import-not-at-top,import-outside-toplevel
+  from tfcompat import tf
+  with graph.as_default():
+    init = [tf.global_variables_initializer(),
+            tf.local_variables_initializer()]
+  session = tf.Session(graph=graph, config=tf.ConfigProto(
+      intra_op_parallelism_threads=_THREADS.value,
+      inter_op_parallelism_threads=_THREADS.value))
+  session.run(init)
+  return session
+
+
 def build(model_type: str, images_np):
   """One session and its logits tensor for `model_type` (port names)."""
   # pylint: disable=g-import-not-at-top,import-outside-toplevel
@@ -84,12 +99,7 @@ def build(model_type: str, images_np):
         overrides.append(tf.assign(v, tf.zeros_like(v)))
       elif v.op.name.endswith('/biases'):
         overrides.append(tf.assign(v, tf.fill(tf.shape(v), bias)))
-    init = [tf.global_variables_initializer(),
-            tf.local_variables_initializer()]
-  session = tf.Session(graph=graph, config=tf.ConfigProto(
-      intra_op_parallelism_threads=_THREADS.value,
-      inter_op_parallelism_threads=_THREADS.value))
-  session.run(init)
+  session = _session(graph)
   if overrides:
     session.run(overrides)
   return session, logits
@@ -123,13 +133,7 @@ def build_train_step(images_np, labels_np):
     tf.train.get_or_create_global_step()
     train_op = slim.learning.create_train_op(tf.losses.get_total_loss(),
                                              optimizer)
-    init = [tf.global_variables_initializer(),
-            tf.local_variables_initializer()]
-  session = tf.Session(graph=graph, config=tf.ConfigProto(
-      intra_op_parallelism_threads=_THREADS.value,
-      inter_op_parallelism_threads=_THREADS.value))
-  session.run(init)
-  return session, train_op
+  return _session(graph), train_op
 
 
 def main(argv):
