@@ -341,21 +341,18 @@ def _server_commands(config: str, tfref: str, shard: int = 0,
   """
   c = parse(config)
   here = os.path.dirname(os.path.abspath(__file__))
-  if c['kind'] == 'train':
-    tf = [os.path.join(tfref, 'venv', 'bin', 'python'),
-          os.path.join(here, 'tf_server.py'), f'--tfref_dir={tfref}',
-          '--train', '--family=cifar', f'--depth={c["depth"]}',
-          f'--model_type={c["model_type"]}', f'--batch={c["batch"]}',
-          '--size=32']
-    return tf, _worker_command(config, '--serve')
-  shards = max(len(cpus), 1)
-  batch = c['batch'] // shards
-  threads = len(cpus[shard]) if cpus else 2
   tf = [os.path.join(tfref, 'venv', 'bin', 'python'),
         os.path.join(here, 'tf_server.py'), f'--tfref_dir={tfref}',
         f'--family={c["family"]}', f'--depth={c["depth"]}',
-        f'--model_type={c["model_type"]}', f'--batch={batch}',
-        f'--size={c["size"]}', f'--halt={c["halt"]}', f'--threads={threads}']
+        f'--model_type={c["model_type"]}']
+  if c['kind'] == 'train':
+    return (tf + ['--train', f'--batch={c["batch"]}', '--size=32'],
+            _worker_command(config, '--serve'))
+  shards = max(len(cpus), 1)
+  batch = c['batch'] // shards
+  threads = len(cpus[shard]) if cpus else 2
+  tf += [f'--batch={batch}', f'--size={c["size"]}', f'--halt={c["halt"]}',
+         f'--threads={threads}']
   if c['kind'] == 'claim':
     jax_side = _claim_command(c, '--serve', f'--shard={shard}/{shards}')
   else:  # Random images: a shard is the workload at its part of the batch.
@@ -365,11 +362,16 @@ def _server_commands(config: str, tfref: str, shard: int = 0,
   return tf, jax_side
 
 
+def _shards(config: str) -> int:
+  """Servers per side of a lockstep row: --shards, but one for a training
+  row."""
+  return 1 if parse(config)['kind'] == 'train' else _SHARDS.value
+
+
 def _clients(config: str, tfref: str, env: dict, tf_env: dict) -> list:
-  """A lockstep client per side, sharded with --shards > 1 (not a training
-  row)."""
+  """A lockstep client per side, sharded where `_shards` > 1."""
   from benchmarks import lockstep  # pylint: disable=g-import-not-at-top
-  if _SHARDS.value == 1 or parse(config)['kind'] == 'train':
+  if _shards(config) == 1:
     tf_command, jax_command = _server_commands(config, tfref)
     return [lockstep.Client('tf', tf_command, tf_env),
             lockstep.Client('jax', jax_command, env)]
@@ -404,7 +406,7 @@ def _lockstep(config: str, tfref: str, env: dict, tf_env: dict
     records.append({'config': config, 'rep': rep, 'lockstep': True,
                     'ready': info, 'rounds': rounds})
   row = {'config': config, 'lockstep_rounds': len(per_round),
-         'shards': 1 if parse(config)['kind'] == 'train' else _SHARDS.value}
+         'shards': _shards(config)}
   for side in ('tf', 'jax'):
     for workload in ('dense', 'sparse'):
       row[f'{side}_{workload}'] = _median(

@@ -74,8 +74,9 @@ class ServerCommandsTest(parameterized.TestCase):
     else:
       self.assertEqual(_flag(jax_side, 'worker'), config)
 
-  def test_train_row_is_one_server_per_side_even_with_shards(self):
-    tf, jax_side = _server_commands('train:110:act:128:3')
+  @parameterized.parameters((), (1, ({0}, {1})))
+  def test_train_row_is_one_server_per_side_even_with_shards(self, *args):
+    tf, jax_side = _server_commands('train:110:act:128:3', *args)
     self.assertIn('--train', tf)
     self.assertEqual(_flag(tf, 'family'), 'cifar')
     self.assertEqual(_flag(tf, 'depth'), '110')
