@@ -7,8 +7,10 @@ and `benchmarks.gpu_overhead` (steps compiled at once, timed interleaved).
 import contextlib
 import time
 
+from flax import nnx
 import numpy as np
 
+from sact_jax import layers
 from sact_jax import onednn
 from sact_jax import parallel
 from sact_jax import train as train_lib
@@ -25,7 +27,24 @@ VARIANT_CONFIG = {
     'scan_convs': {'remat': 'convs'},
     'scan_ynn': {},
     'xlaconv': {},
+    'nnx_bn': {},
 }
+
+
+@contextlib.contextmanager
+def _nnx_batch_norms():
+  """Models built inside get flax's own `nnx.BatchNorm`, whose training
+  call autodiff differentiates, instead of `layers.BatchNorm` (variant
+  'nnx_bn', to time what the latter saves)."""
+  def batch_norm(factory, channels, *, rngs):
+    return nnx.BatchNorm(channels, momentum=factory.bn_momentum,
+                         epsilon=factory.bn_epsilon, rngs=rngs)
+  ours = layers.LayerFactory.batch_norm
+  layers.LayerFactory.batch_norm = batch_norm
+  try:
+    yield
+  finally:
+    layers.LayerFactory.batch_norm = ours
 
 
 def lower_step(depth: int, model_type: str, batch: int, tau: float = 0.01,
@@ -51,9 +70,11 @@ def lower_step(depth: int, model_type: str, batch: int, tau: float = 0.01,
     config[key] = value
   validation.validate_config(config)
   mesh = parallel.make_mesh()
-  trainer = train_lib.Trainer.create(
-      config, mesh, compiler_options={} if variant == 'scan_ynn' else None)
-  state = trainer.init_state()
+  with (_nnx_batch_norms() if variant == 'nnx_bn'
+        else contextlib.nullcontext()):
+    trainer = train_lib.Trainer.create(
+        config, mesh, compiler_options={} if variant == 'scan_ynn' else None)
+    state = trainer.init_state()
   rng = np.random.default_rng(0)
   size = config.image_size
   batch_arrays = parallel.shard_batch({

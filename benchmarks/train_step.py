@@ -8,9 +8,13 @@ Run by hand (not a test):
   python -m benchmarks.train_step --family=imagenet --depths=101 \
       --batch_size=64
 
+  # What `layers.BatchNorm` saves over flax's own BatchNorm:
+  python -m benchmarks.train_step --variants=nnx_bn,scan --repeats=10
+
 Prints a table and writes JSON (`--out`). Every configuration runs in this
-process one after another, so ratios within one run are comparable; absolute
-times on a shared machine are noisy. The step is the trainer's own
+process; the variants of one model are timed in turn, one step of each per
+round, and `/first` is the median of per-round ratios to the first variant
+(absolute times on a shared machine are noisy). The step is the trainer's own
 (`train.Trainer`, the family's config of the depth and type): forward +
 backward + SGD momentum update, loss = cross-entropy + tau ponder + L2 (as
 the reference's; CIFAR tau 0.01, ImageNet the config's 0.005), plus its
@@ -27,6 +31,7 @@ import numpy as np
 
 import benchmarks
 from benchmarks import steps
+from sact_jax import host_memory
 from sact_jax.configs import cifar10
 from sact_jax.configs import imagenet
 
@@ -50,49 +55,69 @@ _VARIANTS = flags.DEFINE_list(
     "scan_convs (remat keeping the convolutions' outputs), "
     'scan_ynn (without the CPU training compiler options: '
     "jaxlib's default YNNPACK convolutions), xlaconv (XLA's convolutions "
-    "instead of oneDNN's).")
+    "instead of oneDNN's), nnx_bn (flax's nnx.BatchNorm instead of "
+    'layers.BatchNorm).')
+_CACHE = flags.DEFINE_string(
+    'cache_dir', benchmarks.CACHE_DIR,
+    'Persistent compilation cache ("" to disable).')
+_REUSE = flags.DEFINE_bool(
+    'reuse_freed_memory', True, 'Keep freed host memory for reuse '
+    '(`sact_jax.host_memory`), as the launchers do.')
 _OUT = flags.DEFINE_string('out', 'benchmarks/results/train_step.json',
                            'JSON output path.')
 
 _DEFAULT_DEPTHS = {'cifar': ['32', '110'], 'imagenet': ['101']}
 
 
-def time_config(depth, model_type, variant, batch, repeats, compile_only,
-                family='cifar', image_size=0):
-  step, compile_s = steps.make_step(depth, model_type, batch,
-                                    variant=variant, family=family,
-                                    image_size=image_size)
-  result = {'family': family, 'depth': depth, 'model_type': model_type,
-            'variant': variant, 'batch_size': batch, 'compile_s': compile_s}
+def time_configs(depth, model_type, variants, batch, repeats, compile_only,
+                 family='cifar', image_size=0):
+  """One result per variant of one model; the steps timed in turn, one of
+  each per round, so that each ratio to the first variant (`vs_first`,
+  the median of per-round ratios) comes from the same stretch of time."""
+  results, calls = [], []
+  for variant in variants:
+    step, compile_s = steps.make_step(depth, model_type, batch,
+                                      variant=variant, family=family,
+                                      image_size=image_size)
+    results.append({'family': family, 'depth': depth,
+                    'model_type': model_type, 'variant': variant,
+                    'batch_size': batch, 'compile_s': compile_s})
+    calls.append(step)
   if compile_only:
-    return result
-  jax.block_until_ready(step())  # Warm-up.
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
+    return results
+  for step in calls:  # Warm-up.
     jax.block_until_ready(step())
-    times.append(time.perf_counter() - t0)
-  result['step_s'] = float(np.median(times))
-  return result
+  times = np.zeros((repeats, len(calls)))
+  for i in range(repeats):
+    for j, step in enumerate(calls):
+      t0 = time.perf_counter()
+      jax.block_until_ready(step())
+      times[i, j] = time.perf_counter() - t0
+  for j, result in enumerate(results):
+    result['step_s'] = float(np.median(times[:, j]))
+    result['vs_first'] = float(np.median(times[:, j] / times[:, 0]))
+  return results
 
 
 def main(argv):
   del argv
-  jax.config.update('jax_default_prng_impl', 'rbg')
+  if _REUSE.value:
+    host_memory.reuse_freed_memory()
+  # Compile times are measured, not loaded from the cache.
+  benchmarks.configure_jax('' if _COMPILE_ONLY.value else _CACHE.value)
   results = []
   types = ['sact'] if _COMPILE_ONLY.value else _TYPES.value
   depths = _DEPTHS.value or _DEFAULT_DEPTHS[_FAMILY.value]
   for depth in [int(d) for d in depths]:
-    for variant in _VARIANTS.value:
-      for model_type in types:
-        r = time_config(depth, model_type, variant, _BATCH.value,
-                        _REPEATS.value, _COMPILE_ONLY.value, _FAMILY.value,
-                        _IMAGE_SIZE.value)
+    for model_type in types:
+      for r in time_configs(depth, model_type, _VARIANTS.value, _BATCH.value,
+                            _REPEATS.value, _COMPILE_ONLY.value,
+                            _FAMILY.value, _IMAGE_SIZE.value):
         results.append(r)
         print(json.dumps(r), flush=True)
   # Table.
   print(f'\n{"depth":>5} {"variant":>14} {"type":>8} {"compile s":>10} '
-        f'{"step s":>8} {"/vanilla":>9}')
+        f'{"step s":>8} {"/vanilla":>9} {"/first":>7}')
   for r in results:
     base = [b for b in results if b['depth'] == r['depth']
             and b['variant'] == r['variant'] and b['model_type'] == 'vanilla']
@@ -100,7 +125,7 @@ def main(argv):
              if base and 'step_s' in r else float('nan'))
     print(f'{r["depth"]:>5} {r["variant"]:>14} {r["model_type"]:>8} '
           f'{r["compile_s"]:>10.2f} {r.get("step_s", float("nan")):>8.3f} '
-          f'{ratio:>9.2f}')
+          f'{ratio:>9.2f} {r.get("vs_first", float("nan")):>7.3f}')
   benchmarks.write_json(_OUT.value, {'device': str(jax.devices()[0]),
                                      'results': results})
 

@@ -44,25 +44,17 @@ def _shift_map(shift_taps_KxL: jax.Array, in_hw, pads) -> jax.Array:
                     ).astype(shift_taps_KxL.dtype)
 
 
-def _global_logits(head: nnx.Module, mean_BxC: jax.Array,
-                   xla_convs: bool) -> jax.Array:
+def _global_logits(head: nnx.Module, mean_BxC: jax.Array) -> jax.Array:
   """A head's global term `[B]`: its BatchNorm, activation and 1x1 conv of
   the spatial mean of the unit output.
 
-  In training where the model keeps XLA's convolutions (`xla_convs`: GPUs
-  and TPUs), the BatchNorm is its batch statistics' affine map
-  (`layers.batch_statistics_affine`), whose backward pass keeps its
-  statistics as one small array where autodiff of `nnx.BatchNorm` kept
+  The BatchNorm is the factory's `layers.BatchNorm`, whose training call
+  keeps its statistics as one small array where autodiff of flax's kept
   six values; inside a scan over units each kept value is a kernel per
   unit on a GPU (a CIFAR SACT training step launches 4% fewer kernels;
-  BUILD.md, "ACT and SACT over vanilla on a GPU"). Equal up to rounding.
+  BUILD.md, "ACT and SACT over vanilla on a GPU").
   """
-  bn = head.global_bn
-  if xla_convs and not bn.use_running_average:
-    scale_C, shift_C = layers.batch_statistics_affine(bn, mean_BxC)
-    normalised = mean_BxC * scale_C + shift_C
-  else:
-    normalised = bn(mean_BxC)
+  normalised = head.global_bn(mean_BxC)
   return head.global_conv(head.activation(normalised))[:, 0]
 
 
@@ -72,14 +64,13 @@ class ActHead(nnx.Module):
   def __init__(self, channels: int, *, factory: layers.LayerFactory,
                activation: layers.Activation, rngs: nnx.Rngs):
     self.activation = activation
-    self.xla_convs = not factory.routes_convs
     self.global_bn = factory.batch_norm(channels, rngs=rngs)
     self.global_conv = factory.dense(channels, 1, bias_init=INIT_BIAS,
                                      rngs=rngs)
 
   def global_logits(self, mean_BxC: jax.Array) -> jax.Array:
     """The halting logit `[B]` from the spatial mean of the unit output."""
-    return _global_logits(self, mean_BxC, self.xla_convs)
+    return _global_logits(self, mean_BxC)
 
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
     """Returns the halting probability `[B]`."""
@@ -272,7 +263,7 @@ class SactHead(nnx.Module):
 
   def global_logits(self, mean_BxC: jax.Array) -> jax.Array:
     """The global term `[B]` from the spatial mean of the unit output."""
-    return _global_logits(self, mean_BxC, self.sums_windows)
+    return _global_logits(self, mean_BxC)
 
   def probability(self, local: jax.Array, global_: jax.Array) -> jax.Array:
     """The halting score from the two terms (broadcast to one shape)."""

@@ -92,8 +92,35 @@ class LayerFactory:
         bias_init=nnx.initializers.constant(bias_init), rngs=rngs)
 
   def batch_norm(self, channels: int, *, rngs: nnx.Rngs) -> nnx.BatchNorm:
-    return nnx.BatchNorm(channels, momentum=self.bn_momentum,
-                         epsilon=self.bn_epsilon, rngs=rngs)
+    return BatchNorm(channels, momentum=self.bn_momentum,
+                     epsilon=self.bn_epsilon, rngs=rngs)
+
+
+class BatchNorm(nnx.BatchNorm):
+  """`nnx.BatchNorm` whose training call is `x * scale + shift`.
+
+  The scale and shift come from `batch_statistics_affine`: the same batch
+  statistics and running averages, the same values up to rounding, but a
+  backward pass of its own that keeps `x` and one `[3, C]` array and runs
+  as two per-channel sums and one pass over the map, where autodiff of
+  nnx's normalisation keeps the centred map and makes more passes. CIFAR
+  training steps on the CPU ran 1-8% faster with it, and their GPU
+  programs count 13-17% fewer kernels (BUILD.md, "BatchNorm in training as
+  an affine map"). Evaluation, masks and the BatchNorms that
+  `batch_statistics_affine` refuses take nnx's own call.
+  """
+
+  def __call__(self, x, use_running_average: bool | None = None, *,
+               mask: jax.Array | None = None):
+    if use_running_average is None:
+      use_running_average = self.use_running_average
+    if (use_running_average is None or use_running_average
+        or mask is not None or self.dtype is not None
+        or not self.use_fast_variance or self.axis != -1
+        or self.axis_name is not None):
+      return super().__call__(x, use_running_average, mask=mask)
+    scale_C, shift_C = batch_statistics_affine(self, x)
+    return x * scale_C + shift_C
 
 
 def same_padding(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -190,8 +217,8 @@ def batch_statistics_affine(bn: nnx.BatchNorm, x_XxC: jax.Array
   updates them. Lets a conv that reads the normalised map take the scale
   into its kernel in training too, so that the normalised map is never
   written out (`halting.SactHead.folds_batch_statistics`), or a custom
-  backward pass recompute it (`conv.affine_window_sum`); the heads' global
-  term uses it on accelerators for its small backward pass
+  backward pass recompute it (`conv.affine_window_sum`); `BatchNorm`'s
+  training call is this map, for its small backward pass
   (`_statistics_affine`).
   """
   if not bn.use_fast_variance or bn.axis != -1 or bn.axis_name is not None:

@@ -17,22 +17,25 @@ class GlobalTermTest(parameterized.TestCase):
 
   @parameterized.product(head=('act', 'sact'),
                          activation=(layers.identity, layers.leaky_relu))
-  def test_xla_convs_heads_equal_the_cpu_heads(self, head, activation):
-    """Where the model keeps XLA's convolutions, the global term's
-    BatchNorm in training is its batch statistics' affine map: the same
-    logits, gradients and running averages as `nnx.BatchNorm`'s."""
-    def make(fast_conv):
-      factory = layers.LayerFactory(bn_momentum=0.9, bn_epsilon=1e-3,
-                                    fast_conv_backward=fast_conv)
+  def test_global_term_is_flax_batch_norms(self, head, activation):
+    """The global term in training with the factory's `layers.BatchNorm`
+    (an affine map with its own backward pass): the same logits,
+    gradients and running averages as with `nnx.BatchNorm`."""
+    def make(ours):
+      factory = layers.LayerFactory(bn_momentum=0.9, bn_epsilon=1e-3)
       cls = halting.ActHead if head == 'act' else halting.SactHead
       h = cls(6, factory=factory, activation=activation, rngs=nnx.Rngs(0))
+      self.assertIsInstance(h.global_bn, layers.BatchNorm)
+      if not ours:
+        h.global_bn = nnx.BatchNorm(6, momentum=0.9, epsilon=1e-3,
+                                    rngs=nnx.Rngs(0))
       tu.randomize_batch_norm(h.global_bn, np.random.default_rng(0))
       return h
 
     mean_BxC = tu.images((5, 1, 1, 6), seed=6)[:, 0, 0] * 2.0 + 0.5
     results = []
-    for fast_conv in (False, True):
-      graphdef, state = nnx.split(make(fast_conv))
+    for ours in (True, False):
+      graphdef, state = nnx.split(make(ours))
 
       def logits(state, mean_BxC):
         h = nnx.merge(graphdef, state)
