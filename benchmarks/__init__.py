@@ -26,6 +26,27 @@ def configure_jax(cache_dir: str) -> None:
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 
 
+def define_process_flags():
+  """A benchmark's `--cache_dir` and `--reuse_freed_memory` flags (for
+  `start_process`), defined at its import."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  cache_dir = flags.DEFINE_string(
+      'cache_dir', CACHE_DIR, 'Persistent compilation cache ("" to disable).')
+  reuse = flags.DEFINE_bool(
+      'reuse_freed_memory', True, 'Keep freed host memory for reuse '
+      '(`sact_jax.host_memory`), as the launchers do.')
+  return cache_dir, reuse
+
+
+def start_process(reuse_freed_memory: bool, cache_dir: str) -> None:
+  """What a benchmark's JAX process does first, before JAX's backend
+  starts: host memory kept for reuse (if asked), then `configure_jax`."""
+  if reuse_freed_memory:
+    from sact_jax import host_memory  # pylint: disable=g-import-not-at-top
+    host_memory.reuse_freed_memory()
+  configure_jax(cache_dir)
+
+
 def write_json(path: str, data, indent: int = 1) -> None:
   """A benchmark's results as JSON at `path`, its folder made if need be."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

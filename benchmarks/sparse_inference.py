@@ -52,7 +52,6 @@ from sact_jax import act as act_lib
 from sact_jax import conv
 from sact_jax import evaluate
 from sact_jax import flops as flops_lib
-from sact_jax import host_memory
 from sact_jax import models
 from sact_jax import sparse
 from sact_jax.models import create_model
@@ -89,12 +88,7 @@ _UNROLLED = flags.DEFINE_bool('unrolled', True,
                               'Also time the unrolled dense vanilla model.')
 _SPARSE_OPTIONS = flags.DEFINE_string(
     'sparse_options', '{}', 'JSON dict of sparse.SparseOptions fields.')
-_CACHE = flags.DEFINE_string(
-    'cache_dir', benchmarks.CACHE_DIR,
-    'Persistent compilation cache ("" to disable).')
-_REUSE = flags.DEFINE_bool(
-    'reuse_freed_memory', True, 'Keep freed host memory for reuse '
-    '(`sact_jax.host_memory`), as the launchers do.')
+_CACHE, _REUSE = benchmarks.define_process_flags()
 _SERVE = flags.DEFINE_bool(
     'serve', False, 'Serve the one --families / --batch_sizes / --fractions '
     'workload to benchmarks/vs_original.py --lockstep instead of measuring '
@@ -707,9 +701,7 @@ def main(argv):
       shard = parse_shard(_SHARD.value, int(_BATCH_SIZES.value[0]))
     except ValueError as e:
       raise app.UsageError(str(e)) from None
-  if _REUSE.value:
-    host_memory.reuse_freed_memory()
-  benchmarks.configure_jax(_CACHE.value)
+  benchmarks.start_process(_REUSE.value, _CACHE.value)
   options = json.loads(_SPARSE_OPTIONS.value)
   results = []
   device = jax.devices()[0]

@@ -1,6 +1,6 @@
 """The trainer's own training step on synthetic data, for benchmarks.
 
-Shared by `benchmarks.train_step` (one step after another, CPU variants)
+Shared by `benchmarks.train_step` (CPU variants, timed in turn)
 and `benchmarks.gpu_overhead` (steps compiled at once, timed interleaved).
 """
 

@@ -31,7 +31,6 @@ import numpy as np
 
 import benchmarks
 from benchmarks import steps
-from sact_jax import host_memory
 from sact_jax.configs import cifar10
 from sact_jax.configs import imagenet
 
@@ -57,12 +56,7 @@ _VARIANTS = flags.DEFINE_list(
     "jaxlib's default YNNPACK convolutions), xlaconv (XLA's convolutions "
     "instead of oneDNN's), nnx_bn (flax's nnx.BatchNorm instead of "
     'layers.BatchNorm).')
-_CACHE = flags.DEFINE_string(
-    'cache_dir', benchmarks.CACHE_DIR,
-    'Persistent compilation cache ("" to disable).')
-_REUSE = flags.DEFINE_bool(
-    'reuse_freed_memory', True, 'Keep freed host memory for reuse '
-    '(`sact_jax.host_memory`), as the launchers do.')
+_CACHE, _REUSE = benchmarks.define_process_flags()
 _OUT = flags.DEFINE_string('out', 'benchmarks/results/train_step.json',
                            'JSON output path.')
 
@@ -101,10 +95,9 @@ def time_configs(depth, model_type, variants, batch, repeats, compile_only,
 
 def main(argv):
   del argv
-  if _REUSE.value:
-    host_memory.reuse_freed_memory()
   # Compile times are measured, not loaded from the cache.
-  benchmarks.configure_jax('' if _COMPILE_ONLY.value else _CACHE.value)
+  benchmarks.start_process(_REUSE.value,
+                           '' if _COMPILE_ONLY.value else _CACHE.value)
   results = []
   types = ['sact'] if _COMPILE_ONLY.value else _TYPES.value
   depths = _DEPTHS.value or _DEFAULT_DEPTHS[_FAMILY.value]
