@@ -91,7 +91,7 @@ class LayerFactory:
             1.0, 'fan_in', 'truncated_normal'),
         bias_init=nnx.initializers.constant(bias_init), rngs=rngs)
 
-  def batch_norm(self, channels: int, *, rngs: nnx.Rngs) -> nnx.BatchNorm:
+  def batch_norm(self, channels: int, *, rngs: nnx.Rngs) -> 'BatchNorm':
     return BatchNorm(channels, momentum=self.bn_momentum,
                      epsilon=self.bn_epsilon, rngs=rngs)
 
