@@ -13,7 +13,8 @@ Run by hand (not a test):
 
 Prints a table and writes JSON (`--out`). Every configuration runs in this
 process; the variants of one model are timed in turn, one step of each per
-round, and `/first` is the median of per-round ratios to the first variant
+round (every other round in reverse order), and `/first` is the median of
+per-round ratios to the first variant
 (absolute times on a shared machine are noisy). The step is the trainer's own
 (`train.Trainer`, the family's config of the depth and type): forward +
 backward + SGD momentum update, loss = cross-entropy + tau ponder + L2 (as
@@ -66,8 +67,9 @@ _DEFAULT_DEPTHS = {'cifar': ['32', '110'], 'imagenet': ['101']}
 def time_configs(depth, model_type, variants, batch, repeats, compile_only,
                  family='cifar', image_size=0):
   """One result per variant of one model; the steps timed in turn, one of
-  each per round, so that each ratio to the first variant (`vs_first`,
-  the median of per-round ratios) comes from the same stretch of time."""
+  each per round (every other round in reverse order), so that each ratio
+  to the first variant (`vs_first`, the median of per-round ratios) comes
+  from the same stretch of time."""
   results, calls = [], []
   for variant in variants:
     step, compile_s = steps.make_step(depth, model_type, batch,
@@ -82,10 +84,14 @@ def time_configs(depth, model_type, variants, batch, repeats, compile_only,
   for step in calls:  # Warm-up.
     jax.block_until_ready(step())
   times = np.zeros((repeats, len(calls)))
+  order = list(range(len(calls)))
   for i in range(repeats):
-    for j, step in enumerate(calls):
+    # Every other round in reverse: a step timed right after another
+    # program can run a few percent faster (BUILD.md, "BatchNorm in
+    # training as an affine map").
+    for j in (order if i % 2 == 0 else order[::-1]):
       t0 = time.perf_counter()
-      jax.block_until_ready(step())
+      jax.block_until_ready(calls[j]())
       times[i, j] = time.perf_counter() - t0
   for j, result in enumerate(results):
     result['step_s'] = float(np.median(times[:, j]))
