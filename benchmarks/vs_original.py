@@ -476,9 +476,8 @@ def table(summary: list[dict]) -> str:
 def main(argv):
   del argv
   if _WORKER.value:
-    if _REUSE.value:
-      host_memory.reuse_freed_memory()
-    benchmarks.configure_jax(benchmarks.CACHE_DIR if _CACHE.value else '')
+    benchmarks.start_process(_REUSE.value,
+                             benchmarks.CACHE_DIR if _CACHE.value else '')
     if _SERVE.value:
       from benchmarks import lockstep  # pylint: disable=g-import-not-at-top
       kind = parse(_WORKER.value)['kind']

@@ -109,7 +109,6 @@ class BatchNormAffineTest(parameterized.TestCase):
       layers.batch_statistics_affine(_bn(6, use_fast_variance=False), x)
 
 
-
 class BatchNormTest(parameterized.TestCase):
   """`layers.BatchNorm`: nnx's in values, the affine map's backward pass."""
 
@@ -185,6 +184,7 @@ class BatchNormTest(parameterized.TestCase):
     np.testing.assert_allclose(ours(x, use_running_average=False),
                                theirs(x, use_running_average=False),
                                rtol=1e-5, atol=1e-5)
+
 
 if __name__ == '__main__':
   absltest.main()
