@@ -241,11 +241,13 @@ def measure(title: str, lowered: dict, trace_s: float, make_fn,
   rows = summarise(interleaved(fns, rounds))
   print(f'\n{title}\n{"program":<38} {"median ms":>10} {"min ms":>9} '
         f'{"/vanilla":>9} {"/scan":>7}')
+  ratio = lambda r, key, width: (f'{r[key]:>{width}.2f}' if key in r
+                                 else ' ' * width)  # Blank: no base.
   for r in rows:
     r['compile_s'] = compiled[r['key']][1]
     print(f'{r["key"]:<38} {r["median_s"] * 1e3:>10.2f} '
-          f'{r["min_s"] * 1e3:>9.2f} {r.get("vs_vanilla", float("nan")):>9.2f} '
-          f'{r.get("vs_scan", float("nan")):>7.2f}')
+          f'{r["min_s"] * 1e3:>9.2f} {ratio(r, "vs_vanilla", 9)} '
+          f'{ratio(r, "vs_scan", 7)}')
   return rows, fns
 
 

@@ -1318,7 +1318,7 @@ class CompilerOptionsTest(absltest.TestCase):
   def test_branches_update_maps_in_place(self):
     """A map updated by a loop inside a `lax.cond` branch, inside a loop
     over units (the device loops' shape): XLA's default copy insertion
-    copies it, the sparse options do not."""
+    copies it (jaxlib 0.10), the sparse options do not."""
     def units(x_NxC, idx_S, counts_U):
       def rows(x, count):
         def chunk(i, x):
@@ -1340,7 +1340,10 @@ class CompilerOptionsTest(absltest.TestCase):
                      ).lower(*args).compile().as_text()
       return sum(' copy(' in line and 'f32[64,8]' in line
                  for line in text.splitlines())
-    self.assertGreater(map_copies(conv.compiler_options('cpu')), 0)
+    # jaxlib 0.10's default copy insertion copies the map (what the option
+    # is for); jaxlib 0.12's copies none here either.
+    if jax.__version_info__ < (0, 12):
+      self.assertGreater(map_copies(conv.compiler_options('cpu')), 0)
     self.assertEqual(map_copies(common.compiler_options('cpu')), 0)
 
   def test_default_options_match_dense_model(self):
