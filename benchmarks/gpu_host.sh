@@ -22,9 +22,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Binary wheels, built per Python version and platform.
+# Binary wheels, built per Python version and platform. protobuf too,
+# though the host has one: tensorflow-metadata's generated code needs a
+# runtime at least as new as the protoc that made it (6.31).
 BINARY=(grain==0.2.18 array-record==0.8.6 dm-tree==0.1.10
-        pycocotools==2.0.11)
+        pycocotools==2.0.11 protobuf==7.36.2)
 # Pure-Python ones (promise has only a source release: built here).
 PURE=(ml-collections==1.1.0 tensorflow-datasets==4.9.10
       tensorflow-metadata==1.21.0 googleapis-common-protos==1.76.0
