@@ -44,8 +44,10 @@ wheels() {
       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
       -d .whl "${BINARY[@]}"
   "$python" -m pip wheel -q --no-deps -w .whl "${PURE[@]}"
-  grep -qxF '/.whl/' .git/info/exclude 2>/dev/null \
-      || { mkdir -p .git/info && echo '/.whl/' >> .git/info/exclude; }
+  local exclude
+  exclude="$(git rev-parse --git-path info/exclude)"
+  grep -qxF '/.whl/' "$exclude" 2>/dev/null \
+      || { mkdir -p "$(dirname "$exclude")" && echo '/.whl/' >> "$exclude"; }
   ls .whl | wc -l | xargs echo 'wheels in .whl/:'
   du -sh .whl
 }
