@@ -55,15 +55,7 @@ wheels() {
 run() {
   local out="${1:-${OUT:-/tmp/gpu_host}}" phase="${2:-train}"
   shift $(($# < 2 ? $# : 2))
-  local limit="${GPU_HOST_LIMIT_S:-480}"
-  mkdir -p "$out"
-  python3 -m pip install -q --no-index --no-deps --no-compile \
-      --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
-  nvidia-smi -L || true
-  python3 -c 'import jax, flax; print("jax", jax.__version__, "flax",
-flax.__version__, jax.devices())'
-  local args=()
+  local limit="${GPU_HOST_LIMIT_S:-480}" args=()
   case "$phase" in
     train) args=(--forward_batches= --train_variants=scan) ;;
     forward) args=(--train_batches= --forward_variants=scan) ;;
@@ -71,6 +63,18 @@ flax.__version__, jax.devices())'
     *) echo "error: PHASE must be train, forward or all, got $phase" >&2
        return 2 ;;
   esac
+  if ! compgen -G '.whl/*.whl' > /dev/null; then
+    echo 'error: no wheels in .whl/: run `bash benchmarks/gpu_host.sh' \
+         'wheels` first, and carry .whl' >&2
+    return 2
+  fi
+  mkdir -p "$out"
+  python3 -m pip install -q --no-index --no-deps --no-compile \
+      --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
+  nvidia-smi -L || true
+  python3 -c 'import jax, flax; print("jax", jax.__version__, "flax",
+flax.__version__, jax.devices())'
   timeout "$limit" python3 -m benchmarks.gpu_overhead "${args[@]}" "$@" \
       --out="$out/gpu_overhead_$phase.json" 2>&1 | tee "$out/$phase.log"
 }
