@@ -116,8 +116,7 @@ class BatchNorm(nnx.BatchNorm):
       use_running_average = self.use_running_average
     if (use_running_average is None or use_running_average
         or mask is not None or self.dtype is not None
-        or not self.use_fast_variance or self.axis != -1
-        or self.axis_name is not None):
+        or not _has_affine_statistics(self)):
       return super().__call__(x, use_running_average, mask=mask)
     scale_C, shift_C = batch_statistics_affine(self, x)
     return x * scale_C + shift_C
@@ -207,6 +206,12 @@ def _affine(mean_C: jax.Array, inv_C: jax.Array, gamma_C: jax.Array,
   return scale_C, beta_C - mean_C * scale_C
 
 
+def _has_affine_statistics(bn: nnx.BatchNorm) -> bool:
+  """Whether `batch_statistics_affine` computes `bn`'s statistics: the
+  default BatchNorm (last axis, fast variance, no axis name)."""
+  return bn.use_fast_variance and bn.axis == -1 and bn.axis_name is None
+
+
 def batch_statistics_affine(bn: nnx.BatchNorm, x_XxC: jax.Array
                             ) -> tuple[jax.Array, jax.Array]:
   """`bn(x)` in training as `x * scale + shift`, per channel.
@@ -221,7 +226,7 @@ def batch_statistics_affine(bn: nnx.BatchNorm, x_XxC: jax.Array
   training call is this map, for its small backward pass
   (`_statistics_affine`).
   """
-  if not bn.use_fast_variance or bn.axis != -1 or bn.axis_name is not None:
+  if not _has_affine_statistics(bn):
     raise ValueError('batch_statistics_affine computes the default '
                      'BatchNorm (last axis, fast variance, no axis name).')
   scale_C, shift_C, mean_C, var_C = _statistics_affine(
