@@ -287,6 +287,22 @@ def forward_copies_weights(x_shape, w_shape, strides, padding) -> bool:
   return bool(answer)
 
 
+def forward_kernel(x_shape, w_shape, strides, padding,
+                   blocked_weights: bool) -> str:
+  """oneDNN's name for the kernel the forward runs ("brgconv:avx512_core").
+
+  With `blocked_weights` the forward reads the weights in the layout
+  oneDNN prefers, unless only HWIO gets a brgemm kernel (onednn_conv.cc,
+  `Build`, says where). For tests and `ONEDNN_VERBOSE`-free inspection.
+  """
+  name = ctypes.create_string_buffer(128)
+  if _handlers().SactOnednnForwardKernel(
+      _c_shape(x_shape, w_shape, strides, padding), int(blocked_weights),
+      name, len(name)) < 0:
+    raise Unavailable(f'oneDNN has no forward for {x_shape} x {w_shape}')
+  return name.value.decode()
+
+
 def forward_splits(x_shape, w_shape) -> bool:
   """Whether a stride-1 unpadded forward runs as two one-thread matmuls.
 

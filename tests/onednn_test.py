@@ -118,6 +118,23 @@ class OnednnTest(parameterized.TestCase):
       np.testing.assert_allclose(
           got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
 
+  @parameterized.named_parameters(
+      ('imagenet_stem_b32', (32, 224, 224, 3), (7, 7, 3, 64), (2, 2),
+       ((3, 3), (3, 3))),
+      ('cifar_stem_b128', (128, 32, 32, 3), (3, 3, 3, 16), (1, 1),
+       ((1, 1), (1, 1))),
+      ('3x3_b32', (32, 56, 56, 64), (3, 3, 64, 64), (1, 1), ((1, 1), (1, 1))),
+  )
+  def test_blocked_forward_keeps_brgemm_kernels(self, x_shape, w_shape,
+                                                strides, padding):
+    """Asked for blocked weights, the forward never trades a brgemm kernel
+    that reads HWIO for an older one (the stem's, on AVX-512)."""
+    hwio, blocked = (onednn.forward_kernel(x_shape, w_shape, strides,
+                                           padding, b) for b in (False, True))
+    self.assertTrue(hwio and blocked)
+    if 'brg' in hwio:
+      self.assertIn('brg', blocked)
+
   def test_forward_weights_blocked_from_the_flops_threshold(self):
     x, w = _inputs((1, 8, 8, 16), (3, 3, 16, 16))  # 295 kFLOP.
     pad = ((1, 1), (1, 1))
