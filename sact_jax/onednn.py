@@ -36,7 +36,8 @@ own thread pool: halves of the output channels for the sparse path's
 small row matmuls (`forward_splits`), halves of the output rows for the
 rest (`forward_row_halves`). It reads the forward's weights in the
 caller's layout where oneDNN's direct kernels take it and the convolution
-is too small to pay for a reorder (why: its comments on `Run`,
+is too small to pay for a reorder, or where only that layout gets a
+brgemm kernel (why: its comments on `Run`,
 `RunSplit`, `RowHalves`, `ThreadsForPass` and `Build`, and
 `BLOCKED_WEIGHTS_MIN_FLOPS` here). Where they cannot (CPUs without
 AVX-512), `forward_copies_weights` says so, and `conv.formulation` keeps
@@ -374,7 +375,8 @@ def windows_split(x_shape, w_shape, strides, padding) -> bool:
 # the blocked layout made an ImageNet ResNet-101 at batch 32 (every
 # convolution 1.6-7.5 GFLOP) 3% faster, while at batch 1 (at most 0.24
 # GFLOP) it lost up to 1.6x on the 7x7x512 shapes (`BUILD.md`, "oneDNN's
-# kernels").
+# kernels"). Where the blocked layout would cost the brgemm kernel HWIO
+# gets (the ImageNet stem's 3 input channels), HWIO stays (`Build`).
 BLOCKED_WEIGHTS_MIN_FLOPS = 1e9
 
 
