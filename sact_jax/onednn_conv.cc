@@ -777,6 +777,17 @@ Shape FromC(const int64_t* shape) {
   return s;
 }
 
+// The forward's pass for `shape` (`FromC`'s 13 numbers) with the layout
+// flag `blocked`, built as a call would build it. Passes are never freed,
+// and their fields do not change once built.
+const Pass* ForwardPass(const int64_t* shape, bool blocked) {
+  Shape s = FromC(shape);
+  s.v[13] = blocked;
+  std::lock_guard<std::mutex> lock(RunMutex());
+  ThreadsForPass threads(s);
+  return Get(kForward, s);
+}
+
 }  // namespace
 
 // Whether the forward of `shape` (the 13 numbers of `Shape` before its
@@ -785,10 +796,7 @@ Shape FromC(const int64_t* shape) {
 // failed. For onednn.py, at trace time; the primitive it builds is the one
 // the call then runs.
 extern "C" int SactOnednnForwardCopiesWeights(const int64_t* shape) try {
-  const Shape s = FromC(shape);
-  std::lock_guard<std::mutex> lock(RunMutex());
-  ThreadsForPass threads(s);
-  return Get(kForward, s)->reorder ? 1 : 0;
+  return ForwardPass(shape, false)->reorder ? 1 : 0;
 } catch (const std::exception&) {
   return -1;
 }
@@ -798,12 +806,8 @@ extern "C" int SactOnednnForwardCopiesWeights(const int64_t* shape) try {
 // cut to fit): 0, or -1 where oneDNN fails. For onednn.py's tests.
 extern "C" int SactOnednnForwardKernel(const int64_t* shape, int blocked,
                                        char* name, int size) try {
-  Shape s = FromC(shape);
-  s.v[13] = blocked;
-  std::lock_guard<std::mutex> lock(RunMutex());
-  ThreadsForPass threads(s);
-  const Pass* pass = Get(kForward, s);
-  std::snprintf(name, size, "%s", pass->kernel.c_str());
+  std::snprintf(name, size, "%s",
+                ForwardPass(shape, blocked != 0)->kernel.c_str());
   return 0;
 } catch (const std::exception&) {
   return -1;
