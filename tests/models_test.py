@@ -295,12 +295,13 @@ class ModelTest(parameterized.TestCase):
       ('rank3', (16, 16, 3)),
       ('one_channel', (2, 16, 16, 1)),
       ('channels_first', (2, 3, 16, 16)),
+      ('empty_batch', (0, 16, 16, 3)),
+      ('empty_image', (2, 0, 16, 3)),
   )
   def test_bad_images_raise(self, shape):
-    with self.assertRaisesRegex(ValueError,
-                                r'Expected images shaped \[batch, height, '
-                                r'width, 3\].*' + str(shape).replace(
-                                    '(', r'\(').replace(')', r'\)')):
+    message = (r'Expected images shaped \[batch, height, width, 3\].*'
+               + re.escape(str(shape)))
+    with self.assertRaisesRegex(ValueError, message):
       _model('cifar', 'vanilla')(jnp.zeros(shape))
 
   def test_one_unit_block(self):
@@ -407,8 +408,25 @@ class CreateModelTest(parameterized.TestCase):
       ('bad_family', dict(family='mnist'), r"family must be one of .*'mnist'"),
       ('bad_model_type', dict(model_type='adaptive'),
        r"model_type must be one of .*'adaptive'"),
-      ('zero_units', dict(units=(2, 0, 2)), r'units per block must be >= 1'),
-      ('no_units', dict(units=()), r'units per block must be >= 1'),
+      ('zero_units', dict(units=(2, 0, 2)),
+       r'units per block must be integers >= 1'),
+      ('no_units', dict(units=()), r'units per block must be integers >= 1'),
+      ('float_units', dict(units=(1.5, 1, 1)),
+       r'^units per block must be integers >= 1, got \(1\.5, 1, 1\)\.$'),
+      ('string_units', dict(units='110'),
+       r"^units must be a cifar depth or a sequence of units per block, "
+       r"got '110'\.$"),
+      ('float_depth', dict(units=110.0), r'got 110\.0\.$'),
+      ('zero_classes', dict(num_classes=0),
+       r'^num_classes must be an integer >= 1, got 0\.$'),
+      ('negative_classes', dict(num_classes=-1),
+       r'num_classes must be an integer >= 1, got -1'),
+      ('float_classes', dict(num_classes=2.7),
+       r'num_classes must be an integer >= 1, got 2\.7'),
+      ('zero_width', dict(base_channels=0),
+       r'^base_channels must be an integer >= 1, got 0\.$'),
+      ('bool_width', dict(base_channels=True),
+       r'base_channels must be an integer >= 1, got True'),
       ('eps_zero', dict(eps=0.0), r'eps must lie in \(0, 1\), got 0.0'),
       ('eps_one', dict(eps=1.0), r'eps must lie in \(0, 1\), got 1.0'),
       ('eps_negative', dict(eps=-0.1), r'eps must lie in \(0, 1\)'),

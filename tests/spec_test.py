@@ -38,6 +38,10 @@ class ModelSpecTest(parameterized.TestCase):
       dict(kwargs=dict(units=7), message='units=7 is not a known cifar depth'),
       dict(kwargs=dict(eps=1.0), message='eps'),
       dict(kwargs=dict(base_channels=0), message='base_channels'),
+      dict(kwargs=dict(num_classes=2.7),
+           message=r'num_classes must be an integer >= 1, got 2\.7'),
+      dict(kwargs=dict(units=(2.5, 2)),
+           message=r'units per block must be integers >= 1'),
   )
   def test_invalid_fields(self, kwargs, message):
     fields = dict(family='cifar', units=(2, 2), model_type='sact',

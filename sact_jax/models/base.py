@@ -8,11 +8,16 @@ from sact_jax import flops as flops_lib
 
 
 def check_images(images: jax.Array):
-  """One clear error for images that no ResNet here can take."""
-  if images.ndim != 4 or images.shape[-1] != 3:
+  """One clear error for images that no ResNet here can take.
+
+  An empty batch is refused too: in training its batch statistics are NaN
+  and would overwrite every BatchNorm's running averages.
+  """
+  shape = tuple(images.shape)
+  if len(shape) != 4 or shape[-1] != 3 or min(shape) < 1:
     raise ValueError(
-        'Expected images shaped [batch, height, width, 3] (NHWC, RGB), got '
-        f'shape {tuple(images.shape)}.')
+        'Expected images shaped [batch, height, width, 3] (NHWC, RGB, no '
+        f'empty dimension), got shape {shape}.')
 
 
 class AdaptiveResNet(nnx.Module):

@@ -14,13 +14,29 @@ from sact_jax.models import imagenet
 FAMILIES = ('cifar', 'imagenet')
 
 
+def _is_int(value) -> bool:
+  return (isinstance(value, numbers.Integral)
+          and not isinstance(value, bool))
+
+
+def positive_int(name: str, value) -> int:
+  """`value` as an int, or one clear error if it is not an integer >= 1.
+
+  Floats are refused rather than truncated: `num_classes=2.7` is a mistake,
+  not a request for 2 classes.
+  """
+  if not _is_int(value) or value < 1:
+    raise ValueError(f'{name} must be an integer >= 1, got {value!r}.')
+  return int(value)
+
+
 def resolve_units(family: str, units: int | Sequence[int]) -> tuple[int, ...]:
   """A preset depth (e.g. 110, 101) or an explicit units-per-block list."""
   if family not in FAMILIES:
     raise ValueError(f'family must be one of {FAMILIES}, got {family!r}.')
   presets = (cifar.CIFAR_PRESETS if family == 'cifar'
              else imagenet.IMAGENET_PRESETS)
-  if isinstance(units, numbers.Integral):
+  if _is_int(units):
     if units not in presets:
       num_blocks = len(next(iter(presets.values())))
       example = ', '.join([str(max(int(units), 1))] * num_blocks)
@@ -29,10 +45,14 @@ def resolve_units(family: str, units: int | Sequence[int]) -> tuple[int, ...]:
           f'({", ".join(str(d) for d in sorted(presets))}); give units per '
           f'block, e.g. ({example}).')
     return presets[int(units)]
-  units = tuple(int(u) for u in units)
-  if not units or any(u < 1 for u in units):
-    raise ValueError(f'units per block must be >= 1, got {units}.')
-  return units
+  if (isinstance(units, (str, bytes))
+      or not isinstance(units, collections.abc.Iterable)):
+    raise ValueError(f'units must be a {family} depth or a sequence of '
+                     f'units per block, got {units!r}.')
+  units = tuple(units)
+  if not units or not all(_is_int(u) and u >= 1 for u in units):
+    raise ValueError(f'units per block must be integers >= 1, got {units}.')
+  return tuple(int(u) for u in units)
 
 
 def resnet_depth(family: str, units: Sequence[int]) -> int:
@@ -68,8 +88,7 @@ def depth_or_units(units: int | Sequence[int]) -> int | tuple[int, ...]:
   iterable = (isinstance(units, collections.abc.Iterable)
               and not isinstance(units, str))
   values = tuple(units) if iterable else (units,)
-  if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
-             for v in values):
+  if not all(_is_int(v) for v in values):
     raise ValueError(f'units must be integers, got {units!r}.')
   values = tuple(int(v) for v in values)
   return values[0] if len(values) == 1 else values
@@ -100,6 +119,7 @@ def create_model(family: str, units: int | Sequence[int], model_type: str, *,
     raise ValueError(f'model_type must be one of {blocks_lib.MODEL_TYPES}, '
                      f'got {model_type!r}.')
   cls = cifar.CifarResNet if family == 'cifar' else imagenet.ImageNetResNet
+  num_classes = positive_int('num_classes', num_classes)
   if base_channels is not None:
-    kwargs['base_channels'] = base_channels
+    kwargs['base_channels'] = positive_int('base_channels', base_channels)
   return cls(units, model_type, num_classes=num_classes, rngs=rngs, **kwargs)

@@ -50,14 +50,11 @@ class ModelSpec:
     if self.model_type not in blocks_lib.MODEL_TYPES:
       raise ValueError(f'model_type must be one of {blocks_lib.MODEL_TYPES}, '
                        f'got {self.model_type!r}.')
-    if int(self.num_classes) < 1:
-      raise ValueError(f'num_classes must be >= 1, got {self.num_classes}.')
-    object.__setattr__(self, 'num_classes', int(self.num_classes))
+    object.__setattr__(self, 'num_classes', factory.positive_int(
+        'num_classes', self.num_classes))
     if self.base_channels is not None:
-      if int(self.base_channels) < 1:
-        raise ValueError(
-            f'base_channels must be >= 1, got {self.base_channels}.')
-      object.__setattr__(self, 'base_channels', int(self.base_channels))
+      object.__setattr__(self, 'base_channels', factory.positive_int(
+          'base_channels', self.base_channels))
     if not 0.0 < float(self.eps) < 1.0:
       raise ValueError(f'eps must lie in (0, 1), got {self.eps}.')
     object.__setattr__(self, 'eps', float(self.eps))
