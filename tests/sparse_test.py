@@ -564,14 +564,33 @@ class ApiTest(absltest.TestCase):
     model, images, _ = _random_sact('cifar', 0.5)
     with self.assertRaisesRegex(ValueError, 'NHWC'):
       sparse.apply(model, images[..., 0])
+    with self.assertRaisesRegex(ValueError, 'no empty dimension'):
+      sparse.apply(model, images[:0])
     with self.assertRaisesRegex(ValueError, 'sact_mode'):
       sparse.SparseOptions(sact_mode='tiles')
     with self.assertRaisesRegex(ValueError, 'dense_head'):
       sparse.SparseOptions(dense_head=-1.0)
+    for bad in (dict(pipeline=-1), dict(pipeline=2.0),
+                dict(device_flops=-1.0), dict(buckets=2.5),
+                dict(chunk_bytes=0), dict(chunk_rows=True),
+                dict(compiler_options=('xla_opt',))):
+      with self.assertRaisesRegex(ValueError, list(bad)[0]):
+        sparse.SparseOptions(**bad)
+    self.assertEqual(  # Lists and dicts become hashable pairs.
+        sparse.SparseOptions(compiler_options=[['a', 1]]).compiler_options,
+        sparse.SparseOptions(compiler_options={'a': 1}).compiler_options)
     train_model = tu.build('cifar', (2,), 'sact', seed=0, base_channels=8)
     train_model.train()
     with self.assertRaisesRegex(ValueError, 'eval mode'):
       sparse.apply(train_model, images)
+    # A runner that already ran the model in eval mode checks again:
+    # `train()` changes no weights, so its cached weights still look current.
+    sparse.apply(model, images)
+    model.train()
+    with self.assertRaisesRegex(ValueError, 'eval mode'):
+      sparse.apply(model, images)
+    model.eval()
+    sparse.apply(model, images)
 
 
 class RowsTest(parameterized.TestCase):

@@ -7,6 +7,7 @@ or densely ('auto'), and the FLOPs computed beyond the reference count.
 
 import dataclasses
 import math
+import numbers
 from typing import Any
 
 import jax
@@ -139,12 +140,12 @@ class SparseOptions:
   compiler_options: tuple[tuple[str, Any], ...] | None = None
 
   def __post_init__(self):
-    if self.buckets < 1:
-      raise ValueError(f'buckets must be >= 1, got {self.buckets}.')
-    if self.chunk_bytes < 1:
-      raise ValueError(f'chunk_bytes must be >= 1, got {self.chunk_bytes}.')
-    if self.chunk_rows is not None and self.chunk_rows < 1:
-      raise ValueError(f'chunk_rows must be >= 1, got {self.chunk_rows}.')
+    for name in ('buckets', 'chunk_bytes', 'chunk_rows'):
+      value = getattr(self, name)
+      if value is not None and (isinstance(value, bool)
+                                or not isinstance(value, numbers.Integral)
+                                or value < 1):
+        raise ValueError(f'{name} must be an integer >= 1, got {value!r}.')
     if self.sact_mode not in SACT_MODES:
       raise ValueError(f'sact_mode must be one of {SACT_MODES}, got '
                        f'{self.sact_mode!r}.')
@@ -152,6 +153,22 @@ class SparseOptions:
       raise ValueError('gather_cost, slice_cost and unit_cost must be >= 0, '
                        f'got {self.gather_cost}, {self.slice_cost}, '
                        f'{self.unit_cost}.')
+    if not 0.0 <= self.pipeline <= 1.0:
+      raise ValueError(f'pipeline must lie in [0, 1], got {self.pipeline}.')
+    if self.device_flops is not None and self.device_flops < 0:
+      raise ValueError(
+          f'device_flops must be >= 0, got {self.device_flops}.')
+    if self.compiler_options is not None:
+      # A tuple of pairs: options are part of the jit cache key.
+      pairs = self.compiler_options
+      if isinstance(pairs, dict):
+        pairs = pairs.items()
+      try:
+        pairs = tuple((str(name), value) for name, value in pairs)
+      except (TypeError, ValueError):
+        raise ValueError('compiler_options must be (name, value) pairs, got '
+                         f'{self.compiler_options!r}.') from None
+      object.__setattr__(self, 'compiler_options', pairs)
     if self.dense_head < 0:
       raise ValueError(f'dense_head must be >= 0, got {self.dense_head}.')
     if self.device_rows_floats < 0:

@@ -79,9 +79,11 @@ class _Weights:
   """
 
   def __init__(self, model: nnx.Module):
-    self.variables = [(v, v.get_raw_value())
-                      for _, v in nnx.iter_graph(model)
+    nodes = [node for _, node in nnx.iter_graph(model)]
+    self.variables = [(v, v.get_raw_value()) for v in nodes
                       if isinstance(v, nnx.Variable)]
+    # Checked on every call: `model.train()` changes no weights.
+    self.batch_norms = [n for n in nodes if isinstance(n, nnx.BatchNorm)]
     self.top = {name: common.variable_arrays(module)
                 for name, module in _top_modules(model).items()}
     # The whole model: vanilla runs it; SACT under `adapt` where nothing
@@ -119,12 +121,11 @@ def _top_modules(model: nnx.Module) -> dict[str, nnx.Module]:
           if isinstance(module, nnx.Module) and name != 'blocks'}
 
 
-def _check_eval(model: nnx.Module):
-  for _, node in nnx.iter_graph(model):
-    if isinstance(node, nnx.BatchNorm) and not node.use_running_average:
-      raise ValueError('sparse inference needs a model in eval mode (call '
-                       'model.eval()): its BatchNorm layers use batch '
-                       'statistics.')
+def _check_eval(batch_norms: list[nnx.BatchNorm]):
+  if any(not bn.use_running_average for bn in batch_norms):
+    raise ValueError('sparse inference needs a model in eval mode (call '
+                     'model.eval()): its BatchNorm layers use batch '
+                     'statistics.')
 
 
 class SparseRunner:
@@ -217,9 +218,8 @@ class SparseRunner:
 
   def _refresh(self) -> _Weights:
     if self._weights is None or not self._weights.current():
-      model = self._model()
-      _check_eval(model)
-      self._weights = _Weights(model)
+      self._weights = _Weights(self._model())
+    _check_eval(self._weights.batch_norms)
     return self._weights
 
   def _view(self, top_vars: dict) -> types.SimpleNamespace:
