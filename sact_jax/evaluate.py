@@ -113,12 +113,16 @@ def per_image_stats(logits_BxK: jax.Array, labels_B: jax.Array,
   batch = logits_BxK.shape[0]
   labels_B = jnp.asarray(labels_B, jnp.int32)
   label_logit_B = jnp.take_along_axis(logits_BxK, labels_B[:, None], axis=1)
-  # As tf.nn.in_top_k: classes tied with the label's logit count for it.
+  # As tf.nn.in_top_k: classes tied with the label's logit count for it;
+  # a label outside [0, K) or a row with a non-finite logit is never
+  # correct (a model that diverged to NaN scores 0%, not 100%).
+  valid_B = ((labels_B >= 0) & (labels_B < logits_BxK.shape[1])
+             & jnp.all(jnp.isfinite(logits_BxK), axis=1))
   rank_B = jnp.sum(logits_BxK > label_logit_B, axis=1)
+  top1_B = jnp.argmax(logits_BxK, axis=1) == labels_B
   stats = {
-      'correct_top1': (jnp.argmax(logits_BxK, axis=1) == labels_B).astype(
-          jnp.float32),
-      'correct_top5': (rank_B < TOP_K).astype(jnp.float32),
+      'correct_top1': (valid_B & top1_B).astype(jnp.float32),
+      'correct_top5': (valid_B & (rank_B < TOP_K)).astype(jnp.float32),
       'flops': jnp.asarray(flops_B, jnp.float32),
   }
   means = [jnp.mean(p.reshape(batch, -1).astype(jnp.float32), axis=1)

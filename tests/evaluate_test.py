@@ -156,6 +156,19 @@ class MetricsTest(parameterized.TestCase):
       metrics = evaluate.compute_metrics(logits, [label], [1.0], [])
       self.assertEqual(metrics['top5_accuracy'], top5)
 
+  @parameterized.named_parameters(
+      ('nan_row', [[np.nan] * 7], 0),
+      ('one_inf_logit', [[5, 4, 3, 2, 1, np.inf, 0]], 0),
+      ('label_too_large', [[5, 4, 3, 2, 1, 1, 0]], 7),
+      ('negative_label', [[5, 4, 3, 2, 1, 1, 0]], -1),
+  )
+  def test_non_finite_logits_and_bad_labels_are_wrong(self, logits, label):
+    """As tf.nn.in_top_k: never correct, so a diverged model scores 0%."""
+    metrics = evaluate.compute_metrics(np.array(logits, np.float32), [label],
+                                       [1.0], [])
+    self.assertEqual(metrics['top1_accuracy'], 0.0)
+    self.assertEqual(metrics['top5_accuracy'], 0.0)
+
   def test_act_and_vanilla_have_no_inside_outside(self):
     """Masks are only scored against spatial (SACT) ponder maps."""
     logits = np.eye(3, dtype=np.float32)
