@@ -36,6 +36,22 @@ def _threshold(eps: float, dtype) -> jax.Array:
   return jnp.asarray(1.0 - eps, dtype)
 
 
+def _check_eps(eps):
+  """Refuses a threshold 1 - eps outside (0, 1) (a traced eps is trusted)."""
+  if isinstance(eps, (int, float)) and not 0.0 < eps < 1.0:
+    raise ValueError(f'eps must lie in (0, 1), got {eps}.')
+
+
+def _check_leading(name: str, shape, halting_shape):
+  """One clear error where `shape` does not start with the halting shape.
+
+  Broadcasting would otherwise pair a `[1, W]` mask with `[B, H, W, C]`.
+  """
+  if tuple(shape[:len(halting_shape)]) != tuple(halting_shape):
+    raise ValueError(f'{name} has shape {tuple(shape)}, which does not start '
+                     f'with the halting shape {tuple(halting_shape)}.')
+
+
 def halting_distribution(halting: jax.Array,
                          eps: float = DEFAULT_EPS) -> HaltingDistribution:
   """ACT over all L units at once.
@@ -48,6 +64,11 @@ def halting_distribution(halting: jax.Array,
   Returns:
     The `HaltingDistribution`.
   """
+  _check_eps(eps)
+  if jnp.ndim(halting) < 1 or jnp.shape(halting)[0] < 1:
+    raise ValueError('halting must be shaped [L, ...] with L >= 1 units, '
+                     f'got shape {jnp.shape(halting)}.')
+  halting = jnp.asarray(halting)
   num_layers = halting.shape[0]
   h = halting.at[num_layers - 1].set(1.0)
   cumulative = jnp.cumsum(h, axis=0)
@@ -85,6 +106,7 @@ def init_state(x: jax.Array, batch_shape: tuple[int, ...]) -> HaltingState:
       shape of the accumulator are taken from it.
     batch_shape: the halting shape, `[B]` for ACT or `[B, H, W]` for SACT.
   """
+  _check_leading('x', x.shape, batch_shape)
   zeros = jnp.zeros(batch_shape, x.dtype)
   return HaltingState(
       cumulative=zeros, remainder=zeros, output=jnp.zeros_like(x),
@@ -109,6 +131,9 @@ def step(state: HaltingState, halting: jax.Array, x: jax.Array,
   Returns:
     The carry after this unit. Scores of halted positions are ignored.
   """
+  _check_eps(eps)
+  _check_leading('halting', jnp.shape(halting), state.cumulative.shape)
+  _check_leading('x', jnp.shape(x), state.cumulative.shape)
   num_units = state.num_units + (state.running > 0).astype(jnp.int32)
   floats = _step(_Floats(state.cumulative, state.remainder, state.output,
                          state.ponder_cost, state.running), halting, x, eps)
@@ -220,6 +245,11 @@ def masked_residual(x: jax.Array, residual: jax.Array,
     residual: `[B, H, W, C]` residual branch output.
     mask: `[B, H, W]` (SACT) or `[B]` (ACT) running mask.
   """
+  _check_leading('residual', residual.shape, x.shape)
+  if mask.ndim not in (1, x.ndim - 1):
+    raise ValueError(f'mask has shape {mask.shape}: a per-image [B] or '
+                     f'per-position mask for x shaped {x.shape}.')
+  _check_leading('x', x.shape, mask.shape)
   return x + _expand(mask, x.ndim).astype(x.dtype) * residual
 
 
@@ -229,6 +259,9 @@ def dilate_mask(mask_BxHxW: jax.Array) -> jax.Array:
   A conv whose output feeds a 3x3 conv must be computed on every position
   that an active position's 3x3 window reads: the dilated active set.
   """
+  if mask_BxHxW.ndim != 3:
+    raise ValueError('dilate_mask takes a [B, H, W] mask, got shape '
+                     f'{mask_BxHxW.shape}.')
   return lax.reduce_window(
       mask_BxHxW, jnp.array(0, mask_BxHxW.dtype), lax.max,
       (1, 3, 3), (1, 1, 1), 'SAME')

@@ -354,5 +354,44 @@ class MaskTest(parameterized.TestCase):
                                   expected)
 
 
+
+class BadInputTest(parameterized.TestCase):
+  """Shapes that would broadcast into wrong results raise instead."""
+
+  def test_masked_residual_shapes(self):
+    x = jnp.zeros((1, 3, 3, 2))
+    for mask in (jnp.ones((1, 3)), jnp.ones((1, 3, 3, 2, 1))):
+      with self.assertRaisesRegex(ValueError, 'per-image'):
+        act.masked_residual(x, x, mask)
+    for mask in (jnp.ones((1, 3, 2)), jnp.ones((2,))):
+      with self.assertRaisesRegex(ValueError, 'does not start with the '
+                                  'halting shape'):
+        act.masked_residual(x, x, mask)
+    with self.assertRaisesRegex(ValueError, 'residual has shape'):
+      act.masked_residual(x, x[..., :1], jnp.ones((1, 3, 3)))
+
+  def test_state_and_step_shapes(self):
+    with self.assertRaisesRegex(ValueError, r'x has shape \(2, 3\)'):
+      act.init_state(jnp.zeros((2, 3)), (5,))
+    state = act.init_state(jnp.zeros((2, 4, 4, 3)), (2, 4, 4))
+    with self.assertRaisesRegex(ValueError, 'halting has shape'):
+      act.step(state, jnp.ones((2, 4)), jnp.zeros((2, 4, 4, 3)))
+    with self.assertRaisesRegex(ValueError, 'x has shape'):
+      act.step(state, jnp.ones((2, 4, 4)), jnp.zeros((1, 4, 4, 3)))
+
+  @parameterized.parameters(0.0, 1.0, -0.5)
+  def test_eps_outside_unit_interval(self, eps):
+    with self.assertRaisesRegex(ValueError, r'eps must lie in \(0, 1\)'):
+      act.halting_distribution(jnp.ones((3, 2)), eps)
+
+  @parameterized.parameters(((),), ((0, 2),))
+  def test_no_units(self, shape):
+    with self.assertRaisesRegex(ValueError, 'L >= 1 units'):
+      act.halting_distribution(jnp.ones(shape))
+
+  def test_dilate_mask_rank(self):
+    with self.assertRaisesRegex(ValueError, r'\[B, H, W\] mask'):
+      act.dilate_mask(jnp.ones((4, 4)))
+
 if __name__ == '__main__':
   absltest.main()
