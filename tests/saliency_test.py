@@ -24,6 +24,20 @@ def _random_case(seed=0, shape=(16, 16), num_fixations=12):
   return rng.random(shape), fixations
 
 
+def _benchmark_auc_judd(saliency_map, fixations, rng):
+  """The MIT benchmark's AUC_Judd (jitter on), written out for the tests."""
+  sal = saliency_map + rng.random(saliency_map.shape) / 1e7
+  sal = ((sal - sal.min()) / (sal.max() - sal.min())).ravel()
+  fixated = fixations.ravel()
+  thresholds = np.sort(sal[fixated])[::-1]
+  count = np.arange(1, thresholds.size + 1)
+  above = np.sum(sal[None, :] >= thresholds[:, None], axis=1)
+  tp = np.concatenate([[0.0], count / thresholds.size, [1.0]])
+  fp = np.concatenate([[0.0], (above - count) / (sal.size - thresholds.size),
+                       [1.0]])
+  return float(np.sum(np.diff(fp) * (tp[1:] + tp[:-1]) / 2))
+
+
 class HandComputedTest(absltest.TestCase):
 
   def test_auc_judd(self):
@@ -78,7 +92,9 @@ class PropertyTest(parameterized.TestCase):
   def test_constant_map_is_chance(self):
     _, fixations = _random_case()
     constant = np.full(fixations.shape, 3.0)
-    self.assertAlmostEqual(saliency.auc_judd(constant, fixations), 0.5)
+    # AUC-Judd's curve starts with a straight line from (0, 0), so a
+    # constant map scores (F + 2) / (2F + 2) in the benchmark, F = 12.
+    self.assertAlmostEqual(saliency.auc_judd(constant, fixations), 14 / 26)
     self.assertAlmostEqual(
         saliency.auc_borji(constant, fixations, rng=np.random.default_rng(0)),
         0.5)
@@ -96,6 +112,24 @@ class PropertyTest(parameterized.TestCase):
     sal, fixations = _random_case()
     self.assertAlmostEqual(saliency.nss(a * sal + b, fixations),
                            saliency.nss(sal, fixations), places=10)
+
+  def test_auc_judd_fixations_tied_below_everything(self):
+    # Both fixated pixels hold the lowest value: ROC (0,0) (1,1/2) (1,1).
+    self.assertAlmostEqual(saliency.auc_judd(1.0 - _FIX, _FIX), 0.25)
+
+  @parameterized.parameters(0, 1, 2)
+  def test_auc_judd_is_the_benchmarks_mean_over_jitter(self, seed):
+    """Maps with many ties (a coarse map upsampled, as ponder maps are)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 4, (3, 3)).astype(np.float64)
+    sal = np.kron(coarse, np.ones((4, 4)))
+    fixations = np.zeros(sal.shape, bool)
+    fixations.flat[rng.choice(sal.size, 10, replace=False)] = True
+    jittered = [_benchmark_auc_judd(sal, fixations, rng) for _ in range(4000)]
+    # The jittered scores' standard deviation is below 0.1, so the mean of
+    # 4000 is within 0.005 of its expectation (3 sigma).
+    self.assertAlmostEqual(saliency.auc_judd(sal, fixations),
+                           np.mean(jittered), delta=0.005)
 
   def test_auc_judd_rank_invariant(self):
     sal, fixations = _random_case()
