@@ -52,9 +52,16 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:
-    # Raised by ml_collections for --config.<field> that the config lacks.
-    fail(f'Unknown config field {str(e).strip(chr(34))}: overrides can only '
-         'set fields that the config file defines.')
+    # Raised by ml_collections for --config.<field> that the config lacks
+    # (an AttributeError may wrap the KeyError); the message may be the
+    # quoted name and a suggestion on a second line.
+    while e.args and isinstance(e.args[0], BaseException):
+      e = e.args[0]
+    message = str(e.args[0]) if e.args else str(e)
+    name, _, suggestion = message.partition('\n')
+    suggestion = f' {suggestion.strip()}' if suggestion.strip() else ''
+    fail(f"Unknown config field '{name.strip(chr(34) + chr(39))}': overrides "
+         f'can only set fields that the config file defines.{suggestion}')
   except (flags.Error, TypeError, ValueError) as e:
     fail(one_line(e))
 

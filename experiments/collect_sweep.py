@@ -14,6 +14,8 @@ and prints the table. Paths that hold no finished run end with one `error:`
 line and exit status 2 (see experiments/_cli.py).
 """
 
+import os
+
 from absl import flags
 
 from experiments import _cli
@@ -34,6 +36,9 @@ def main(argv):
   try:
     rows = tradeoff.collect(_WORKDIRS.value)
     out_dir = _OUTPUT_DIR.value or _WORKDIRS.value[0]
+    if _OUTPUT_DIR.value is None and not os.path.isdir(out_dir):
+      _cli.fail(f'Give --output_dir: the first --workdirs entry ({out_dir}) '
+                'is not a directory to write into.')
     workdirs.ensure_writable_dir(out_dir)
     paths = tradeoff.save(rows, out_dir)
   except (tradeoff.TradeoffError, workdirs.WorkdirError) as e:

@@ -51,7 +51,7 @@ def main(argv):
     model = evaluate.load_model(config, workdir=_MODEL.workdir.value,
                                 checkpoint=_MODEL.checkpoint.value)
     # Before the evaluation, which may take long, not after it.
-    workdirs.ensure_writable_dir(os.path.dirname(os.path.abspath(output)))
+    workdirs.ensure_writable_file(output)
   except (ValueError, FileNotFoundError) as e:
     # Bad workdir, checkpoint or output (WorkdirError is a ValueError).
     _cli.fail(_cli.one_line(e))

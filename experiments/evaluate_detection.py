@@ -53,7 +53,7 @@ def main(argv):
   output = _OUTPUT.value or os.path.join(_WORKDIR.value, 'eval.json')
   try:
     model = detection_train.restore_detector(config, _WORKDIR.value)
-    workdirs.ensure_writable_dir(os.path.dirname(os.path.abspath(output)))
+    workdirs.ensure_writable_file(output)
     metrics = detection_eval.evaluate_detector(model, config)
   except (validation.ConfigError, data.DatasetNotFoundError,
           checkpoint.CheckpointError, workdirs.WorkdirError) as e:

@@ -92,6 +92,11 @@ def main(argv):
               'dataset images, --photos or --images.')
   if _BY_COST.value and config is None:
     _cli.fail('--by_cost needs a --config (the dataset to rank).')
+  if config is not None and _NUM_IMAGES.value > 0:
+    try:
+      visualize.check_num_images(config, _NUM_IMAGES.value)
+    except ValueError as e:
+      _cli.fail(f'--num_images: {e}')
   if _EXPORT.value is not None:
     if not _EXPORT.value.endswith('.npz'):
       _cli.fail(f'--export={_EXPORT.value} must end in .npz.')
@@ -122,8 +127,7 @@ def main(argv):
   try:
     workdirs.ensure_writable_dir(out_dir)
     if _EXPORT.value is not None:
-      workdirs.ensure_writable_dir(
-          os.path.dirname(os.path.abspath(_EXPORT.value)))
+      workdirs.ensure_writable_file(_EXPORT.value)
   except ValueError as e:  # WorkdirError.
     _cli.fail(_cli.one_line(e))
   class_names = (None if config is None

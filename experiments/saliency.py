@@ -32,6 +32,7 @@ from sact_jax import evaluate
 from sact_jax import models
 from sact_jax import ponder_export
 from sact_jax import saliency_eval
+from sact_jax import visualize
 from sact_jax import workdirs
 
 _MODEL = _cli.ModelFlags('the dataset to score on', 'score')
@@ -48,7 +49,7 @@ _NUM_FIXATIONS = flags.DEFINE_integer(
     'num_fixations', 10, 'Fixations sampled inside each object mask.',
     lower_bound=1)
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the sampled fixations and '
-                             'the metrics\' random negatives.')
+                             'the metrics\' random negatives.', lower_bound=0)
 _OUTPUT = flags.DEFINE_string(
     'output', None, 'Also write {source: {metric: mean}} to this .json file.')
 
@@ -66,16 +67,23 @@ def main(argv):
     if not _OUTPUT.value.endswith('.json'):
       _cli.fail(f'--output={_OUTPUT.value} must end in .json.')
     try:
-      workdirs.ensure_writable_dir(
-          os.path.dirname(os.path.abspath(_OUTPUT.value)))
+      workdirs.ensure_writable_file(_OUTPUT.value)
     except ValueError as e:  # WorkdirError.
       _cli.fail(_cli.one_line(e))
+  if cat2000 is None:
+    try:
+      visualize.check_num_images(config, _NUM_IMAGES.value)
+    except ValueError as e:
+      _cli.fail(f'--num_images: {e}')
   jax.config.update('jax_default_prng_impl', 'rbg')
   try:
     model = evaluate.load_model(config, workdir=_MODEL.workdir.value,
                                 checkpoint=_MODEL.checkpoint.value)
   except (ValueError, FileNotFoundError) as e:
     _cli.fail(_cli.one_line(e))
+  if model.model_type == 'vanilla':
+    _cli.fail('A vanilla model has no ponder maps to score; give an ACT or '
+              'SACT model.')
   rng = np.random.default_rng(_SEED.value)
   try:
     if cat2000 is not None:

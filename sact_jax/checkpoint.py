@@ -460,6 +460,14 @@ def _latest_run_meta(manager: ocp.CheckpointManager
       meta=ocp.args.JsonRestore()))['meta']
 
 
+def latest_run_step(workdir: str) -> int | None:
+  """The step of the latest run checkpoint in `workdir`, if any."""
+  if not os.path.isdir(os.path.join(workdir, RUN_DIR)):
+    return None
+  with run_manager(workdir, read_only=True) as manager:
+    return manager.latest_step()
+
+
 def saved_run_spec(workdir: str) -> ModelSpec | None:
   """The model spec of the latest run checkpoint in `workdir`, if any."""
   if not os.path.isdir(os.path.join(workdir, RUN_DIR)):

@@ -372,6 +372,11 @@ def evaluate_model(model: nnx.Module, config, *,
     `inference` ('dense' or 'sparse').
   """
   start = time.time()
+  batch_size = config.eval_batch_size
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or (
+      batch_size < 1):
+    raise EvaluationError(
+        f'eval_batch_size must be a positive integer, got {batch_size!r}.')
   if sparse and jax.process_count() > 1:
     raise EvaluationError('Sparse evaluation runs on one process; got '
                           f'{jax.process_count()}.')
@@ -493,6 +498,8 @@ def check_model_source(workdir: str | None, checkpoint: str | None) -> None:
         'Give exactly one of --workdir (a training run) and --checkpoint (a '
         'model-only checkpoint), got '
         + ('both.' if workdir is not None else 'neither.'))
+  if '' in (workdir, checkpoint):
+    raise ValueError('--workdir or --checkpoint is an empty path.')
 
 
 def load_model(config, *, workdir: str | None = None,

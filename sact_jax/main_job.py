@@ -12,10 +12,12 @@ from typing import Any
 import jax
 import ml_collections
 
+from sact_jax import checkpoint
 from sact_jax import evaluate
 from sact_jax import parallel
 from sact_jax import train as train_lib
 from sact_jax import visualize
+from sact_jax.configs import validation
 
 PONDER_MAPS_DIR = 'ponder_maps'
 # Written last: its presence says the run is finished (sact_jax.sweep).
@@ -23,6 +25,51 @@ EVAL_FILE = 'eval.json'
 # The run's config as JSON, written first: what `sact_jax.tradeoff` reads
 # next to `eval.json` (tau is not part of the model eval.json describes).
 CONFIG_FILE = 'config.json'
+# Config fields a resumed run may change: where data comes from, how often
+# it logs, checkpoints and evaluates, what it draws, runtime options that
+# leave the weights' meaning alone, and how long it trains.
+RESUMABLE_FIELDS = frozenset({
+    'data_dir', 'data_workers', 'eval_batch_size', 'log_every_steps',
+    'checkpoint_every_steps', 'keep_checkpoints', 'eval_every_steps',
+    'num_eval_examples', 'num_ponder_maps', 'num_eval_ponder_maps',
+    'num_detection_pictures', 'remat', 'unroll', 'num_train_steps'})
+
+
+def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses to resume a run under a config that would make its record lie.
+
+  `config.json` says how the checkpoints in `workdir` were trained; a run
+  resumed with another tau, schedule or dataset would overwrite it while
+  the weights keep the old training (and `sact_jax.tradeoff` would label
+  them with the new tau). Fields in `RESUMABLE_FIELDS` may change, and
+  `num_train_steps` only upwards of the latest checkpoint.
+
+  Raises:
+    validation.ConfigError: one line naming the changed fields.
+  """
+  step = checkpoint.latest_run_step(workdir)
+  path = os.path.join(workdir, CONFIG_FILE)
+  if step is None or not os.path.isfile(path):
+    return
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:
+    raise validation.ConfigError(f'Cannot read {path}: {e}') from None
+  current = json.loads(config.to_json_best_effort())
+  changed = [f'{key} {saved[key]!r} -> {current[key]!r}'
+             for key in sorted(saved.keys() & current.keys())
+             if key not in RESUMABLE_FIELDS and saved[key] != current[key]]
+  if changed:
+    raise validation.ConfigError(
+        f'{workdir} holds a run trained with other settings '
+        f'({"; ".join(changed)}, says its {CONFIG_FILE}); resume it with '
+        'its own config or use another --workdir.')
+  if config.num_train_steps < step:
+    raise validation.ConfigError(
+        f'num_train_steps={config.num_train_steps} is below the step-{step} '
+        f'checkpoint in {workdir}; resume with at least {step} or use '
+        'another --workdir.')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
@@ -39,6 +86,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     The evaluation metrics (also in `workdir/eval.json`), or None when
     training was preempted.
   """
+  check_resumable(config, workdir)
   if jax.process_index() == 0:
     evaluate.save_json(json.loads(config.to_json_best_effort()),
                        os.path.join(workdir, CONFIG_FILE))

@@ -148,11 +148,15 @@ def validate(runs: Sequence[Run], root: str) -> None:
 
   Raises:
     validation.ConfigError: naming the run whose config is bad, e.g. a
-      workdir that holds a checkpoint of another model.
+      workdir that holds a checkpoint of another model, or of the same
+      model trained under other settings (`main_job.check_resumable`).
   """
   for r in runs:
+    workdir = os.path.join(root, r.name)
     try:
-      validation.validate_config(r.config, os.path.join(root, r.name))
+      validation.validate_config(r.config, workdir)
+      if not is_finished(workdir):
+        main_job.check_resumable(r.config, workdir)
     except validation.ConfigError as e:
       raise validation.ConfigError(f'Run {r.name}: {e}') from None
 

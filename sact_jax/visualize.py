@@ -210,12 +210,27 @@ def class_name(index: int, names: Sequence[str] | None) -> str:
   return f'class {index}'
 
 
+def check_num_images(config, num_images: int) -> None:
+  """Raises ValueError if the eval split has fewer than `num_images` images.
+
+  (Only for the dataset's own eval split; a config's other split is known
+  only once read.)
+  """
+  info = data_lib.dataset_info(config.dataset)
+  split = config.get('eval_split', None) or info.eval_split
+  if split == info.eval_split and num_images > info.num_eval_examples:
+    raise ValueError(
+        f'{num_images} images asked for, but the {split} split of '
+        f'{config.dataset} has {info.num_eval_examples}.')
+
+
 def eval_images(config, num_images: int, batch_size: int | None = None):
   """The first `num_images` eval images of `config.dataset`, preprocessed.
 
   Batches of `batch_size` (default: all in one) with `image`, `label` and,
   where the dataset has them, `mask`.
   """
+  check_num_images(config, num_images)
   info = data_lib.dataset_info(config.dataset)
   split = config.get('eval_split', None) or info.eval_split
   return data_lib.make_dataset(

@@ -2,8 +2,8 @@
 
 A run that writes its results only at the end (training, evaluation,
 ponder maps) should not find out after minutes or days that its directory
-cannot be made; launchers call `ensure_writable_dir` first and report
-`WorkdirError` in one line.
+cannot be made; launchers call `ensure_writable_dir` (or, for one output
+file, `ensure_writable_file`) first and report `WorkdirError` in one line.
 """
 
 import os
@@ -28,6 +28,8 @@ def ensure_writable_dir(path: str) -> None:
   Raises:
     WorkdirError: `path` cannot be created, or is not a writable directory.
   """
+  if not path:
+    raise WorkdirError('The directory path is empty.')
   path = os.path.abspath(path)
   missing = []  # Deepest first: the order to remove them in.
   parent = path
@@ -50,3 +52,20 @@ def ensure_writable_dir(path: str) -> None:
       reason = e.strerror or str(e) or type(e).__name__
     raise WorkdirError(
         f'Cannot create or write to the directory {path}: {reason}.') from None
+
+
+def ensure_writable_file(path: str) -> None:
+  """`ensure_writable_dir` for the directory of an output file to come.
+
+  Also refuses a path that is a directory: the file would replace it only
+  at the end, after the work (and fail there).
+
+  Raises:
+    WorkdirError: `path` is a directory, or its directory cannot be written.
+  """
+  if not path:
+    raise WorkdirError('The output path is empty.')
+  if os.path.isdir(path):
+    raise WorkdirError(f'The output path {os.path.abspath(path)} is a '
+                       'directory; give a file name.')
+  ensure_writable_dir(os.path.dirname(os.path.abspath(path)))

@@ -17,6 +17,7 @@ from absl.testing import parameterized
 from sact_jax import checkpoint
 from sact_jax import models
 import testing_utils as tu
+import tradeoff_test  # Same directory: its finished-run writer.
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CONFIG = '--config=sact_jax/configs/default.py'
@@ -40,6 +41,18 @@ _CASES = (
      'Cannot create or write to the directory /proc/nope: '),
     ('train_workdir_below_a_file', 'train', [_CONFIG, '--workdir={file}/w'],
      'Cannot create or write to the directory {file}/w: Not a directory.'),
+    ('train_infinite_tau', 'train',
+     [_CONFIG, '--config.tau=inf', '--workdir={tmp}/w'],
+     'tau must be finite, got inf.'),
+    ('train_negative_seed', 'train',
+     [_CONFIG, '--config.seed=-1', '--workdir={tmp}/w'],
+     'seed must be an integer >= 0, got -1.'),
+    ('train_empty_workdir', 'train', [_CONFIG, '--workdir='],
+     'workdir is an empty path.'),
+    ('train_misspelt_field', 'train',
+     [_CONFIG, '--config.num_eval_exampels=1', '--workdir={tmp}/w'],
+     "Unknown config field 'num_eval_exampels': overrides can only set "
+     'fields that the config file defines. Did you mean "num_eval_examples"'),
     ('train_units_not_a_depth', 'train',
      [_CONFIG, '--config.units=3', '--workdir={tmp}/w'],
      'units=3 is not a known cifar depth (20, 32, 56, 110); give units per '
@@ -56,6 +69,21 @@ _CASES = (
     ('evaluate_unwritable_output', 'evaluate',
      [_CONFIG, '--checkpoint={ckpt}', '--output={file}/eval.json'],
      'directory {file}: it exists and is not a directory.'),
+    ('evaluate_zero_batch', 'evaluate',
+     [_CONFIG, '--checkpoint={ckpt}', '--config.eval_batch_size=0'],
+     'eval_batch_size must be a positive integer, got 0.'),
+    ('evaluate_output_is_a_directory', 'evaluate',
+     [_CONFIG, '--checkpoint={ckpt}', '--output={tmp}'],
+     'The output path {tmp} is a directory; give a file name.'),
+    ('export_more_images_than_the_split', 'export_ponder_maps',
+     [_CONFIG, '--checkpoint={ckpt}', '--num_images=100000'],
+     '--num_images: 100000 images asked for, but the test split of '
+     'sact_shapes has 2000.'),
+    ('saliency_negative_seed', 'saliency',
+     [_CONFIG, '--checkpoint={ckpt}', '--seed=-1'], 'flag --seed=-1'),
+    ('saliency_vanilla_model', 'saliency',
+     [_CONFIG, '--checkpoint={ckpt}', '--num_images=8'],
+     'A vanilla model has no ponder maps to score'),
     ('export_bad_flag', 'export_ponder_maps',
      ['--checkpoint={ckpt}', '--photos', '--num_images=-1'],
      'flag --num_images=-1'),
@@ -91,6 +119,12 @@ _CASES = (
      'No such file or directory: {tmp}/missing'),
     ('collect_no_finished_runs', 'collect_sweep', ['--workdirs={tmp}'],
      'No finished runs (workdirs with eval.json) in {tmp}.'),
+    ('collect_glob_without_output_dir', 'collect_sweep',
+     ['--workdirs={tmp}/runs/*'],
+     'Give --output_dir: the first --workdirs entry ({tmp}/runs/*) is not '
+     'a directory to write into.'),
+    ('sweep_infinite_tau', 'sweep', ['--workdir={tmp}/s', '--taus=inf'],
+     'Run sact_tauinf: tau must be finite, got inf.'),
     ('train_detection_bad_config_field', 'train_detection',
      [_DETECTION, '--config.detector.crop_size=7', '--workdir={tmp}/w'],
      'crop_size must be even'),
@@ -135,6 +169,9 @@ class LauncherConventionTest(parameterized.TestCase):
     model = tu.build('cifar', spec.units, 'vanilla', num_classes=6,
                      base_channels=4)
     checkpoint.save_model(cls.ckpt, model, spec)
+    tradeoff_test.write_run(os.path.join(cls.tmp, 'runs'), 'sact',
+                            model_type='sact', units=(1, 1, 1), top1=0.9,
+                            flops=1e6)
     cls.file = os.path.join(cls.tmp, 'file')
     with open(cls.file, 'w') as f:
       f.write('not a directory')

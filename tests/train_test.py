@@ -499,6 +499,9 @@ class LauncherTest(parameterized.TestCase):
   @parameterized.named_parameters(
       ('negative_tau', ['--config=sact_jax/configs/default.py:smoke',
                         '--config.tau=-1'], 'tau must be >= 0, got -1'),
+      ('infinite_learning_rate',
+       ['--config=sact_jax/configs/default.py:smoke',
+        '--config.learning_rate=inf'], 'learning_rate must be finite, got inf'),
   )
   def test_bad_config_fails_cleanly(self, args, message):
     workdir = train_helpers.tempdir(self)
@@ -538,6 +541,21 @@ class LauncherTest(parameterized.TestCase):
       self.assertTrue(os.path.exists(os.path.join(workdir, name)), name)
     with open(os.path.join(workdir, 'eval.json')) as f:
       self.assertIn('top1_accuracy', f.read())
+
+    # Resumed under settings that are not the run's: refused, its record
+    # (config.json) kept.
+    with open(os.path.join(workdir, main_job.CONFIG_FILE)) as f:
+      record = f.read()
+    for override, message in (
+        ('--config.tau=0.5', r'holds a run trained with other settings '
+         r'\(tau 0\.\d+ -> 0\.5, says its config\.json\)'),
+        ('--config.num_train_steps=3',
+         'num_train_steps=3 is below the step-6 checkpoint')):
+      proc = self._run(*common, override)
+      self.assertEqual(proc.returncode, 2, proc.stderr[-3000:])
+      self.assertRegex(proc.stderr.splitlines()[-1], f'^error: .*{message}')
+      with open(os.path.join(workdir, main_job.CONFIG_FILE)) as f:
+        self.assertEqual(f.read(), record)
 
 
 if __name__ == '__main__':

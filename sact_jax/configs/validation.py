@@ -6,6 +6,8 @@ from the config files (which import only `sact_jax.configs`) because it needs
 the models, the datasets and the checkpoints.
 """
 
+import math
+import numbers
 import os
 
 import jax
@@ -90,6 +92,7 @@ def validate_config(config: ml_collections.ConfigDict,
           'checkpoint directory (written by sact_jax.checkpoint.save_model '
           'or experiments.convert_checkpoint).')
   if workdir is not None:
+    check(workdir, 'workdir is an empty path.')
     check_workdir(workdir, spec)
 
 
@@ -115,6 +118,11 @@ def validate_optimization(config: ml_collections.ConfigDict) -> None:
     if not condition:
       raise ConfigError(message)
 
+  for name, value in _floats(config.to_dict()):
+    check(math.isfinite(value), f'{name} must be finite, got {value}.')
+  seed = config.get('seed', 0)
+  check(isinstance(seed, int) and seed >= 0,
+        f'seed must be an integer >= 0, got {seed!r}.')
   num_devices, num_hosts = jax.device_count(), jax.process_count()
   for name in ('batch_size', 'eval_batch_size'):
     value = config[name]
@@ -155,7 +163,8 @@ def validate_optimization(config: ml_collections.ConfigDict) -> None:
   for name in ('log_every_steps', 'checkpoint_every_steps',
                'keep_checkpoints'):
     check(config[name] >= 1, f'{name} must be >= 1, got {config[name]}.')
-  for name in ('eval_every_steps', 'num_eval_ponder_maps'):
+  for name in ('eval_every_steps', 'num_eval_ponder_maps', 'num_ponder_maps',
+               'data_workers'):
     value = config.get(name, 0)
     check(isinstance(value, int) and value >= 0,
           f'{name} must be an integer >= 0, got {value!r}.')
@@ -165,3 +174,17 @@ def validate_optimization(config: ml_collections.ConfigDict) -> None:
   num_eval = config.get('num_eval_examples')
   check(num_eval is None or num_eval >= 1,
         f'num_eval_examples must be >= 1 or None, got {num_eval}.')
+
+
+def _floats(tree, prefix=''):
+  """`(dotted name, value)` of every float in a nested config dict."""
+  for key, value in tree.items():
+    name = f'{prefix}{key}'
+    if isinstance(value, dict):
+      yield from _floats(value, f'{name}.')
+    elif isinstance(value, (list, tuple)):
+      for i, item in enumerate(value):
+        if isinstance(item, numbers.Real) and not isinstance(item, int):
+          yield f'{name}[{i}]', float(item)
+    elif isinstance(value, numbers.Real) and not isinstance(value, int):
+      yield name, float(value)

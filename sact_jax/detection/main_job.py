@@ -31,6 +31,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     The evaluation metrics (also in `workdir/eval.json`), or None when
     training was preempted.
   """
+  classification_job.check_resumable(config, workdir)
   if jax.process_index() == 0:
     classification_eval.save_json(
         json.loads(config.to_json_best_effort()),
@@ -46,6 +47,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     evaluate_lib.save_detection_pictures(
         parallel.local_copy(result.model), config,
         os.path.join(workdir, PICTURE_FILE), num_images=num_pictures)
+  classification_job.check_resumable(config, workdir)
   if jax.process_index() == 0:
     classification_eval.save_json(
         metrics, os.path.join(workdir, classification_job.EVAL_FILE))
