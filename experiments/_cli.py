@@ -92,7 +92,8 @@ class ModelFlags:
   def __init__(self, config_help: str, verb: str):
     self.config = config_flags.DEFINE_config_file(
         'config', None, f'Config file: {config_help} and, with --workdir, '
-        'the model.', lock_config=False)
+        "the model; default with --workdir: the run's config.json.",
+        lock_config=False)
     self.workdir = flags.DEFINE_string(
         'workdir', None, f'Training workdir: {verb} its latest checkpoint.')
     self.checkpoint = flags.DEFINE_string(
@@ -101,8 +102,9 @@ class ModelFlags:
   def checked_config(self, argv: Sequence[str]):
     """The preamble every such launcher shares; returns the config or None.
 
-    No stray arguments, exactly one model source, and a config with
-    --workdir; each refused with one line.
+    No stray arguments, exactly one model source, and with --workdir a
+    config (by default the run's own `config.json`); each refused with one
+    line.
     """
     if len(argv) > 1:
       fail(f'Unexpected arguments: {" ".join(argv[1:])}')
@@ -115,7 +117,11 @@ class ModelFlags:
       fail(str(e))
     config = config_value(self.config)
     if config is None and workdir is not None:
-      fail('--workdir needs the --config of the training run.')
+      from sact_jax import main_job  # pylint: disable=g-import-not-at-top
+      try:
+        config = main_job.read_config(workdir)
+      except ValueError as e:  # ConfigError.
+        fail(str(e))
     return config
 
 

@@ -35,6 +35,24 @@ RESUMABLE_FIELDS = frozenset({
     'num_detection_pictures', 'remat', 'unroll', 'num_train_steps'})
 
 
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config the run in `workdir` was trained with (its `config.json`).
+
+  Raises:
+    validation.ConfigError: there is none, or it cannot be read.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise validation.ConfigError(
+        f'{workdir} has no {CONFIG_FILE}: give the --config of its training '
+        'run.')
+  try:
+    with open(path) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except (OSError, ValueError) as e:
+    raise validation.ConfigError(f'Cannot read {path}: {e}') from None
+
+
 def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Refuses to resume a run under a config that would make its record lie.
 
@@ -48,14 +66,9 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
     validation.ConfigError: one line naming the changed fields.
   """
   step = checkpoint.latest_run_step(workdir)
-  path = os.path.join(workdir, CONFIG_FILE)
-  if step is None or not os.path.isfile(path):
+  if step is None or not os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
     return
-  try:
-    with open(path) as f:
-      saved = json.load(f)
-  except (OSError, ValueError) as e:
-    raise validation.ConfigError(f'Cannot read {path}: {e}') from None
+  saved = read_config(workdir).to_dict()
   current = json.loads(config.to_json_best_effort())
   changed = [f'{key} {saved[key]!r} -> {current[key]!r}'
              for key in sorted(saved.keys() & current.keys())

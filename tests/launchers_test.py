@@ -69,6 +69,10 @@ _CASES = (
     ('evaluate_unwritable_output', 'evaluate',
      [_CONFIG, '--checkpoint={ckpt}', '--output={file}/eval.json'],
      'directory {file}: it exists and is not a directory.'),
+    ('evaluate_workdir_without_config_json', 'evaluate',
+     ['--workdir={tmp}/runs'],
+     '{tmp}/runs has no config.json: give the --config of its training '
+     'run.'),
     ('evaluate_zero_batch', 'evaluate',
      [_CONFIG, '--checkpoint={ckpt}', '--config.eval_batch_size=0'],
      'eval_batch_size must be a positive integer, got 0.'),

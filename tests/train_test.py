@@ -542,6 +542,23 @@ class LauncherTest(parameterized.TestCase):
     with open(os.path.join(workdir, 'eval.json')) as f:
       self.assertIn('top1_accuracy', f.read())
 
+    # Without --config, evaluation takes the run's config.json.
+    env = dict(os.environ, JAX_PLATFORMS='cpu')
+    env.pop('XLA_FLAGS', None)
+    output = os.path.join(workdir, 'again.json')
+    proc = subprocess.run(
+        [sys.executable, '-m', 'experiments.evaluate', f'--workdir={workdir}',
+         f'--output={output}', f'--compilation_cache_dir={_CACHE_DIR}'],
+        cwd=_REPO, env=env, capture_output=True, text=True, timeout=240,
+        check=False)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    with open(os.path.join(workdir, 'eval.json')) as f:
+      first = json.load(f)
+    with open(output) as f:
+      again = json.load(f)
+    self.assertEqual(again['top1_accuracy'], first['top1_accuracy'])
+    self.assertEqual(again['dataset'], first['dataset'])
+
     # Resumed under settings that are not the run's: refused, its record
     # (config.json) kept.
     with open(os.path.join(workdir, main_job.CONFIG_FILE)) as f:
