@@ -30,8 +30,9 @@ RUN_FAILED = 1
 
 
 def fail(message: str, status: int = BAD_INPUT) -> NoReturn:
-  """One error line on stderr, no traceback."""
-  print(f'error: {message}', file=sys.stderr, flush=True)
+  """One error line on stderr (a message's lines joined), no traceback."""
+  message = ' '.join(line.strip() for line in message.splitlines())
+  print(f'error: {message.strip()}', file=sys.stderr, flush=True)
   sys.exit(status)
 
 

@@ -68,6 +68,7 @@ def main(argv):
     runs = sweep.plan(config, taus=taus, model_types=_MODEL_TYPES.value,
                       vanilla_units=_VANILLA_UNITS.value)
     sweep.validate(runs, root)
+    data.check_available(config.dataset, config.get('data_dir'))
     workdirs.ensure_writable_dir(root)
     records = sweep.run_sweep(runs, root)
     if _COLLECT.value and all(r['status'] != 'preempted' for r in records):

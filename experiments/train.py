@@ -69,6 +69,7 @@ def main(argv):
   config = _cli.config_value(_CONFIG)
   try:
     validation.validate_config(config, _WORKDIR.value)
+    data.check_available(config.dataset, config.get('data_dir'))
     # After the config (a bad one leaves no directory behind), before any
     # work: training would only find out when it first writes.
     workdirs.ensure_writable_dir(_WORKDIR.value)

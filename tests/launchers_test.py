@@ -53,6 +53,10 @@ _CASES = (
      [_CONFIG, '--config.num_eval_exampels=1', '--workdir={tmp}/w'],
      "Unknown config field 'num_eval_exampels': overrides can only set "
      'fields that the config file defines. Did you mean "num_eval_examples"'),
+    ('train_dataset_not_prepared', 'train',
+     ['--config=sact_jax/configs/cifar10.py:sact_20',
+      '--config.data_dir={tmp}/data', '--workdir={tmp}/w'],
+     "Dataset 'cifar10' is not prepared in {tmp}/data/cifar10/"),
     ('train_units_not_a_depth', 'train',
      [_CONFIG, '--config.units=3', '--workdir={tmp}/w'],
      'units=3 is not a known cifar depth (20, 32, 56, 110); give units per '

@@ -9,6 +9,7 @@ from sact_jax.data.detection import detection_info
 from sact_jax.data.detection import DetectionInfo
 from sact_jax.data.detection import make_detection_dataset
 from sact_jax.data.detection_shapes import SactDetection
+from sact_jax.data.pipeline import check_available
 from sact_jax.data.pipeline import dataset_info
 from sact_jax.data.pipeline import DatasetInfo
 from sact_jax.data.pipeline import DatasetNotFoundError

@@ -343,6 +343,20 @@ def _parse_name(name: str) -> tuple[str, str | None]:
   return base, config or None
 
 
+def check_available(name: str, data_dir: str | None = None) -> None:
+  """Raises DatasetNotFoundError unless both splits of `name` can be read.
+
+  For launchers, before they write anything; generated datasets always can
+  be (they are made at first use).
+  """
+  base, _ = _parse_name(name)
+  if base in _GENERATED_DATASETS:
+    return
+  info = dataset_info(name)
+  for split in dict.fromkeys((info.train_split, info.eval_split)):
+    _data_source(name, split, data_dir)
+
+
 def _data_source(name: str, split: str, data_dir: str | None):
   """Opens a tfds random-access source; never downloads.
 
