@@ -167,6 +167,22 @@ def configure_jax(cache_dir: str) -> None:
     jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
+def _drop_restore_noise(unraisable) -> None:
+  """Drops the tracebacks a damaged checkpoint leaves around its error line.
+
+  orbax restores through asyncio; when TensorStore fails on one array, the
+  other reads' coroutines die with it or call back into the closed event
+  loop, and Python prints each as an unraisable exception.
+  """
+  error, source = unraisable.exc_value, unraisable.object
+  code = getattr(source, 'cr_code', None)
+  if (isinstance(error, RuntimeError)
+      and str(error) == 'Event loop is closed') or (
+          code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename):
+    return
+  sys.__unraisablehook__(unraisable)
+
+
 def run(main: Callable[[list[str]], None]) -> None:
   """`app.run(main)` with this module's conventions for bad input.
 
@@ -175,6 +191,10 @@ def run(main: Callable[[list[str]], None]) -> None:
   kept for reuse (`host_memory`) before JAX starts its backend.
   """
   host_memory.reuse_freed_memory()
+  sys.unraisablehook = _drop_restore_noise
+  # The same reads' tasks, logged by asyncio ("Task exception was never
+  # retrieved"); the launchers run no asyncio code of their own.
+  py_logging.getLogger('asyncio').setLevel(py_logging.CRITICAL)
 
   def checked_main(argv):
     try:

@@ -20,6 +20,7 @@ The architecture is a `models.ModelSpec`; the reference's TF checkpoints are
 read and converted by `tf_checkpoint.py`.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -54,6 +55,32 @@ HALTING_HEADS = nnx.PathContains('head')
 
 class CheckpointError(ValueError):
   """A checkpoint is missing, malformed, or does not fit the model."""
+
+
+def _step_name(manager: ocp.CheckpointManager, step: int) -> str:
+  return f'the step-{step} checkpoint in {manager.directory}'
+
+
+@contextlib.contextmanager
+def _reading(what: str):
+  """One CheckpointError for a checkpoint (`what`) that cannot be read.
+
+  orbax and TensorStore report a damaged or incomplete checkpoint (a file
+  deleted, a manifest overwritten, an item missing) in many ways, some of
+  them pages long; a caller gets what was read and the error's first
+  line, cut to a readable length.
+  """
+  try:
+    yield
+  except CheckpointError:
+    raise
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if len(first) > 200:
+      first = first[:200] + '...'
+    raise CheckpointError(
+        f'Cannot read {what}, damaged or incomplete? '
+        f'({type(e).__name__}: {first})') from e
 
 
 # ---------------------------------------------------------------------------
@@ -283,7 +310,8 @@ def _restore_state(directory: pathlib.Path, spec: ModelSpec,
   if not state_dir.is_dir():
     raise CheckpointError(
         f'{directory} is an incomplete model checkpoint (no {STATE_DIR}/).')
-  with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+  with (ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr,
+        _reading(f'the model checkpoint {directory}')):
     stored = ckptr.metadata(state_dir).item_metadata
     if stored is None:
       raise CheckpointError(f'Cannot read the array metadata in {state_dir}.')
@@ -456,8 +484,9 @@ def _latest_run_meta(manager: ocp.CheckpointManager
   step = manager.latest_step()
   if step is None:
     return None, None
-  return step, manager.restore(step, args=ocp.args.Composite(
-      meta=ocp.args.JsonRestore()))['meta']
+  with _reading(_step_name(manager, step)):
+    return step, manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))['meta']
 
 
 def latest_run_step(workdir: str) -> int | None:
@@ -525,11 +554,12 @@ def restore_run(manager: ocp.CheckpointManager, step: int,
   moved to the saved data position.
   """
   target = to_pure(dict(template))
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(
-          target,
-          restore_args=ocp.checkpoint_utils.construct_restore_args(target)),
-      data=grain.checkpoint.CheckpointRestore(iterator)))['state']
+  with _reading(_step_name(manager, step)):
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            target,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target)),
+        data=grain.checkpoint.CheckpointRestore(iterator)))['state']
   return {k: from_pure(v, restored[k]) for k, v in template.items()}
 
 
@@ -599,11 +629,12 @@ def _restore_model_variables(manager: ocp.CheckpointManager, step: int,
   target = {'params': target_of(params), 'model_state': target_of(model_state)}
   if use_ema:
     target = {'ema': target}
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(
-          target,
-          restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-          partial_restore=True)))['state']
+  with _reading(_step_name(manager, step)):
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            target,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True)))['state']
   if use_ema:
     restored = restored['ema']
   nnx.replace_by_pure_dict(params, restored['params'])

@@ -25,8 +25,9 @@ _DETECTION = '--config=sact_jax/configs/detection.py:sact,smoke'
 _CONVERT = ('--family=cifar', '--units=2,2,2', '--model_type=sact',
             '--num_classes=10')
 
-# {tmp}: a fresh directory; {ckpt}: a model checkpoint in it; {file}: a
-# regular file in it (a directory below it cannot be made, even by root).
+# {tmp}: a fresh directory; {ckpt}: a model checkpoint in it, {damaged} a
+# damaged copy; {file}: a regular file in it (a directory below it cannot
+# be made, even by root).
 # Each case: launcher, arguments, a part of the error line.
 _CASES = (
     ('train_bad_flag', 'train', [_CONFIG, '--workdir={tmp}/w', '--nope=1'],
@@ -77,6 +78,9 @@ _CASES = (
      ['--workdir={tmp}/runs'],
      '{tmp}/runs has no config.json: give the --config of its training '
      'run.'),
+    ('evaluate_damaged_checkpoint', 'evaluate',
+     [_CONFIG, '--checkpoint={damaged}'],
+     'Cannot read the model checkpoint {damaged}, damaged or incomplete?'),
     ('evaluate_zero_batch', 'evaluate',
      [_CONFIG, '--checkpoint={ckpt}', '--config.eval_batch_size=0'],
      'eval_batch_size must be a positive integer, got 0.'),
@@ -180,6 +184,11 @@ class LauncherConventionTest(parameterized.TestCase):
     tradeoff_test.write_run(os.path.join(cls.tmp, 'runs'), 'sact',
                             model_type='sact', units=(1, 1, 1), top1=0.9,
                             flops=1e6)
+    # The model checkpoint with its arrays' data files deleted.
+    cls.damaged = os.path.join(cls.tmp, 'damaged')
+    shutil.copytree(cls.ckpt, cls.damaged)
+    shutil.rmtree(os.path.join(cls.damaged, checkpoint.STATE_DIR,
+                               'ocdbt.process_0'))
     cls.file = os.path.join(cls.tmp, 'file')
     with open(cls.file, 'w') as f:
       f.write('not a directory')
@@ -196,7 +205,8 @@ class LauncherConventionTest(parameterized.TestCase):
   @parameterized.named_parameters(*_CASES)
   def test_bad_input_is_one_error_line_and_status_2(self, launcher, args,
                                                      message):
-    paths = dict(tmp=self.tmp, ckpt=self.ckpt, file=self.file)
+    paths = dict(tmp=self.tmp, ckpt=self.ckpt, file=self.file,
+                 damaged=self.damaged)
     args = [a.format(**paths) for a in args]
     before = self._listing()
     # The CPU on any host: a GPU is held by this test process, and the

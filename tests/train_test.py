@@ -8,6 +8,7 @@ seconds. Multi-device runs are in `multidevice_test.py`.
 import io
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -287,6 +288,25 @@ class TrainLoopTest(absltest.TestCase):
     # A workdir that is done trains no more and keeps its checkpoint.
     again = train.train(config, workdir)
     self.assertEqual(int(again.state.step), 4)
+
+    # Damaged checkpoints: one CheckpointError naming the step, for the
+    # evaluator and for a resumed run alike.
+    spec = validation.model_spec(config)
+    for damage in ('meta', os.path.join('state', 'manifest.ocdbt')):
+      damaged = train_helpers.tempdir(self)
+      shutil.copytree(workdir, damaged, dirs_exist_ok=True)
+      path = os.path.join(damaged, train.CHECKPOINT_DIR, '4', damage)
+      if os.path.isdir(path):
+        shutil.rmtree(path)
+      else:
+        with open(path, 'w') as f:
+          f.write('not a manifest')
+      with self.assertRaisesRegex(checkpoint.CheckpointError,
+                                  'Cannot read the step-4 checkpoint'):
+        checkpoint.restore_latest_model(damaged, spec)
+      with self.assertRaisesRegex(checkpoint.CheckpointError,
+                                  'Cannot read the step-4 checkpoint'):
+        train.train(config, damaged)
 
   def test_resume_equals_uninterrupted_run(self):
     """Stop after 3 steps, restart: same params, opt state, data position."""
