@@ -112,6 +112,11 @@ def load_image(path: str, image_size: int) -> np.ndarray:
   """
   try:
     with Image.open(path) as image:
+      if image.mode.startswith('I'):
+        # 16-bit greyscale (PNG): PIL's convert clips it at 255, to white.
+        image = Image.fromarray(
+            (np.asarray(image, np.float64) / 257.0).round().clip(0, 255)
+            .astype(np.uint8))
       image = image.convert('RGB')
   except (OSError, ValueError, Image.DecompressionBombError) as e:
     raise NotAnImageError(f'{path} is not an image PIL can read '

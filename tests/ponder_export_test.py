@@ -69,6 +69,26 @@ class LibraryTest(absltest.TestCase):
                                 'matches no file'):
       ponder_export.find_images([os.path.join(self.images, '*.jpg')])
 
+  def test_image_modes(self):
+    """16-bit greyscale scales to 8 bits (PIL's convert clips it to white);
+    palette, greyscale and RGBA come out as their RGB values."""
+    ramp16 = (np.arange(16 * 16).reshape(16, 16) * 257).astype(np.uint16)
+    ramp8 = (np.arange(16 * 16).reshape(16, 16)).astype(np.uint8)
+    rgb = np.repeat(ramp8[..., None], 3, axis=-1)
+    cases = {'grey16.png': Image.fromarray(ramp16),
+             'grey8.png': Image.fromarray(ramp8),
+             'rgba.png': Image.fromarray(
+                 np.concatenate([rgb, np.full_like(ramp8[..., None], 255)],
+                                axis=-1)),
+             'palette.png': Image.fromarray(rgb).convert(
+                 'P', palette=Image.Palette.ADAPTIVE, colors=256)}
+    for name, image in cases.items():
+      path = os.path.join(self.tmp, name)
+      image.save(path)
+      loaded = ponder_export.load_image(path, 16)
+      self.assertEqual(loaded.shape, (16, 16, 3), name)
+      np.testing.assert_allclose(loaded, rgb, atol=2, err_msg=name)
+
   def test_aspect_ratio_and_block_resolutions(self):
     """Short side = image_size; maps at the blocks' resolutions."""
     paths = ponder_export.find_images([self.images])
