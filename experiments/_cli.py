@@ -127,13 +127,21 @@ class ModelFlags:
 
 
 class _QuietLibraries:
-  """Drops INFO records of orbax and tfds (dozens per checkpoint)."""
+  """Drops INFO records of orbax and tfds (dozens per checkpoint).
+
+  And orbax's warnings on every read-only checkpoint manager, which is how
+  the library looks into a workdir (`checkpoint.run_manager`).
+  """
 
   _NOISY = (f'{os.sep}orbax{os.sep}', f'{os.sep}tensorflow_datasets{os.sep}')
 
   def filter(self, record) -> bool:
-    return record.levelno >= py_logging.WARNING or not any(
-        part in record.pathname for part in self._NOISY)
+    if not any(part in record.pathname for part in self._NOISY):
+      return True
+    message = str(record.msg)
+    return record.levelno >= py_logging.WARNING and not (
+        message.startswith('Given directory is read only')
+        or 'read_only=True' in message)
 
 
 def define_cache_flag() -> flags.FlagHolder:
@@ -156,10 +164,8 @@ def configure_jax(cache_dir: str) -> None:
   """What launchers that train or evaluate set up before any other jax use.
 
   rbg keys make model init several times faster on CPU (no compilation per
-  parameter shape); the cache skips compilations made by earlier runs;
-  orbax's and tfds's INFO lines are dropped.
+  parameter shape); the cache skips compilations made by earlier runs.
   """
-  logging.get_absl_logger().addFilter(_QuietLibraries())
   jax.config.update('jax_default_prng_impl', 'rbg')
   if cache_dir:
     jax.config.update('jax_compilation_cache_dir', cache_dir)
@@ -188,9 +194,11 @@ def run(main: Callable[[list[str]], None]) -> None:
 
   `app.UsageError`s raised by `main` (absl would print the whole usage text
   and exit 1) end as one line with exit status 2 too. Freed host memory is
-  kept for reuse (`host_memory`) before JAX starts its backend.
+  kept for reuse (`host_memory`) before JAX starts its backend; orbax's and
+  tfds's INFO lines are dropped.
   """
   host_memory.reuse_freed_memory()
+  logging.get_absl_logger().addFilter(_QuietLibraries())
   sys.unraisablehook = _drop_restore_noise
   # The same reads' tasks, logged by asyncio ("Task exception was never
   # retrieved"); the launchers run no asyncio code of their own.
