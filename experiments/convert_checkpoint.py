@@ -76,7 +76,7 @@ def _print_skipped(skipped: dict[str, str]):
 
 def main(argv):
   if len(argv) > 1:
-    _cli.fail(f'Unexpected arguments: {argv[1:]}')
+    _cli.fail(f'Unexpected arguments: {" ".join(argv[1:])}')
   if not flags.FLAGS['verbosity'].present:
     # app.run turns INFO on, and orbax logs every write at INFO; the summary
     # below says what matters. --verbosity=0 brings the logs back.
@@ -87,9 +87,15 @@ def main(argv):
   from sact_jax import models  # pylint: disable=g-import-not-at-top
   from sact_jax import reference  # pylint: disable=g-import-not-at-top
   from sact_jax import tf_checkpoint  # pylint: disable=g-import-not-at-top
+  from sact_jax import workdirs  # pylint: disable=g-import-not-at-top
 
   ema = {'auto': None, 'yes': True, 'no': False}[_EMA.value]
+  if not _OUTPUT.value:
+    _cli.fail('--output is an empty path.')
   try:
+    # Before reading TF's checkpoint: where the output cannot go.
+    workdirs.ensure_writable_dir(
+        os.path.dirname(os.path.abspath(_OUTPUT.value)))
     spec = models.ModelSpec(
         family=_FAMILY.value, units=_parse_units(_UNITS.value),
         model_type=_MODEL_TYPE.value, num_classes=_NUM_CLASSES.value,

@@ -45,7 +45,7 @@ _CACHE_DIR = _cli.define_cache_flag()
 
 def main(argv):
   if len(argv) > 1:
-    _cli.fail(f'Unexpected arguments: {argv[1:]}')
+    _cli.fail(f'Unexpected arguments: {" ".join(argv[1:])}')
   _cli.configure_jax(_CACHE_DIR.value)
   if _COORDINATOR.value:
     jax.distributed.initialize(

@@ -299,6 +299,28 @@ class LauncherTest(absltest.TestCase):
                      f'error: {output} already exists; pass overwrite=True '
                      '(--overwrite) to replace it.')
 
+  def test_damaged_or_unwritable(self):
+    """A damaged TF checkpoint, an output that cannot be made: one line."""
+    root = _tempdir(self)
+    source = _TESTDATA / 'cifar_sact'
+    damaged = root / 'damaged'
+    shutil.copytree(source, damaged)
+    index = next(damaged.glob('*.index'))
+    index.write_bytes(b'not an sstable')
+    blocker = root / 'file'
+    blocker.write_text('not a directory')
+    for tf_dir, output, message in (
+        (damaged, root / 'out', 'Cannot read the TF checkpoint '),
+        (source, blocker / 'out',
+         f'Cannot create or write to the directory {blocker}')):
+      run = _run_launcher(f'--tf_checkpoint={tf_dir}', *_LAUNCHER_FLAGS,
+                          f'--output={output}')
+      self.assertEqual(run.returncode, 2, run.stderr[-2000:])
+      self.assertNotIn('Traceback', run.stderr)
+      self.assertStartsWith(run.stderr.strip().splitlines()[-1],
+                            f'error: {message}')
+      self.assertFalse(output.exists())
+
   def test_without_tensorflow(self):
     """No TensorFlow: one line naming the `tf` extra, no traceback."""
     output = _tempdir(self) / 'converted'
