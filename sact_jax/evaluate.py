@@ -443,10 +443,13 @@ def evaluate_model(model: nnx.Module, config, *,
                         or labels.max() >= spec.num_classes):
       raise EvaluationError(f'Labels outside [0, {spec.num_classes}) in '
                             f'{config.dataset}.')
+    # Sparse inference takes any batch size (a new one compiles once): its
+    # last batch is not padded, so neither its time nor `flops_overhead`
+    # counts rows that are not images.
     padded = pad_batch(
         {'image': batch['image'], 'label': labels,
          'mask': batch.get('mask', np.zeros((labels.size, 1, 1), np.float32))},
-        local_batch)
+        labels.size if sparse else local_batch)
     use_mask = sact and 'mask' in batch
     stats = step(
         parallel.to_global(mesh, padded['image']),
