@@ -35,7 +35,7 @@ _CACHE_DIR = _cli.define_cache_flag()
 
 def main(argv):
   if len(argv) > 1:
-    _cli.fail(f'Unexpected arguments: {argv[1:]}')
+    _cli.fail(f'Unexpected arguments: {" ".join(argv[1:])}')
   _cli.configure_jax(_CACHE_DIR.value)
   if _MULTIHOST.value:
     jax.distributed.initialize()
@@ -47,12 +47,10 @@ def main(argv):
   from sact_jax import workdirs  # pylint: disable=g-import-not-at-top
   from sact_jax.configs import validation  # pylint: disable=g-import-not-at-top
   from sact_jax.detection import main_job  # pylint: disable=g-import-not-at-top
-  from sact_jax.detection import train as detection_train  # pylint: disable=g-import-not-at-top
 
   config = _cli.config_value(_CONFIG)
   try:
-    detection_train.validate_config(config, _WORKDIR.value)
-    workdirs.ensure_writable_dir(_WORKDIR.value)
+    # Checks the config, data, init_from and workdir before it writes.
     main_job.train_and_evaluate(config, _WORKDIR.value)
   except (validation.ConfigError, data.DatasetNotFoundError,
           checkpoint.CheckpointError, workdirs.WorkdirError) as e:

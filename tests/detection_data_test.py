@@ -366,7 +366,7 @@ class SactDetectionPipelineTest(parameterized.TestCase):
                           _take(self.make(), 1))
     with self.assertRaisesRegex(
         ValueError, r'image_size=96 does not match sact_detection/tiny, '
-        r'whose images are 64x64\.'):
+        r'whose images are 64x64; leave it unset\.'):
       self.make(image_size=96)
 
 

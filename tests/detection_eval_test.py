@@ -1,13 +1,21 @@
 """COCO metrics and detection pictures of sact_jax/detection."""
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
 from sact_jax.detection import coco_eval
+from sact_jax.detection import evaluate as evaluate_lib
 from sact_jax.detection import visualize
+import train_helpers
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _NAMES = ('cat', 'dog', 'bird')
 
@@ -271,6 +279,81 @@ class DetectionFigureTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, 'detections boxes'):
       visualize.detection_figure(self.images[:2], self.dets,
                                  class_names=_NAMES)
+
+
+def _write_run(root, name, eval_json, **config):
+  """A finished detection run's two files (the fields the table reads)."""
+  workdir = os.path.join(root, name)
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    json.dump({'model_type': 'sact', 'units': [1, 1, 2, 1], 'tau': 0.01,
+               'num_train_steps': 4, 'init_from': None, **config}, f)
+  with open(os.path.join(workdir, 'eval.json'), 'w') as f:
+    json.dump(eval_json, f)
+  return workdir
+
+
+_EVAL = {'extractor_flops_percent': 80.0, 'extractor_flops_percent_std': 2.0,
+         'extractor_flops_mean': 3e6, 'mAP': 0.5, 'mAP@0.5': 0.75,
+         'mAP@0.75': 0.5, 'ponder_cost': 3.0, 'units_per_block': [1.0, 1.5],
+         'ponder_inside_outside_ratio': 1.25}
+
+
+class ResultsTableTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.root = train_helpers.tempdir(self)
+
+  def test_metrics_coco_could_not_compute_show_as_dashes(self):
+    workdir = _write_run(self.root, 'run', {**_EVAL, 'mAP@0.75': None})
+    row = evaluate_lib.results_table([workdir]).splitlines()[-1]
+    self.assertIn('| 0.500 | 0.750 | - | 3.00 | 1.00 / 1.50 | 1.250 |', row)
+
+  @parameterized.named_parameters(
+      ('eval_json_a_list', [1, 2], None, 'holds a JSON list, not an object'),
+      ('eval_json_not_json', 'not json', None, 'Cannot read'),
+      ('metric_not_a_number', {**_EVAL, 'mAP': 'high'}, None,
+       "'mAP' in .* is 'high', not a number"),
+      ('metric_missing', {'mAP': 0.5}, None,
+       "has no 'extractor_flops_percent'"),
+      ('units_not_a_list', _EVAL, {'units': None},
+       'is not a detection config'))
+  def test_bad_runs_are_one_line_value_errors(self, eval_json, config,
+                                              message):
+    workdir = _write_run(self.root, 'run', {}, **(config or {}))
+    with open(os.path.join(workdir, 'eval.json'), 'w') as f:
+      if isinstance(eval_json, str):
+        f.write(eval_json)
+      else:
+        json.dump(eval_json, f)
+    with self.assertRaisesRegex(ValueError, message):
+      evaluate_lib.results_table([workdir])
+
+  def test_not_a_directory(self):
+    path = os.path.join(self.root, 'file')
+    with open(path, 'w') as f:
+      f.write('not a directory')
+    with self.assertRaisesRegex(ValueError, f'{path} is not a directory.'):
+      evaluate_lib.results_table([path])
+
+  @parameterized.named_parameters(
+      ('a_directory', '{root}', 'is a directory; give a file name.'),
+      ('unwritable', '/proc/table.md',
+       'Cannot create or write to the directory /proc: '))
+  def test_collect_refuses_an_output_before_printing(self, output, message):
+    workdir = _write_run(self.root, 'run', _EVAL)
+    proc = subprocess.run(
+        [sys.executable, '-m', 'experiments.collect_detection',
+         f'--workdirs={workdir}', f'--output={output.format(root=self.root)}'],
+        cwd=_REPO, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+        capture_output=True, text=True, timeout=300, check=False)
+    self.assertEqual(proc.returncode, 2, proc.stderr[-3000:])
+    self.assertEqual(proc.stdout, '')
+    self.assertNotIn('Traceback', proc.stderr)
+    self.assertStartsWith(proc.stderr.strip().splitlines()[-1],
+                          'error: --output: ')
+    self.assertIn(message, proc.stderr)
 
 
 if __name__ == '__main__':

@@ -287,7 +287,14 @@ class FasterRCNNTest(parameterized.TestCase):
       ('odd_crop', dict(crop_size=7)),
       ('iou_order', dict(rpn_negative_iou=0.8)),
       ('negative_tau', dict(tau=-1.0)),
-      ('negative_warmup', dict(tau_warmup_steps=-1)))
+      ('negative_warmup', dict(tau_warmup_steps=-1)),
+      ('no_anchor_scales', dict(anchor_scales=())),
+      ('zero_anchor_scale', dict(anchor_scales=(0.0, 1.0))),
+      ('no_anchor_ratios', dict(anchor_ratios=())),
+      ('negative_anchor_ratio', dict(anchor_ratios=(-1.0, 1.0))),
+      ('nan_anchor_ratio', dict(anchor_ratios=(math.nan,))),
+      ('zero_anchor_base_size', dict(anchor_base_size=0.0)),
+      ('infinite_anchor_base_size', dict(anchor_base_size=math.inf)))
   def test_bad_settings_are_refused(self, change):
     with self.assertRaises(ValueError):
       _detector(**change)

@@ -6,15 +6,21 @@ import subprocess
 import sys
 
 from absl.testing import absltest
+from flax import nnx
 import jax
+import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
+from sact_jax import checkpoint
+from sact_jax import data
+from sact_jax import models
 from sact_jax.configs import detection as detection_config
 from sact_jax.configs import validation
 from sact_jax.data import detection as detection_data
 from sact_jax.detection import evaluate as evaluate_lib
 from sact_jax.detection import faster_rcnn
+from sact_jax.detection import main_job
 from sact_jax.detection import train as detection_train
 import train_helpers
 
@@ -90,10 +96,11 @@ class DetectionMainJobTest(absltest.TestCase):
     self.assertIn(f'| {config.tau} (warm-up 2) | - | '
                   f'{config.num_train_steps} |', table)
 
-    # The evaluation launcher measures the same model on the same images.
+    # The evaluation launcher measures the same model on the same images,
+    # with the run's config.json.
     output = os.path.join(root, 'eval', 'again.json')
-    stdout = _launch(self, 'evaluate_detection', *flags, f'--output={output}',
-                     '--pictures=2')
+    stdout = _launch(self, 'evaluate_detection', f'--workdir={workdir}',
+                     f'--output={output}', '--pictures=2')
     self.assertIn('mAP@[.5:.95]', stdout)
     with open(output) as f:
       again = json.load(f)
@@ -131,9 +138,62 @@ class DetectionMainJobTest(absltest.TestCase):
         (dict(dataset='voc'), 'Unknown detection dataset'),
         (dict(image_size=8), 'image_size=8'),
         (dict(batch_size=0), 'batch_size must be a positive integer'),
+        # 0 is no size, not the dataset's (None).
+        (dict(image_size=0), 'image_size must be None .* got 0'),
+        (dict(image_size=48), 'image_size=48 does not match '
+         'sact_detection/tiny, whose images are 64x64'),
+        (dict(max_boxes=0), 'max_boxes must be None .* got 0'),
+        (dict(num_detection_pictures=-1),
+         'num_detection_pictures must be an integer >= 0, got -1'),
+        (dict(num_detection_pictures=33),
+         'num_detection_pictures: 33 images asked for, but the test split '
+         'of sact_detection/tiny has 32'),
+        (dict(num_eval_examples=33), 'num_eval_examples=33 is more than the '
+         '32 images'),
     ):
       with self.assertRaisesRegex(validation.ConfigError, message):
         detection_train.validate_config(_config('/nonexistent', **change))
+    for name, value, message in (
+        ('anchor_scales', (), 'anchor_scales must be a non-empty'),
+        ('anchor_ratios', (1.0, 0.0), 'anchor_ratios must be a non-empty'),
+        ('anchor_base_size', -32.0, 'anchor_base_size must be > 0')):
+      config = _config('/nonexistent')
+      config.detector[name] = value
+      with self.assertRaisesRegex(validation.ConfigError, message):
+        detection_train.validate_config(config)
+    # The largest sizes the split allows.
+    detection_train.validate_config(_config(
+        '/nonexistent', image_size=64, num_eval_examples=32,
+        num_detection_pictures=32))
+    # E.g. a classification run's config.json.
+    with self.assertRaisesRegex(validation.ConfigError,
+                                "no field 'dataset': is it a detection"):
+      detection_train.validate_config(ml_collections.ConfigDict({'tau': 0.1}))
+
+  def test_inputs_are_checked_before_anything_is_written(self):
+    root = train_helpers.tempdir(self)
+    workdir = os.path.join(root, 'run')
+    for change, error, message in (
+        (dict(data_dir='/proc/nope'), validation.ConfigError,
+         "data_dir='/proc/nope' cannot be used for sact_detection/tiny"),
+        (dict(dataset='coco/2017', num_detection_classes=80,
+              data_dir=os.path.join(root, 'empty')),
+         data.DatasetNotFoundError, "Dataset 'coco' is not prepared"),
+        (dict(init_from=self._cifar_classifier(root)),
+         checkpoint.CheckpointError, 'Cannot restore the source model'),
+    ):
+      data_dir = change.pop('data_dir', os.path.join(root, 'data'))
+      with self.assertRaisesRegex(error, message):
+        main_job.train_and_evaluate(_config(data_dir, **change), workdir)
+      self.assertFalse(os.path.exists(workdir))
+
+  def _cifar_classifier(self, root: str) -> str:
+    """A classifier the detector's backbone cannot start from."""
+    path = os.path.join(root, 'cifar')
+    spec = models.ModelSpec('cifar', (1, 1, 1), 'vanilla', num_classes=6,
+                            base_channels=4)
+    checkpoint.save_model(path, spec.create(nnx.Rngs(0)), spec)
+    return path
 
 
 # Run in a subprocess with 4 CPU devices: one detection step on a 4-device

@@ -107,6 +107,22 @@ def detection_info(name: str) -> DetectionInfo:
                    f'{", ".join(DETECTION_DATASETS)}.')
 
 
+def check_image_size(name: str, image_size: int | None) -> int:
+  """The model input side for `name`: `image_size`, or the dataset's own.
+
+  Raises:
+    ValueError: a size `name` cannot have: `sact_detection` is stored at
+      one size (None stands for it), the others are resized to any.
+  """
+  info = detection_info(name)
+  if name.partition('/')[0] == 'sact_detection' and image_size not in (
+      None, info.image_size):
+    raise ValueError(f'image_size={image_size} does not match {name}, whose '
+                     f'images are {info.image_size}x{info.image_size}; '
+                     'leave it unset.')
+  return info.image_size if image_size is None else int(image_size)
+
+
 def make_detection_dataset(
     name: str,
     split: str,
@@ -163,10 +179,7 @@ def make_detection_dataset(
   info = detection_info(name)
   base = name.partition('/')[0]
   pipeline._check_shard(shard_index, shard_count)
-  if base == 'sact_detection' and image_size not in (None, info.image_size):
-    raise ValueError(f'image_size={image_size} does not match {name}, whose '
-                     f'images are {info.image_size}x{info.image_size}.')
-  image_size = info.image_size if image_size is None else int(image_size)
+  image_size = check_image_size(name, image_size)
   max_boxes = info.max_boxes if max_boxes is None else int(max_boxes)
   if image_size < 1 or max_boxes < 1:
     raise ValueError(f'Need image_size >= 1 and max_boxes >= 1, got '

@@ -107,7 +107,8 @@ def evaluate_detector(model: faster_rcnn.FasterRCNN,
   """
   detector = faster_rcnn.DetectorConfig.from_config(config)
   info = detection_data.detection_info(config.dataset)
-  size = config.get('image_size') or info.image_size
+  size = config.get('image_size')
+  size = info.image_size if size is None else size
   batch_size = config.eval_batch_size
   if batch_size % jax.process_count():
     raise ValueError(f'eval_batch_size={batch_size} is not divisible by the '
@@ -181,6 +182,20 @@ def summary_line(metrics: Mapping[str, Any]) -> str:
   return line if ratio is None else f'{line} | inside/outside {ratio:.3f}'
 
 
+def check_num_images(config: ml_collections.ConfigDict,
+                     num_images: int) -> None:
+  """Raises ValueError if the eval split has fewer than `num_images` images.
+
+  Up front: tfds refuses the slice only once the images are read, after
+  the evaluation.
+  """
+  info = detection_data.detection_info(config.dataset)
+  if num_images > info.num_eval_examples:
+    raise ValueError(
+        f'{num_images} images asked for, but the {info.eval_split} split of '
+        f'{config.dataset} has {info.num_eval_examples}.')
+
+
 def detection_examples(model: faster_rcnn.FasterRCNN,
                        config: ml_collections.ConfigDict, num_images: int
                        ) -> dict[str, np.ndarray]:
@@ -191,9 +206,11 @@ def detection_examples(model: faster_rcnn.FasterRCNN,
     (pixels), `ponder_maps` `[N, h, w]` (the extractor's total cost at
     block 1's resolution; None for vanilla).
   """
+  check_num_images(config, num_images)
   detector = faster_rcnn.DetectorConfig.from_config(config)
   info = detection_data.detection_info(config.dataset)
-  size = config.get('image_size') or info.image_size
+  size = config.get('image_size')
+  size = info.image_size if size is None else size
   batch = next(iter(detection_data.make_detection_dataset(
       config.dataset, f'{info.eval_split}[:{num_images}]',
       batch_size=num_images, train=False, data_dir=config.get('data_dir'),
@@ -233,6 +250,43 @@ def save_detection_pictures(model: faster_rcnn.FasterRCNN,
   return visualize.save_figure(fig, path)
 
 
+def _read_json_object(workdir: str, name: str) -> dict[str, Any]:
+  """`workdir/name`, a JSON object; ValueError (one line) otherwise."""
+  path = os.path.join(workdir, name)
+  try:
+    with open(path) as f:
+      value = json.load(f)
+  except FileNotFoundError:
+    raise ValueError(f'{workdir} has no {name}.') from None
+  except (OSError, ValueError) as e:
+    raise ValueError(f'Cannot read {path}: {e}') from None
+  if not isinstance(value, dict):
+    raise ValueError(f'{path} holds a JSON {type(value).__name__}, not an '
+                     'object.')
+  return value
+
+
+def _number(value: Any, spec: str, what: str, scale: float = 1.0) -> str:
+  """`value / scale` formatted; '-' for None (what COCO could not compute).
+
+  Raises:
+    ValueError: `value` is neither None nor a number.
+  """
+  if value is None:
+    return '-'
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ValueError(f'{what} is {value!r}, not a number.')
+  return format(value / scale, spec)
+
+
+def _metric(metrics: Mapping[str, Any], key: str, spec: str, scale: float = 1.0,
+            *, where: str) -> str:
+  """`_number` of `metrics[key]`; ValueError if it is missing."""
+  if key not in metrics:
+    raise ValueError(f'{where} has no {key!r}.')
+  return _number(metrics[key], spec, f'{key!r} in {where}', scale)
+
+
 def results_table(workdirs: Sequence[str]) -> str:
   """The paper's detection table (markdown) of finished detection runs.
 
@@ -242,36 +296,50 @@ def results_table(workdirs: Sequence[str]) -> str:
   FLOPs (mean +- std, % of the vanilla extractor), mAP@[.5:.95], mAP@.5,
   mAP@.75 (localisation), ponder cost, units each extractor block ran per
   position ((S)ACT) and (SACT) the ponder cost inside objects over outside.
+  Metrics that COCO could not compute (None in `eval.json`) show as '-'.
 
   Raises:
-    FileNotFoundError: a workdir lacks `eval.json` or `config.json`.
+    ValueError: a workdir is not a directory, or lacks a readable
+      `config.json` or `eval.json` with the fields the table shows.
   """
   rows = ['| model | tau | init from | steps | extractor FLOPs (% of '
           'vanilla) | mAP@[.5:.95] | mAP@.5 | mAP@.75 | ponder cost | '
           'units run | inside/outside |',
           '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
   for workdir in workdirs:
-    with open(os.path.join(workdir, 'config.json')) as f:
-      config = json.load(f)
-    with open(os.path.join(workdir, 'eval.json')) as f:
-      metrics = json.load(f)
-    adaptive = config['model_type'] != 'vanilla'
-    ratio = metrics.get('ponder_inside_outside_ratio')
+    if not os.path.isdir(workdir):
+      raise ValueError(f'{workdir} is not a directory.')
+    config = _read_json_object(workdir, 'config.json')
+    metrics = _read_json_object(workdir, 'eval.json')
+    eval_file = os.path.join(workdir, 'eval.json')
+    try:
+      adaptive = config['model_type'] != 'vanilla'
+      model = f'{config["model_type"]} units {tuple(config["units"])}'
+      tau = str(config['tau']) if adaptive else '-'
+      if adaptive and config.get('tau_warmup_steps'):
+        tau += f' (warm-up {config["tau_warmup_steps"]})'
+      steps = config['num_train_steps']
+    except (KeyError, TypeError) as e:
+      raise ValueError(
+          f'{os.path.join(workdir, "config.json")} is not a detection '
+          f'config ({type(e).__name__}: {e}).') from None
+    cell = functools.partial(_metric, metrics, where=eval_file)
     units = metrics.get('units_per_block')
-    units = '-' if units is None else ' / '.join(f'{u:.2f}' for u in units)
-    tau = str(config['tau']) if adaptive else '-'
-    if adaptive and config.get('tau_warmup_steps'):
-      tau += f' (warm-up {config["tau_warmup_steps"]})'
+    if units is not None and not isinstance(units, list):
+      raise ValueError(f"'units_per_block' in {eval_file} is {units!r}, not "
+                       'a list.')
+    units = '-' if units is None else ' / '.join(
+        _number(u, '.2f', f"'units_per_block' in {eval_file}")
+        for u in units)
+    ratio = _number(metrics.get('ponder_inside_outside_ratio'), '.3f',
+                    f"'ponder_inside_outside_ratio' in {eval_file}")
     rows.append(
-        f'| {config["model_type"]} units {tuple(config["units"])} | '
-        f'{tau} | '
+        f'| {model} | {tau} | '
         f'{os.path.basename(str(config.get("init_from") or "-"))} | '
-        f'{config["num_train_steps"]} | '
-        f'{metrics["extractor_flops_percent"]:.1f} +- '
-        f'{metrics["extractor_flops_percent_std"]:.1f} '
-        f'({metrics["extractor_flops_mean"] / 1e6:.1f}M) | '
-        f'{metrics["mAP"]:.3f} | {metrics["mAP@0.5"]:.3f} | '
-        f'{metrics["mAP@0.75"]:.3f} | {metrics["ponder_cost"]:.2f} | '
-        f'{units} | '
-        f'{"-" if ratio is None else f"{ratio:.3f}"} |')
+        f'{steps} | {cell("extractor_flops_percent", ".1f")} +- '
+        f'{cell("extractor_flops_percent_std", ".1f")} '
+        f'({cell("extractor_flops_mean", ".1f", 1e6)}M) | '
+        f'{cell("mAP", ".3f")} | {cell("mAP@0.5", ".3f")} | '
+        f'{cell("mAP@0.75", ".3f")} | {cell("ponder_cost", ".2f")} | '
+        f'{units} | {ratio} |')
   return '\n'.join(rows)

@@ -132,6 +132,17 @@ class DetectorConfig:
     if self.crop_size % 2:
       raise ValueError(f'crop_size must be even (crops are max-pooled by 2), '
                        f'got {self.crop_size}.')
+    # No anchors, or empty or flipped ones, would only show up as a head
+    # with zero outputs or a loss without positives.
+    if not 0 < self.anchor_base_size < math.inf:
+      raise ValueError(f'anchor_base_size must be > 0, got '
+                       f'{self.anchor_base_size}.')
+    for name in ('anchor_scales', 'anchor_ratios'):
+      values = getattr(self, name)
+      if not (isinstance(values, (tuple, list)) and values
+              and all(0 < v < math.inf for v in values)):
+        raise ValueError(f'{name} must be a non-empty sequence of numbers '
+                         f'> 0, got {values!r}.')
     if not 0 <= self.rpn_negative_iou <= self.rpn_positive_iou <= 1:
       raise ValueError('Need 0 <= rpn_negative_iou <= rpn_positive_iou <= 1, '
                        f'got {self.rpn_negative_iou} and '

@@ -47,33 +47,150 @@ def detector_config(config: ml_collections.ConfigDict
     raise validation.ConfigError(f'Invalid detector in config: {e}') from None
 
 
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
 def validate_config(config: ml_collections.ConfigDict,
-                    workdir: str | None = None) -> None:
-  """Everything that can be checked before any work starts (one line)."""
+                    workdir: str | None = None, *,
+                    init_from: bool = True) -> None:
+  """Everything that can be checked before any work starts (one line).
+
+  Args:
+    config: a detection training config (`configs/detection.py`).
+    workdir: if given and it holds a checkpoint, the checkpoint's backbone
+      must be the config's.
+    init_from: whether `init_from` must name a classifier; evaluation does
+      not read it (it may be gone since training).
+
+  Raises:
+    validation.ConfigError: one line naming the problem.
+  """
+  try:
+    _validate(config, workdir, init_from)
+  except (AttributeError, KeyError) as e:
+    # ConfigDict's missing field (its AttributeError wraps the KeyError),
+    # e.g. in the config.json of a classification run.
+    cause = e.args[0] if isinstance(e, AttributeError) and e.args else e
+    if not isinstance(cause, KeyError):
+      raise
+    name = cause.args[0] if cause.args else '?'
+    raise validation.ConfigError(
+        f'The config has no field {name}: is it a detection config?'
+    ) from None
+
+
+def _validate(config: ml_collections.ConfigDict, workdir: str | None,
+              init_from: bool) -> None:
+  """The checks of `validate_config`, which reports a missing field."""
+  def check(condition, message):
+    if not condition:
+      raise validation.ConfigError(message)
+
   try:
     info = detection_data.detection_info(config.dataset)
   except (ValueError, KeyError) as e:
     raise validation.ConfigError(str(e)) from None
   detector = detector_config(config)
-  if config.num_detection_classes != info.num_classes:
-    raise validation.ConfigError(
+  check(config.num_detection_classes == info.num_classes,
         f'num_detection_classes={config.num_detection_classes} does not fit '
         f'{config.dataset}, which has {info.num_classes} classes.')
-  size = config.image_size or info.image_size
-  if size < detector.stride:
-    raise validation.ConfigError(
+  # None (not 0) stands for the dataset's own size and boxes.
+  size = config.get('image_size')
+  check(size is None or (_is_int(size) and size >= 1),
+        "image_size must be None (the dataset's) or an integer >= 1, got "
+        f'{size!r}.')
+  try:
+    size = detection_data.check_image_size(config.dataset, size)
+  except ValueError as e:
+    raise validation.ConfigError(str(e)) from None
+  check(size >= detector.stride,
         f'image_size={size} is smaller than the feature stride '
         f'{detector.stride}.')
+  max_boxes = config.get('max_boxes')
+  check(max_boxes is None or (_is_int(max_boxes) and max_boxes >= 1),
+        "max_boxes must be None (the dataset's) or an integer >= 1, got "
+        f'{max_boxes!r}.')
   validation.validate_optimization(config)
+  # tfds refuses a slice beyond the split, but only once evaluation starts.
+  num_eval = config.get('num_eval_examples')
+  check(num_eval is None or num_eval <= info.num_eval_examples,
+        f'num_eval_examples={num_eval} is more than the '
+        f'{info.num_eval_examples} images of the {info.eval_split} split of '
+        f'{config.dataset}.')
+  pictures = config.get('num_detection_pictures', 0)
+  check(_is_int(pictures) and pictures >= 0,
+        f'num_detection_pictures must be an integer >= 0, got {pictures!r}.')
+  try:
+    evaluate_lib.check_num_images(config, pictures)
+  except ValueError as e:
+    raise validation.ConfigError(f'num_detection_pictures: {e}') from None
   path = config.get('init_from')
-  if path and not (os.path.isdir(path) and (
-      checkpoint_lib.is_model_checkpoint(path)
-      or checkpoint_lib.saved_run_spec(path) is not None)):
-    raise validation.ConfigError(
-        f'init_from={path!r} is neither a sact_jax model checkpoint nor a '
-        'training workdir with a checkpoint.')
+  if init_from and path:
+    found = os.path.isdir(path) and (
+        checkpoint_lib.is_model_checkpoint(path)
+        or checkpoint_lib.saved_run_spec(path) is not None)
+    check(found, f'init_from={path!r} is neither a sact_jax model checkpoint '
+          'nor a training workdir with a checkpoint.')
   if workdir is not None:
+    check(workdir, 'workdir is an empty path.')
     validation.check_workdir(workdir, detector.backbone)
+
+
+def check_data(config: ml_collections.ConfigDict, *,
+               train: bool = True) -> None:
+  """Opens the dataset's splits (generating `sact_detection` if needed).
+
+  For launchers, before they write anything: a dataset that is not
+  prepared or a `data_dir` that cannot be used would otherwise only fail
+  once the run starts (a traceback, for the latter).
+
+  Args:
+    config: a valid detection config (`validate_config`).
+    train: whether the training split is needed too, not only eval's.
+
+  Raises:
+    data.DatasetNotFoundError: the dataset is not prepared (COCO).
+    validation.ConfigError: `data_dir` cannot be read or written.
+  """
+  info = detection_data.detection_info(config.dataset)
+  data_dir = config.get('data_dir')
+  splits = (info.train_split, info.eval_split) if train else (
+      info.eval_split,)
+  for split in dict.fromkeys(splits):
+    try:
+      detection_data.make_detection_dataset(
+          config.dataset, split, batch_size=1, train=False,
+          data_dir=data_dir, image_size=config.get('image_size'),
+          max_boxes=config.get('max_boxes'))
+    except OSError as e:
+      where = f' ({e.filename})' if e.filename else ''
+      raise validation.ConfigError(
+          f'data_dir={data_dir!r} cannot be used for {config.dataset}: '
+          f'{e.strerror or e}{where}.') from None
+    except ValueError as e:
+      raise validation.ConfigError(str(e)) from None
+
+
+def check_init_from(config: ml_collections.ConfigDict) -> None:
+  """Reads `init_from` into a detector's backbone (an abstract one).
+
+  For launchers, before they write anything: a classifier of another
+  architecture or a damaged checkpoint would otherwise only fail once
+  training starts. Reads the whole classifier.
+
+  Raises:
+    checkpoint.CheckpointError: `init_from` cannot be read, or its weights
+      do not fit the detector's backbone.
+  """
+  path = config.get('init_from')
+  if not path:
+    return
+  detector = detector_config(config)
+  try:
+    init_backbone(nnx.eval_shape(lambda: faster_rcnn.create(detector)), path)
+  except checkpoint_lib.CheckpointError as e:
+    raise checkpoint_lib.CheckpointError(f'init_from={path!r}: {e}') from None
 
 
 def load_classifier(path: str) -> nnx.Module:
@@ -219,8 +336,9 @@ def train(config: ml_collections.ConfigDict,
   """
   validate_config(config, workdir)
   trainer = Trainer(config, parallel.make_mesh())
-  size = config.get('image_size') or detection_data.detection_info(
-      config.dataset).image_size
+  size = config.get('image_size')
+  if size is None:
+    size = detection_data.detection_info(config.dataset).image_size
 
   def console_line(step, total, scalars, left):
     logging.info(
@@ -257,7 +375,7 @@ def restore_detector(config: ml_collections.ConfigDict, workdir: str
     validation.ConfigError: bad config, or `workdir` holds another model.
     checkpoint.CheckpointError: `workdir` holds no checkpoint.
   """
-  validate_config(config, workdir)
+  validate_config(config, workdir, init_from=False)
   detector = detector_config(config)
   abstract = nnx.eval_shape(lambda: faster_rcnn.create(detector))
   return checkpoint_lib.restore_latest_variables(workdir, abstract,
