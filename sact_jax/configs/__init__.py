@@ -189,7 +189,8 @@ def detection_config() -> ml_collections.ConfigDict:
   config.num_detection_classes = 6
   # Faster R-CNN settings: any field of
   # sact_jax.detection.faster_rcnn.DetectorConfig (the rest keep its
-  # defaults, the TF Object Detection API's).
+  # defaults, the TF Object Detection API's). The command line overrides
+  # only the fields a config file sets here (ml_collections adds none).
   config.detector = ml_collections.ConfigDict()
   # A classification model checkpoint (sact_jax.checkpoint.save_model) or
   # training workdir whose backbone weights start the detector (halting
