@@ -62,13 +62,13 @@ def _step_name(manager: ocp.CheckpointManager, step: int) -> str:
 
 
 @contextlib.contextmanager
-def _reading(what: str):
+def reading(what: str):
   """One CheckpointError for a checkpoint (`what`) that cannot be read.
 
-  orbax and TensorStore report a damaged or incomplete checkpoint (a file
-  deleted, a manifest overwritten, an item missing) in many ways, some of
-  them pages long; a caller gets what was read and the error's first
-  line, cut to a readable length.
+  orbax, TensorStore and TF report a damaged or incomplete checkpoint (a
+  file deleted or truncated, a manifest overwritten, an item missing) in
+  many ways, some of them pages long; a caller gets what was read and the
+  error's first line, cut to a readable length.
   """
   try:
     yield
@@ -311,7 +311,7 @@ def _restore_state(directory: pathlib.Path, spec: ModelSpec,
     raise CheckpointError(
         f'{directory} is an incomplete model checkpoint (no {STATE_DIR}/).')
   with (ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr,
-        _reading(f'the model checkpoint {directory}')):
+        reading(f'the model checkpoint {directory}')):
     stored = ckptr.metadata(state_dir).item_metadata
     if stored is None:
       raise CheckpointError(f'Cannot read the array metadata in {state_dir}.')
@@ -484,7 +484,7 @@ def _latest_run_meta(manager: ocp.CheckpointManager
   step = manager.latest_step()
   if step is None:
     return None, None
-  with _reading(_step_name(manager, step)):
+  with reading(_step_name(manager, step)):
     return step, manager.restore(step, args=ocp.args.Composite(
         meta=ocp.args.JsonRestore()))['meta']
 
@@ -554,7 +554,7 @@ def restore_run(manager: ocp.CheckpointManager, step: int,
   moved to the saved data position.
   """
   target = to_pure(dict(template))
-  with _reading(_step_name(manager, step)):
+  with reading(_step_name(manager, step)):
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(
             target,
@@ -629,7 +629,7 @@ def _restore_model_variables(manager: ocp.CheckpointManager, step: int,
   target = {'params': target_of(params), 'model_state': target_of(model_state)}
   if use_ema:
     target = {'ema': target}
-  with _reading(_step_name(manager, step)):
+  with reading(_step_name(manager, step)):
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(
             target,

@@ -12,7 +12,6 @@ it everything else of sact_jax works, and these functions raise
 `TensorFlowMissingError` with the line that installs it.
 """
 
-import contextlib
 import dataclasses
 import os
 import pathlib
@@ -80,24 +79,6 @@ def resolve_tf_checkpoint(path: str | os.PathLike) -> str:
       f'No TF checkpoint at {path}: {prefix}.index does not exist.')
 
 
-@contextlib.contextmanager
-def _reading(prefix: str):
-  """One CheckpointError for a TF checkpoint that TF cannot read.
-
-  A damaged `.index` or a truncated `.data-*` file surfaces as a TF
-  `OpError`, an `IndexError` or others, each with TF's own traceback.
-  """
-  try:
-    yield
-  except checkpoint_lib.CheckpointError:
-    raise
-  except Exception as e:  # pylint: disable=broad-exception-caught
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-    raise checkpoint_lib.CheckpointError(
-        f'Cannot read the TF checkpoint {prefix}, damaged or incomplete? '
-        f'({type(e).__name__}: {first})') from e
-
-
 def read_tf_checkpoint(path: str | os.PathLike,
                        names: Iterable[str] | None = None
                        ) -> dict[str, np.ndarray]:
@@ -115,7 +96,7 @@ def read_tf_checkpoint(path: str | os.PathLike,
   """
   tf = _import_tf()
   prefix = resolve_tf_checkpoint(path)
-  with _reading(prefix):
+  with checkpoint_lib.reading(f'the TF checkpoint {prefix}'):
     reader = tf.train.load_checkpoint(prefix)
     available = reader.get_variable_to_shape_map()
     names = sorted(available) if names is None else list(names)
@@ -130,7 +111,7 @@ def tf_variable_names(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
   """Name -> shape of every variable in a TF checkpoint (reads no values)."""
   tf = _import_tf()
   prefix = resolve_tf_checkpoint(path)
-  with _reading(prefix):
+  with checkpoint_lib.reading(f'the TF checkpoint {prefix}'):
     reader = tf.train.load_checkpoint(prefix)
     shapes = reader.get_variable_to_shape_map()
   return {n: tuple(s) for n, s in shapes.items()}
