@@ -24,6 +24,7 @@ from sact_jax import checkpoint as checkpoint_lib
 from sact_jax import conv
 from sact_jax import loop
 from sact_jax import losses
+from sact_jax import models
 from sact_jax import optimizers
 from sact_jax import parallel
 from sact_jax.configs import validation
@@ -45,10 +46,6 @@ def detector_config(config: ml_collections.ConfigDict
     return faster_rcnn.DetectorConfig.from_config(config)
   except (ValueError, TypeError, KeyError) as e:
     raise validation.ConfigError(f'Invalid detector in config: {e}') from None
-
-
-def _is_int(value) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
 
 
 def validate_config(config: ml_collections.ConfigDict,
@@ -97,7 +94,7 @@ def _validate(config: ml_collections.ConfigDict, workdir: str | None,
         f'{config.dataset}, which has {info.num_classes} classes.')
   # None (not 0) stands for the dataset's own size and boxes.
   size = config.get('image_size')
-  check(size is None or (_is_int(size) and size >= 1),
+  check(size is None or (models.is_integer(size) and size >= 1),
         "image_size must be None (the dataset's) or an integer >= 1, got "
         f'{size!r}.')
   try:
@@ -108,7 +105,8 @@ def _validate(config: ml_collections.ConfigDict, workdir: str | None,
         f'image_size={size} is smaller than the feature stride '
         f'{detector.stride}.')
   max_boxes = config.get('max_boxes')
-  check(max_boxes is None or (_is_int(max_boxes) and max_boxes >= 1),
+  check(max_boxes is None
+        or (models.is_integer(max_boxes) and max_boxes >= 1),
         "max_boxes must be None (the dataset's) or an integer >= 1, got "
         f'{max_boxes!r}.')
   validation.validate_optimization(config)
@@ -119,7 +117,7 @@ def _validate(config: ml_collections.ConfigDict, workdir: str | None,
         f'{info.num_eval_examples} images of the {info.eval_split} split of '
         f'{config.dataset}.')
   pictures = config.get('num_detection_pictures', 0)
-  check(_is_int(pictures) and pictures >= 0,
+  check(models.is_integer(pictures) and pictures >= 0,
         f'num_detection_pictures must be an integer >= 0, got {pictures!r}.')
   try:
     evaluate_lib.check_num_images(config, pictures)

@@ -14,7 +14,8 @@ from sact_jax.models import imagenet
 FAMILIES = ('cifar', 'imagenet')
 
 
-def _is_int(value) -> bool:
+def is_integer(value) -> bool:
+  """An integer, not a bool (which Python counts as one) nor a float."""
   return (isinstance(value, numbers.Integral)
           and not isinstance(value, bool))
 
@@ -25,7 +26,7 @@ def positive_int(name: str, value) -> int:
   Floats are refused rather than truncated: `num_classes=2.7` is a mistake,
   not a request for 2 classes.
   """
-  if not _is_int(value) or value < 1:
+  if not is_integer(value) or value < 1:
     raise ValueError(f'{name} must be an integer >= 1, got {value!r}.')
   return int(value)
 
@@ -36,7 +37,7 @@ def resolve_units(family: str, units: int | Sequence[int]) -> tuple[int, ...]:
     raise ValueError(f'family must be one of {FAMILIES}, got {family!r}.')
   presets = (cifar.CIFAR_PRESETS if family == 'cifar'
              else imagenet.IMAGENET_PRESETS)
-  if _is_int(units):
+  if is_integer(units):
     if units not in presets:
       num_blocks = len(next(iter(presets.values())))
       example = ', '.join([str(max(int(units), 1))] * num_blocks)
@@ -50,7 +51,7 @@ def resolve_units(family: str, units: int | Sequence[int]) -> tuple[int, ...]:
     raise ValueError(f'units must be a {family} depth or a sequence of '
                      f'units per block, got {units!r}.')
   units = tuple(units)
-  if not units or not all(_is_int(u) and u >= 1 for u in units):
+  if not units or not all(is_integer(u) and u >= 1 for u in units):
     raise ValueError(f'units per block must be integers >= 1, got {units}.')
   return tuple(int(u) for u in units)
 
@@ -88,7 +89,7 @@ def depth_or_units(units: int | Sequence[int]) -> int | tuple[int, ...]:
   iterable = (isinstance(units, collections.abc.Iterable)
               and not isinstance(units, str))
   values = tuple(units) if iterable else (units,)
-  if not all(_is_int(v) for v in values):
+  if not all(is_integer(v) for v in values):
     raise ValueError(f'units must be integers, got {units!r}.')
   values = tuple(int(v) for v in values)
   return values[0] if len(values) == 1 else values

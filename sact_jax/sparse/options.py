@@ -7,13 +7,13 @@ or densely ('auto'), and the FLOPs computed beyond the reference count.
 
 import dataclasses
 import math
-import numbers
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from sact_jax import halting
+from sact_jax import models
 from sact_jax import units as units_lib
 from sact_jax.sparse import planner as planner_lib
 
@@ -141,11 +141,8 @@ class SparseOptions:
 
   def __post_init__(self):
     for name in ('buckets', 'chunk_bytes', 'chunk_rows'):
-      value = getattr(self, name)
-      if value is not None and (isinstance(value, bool)
-                                or not isinstance(value, numbers.Integral)
-                                or value < 1):
-        raise ValueError(f'{name} must be an integer >= 1, got {value!r}.')
+      if getattr(self, name) is not None:
+        models.positive_int(name, getattr(self, name))
     if self.sact_mode not in SACT_MODES:
       raise ValueError(f'sact_mode must be one of {SACT_MODES}, got '
                        f'{self.sact_mode!r}.')
