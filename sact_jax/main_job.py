@@ -53,6 +53,17 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     raise validation.ConfigError(f'Cannot read {path}: {e}') from None
 
 
+def _flatten(fields: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+  """Nested config fields as one dict keyed by dotted paths."""
+  flat = {}
+  for key, value in fields.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[prefix + key] = value
+  return flat
+
+
 def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Refuses to resume a run under a config that would make its record lie.
 
@@ -68,8 +79,10 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   step = checkpoint.latest_run_step(workdir)
   if step is None or not os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
     return
-  saved = read_config(workdir).to_dict()
-  current = json.loads(config.to_json_best_effort())
+  # Dotted paths ('detector.crop_size'); a field only one side has (added
+  # to the schema since) is no change.
+  saved = _flatten(read_config(workdir).to_dict())
+  current = _flatten(json.loads(config.to_json_best_effort()))
   changed = [f'{key} {saved[key]!r} -> {current[key]!r}'
              for key in sorted(saved.keys() & current.keys())
              if key not in RESUMABLE_FIELDS and saved[key] != current[key]]

@@ -1,16 +1,21 @@
 """Faster R-CNN: targets, losses, post-processing, the model's passes."""
 
+import dataclasses
 import math
+import os
 
+from absl import flags
 from absl.testing import absltest
 from absl.testing import parameterized
 import chex
 from flax import nnx
 import jax
 import jax.numpy as jnp
+from ml_collections import config_flags
 import numpy as np
 
 from sact_jax import checkpoint
+from sact_jax import configs
 from sact_jax import flops
 from sact_jax import models
 from sact_jax.detection import backbone
@@ -298,6 +303,29 @@ class FasterRCNNTest(parameterized.TestCase):
   def test_bad_settings_are_refused(self, change):
     with self.assertRaises(ValueError):
       _detector(**change)
+
+
+class ConfigFileTest(parameterized.TestCase):
+
+  @parameterized.parameters('detection.py:sact,smoke', 'detection.py:vanilla',
+                            'coco_detection.py:sact')
+  def test_every_detector_field_can_be_set_on_the_command_line(self, arg):
+    """Even those the config file leaves at DetectorConfig's defaults."""
+    path = os.path.join(os.path.dirname(configs.__file__), arg)
+    argv = ['prog', f'--config={path}', '--config.detector.rpn_nms_iou=0.6',
+            '--config.detector.loss_weights=(1.0, 1.0, 1.0, 1.0)']
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file('config', flag_values=flag_values,
+                                    sys_argv=argv)
+    flag_values(argv)
+    config = flag_values.config
+    fields = {f.name for f in dataclasses.fields(faster_rcnn.DetectorConfig)}
+    self.assertEqual(set(config.detector) | {'backbone', 'num_classes', 'tau',
+                                             'tau_warmup_steps'}, fields)
+    detector = faster_rcnn.DetectorConfig.from_config(config)
+    self.assertEqual(detector.rpn_nms_iou, 0.6)
+    self.assertEqual(detector.loss_weights, (1.0,) * 4)
+    self.assertEqual(detector.tau, config.tau)
 
 
 class InitFromClassifierTest(parameterized.TestCase):

@@ -449,6 +449,22 @@ class ConfigTest(parameterized.TestCase):
       module.get_config(arg)
 
 
+  def test_resuming_compares_nested_fields(self):
+    """A detector field counts; a field the old record lacks does not."""
+    workdir = train_helpers.tempdir(self)
+    config = default.get_config('smoke')
+    config.detector = {'crop_size': 8, 'rpn_nms_iou': 0.7}
+    record = json.loads(config.to_json_best_effort())
+    del record['detector']['rpn_nms_iou']  # Written before it existed.
+    evaluate.save_json(record, os.path.join(workdir, main_job.CONFIG_FILE))
+    with mock.patch.object(checkpoint, 'latest_run_step', return_value=1):
+      main_job.check_resumable(config, workdir)
+      config.detector.crop_size = 14
+      with self.assertRaisesRegex(validation.ConfigError,
+                                  r'\(detector\.crop_size 8 -> 14, says'):
+        main_job.check_resumable(config, workdir)
+
+
 class BadInputTest(parameterized.TestCase):
 
   @parameterized.named_parameters(

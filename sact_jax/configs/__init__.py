@@ -17,6 +17,7 @@ from typing import Iterable
 import ml_collections
 
 from sact_jax import blocks as blocks_lib
+from sact_jax.detection import faster_rcnn
 
 MODEL_TYPES = blocks_lib.MODEL_TYPES
 
@@ -187,11 +188,11 @@ def detection_config() -> ml_collections.ConfigDict:
   config.max_boxes = ml_collections.config_dict.placeholder(int)
   # Object classes of the dataset (no background).
   config.num_detection_classes = 6
-  # Faster R-CNN settings: any field of
-  # sact_jax.detection.faster_rcnn.DetectorConfig (the rest keep its
-  # defaults, the TF Object Detection API's). The command line overrides
-  # only the fields a config file sets here (ml_collections adds none).
-  config.detector = ml_collections.ConfigDict()
+  # Faster R-CNN settings: the fields of
+  # sact_jax.detection.faster_rcnn.DetectorConfig, at its defaults (the TF
+  # Object Detection API's) unless a config file changes them.
+  config.detector = ml_collections.ConfigDict(
+      faster_rcnn.DetectorConfig.config_defaults())
   # A classification model checkpoint (sact_jax.checkpoint.save_model) or
   # training workdir whose backbone weights start the detector (halting
   # heads too when it has them); None: random initialisation.

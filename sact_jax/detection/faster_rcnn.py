@@ -46,6 +46,11 @@ from sact_jax.layers import LayerFactory
 _STEM_STRIDE = 4
 
 
+# DetectorConfig fields that a training config sets at its top level.
+_TOP_LEVEL_FIELDS = frozenset(
+    {'backbone', 'num_classes', 'tau', 'tau_warmup_steps'})
+
+
 @dataclasses.dataclass(frozen=True)
 class DetectorConfig:
   """The static settings of a detector (hashable: jit's static argument).
@@ -154,11 +159,22 @@ class DetectorConfig:
           f'tau_warmup_steps must be >= 0, got {self.tau_warmup_steps}.')
 
   @classmethod
+  def config_defaults(cls) -> dict[str, Any]:
+    """The defaults of the fields a training config's `detector` holds.
+
+    Every field but those the config states at its top level (the backbone,
+    `num_detection_classes`, `tau` and `tau_warmup_steps`), so that each can
+    be overridden on the command line (`--config.detector.rpn_nms_iou=0.6`).
+    """
+    return {f.name: f.default for f in dataclasses.fields(cls)
+            if f.name not in _TOP_LEVEL_FIELDS}
+
+  @classmethod
   def from_config(cls, config: ml_collections.ConfigDict
                   ) -> 'DetectorConfig':
     """The detector of a detection training config (`configs/detection.py`)."""
     spec = models.ModelSpec.from_config(config)
-    fields = {f.name for f in dataclasses.fields(cls)} - {'backbone'}
+    fields = {f.name for f in dataclasses.fields(cls)} - _TOP_LEVEL_FIELDS
     kwargs = {k: config.detector[k] for k in fields if k in config.detector}
     for k, v in kwargs.items():
       if isinstance(v, (list, tuple)):
