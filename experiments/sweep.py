@@ -8,7 +8,9 @@ r"""Trains a FLOPs-accuracy sweep, then draws its trade-off: sact_jax.sweep.
 One run per model type and tau (`sact_tau0.02`, ...) and per vanilla depth
 (`vanilla_units2-2-2`, ...), each in its own workdir under --workdir, one
 after another. Start the same command again at any time: finished runs are
-skipped, an interrupted one resumes from its last checkpoint. At the end the
+skipped, an interrupted one resumes from its last checkpoint (with a larger
+--config.num_train_steps, finished runs train on; other changed settings
+are refused: use another --workdir). At the end the
 trade-off of every finished run under --workdir is written there
 (tradeoff.png, tradeoff.md, tradeoff.json; see experiments/collect_sweep.py
 for workdirs trained elsewhere).

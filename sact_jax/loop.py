@@ -207,7 +207,7 @@ def run_loop(config: ml_collections.ConfigDict, workdir: str, trainer: Any,
                  spec.describe(), flops_lib.param_count(trainer.model(state)),
                  time.time() - start)
 
-    writer = metric_writer.MetricWriter(workdir)
+    writer = metric_writer.MetricWriter(workdir, start_step=step)
     watcher = PreemptionWatcher()
     total = config.num_train_steps
     pending: list[Metrics] = []
@@ -266,14 +266,19 @@ def run_loop(config: ml_collections.ConfigDict, workdir: str, trainer: Any,
       if first or step % config.log_every_steps == 0 or save_now:
         flush()
       first = False
-      if save_now:
-        _save(manager, state, iterator, spec, config)
-        last_saved = step
+      # Evaluate before saving: a process that dies in between resumes
+      # from the previous checkpoint and evaluates this step again, not
+      # after it (its records of the steps after that checkpoint dropped).
       if eval_every and step % eval_every == 0:
         eval_metrics = evaluate_now(state, writer, step)
+      if save_now:
+        writer.flush()
+        _save(manager, state, iterator, spec, config)
+        last_saved = step
     if preempted or (last_saved != step and step > 0):
       flush()
       if last_saved != step:
+        writer.flush()
         _save(manager, state, iterator, spec, config)
         last_saved = step
     if preempted:

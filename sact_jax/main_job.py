@@ -20,16 +20,20 @@ from sact_jax import visualize
 from sact_jax.configs import validation
 
 PONDER_MAPS_DIR = 'ponder_maps'
-# Written last: its presence says the run is finished (sact_jax.sweep).
+# Written last: its presence says the run is finished (`is_finished`).
 EVAL_FILE = 'eval.json'
 # The run's config as JSON, written first: what `sact_jax.tradeoff` reads
 # next to `eval.json` (tau is not part of the model eval.json describes).
 CONFIG_FILE = 'config.json'
 # Config fields a resumed run may change: where data comes from, how often
 # it logs, checkpoints and evaluates, what it draws, runtime options that
-# leave the weights' meaning alone, and how long it trains.
+# leave the weights' meaning alone, and how long it trains (a schedule
+# that decays over `num_train_steps` is then stretched from the resumed
+# step on: the run matches no run trained to either length from scratch).
+# Not `data_workers`: the saved data position fits only a pipeline with as
+# many workers.
 RESUMABLE_FIELDS = frozenset({
-    'data_dir', 'data_workers', 'eval_batch_size', 'log_every_steps',
+    'data_dir', 'eval_batch_size', 'log_every_steps',
     'checkpoint_every_steps', 'keep_checkpoints', 'eval_every_steps',
     'num_eval_examples', 'num_ponder_maps', 'num_eval_ponder_maps',
     'num_detection_pictures', 'remat', 'unroll', 'num_train_steps'})
@@ -71,7 +75,7 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   resumed with another tau, schedule or dataset would overwrite it while
   the weights keep the old training (and `sact_jax.tradeoff` would label
   them with the new tau). Fields in `RESUMABLE_FIELDS` may change, and
-  `num_train_steps` only upwards of the latest checkpoint.
+  `num_train_steps` not below the latest checkpoint's step.
 
   Raises:
     validation.ConfigError: one line naming the changed fields.
@@ -98,6 +102,35 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
         'another --workdir.')
 
 
+def is_finished(config: ml_collections.ConfigDict, workdir: str) -> bool:
+  """Whether `workdir` holds the evaluated end of `config`'s training.
+
+  Its `eval.json`, unless its latest checkpoint is before
+  `config.num_train_steps` (a run to extend). A finished run whose
+  checkpoints were deleted to save space stays finished.
+  """
+  if not os.path.exists(os.path.join(workdir, EVAL_FILE)):
+    return False
+  step = checkpoint.latest_run_step(workdir)
+  return step is None or step >= config.num_train_steps
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Records `config` as the run's (`config.json`) before training.
+
+  A finished run extended by a larger `num_train_steps` is no longer
+  finished: its `eval.json` goes too, so that a preempted extension leaves
+  no workdir that looks finished with the shorter run's numbers.
+  """
+  if jax.process_index() != 0:
+    return
+  eval_path = os.path.join(workdir, EVAL_FILE)
+  if os.path.exists(eval_path) and not is_finished(config, workdir):
+    os.remove(eval_path)
+  evaluate.save_json(json.loads(config.to_json_best_effort()),
+                     os.path.join(workdir, CONFIG_FILE))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any] | None:
   """Trains, evaluates and draws ponder maps (SACT) into `workdir`.
@@ -113,9 +146,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     training was preempted.
   """
   check_resumable(config, workdir)
-  if jax.process_index() == 0:
-    evaluate.save_json(json.loads(config.to_json_best_effort()),
-                       os.path.join(workdir, CONFIG_FILE))
+  write_config(config, workdir)
   result = train_lib.train(config, workdir)
   if result.preempted:
     return None

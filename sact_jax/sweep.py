@@ -6,12 +6,16 @@ weights tau (ACT and SACT curves) next to plain ResNets of several depths
 named for what it varies; `run_sweep` trains them one after another, each
 in its own workdir under a root, and can be started again at any time:
 
-* a finished run is skipped: its workdir has `eval.json`, which
-  `main_job.train_and_evaluate` writes last;
+* a finished run is skipped (`main_job.is_finished`: its workdir has
+  `eval.json`, which `main_job.train_and_evaluate` writes last); one whose
+  `num_train_steps` was raised since trains on from its last checkpoint;
 * an interrupted run resumes from its latest checkpoint (what training does
   with any workdir that has one);
 * every run's config is validated before the first one starts, so a bad
-  value stops the sweep before any work, not hours into it.
+  value stops the sweep before any work, not hours into it; so is a config
+  that differs from an existing run's in more than
+  `main_job.RESUMABLE_FIELDS` (finished runs included: the sweep's table
+  would mix runs of other settings under one label).
 
 `sact_jax.tradeoff` reads the results (of this sweep or of workdirs trained
 one per job elsewhere) into a table and a figure.
@@ -138,11 +142,6 @@ def plan(base_config: ml_collections.ConfigDict, *, taus: Sequence[float],
   return runs
 
 
-def is_finished(workdir: str) -> bool:
-  """Whether a run's workdir holds its final evaluation."""
-  return os.path.exists(os.path.join(workdir, main_job.EVAL_FILE))
-
-
 def validate(runs: Sequence[Run], root: str) -> None:
   """Checks every run's config (and existing workdir) before any work.
 
@@ -155,8 +154,7 @@ def validate(runs: Sequence[Run], root: str) -> None:
     workdir = os.path.join(root, r.name)
     try:
       validation.validate_config(r.config, workdir)
-      if not is_finished(workdir):
-        main_job.check_resumable(r.config, workdir)
+      main_job.check_resumable(r.config, workdir)
     except validation.ConfigError as e:
       raise validation.ConfigError(f'Run {r.name}: {e}') from None
 
@@ -184,7 +182,7 @@ def run_sweep(runs: Sequence[Run], root: str, *,
   for index, r in enumerate(runs):
     workdir = os.path.join(root, r.name)
     prefix = f'run {index + 1}/{len(runs)} {r.name}'
-    if is_finished(workdir):
+    if main_job.is_finished(r.config, workdir):
       logging.info('%s: finished before, skipped', prefix)
       records.append(dict(name=r.name, workdir=workdir, status='skipped',
                           seconds=0.0))

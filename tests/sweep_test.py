@@ -5,10 +5,12 @@ import os
 import subprocess
 import sys
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
 
+from sact_jax import checkpoint
 from sact_jax import main_job
 from sact_jax import sweep
 from sact_jax import tradeoff
@@ -124,6 +126,36 @@ class RunSweepTest(absltest.TestCase):
     with open(os.path.join(self.root, 'sact_tau0.02',
                            main_job.EVAL_FILE)) as f:
       self.assertEqual(json.load(f)['tau'], 0.02)
+
+
+  def test_finished_runs_are_extended_or_refused_under_new_settings(self):
+    """More steps: trained on. Another learning rate: refused, any run."""
+    workdir = os.path.join(self.root, 'sact_tau0.01')
+    os.makedirs(workdir)
+    for name, record in ((main_job.EVAL_FILE, {}),
+                         (main_job.CONFIG_FILE, json.loads(
+                             self.runs[0].config.to_json_best_effort()))):
+      with open(os.path.join(workdir, name), 'w') as f:
+        json.dump(record, f)
+    steps = self.runs[0].config.num_train_steps
+    with mock.patch.object(checkpoint, 'latest_run_step',
+                           return_value=steps):
+      sweep.validate(self.runs, self.root)
+      self.assertTrue(main_job.is_finished(self.runs[0].config, workdir))
+      longer = default.get_config('smoke')
+      longer.num_train_steps = steps + 10
+      runs = sweep.plan(longer, taus=[0.01], vanilla_units=[])
+      sweep.validate(runs, self.root)
+      records = sweep.run_sweep(runs, self.root, train_fn=self.fake_train())
+      self.assertEqual(records[0]['status'], 'done')
+      self.assertEqual(self.calls, ['sact_tau0.01'])
+      other = default.get_config('smoke')
+      other.learning_rate = 0.3
+      with self.assertRaisesRegex(
+          validation.ConfigError, r'^Run sact_tau0.01: .* other settings '
+          r'\(learning_rate [\d.]+ -> 0.3'):
+        sweep.validate(sweep.plan(other, taus=[0.01], vanilla_units=[]),
+                       self.root)
 
 
 class LauncherTest(absltest.TestCase):

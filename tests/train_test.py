@@ -29,6 +29,7 @@ from tensorboardX.proto import event_pb2
 
 from sact_jax import checkpoint
 from sact_jax import evaluate
+from sact_jax import loop
 from sact_jax import losses
 from sact_jax import main_job
 from sact_jax import optimizers
@@ -198,6 +199,18 @@ class TrainStepTest(absltest.TestCase):
             self.trainer.model(state), checkpoint.HALTING_HEADS))
         if p[-1] == 'kernel' and not np.allclose(v[...], heads_before[p])]
     self.assertNotEmpty(changed)
+
+
+class _Killed(Exception):
+  """A process dying at a chosen point."""
+
+
+def _metric_rows(workdir: str) -> list[tuple[int, str]]:
+  """(step, 'train' or 'eval') of every row of the run's metrics.jsonl."""
+  with open(os.path.join(workdir, train.METRICS_FILE)) as f:
+    records = [json.loads(line) for line in f]
+  return [(r['step'], 'eval' if 'eval/top1_accuracy' in r else 'train')
+          for r in records]
 
 
 def _tensorboard_events(workdir: str) -> list[event_pb2.Event]:
@@ -383,6 +396,33 @@ class TrainLoopTest(absltest.TestCase):
     _assert_flat_equal(self, split, full)
     self.assertEqual(split_position, full_position)
 
+  def test_a_run_killed_at_a_checkpoint_records_every_step_once(self):
+    """Killed while saving step 4: resumed from step 2, each row once."""
+    workdir = train_helpers.tempdir(self)
+    config = _config(num_train_steps=4, checkpoint_every_steps=2,
+                     eval_every_steps=2)
+    real_save = loop._save  # pylint: disable=protected-access
+
+    def save_unless_step_4(manager, state, *args):
+      if int(parallel.fetch(state.step)) == 4:
+        raise _Killed()
+      return real_save(manager, state, *args)
+
+    with mock.patch.object(loop, '_save', save_unless_step_4):
+      with self.assertRaises(_Killed):
+        train.train(config, workdir)
+    rows = _metric_rows(workdir)
+    # The evaluation of step 4 came before its checkpoint.
+    self.assertEqual(rows, [(1, 'train'), (2, 'train'), (2, 'eval'),
+                            (3, 'train'), (4, 'train'), (4, 'eval')])
+    with open(os.path.join(workdir, train.METRICS_FILE), 'a') as f:
+      f.write('{"step": 4, "lo')  # The line a killed process cut short.
+    train.train(config, workdir)
+    self.assertEqual(_metric_rows(workdir), rows)
+    # TensorBoard discards the first process's events after step 2.
+    self.assertIn(3, [e.step for e in _tensorboard_events(workdir)
+                      if e.session_log.status == e.session_log.START])
+
   def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(self):
     """A diverging run stops with the message; step 4's checkpoint stays."""
     workdir = train_helpers.tempdir(self)
@@ -463,6 +503,23 @@ class ConfigTest(parameterized.TestCase):
       with self.assertRaisesRegex(validation.ConfigError,
                                   r'\(detector\.crop_size 8 -> 14, says'):
         main_job.check_resumable(config, workdir)
+
+
+  def test_an_extended_run_is_no_longer_finished(self):
+    workdir = train_helpers.tempdir(self)
+    eval_path = os.path.join(workdir, main_job.EVAL_FILE)
+    evaluate.save_json({'top1_accuracy': 0.5}, eval_path)
+    config = default.get_config('smoke')
+    with mock.patch.object(checkpoint, 'latest_run_step',
+                           return_value=config.num_train_steps):
+      main_job.write_config(config, workdir)
+      self.assertTrue(main_job.is_finished(config, workdir))
+      config.num_train_steps += 1
+      self.assertFalse(main_job.is_finished(config, workdir))
+      main_job.write_config(config, workdir)
+    self.assertFalse(os.path.exists(eval_path))
+    self.assertEqual(main_job.read_config(workdir).num_train_steps,
+                     config.num_train_steps)
 
 
 class BadInputTest(parameterized.TestCase):

@@ -7,7 +7,6 @@ is finished) and `detections.png` (detections beside the extractor's
 ponder maps, the paper's first figure).
 """
 
-import json
 import os
 from typing import Any
 
@@ -63,10 +62,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   """
   check_inputs(config, workdir)
   workdirs.ensure_writable_dir(workdir)
-  if jax.process_index() == 0:
-    classification_eval.save_json(
-        json.loads(config.to_json_best_effort()),
-        os.path.join(workdir, classification_job.CONFIG_FILE))
+  classification_job.write_config(config, workdir)
   result = train_lib.train(config, workdir)
   if result.preempted:
     return None
