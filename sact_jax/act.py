@@ -37,7 +37,8 @@ def _threshold(eps: float, dtype) -> jax.Array:
 
 
 def _check_eps(eps):
-  """Refuses a threshold 1 - eps outside (0, 1) (a traced eps is trusted)."""
+  """Refuses a threshold 1 - eps outside (0, 1) (an array eps, which may be
+  traced, is trusted)."""
   if isinstance(eps, (int, float)) and not 0.0 < eps < 1.0:
     raise ValueError(f'eps must lie in (0, 1), got {eps}.')
 
@@ -135,8 +136,13 @@ def step(state: HaltingState, halting: jax.Array, x: jax.Array,
   _check_leading('halting', jnp.shape(halting), state.cumulative.shape)
   _check_leading('x', jnp.shape(x), state.cumulative.shape)
   num_units = state.num_units + (state.running > 0).astype(jnp.int32)
-  floats = _step(_Floats(state.cumulative, state.remainder, state.output,
-                         state.ponder_cost, state.running), halting, x, eps)
+  floats = _Floats(state.cumulative, state.remainder, state.output,
+                   state.ponder_cost, state.running)
+  if isinstance(eps, (int, float)):
+    floats = _step(floats, halting, x, eps)
+  else:  # An array, e.g. traced by jit: an input without a gradient.
+    floats = _step_array_eps(floats, halting, x,
+                             jnp.asarray(eps, state.cumulative.dtype))
   return HaltingState(
       cumulative=floats.cumulative, remainder=floats.remainder,
       output=floats.output, ponder_cost=floats.ponder_cost,
@@ -228,6 +234,26 @@ def _step_bwd(eps, residuals, g):
 
 
 _step.defvjp(_step_fwd, _step_bwd)
+
+
+@jax.custom_vjp
+def _step_array_eps(state, halting, x, eps):
+  """`_step` for an array `eps` (custom_vjp's static arguments are hashable
+  Python values); the threshold is piecewise constant in it: no gradient."""
+  return _step_values(state, halting, x, eps)
+
+
+def _step_array_eps_fwd(state, halting, x, eps):
+  out, residuals = _step_fwd(state, halting, x, eps)
+  return out, (residuals, eps)
+
+
+def _step_array_eps_bwd(residuals, g):
+  residuals, eps = residuals
+  return (*_step_bwd(eps, residuals, g), jnp.zeros_like(eps))
+
+
+_step_array_eps.defvjp(_step_array_eps_fwd, _step_array_eps_bwd)
 
 
 def finish(state: HaltingState, x_last: jax.Array,

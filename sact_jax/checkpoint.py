@@ -131,7 +131,20 @@ def _describe_mismatch(expected: Mapping[str, tuple[int, ...]],
 # ---------------------------------------------------------------------------
 
 
-def _read_spec_file(directory: pathlib.Path) -> tuple[ModelSpec, dict]:
+def _custom_classes(model: nnx.Module) -> list[str]:
+  """The model's module classes from outside sact_jax and flax.
+
+  A model built with `head_cls=`/`unit_cls=` (or a subclass) holds the same
+  variables as the reference one: only the classes tell them apart.
+  """
+  names = {f'{type(m).__module__}.{type(m).__qualname__}'
+           for _, m in nnx.iter_modules(model)}
+  return sorted(n for n in names
+                if not n.startswith(('sact_jax.', 'flax.')))
+
+
+def _read_spec_file(directory: pathlib.Path
+                    ) -> tuple[ModelSpec, dict, list[str]]:
   spec_path = directory / SPEC_FILE
   if not spec_path.is_file():
     raise CheckpointError(
@@ -152,7 +165,8 @@ def _read_spec_file(directory: pathlib.Path) -> tuple[ModelSpec, dict]:
     spec = ModelSpec.from_dict(content['spec'])
   except (KeyError, TypeError, ValueError) as e:
     raise CheckpointError(f'Invalid model spec in {spec_path}: {e}') from None
-  return spec, content.get('metadata', {})
+  return (spec, content.get('metadata', {}),
+          list(content.get('custom_classes', [])))
 
 
 def is_model_checkpoint(directory: str | os.PathLike) -> bool:
@@ -239,6 +253,9 @@ def save_model(directory: str | os.PathLike, model: nnx.Module,
   _check_model_matches_spec(model, spec)
   content = {'format': _FORMAT, 'version': _FORMAT_VERSION,
              'spec': spec.to_dict(), 'metadata': dict(metadata or {})}
+  custom = _custom_classes(model)
+  if custom:
+    content['custom_classes'] = custom
   spec_json = json.dumps(content, indent=2, sort_keys=True)  # Fails early.
 
   directory.parent.mkdir(parents=True, exist_ok=True)
@@ -334,19 +351,36 @@ def restore_model(directory: str | os.PathLike,
   Args:
     directory: a directory written by `save_model`.
     **model_kwargs: runtime options for `create_model` (`remat`, `unroll`,
-      `fast_conv_backward`).
+      `fast_conv_backward`), and the same `head_cls`/`unit_cls` as the
+      saved model's when it had its own (the checkpoint names them).
 
   Returns:
     `(model, spec)`.
 
   Raises:
     FileNotFoundError: `directory` does not exist.
-    CheckpointError: not a sact_jax model checkpoint, or its state does not
-      fit the architecture in its spec.
+    CheckpointError: not a sact_jax model checkpoint (e.g. a training
+      workdir: `restore_latest_model`), its state does not fit the
+      architecture in its spec, or the model was saved with other classes.
   """
   directory = pathlib.Path(directory).absolute()
-  spec = read_spec(directory)
+  if not directory.is_dir():
+    raise FileNotFoundError(f'No model checkpoint at {directory}: no such '
+                            'directory.')
+  if (directory / RUN_DIR).is_dir() and not (directory / SPEC_FILE).exists():
+    raise CheckpointError(
+        f'{directory} is a training workdir, not a model checkpoint: '
+        'restore its latest checkpoint with restore_latest_model.')
+  spec, _, saved_classes = _read_spec_file(directory)
   model = _restore_state(directory, spec, **model_kwargs)
+  built = _custom_classes(model)
+  if built != saved_classes:
+    describe = lambda names: ', '.join(names) or 'sact_jax classes only'
+    raise CheckpointError(
+        f'{directory} holds a model built with {describe(saved_classes)}, '
+        f'but restore_model built one with {describe(built)}: pass the same '
+        'classes (head_cls=, unit_cls=), or load the weights into a model of '
+        'yours with restore_into.')
   model.eval()
   return model, spec
 

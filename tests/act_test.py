@@ -300,6 +300,22 @@ class StepVjpTest(parameterized.TestCase):
     self.assertGreater(float(jnp.abs(grads[1]).max()), 0.1)
     self.assertGreater(float(jnp.abs(grads[0][0]).max()), 0.1)
 
+  def test_an_array_eps_under_jit_is_the_float_eps(self):
+    """eps may be traced (a swept hyperparameter); it gets no gradient."""
+    state, halting, x, rng = self._inputs((2, 4, 5), seed=13)
+    g = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+
+    def loss(h, x, eps):
+      after = act.finish(act.step(state, h, x, eps), 2.0 * x, eps)
+      return jnp.sum(after.output * g) + jnp.sum(after.ponder_cost)
+
+    want = jax.value_and_grad(loss, argnums=(0, 1))(halting, x, 0.01)
+    got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(
+        halting, x, jnp.float32(0.01))
+    chex.assert_trees_all_close(got[0], want[0], rtol=1e-6)
+    chex.assert_trees_all_close(got[1][:2], want[1], rtol=1e-6, atol=1e-6)
+    self.assertEqual(float(got[1][2]), 0.0)
+
   def test_keeps_the_output_and_one_array(self):
     """Autodiff of the arithmetic keeps five arrays of the halting shape;
     `step` keeps one stacked `[3, ...]` array besides `x`."""

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sact_jax import checkpoint
+from sact_jax import halting
 from sact_jax import models
 
 # Small enough to build and run in well under a second once compiled.
@@ -209,6 +210,50 @@ class SaveRestoreTest(absltest.TestCase):
     spec_file.write_text('{not json')
     with self.assertRaisesRegex(checkpoint.CheckpointError, 'Cannot read'):
       checkpoint.restore_model(path)
+
+
+class _SteeperHead(halting.SactHead):
+  """A researcher's head: same variables, another halting probability."""
+
+  def probability(self, local_logits, global_logits):
+    return jax.nn.sigmoid(2.0 * (local_logits + global_logits))
+
+
+class CustomClassesTest(absltest.TestCase):
+
+  def test_a_model_of_custom_classes_is_restored_only_as_such(self):
+    root = _tempdir(self)
+    default = _random_model(SACT, seed=3)
+    custom = nnx.merge(nnx.graphdef(SACT.abstract_model(head_cls=_SteeperHead)),
+                       nnx.state(default))
+    custom.eval()
+    path = checkpoint.save_model(root / 'ckpt', custom, SACT)
+    with self.assertRaisesRegex(
+        checkpoint.CheckpointError,
+        r'built with checkpoint_test\._SteeperHead, but restore_model built '
+        'one with sact_jax classes only: pass the same classes'):
+      checkpoint.restore_model(path)
+    restored, _ = checkpoint.restore_model(path, head_cls=_SteeperHead)
+    logits, aux = _forward(restored, _images())
+    want_logits, want_aux = _forward(custom, _images())
+    np.testing.assert_array_equal(logits, want_logits)
+    np.testing.assert_array_equal(aux['ponder_loss'], want_aux['ponder_loss'])
+    # The classes matter: the default heads halt elsewhere.
+    self.assertNotEqual(float(_forward(default, _images())[1]['ponder_loss']),
+                        float(want_aux['ponder_loss']))
+    # And the other way round.
+    plain = checkpoint.save_model(root / 'plain', default, SACT)
+    with self.assertRaisesRegex(checkpoint.CheckpointError,
+                                'built with sact_jax classes only, but'):
+      checkpoint.restore_model(plain, head_cls=_SteeperHead)
+
+  def test_a_training_workdir_is_named_as_such(self):
+    workdir = _tempdir(self)
+    (workdir / checkpoint.RUN_DIR).mkdir()
+    with self.assertRaisesRegex(checkpoint.CheckpointError,
+                                'is a training workdir, not a model '
+                                'checkpoint: .* restore_latest_model'):
+      checkpoint.restore_model(workdir)
 
 
 class RestoreIntoTest(absltest.TestCase):

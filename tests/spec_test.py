@@ -82,7 +82,7 @@ class ModelSpecTest(parameterized.TestCase):
     self.assertEqual(model.logits.kernel.shape, (8, 5))
 
 
-class FromModelTest(absltest.TestCase):
+class FromModelTest(parameterized.TestCase):
 
   def test_cifar_110_vanilla_flops_match_the_reference(self):
     """The vanilla twin of an SACT ResNet-110 costs 505,775,360 FLOPs."""
@@ -104,13 +104,15 @@ class FromModelTest(absltest.TestCase):
     with self.assertRaisesRegex(TypeError, 'Expected a CifarResNet'):
       models.ModelSpec.from_model(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
 
-  def test_family_default_width_is_explicit(self):
-    """A None base_channels reads back as the width it stands for."""
-    spec = models.ModelSpec('cifar', (1, 1, 1), 'vanilla', num_classes=3)
-    read = models.ModelSpec.from_model(spec.abstract_model())
-    self.assertEqual(read.base_channels, 16)
-    self.assertEqual(read.vanilla_flops((32, 32, 3)),
-                     spec.vanilla_flops((32, 32, 3)))
+  @parameterized.parameters(('cifar', 16), ('imagenet', 64))
+  def test_family_default_width_is_explicit(self, family, width):
+    """A None base_channels is the width it stands for: equal specs."""
+    spec = models.ModelSpec(family, (1, 1, 1), 'vanilla', num_classes=3)
+    self.assertEqual(spec.base_channels, width)
+    self.assertEqual(models.ModelSpec.from_model(spec.abstract_model()), spec)
+    self.assertEqual(
+        spec, models.ModelSpec(family, (1, 1, 1), 'vanilla', num_classes=3,
+                               base_channels=width))
 
 
 if __name__ == '__main__':

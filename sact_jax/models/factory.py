@@ -1,6 +1,7 @@
 """`create_model`: one entry point for every family, depth and model type."""
 
 import collections.abc
+import inspect
 import numbers
 from typing import Sequence
 
@@ -93,6 +94,12 @@ def depth_or_units(units: int | Sequence[int]) -> int | tuple[int, ...]:
     raise ValueError(f'units must be integers, got {units!r}.')
   values = tuple(int(v) for v in values)
   return values[0] if len(values) == 1 else values
+
+
+def default_base_channels(family: str) -> int:
+  """The family's `base_channels` when none is given (its model's default)."""
+  cls = cifar.CifarResNet if family == 'cifar' else imagenet.ImageNetResNet
+  return inspect.signature(cls.__init__).parameters['base_channels'].default
 
 
 def create_model(family: str, units: int | Sequence[int], model_type: str, *,

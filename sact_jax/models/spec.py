@@ -33,7 +33,9 @@ class ModelSpec:
       construction.
     model_type: 'vanilla', 'act' or 'sact'.
     num_classes: size of the logits.
-    base_channels: None for the family default.
+    base_channels: the width of the first block (CIFAR) or of its
+      bottleneck (ImageNet); None becomes the family default (16 / 64), so
+      that specs of the same weights are equal.
     eps: halting threshold is `1 - eps`.
   """
   family: str
@@ -52,9 +54,9 @@ class ModelSpec:
                        f'got {self.model_type!r}.')
     object.__setattr__(self, 'num_classes', factory.positive_int(
         'num_classes', self.num_classes))
-    if self.base_channels is not None:
-      object.__setattr__(self, 'base_channels', factory.positive_int(
-          'base_channels', self.base_channels))
+    object.__setattr__(self, 'base_channels', factory.positive_int(
+        'base_channels', factory.default_base_channels(self.family)
+        if self.base_channels is None else self.base_channels))
     if not 0.0 < float(self.eps) < 1.0:
       raise ValueError(f'eps must lie in (0, 1), got {self.eps}.')
     object.__setattr__(self, 'eps', float(self.eps))
@@ -92,8 +94,6 @@ class ModelSpec:
 
     Read from the model itself, so that what is reported about a restored
     model never depends on a config that might disagree with it.
-    `base_channels` is the actual width (never None), so the spec of a model
-    built with the family default differs from one that leaves it None.
 
     Raises:
       TypeError: `model` is not a `CifarResNet` or `ImageNetResNet`.
