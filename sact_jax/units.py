@@ -255,6 +255,11 @@ class CifarUnit(ResidualUnit):
     return (self.dilated_cost + self.active_cost) * out_hw
 
 
+# The methods whose arithmetic `BottleneckUnit.row_matrices` restates.
+_BOTTLENECK_STEPS = ('activation', 'preactivation', 'post_conv1',
+                     'post_conv2', '_conv3_input', 'row_matrices')
+
+
 class BottleneckUnit(ResidualUnit):
   """Pre-activation ResNet-v2 bottleneck (imagenet_model.py).
 
@@ -286,7 +291,13 @@ class BottleneckUnit(ResidualUnit):
   def preactivation(self, x_XxC: jax.Array) -> jax.Array:
     return self.activation(self.preact(x_XxC))
 
-  row_stages = True
+  @property
+  def row_stages(self) -> bool:
+    """`row_matrices` and row_stages.cc hold this class's math (ReLUs, BN
+    affines), not that of a subclass that changes a step."""
+    cls = type(self)
+    return all(getattr(cls, name) is getattr(BottleneckUnit, name)
+               for name in _BOTTLENECK_STEPS)
 
   def row_matrices(self) -> 'RowMatrices':
     s0, t0 = layers.batch_norm_affine(self.preact)

@@ -1210,6 +1210,40 @@ class VariantTest(parameterized.TestCase):
                                                                **opts)))
 
 
+class _SoftplusBottleneck(units_lib.BottleneckUnit):
+  """The bottleneck with softplus for its ReLUs: not row_stages.cc's math."""
+
+  def activation(self, x):
+    return jax.nn.softplus(x) - 0.5
+
+
+@functools.cache
+def _variant_imagenet():
+  """An ImageNet SACT model of `_SoftplusBottleneck`s, half halting, on a
+  map of 33x33 = 1089 positions in block 1: enough to run fused stages."""
+  model = tu.build('imagenet', (3, 4), 'sact', unit_cls=_SoftplusBottleneck,
+                   seed=2, base_channels=8)
+  _tame(model)
+  images = tu.images((1, 130, 130, 3), seed=4)
+  _set_biases(model, _tune_biases(model, images, 0.5))
+  return model, images
+
+
+class VariantBottleneckTest(absltest.TestCase):
+
+  def test_variant_bottleneck_matches_dense(self):
+    model, images = _variant_imagenet()
+    reference = _model('imagenet')[0]
+    self.assertTrue(stages.fusable(reference.blocks[0].first))
+    self.assertFalse(stages.fusable(model.blocks[0].first))
+    self.assertGreaterEqual(33 * 33, stages.FUSED_MIN_ROWS)
+    dense = tu.forward(model, images)
+    for fraction in _early_fractions(dense[1], model):
+      self.assertBetween(fraction, 0.3, 0.7)
+    opts = {'sact_mode': 'rows', 'compiler_options': _FAST, 'buckets': 2}
+    _assert_same(self, dense, sparse.apply(model, images, **opts))
+
+
 class DeviceRowsTest(parameterized.TestCase):
   """`rows_loop='device'`: each block one program, units at rows or dense."""
 

@@ -116,8 +116,8 @@ def create_model(family: str, units: int | Sequence[int], model_type: str, *,
     base_channels: width of the first block (CIFAR default 16) or its
       bottleneck (ImageNet default 64).
     rngs: initialisation randomness.
-    **kwargs: `eps`, `remat`, `unroll`, `fast_conv_backward`; CIFAR also
-      `unit_cls`, `head_cls` (`CifarResNet`).
+    **kwargs: `eps`, `remat`, `unroll`, `fast_conv_backward`, `unit_cls`,
+      `head_cls` (`CifarResNet`, `ImageNetResNet`).
 
   Returns:
     The model, called as `logits, aux = model(images_BxHxWx3)`.

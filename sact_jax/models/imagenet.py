@@ -30,7 +30,12 @@ STEM_CHANNELS = 64
 
 
 class ImageNetResNet(base.AdaptiveResNet):
-  """ImageNet ResNet-v2 in 'vanilla', 'act' or 'sact' form."""
+  """ImageNet ResNet-v2 in 'vanilla', 'act' or 'sact' form.
+
+  `unit_cls` and `head_cls` build variants with other units or halting heads
+  (subclasses of `BottleneckUnit` and of `SactHead` / `ActHead`, same
+  constructor); None for the head picks the model type's reference head.
+  """
 
   def __init__(self, units: Sequence[int], model_type: str, *,
                num_classes: int = 1001, base_channels: int = 64,
@@ -38,6 +43,9 @@ class ImageNetResNet(base.AdaptiveResNet):
                remat: bool | str | None = None,
                unroll: bool = False,
                fast_conv_backward: bool | None = None,
+               unit_cls: type[units_lib.BottleneckUnit] = (
+                   units_lib.BottleneckUnit),
+               head_cls: type[nnx.Module] | None = None,
                rngs: nnx.Rngs):
     self.model_type = model_type
     self.units = tuple(units)
@@ -46,16 +54,18 @@ class ImageNetResNet(base.AdaptiveResNet):
     self.stem_conv = factory.conv(3, STEM_CHANNELS, 7, stride=2,
                                   padding=layers.same_padding(7),
                                   use_bias=True, rngs=rngs)
-    head_cls = halting.SactHead if model_type == 'sact' else halting.ActHead
+    if head_cls is None:
+      head_cls = (halting.SactHead if model_type == 'sact'
+                  else halting.ActHead)
     blocks = []
     cin = STEM_CHANNELS
     for i, n in enumerate(self.units):
       depth, bottleneck = 4 * base_channels * 2**i, base_channels * 2**i
       make_first = functools.partial(
-          units_lib.BottleneckUnit, cin, depth, bottleneck,
+          unit_cls, cin, depth, bottleneck,
           stride=1 if i == 0 else 2, factory=factory)
-      make_unit = functools.partial(units_lib.BottleneckUnit, depth, depth,
-                                    bottleneck, factory=factory)
+      make_unit = functools.partial(unit_cls, depth, depth, bottleneck,
+                                    factory=factory)
       make_head = functools.partial(head_cls, depth, factory=factory,
                                     activation=layers.identity)
       blocks.append(blocks_lib.Block(
