@@ -33,8 +33,8 @@ dataset by total ponder cost and draws the `--per_group` cheapest, median
 and dearest ones into `ponder_maps_by_cost.png`, as the SACT paper's
 ImageNet figure.
 
-Bad input (flags, a missing checkpoint, an output directory that cannot be
-written, an `--images` pattern that matches no file or only non-images)
+Bad input (flags, a missing checkpoint, a vanilla model, an output directory
+that cannot be written, an `--images` pattern that matches no file or only non-images)
 ends with one `error:` line and exit status 2 (see
 experiments/_cli.py).
 """
@@ -113,6 +113,9 @@ def main(argv):
   except (ValueError, FileNotFoundError) as e:
     # Bad workdir or checkpoint (WorkdirError is a ValueError).
     _cli.fail(_cli.one_line(e))
+  if model.model_type == 'vanilla':
+    _cli.fail('A vanilla model has no ponder maps to draw; give an ACT or '
+              'SACT model.')
   images = {}
   if paths:
     family = models.ModelSpec.from_model(model).family

@@ -227,6 +227,14 @@ def save_npz(results: Sequence[PonderResult], path: str) -> str:
   return path
 
 
+def _shorten(name: str, limit: int = 24) -> str:
+  """`name`, cut in the middle to `limit` characters (a panel's width)."""
+  if len(name) <= limit:
+    return name
+  keep = limit - 3
+  return f'{name[:(keep + 1) // 2]}...{name[len(name) - keep // 2:]}'
+
+
 def _title(result: PonderResult, class_names: Sequence[str] | None,
            label_offset: int, head: str, show_size: bool = True) -> str:
   """Short enough (about 32 characters a line) for a panel's width."""
@@ -254,14 +262,16 @@ def ponder_figures(results: Sequence[PonderResult], *,
   """
   if titles is None:
     titles = [_title(r, class_names, label_offset,
-                     f'{os.path.basename(r.name)}: ') for r in results]
+                     f'{_shorten(os.path.basename(r.name))}: ')
+              for r in results]
+  norms = visualize.column_norms([r.block_maps for r in results])
   figures = []
   for start in range(0, len(results), visualize.ROWS_PER_PAGE):
     page = slice(start, start + visualize.ROWS_PER_PAGE)
     figures.append(visualize.render_ponder_figure(
         [r.image for r in results[page]],
         [r.block_maps for r in results[page]], titles=titles[page],
-        overlay=overlay))
+        overlay=overlay, norms=norms))
   return figures
 
 

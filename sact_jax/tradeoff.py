@@ -199,13 +199,16 @@ def render_figure(rows: Sequence[dict[str, Any]], *,
               else f'{r["tau"]:g}' if r['tau'] is not None else '')
       ax.annotate(text, (xi, yi), textcoords='offset points',
                   xytext=(4, -11 if model_type == 'vanilla' else 5),
-                  fontsize=7, color=color)
+                  fontsize=8, color=color)
   ax.set_xlabel('FLOPs per image (millions; bars: std over test images)')
   ax.set_ylabel('test top-1 (%)')
   ax.set_title(title + '\n(labels: tau for ACT/SACT, depth for ResNet)',
                fontsize=9)
   ax.grid(True, alpha=0.3)
-  ax.legend(loc='lower right', fontsize=8)
+  # Room for the labels of the points at the edges; the legend outside the
+  # axes, where it hides no point.
+  ax.margins(0.08)
+  ax.legend(loc='upper left', bbox_to_anchor=(1.01, 1.0), fontsize=8)
   fig.tight_layout()
   return fig
 

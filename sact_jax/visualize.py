@@ -25,6 +25,10 @@ from sact_jax import evaluate
 from sact_jax import models
 
 COLORMAP = 'inferno'
+# What a colour bar measures: units run plus the remainder, rho = N + R.
+PONDER_COST_LABEL = 'ponder cost (units run + remainder)'
+# The narrowest colour scale (ponder-cost units): `shared_norm`.
+MIN_SPAN = 1.0
 # Size of one panel (inches) and resolution: a figure of R rows and C panel
 # columns is (C * PANEL_INCHES * DPI) x ((R * PANEL_INCHES + COLORBAR_INCHES)
 # * DPI) pixels (`figure_pixel_size`).
@@ -75,44 +79,34 @@ def ponder_maps(aux: Mapping[str, Any]) -> list[np.ndarray]:
 
 
 def shared_norm(values: Sequence[np.ndarray]) -> mcolors.Normalize:
-  """One colour scale for a column: the range of all its values."""
+  """One colour scale for a column: the range of all its values.
+
+  At least `MIN_SPAN` wide (centred on the values): a nearly flat map (an
+  untrained model's, or ACT's) looks nearly flat, instead of 2.966 and
+  2.971 being drawn as the colormap's two ends.
+  """
   lo = min(float(v.min()) for v in values)
   hi = max(float(v.max()) for v in values)
-  if hi - lo < 1e-6:  # A flat map still needs a non-empty range.
-    lo, hi = lo - 0.5, hi + 0.5
+  if hi - lo < MIN_SPAN:
+    middle = 0.5 * (lo + hi)
+    lo, hi = middle - 0.5 * MIN_SPAN, middle + 0.5 * MIN_SPAN
   return mcolors.Normalize(lo, hi)
 
 
-def render_ponder_figure(images: Sequence[np.ndarray],
-                         maps: Sequence[Sequence[np.ndarray]], *,
-                         titles: Sequence[str] | None = None,
-                         masks: Sequence[np.ndarray] | None = None,
-                         overlay: bool = False) -> mfigure.Figure:
-  """Draws images and their ponder-cost maps, one image per row.
+def map_columns(maps: Sequence[Sequence[np.ndarray]]
+                ) -> tuple[list[list[np.ndarray]], list[str]]:
+  """The map columns of a figure and their names.
 
   Args:
-    images: N images `[H, W, 3]` (any range; each is min-max scaled). They
-      may differ in size.
-    maps: per image, one `[h, w]` ponder map per block (any resolution; shown
-      stretched over the image).
-    titles: per image, a title for its image panel.
-    masks: per image, an `[H, W]` object mask whose outline is drawn on
-      every panel of the row.
-    overlay: draw each map translucently over its image instead of alone.
+    maps: per image, one `[h, w]` ponder map per block.
 
   Returns:
-    A matplotlib Figure of `figure_pixel_size(N, columns)` pixels, where
-    columns = 1 + blocks (+ 1 for the sum over blocks when blocks > 1).
+    `(columns, names)`: per block the maps of every image, then (with
+    several blocks) their sum on each image's finest grid.
   """
-  num_rows = len(images)
-  if num_rows == 0:
-    raise ValueError('No images to draw.')
-  if len(maps) != num_rows:
-    raise ValueError(f'Got {num_rows} images but maps for {len(maps)}.')
   num_blocks = len(maps[0])
   if any(len(m) != num_blocks for m in maps):
     raise ValueError('Every image needs the same number of ponder maps.')
-  # Columns of maps: the blocks, then their sum on the finest grid.
   columns = [[np.asarray(m[b], np.float64) for m in maps]
              for b in range(num_blocks)]
   names = [f'block {b + 1}' for b in range(num_blocks)]
@@ -124,6 +118,55 @@ def render_ponder_figure(images: Sequence[np.ndarray],
                                         finest)[0] for m in row_maps))
     columns.append(total)
     names.append('sum over blocks')
+  return columns, names
+
+
+def column_norms(maps: Sequence[Sequence[np.ndarray]]
+                 ) -> list[mcolors.Normalize]:
+  """The colour scale of each map column (`map_columns`) over all `maps`:
+  pass them to every page of a figure split over several files."""
+  return [shared_norm(column) for column in map_columns(maps)[0]]
+
+
+def render_ponder_figure(images: Sequence[np.ndarray],
+                         maps: Sequence[Sequence[np.ndarray]], *,
+                         titles: Sequence[str] | None = None,
+                         masks: Sequence[np.ndarray] | None = None,
+                         overlay: bool = False,
+                         norms: Sequence[mcolors.Normalize] | None = None,
+                         highlight: Sequence[bool] | None = None
+                         ) -> mfigure.Figure:
+  """Draws images and their ponder-cost maps, one image per row.
+
+  Args:
+    images: N images `[H, W, 3]` (any range; each is min-max scaled). They
+      may differ in size.
+    maps: per image, one `[h, w]` ponder map per block (any resolution; shown
+      stretched over the image).
+    titles: per image, a title for its image panel.
+    masks: per image, an `[H, W]` object mask whose outline is drawn on
+      every panel of the row.
+    overlay: draw each map translucently over its image instead of alone.
+    norms: the colour scale of each map column (default: `column_norms` of
+      these maps).
+    highlight: per image, whether its title is drawn in red (e.g. a wrong
+      prediction).
+
+  Returns:
+    A matplotlib Figure of `figure_pixel_size(N, columns)` pixels, where
+    columns = 1 + blocks (+ 1 for the sum over blocks when blocks > 1).
+  """
+  num_rows = len(images)
+  if num_rows == 0:
+    raise ValueError('No images to draw.')
+  if len(maps) != num_rows:
+    raise ValueError(f'Got {num_rows} images but maps for {len(maps)}.')
+  columns, names = map_columns(maps)
+  if norms is None:
+    norms = [shared_norm(column) for column in columns]
+  if len(norms) != len(columns):
+    raise ValueError(f'Got {len(norms)} colour scales for {len(columns)} map '
+                     'columns.')
   num_columns = 1 + len(columns)
 
   width, height = figure_pixel_size(num_rows, num_columns)
@@ -135,7 +178,6 @@ def render_ponder_figure(images: Sequence[np.ndarray],
       left=0.02, right=0.98, top=1 - 0.45 / (height / DPI),
       bottom=0.4 / (height / DPI),
       wspace=0.08, hspace=0.35)
-  norms = [shared_norm(column) for column in columns]
 
   for row in range(num_rows):
     image = display_image(images[row])
@@ -146,7 +188,9 @@ def render_ponder_figure(images: Sequence[np.ndarray],
     ax.imshow(image, extent=extent, interpolation='nearest')
     _outline(ax, mask, extent)
     if titles is not None:
-      ax.set_title(titles[row], fontsize=8)
+      ax.set_title(titles[row], fontsize=8,
+                   color='red' if highlight is not None and highlight[row]
+                   else 'black')
     ax.set_axis_off()
     for col, (column, norm) in enumerate(zip(columns, norms)):
       ax = fig.add_subplot(grid[row, col + 1])
@@ -174,7 +218,7 @@ def render_ponder_figure(images: Sequence[np.ndarray],
     colorbar.locator = ticker.MaxNLocator(nbins=4)
     colorbar.update_ticks()
     colorbar.ax.tick_params(labelsize=7)
-    colorbar.set_label('ponder cost', fontsize=7)
+    colorbar.set_label(PONDER_COST_LABEL, fontsize=7)
   return fig
 
 
@@ -261,22 +305,25 @@ def ponder_figures(model: nnx.Module, config, *, num_images: int = 8,
   flops = np.asarray(aux['flops'])
   maps = ponder_maps(aux)
   names = data_lib.dataset_info(config.dataset).class_names
-  titles = []
+  titles, wrong = [], []
   for i, label in enumerate(np.asarray(batch['label'])):
     predicted = int(logits[i].argmax()) - label_offset
     titles.append(f'predicted {class_name(predicted, names)}\n'
                   f'true {class_name(int(label), names)}, '
                   f'{evaluate.human_count(flops[i])}FLOPs')
+    wrong.append(predicted != int(label))
   images = list(batch['image'])
   masks = list(batch['mask']) if 'mask' in batch else None
   count = len(images)
+  image_maps = [[m[i] for m in maps] for i in range(count)]
+  norms = column_norms(image_maps)  # One scale for every page.
   figures = []
   for start in range(0, count, ROWS_PER_PAGE):
     rows = slice(start, start + ROWS_PER_PAGE)
     figures.append(render_ponder_figure(
-        images[rows], [[m[i] for m in maps] for i in range(count)][rows],
-        titles=titles[rows], masks=None if masks is None else masks[rows],
-        overlay=overlay))
+        images[rows], image_maps[rows], titles=titles[rows],
+        masks=None if masks is None else masks[rows], overlay=overlay,
+        norms=norms, highlight=wrong[rows]))
   return figures
 
 

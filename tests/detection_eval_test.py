@@ -258,6 +258,9 @@ class DetectionFigureTest(parameterized.TestCase):
         ground_truth=self.truth, score_threshold=threshold)
     self.assertEqual(_count(fig, visualize.DETECTION_GID), expected)
     self.assertEqual(_count(fig, visualize.GROUND_TRUTH_GID), 2)
+    self.assertEqual(fig.axes[0].get_title(), {
+        5: '2 detections', 8: '3 detections', 0: '0 detections'}[expected]
+                     + f' (score > {threshold:g}); dashed: ground truth')
     # A 'class score' label per box.
     self.assertLen([t for ax in fig.axes for t in ax.texts], expected)
     if expected:

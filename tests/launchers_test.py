@@ -5,6 +5,7 @@ written (experiments/_cli.py). Each launcher gets a bad flag, a path that
 does not exist and an output directory that cannot be made.
 """
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -102,14 +103,17 @@ _CASES = (
     ('export_missing_checkpoint', 'export_ponder_maps',
      ['--checkpoint={tmp}/missing', '--photos'],
      'No model checkpoint at {tmp}/missing'),
+    ('export_vanilla_model', 'export_ponder_maps',
+     ['--checkpoint={ckpt}', '--photos'],
+     'A vanilla model has no ponder maps to draw'),
     ('export_unwritable_out_dir', 'export_ponder_maps',
-     ['--checkpoint={ckpt}', '--photos', '--out_dir={file}/maps'],
+     ['--checkpoint={sact_ckpt}', '--photos', '--out_dir={file}/maps'],
      'directory {file}/maps: Not a directory.'),
     ('export_images_match_nothing', 'export_ponder_maps',
      ['--checkpoint={ckpt}', '--images={tmp}/*.jpg'],
      '--images={tmp}/*.jpg matches no file.'),
     ('export_only_non_images', 'export_ponder_maps',
-     ['--checkpoint={ckpt}', '--images={file}', '--out_dir={tmp}/maps'],
+     ['--checkpoint={sact_ckpt}', '--images={file}', '--out_dir={tmp}/maps'],
      'None of the 1 files matched is an image'),
     ('export_npz_suffix', 'export_ponder_maps',
      ['--checkpoint={ckpt}', '--images={file}', '--export={tmp}/maps.txt'],
@@ -252,6 +256,10 @@ class LauncherConventionTest(parameterized.TestCase):
     model = tu.build('cifar', spec.units, 'vanilla', num_classes=6,
                      base_channels=4)
     checkpoint.save_model(cls.ckpt, model, spec)
+    cls.sact_ckpt = os.path.join(cls.tmp, 'sact_ckpt')
+    spec = dataclasses.replace(spec, model_type='sact')
+    checkpoint.save_model(cls.sact_ckpt, tu.build(
+        'cifar', spec.units, 'sact', num_classes=6, base_channels=4), spec)
     tradeoff_test.write_run(os.path.join(cls.tmp, 'runs'), 'sact',
                             model_type='sact', units=(1, 1, 1), top1=0.9,
                             flops=1e6)
@@ -276,8 +284,8 @@ class LauncherConventionTest(parameterized.TestCase):
   @parameterized.named_parameters(*_CASES)
   def test_bad_input_is_one_error_line_and_status_2(self, launcher, args,
                                                      message):
-    paths = dict(tmp=self.tmp, ckpt=self.ckpt, file=self.file,
-                 damaged=self.damaged)
+    paths = dict(tmp=self.tmp, ckpt=self.ckpt, sact_ckpt=self.sact_ckpt,
+                 file=self.file, damaged=self.damaged)
     args = [a.format(**paths) for a in args]
     before = self._listing()
     # The CPU on any host: a GPU is held by this test process, and the

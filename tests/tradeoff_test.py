@@ -133,6 +133,14 @@ class TradeoffTest(parameterized.TestCase):
       self.assertEqual(json.load(f), rows)
     with open(paths['markdown']) as f:
       self.assertEqual(f.read(), table)
+    # The legend lies right of the axes: it hides no point.
+    fig = tradeoff.render_figure(rows)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    self.assertGreaterEqual(ax.get_legend().get_window_extent().x0,
+                            ax.get_window_extent().x1)
+    self.assertLessEqual(ax.get_legend().get_window_extent().x1,
+                         fig.bbox.x1)
 
 
 if __name__ == '__main__':

@@ -76,6 +76,27 @@ class RenderTest(absltest.TestCase):
         np.abs(pixels_a[:quarter[0], :quarter[1]].astype(int)
                - pixels_b[:quarter[0], :quarter[1]]).mean(), 50)
 
+  def test_nearly_flat_maps_are_drawn_nearly_flat(self):
+    norm = visualize.shared_norm([np.array([[2.966, 2.971]])])
+    self.assertAlmostEqual(norm.vmax - norm.vmin, visualize.MIN_SPAN)
+    self.assertAlmostEqual(0.5 * (norm.vmin + norm.vmax), 2.9685)
+    wide = visualize.shared_norm([np.array([[1.0, 3.5]])])
+    self.assertEqual((wide.vmin, wide.vmax), (1.0, 3.5))
+
+  def test_given_scales_and_highlighted_titles(self):
+    """Pages of one figure share `column_norms`; wrong rows are red."""
+    maps = [[np.full((2, 2), 1.0 + i)] for i in range(3)]
+    norms = visualize.column_norms(maps)
+    fig = visualize.render_ponder_figure(
+        [np.zeros((4, 4, 3))], maps[:1], norms=norms, titles=['x'],
+        highlight=[True])
+    panel = fig.axes[1].get_images()[0]
+    self.assertEqual((panel.norm.vmin, panel.norm.vmax), (1.0, 3.0))
+    self.assertEqual(fig.axes[0].title.get_color(), 'red')
+    with self.assertRaisesRegex(ValueError, '2 colour scales for 1 map'):
+      visualize.render_ponder_figure([np.zeros((4, 4, 3))], maps[:1],
+                                     norms=norms * 2)
+
   def test_sum_over_blocks_upsamples(self):
     maps = [np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([[10.0]])]
     self.assertEqual(
@@ -127,6 +148,19 @@ class ModelPicturesTest(absltest.TestCase):
     rows = [pixels[int(r * row_height):int((r + 1) * row_height)]
             for r in range(3)]
     self.assertGreater(np.abs(rows[0].astype(int) - rows[1]).mean(), 5)
+
+  def test_pages_share_one_colour_scale(self):
+    config = ml_collections.ConfigDict(
+        {'dataset': 'sact_shapes/tiny', 'data_dir': self.data_dir})
+    figures = visualize.ponder_figures(
+        self.model, config, num_images=visualize.ROWS_PER_PAGE + 2)
+    self.assertLen(figures, 2)
+    # Per page, the first row's map panels (block 1 .. sum).
+    scales = [[(image.norm.vmin, image.norm.vmax)
+               for ax in fig.axes[1:5] for image in ax.get_images()]
+              for fig in figures]
+    self.assertEqual(scales[0], scales[1])
+    self.assertLen(scales[0], 4)
 
   def test_photos(self):
     """Photographs of any size run through the fully convolutional net."""

@@ -16,6 +16,7 @@ from matplotlib import cm
 from matplotlib import colormaps
 from matplotlib import figure as mfigure
 from matplotlib import patches
+from matplotlib import patheffects
 from matplotlib import ticker
 from matplotlib.backends import backend_agg
 import numpy as np
@@ -30,6 +31,10 @@ _BAR_INCHES = 0.15
 # Patch gids, so that tests and callers can tell the boxes apart.
 DETECTION_GID = 'detection'
 GROUND_TRUTH_GID = 'ground_truth'
+
+
+# Drawn under boxes and label text.
+_EDGE = (patheffects.withStroke(linewidth=3, foreground='black'),)
 
 
 def class_colour(index: int) -> tuple[float, float, float, float]:
@@ -54,16 +59,19 @@ def _draw_detections(ax, boxes_Kx4, scores_K, classes_K, class_names,
   for k in np.argsort(scores_K, kind='stable'):
     ymin, xmin, ymax, xmax = boxes_Kx4[k]
     colour = class_colour(int(classes_K[k]))
+    # A black edge around each box and label: a box of a dark class colour
+    # stays visible on dark clutter.
     ax.add_patch(patches.Rectangle(
         (xmin, ymin), xmax - xmin, ymax - ymin, fill=False,
-        edgecolor=colour, linewidth=1.5, gid=DETECTION_GID))
+        edgecolor=colour, linewidth=1.5, gid=DETECTION_GID,
+        path_effects=_EDGE))
     # Above the box, or inside it where the image's top edge leaves no room.
     inside = ymin < 0.04 * height
     ax.text(xmin, ymin,
             f'{visualize.class_name(int(classes_K[k]), class_names)} '
             f'{scores_K[k]:.2f}',
-            fontsize=6, color='white', va='top' if inside else 'bottom',
-            clip_on=True,
+            fontsize=8, color='white', va='top' if inside else 'bottom',
+            clip_on=True, path_effects=_EDGE,
             bbox={'facecolor': colour, 'alpha': 0.8, 'pad': 1.0,
                   'edgecolor': 'none'})
 
@@ -165,8 +173,11 @@ def detection_figure(images_NxHxWx3: np.ndarray,
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)
     ax.set_axis_off()
-    ax.set_title(f'{int(shown.sum())} detections (score > '
-                 f'{score_threshold:g})', fontsize=8)
+    count = int(shown.sum())
+    ax.set_title(f'{count} detection{"" if count == 1 else "s"} (score > '
+                 f'{score_threshold:g})'
+                 + ('; dashed: ground truth' if ground_truth is not None
+                    else ''), fontsize=8)
     if maps is None:
       continue
     ax = fig.add_subplot(grid[row, 1])
@@ -175,8 +186,7 @@ def detection_figure(images_NxHxWx3: np.ndarray,
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)
     ax.set_axis_off()
-    h, w = maps[row].shape
-    ax.set_title(f'ponder cost ({h}x{w}), mean {maps[row].mean():.2f}',
+    ax.set_title(f'extractor ponder cost, mean {maps[row].mean():.2f}',
                  fontsize=8)
 
   if maps is not None:
@@ -187,5 +197,5 @@ def detection_figure(images_NxHxWx3: np.ndarray,
     colorbar.locator = ticker.MaxNLocator(nbins=4)
     colorbar.update_ticks()
     colorbar.ax.tick_params(labelsize=7)
-    colorbar.set_label('ponder cost', fontsize=7)
+    colorbar.set_label(visualize.PONDER_COST_LABEL, fontsize=7)
   return fig
