@@ -133,8 +133,6 @@ def main(argv):
       workdirs.ensure_writable_file(_EXPORT.value)
   except ValueError as e:  # WorkdirError.
     _cli.fail(_cli.one_line(e))
-  class_names = (None if config is None
-                 else data.dataset_info(config.dataset).class_names)
   written, exported = [], []
   if config is not None and _NUM_IMAGES.value > 0:
     try:
@@ -157,15 +155,12 @@ def main(argv):
         model, results, out_dir, config=config, overlay=_OVERLAY.value)
     exported += results
   if _PHOTOS.value:
-    photos = visualize.load_photos(size=_PHOTO_SIZE.value)
-    written.append(visualize.save_ponder_maps_for_images(
-        model, list(photos.values()),
-        os.path.join(out_dir, f'photos_{_PHOTO_SIZE.value}.png'),
-        names=list(photos),
-        class_names=class_names,
-        overlay=_OVERLAY.value))
-    if _EXPORT.value is not None:
-      exported += ponder_export.image_results(model, photos)
+    results = ponder_export.image_results(
+        model, visualize.load_photos(size=_PHOTO_SIZE.value))
+    written += ponder_export.save_result_figures(
+        model, results, out_dir, config=config, overlay=_OVERLAY.value,
+        stem=f'photos_{_PHOTO_SIZE.value}')
+    exported += results
   if _EXPORT.value is not None:
     written.append(ponder_export.save_npz(exported, _EXPORT.value))
   for path in written:

@@ -227,17 +227,21 @@ def save_npz(results: Sequence[PonderResult], path: str) -> str:
   return path
 
 
-def _shorten(name: str, limit: int = 24) -> str:
-  """`name`, cut in the middle to `limit` characters (a panel's width)."""
+# Characters of a title line that fit a panel's width.
+_TITLE_CHARS = 34
+
+
+def _shorten(name: str, limit: int) -> str:
+  """`name`, cut in the middle to `limit` characters."""
   if len(name) <= limit:
     return name
-  keep = limit - 3
+  keep = max(limit - 3, 2)
   return f'{name[:(keep + 1) // 2]}...{name[len(name) - keep // 2:]}'
 
 
 def _title(result: PonderResult, class_names: Sequence[str] | None,
-           label_offset: int, head: str, show_size: bool = True) -> str:
-  """Short enough (about 32 characters a line) for a panel's width."""
+           label_offset: int, name: str = '', show_size: bool = True) -> str:
+  """Short enough for a panel's width (`name` cut to fit its line)."""
   predicted = result.predicted_class - label_offset
   if class_names is not None and 0 <= predicted < len(class_names):
     predicted_name = class_names[predicted]
@@ -245,7 +249,10 @@ def _title(result: PonderResult, class_names: Sequence[str] | None,
     predicted_name = f'class {predicted}'
   height, width = result.image.shape[:2]
   size = f'{height}x{width}, ' if show_size else ''
-  return (f'{head}{size}cost {result.ponder_cost:.3f}\n'
+  first = f'{size}cost {result.ponder_cost:.3f}'
+  if name:
+    first = f'{_shorten(name, _TITLE_CHARS - len(first) - 2)}: {first}'
+  return (f'{first}\n'
           f'predicted {predicted_name}, '
           f'{evaluate.human_count(result.flops)}FLOPs')
 
@@ -261,8 +268,7 @@ def ponder_figures(results: Sequence[PonderResult], *,
   FLOPs of each image.
   """
   if titles is None:
-    titles = [_title(r, class_names, label_offset,
-                     f'{_shorten(os.path.basename(r.name))}: ')
+    titles = [_title(r, class_names, label_offset, os.path.basename(r.name))
               for r in results]
   norms = visualize.column_norms([r.block_maps for r in results])
   figures = []
@@ -333,7 +339,7 @@ def ponder_figure_by_cost(model: nnx.Module, config, *,
       config.dataset, models.ModelSpec.from_model(model).num_classes)
   drawn = [results[i] for _, i in selected]
   titles = [_title(results[i], info.class_names, offset,
-                   f'{group}: {results[i].name}, ', show_size=False)
+                   f'{group}: {results[i].name}', show_size=False)
             for group, i in selected]
   fig = visualize.render_ponder_figure(
       [r.image for r in drawn], [r.block_maps for r in drawn],
@@ -375,16 +381,18 @@ def dataset_results(model: nnx.Module, config, num_images: int
 
 
 def save_result_figures(model: nnx.Module, results: Sequence[PonderResult],
-                        out_dir: str, *, config=None, overlay: bool = False
-                        ) -> list[str]:
-  """Draws results as `images.png` (`images_<k>.png` for several).
+                        out_dir: str, *, config=None, overlay: bool = False,
+                        stem: str = 'images') -> list[str]:
+  """Draws results as `<stem>.png` (`<stem>_<k>.png` for several).
 
   Args:
     model: the model that computed them (for its number of classes).
     results: from `image_results` or `dataset_results`.
     out_dir: where the PNGs go.
-    config: optional ConfigDict whose `dataset` names the classes.
+    config: optional ConfigDict whose `dataset` names the classes (and
+      says whether logit 0 is a background class).
     overlay: draw maps over their images.
+    stem: file name without `.png`.
   """
   class_names, offset = None, 0
   if config is not None:
@@ -393,7 +401,7 @@ def save_result_figures(model: nnx.Module, results: Sequence[PonderResult],
     offset = data_lib.label_offset(config.dataset, num_classes)
   return save_figures(
       ponder_figures(results, class_names=class_names, label_offset=offset,
-                     overlay=overlay), out_dir, 'images')
+                     overlay=overlay), out_dir, stem)
 
 
 def save_image_maps(model: nnx.Module, images: dict[str, np.ndarray],

@@ -363,42 +363,6 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
   return image[..., :3]
 
 
-def save_ponder_maps_for_images(
-    model: nnx.Module, images: Sequence[np.ndarray], out_path: str, *,
-    names: Sequence[str] | None = None,
-    class_names: Sequence[str] | None = None,
-    overlay: bool = False) -> str:
-  """Draws the ponder maps of arbitrary images (any size: the nets are conv).
-
-  Args:
-    model: a CIFAR or ImageNet ResNet (run in eval mode; not changed).
-    images: RGB `[H, W, 3]` (or grayscale `[H, W]`) images with values in
-      [0, 255]; sizes may differ (each is run on its own).
-    out_path: PNG path.
-    names: per image, a name for its title.
-    class_names: label names of the model's classes, for the titles.
-    overlay: draw maps over their images.
-
-  Returns:
-    `out_path`.
-  """
-  family = models.ModelSpec.from_model(model).family
-  rgb = [_as_rgb(image) for image in images]
-  titles, maps = [], []
-  for i, image in enumerate(rgb):
-    # Normalised as the family's training data (no resize: any size runs).
-    logits, aux = evaluate.predict(
-        model, data_lib.preprocess_image(family, image)[None])
-    predicted = int(np.asarray(logits)[0].argmax())
-    head = f'{names[i]}: ' if names is not None else ''
-    titles.append(f'{head}{image.shape[0]}x{image.shape[1]}\npredicted '
-                  f'{class_name(predicted, class_names)}, '
-                  f'{evaluate.human_count(float(aux["flops"][0]))}FLOPs')
-    maps.append([m[0] for m in ponder_maps(aux)])
-  fig = render_ponder_figure(rgb, maps, titles=titles, overlay=overlay)
-  return save_figure(fig, out_path)
-
-
 def load_photos(names: Sequence[str] = PHOTOS, size: int = 128
                 ) -> dict[str, np.ndarray]:
   """Photographs shipped with scikit-image, centre-cropped to `size`^2.

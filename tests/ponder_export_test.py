@@ -154,6 +154,17 @@ class LibraryTest(absltest.TestCase):
     self.assertEqual(ponder_export.select_by_cost([2.0, 1.0], 3),
                      [('low', 1), ('high', 0)])
 
+  def test_long_names_are_cut_to_the_panel(self):
+    result = ponder_export.PonderResult(
+        name='/photos/a_very_long_file_name_of_a_holiday_photo.jpg',
+        image=np.zeros((96, 128, 3), np.uint8),
+        block_maps=[np.full((3, 4), 2.0)], total_map=np.full((96, 128), 2.0),
+        ponder_cost=2.0, flops=1e6, predicted_class=1)
+    fig, = ponder_export.ponder_figures([result], class_names=['a', 'b'])
+    first, second = fig.axes[0].get_title().splitlines()
+    self.assertEqual(first, 'a_very...o.jpg: 96x128, cost 2.000')  # 34.
+    self.assertEqual(second, 'predicted b, 1.00 MFLOPs')
+
   def test_figure_by_cost_orders_images_by_cost(self):
     config = ml_collections.ConfigDict(
         {'dataset': 'sact_shapes/tiny', 'data_dir': self.tmp})

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
 from matplotlib.backends import backend_agg
@@ -14,6 +15,7 @@ from PIL import Image
 
 from sact_jax import data
 from sact_jax import evaluate
+from sact_jax import ponder_export
 from sact_jax import visualize
 
 import evaluate_test  # Same directory: its fast model builder.
@@ -162,19 +164,37 @@ class ModelPicturesTest(absltest.TestCase):
     self.assertEqual(scales[0], scales[1])
     self.assertLen(scales[0], 4)
 
+  def test_photo_titles_skip_a_background_logit(self):
+    """A model with one logit more than the dataset's classes (ImageNet's
+    background 0): logit k names class k - 1."""
+    model = evaluate_test.fast_model('sact', num_classes=7)
+    photos = visualize.load_photos(('astronaut',), size=32)
+    results = ponder_export.image_results(model, photos)
+    config = ml_collections.ConfigDict({'dataset': 'sact_shapes/tiny'})
+    # The figures export_ponder_maps --photos writes.
+    with mock.patch.object(ponder_export, 'save_figures',
+                           lambda figures, out_dir, stem: figures):
+      fig, = ponder_export.save_result_figures(model, results, '/unused',
+                                               config=config, stem='photos')
+    names = data.dataset_info(config.dataset).class_names
+    predicted = results[0].predicted_class
+    expected = (names[predicted - 1] if predicted >= 1
+                else f'class {predicted - 1}')
+    self.assertIn(f'predicted {expected},', fig.axes[0].get_title())
+
   def test_photos(self):
     """Photographs of any size run through the fully convolutional net."""
     photos = visualize.load_photos(('astronaut', 'camera'), size=48)
     for photo in photos.values():
       self.assertEqual(photo.shape, (48, 48, 3))
       self.assertEqual(photo.dtype, np.uint8)
-    out = os.path.join(self.enter_context(tempfile.TemporaryDirectory()),
-                       'photos.png')
-    path = visualize.save_ponder_maps_for_images(
-        self.model, list(photos.values()), out, names=list(photos))
-    self.assertEqual(path, out)
+    out_dir = self.enter_context(tempfile.TemporaryDirectory())
+    results = ponder_export.image_results(self.model, photos)
+    paths = ponder_export.save_result_figures(self.model, results, out_dir,
+                                              stem='photos_48')
+    self.assertEqual(paths, [os.path.join(out_dir, 'photos_48.png')])
     width, height = visualize.figure_pixel_size(2, 5)
-    self.assertEqual(read_png(out).shape, (height, width, 3))
+    self.assertEqual(read_png(paths[0]).shape, (height, width, 3))
     # Different photos, different ponder maps (at photo resolution).
     maps = [visualize.ponder_maps(evaluate.predict(
         self.model, data.preprocess_image('cifar', p)[None])[1])
