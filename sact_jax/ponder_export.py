@@ -18,6 +18,8 @@ i = 0 .. N-1, in the order of `names`, and for blocks b = 0 .. B-1:
   flops               [N] float64: FLOPs of the forward pass of the image.
   predicted_class     [N] int32: index of the largest logit (for 1001-class
                       ImageNet models 0 is the background class).
+  true_class          [N] int32: a dataset image's label in the dataset's
+                      numbering (-1 for files and photos).
   image_shape         [N, 2] int32: (height, width) the model ran on.
   image_<i>           [H_i, W_i, 3] uint8: the resized image (dataset
                       images: the preprocessed one by its own range).
@@ -71,6 +73,10 @@ class PonderResult:
   ponder_cost: float
   flops: float
   predicted_class: int
+  # Dataset images only: the label (in the dataset's numbering) and the
+  # object mask `[H, W]` where the dataset has one.
+  true_class: int | None = None
+  mask: np.ndarray | None = None
 
 
 def find_images(patterns: Sequence[str]) -> list[str]:
@@ -205,6 +211,8 @@ def save_npz(results: Sequence[PonderResult], path: str) -> str:
       'flops': np.array([r.flops for r in results], np.float64),
       'predicted_class': np.array([r.predicted_class for r in results],
                                   np.int32),
+      'true_class': np.array([-1 if r.true_class is None else r.true_class
+                              for r in results], np.int32),
       'image_shape': np.array([r.image.shape[:2] for r in results],
                               np.int32),
   }
@@ -252,9 +260,26 @@ def _title(result: PonderResult, class_names: Sequence[str] | None,
   first = f'{size}cost {result.ponder_cost:.3f}'
   if name:
     first = f'{_shorten(name, _TITLE_CHARS - len(first) - 2)}: {first}'
-  return (f'{first}\n'
-          f'predicted {predicted_name}, '
-          f'{evaluate.human_count(result.flops)}FLOPs')
+  flops = f'{evaluate.human_count(result.flops)}FLOPs'
+  if result.true_class is None:
+    return f'{first}\npredicted {predicted_name}, {flops}'
+  true_name = visualize.class_name(result.true_class, class_names)
+  return f'{first}\npredicted {predicted_name}\ntrue {true_name}, {flops}'
+
+
+def _figure(results: Sequence[PonderResult], titles: Sequence[str], *,
+            label_offset: int, overlay: bool,
+            norms=None) -> mfigure.Figure:
+  """`visualize.render_ponder_figure` of results: masks where every result
+  has one, wrong predictions of dataset images in red."""
+  masks = [r.mask for r in results]
+  return visualize.render_ponder_figure(
+      [r.image for r in results], [r.block_maps for r in results],
+      titles=titles, overlay=overlay, norms=norms,
+      masks=None if any(m is None for m in masks) else masks,
+      highlight=[r.true_class is not None
+                 and r.predicted_class - label_offset != r.true_class
+                 for r in results])
 
 
 def ponder_figures(results: Sequence[PonderResult], *,
@@ -274,10 +299,9 @@ def ponder_figures(results: Sequence[PonderResult], *,
   figures = []
   for start in range(0, len(results), visualize.ROWS_PER_PAGE):
     page = slice(start, start + visualize.ROWS_PER_PAGE)
-    figures.append(visualize.render_ponder_figure(
-        [r.image for r in results[page]],
-        [r.block_maps for r in results[page]], titles=titles[page],
-        overlay=overlay, norms=norms))
+    figures.append(_figure(results[page], titles[page],
+                           label_offset=label_offset, overlay=overlay,
+                           norms=norms))
   return figures
 
 
@@ -341,10 +365,7 @@ def ponder_figure_by_cost(model: nnx.Module, config, *,
   titles = [_title(results[i], info.class_names, offset,
                    f'{group}: {results[i].name}', show_size=False)
             for group, i in selected]
-  fig = visualize.render_ponder_figure(
-      [r.image for r in drawn], [r.block_maps for r in drawn],
-      titles=titles, overlay=overlay)
-  return fig, drawn
+  return _figure(drawn, titles, label_offset=offset, overlay=overlay), drawn
 
 
 def save_ponder_maps_by_cost(model: nnx.Module, config, out_dir: str, *,
@@ -376,8 +397,14 @@ def dataset_results(model: nnx.Module, config, num_images: int
   split = config.get('eval_split', None) or data_lib.dataset_info(
       config.dataset).eval_split
   images = list(np.asarray(batch['image']))
-  return ponder_results(model, images,
-                        [f'{split}[{i}]' for i in range(len(images))])
+  results = ponder_results(model, images,
+                           [f'{split}[{i}]' for i in range(len(images))])
+  labels = np.asarray(batch['label'])
+  masks = np.asarray(batch['mask']) if 'mask' in batch else None
+  return [dataclasses.replace(
+      r, true_class=int(labels[i]),
+      mask=None if masks is None else masks[i])
+          for i, r in enumerate(results)]
 
 
 def save_result_figures(model: nnx.Module, results: Sequence[PonderResult],

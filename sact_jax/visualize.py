@@ -1,11 +1,12 @@
 """Ponder-cost maps next to their images, as in the SACT paper's figures.
 
-One row per image: the image (min-max scaled for display, with the object
-outline where the dataset has masks), then the ponder-cost map of every block
-(shown at image size, cells kept visible) and, with several blocks, their sum
-(the map of where the network spent its residual units). Every map column
-has one colour scale for all rows, drawn as a colorbar under the column, so
-rows compare directly. Drawn with matplotlib's object API on the Agg canvas:
+One row per image: the image (min-max scaled for display), then the
+ponder-cost map of every block (shown at image size, cells kept visible,
+with the object outline where the dataset has masks) and, with several
+blocks, their sum (the map of where the network spent its residual units).
+Every map column has one colour scale for all rows (and all pages of one
+figure), drawn as a colorbar under the column, so rows compare directly;
+a wrong prediction's title is red. Drawn with matplotlib's object API on the Agg canvas:
 no pyplot state, no display needed.
 """
 
@@ -145,7 +146,7 @@ def render_ponder_figure(images: Sequence[np.ndarray],
       stretched over the image).
     titles: per image, a title for its image panel.
     masks: per image, an `[H, W]` object mask whose outline is drawn on
-      every panel of the row.
+      every map panel of the row.
     overlay: draw each map translucently over its image instead of alone.
     norms: the colour scale of each map column (default: `column_norms` of
       these maps).
@@ -172,12 +173,14 @@ def render_ponder_figure(images: Sequence[np.ndarray],
   width, height = figure_pixel_size(num_rows, num_columns)
   fig = mfigure.Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
   backend_agg.FigureCanvasAgg(fig)
+  # Room above each row for its title (two lines, or more).
+  lines = max([2] + [t.count('\n') + 1 for t in titles or ()])
   grid = fig.add_gridspec(
       num_rows + 1, num_columns,
       height_ratios=[PANEL_INCHES] * num_rows + [_BAR_INCHES],
-      left=0.02, right=0.98, top=1 - 0.45 / (height / DPI),
+      left=0.02, right=0.98, top=1 - (0.15 + 0.15 * lines) / (height / DPI),
       bottom=0.4 / (height / DPI),
-      wspace=0.08, hspace=0.35)
+      wspace=0.08, hspace=0.175 * lines)
 
   for row in range(num_rows):
     image = display_image(images[row])
@@ -185,8 +188,8 @@ def render_ponder_figure(images: Sequence[np.ndarray],
     extent = (0, img_w, img_h, 0)
     mask = None if masks is None else np.asarray(masks[row], np.float64)
     ax = fig.add_subplot(grid[row, 0])
+    # No outline here: it would hide thin objects (a ring) under its line.
     ax.imshow(image, extent=extent, interpolation='nearest')
-    _outline(ax, mask, extent)
     if titles is not None:
       ax.set_title(titles[row], fontsize=8,
                    color='red' if highlight is not None and highlight[row]

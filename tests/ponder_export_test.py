@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from sact_jax import data
 from sact_jax import ponder_export
 from sact_jax import visualize
 
@@ -121,12 +122,13 @@ class LibraryTest(absltest.TestCase):
     count = len(results)
     self.assertEqual(arrays['names'].tolist(), list(images))
     self.assertEqual(int(arrays['num_blocks']), 3)
-    for key in ('ponder_cost', 'flops', 'predicted_class'):
+    for key in ('ponder_cost', 'flops', 'predicted_class', 'true_class'):
       self.assertEqual(arrays[key].shape, (count,))
+    self.assertEqual(arrays['true_class'].tolist(), [-1] * count)  # Files.
     self.assertEqual(
         sorted(arrays),
         sorted(['names', 'num_blocks', 'ponder_cost', 'flops',
-                'predicted_class', 'image_shape']
+                'predicted_class', 'true_class', 'image_shape']
                + [f'{key}_{i}' for i in range(count)
                   for key in ('image', 'ponder_total', 'ponder_block0',
                               'ponder_block1', 'ponder_block2')]))
@@ -178,6 +180,14 @@ class LibraryTest(absltest.TestCase):
     titles = [fig.axes[5 * row].get_title() for row in range(6)]
     self.assertEqual([t.split(':')[0] for t in titles],
                      ['low'] * 2 + ['median'] * 2 + ['high'] * 2)
+    # Each drawn image's label and object outline, as the dataset has them.
+    names = data.dataset_info(config.dataset).class_names
+    for title, result in zip(titles, drawn):
+      self.assertIn(f'\ntrue {names[result.true_class]}, ', title)
+      self.assertEqual(fig.axes[5 * titles.index(title)].title.get_color(),
+                       'black' if result.predicted_class == result.true_class
+                       else 'red')
+    self.assertNotEmpty(fig.axes[1].collections)  # The outline's contour.
     title_costs = [float(re.search(r'cost ([\d.]+)', t).group(1))
                    for t in titles]
     np.testing.assert_allclose(title_costs, costs, atol=1e-3)
