@@ -68,6 +68,7 @@ IMAGENET_SHAPES = (
     ('in_b4_3x3', 7, 512, 512, 3, 1),
     ('in_b4_1x1a', 7, 2048, 512, 1, 1),
 )
+_SHAPE_SETS = {'cifar': CIFAR_SHAPES, 'imagenet': IMAGENET_SHAPES}
 _SHAPES = flags.DEFINE_list('shapes', ['cifar', 'imagenet'],
                             'Shape sets: cifar, imagenet.')
 _BATCHES = flags.DEFINE_list('batches', ['1', '32', '128'], 'Batch sizes.')
@@ -77,7 +78,9 @@ _MIN_SECONDS = flags.DEFINE_float(
 _FORMULATIONS = flags.DEFINE_list('formulations', ['conv', 'dot', 'taps'],
                                   'Formulations of conv.conv2d: conv, dot, '
                                   'taps, s2d; and onednn, oneDNN\'s kernels '
-                                  '(sact_jax/onednn.py).')
+                                  '(sact_jax/onednn.py), and rows, its 1x1 '
+                                  'forward over image rows.')
+_OPTION_NAMES = ('default', 'training')
 _OPTIONS = flags.DEFINE_list(
     'options', ['default'], "Compiler options: 'default' (XLA's) and/or "
     "'training' (conv.compiler_options).")
@@ -157,16 +160,34 @@ def _onednn_difference(fns, args) -> float | None:
   return worst
 
 
+def _check_flags() -> None:
+  """One-line UsageError for a bad flag, before any timing: a typo would
+  otherwise time nothing (or another variant) and write over the results.
+  """
+  for flag, allowed in ((_SHAPES, tuple(_SHAPE_SETS)),
+                        (_FORMULATIONS, conv.FORMULATIONS),
+                        (_OPTIONS, _OPTION_NAMES)):
+    unknown = [v for v in flag.value if v not in allowed]
+    if unknown or not flag.value:
+      raise app.UsageError(f'--{flag.name}={",".join(flag.value)}: each '
+                           f'must be one of {", ".join(allowed)}.')
+  if not all(b.isdigit() and int(b) >= 1 for b in _BATCHES.value) or (
+      not _BATCHES.value):
+    raise app.UsageError(f'--batches={",".join(_BATCHES.value)}: each must '
+                         'be an integer >= 1.')
+  needs_onednn = [f for f in ('onednn', 'rows') if f in _FORMULATIONS.value]
+  if needs_onednn and not onednn.available():
+    raise app.UsageError(f'--formulations={needs_onednn[0]}: oneDNN is '
+                         'unavailable (the warning above says why)')
+
+
 def main(argv):
   del argv
-  if 'onednn' in _FORMULATIONS.value and not onednn.available():
-    raise app.UsageError('--formulations=onednn: oneDNN is unavailable '
-                         '(the warning above says why)')
+  _check_flags()
   shapes = []
-  if 'cifar' in _SHAPES.value:
-    shapes += CIFAR_SHAPES
-  if 'imagenet' in _SHAPES.value:
-    shapes += IMAGENET_SHAPES
+  for shape_set, shape_table in _SHAPE_SETS.items():
+    if shape_set in _SHAPES.value:
+      shapes += shape_table
   rng = np.random.default_rng(0)
   rows = []
   variants = [(f, o) for f in _FORMULATIONS.value for o in _OPTIONS.value]

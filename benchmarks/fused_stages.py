@@ -91,6 +91,11 @@ def _cases(batch: int, fraction: float, rng) -> list[dict]:
 
 def main(argv):
   del argv
+  # At 0 the sets are empty: nothing to time, yet a results file.
+  if not 0.0 < _FRACTION.value <= 1.0:
+    raise app.UsageError(f'--fraction={_FRACTION.value} is not in (0, 1].')
+  if _BATCH.value < 1 or _REPS.value < 1:
+    raise app.UsageError('--batch and --reps must be >= 1.')
   host_memory.reuse_freed_memory()
   if not rows.custom_calls():
     raise SystemExit('The fused stages need the row custom calls (oneDNN '

@@ -155,8 +155,26 @@ def _print_loop_bodies(kernels: list[dict], min_mb: float) -> None:
               f'{k["source"][:50]}')
 
 
+def _check_flags() -> None:
+  """One-line UsageError for a bad flag, before anything compiles."""
+  for program in _PROGRAMS.value:
+    fields = program.split(':')
+    if (len(fields) != 3 or fields[0] not in ('forward', 'train')
+        or fields[1] not in _MODELS or not fields[2].isdigit()
+        or int(fields[2]) < 1):
+      raise app.UsageError(f'--programs entry {program!r} is not KIND:FAMILY:'
+                           f'BATCH (KIND forward or train, FAMILY '
+                           f'{" or ".join(_MODELS)}, BATCH >= 1).')
+  for flag, names in ((_TYPES, ('vanilla', 'act', 'sact')),
+                      (_REMAT, tuple(_MODELS))):
+    if unknown := [v for v in flag.value if v not in names]:
+      raise app.UsageError(f'--{flag.name}: {", ".join(unknown)} is not one '
+                           f'of {", ".join(names)}.')
+
+
 def main(argv):
   del argv
+  _check_flags()
   topology = topologies.get_topology_desc(
       platform='cuda', topology_name='', topology='1x1x1',
       target_config=_TARGET)

@@ -86,8 +86,26 @@ def _time(config: str, reps: int) -> dict:
           'first_call_s': compile_s}
 
 
+def _check_configs() -> None:
+  """One-line UsageError for a bad --configs entry, before any timing."""
+  presets = {'cifar': models.CIFAR_PRESETS,
+             'imagenet': models.IMAGENET_PRESETS}
+  for config in _CONFIGS.value:
+    fields = config.split(':')
+    if (len(fields) != 4 or fields[0] not in presets
+        or not fields[1].isdigit() or int(fields[1]) not in presets[fields[0]]
+        or fields[2] not in blocks.MODEL_TYPES or not fields[3].isdigit()
+        or int(fields[3]) < 1):
+      raise app.UsageError(
+          f'--configs entry {config!r} is not FAMILY:DEPTH:TYPE:BATCH '
+          f'(cifar depth {"/".join(map(str, models.CIFAR_PRESETS))}, '
+          f'imagenet {"/".join(map(str, models.IMAGENET_PRESETS))}; TYPE '
+          f'{"/".join(blocks.MODEL_TYPES)}; BATCH >= 1).')
+
+
 def main(argv):
   del argv
+  _check_configs()
   host_memory.reuse_freed_memory()
   results = []
   print(f'{"config":>26} {"in place ms":>12} {"sliced ms":>10} '

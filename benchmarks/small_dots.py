@@ -49,6 +49,12 @@ _SHAPES = (('conv1 1024->256', 1024, 256), ('conv2 2304->256', 2304, 256),
 
 def main(argv):
   del argv
+  if not _ROWS.value or not all(r.isdigit() and int(r) >= 1
+                                for r in _ROWS.value):
+    raise app.UsageError(f'--rows={",".join(_ROWS.value)}: each must be an '
+                         'integer >= 1.')
+  if _REPS.value < 1 or _WEIGHTS.value < 1:
+    raise app.UsageError('--reps and --weights must be >= 1.')
   host_memory.reuse_freed_memory()
   rng = np.random.default_rng(0)
   impls = {'dot': conv.jit(lambda x, w: x @ w),

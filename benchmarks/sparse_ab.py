@@ -22,6 +22,7 @@ percent or two).
 import json
 import os
 import statistics
+import subprocess
 import sys
 
 from absl import app
@@ -53,6 +54,12 @@ _CACHE = flags.DEFINE_bool(
     'programs cached.')
 _OUT = flags.DEFINE_string('output', None, 'Also write the rounds as JSON.')
 
+# Builds a side's `SparseOptions` from its tree's sact_jax (a tree of
+# another commit may have other fields): a bad field fails here, at once,
+# instead of in its server after the other side's models are built.
+_CHECK_OPTIONS = ('import json, sys; from sact_jax import sparse; '
+                  'sparse.SparseOptions(**json.loads(sys.argv[1]))')
+
 
 def main(argv):
   del argv
@@ -80,6 +87,19 @@ def main(argv):
       env['PYTHONPATH'] = os.pathsep.join(
           [os.path.abspath(tree), *filter(None, [env.get('PYTHONPATH')])])
     return env
+
+  if _BATCH.value < 1 or _ROUNDS.value < 1:
+    raise app.UsageError('--batch and --rounds must be >= 1.')
+  if not 0.0 < _FRACTION.value <= 1.0:
+    raise app.UsageError(f'--fraction={_FRACTION.value} is not in (0, 1].')
+  for name in ('a', 'b'):
+    check = subprocess.run(
+        [sys.executable, '-c', _CHECK_OPTIONS, json.dumps(options[name])],
+        env=env(name), cwd=trees[name], capture_output=True, text=True,
+        check=False)
+    if check.returncode:
+      error = (check.stderr.strip().splitlines() or ['failed'])[-1]
+      raise app.UsageError(f'--{name}={json.dumps(options[name])}: {error}')
 
   clients = [lockstep.Client(name, [
       sys.executable, '-m', 'benchmarks.sparse_inference', '--serve',

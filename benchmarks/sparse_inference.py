@@ -20,8 +20,8 @@ ponder maps do), scaled per block to a spatial standard deviation of
 batch's FLOPs reach the target fraction. Inputs are scikit-image's bundled
 photographs (random crops and flips for larger batches).
 
-  python benchmarks/sparse_inference.py --families=imagenet --batch_sizes=1
-  python benchmarks/sparse_inference.py --families=cifar,imagenet \
+  python -m benchmarks.sparse_inference --families=imagenet --batch_sizes=1
+  python -m benchmarks.sparse_inference --families=cifar,imagenet \
       --batch_sizes=1,32 --fractions=0.3,0.5,0.7 \
       --out=benchmarks/results/sparse_inference.json
 
@@ -688,8 +688,44 @@ def _print_row(row):
     print(line, flush=True)
 
 
+def _numbers(flag, kind, valid, what: str) -> list:
+  """A list flag's values as numbers, or a one-line UsageError."""
+  try:
+    values = [kind(v) for v in flag.value]
+  except ValueError:
+    values = []
+  if not values or not all(valid(v) for v in values):
+    raise app.UsageError(f'--{flag.name}={",".join(flag.value)}: each must '
+                         f'be {what}.')
+  return values
+
+
+def check_flags() -> dict:
+  """The flags checked before any model is built (a typo would fail
+  minutes in, or not at all); returns the sparse options."""
+  if unknown := [f for f in _FAMILIES.value if f not in _CONFIGS]:
+    raise app.UsageError(f'--families: {", ".join(unknown)} is not one of '
+                         f'{", ".join(_CONFIGS)}.')
+  if not _FAMILIES.value:
+    raise app.UsageError('--families is empty.')
+  _numbers(_BATCH_SIZES, int, lambda b: b >= 1, 'an integer >= 1')
+  _numbers(_FRACTIONS, float, lambda f: 0.0 < f <= 1.0, 'in (0, 1]')
+  try:
+    options = json.loads(_SPARSE_OPTIONS.value)
+  except json.JSONDecodeError as e:
+    raise app.UsageError(f'--sparse_options is not JSON: {e}') from None
+  if not isinstance(options, dict):
+    raise app.UsageError('--sparse_options is not a JSON object.')
+  try:
+    sparse.SparseOptions(**options)
+  except (TypeError, ValueError) as e:
+    raise app.UsageError(f'--sparse_options: {e}') from None
+  return options
+
+
 def main(argv):
   del argv
+  options = check_flags()
   if _SHARD.value != '0/1' and not _SERVE.value:
     raise app.UsageError('--shard needs --serve.')
   if _SERVE.value:
@@ -702,7 +738,6 @@ def main(argv):
     except ValueError as e:
       raise app.UsageError(str(e)) from None
   benchmarks.start_process(_REUSE.value, _CACHE.value)
-  options = json.loads(_SPARSE_OPTIONS.value)
   results = []
   device = jax.devices()[0]
   header = {'machine': platform.machine(), 'cpus': os.cpu_count(),

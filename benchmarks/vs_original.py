@@ -129,35 +129,80 @@ _WORKER = flags.DEFINE_string('worker', None, 'Internal: time one workload '
 _SERVE = flags.DEFINE_bool('serve', False, 'Internal, with --worker: serve '
                            'the workload (benchmarks/lockstep.py).')
 
-_CIFAR_DEPTHS = {20: 3, 32: 5, 56: 9, 110: 18}
+# Preset depths of each family (`sact_jax.models` presets, kept here so
+# that the driver checks --configs without importing JAX); training rows
+# are CIFAR's.
+_DEPTHS = {'cifar': (20, 32, 56, 110), 'imagenet': (50, 101, 152, 200)}
+_MODEL_TYPES = ('vanilla', 'act', 'sact')
+_HALTS = ('never', 'first')
 # JAX-side variants of a training step (benchmarks/steps.py); the TF
 # side has one.
 _TRAIN_VARIANTS = ('scan', 'unrolled', 'scan_noremat', 'scan_ynn')
+_FORMS = ('train:DEPTH:TYPE:BATCH:STEPS[:VARIANT]',
+          'infer:FAMILY:DEPTH:TYPE:BATCH:HALT[:SIZE]', 'claim:BATCH:FRACTION')
+
+
+def _one_of(config: str, name: str, value: str, allowed) -> str:
+  if value not in allowed:
+    raise app.UsageError(f'--configs entry {config!r}: {name} {value!r} is '
+                         f'not one of {", ".join(map(str, allowed))}.')
+  return value
+
+
+def _positive(config: str, name: str, value: str) -> int:
+  try:
+    number = int(value)
+  except ValueError:
+    number = 0
+  if number < 1:
+    raise app.UsageError(f'--configs entry {config!r}: {name} {value!r} is '
+                         'not an integer >= 1.')
+  return number
 
 
 def parse(config: str) -> dict:
+  """A --configs entry as a dict; a bad one is a one-line UsageError.
+
+  Checked in full before any process starts: a typo would otherwise run,
+  time nothing and overwrite the results with errors.
+  """
   fields = config.split(':')
-  if fields[0] == 'claim':
-    batch, fraction = fields[1:3]
-    if not 0.0 < float(fraction) <= 1.0:
-      raise ValueError(f'{config}: FRACTION must lie in (0, 1].')
+  kind = fields[0]
+  counts = {'claim': (3,), 'train': (5, 6), 'infer': (6, 7)}
+  if kind not in counts or len(fields) not in counts[kind]:
+    form = ([f for f in _FORMS if f.startswith(kind + ':')]
+            or [' or '.join(_FORMS)])[0]
+    raise app.UsageError(f'--configs entry {config!r} is not {form}.')
+  if kind == 'claim':
+    batch = _positive(config, 'BATCH', fields[1])
+    try:
+      fraction = float(fields[2])
+    except ValueError:
+      fraction = 0.0
+    if not 0.0 < fraction <= 1.0:
+      raise app.UsageError(f'--configs entry {config!r}: FRACTION '
+                           f'{fields[2]!r} is not in (0, 1].')
     return dict(kind='claim', family='imagenet', depth=101,
-                model_type='vanilla', batch=int(batch), halt='never',
-                size=224, fraction=float(fraction))
-  if fields[0] == 'train':
-    depth, model_type, batch, steps = fields[1:5]
-    variant = fields[5] if len(fields) > 5 else 'scan'
-    if variant not in _TRAIN_VARIANTS:
-      raise ValueError(f'{config}: variant {variant!r} is not one of '
-                       f'{", ".join(_TRAIN_VARIANTS)}.')
-    return dict(kind='train', family='cifar', depth=int(depth),
-                model_type=model_type, batch=int(batch), steps=int(steps),
-                variant=variant)
-  family, depth, model_type, batch, halt = fields[1:6]
-  size = int(fields[6]) if len(fields) > 6 else (32 if family == 'cifar'
-                                                 else 224)
-  return dict(kind='infer', family=family, depth=int(depth),
-              model_type=model_type, batch=int(batch), halt=halt, size=size)
+                model_type='vanilla', batch=batch, halt='never',
+                size=224, fraction=fraction)
+  if kind == 'train':
+    depth = _positive(config, 'DEPTH', fields[1])
+    _one_of(config, 'CIFAR DEPTH', depth, _DEPTHS['cifar'])
+    return dict(kind='train', family='cifar', depth=depth,
+                model_type=_one_of(config, 'TYPE', fields[2], _MODEL_TYPES),
+                batch=_positive(config, 'BATCH', fields[3]),
+                steps=_positive(config, 'STEPS', fields[4]),
+                variant=_one_of(config, 'VARIANT', (fields + ['scan'])[5],
+                                _TRAIN_VARIANTS))
+  family = _one_of(config, 'FAMILY', fields[1], tuple(_DEPTHS))
+  depth = _positive(config, 'DEPTH', fields[2])
+  _one_of(config, f'{family} DEPTH', depth, _DEPTHS[family])
+  default_size = '32' if family == 'cifar' else '224'
+  return dict(kind='infer', family=family, depth=depth,
+              model_type=_one_of(config, 'TYPE', fields[3], _MODEL_TYPES),
+              batch=_positive(config, 'BATCH', fields[4]),
+              halt=_one_of(config, 'HALT', fields[5], _HALTS),
+              size=_positive(config, 'SIZE', (fields + [default_size])[6]))
 
 
 # ---------------------------------------------------------------------------
@@ -532,6 +577,7 @@ def main(argv):
       continue
     runs = {'tf_dense': [], 'tf_sparse': [], 'jax_dense': [],
             'jax_sparse': []}
+    first = len(records)
     for rep in range(_PROCESSES.value):
       if have_tf:
         for variant, command in _tf_commands(config, tfref, _REPS.value):
@@ -545,10 +591,18 @@ def main(argv):
       else:
         r = _run_json(_worker_command(config, f'--reps={_REPS.value}'),
                       env if kind == 'train' else infer_env)
-      r.update(rep=rep)
+      r.update(config=config, impl='jax', rep=rep)
       records.append(r)
       runs['jax_dense'].append(r.get('median_s'))
       runs['jax_sparse'].append(r.get('sparse_median_s'))
+    for r in records[first:]:  # The last stderr line of a failed process.
+      if 'error' in r:
+        side = ' '.join([r['impl']] + ([r['variant']] if 'variant' in r
+                                       else []))
+        error = r['error']
+        error = error if isinstance(error, str) else ' '.join(error)
+        print(f'{config} ({side}, rep {r["rep"]}): {error or "failed"}',
+              file=sys.stderr, flush=True)
     row = {'config': config, **{k: _median(v) for k, v in runs.items()}}
     summary.append(row)
     print(json.dumps(row), file=sys.stderr, flush=True)
@@ -560,6 +614,11 @@ def main(argv):
       'glibc_tunables': {'jax': infer_env.get('GLIBC_TUNABLES', ''),
                          'tf': tf_env.get('GLIBC_TUNABLES', '')}})
   print(f'Wrote {_OUT.value}')
+  sides = ('tf', 'jax') if have_tf else ('jax',)
+  timeless = [f'{r["config"]} ({side})' for r in summary for side in sides
+              if r[f'{side}_dense'] is None]
+  if timeless:  # Written all the same: the records hold the errors.
+    sys.exit(f'No times for {", ".join(timeless)} (errors above).')
 
 
 if __name__ == '__main__':
