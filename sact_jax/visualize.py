@@ -38,6 +38,8 @@ COLORBAR_INCHES = 0.9
 # Of which the bar itself (the rest: ticks, label, margin).
 _BAR_INCHES = 0.15
 DPI = 100
+# Opacity of a map drawn over its (grey) image.
+_OVERLAY_ALPHA = 0.6
 # Images per file of `save_ponder_maps`.
 ROWS_PER_PAGE = 8
 # Photographs that scikit-image ships with its package (no download).
@@ -201,7 +203,8 @@ def render_ponder_figure(images: Sequence[np.ndarray],
         ax.imshow(image.mean(axis=-1), cmap='gray', extent=extent,
                   interpolation='nearest')
       ax.imshow(column[row], cmap=COLORMAP, norm=norm, extent=extent,
-                interpolation='nearest', alpha=0.6 if overlay else 1.0)
+                interpolation='nearest',
+                alpha=_OVERLAY_ALPHA if overlay else 1.0)
       _outline(ax, mask, extent)
       ax.set_xlim(0, img_w)
       ax.set_ylim(img_h, 0)
@@ -222,6 +225,9 @@ def render_ponder_figure(images: Sequence[np.ndarray],
     colorbar.update_ticks()
     colorbar.ax.tick_params(labelsize=7)
     colorbar.set_label(PONDER_COST_LABEL, fontsize=7)
+    if overlay:  # The maps' colours as drawn: translucent over mid grey.
+      colorbar.ax.set_facecolor('0.5')
+      colorbar.solids.set_alpha(_OVERLAY_ALPHA)
   return fig
 
 
