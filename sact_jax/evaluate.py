@@ -113,9 +113,11 @@ def per_image_stats(logits_BxK: jax.Array, labels_B: jax.Array,
   batch = logits_BxK.shape[0]
   labels_B = jnp.asarray(labels_B, jnp.int32)
   label_logit_B = jnp.take_along_axis(logits_BxK, labels_B[:, None], axis=1)
-  # As tf.nn.in_top_k: classes tied with the label's logit count for it;
-  # a label outside [0, K) or a row with a non-finite logit is never
-  # correct (a model that diverged to NaN scores 0%, not 100%).
+  # As the reference: top-1 is the argmax's (the first of tied classes,
+  # as `tf.argmax` for slim's streaming accuracy); top-5 as tf.nn.in_top_k
+  # (classes tied with the label's logit count for it). A label outside
+  # [0, K) or a row with a non-finite logit is never correct (a model that
+  # diverged to NaN scores 0%, not 100%).
   valid_B = ((labels_B >= 0) & (labels_B < logits_BxK.shape[1])
              & jnp.all(jnp.isfinite(logits_BxK), axis=1))
   rank_B = jnp.sum(logits_BxK > label_logit_B, axis=1)

@@ -157,6 +157,14 @@ class MetricsTest(parameterized.TestCase):
       metrics = evaluate.compute_metrics(logits, [label], [1.0], [])
       self.assertEqual(metrics['top5_accuracy'], top5)
 
+  def test_top1_is_the_argmax(self):
+    """Of two tied classes the first is the prediction (the reference's
+    accuracy of tf.argmax), unlike in_top_k(k=1)."""
+    logits = np.array([[1, 1, 0], [1, 1, 0]], np.float32)
+    metrics = evaluate.compute_metrics(logits, [0, 1], [1.0, 1.0], [])
+    self.assertEqual(metrics['top1_accuracy'], 0.5)
+    self.assertEqual(metrics['top5_accuracy'], 1.0)
+
   @parameterized.named_parameters(
       ('nan_row', [[np.nan] * 7], 0),
       ('one_inf_logit', [[5, 4, 3, 2, 1, np.inf, 0]], 0),

@@ -49,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.tau_warmup_steps = 1000
 
   detector = config.detector
-  # Objects are 12-28 pixels across: anchors of 16, 32 and 64 pixels
+  # Objects are 10-32 pixels across: anchors of 16, 32 and 64 pixels
   # (base 32 at scales 0.5-2), three aspect ratios, on the 6x6 map.
   detector.anchor_base_size = 32.0
   detector.anchor_scales = (0.5, 1.0, 2.0)
