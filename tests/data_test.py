@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from sact_jax import data
+from sact_jax.data import inception
 from sact_jax.data import pipeline
 from sact_jax.data import shapes
 
@@ -399,17 +400,65 @@ class ImagenetPipelineTest(parameterized.TestCase):
     np.testing.assert_allclose(out[4, 4], (200, 100, 0), atol=3)
 
   def test_inception_crop_window(self):
+    """As tf.image.sample_distorted_bounding_box with slim's settings."""
     rng = np.random.default_rng(0)
-    areas = []
-    for _ in range(200):
-      top, left, h, w = pipeline._inception_crop_window(300, 400, rng)
-      self.assertTrue(0 <= top and top + h <= 300)
-      self.assertTrue(0 <= left and left + w <= 400)
-      areas.append(h * w / (300 * 400))
-      if (h, w) != (300, 400):
-        self.assertBetween(w / h, 3 / 4 - 0.02, 4 / 3 + 0.02)
-    self.assertBetween(min(areas), 0.075, 0.3)
-    self.assertGreater(max(areas), 0.8)
+    windows = np.array([inception.crop_window(300, 400, rng)
+                        for _ in range(2000)])
+    top, left, h, w = windows.T
+    self.assertTrue(np.all((top >= 0) & (top + h <= 300)))
+    self.assertTrue(np.all((left >= 0) & (left + w <= 400)))
+    # TF never draws the last offset of a window smaller than the image.
+    self.assertTrue(np.all((top + h < 300) | (h == 300)))
+    areas = h * w / (300 * 400)
+    self.assertGreaterEqual(areas.min(), inception.MIN_OBJECT_COVERED)
+    self.assertLessEqual(areas.max(), 1.0)
+    self.assertTrue(np.all((w / h > 0.74) & (w / h < 1.34)))
+    # TF's own windows (3000, same settings) had median area 0.361 and
+    # quartiles 0.211 / 0.534: the height, not the area, is uniform.
+    np.testing.assert_allclose(np.quantile(areas, [0.25, 0.5, 0.75]),
+                               [0.211, 0.361, 0.534], atol=0.03)
+    # No window fits: the whole image.
+    self.assertEqual(inception.crop_window(1, 1, rng), (0, 0, 1, 1))
+
+
+class InceptionVsTfTest(parameterized.TestCase):
+  """`inception.py` against the TF ops the reference's preprocessing ran."""
+
+  def test_eval_crop_and_resize(self):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    image = np.random.default_rng(1).integers(0, 256, (75, 100, 3),
+                                              np.uint8)
+    for size in (64, 224):  # Shrinking and enlarging.
+      want = tf.compat.v1.image.resize_bilinear(
+          tf.image.central_crop(tf.image.convert_image_dtype(
+              image, tf.float32), 0.875)[None], [size, size],
+          align_corners=False)[0].numpy()
+      np.testing.assert_allclose(inception.eval_image(image, size) / 255,
+                                 want, atol=1e-4)
+
+  @parameterized.parameters(
+      ('adjust_brightness', 0.1), ('adjust_contrast', 1.3),
+      ('adjust_contrast', 0.6), ('adjust_saturation', 1.4),
+      ('adjust_saturation', 0.6), ('adjust_hue', 0.15),
+      ('adjust_hue', -0.2))
+  def test_colour_steps(self, name, value):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    image = np.random.default_rng(2).uniform(
+        0, 1, (16, 16, 3)).astype(np.float32)
+    np.testing.assert_allclose(getattr(inception, name)(image, value),
+                               getattr(tf.image, name)(image, value).numpy(),
+                               atol=1e-5)
+
+  def test_train_image(self):
+    image = np.random.default_rng(3).integers(0, 256, (60, 80, 3), np.uint8)
+    rng = np.random.default_rng(4)
+    outs = [inception.train_image(image, rng, 32) for _ in range(8)]
+    for out in outs:
+      chex.assert_shape(out, (32, 32, 3))
+      self.assertEqual(out.dtype, np.float32)
+      self.assertBetween(out.min(), 0.0, 255.0)
+      self.assertBetween(out.max(), 0.0, 255.0)
+    self.assertGreater(np.abs(outs[0] - outs[1]).mean(), 1.0)  # Random.
 
 
 class HelpersTest(parameterized.TestCase):

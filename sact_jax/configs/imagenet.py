@@ -42,7 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config = configs.base_config()
   config.dataset = 'imagenet2012'
-  # Inception-style random crops resized to this side (eval: central crop).
+  # Inception preprocessing (sact_jax/data/inception.py) to this side.
   config.image_size = 224
   # Preprocessing (JPEG decoding, resizing) is heavy: use worker processes.
   config.data_workers = 8

@@ -5,9 +5,10 @@ the preprocessing of the reference SACT code:
 
 * `cifar10`: train: zero-pad to 36x36, random 32x32 crop, random horizontal
   flip; then (train and eval) per-image standardisation.
-* `imagenet2012`: train: Inception-style random resized crop (area 8-100%,
-  aspect 3/4-4/3) and random flip; eval: central 87.5% crop; both resized to
-  224x224 and scaled to [-1, 1].
+* `imagenet2012`: TF-slim's Inception preprocessing, as the reference
+  (`inception.py`): train: random crop, resize, flip and colour distortion;
+  eval: central 87.5% crop, bilinear resize; both to 224x224, scaled to
+  [-1, 1].
 * `sact_shapes` (generated locally, see `shapes.py`): as `cifar10`, and the
   object mask is cropped and flipped with its image.
 
@@ -29,6 +30,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
+from sact_jax.data import inception
 from sact_jax.data import shapes
 
 Example = dict[str, Any]
@@ -116,8 +118,6 @@ _PREPARE_HINTS = {
 
 # Pixels of zero padding on each side before a random crop (CIFAR-style).
 _CROP_PADDING = 2
-# Fraction of the image kept by the ImageNet evaluation crop.
-_EVAL_CROP_FRACTION = 0.875
 
 
 def dataset_info(name: str) -> DatasetInfo:
@@ -487,7 +487,7 @@ def _preprocess_shapes(examples: list[Example],
 def _preprocess_imagenet(examples: list[Example],
                          rng: np.random.Generator | None, *, train: bool,
                          image_size: int) -> Example:
-  """ImageNet: Inception crop and flip, or central crop; resized."""
+  """ImageNet: the reference's Inception preprocessing (`inception.py`)."""
   images = [_crop_resize_imagenet(example['image'], rng, train=train,
                                   image_size=image_size)
             for example in examples]
@@ -498,24 +498,11 @@ def _preprocess_imagenet(examples: list[Example],
 def _crop_resize_imagenet(image: np.ndarray | bytes,
                           rng: np.random.Generator | None, *, train: bool,
                           image_size: int) -> np.ndarray:
-  """Crops one image (random or central), resizes it, maybe flips it."""
-  # Lazy: PIL is only needed for photographs.
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  """One image as the reference preprocesses it (`inception.py`)."""
   image = _decode_rgb(image)
-  height, width = image.shape[:2]
   if train:
-    top, left, crop_h, crop_w = _inception_crop_window(height, width, rng)
-  else:
-    # As tf.image.central_crop.
-    top = int((height - height * _EVAL_CROP_FRACTION) / 2)
-    left = int((width - width * _EVAL_CROP_FRACTION) / 2)
-    crop_h, crop_w = height - 2 * top, width - 2 * left
-  pil = Image.fromarray(image).resize(
-      (image_size, image_size), Image.BILINEAR,
-      box=(left, top, left + crop_w, top + crop_h))
-  if train and rng.random() < 0.5:
-    pil = pil.transpose(Image.FLIP_LEFT_RIGHT)
-  return np.asarray(pil)
+    return inception.train_image(image, rng, image_size)
+  return inception.eval_image(image, image_size)
 
 
 def _decode_rgb(image: np.ndarray | bytes) -> np.ndarray:
@@ -524,34 +511,6 @@ def _decode_rgb(image: np.ndarray | bytes) -> np.ndarray:
     from PIL import Image  # pylint: disable=g-import-not-at-top
     image = np.asarray(Image.open(io.BytesIO(image)).convert('RGB'))
   return image
-
-
-def _inception_crop_window(height: int, width: int, rng: np.random.Generator,
-                           attempts: int = 10) -> tuple[int, int, int, int]:
-  """Random crop of 8-100% of the area, aspect 3/4-4/3, as in Inception.
-
-  Falls back to the whole image when no sampled window fits, as TF's
-  `sample_distorted_bounding_box` does.
-
-  Args:
-    height: image height.
-    width: image width.
-    rng: numpy generator.
-    attempts: windows to sample before the fallback.
-
-  Returns:
-    (top, left, crop height, crop width).
-  """
-  for _ in range(attempts):
-    area = rng.uniform(0.08, 1.0) * height * width
-    aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-    crop_w = int(round(math.sqrt(area * aspect)))
-    crop_h = int(round(math.sqrt(area / aspect)))
-    if 0 < crop_h <= height and 0 < crop_w <= width:
-      top = int(rng.integers(0, height - crop_h + 1))
-      left = int(rng.integers(0, width - crop_w + 1))
-      return top, left, crop_h, crop_w
-  return 0, 0, height, width
 
 
 # Per dataset: the geometry (crops, flips, resizing; masks move along) ...
