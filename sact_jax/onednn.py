@@ -207,13 +207,15 @@ def disabled():
 def enabled() -> bool:
   """Whether convolutions traced now run oneDNN's kernels (if supported).
 
-  Not while disabled, and not where JAX has more than one device: XLA
-  cannot partition a custom call, so under a data-parallel mesh it would
-  run every device's convolution on the whole batch, and a process of 8
-  CPU devices running 8 OpenMP teams on 2 cores stalled until XLA's
-  collectives timed out.
+  Only where the CPU is JAX's default backend (a GPU or TPU process never
+  builds or loads the library). Not while disabled, and not where JAX has
+  more than one device: XLA cannot partition a custom call, so under a
+  data-parallel mesh it would run every device's convolution on the whole
+  batch, and a process of 8 CPU devices running 8 OpenMP teams on 2 cores
+  stalled until XLA's collectives timed out.
   """
-  return not _disabled and jax.device_count() == 1 and available()
+  return (not _disabled and jax.default_backend() == 'cpu'
+          and jax.device_count() == 1 and available())
 
 
 def _out_hw(x_shape, w_shape, strides, padding) -> tuple[int, int]:

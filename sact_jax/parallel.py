@@ -29,6 +29,24 @@ def make_mesh(devices: Any = None) -> jax.sharding.Mesh:
                        devices=devices)
 
 
+def check_platform(mesh: jax.sharding.Mesh) -> None:
+  """Refuses a mesh of accelerators in a process whose default is the CPU.
+
+  Models pick their CPU paths (oneDNN custom calls) by JAX's default
+  backend when they are built and traced; programs of such a model do not
+  run on a GPU or TPU.
+
+  Raises:
+    ValueError: one line saying how to make the accelerator the default.
+  """
+  platform = mesh.devices.flat[0].platform
+  if jax.default_backend() == 'cpu' and platform != 'cpu':
+    raise ValueError(
+        f'The mesh is on {platform} but JAX\'s default backend is the CPU, '
+        'whose models call oneDNN: make the accelerator the default (e.g. '
+        f'JAX_PLATFORMS={platform},cpu, not cpu,{platform}).')
+
+
 def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 

@@ -109,6 +109,7 @@ class Trainer:
              compiler_options: dict[str, str] | None = None) -> 'Trainer':
     """Compiles nothing yet; `compiler_options` None: the backend's
     (`conv.compiler_options`), {}: XLA's defaults."""
+    parallel.check_platform(mesh)
     if compiler_options is None:
       compiler_options = conv.compiler_options(
           mesh.devices.flat[0].platform)

@@ -14,6 +14,8 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import types
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -26,6 +28,7 @@ import numpy as np
 
 from sact_jax import conv
 from sact_jax import onednn
+from sact_jax import parallel
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 _ON_X86_LINUX = (platform.system() == 'Linux'
@@ -565,6 +568,29 @@ _WIDTH_FLAGS = {
     8: _X86_64_V3,
     4: set(),  # x86-64's baseline (SSE2).
 }
+
+
+class BackendTest(absltest.TestCase):
+
+  def test_only_a_cpu_default_backend_uses_onednn(self):
+    """A GPU or TPU process neither builds the library nor routes to it."""
+    with mock.patch.object(onednn, 'available',
+                           side_effect=AssertionError('built')), \
+        mock.patch.object(jax, 'default_backend', return_value='gpu'):
+      self.assertFalse(onednn.enabled())
+
+  def test_an_accelerator_mesh_needs_an_accelerator_default(self):
+    def mesh_on(platform):
+      device = types.SimpleNamespace(platform=platform)
+      return types.SimpleNamespace(devices=np.array([device], object))
+    with mock.patch.object(jax, 'default_backend', return_value='cpu'):
+      with self.assertRaisesRegex(
+          ValueError, r'mesh is on gpu but .* JAX_PLATFORMS=gpu,cpu'):
+        parallel.check_platform(mesh_on('gpu'))
+      parallel.check_platform(mesh_on('cpu'))
+    with mock.patch.object(jax, 'default_backend', return_value='gpu'):
+      parallel.check_platform(mesh_on('gpu'))
+      parallel.check_platform(mesh_on('cpu'))  # Slower, but it works.
 
 
 class TapSumsTest(parameterized.TestCase):

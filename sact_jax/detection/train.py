@@ -251,6 +251,7 @@ class Trainer:
 
   def __init__(self, config: ml_collections.ConfigDict,
                mesh: jax.sharding.Mesh):
+    parallel.check_platform(mesh)
     self.config, self.mesh = config, mesh
     self.detector = detector_config(config)
     # Saved with checkpoints: a workdir holds one backbone's detectors.
