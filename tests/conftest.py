@@ -10,11 +10,18 @@
   those tests would then need loose bounds that hide real bugs. On the CPU
   this changes nothing (float32 at every precision). What users run, the
   default precision, is covered by `sparse_test.DefaultPrecisionTest`.
+* One CPU device in the test processes, whatever `XLA_FLAGS` says: tests of
+  several devices start processes of their own (`multidevice_test.py`),
+  and the tests of oneDNN's routing need it on, which it is only on one
+  device (`onednn.enabled`).
 """
 
 import os
 
 os.environ.setdefault('JAX_DEFAULT_PRNG_IMPL', 'rbg')
+os.environ['XLA_FLAGS'] = ' '.join(
+    flag for flag in os.environ.get('XLA_FLAGS', '').split()
+    if not flag.startswith('--xla_force_host_platform_device_count'))
 
 import jax  # pylint: disable=g-import-not-at-top
 
