@@ -34,8 +34,8 @@ and dearest ones into `ponder_maps_by_cost.png`, as the SACT paper's
 ImageNet figure.
 
 Bad input (flags, a missing checkpoint, a vanilla model, an output directory
-that cannot be written, an `--images` pattern that matches no file or only non-images)
-ends with one `error:` line and exit status 2 (see
+that cannot be written, an `--images` pattern that matches no file or only
+non-images) ends with one `error:` line and exit status 2 (see
 experiments/_cli.py).
 """
 

@@ -6,8 +6,8 @@ with the object outline where the dataset has masks) and, with several
 blocks, their sum (the map of where the network spent its residual units).
 Every map column has one colour scale for all rows (and all pages of one
 figure), drawn as a colorbar under the column, so rows compare directly;
-a wrong prediction's title is red. Drawn with matplotlib's object API on the Agg canvas:
-no pyplot state, no display needed.
+a wrong prediction's title is red. Drawn with matplotlib's object API on
+the Agg canvas: no pyplot state, no display needed.
 """
 
 import os
