@@ -163,7 +163,8 @@ def summarize(stats: Mapping[str, np.ndarray], *,
   Returns:
     A JSON-compatible dict: `num_examples`, `top1_accuracy` and
     `top5_accuracy` (fractions), `flops_mean`, `flops_std` (population std
-    over images), `vanilla_flops`, `flops_percent_of_vanilla`,
+    over all images; the original averaged the std of each batch of 100,
+    which runs slightly lower), `vanilla_flops`, `flops_percent_of_vanilla`,
     `flops_std_percent_of_vanilla`, `ponder_cost_per_block`,
     `ponder_cost_total` (sum of block means), and `ponder_inside_per_block`,
     `ponder_outside_per_block`, `ponder_inside_total`,

@@ -464,8 +464,8 @@ class ConfigTest(parameterized.TestCase):
     validation.validate_config(config)
     self.assertEqual(validation.label_offset(config), 1)  # 1001 classes.
     self.assertEqual((config.learning_rate, config.label_smoothing,
-                      config.weight_decay, config.tau),
-                     (0.05, 0.1, 1e-4, 0.005))
+                      config.weight_decay, config.tau, config.ema_decay),
+                     (0.05, 0.1, 1e-4, 0.005, 0.9999))
     epoch = 1_281_167 // config.batch_size
     self.assertEqual(tuple(config.lr_boundaries), (30 * epoch, 60 * epoch))
 
