@@ -178,22 +178,33 @@ def is_model_checkpoint(directory: str | os.PathLike) -> bool:
   return True
 
 
-def read_spec(directory: str | os.PathLike) -> ModelSpec:
-  """The architecture of a model checkpoint, without loading any weights."""
-  directory = pathlib.Path(directory)
+def _read_checkpoint(directory: pathlib.Path
+                     ) -> tuple[ModelSpec, dict, list[str]]:
+  """`_read_spec_file` of a directory the caller named as a checkpoint.
+
+  Raises:
+    FileNotFoundError: there is no such directory.
+    CheckpointError: as `_read_spec_file`; a training workdir is named as
+      such (its model: `restore_latest_model`).
+  """
   if not directory.is_dir():
     raise FileNotFoundError(f'No model checkpoint at {directory}: no such '
                             'directory.')
-  return _read_spec_file(directory)[0]
+  if (directory / RUN_DIR).is_dir() and not (directory / SPEC_FILE).exists():
+    raise CheckpointError(
+        f'{directory} is a training workdir, not a model checkpoint: '
+        'restore its latest checkpoint with restore_latest_model.')
+  return _read_spec_file(directory)
+
+
+def read_spec(directory: str | os.PathLike) -> ModelSpec:
+  """The architecture of a model checkpoint, without loading any weights."""
+  return _read_checkpoint(pathlib.Path(directory))[0]
 
 
 def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
   """The free-form metadata stored with `save_model(..., metadata=)`."""
-  directory = pathlib.Path(directory)
-  if not directory.is_dir():
-    raise FileNotFoundError(f'No model checkpoint at {directory}: no such '
-                            'directory.')
-  return _read_spec_file(directory)[1]
+  return _read_checkpoint(pathlib.Path(directory))[1]
 
 
 def _check_model_matches_spec(model: nnx.Module, spec: ModelSpec):
@@ -364,14 +375,7 @@ def restore_model(directory: str | os.PathLike,
       architecture in its spec, or the model was saved with other classes.
   """
   directory = pathlib.Path(directory).absolute()
-  if not directory.is_dir():
-    raise FileNotFoundError(f'No model checkpoint at {directory}: no such '
-                            'directory.')
-  if (directory / RUN_DIR).is_dir() and not (directory / SPEC_FILE).exists():
-    raise CheckpointError(
-        f'{directory} is a training workdir, not a model checkpoint: '
-        'restore its latest checkpoint with restore_latest_model.')
-  spec, _, saved_classes = _read_spec_file(directory)
+  spec, _, saved_classes = _read_checkpoint(directory)
   model = _restore_state(directory, spec, **model_kwargs)
   built = _custom_classes(model)
   if built != saved_classes:

@@ -250,10 +250,12 @@ class CustomClassesTest(absltest.TestCase):
   def test_a_training_workdir_is_named_as_such(self):
     workdir = _tempdir(self)
     (workdir / checkpoint.RUN_DIR).mkdir()
-    with self.assertRaisesRegex(checkpoint.CheckpointError,
-                                'is a training workdir, not a model '
-                                'checkpoint: .* restore_latest_model'):
-      checkpoint.restore_model(workdir)
+    for read in (checkpoint.restore_model, checkpoint.read_spec,
+                 checkpoint.read_metadata):
+      with self.assertRaisesRegex(checkpoint.CheckpointError,
+                                  'is a training workdir, not a model '
+                                  'checkpoint: .* restore_latest_model'):
+        read(workdir)
 
 
 class RestoreIntoTest(absltest.TestCase):
