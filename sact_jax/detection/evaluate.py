@@ -107,8 +107,8 @@ def evaluate_detector(model: faster_rcnn.FasterRCNN,
   """
   detector = faster_rcnn.DetectorConfig.from_config(config)
   info = detection_data.detection_info(config.dataset)
-  size = config.get('image_size')
-  size = info.image_size if size is None else size
+  size = detection_data.check_image_size(config.dataset,
+                                        config.get('image_size'))
   batch_size = config.eval_batch_size
   if batch_size % jax.process_count():
     raise ValueError(f'eval_batch_size={batch_size} is not divisible by the '
@@ -209,8 +209,8 @@ def detection_examples(model: faster_rcnn.FasterRCNN,
   check_num_images(config, num_images)
   detector = faster_rcnn.DetectorConfig.from_config(config)
   info = detection_data.detection_info(config.dataset)
-  size = config.get('image_size')
-  size = info.image_size if size is None else size
+  size = detection_data.check_image_size(config.dataset,
+                                        config.get('image_size'))
   batch = next(iter(detection_data.make_detection_dataset(
       config.dataset, f'{info.eval_split}[:{num_images}]',
       batch_size=num_images, train=False, data_dir=config.get('data_dir'),

@@ -335,9 +335,8 @@ def train(config: ml_collections.ConfigDict,
   """
   validate_config(config, workdir)
   trainer = Trainer(config, parallel.make_mesh())
-  size = config.get('image_size')
-  if size is None:
-    size = detection_data.detection_info(config.dataset).image_size
+  size = detection_data.check_image_size(config.dataset,
+                                        config.get('image_size'))
 
   def console_line(step, total, scalars, left):
     logging.info(
