@@ -47,6 +47,38 @@ def start_process(reuse_freed_memory: bool, cache_dir: str) -> None:
   configure_jax(cache_dir)
 
 
+def check_choices(flag, allowed, *, empty_ok: bool = False,
+                  note: str = '') -> list[str]:
+  """A list flag's values, each one of `allowed`, or a one-line UsageError.
+
+  For a benchmark's `main`, before any work: a typo would otherwise time
+  nothing (or another variant) and write over the committed results.
+
+  Args:
+    flag: the flag's holder (`flags.DEFINE_list`'s return value).
+    allowed: the values it may take.
+    empty_ok: whether no value (or None) is allowed too.
+    note: said after the allowed values (e.g. what they depend on).
+  """
+  from absl import app  # pylint: disable=g-import-not-at-top
+  values = flag.value or []
+  allowed = [str(a) for a in allowed]
+  if (not values and not empty_ok) or any(v not in allowed for v in values):
+    raise app.UsageError(f'--{flag.name}={",".join(values)}: each must be '
+                         f'one of {", ".join(allowed)}{note}.')
+  return values
+
+
+def check_positive_ints(flag) -> list[int]:
+  """A list flag's values as integers >= 1, or a one-line UsageError."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  values = flag.value or []
+  if not values or not all(v.isdigit() and int(v) >= 1 for v in values):
+    raise app.UsageError(f'--{flag.name}={",".join(values)}: each must be '
+                         'an integer >= 1.')
+  return [int(v) for v in values]
+
+
 def write_json(path: str, data, indent: int = 1) -> None:
   """A benchmark's results as JSON at `path`, its folder made if need be."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -164,17 +164,10 @@ def _check_flags() -> None:
   """One-line UsageError for a bad flag, before any timing: a typo would
   otherwise time nothing (or another variant) and write over the results.
   """
-  for flag, allowed in ((_SHAPES, tuple(_SHAPE_SETS)),
-                        (_FORMULATIONS, conv.FORMULATIONS),
-                        (_OPTIONS, _OPTION_NAMES)):
-    unknown = [v for v in flag.value if v not in allowed]
-    if unknown or not flag.value:
-      raise app.UsageError(f'--{flag.name}={",".join(flag.value)}: each '
-                           f'must be one of {", ".join(allowed)}.')
-  if not all(b.isdigit() and int(b) >= 1 for b in _BATCHES.value) or (
-      not _BATCHES.value):
-    raise app.UsageError(f'--batches={",".join(_BATCHES.value)}: each must '
-                         'be an integer >= 1.')
+  benchmarks.check_choices(_SHAPES, _SHAPE_SETS)
+  benchmarks.check_choices(_FORMULATIONS, conv.FORMULATIONS)
+  benchmarks.check_choices(_OPTIONS, _OPTION_NAMES)
+  benchmarks.check_positive_ints(_BATCHES)
   needs_onednn = [f for f in ('onednn', 'rows') if f in _FORMULATIONS.value]
   if needs_onednn and not onednn.available():
     raise app.UsageError(f'--formulations={needs_onednn[0]}: oneDNN is '

@@ -165,11 +165,9 @@ def _check_flags() -> None:
       raise app.UsageError(f'--programs entry {program!r} is not KIND:FAMILY:'
                            f'BATCH (KIND forward or train, FAMILY '
                            f'{" or ".join(_MODELS)}, BATCH >= 1).')
-  for flag, names in ((_TYPES, ('vanilla', 'act', 'sact')),
-                      (_REMAT, tuple(_MODELS))):
-    if unknown := [v for v in flag.value if v not in names]:
-      raise app.UsageError(f'--{flag.name}: {", ".join(unknown)} is not one '
-                           f'of {", ".join(names)}.')
+  benchmarks.check_choices(_TYPES, ('vanilla', 'act', 'sact'),
+                           empty_ok=True)
+  benchmarks.check_choices(_REMAT, _MODELS, empty_ok=True)
 
 
 def main(argv):

@@ -49,10 +49,7 @@ _SHAPES = (('conv1 1024->256', 1024, 256), ('conv2 2304->256', 2304, 256),
 
 def main(argv):
   del argv
-  if not _ROWS.value or not all(r.isdigit() and int(r) >= 1
-                                for r in _ROWS.value):
-    raise app.UsageError(f'--rows={",".join(_ROWS.value)}: each must be an '
-                         'integer >= 1.')
+  benchmarks.check_positive_ints(_ROWS)
   if _REPS.value < 1 or _WEIGHTS.value < 1:
     raise app.UsageError('--reps and --weights must be >= 1.')
   host_memory.reuse_freed_memory()

@@ -703,12 +703,8 @@ def _numbers(flag, kind, valid, what: str) -> list:
 def check_flags() -> dict:
   """The flags checked before any model is built (a typo would fail
   minutes in, or not at all); returns the sparse options."""
-  if unknown := [f for f in _FAMILIES.value if f not in _CONFIGS]:
-    raise app.UsageError(f'--families: {", ".join(unknown)} is not one of '
-                         f'{", ".join(_CONFIGS)}.')
-  if not _FAMILIES.value:
-    raise app.UsageError('--families is empty.')
-  _numbers(_BATCH_SIZES, int, lambda b: b >= 1, 'an integer >= 1')
+  benchmarks.check_choices(_FAMILIES, _CONFIGS)
+  benchmarks.check_positive_ints(_BATCH_SIZES)
   _numbers(_FRACTIONS, float, lambda f: 0.0 < f <= 1.0, 'in (0, 1]')
   try:
     options = json.loads(_SPARSE_OPTIONS.value)

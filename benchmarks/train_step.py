@@ -102,17 +102,10 @@ def time_configs(depth, model_type, variants, batch, repeats, compile_only,
 def _check_flags() -> None:
   """One-line UsageError for a bad flag, before any model is built."""
   known = cifar10.DEPTHS if _FAMILY.value == 'cifar' else imagenet.DEPTHS
-  allowed = [str(d) for d in sorted(known)]
-  for flag, values, names in (
-      (_DEPTHS, _DEPTHS.value or [], allowed),
-      (_TYPES, _TYPES.value, ['vanilla', 'act', 'sact']),
-      (_VARIANTS, _VARIANTS.value, list(steps.VARIANT_CONFIG))):
-    unknown = [v for v in values if v not in names]
-    if unknown or (flag is not _DEPTHS and not values):
-      raise app.UsageError(f'--{flag.name}={",".join(values)}: each must be '
-                           f'one of {", ".join(names)}'
-                           + (f' ({_FAMILY.value})' if flag is _DEPTHS
-                              else '') + '.')
+  benchmarks.check_choices(_DEPTHS, sorted(known), empty_ok=True,
+                           note=f' ({_FAMILY.value})')
+  benchmarks.check_choices(_TYPES, ('vanilla', 'act', 'sact'))
+  benchmarks.check_choices(_VARIANTS, steps.VARIANT_CONFIG)
 
 
 def main(argv):
