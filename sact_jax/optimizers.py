@@ -1,9 +1,10 @@
 """The optimizer, its learning-rate schedules and the weights' moving average.
 
 SGD with heavy-ball momentum as TF's MomentumOptimizer (`v = m v + g`), a
-learning rate that is either the reference's piecewise constant schedule or a
-linear warm-up and cosine decay, and an exponential moving average of the
-model variables as TF's `ExponentialMovingAverage`.
+learning rate that is one of the reference's step schedules (piecewise
+constant for CIFAR, staircase exponential decay for ImageNet) or a linear
+warm-up and cosine decay, and an exponential moving average of the model
+variables as TF's `ExponentialMovingAverage`.
 """
 
 from typing import Any, Callable
@@ -21,11 +22,21 @@ def learning_rate_schedule(config: ml_collections.ConfigDict
 
   'piecewise', as TF `piecewise_constant(step, boundaries, ...)`:
   `learning_rate * scales[i]` where i is the number of boundaries strictly
-  below `step` (scale 1 before the first). 'cosine': optax's linear warm-up
-  from 0 to `learning_rate` over `warmup_steps`, then cosine decay to 0 at
+  below `step` (scale 1 before the first). 'staircase', as TF
+  `exponential_decay(..., staircase=True)`: `learning_rate *
+  lr_decay_factor ** (step // lr_decay_steps)`, so the rate drops at the
+  step that is a multiple of `lr_decay_steps`, one step before 'piecewise'
+  with that boundary would. 'cosine': optax's linear warm-up from 0 to
+  `learning_rate` over `warmup_steps`, then cosine decay to 0 at
   `num_train_steps`.
   """
-  if config.get('lr_schedule', 'piecewise') == 'cosine':
+  kind = config.get('lr_schedule', 'piecewise')
+  if kind == 'staircase':
+    return optax.exponential_decay(
+        init_value=config.learning_rate,
+        transition_steps=config.lr_decay_steps,
+        decay_rate=config.lr_decay_factor, staircase=True)
+  if kind == 'cosine':
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=config.learning_rate,
         warmup_steps=config.warmup_steps,

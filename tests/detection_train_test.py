@@ -1,4 +1,4 @@
-"""Detection training end to end: train, resume, evaluate, restore, COCO data."""
+"""Detection training end to end: train, resume, evaluate, restore, COCO."""
 
 import json
 import os

@@ -298,8 +298,9 @@ def write_cat2000(root: str) -> dict[str, np.ndarray]:
   """Writes a CAT2000-layout folder; returns each image's fixation map.
 
   2 categories x 2 images, fixations as 8x8 blocks (one image's as exact
-  locations in a .mat instead). Uniform 8x8-aligned blocks in a greyscale JPEG at quality 100 decode
-  exactly, so "nonzero = fixated" gives back the blocks.
+  locations in a .mat instead). Uniform 8x8-aligned blocks in a greyscale
+  JPEG at quality 100 decode exactly, so "nonzero = fixated" gives back the
+  blocks.
   """
   expected = {}
   rng = np.random.default_rng(0)

@@ -130,7 +130,8 @@ def run_steps(config: ml_collections.ConfigDict,
   states, losses = [flat_state(state)], []
   for batch in batches:
     local = {k: v[_local_rows(len(v))] for k, v in batch.items()}
-    state, metrics = trainer.train_step(state, parallel.shard_batch(local, mesh))
+    state, metrics = trainer.train_step(state,
+                                        parallel.shard_batch(local, mesh))
     states.append(flat_state(state))
     losses.append(float(parallel.fetch(metrics['loss'])))
   return states, losses, trainer

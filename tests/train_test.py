@@ -127,6 +127,17 @@ class LossTest(parameterized.TestCase):
         rtol=1e-6)
 
 
+  def test_learning_rate_schedule_is_tf_staircase_exponential_decay(self):
+    """The reference's ImageNet rate drops at the multiple itself."""
+    config = imagenet.get_config('sact_101')
+    config.lr_decay_steps = 100
+    schedule = optimizers.learning_rate_schedule(config)
+    steps = jnp.array([0, 99, 100, 199, 200, 299, 300])
+    np.testing.assert_allclose(
+        schedule(steps), [0.05, 0.05, 5e-3, 5e-3, 5e-4, 5e-4, 5e-5],
+        rtol=1e-6)
+
+
 class EmaTest(parameterized.TestCase):
 
   @parameterized.parameters(0.9, 0.999, 0.9999)
@@ -147,7 +158,8 @@ class EmaTest(parameterized.TestCase):
     np.testing.assert_allclose(ema, expected, rtol=1e-6)
 
   def test_bad_decay_refused(self):
-    with self.assertRaisesRegex(validation.ConfigError, 'ema_decay must lie in'):
+    with self.assertRaisesRegex(validation.ConfigError,
+                                'ema_decay must lie in'):
       validation.validate_config(_config(ema_decay=1.0))
 
 
@@ -292,7 +304,8 @@ class TrainLoopTest(absltest.TestCase):
     self.assertTrue(any(e.startswith('events.out.tfevents') for e in events))
 
     # The evaluator's view of the run: the final weights, eval mode.
-    model = checkpoint.restore_latest_model(workdir, validation.model_spec(config))
+    model = checkpoint.restore_latest_model(workdir,
+                                            validation.model_spec(config))
     self.assertTrue(model.head_bn.use_running_average)
     chex.assert_trees_all_equal(
         nnx.to_pure_dict(nnx.state(model)),
@@ -466,8 +479,21 @@ class ConfigTest(parameterized.TestCase):
     self.assertEqual((config.learning_rate, config.label_smoothing,
                       config.weight_decay, config.tau, config.ema_decay),
                      (0.05, 0.1, 1e-4, 0.005, 0.9999))
-    epoch = 1_281_167 // config.batch_size
-    self.assertEqual(tuple(config.lr_boundaries), (30 * epoch, 60 * epoch))
+    # The reference's decay_steps, int(examples / batch * 30).
+    self.assertEqual((config.lr_schedule, config.lr_decay_steps,
+                      config.lr_decay_factor, config.num_train_steps),
+                     ('staircase', 150_136, 0.1, 450_410))
+
+  def test_imagenet_steps_follow_the_batch_size_flag(self):
+    """--config.batch_size=64 still decays every 30 epochs, ends at 90."""
+    config = imagenet.get_config('sact_101')
+    config.batch_size = 64  # As config_flags applies an override.
+    self.assertEqual((config.lr_decay_steps, config.num_train_steps),
+                     (600_547, 1_801_641))
+    self.assertEqual(json.loads(config.to_json_best_effort())[
+        'lr_decay_steps'], 600_547)
+    config.num_train_steps = 10  # Still settable on its own.
+    self.assertEqual(config.num_train_steps, 10)
 
   def test_imagenet_finetune_needs_init_from(self):
     config = imagenet.get_config('sact_101_finetune')
@@ -534,6 +560,13 @@ class BadInputTest(parameterized.TestCase):
       ('image_size', {'image_size': 64}, r'image_size=64 does not match'),
       ('schedule', {'lr_boundaries': (5, 3), 'lr_scales': (0.1, 0.01)},
        r'lr_boundaries must be increasing'),
+      ('schedule_kind', {'lr_schedule': 'step'},
+       r"lr_schedule must be 'piecewise', 'staircase' or 'cosine'"),
+      ('decay_steps', {'lr_schedule': 'staircase'},
+       r'lr_decay_steps must be an integer >= 1 .* got None'),
+      ('decay_factor', {'lr_schedule': 'staircase', 'lr_decay_steps': 5,
+                        'lr_decay_factor': 1.5},
+       r'lr_decay_factor must lie in \(0, 1\], got 1.5'),
       ('init_from', {'init_from': '/nonexistent'},
        r"init_from='/nonexistent' is not a sact_jax model checkpoint"),
   )
@@ -564,7 +597,8 @@ class BadInputTest(parameterized.TestCase):
     workdir = train_helpers.tempdir(self)
     train.train(_config(num_train_steps=1), workdir)
     with self.assertRaisesRegex(
-        validation.ConfigError, r'holds a checkpoint of a different model \(cifar '
+        validation.ConfigError,
+        r'holds a checkpoint of a different model \(cifar '
         r'sact units=\[2, 1, 1\].*than the config \(cifar sact units=\[1, 1, '
         r'1\]'):
       validation.validate_config(_config(units=(1, 1, 1)), workdir)

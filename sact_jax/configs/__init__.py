@@ -84,10 +84,16 @@ def base_config() -> ml_collections.ConfigDict:
   # itself still uses the previous rate). 'cosine': linear warm-up from 0 over
   # warmup_steps, then cosine decay to 0 at num_train_steps; no step at which
   # the rate drops, so the result does not depend on when training takes off.
+  # 'staircase' (the reference's ImageNet schedule, TF exponential_decay with
+  # staircase=True): the rate of step s is
+  # learning_rate * lr_decay_factor ** (s // lr_decay_steps).
   config.lr_schedule = 'piecewise'
   # Increasing; same lengths ('piecewise' only).
   config.lr_boundaries = ()
   config.lr_scales = ()
+  # Steps between decays, >= 1, and the factor of each ('staircase' only).
+  config.lr_decay_steps = ml_collections.config_dict.placeholder(int)
+  config.lr_decay_factor = 0.1
   # Steps of linear warm-up ('cosine' only); < num_train_steps.
   config.warmup_steps = 0
 

@@ -15,13 +15,15 @@ everything but the new halting heads from `--config.init_from` (a model
 checkpoint, e.g. converted from the reference's released vanilla ResNet-101
 with `experiments.convert_checkpoint`, or exported from a training run).
 
-Hyper-parameters: momentum 0.9, lr 0.05 decayed x0.1 every 30 epochs, label
-smoothing 0.1, weight decay 1e-4, 1001 classes (background class 0, as the
-released checkpoints), tau 0.005. The reference ran asynchronous replicas
-with 32 images each; here one synchronous global batch of 32 x 8 = 256 is
-the default (set `--config.batch_size` to 32 x your device count; a larger
-batch usually wants a larger learning rate). The reference did not fix a
-length; 90 epochs is used. As the reference, evaluation uses the moving
+Hyper-parameters: momentum 0.9, lr 0.05 decayed x0.1 every 30 epochs
+(staircase, as the reference), label smoothing 0.1, weight decay 1e-4, 1001
+classes (background class 0, as the released checkpoints), tau 0.005. The
+reference ran asynchronous replicas with 32 images each; here one
+synchronous global batch of 32 x 8 = 256 is the default (set
+`--config.batch_size` to 32 x your device count; a larger batch usually
+wants a larger learning rate). The reference did not fix a length; 90
+epochs is used. The decay and training steps follow the batch size given
+on the command line. As the reference, evaluation uses the moving
 average of the weights (decay 0.9999, `ema_decay`). Needs `imagenet2012`
 prepared as array_record files.
 """
@@ -63,11 +65,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Global batch: 32 per replica x 8 replicas.
   config.batch_size = 256
   config.eval_batch_size = 256
-  steps_per_epoch = _NUM_TRAIN_EXAMPLES // config.batch_size
-  # Decay x0.1 every 30 epochs (staircase), for 90 epochs.
-  config.lr_boundaries = (30 * steps_per_epoch, 60 * steps_per_epoch)
-  config.lr_scales = (0.1, 0.01)
-  config.num_train_steps = 90 * steps_per_epoch
+  # Decay x0.1 every 30 epochs, for 90 epochs: as the reference's
+  # exponential_decay(staircase=True) with decay_steps int(examples / batch
+  # * 30). Computed from whatever batch_size is in the end, so that
+  # --config.batch_size=64 still decays every 30 epochs.
+  batch_size = config.get_ref('batch_size')
+  config.lr_schedule = 'staircase'
+  config.lr_decay_steps = (30 * _NUM_TRAIN_EXAMPLES) // batch_size
+  config.lr_decay_factor = 0.1
+  config.num_train_steps = (90 * _NUM_TRAIN_EXAMPLES) // batch_size
   # The reference's imagenet_eval.py restores these averages.
   config.ema_decay = 0.9999
   config.log_every_steps = 100
@@ -89,8 +95,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.batch_size = 8
     config.eval_batch_size = 8
     config.num_train_steps = 4
-    config.lr_boundaries = (2,)
-    config.lr_scales = (0.1,)
+    config.lr_decay_steps = 2
     config.log_every_steps = 2
     config.checkpoint_every_steps = 2
     config.num_eval_examples = 16

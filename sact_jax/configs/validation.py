@@ -139,8 +139,17 @@ def validate_optimization(config: ml_collections.ConfigDict) -> None:
   check(config.learning_rate > 0,
         f'learning_rate must be > 0, got {config.learning_rate}.')
   schedule = config.get('lr_schedule', 'piecewise')
-  check(schedule in ('piecewise', 'cosine'),
-        f"lr_schedule must be 'piecewise' or 'cosine', got {schedule!r}.")
+  check(schedule in ('piecewise', 'staircase', 'cosine'),
+        "lr_schedule must be 'piecewise', 'staircase' or 'cosine', got "
+        f'{schedule!r}.')
+  if schedule == 'staircase':
+    decay_steps = config.get('lr_decay_steps')
+    check(isinstance(decay_steps, int) and decay_steps >= 1,
+          f"lr_decay_steps must be an integer >= 1 for lr_schedule="
+          f"'staircase', got {decay_steps!r}.")
+    factor = config.get('lr_decay_factor', 0.1)
+    check(0 < factor <= 1,
+          f'lr_decay_factor must lie in (0, 1], got {factor}.')
   warmup = config.get('warmup_steps', 0)
   check(isinstance(warmup, int) and warmup >= 0,
         f'warmup_steps must be an integer >= 0, got {warmup!r}.')
