@@ -140,6 +140,7 @@ class BlockScanTest(parameterized.TestCase):
     if model_type != 'vanilla':
       # Not vacuous: halting happens at different units.
       self.assertGreater(len(np.unique(aux_ref['num_units'])), 1)
+      tu.assert_halting_margin(_scan, block, x)  # Counts compared exactly.
     # BN statistics of every unit (stacked ones: each slice) and head moved.
     for path, moved in nnx.to_flat_state(
         jax.tree.map(lambda a, b: jnp.any(a != b, axis=-1),
@@ -220,6 +221,7 @@ class BlockScanTest(parameterized.TestCase):
       results.append((*_scan_step(block, x, w), _batch_stats(block)))
     (y_ref, aux_ref, grads_ref, stats_ref), (y, aux, grads, stats) = results
     self.assertGreater(len(np.unique(aux_ref['num_units'])), 1)
+    tu.assert_halting_margin(_scan, block, x)  # Counts compared exactly.
     # Two conv formulations: on this CPU they differ by a third of 1e-4.
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=3e-5)
     np.testing.assert_array_equal(aux['num_units'], aux_ref['num_units'])
@@ -247,6 +249,7 @@ class BlockScanTest(parameterized.TestCase):
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
     if aux_ref:
       np.testing.assert_array_equal(aux['num_units'], aux_ref['num_units'])
+      tu.assert_halting_margin(_scan, block, x)
     chex.assert_trees_all_close(grads, grads_ref, rtol=1e-4, atol=1e-5)
     graphdef, state = nnx.split(block)
     hlo = jax.jit(lambda state, x: _scan(nnx.merge(graphdef, state), x)[0]
