@@ -25,6 +25,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import shutil
 import uuid
 from typing import Any, Mapping, Sequence
@@ -582,6 +583,25 @@ def save_run(manager: ocp.CheckpointManager, step: int,
   logging.info('Saving the step-%d checkpoint to %s.', step, manager.directory)
 
 
+def _check_host_count(manager: ocp.CheckpointManager, step: int) -> None:
+  """Refuses a run checkpoint saved by another number of hosts.
+
+  Each host saved its own data position (`process_<i>-of-<n>.json`), for
+  its shard of the data: with another host count the shards differ, and
+  grain finds no position for this one.
+  """
+  data_dir = os.path.join(os.fspath(manager.directory), str(step), 'data')
+  counts = {int(m.group(1)) for name in
+            (os.listdir(data_dir) if os.path.isdir(data_dir) else ())
+            if (m := re.fullmatch(r'process_\d+-of-(\d+)\.json', name))}
+  if counts and counts != {jax.process_count()}:
+    raise CheckpointError(
+        f'{_step_name(manager, step)} was saved by {max(counts)} hosts '
+        f'(processes) and this run has {jax.process_count()}: each host '
+        'resumes its own data shard, so resume it with '
+        f'{max(counts)}, or train in another --workdir.')
+
+
 def restore_run(manager: ocp.CheckpointManager, step: int,
                 template: Mapping[str, Any],
                 iterator: grain.DatasetIterator) -> dict[str, Any]:
@@ -591,6 +611,7 @@ def restore_run(manager: ocp.CheckpointManager, step: int,
   `jax.ShapeDtypeStruct`s (carrying the target shardings); `iterator` is
   moved to the saved data position.
   """
+  _check_host_count(manager, step)
   target = to_pure(dict(template))
   with reading(_step_name(manager, step)):
     restored = manager.restore(step, args=ocp.args.Composite(

@@ -335,6 +335,24 @@ class Cifar10PipelineTest(parameterized.TestCase):
     b = _take(self.make(shard_index=1, shard_count=2), 1)[0]
     self.assertFalse(np.allclose(a['image'], b['image']))
 
+  def test_hosts_shuffle_and_augment_independently(self):
+    """Host 1 repeats neither host 0's permutation nor its random draws."""
+    def load(indices_B, rng):
+      return {'index': np.asarray(indices_B),
+              'draw': rng.integers(0, 2**31, len(indices_B))}
+
+    def first_batch(shard_index):
+      return next(iter(pipeline._batched_dataset(  # pylint: disable=protected-access
+          128, load, batch_size=8, train=True, seed=0,
+          shard_index=shard_index, shard_count=2, num_epochs=None,
+          worker_count=0)))
+
+    a, b = first_batch(0), first_batch(1)
+    self.assertTrue(np.all(a['index'] % 2 == 0) and np.all(b['index'] % 2))
+    # Shards 2k and 2k + 1 under one permutation would pair up.
+    self.assertFalse(np.array_equal(a['index'] + 1, b['index']))
+    self.assertFalse(np.any(a['draw'] == b['draw']))
+
   def test_iterator_state_resumes_exactly(self):
     """A restored iterator continues with exactly the batches that follow."""
     iterator = iter(self.make())

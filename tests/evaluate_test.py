@@ -374,9 +374,13 @@ class LauncherTest(absltest.TestCase):
         'neither': config,
         'missing': [*config, f'--checkpoint={tmp}/missing'],
         'ok': [*config, f'--checkpoint={checkpoint}', f'--output={output}'],
+        # Sparse inference on one of the 8 devices the weights are on.
+        'sparse': [*config, f'--checkpoint={checkpoint}',
+                   '--inference=sparse', f'--output={output}.sparse'],
     }
     envs = [{'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
-            if name == 'ok' else None for name in runs]
+            if name in ('ok', 'sparse') else None for name in runs]
+    batch = whole_test_split(data_dir)  # Prepared once, not by both runs.
     with concurrent.futures.ThreadPoolExecutor(len(runs)) as pool:
       results = dict(zip(runs, pool.map(_run, runs.values(), envs)))
     # Bad input: one line, exit status 2 (experiments/_cli.py).
@@ -401,7 +405,14 @@ class LauncherTest(absltest.TestCase):
     # (`onednn.enabled`); halting decisions are threshold comparisons, so
     # the other kernels' rounding could move a position to another unit.
     with onednn.disabled():
-      want = direct_metrics(model, whole_test_split(data_dir), 64)
+      want = direct_metrics(model, batch, 64)
+    assert_metrics_match(self, metrics, want)
+    sparse_run = results['sparse']
+    self.assertEqual(sparse_run.returncode, 0, sparse_run.stderr[-3000:])
+    with open(f'{output}.sparse') as f:
+      metrics = json.load(f)
+    self.assertEqual((metrics['inference'], metrics['num_examples']),
+                     ('sparse', 64))
     assert_metrics_match(self, metrics, want)
 
 

@@ -35,6 +35,7 @@ import jax
 import numpy as np
 import portpicker
 
+from sact_jax import checkpoint
 from sact_jax import train
 import train_helpers
 
@@ -127,6 +128,22 @@ class EightDevicesTest(absltest.TestCase):
                   info['batch_error'])
 
 
+_SPARSE_EVAL = """
+import json, sys
+import jax
+from sact_jax import evaluate
+sys.path.insert(0, sys.argv[3])
+import train_helpers
+config = train_helpers.tiny_config(sys.argv[2])
+model = evaluate.load_model(config, workdir=sys.argv[1])
+assert len(jax.tree.leaves(model)[0].sharding.device_set) == 8
+print(json.dumps([
+    [evaluate.evaluate_model(model, config, sparse=sparse, verbose=False)[k]
+     for k in ('num_examples', 'top1_accuracy', 'flops_mean')]
+    for sparse in (False, True)]))
+"""
+
+
 class TwoProcessesTest(absltest.TestCase):
 
   def test_same_steps_as_one_process(self):
@@ -198,6 +215,26 @@ class TwoProcessesTest(absltest.TestCase):
                             str(train_helpers.NUM_STEPS), 'data')
     self.assertContainsSubset(['process_0-of-2.json', 'process_1-of-2.json'],
                               os.listdir(step_dir))
+    # Its model evaluates sparsely in a process with 8 devices (restored
+    # replicated on all 8; sparse inference runs on one) as densely.
+    proc = subprocess.run(
+        [sys.executable, '-c', _SPARSE_EVAL, workdir, data_dir,
+         os.path.dirname(_HELPER)], env=_env(
+            XLA_FLAGS='--xla_force_host_platform_device_count=8'),
+        capture_output=True, text=True, timeout=_TIMEOUT_S, check=False)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    dense, sparse = json.loads(proc.stdout.strip().splitlines()[-1])
+    self.assertEqual(sparse[:2], dense[:2])
+    # Other kernels: a position near the threshold may halt elsewhere.
+    self.assertAlmostEqual(sparse[2], dense[2], delta=1e-3 * dense[2])
+    # One process cannot resume it: it has no position for 2 shards.
+    with self.assertRaisesRegex(
+        checkpoint.CheckpointError,
+        r'step-\d+ checkpoint .* was saved by 2 hosts \(processes\) and '
+        r'this run has 1: .* resume it with 2'):
+      train.train(train_helpers.tiny_config(
+          data_dir, num_train_steps=train_helpers.NUM_STEPS + 2,
+          checkpoint_every_steps=2), workdir)
 
 
 if __name__ == '__main__':

@@ -271,8 +271,11 @@ def _batched_dataset(num_examples: int, load, *, batch_size: int,
   # Each host reads every shard_count-th example: disjoint shards whose sizes
   # differ by at most one example.
   ds = ds[shard_index::shard_count]
-  # Derives distinct seeds for shuffle and random_map.
-  ds = ds.seed(seed)
+  # Derives distinct seeds for shuffle and random_map. Hosts other than the
+  # first fold in their index, so that they shuffle and augment unlike it
+  # (host 0 keeps `seed`: a one-host run's stream).
+  ds = ds.seed(seed if shard_index == 0 else int(
+      np.random.SeedSequence((seed, shard_index)).generate_state(1)[0]))
   if train:
     # Shuffle before repeat: each epoch has its own order.
     ds = ds.shuffle()

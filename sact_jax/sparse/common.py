@@ -134,8 +134,14 @@ def graphdef(module: nnx.Module):
 
 
 def variable_arrays(module: nnx.Module) -> dict:
-  """The module's variables as a nested dict of arrays (cheap to pass)."""
-  return nnx.to_pure_dict(nnx.split(module)[1])
+  """The module's variables as a nested dict of arrays (cheap to pass).
+
+  On the default device, where sparse inference runs: a model restored
+  for data-parallel work holds its weights replicated over every device
+  (no copy where they are on that device already).
+  """
+  return jax.device_put(nnx.to_pure_dict(nnx.split(module)[1]),
+                        jax.local_devices()[0])
 
 
 @jax.jit
