@@ -298,7 +298,7 @@ def pad_batch(batch: Mapping[str, np.ndarray], size: int
   return padded
 
 
-def _any_host(flag: bool) -> bool:
+def any_host(flag: bool) -> bool:
   """Whether `flag` holds on any host (all hosts must step together)."""
   if jax.process_count() == 1:
     return flag
@@ -429,7 +429,7 @@ def evaluate_model(model: nnx.Module, config, *,
   last_log = time.time()
   while True:
     batch = next(iterator, None)
-    if not _any_host(batch is not None):
+    if not any_host(batch is not None):
       break
     if batch is None:  # This host's shard is used up; others' are not.
       if template is None:

@@ -10,6 +10,7 @@ from flax import nnx
 import jax
 import ml_collections
 import numpy as np
+import portpicker
 import tensorflow_datasets as tfds
 
 from sact_jax import checkpoint
@@ -205,6 +206,7 @@ import numpy as np
 sys.path.insert(0, 'tests')
 from sact_jax import parallel
 from sact_jax.configs import detection as detection_config
+from sact_jax.detection import evaluate as detection_evaluate
 from sact_jax.detection import train as detection_train
 config = detection_config.get_config('sact,smoke')
 config.data_dir = sys.argv[1]
@@ -215,14 +217,72 @@ for n in (1, 4):
   mesh = parallel.make_mesh(jax.devices()[:n])
   trainer = detection_train.Trainer(config, mesh)
   state = trainer.init_state()
-  _, metrics = trainer.train_step(
+  state, metrics = trainer.train_step(
       state, parallel.shard_batch(batch, mesh, detection_train.BATCH_KEYS))
   out[n] = {k: float(np.mean(v)) for k, v in metrics.items()}
+# Evaluation on the 4 devices: 13 images in batches of 6 (rounded up to 8
+# rows, the last batch 5 of them padding) and of 8.
+model = trainer.model(state)
+config.num_eval_examples = 13
+for size in (6, 8):
+  config.eval_batch_size = size
+  out[f'eval_{size}'] = detection_evaluate.evaluate_detector(
+      model, config, verbose=False)
 print(json.dumps(out))
 """
 
 
+# One of 2 processes (jax.distributed) evaluating a fresh detector on 5
+# images in global batches of 2: the hosts' shards hold 3 and 2 images, so
+# host 1 runs out of batches first and must keep stepping with host 0.
+_TWO_HOSTS_SCRIPT = r"""
+import json, sys
+import jax
+jax.distributed.initialize(coordinator_address=f'localhost:{sys.argv[2]}',
+                           num_processes=2, process_id=int(sys.argv[3]))
+from sact_jax.configs import detection as detection_config
+from sact_jax.detection import evaluate as detection_evaluate
+from sact_jax.detection import train as detection_train
+from sact_jax import parallel
+config = detection_config.get_config('sact,smoke')
+config.data_dir = sys.argv[1]
+config.eval_batch_size = 2
+config.num_eval_examples = 5
+trainer = detection_train.Trainer(config, parallel.make_mesh())
+model = trainer.model(trainer.init_state())
+metrics = detection_evaluate.evaluate_detector(model, config, verbose=False)
+print(json.dumps([metrics['num_examples'], metrics['extractor_flops_mean']]))
+"""
+
+
 class DataParallelTest(absltest.TestCase):
+
+  def test_two_hosts_evaluate_every_image_once(self):
+    """Hosts with unequal shards step together; nothing hangs or drops."""
+    data_dir = os.path.join(train_helpers.tempdir(self), 'data')
+    config = _config(data_dir)
+    # Prepared here once: two processes would both write it.
+    next(iter(detection_train.make_train_dataset(config)))
+    port = str(portpicker.pick_unused_port())
+    env = dict(os.environ, JAX_PLATFORMS='cpu')
+    env.pop('XLA_FLAGS', None)
+    procs = [subprocess.Popen(
+        [sys.executable, '-c', _TWO_HOSTS_SCRIPT, data_dir, port, str(i)],
+        cwd=_REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for i in range(2)]
+    outputs = []
+    try:
+      for proc in procs:
+        outputs.append(proc.communicate(timeout=600))
+    finally:
+      for proc in procs:
+        proc.kill()
+    results = []
+    for proc, (stdout, stderr) in zip(procs, outputs):
+      self.assertEqual(proc.returncode, 0, stderr[-3000:])
+      results.append(json.loads(stdout.strip().splitlines()[-1]))
+    self.assertEqual(results[0], results[1])
+    self.assertEqual(results[0][0], 5)
 
   def test_four_devices_compute_the_one_device_step(self):
     """BatchNorm statistics, sampling and losses are over the global batch.
@@ -248,6 +308,13 @@ class DataParallelTest(absltest.TestCase):
                 'flops'):
       np.testing.assert_allclose(four[key], one[key], rtol=1e-3, err_msg=key)
     self.assertEqual(four['rpn_positives'], one['rpn_positives'])
+    # Any eval batch size: every image once, padding rows dropped.
+    by_6, by_8 = out['eval_6'], out['eval_8']
+    self.assertEqual((by_6['num_examples'], by_8['num_examples']), (13, 13))
+    for key in ('extractor_flops_mean', 'extractor_flops_std',
+                'ponder_cost'):
+      self.assertAlmostEqual(by_6[key], by_8[key], delta=1e-6 * abs(
+          by_8[key]) + 1e-9, msg=key)
 
 
 class CocoStepTest(absltest.TestCase):

@@ -109,11 +109,10 @@ def evaluate_detector(model: faster_rcnn.FasterRCNN,
   info = detection_data.detection_info(config.dataset)
   size = detection_data.check_image_size(config.dataset,
                                         config.get('image_size'))
-  batch_size = config.eval_batch_size
-  if batch_size % jax.process_count():
-    raise ValueError(f'eval_batch_size={batch_size} is not divisible by the '
-                     f'{jax.process_count()} hosts.')
-  local_batch = batch_size // jax.process_count()
+  # Rounded up so that every device gets the same number of rows.
+  num_devices = jax.device_count()
+  local_batch = (-(-config.eval_batch_size // num_devices) * num_devices
+                 // jax.process_count())
   dataset = detection_data.make_detection_dataset(
       config.dataset, _eval_split(config, info), batch_size=local_batch,
       train=False, data_dir=config.get('data_dir'),
@@ -122,7 +121,19 @@ def evaluate_detector(model: faster_rcnn.FasterRCNN,
   mesh = parallel.make_mesh()
   graphdef, state = classification_eval.eval_split_model(model)
   ground_truth, detections, stats = [], [], []
-  for batch in dataset:
+  iterator, template = iter(dataset), None
+  while True:
+    batch = next(iterator, None)
+    # All hosts step together: a host whose shard is used up runs empty
+    # batches until every shard is.
+    if not classification_eval.any_host(batch is not None):
+      break
+    if batch is None:
+      if template is None:
+        raise ValueError(f'Host {jax.process_index()} has no examples of '
+                         f'{config.dataset}: use fewer hosts.')
+      batch = {k: v[:0] for k, v in template.items()}
+    template = batch
     padded = classification_eval.pad_batch(batch, local_batch)
     on_mesh = {k: parallel.to_global(mesh, v) for k, v in padded.items()}
     dets, batch_stats = _detect_step(graphdef, state, detector,
