@@ -696,6 +696,16 @@ def _restore_model_variables(manager: ocp.CheckpointManager, step: int,
             partial_restore=True)))['state']
   if use_ema:
     restored = restored['ema']
+  # A partial restore leaves what the checkpoint lacks abstract: a run of
+  # another kind (a detector's workdir for a classifier, or the reverse).
+  lacking = [path_str(getattr(k, 'key', getattr(k, 'idx', k)) for k in path)
+             for path, leaf in jax.tree_util.tree_leaves_with_path(restored)
+             if not isinstance(leaf, jax.Array)]
+  if lacking:
+    raise CheckpointError(
+        f'{_step_name(manager, step)} lacks {len(lacking)} of the model\'s '
+        f'variables (e.g. {lacking[0]}): it is a run of another kind of '
+        'model (a detector\'s for a classifier, or the reverse?).')
   nnx.replace_by_pure_dict(params, restored['params'])
   nnx.replace_by_pure_dict(model_state, restored['model_state'])
   model = nnx.merge(graphdef, params, model_state)

@@ -386,7 +386,11 @@ def evaluate_model(model: nnx.Module, config, *,
   # Read from the model, so that the numbers never depend on a config that
   # might disagree with a restored checkpoint.
   spec = models.ModelSpec.from_model(model)
-  info = data_lib.dataset_info(config.dataset)
+  try:
+    info = data_lib.dataset_info(config.dataset)
+  except (ValueError, KeyError) as e:  # E.g. a detection run's config.
+    raise EvaluationError(f'Cannot evaluate a classifier on '
+                          f'{config.dataset!r}: {e}') from None
   split = _eval_split_name(config, info)
   try:
     label_offset = data_lib.label_offset(config.dataset, spec.num_classes)

@@ -6,7 +6,7 @@ module's: restore the latest checkpoint of the workdir (or initialise),
 draw batches from the host's shard, run the jitted step, fetch metrics at a
 steady cadence (TensorBoard, `metrics.jsonl`, a console line) and stop on a
 non-finite one before the next checkpoint, save every
-`checkpoint_every_steps`, at the end and on SIGTERM (orbax
+`checkpoint_every_steps`, at the end and on SIGTERM or Ctrl-C (orbax
 `CheckpointManager`: train state, every host's data position, model spec),
 and evaluate every `eval_every_steps`.
 """
@@ -107,23 +107,34 @@ def _restore(manager: ocp.CheckpointManager, step: int, trainer: Any,
 
 
 class PreemptionWatcher:
-  """Says when to save and stop because the process got SIGTERM.
+  """Says when to save and stop because the process got SIGTERM or Ctrl-C.
 
-  One process: a SIGTERM handler sets a flag (checked between steps).
-  Several: jax's preemption service (started by `jax.distributed`, which
-  catches SIGTERM itself) picks a step at which every host stops together.
+  One process: a SIGTERM or SIGINT handler sets a flag (checked between
+  steps); a second Ctrl-C interrupts at once (KeyboardInterrupt), without
+  saving. Several: jax's preemption service (started by `jax.distributed`,
+  which catches SIGTERM itself) picks a step at which every host stops
+  together.
   """
+
+  _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self._flag = threading.Event()
-    self._previous = None
+    self._previous = {}
+    self.signal_name = 'SIGTERM'
     self._multihost = jax.process_count() > 1
     if (not self._multihost
         and threading.current_thread() is threading.main_thread()):
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous = {s: signal.signal(s, self._handle)
+                        for s in self._SIGNALS}
 
   def _handle(self, signum, frame):
-    del signum, frame
+    del frame
+    self.signal_name = signal.Signals(signum).name
+    if signum == signal.SIGINT:  # The next Ctrl-C is the user's own.
+      signal.signal(signum, self._previous[signum])
+      logging.warning('Ctrl-C: saving a checkpoint after this step, then '
+                      'stopping (Ctrl-C again to stop without saving).')
     self._flag.set()
 
   def should_stop(self, step: int) -> bool:
@@ -135,9 +146,9 @@ class PreemptionWatcher:
     return self._flag.is_set()
 
   def close(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous = {}
 
 
 @dataclasses.dataclass
@@ -148,7 +159,7 @@ class TrainResult:
     model: the trained model, eval mode (the moving averages with
       `ema_decay`).
     state: the final train state.
-    preempted: training stopped early on SIGTERM (after saving).
+    preempted: training stopped early on SIGTERM or Ctrl-C (after saving).
     eval_metrics: `evaluate.evaluate_model`'s metrics of the final model
       when the loop evaluated at the last step (`eval_every_steps` divides
       `num_train_steps`), else None.
@@ -282,8 +293,9 @@ def run_loop(config: ml_collections.ConfigDict, workdir: str, trainer: Any,
         _save(manager, state, iterator, spec, config)
         last_saved = step
     if preempted:
-      logging.warning('Preempted (SIGTERM) at step %d: checkpoint saved in %s;'
-                      ' run the same command again to resume.', step,
+      logging.warning('Stopped by %s at step %d: checkpoint saved in %s;'
+                      ' run the same command again to resume.',
+                      watcher.signal_name, step,
                       os.path.join(workdir, CHECKPOINT_DIR))
   finally:
     if watcher is not None:

@@ -36,7 +36,9 @@ RESUMABLE_FIELDS = frozenset({
     'data_dir', 'eval_batch_size', 'log_every_steps',
     'checkpoint_every_steps', 'keep_checkpoints', 'eval_every_steps',
     'num_eval_examples', 'num_ponder_maps', 'num_eval_ponder_maps',
-    'num_detection_pictures', 'remat', 'unroll', 'num_train_steps'})
+    'num_detection_pictures', 'remat', 'unroll', 'num_train_steps',
+    # Read only by a run's first start (it may have moved since).
+    'init_from'})
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:

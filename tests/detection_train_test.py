@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from unittest import mock
 
 from absl.testing import absltest
 from flax import nnx
@@ -187,6 +188,17 @@ class DetectionMainJobTest(absltest.TestCase):
       with self.assertRaisesRegex(error, message):
         main_job.train_and_evaluate(_config(data_dir, **change), workdir)
       self.assertFalse(os.path.exists(workdir))
+
+  def test_resuming_needs_no_init_from(self):
+    """A resumed run reads its checkpoint: init_from may have moved."""
+    root = train_helpers.tempdir(self)
+    config = _config(os.path.join(root, 'data'),
+                     init_from=os.path.join(root, 'gone'))
+    with self.assertRaisesRegex(validation.ConfigError,
+                                'is neither a sact_jax model checkpoint'):
+      detection_train.validate_config(config, os.path.join(root, 'run'))
+    with mock.patch.object(checkpoint, 'latest_run_step', return_value=3):
+      detection_train.validate_config(config, os.path.join(root, 'run'))
 
   def _cifar_classifier(self, root: str) -> str:
     """A classifier the detector's backbone cannot start from."""

@@ -333,6 +333,13 @@ class EvaluateModelTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, 'num_classes=10 does not fit'):
       evaluate.evaluate_model(abstract, make_config('/nonexistent'))
 
+  def test_a_dataset_without_classes_is_an_evaluation_error(self):
+    """E.g. the config of a detection run: one line, nothing read."""
+    with self.assertRaisesRegex(evaluate.EvaluationError,
+                                "Cannot evaluate a classifier on 'nope'"):
+      evaluate.evaluate_model(fast_model('sact'),
+                              make_config('/nonexistent', dataset='nope'))
+
   def test_load_model_needs_exactly_one_source(self):
     with self.assertRaisesRegex(ValueError, 'exactly one.*got neither'):
       evaluate.load_model(None)

@@ -241,7 +241,7 @@ def _tensorboard_events(workdir: str) -> list[event_pb2.Event]:
   return events
 
 
-class TrainLoopTest(absltest.TestCase):
+class TrainLoopTest(parameterized.TestCase):
 
   def test_evaluates_during_training(self):
     """Test-split metrics and ponder-map pictures every eval_every_steps."""
@@ -311,6 +311,17 @@ class TrainLoopTest(absltest.TestCase):
         nnx.to_pure_dict(nnx.state(model)),
         nnx.to_pure_dict(nnx.state(result.model)))
 
+    # A model whose variables the run lacks (as a detector's around this
+    # backbone): refused, not left half abstract.
+    wrapped = nnx.Dict(backbone=validation.model_spec(config)
+                       .abstract_model())
+    with self.assertRaisesRegex(
+        checkpoint.CheckpointError,
+        r'step-4 checkpoint .* lacks \d+ of the model.s variables '
+        r'\(e.g. (params|model_state)/backbone/'):
+      checkpoint.restore_latest_variables(workdir, wrapped,
+                                          validation.model_spec(config))
+
     # A workdir that is done trains no more and keeps its checkpoint.
     again = train.train(config, workdir)
     self.assertEqual(int(again.state.step), 4)
@@ -377,8 +388,10 @@ class TrainLoopTest(absltest.TestCase):
     chex.assert_trees_all_equal(nnx.to_pure_dict(nnx.state(restored)),
                                 nnx.to_pure_dict(nnx.state(result.model)))
 
-  def test_sigterm_saves_and_resumes_exactly(self):
-    """SIGTERM mid-run: save at the current step, stop; resume = no stop."""
+  @parameterized.parameters(signal.SIGTERM, signal.SIGINT)
+  def test_signal_saves_and_resumes_exactly(self, signum):
+    """SIGTERM or Ctrl-C mid-run: save at the current step, stop; resume =
+    no stop."""
     full_dir, split_dir = (train_helpers.tempdir(self),
                            train_helpers.tempdir(self))
     config = _config(num_train_steps=5, checkpoint_every_steps=100)
@@ -389,14 +402,16 @@ class TrainLoopTest(absltest.TestCase):
 
     def shard_then_signal(*args, **kwargs):
       calls.append(1)
-      if len(calls) == 2:  # During step 2: the process gets SIGTERM.
-        os.kill(os.getpid(), signal.SIGTERM)
+      if len(calls) == 2:  # During step 2: the process gets the signal.
+        os.kill(os.getpid(), signum)
       return real_shard_batch(*args, **kwargs)
 
-    handler = signal.getsignal(signal.SIGTERM)
+    handlers = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
     with mock.patch.object(parallel, 'shard_batch', shard_then_signal):
       result = train.train(config, split_dir)
-    self.assertIs(signal.getsignal(signal.SIGTERM), handler)  # Restored.
+    self.assertEqual([signal.getsignal(s) for s in (signal.SIGTERM,
+                                                    signal.SIGINT)],
+                     handlers)  # Restored.
     self.assertTrue(result.preempted)
     self.assertEqual(int(result.state.step), 2)
     self.assertEqual(_saved_state(split_dir)[0], 2)
@@ -531,6 +546,29 @@ class ConfigTest(parameterized.TestCase):
         main_job.check_resumable(config, workdir)
 
 
+  def test_a_run_resumes_after_its_init_from_moved(self):
+    """Only a run's first start reads init_from: resuming needs it not."""
+    root = train_helpers.tempdir(self)
+    source, moved = os.path.join(root, 'init'), os.path.join(root, 'moved')
+    workdir = os.path.join(root, 'run')
+    config = _config(init_from=source, num_train_steps=1)
+    spec = validation.model_spec(config)
+    checkpoint.save_model(source, spec.create(nnx.Rngs(0)), spec)
+    validation.validate_config(config, workdir)
+    main_job.write_config(config, workdir)
+    train.train(config, workdir)
+    shutil.move(source, moved)
+    for path in (source, moved, None):  # As given, updated or left out.
+      resumed = _config(init_from=path, num_train_steps=2)
+      validation.validate_config(resumed, workdir)
+      main_job.check_resumable(resumed, workdir)
+    self.assertEqual(int(train.train(resumed, workdir).state.step), 2)
+    # A first start still needs it.
+    with self.assertRaisesRegex(validation.ConfigError,
+                                'is not a sact_jax model checkpoint'):
+      validation.validate_config(_config(init_from=source),
+                                 os.path.join(root, 'other'))
+
   def test_an_extended_run_is_no_longer_finished(self):
     workdir = train_helpers.tempdir(self)
     eval_path = os.path.join(workdir, main_job.EVAL_FILE)
@@ -567,6 +605,13 @@ class BadInputTest(parameterized.TestCase):
       ('decay_factor', {'lr_schedule': 'staircase', 'lr_decay_steps': 5,
                         'lr_decay_factor': 1.5},
        r'lr_decay_factor must lie in \(0, 1\], got 1.5'),
+      ('eval_examples', {'num_eval_examples': 100_000},
+       r'num_eval_examples=100000 is more than the \d+ images of the test '
+       r'split of sact_shapes'),
+      ('ponder_maps', {'num_ponder_maps': 100_000},
+       r'num_ponder_maps=100000 is more than the \d+ images'),
+      ('eval_ponder_maps', {'num_eval_ponder_maps': 100_000},
+       r'num_eval_ponder_maps=100000 is more than'),
       ('init_from', {'init_from': '/nonexistent'},
        r"init_from='/nonexistent' is not a sact_jax model checkpoint"),
   )

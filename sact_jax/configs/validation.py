@@ -86,7 +86,12 @@ def validate_config(config: ml_collections.ConfigDict,
         'models take RGB (3 channels).')
 
   validate_optimization(config)
-  if config.get('init_from'):
+  _check_eval_sizes(config, info)
+  # A resumed run reads its own checkpoint, never init_from (which may have
+  # moved since).
+  resuming = (workdir is not None
+              and checkpoint_lib.latest_run_step(workdir) is not None)
+  if config.get('init_from') and not resuming:
     check(checkpoint_lib.is_model_checkpoint(config.init_from),
           f'init_from={config.init_from!r} is not a sact_jax model '
           'checkpoint directory (written by sact_jax.checkpoint.save_model '
@@ -94,6 +99,24 @@ def validate_config(config: ml_collections.ConfigDict,
   if workdir is not None:
     check(workdir, 'workdir is an empty path.')
     check_workdir(workdir, spec)
+
+
+def _check_eval_sizes(config: ml_collections.ConfigDict,
+                      info: data_lib.DatasetInfo) -> None:
+  """Images asked of the eval split fit it (else evaluation or the ponder
+  maps would fail only after training)."""
+  if config.get('eval_split', None) not in (None, info.eval_split):
+    return  # Its size is known only once read.
+  available = info.num_eval_examples
+  asked = {'num_eval_examples': config.get('num_eval_examples')}
+  if config.model_type == 'sact':  # The models whose maps are drawn.
+    asked['num_ponder_maps'] = config.get('num_ponder_maps', 0)
+    asked['num_eval_ponder_maps'] = config.get('num_eval_ponder_maps', 0)
+  for name, value in asked.items():
+    if value is not None and value > available:
+      raise ConfigError(
+          f'{name}={value} is more than the {available} images of the '
+          f'{info.eval_split} split of {config.dataset}.')
 
 
 def check_workdir(workdir: str, spec: models.ModelSpec) -> None:

@@ -124,7 +124,9 @@ def _validate(config: ml_collections.ConfigDict, workdir: str | None,
   except ValueError as e:
     raise validation.ConfigError(f'num_detection_pictures: {e}') from None
   path = config.get('init_from')
-  if init_from and path:
+  # A resumed run reads its own checkpoint, never init_from.
+  if init_from and path and not (
+      workdir and checkpoint_lib.latest_run_step(workdir) is not None):
     found = os.path.isdir(path) and (
         checkpoint_lib.is_model_checkpoint(path)
         or checkpoint_lib.saved_run_spec(path) is not None)
