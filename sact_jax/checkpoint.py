@@ -194,7 +194,8 @@ def _read_checkpoint(directory: pathlib.Path
   if (directory / RUN_DIR).is_dir() and not (directory / SPEC_FILE).exists():
     raise CheckpointError(
         f'{directory} is a training workdir, not a model checkpoint: '
-        'restore its latest checkpoint with restore_latest_model.')
+        'restore its latest checkpoint with restore_latest_model (the '
+        'launchers: --workdir).')
   return _read_spec_file(directory)
 
 
@@ -307,6 +308,16 @@ def check_output_directory(directory: str | os.PathLike, *,
     raise FileExistsError(
         f'{directory} exists and is not a sact_jax model checkpoint; refusing '
         'to replace it even with overwrite.')
+  # Outputs other tools wrote beside the weights (evaluate's eval.json,
+  # export_ponder_maps' ponder_maps/) would go with them, and describe the
+  # model replaced.
+  others = sorted(p.name for p in directory.iterdir()
+                  if p.name not in (STATE_DIR, SPEC_FILE))
+  if others:
+    raise FileExistsError(
+        f'{directory} also holds {", ".join(others)}, not part of the model '
+        'checkpoint (outputs of the model it holds?); move them away to '
+        'replace it.')
 
 
 def _sibling(directory: pathlib.Path, tag: str) -> pathlib.Path:

@@ -48,6 +48,8 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     validation.ConfigError: there is none, or it cannot be read.
   """
   path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isdir(workdir):
+    raise validation.ConfigError(f'{workdir} does not exist.')
   if not os.path.isfile(path):
     raise validation.ConfigError(
         f'{workdir} has no {CONFIG_FILE}: give the --config of its training '

@@ -131,6 +131,16 @@ class SaveRestoreTest(absltest.TestCase):
                                   other.logits.kernel[...])
     self._assert_no_leftovers('ckpt')
 
+  def test_overwrite_keeps_other_tools_outputs(self):
+    """An eval.json beside the weights: overwriting is refused."""
+    checkpoint.save_model(self.root / 'ckpt', self.model, SACT)
+    (self.root / 'ckpt' / 'eval.json').write_text('{}')
+    with self.assertRaisesRegex(FileExistsError,
+                                r'also holds eval.json, not part of'):
+      checkpoint.save_model(self.root / 'ckpt', _random_model(SACT, seed=2),
+                            SACT, overwrite=True)
+    self.assertEqual((self.root / 'ckpt' / 'eval.json').read_text(), '{}')
+
   def test_never_replaces_a_foreign_directory(self):
     precious = self.root / 'mine' / 'notes.txt'
     precious.parent.mkdir()

@@ -546,6 +546,11 @@ class ConfigTest(parameterized.TestCase):
         main_job.check_resumable(config, workdir)
 
 
+  def test_the_config_of_a_missing_workdir(self):
+    with self.assertRaisesRegex(validation.ConfigError,
+                                r'^/nonexistent/run does not exist\.$'):
+      main_job.read_config('/nonexistent/run')
+
   def test_a_run_resumes_after_its_init_from_moved(self):
     """Only a run's first start reads init_from: resuming needs it not."""
     root = train_helpers.tempdir(self)
