@@ -14,6 +14,7 @@ report. Launchers call `run(main)` instead of `absl.app.run(main)`.
 
 import logging as py_logging
 import os
+import re
 import sys
 from typing import Callable, NoReturn, Sequence
 
@@ -30,25 +31,50 @@ RUN_FAILED = 1
 
 
 def fail(message: str, status: int = BAD_INPUT) -> NoReturn:
-  """One error line on stderr (a message's lines joined), no traceback."""
+  """One error line on stderr (a message's lines joined), no traceback.
+
+  Output directories that `check_output_dir` or `check_output_file` made
+  and nothing was written into yet are removed first: bad input leaves
+  nothing behind.
+  """
+  _remove_empty_made_dirs()
   message = ' '.join(line.strip() for line in message.splitlines())
   print(f'error: {message.strip()}', file=sys.stderr, flush=True)
   sys.exit(status)
 
 
+_TRACEBACK = 'Traceback (most recent call last):'
+# Longer messages (e.g. a compiler's dump) are cut in the middle.
+_MAX_CHARS = 1500
+
+
 def one_line(error: BaseException) -> str:
-  """The first and last lines of a message that may embed a traceback."""
-  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-  if not lines:
+  """An error's message on one line, without an embedded traceback.
+
+  All its lines are kept, joined: the middle ones may say what to do (e.g.
+  the `tfds build` command of a missing dataset). A traceback in it
+  (ml_collections puts a config file's into its flag errors) is cut to its
+  last line, the exception.
+  """
+  lines = [line.strip() for line in str(error).splitlines()]
+  if _TRACEBACK in lines:
+    exception = [line for line in lines if line][-1]
+    lines = lines[:lines.index(_TRACEBACK)] + [exception]
+  message = ' '.join(line for line in lines if line)
+  if not message:
     return type(error).__name__
-  return lines[0] if len(lines) == 1 else f'{lines[0]} {lines[-1]}'
+  if len(message) > _MAX_CHARS:
+    head = _MAX_CHARS * 2 // 3
+    message = (f'{message[:head]} [...] '
+               f'{message[len(message) - (_MAX_CHARS - head):]}')
+  return message
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:
   """absl's parsing, but bad flags end with one line and exit status 2.
 
   ml_collections puts the config file's whole traceback into the flag error
-  (e.g. for an unknown variant); only its first and last lines are kept.
+  (e.g. for an unknown variant); only its last line is kept (`one_line`).
   """
   try:
     return flags.FLAGS(argv)
@@ -64,7 +90,16 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     fail(f"Unknown config field '{name.strip(chr(34) + chr(39))}': overrides "
          f'can only set fields that the config file defines.{suggestion}')
   except (flags.Error, TypeError, ValueError) as e:
-    fail(one_line(e))
+    message = one_line(e)
+    # A variant (`file.py:name`) given to a config file that has none.
+    no_variants = re.match(
+        r'flag --(\w+)=([^:]*):(.*): Error whilst parsing config file: '
+        r'TypeError: get_config\(\) takes 0 positional arguments', message)
+    if no_variants:
+      name, path, variant = no_variants.groups()
+      fail(f'--{name}={path}:{variant}: {path} has no variants; give '
+           f"--{name}={path} without ':{variant}'.")
+    fail(message)
 
 
 def config_value(config_flag: flags.FlagHolder):
@@ -126,6 +161,54 @@ class ModelFlags:
     return config
 
 
+# Output directories that the checks below made (`fail` removes those that
+# are still empty).
+_made_dirs: list[str] = []
+
+
+def check_output_dir(path: str) -> None:
+  """`workdirs.ensure_writable_dir`, refused in one line.
+
+  The directories it makes are removed again if the run then fails (with
+  `fail`) before writing into them: a later check, e.g. of the dataset, may
+  still refuse the run.
+  """
+  from sact_jax import workdirs  # pylint: disable=g-import-not-at-top
+  _checked(workdirs.ensure_writable_dir, path, path)
+
+
+def check_output_file(path: str) -> None:
+  """`workdirs.ensure_writable_file`, as `check_output_dir`."""
+  from sact_jax import workdirs  # pylint: disable=g-import-not-at-top
+  _checked(workdirs.ensure_writable_file, path,
+           os.path.dirname(os.path.abspath(path)) if path else '')
+
+
+def _checked(check: Callable[[str], None], path: str,
+             directory: str) -> None:
+  """Runs `check(path)`, noting the directories above it that it makes."""
+  missing = []
+  directory = os.path.abspath(directory) if directory else ''
+  while directory and not os.path.lexists(directory):
+    missing.append(directory)
+    directory = os.path.dirname(directory)
+  try:
+    check(path)
+  except ValueError as e:  # WorkdirError.
+    fail(one_line(e))
+  _made_dirs.extend(missing)
+
+
+def _remove_empty_made_dirs() -> None:
+  """Removes what the output checks made, deepest first, if still empty."""
+  for path in sorted(set(_made_dirs), key=len, reverse=True):
+    try:
+      os.rmdir(path)
+    except OSError:
+      pass  # Written into, or removed by someone else.
+  _made_dirs.clear()
+
+
 class _QuietLibraries:
   """Drops INFO records of orbax and tfds (dozens per checkpoint).
 
@@ -158,6 +241,66 @@ def define_cache_flag() -> flags.FlagHolder:
                    'sact_jax', 'jax_compilation_cache'),
       'Persistent XLA compilation cache (cuts start-up of later runs by '
       "seconds to minutes); '' disables it.")
+
+
+class MultihostFlags:
+  """--multihost, or --coordinator_address, --num_processes, --process_id.
+
+  Of the launchers that train; one definition, so that they take the same
+  flags and refuse the same mistakes.
+  """
+
+  def __init__(self):
+    self.multihost = flags.DEFINE_bool(
+        'multihost', False, 'Call jax.distributed.initialize() with the '
+        "cluster's auto-detected settings (TPU pods, SLURM, Open MPI).")
+    self.coordinator_address = flags.DEFINE_string(
+        'coordinator_address', None, 'HOST:PORT of process 0, for multi-host '
+        'runs outside auto-detected clusters.')
+    self.num_processes = flags.DEFINE_integer(
+        'num_processes', None,
+        'Number of processes (with --coordinator_address).', lower_bound=1)
+    self.process_id = flags.DEFINE_integer(
+        'process_id', None,
+        'This process, 0 to N - 1 (with --coordinator_address).',
+        lower_bound=0)
+
+  def initialize(self) -> None:
+    """Starts `jax.distributed` as the flags ask, before any other jax use.
+
+    Flags that contradict each other are refused before jax is called (it
+    would ignore some or fail with a traceback); jax's own refusal, e.g. of
+    --multihost off a cluster, ends as one line too.
+    """
+    address = self.coordinator_address.value
+    num_processes, process_id = self.num_processes.value, self.process_id.value
+    if not address:
+      if num_processes is not None or process_id is not None:
+        fail('--num_processes and --process_id need --coordinator_address '
+             '(on a cluster jax detects, give --multihost alone).')
+      if not self.multihost.value:
+        return
+    elif None not in (num_processes, process_id) and (
+        process_id >= num_processes):
+      fail(f'--process_id={process_id} must lie in [0, {num_processes}) '
+           f'with --num_processes={num_processes}.')
+    try:
+      if address:
+        jax.distributed.initialize(coordinator_address=address,
+                                   num_processes=num_processes,
+                                   process_id=process_id)
+      else:
+        jax.distributed.initialize()
+    except (ValueError, RuntimeError) as e:  # JaxRuntimeError too.
+      if address:
+        hint = ('outside a cluster jax detects, give --num_processes and '
+                '--process_id too' if None in (num_processes, process_id)
+                else f'--coordinator_address={address}: HOST:PORT of '
+                'process 0')
+      else:
+        hint = ('--multihost needs a cluster jax detects; elsewhere give '
+                '--coordinator_address, --num_processes and --process_id')
+      fail(f'jax.distributed.initialize failed: {one_line(e)} ({hint})')
 
 
 def configure_jax(cache_dir: str) -> None:
@@ -195,8 +338,12 @@ def run(main: Callable[[list[str]], None]) -> None:
   `app.UsageError`s raised by `main` (absl would print the whole usage text
   and exit 1) end as one line with exit status 2 too. Freed host memory is
   kept for reuse (`host_memory`) before JAX starts its backend; orbax's and
-  tfds's INFO lines are dropped.
+  tfds's INFO lines are dropped. The flags defined here are key flags of the
+  launcher, so that its --help lists them (absl lists only the main
+  module's).
   """
+  for flag in flags.FLAGS.get_key_flags_for_module(__name__):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
   host_memory.reuse_freed_memory()
   logging.get_absl_logger().addFilter(_QuietLibraries())
   sys.unraisablehook = _drop_restore_noise

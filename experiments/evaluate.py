@@ -26,7 +26,6 @@ import jax
 from experiments import _cli
 from sact_jax import data
 from sact_jax import evaluate
-from sact_jax import workdirs
 
 _MODEL = _cli.ModelFlags('the dataset, eval batch size', 'evaluate')
 _INFERENCE = flags.DEFINE_enum(
@@ -50,11 +49,11 @@ def main(argv):
   try:
     model = evaluate.load_model(config, workdir=_MODEL.workdir.value,
                                 checkpoint=_MODEL.checkpoint.value)
-    # Before the evaluation, which may take long, not after it.
-    workdirs.ensure_writable_file(output)
   except (ValueError, FileNotFoundError) as e:
-    # Bad workdir, checkpoint or output (WorkdirError is a ValueError).
+    # Bad workdir or checkpoint (WorkdirError is a ValueError).
     _cli.fail(_cli.one_line(e))
+  # Before the evaluation, which may take long, not after it.
+  _cli.check_output_file(output)
   try:
     metrics = evaluate.evaluate_model(model, config,
                                       sparse=_INFERENCE.value == 'sparse')

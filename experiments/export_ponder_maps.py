@@ -51,7 +51,6 @@ from sact_jax import evaluate
 from sact_jax import models
 from sact_jax import ponder_export
 from sact_jax import visualize
-from sact_jax import workdirs
 
 _MODEL = _cli.ModelFlags('the dataset to draw images from', 'draw')
 _OUT_DIR = flags.DEFINE_string(
@@ -127,12 +126,10 @@ def main(argv):
       _cli.fail(str(e))
     for message in skipped:
       print(f'warning: skipped {message}', file=sys.stderr, flush=True)
-  try:
-    workdirs.ensure_writable_dir(out_dir)
-    if _EXPORT.value is not None:
-      workdirs.ensure_writable_file(_EXPORT.value)
-  except ValueError as e:  # WorkdirError.
-    _cli.fail(_cli.one_line(e))
+  # Removed again if a later check fails before anything is written.
+  _cli.check_output_dir(out_dir)
+  if _EXPORT.value is not None:
+    _cli.check_output_file(_EXPORT.value)
   written, exported = [], []
   if config is not None and _NUM_IMAGES.value > 0:
     try:

@@ -33,7 +33,6 @@ from sact_jax import models
 from sact_jax import ponder_export
 from sact_jax import saliency_eval
 from sact_jax import visualize
-from sact_jax import workdirs
 
 _MODEL = _cli.ModelFlags('the dataset to score on', 'score')
 _CAT2000_DIR = flags.DEFINE_string(
@@ -66,10 +65,7 @@ def main(argv):
   if _OUTPUT.value is not None:
     if not _OUTPUT.value.endswith('.json'):
       _cli.fail(f'--output={_OUTPUT.value} must end in .json.')
-    try:
-      workdirs.ensure_writable_file(_OUTPUT.value)
-    except ValueError as e:  # WorkdirError.
-      _cli.fail(_cli.one_line(e))
+    _cli.check_output_file(_OUTPUT.value)
   if cat2000 is None:
     try:
       visualize.check_num_images(config, _NUM_IMAGES.value)

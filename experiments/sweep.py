@@ -20,14 +20,20 @@ holds another model) ends with one `error:` line and exit status 2 before
 any run starts; a non-finite loss with exit status 1 (experiments/_cli.py).
 """
 
+import os
+
 from absl import flags
 from ml_collections import config_flags
 
 from experiments import _cli
+import sact_jax
 
+# By its full path: the launcher may be started from any directory.
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(sact_jax.__file__), 'configs',
+                               'sweep.py')
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', 'sact_jax/configs/sweep.py', 'Base config of every run; runs '
-    'differ in model_type, tau and (vanilla) units.', lock_config=True)
+    'config', _DEFAULT_CONFIG, 'Base config of every run; runs differ in '
+    'model_type, tau and (vanilla) units.', lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Root directory of the sweep: one workdir per run, and '
     'the trade-off table and figure.', required=True)

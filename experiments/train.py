@@ -30,16 +30,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Directory for checkpoints, metrics, evaluation and '
     'pictures; a workdir with a checkpoint resumes.', required=True)
-_MULTIHOST = flags.DEFINE_bool(
-    'multihost', False, 'Call jax.distributed.initialize() with the '
-    "cluster's auto-detected settings.")
-_COORDINATOR = flags.DEFINE_string(
-    'coordinator_address', None, 'HOST:PORT of process 0, for multi-host '
-    'runs outside auto-detected clusters.')
-_NUM_PROCESSES = flags.DEFINE_integer(
-    'num_processes', None, 'Number of processes (with --coordinator_address).')
-_PROCESS_ID = flags.DEFINE_integer(
-    'process_id', None, 'This process (with --coordinator_address).')
+_MULTIHOST = _cli.MultihostFlags()
 _CACHE_DIR = _cli.define_cache_flag()
 
 
@@ -47,12 +38,7 @@ def main(argv):
   if len(argv) > 1:
     _cli.fail(f'Unexpected arguments: {" ".join(argv[1:])}')
   _cli.configure_jax(_CACHE_DIR.value)
-  if _COORDINATOR.value:
-    jax.distributed.initialize(
-        coordinator_address=_COORDINATOR.value,
-        num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-  elif _MULTIHOST.value:
-    jax.distributed.initialize()
+  _MULTIHOST.initialize()
 
   # Imported after jax is configured.
   from sact_jax import checkpoint  # pylint: disable=g-import-not-at-top

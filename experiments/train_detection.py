@@ -7,7 +7,8 @@ r"""Trains (resumes), evaluates and draws a detector: sact_jax.detection.
 Writes checkpoints, metrics (TensorBoard, metrics.jsonl), `eval.json`
 (COCO metrics, extractor FLOPs and ponder costs) and `detections.png` to
 the workdir; a workdir with a checkpoint resumes. Multi-host as
-experiments/train.py (`--multihost`).
+experiments/train.py: `--multihost` on a cluster jax detects, elsewhere
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I`.
 
 Bad input (flags, config, dataset, init_from, a workdir that cannot be
 written or holds another model) ends with one `error:` line and exit
@@ -16,7 +17,6 @@ experiments/_cli.py).
 """
 
 from absl import flags
-import jax
 from ml_collections import config_flags
 
 from experiments import _cli
@@ -27,9 +27,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Directory for checkpoints, metrics, evaluation and '
     'pictures; a workdir with a checkpoint resumes.', required=True)
-_MULTIHOST = flags.DEFINE_bool(
-    'multihost', False, 'Call jax.distributed.initialize() with the '
-    "cluster's auto-detected settings.")
+_MULTIHOST = _cli.MultihostFlags()
 _CACHE_DIR = _cli.define_cache_flag()
 
 
@@ -37,8 +35,7 @@ def main(argv):
   if len(argv) > 1:
     _cli.fail(f'Unexpected arguments: {" ".join(argv[1:])}')
   _cli.configure_jax(_CACHE_DIR.value)
-  if _MULTIHOST.value:
-    jax.distributed.initialize()
+  _MULTIHOST.initialize()
 
   # Imported after jax is configured.
   from sact_jax import checkpoint  # pylint: disable=g-import-not-at-top

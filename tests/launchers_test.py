@@ -2,7 +2,8 @@
 
 One `error: ...` line last on stderr, exit status 2, no traceback, nothing
 written (experiments/_cli.py). Each launcher gets a bad flag, a path that
-does not exist and an output directory that cannot be made.
+does not exist and an output directory that cannot be made. And --help
+lists the flags a launcher takes from experiments/_cli.py too.
 """
 
 import dataclasses
@@ -15,6 +16,7 @@ import tempfile
 from absl.testing import absltest
 from absl.testing import parameterized
 
+from experiments import _cli
 from sact_jax import checkpoint
 from sact_jax import models
 import testing_utils as tu
@@ -214,7 +216,7 @@ _CASES = (
      '{tmp} has no config.json: give the --config of its training run.'),
     ('evaluate_detection_classification_run', 'evaluate_detection',
      ['--workdir={tmp}/runs/sact'],
-     "The config has no field 'dataset': is it a detection config?"),
+     "Unknown detection dataset 'sact_shapes'; supported: sact_detection"),
     ('evaluate_detection_more_pictures_than_the_split', 'evaluate_detection',
      [_DETECTION, '--workdir={tmp}', '--pictures=100'],
      '--pictures: 100 images asked for, but the test split of '
@@ -241,7 +243,74 @@ _CASES = (
     ('convert_missing_tf_checkpoint', 'convert_checkpoint',
      ['--tf_checkpoint={tmp}/missing', *_CONVERT, '--output={tmp}/out'],
      'No TF checkpoint at {tmp}/missing'),
+    ('train_multihost_off_cluster', 'train',
+     [_CONFIG, '--workdir={tmp}/w', '--multihost'],
+     'jax.distributed.initialize failed: coordinator_address should be '
+     'defined. (--multihost needs a cluster jax detects'),
+    ('train_process_id_out_of_range', 'train',
+     [_CONFIG, '--workdir={tmp}/w', '--coordinator_address=localhost:12345',
+      '--num_processes=2', '--process_id=5'],
+     '--process_id=5 must lie in [0, 2) with --num_processes=2.'),
+    ('train_processes_without_coordinator', 'train',
+     [_CONFIG, '--workdir={tmp}/w', '--num_processes=2', '--process_id=1'],
+     '--num_processes and --process_id need --coordinator_address'),
+    ('train_coordinator_without_processes', 'train',
+     [_CONFIG, '--workdir={tmp}/w', '--coordinator_address=localhost:12345'],
+     'jax.distributed.initialize failed: Number of processes must be '
+     'defined. (outside a cluster jax detects, give --num_processes and '
+     '--process_id too)'),
+    ('train_detection_process_id_without_coordinator', 'train_detection',
+     [_DETECTION, '--workdir={tmp}/w', '--process_id=0'],
+     '--num_processes and --process_id need --coordinator_address'),
+    ('train_detection_multihost_off_cluster', 'train_detection',
+     [_DETECTION, '--workdir={tmp}/w', '--multihost'],
+     'jax.distributed.initialize failed: coordinator_address should be '
+     'defined.'),
+    ('sweep_variant_of_a_config_without_variants', 'sweep',
+     ['--config=sact_jax/configs/sweep.py:smoke', '--workdir={tmp}/s'],
+     "--config=sact_jax/configs/sweep.py:smoke: sact_jax/configs/sweep.py "
+     "has no variants; give --config=sact_jax/configs/sweep.py without "
+     "':smoke'."),
+    # The command to run is in the middle of a multi-line message; the
+    # --out_dir and --output directories made before the dataset is read
+    # are removed again.
+    ('export_dataset_not_prepared', 'export_ponder_maps',
+     ['--config=sact_jax/configs/cifar10.py', '--config.data_dir={tmp}/data',
+      '--checkpoint={sact_ckpt}', '--out_dir={tmp}/maps_new/maps'],
+     'Prepare it on a machine with network access and TensorFlow (`pip '
+     'install tensorflow tensorflow-datasets`): tfds build cifar10 '
+     '--data_dir=DATA_DIR --file_format=array_record then copy '
+     'DATA_DIR/cifar10 into the data_dir above.'),
+    ('saliency_dataset_not_prepared', 'saliency',
+     ['--config=sact_jax/configs/cifar10.py', '--config.data_dir={tmp}/data',
+      '--checkpoint={sact_ckpt}', '--output={tmp}/scores_new/s.json'],
+     'tfds build cifar10 --data_dir=DATA_DIR --file_format=array_record'),
+    ('export_unwritable_npz_after_out_dir', 'export_ponder_maps',
+     ['--checkpoint={sact_ckpt}', '--photos', '--out_dir={tmp}/npz_new/maps',
+      '--export={file}/maps.npz'],
+     'directory {file}: it exists and is not a directory.'),
 )
+
+# Each case: launcher, flags its --help must list (those defined in
+# experiments/_cli.py among them).
+_HELP_CASES = (
+    ('evaluate', 'evaluate',
+     ['config', 'workdir', 'checkpoint', 'compilation_cache_dir', 'output']),
+    ('export_ponder_maps', 'export_ponder_maps',
+     ['config', 'workdir', 'checkpoint', 'out_dir']),
+    ('saliency', 'saliency', ['config', 'workdir', 'checkpoint', 'output']),
+    ('train', 'train',
+     ['config', 'workdir', 'compilation_cache_dir', 'multihost',
+      'coordinator_address', 'num_processes', 'process_id']),
+    ('train_detection', 'train_detection',
+     ['config', 'workdir', 'compilation_cache_dir', 'multihost',
+      'coordinator_address', 'num_processes', 'process_id']),
+    ('sweep', 'sweep', ['config', 'workdir', 'compilation_cache_dir']),
+)
+
+# Environment variables by which jax would take the test host for a cluster
+# (`--multihost` would then start a run).
+_CLUSTER_VARIABLES = ('SLURM_', 'OMPI_', 'PMI_', 'KUBERNETES_SERVICE_HOST')
 
 
 class LauncherConventionTest(parameterized.TestCase):
@@ -281,22 +350,29 @@ class LauncherConventionTest(parameterized.TestCase):
     return sorted((os.path.relpath(root, self.tmp), sorted(dirs),
                    sorted(files)) for root, dirs, files in os.walk(self.tmp))
 
-  @parameterized.named_parameters(*_CASES)
-  def test_bad_input_is_one_error_line_and_status_2(self, launcher, args,
-                                                     message):
+  def _launch(self, launcher: str, args: list[str], cwd: str = _REPO
+              ) -> subprocess.CompletedProcess[str]:
+    # The CPU on any host: a GPU is held by this test process, and the
+    # convention does not depend on the backend.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(_CLUSTER_VARIABLES)}
+    env.update(JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
+               PYTHONPATH=os.pathsep.join(
+                   filter(None, [_REPO, env.get('PYTHONPATH')])))
+    return subprocess.run(
+        [sys.executable, '-m', f'experiments.{launcher}', *args,
+         *(['--compilation_cache_dir='] if launcher in (
+             'train', 'sweep', 'train_detection', 'evaluate') else [])],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+        check=False)
+
+  def _assert_bad_input(self, launcher: str, args: list[str], message: str,
+                        cwd: str = _REPO):
     paths = dict(tmp=self.tmp, ckpt=self.ckpt, sact_ckpt=self.sact_ckpt,
                  file=self.file, damaged=self.damaged)
     args = [a.format(**paths) for a in args]
     before = self._listing()
-    # The CPU on any host: a GPU is held by this test process, and the
-    # convention does not depend on the backend.
-    env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
-    proc = subprocess.run(
-        [sys.executable, '-m', f'experiments.{launcher}', *args,
-         *(['--compilation_cache_dir='] if launcher in (
-             'train', 'sweep', 'train_detection', 'evaluate') else [])],
-        cwd=_REPO, env=env, capture_output=True, text=True, timeout=300,
-        check=False)
+    proc = self._launch(launcher, args, cwd=cwd)
     lines = proc.stderr.strip().splitlines()
     self.assertEqual(proc.returncode, 2, proc.stderr[-3000:])
     self.assertNotEmpty(lines)
@@ -306,6 +382,50 @@ class LauncherConventionTest(parameterized.TestCase):
                    proc.stderr[-3000:])
     self.assertNotIn('Traceback', proc.stderr)
     self.assertEqual(self._listing(), before)  # Nothing written.
+
+  @parameterized.named_parameters(*_CASES)
+  def test_bad_input_is_one_error_line_and_status_2(self, launcher, args,
+                                                     message):
+    self._assert_bad_input(launcher, args, message)
+
+  def test_sweep_default_config_from_another_directory(self):
+    # The default --config loads (the --taus check comes after it) though
+    # the working directory has no sact_jax/configs/sweep.py.
+    self._assert_bad_input('sweep', ['--workdir={tmp}/s', '--taus=abc'],
+                           '--taus must be numbers, got abc.', cwd=self.tmp)
+
+  @parameterized.named_parameters(*_HELP_CASES)
+  def test_help_lists_the_flags_it_accepts(self, launcher, names):
+    help_text = self._launch(launcher, ['--help']).stdout
+    for name in names:
+      self.assertRegex(help_text, rf'(?m)^\s+--(\[no\])?{name}:',
+                       f'--{name} missing from --help of {launcher}')
+
+
+class OneLineTest(absltest.TestCase):
+
+  def test_keeps_every_line(self):
+    error = ValueError('Dataset is not prepared.\nPrepare it with:\n'
+                       '  tfds build cifar10 --data_dir=DATA_DIR\nthen copy.')
+    self.assertEqual(_cli.one_line(error),
+                     'Dataset is not prepared. Prepare it with: tfds build '
+                     'cifar10 --data_dir=DATA_DIR then copy.')
+
+  def test_cuts_an_embedded_traceback_to_its_exception(self):
+    error = ValueError('Error whilst parsing config file:\n\n'
+                       'Traceback (most recent call last):\n'
+                       '  File "config.py", line 1, in get_config\n'
+                       '    raise ValueError(\'bad\')\n'
+                       'ValueError: bad\n')
+    self.assertEqual(_cli.one_line(error),
+                     'Error whilst parsing config file: ValueError: bad')
+
+  def test_cuts_a_long_message_in_the_middle(self):
+    line = _cli.one_line(RuntimeError('start ' + 'x' * 10_000 + ' end'))
+    self.assertLessEqual(len(line), 1510)
+    self.assertStartsWith(line, 'start ')
+    self.assertEndsWith(line, ' end')
+    self.assertIn(' [...] ', line)
 
 
 if __name__ == '__main__':
