@@ -96,7 +96,7 @@ def main(argv):
   except (ValueError, FileNotFoundError, data.DatasetNotFoundError) as e:
     # Unreadable fixations, too few images, a dataset without masks.
     _cli.fail(_cli.one_line(e))
-  print(saliency_eval.markdown_table(scores))
+  print(saliency_eval.markdown_table(scores, model.model_type))
   if _OUTPUT.value is not None:
     evaluate.save_json(scores, _OUTPUT.value)
     print(f'Wrote {_OUTPUT.value}')

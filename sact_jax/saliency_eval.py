@@ -189,11 +189,17 @@ def evaluate_saliency_on_cat2000(model: nnx.Module, family: str, root: str,
   return _score(ponder_maps, fixation_maps, densities, rng)
 
 
-def markdown_table(scores: dict[str, dict[str, float]]) -> str:
-  """Rows: the sources; columns: the metrics."""
+def markdown_table(scores: dict[str, dict[str, float]],
+                   model_type: str = 'sact') -> str:
+  """Rows: the sources; columns: the metrics.
+
+  The ponder maps' row names the model type that drew them (the 'sact'
+  source may hold an ACT model's maps, uniform per image).
+  """
+  names = dict(SOURCE_NAMES, sact=f'{model_type.upper()} ponder maps')
   lines = ['| maps | ' + ' | '.join(saliency.METRICS) + ' |',
            '| --- |' + ' ---: |' * len(saliency.METRICS)]
   for source in SOURCES:
-    lines.append(f'| {SOURCE_NAMES[source]} | ' + ' | '.join(
+    lines.append(f'| {names[source]} | ' + ' | '.join(
         f'{scores[source][m]:.3f}' for m in saliency.METRICS) + ' |')
   return '\n'.join(lines)

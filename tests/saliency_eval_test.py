@@ -59,6 +59,9 @@ class EvaluateTest(absltest.TestCase):
     assert_scores(self, scores)
     table = saliency_eval.markdown_table(scores)
     self.assertLen(table.splitlines(), 5)
+    self.assertIn('| SACT ponder maps |', table)
+    self.assertIn('| ACT ponder maps |',
+                  saliency_eval.markdown_table(scores, 'act'))
     # Same seed, same numbers.
     again = saliency_eval.evaluate_saliency_on_dataset(
         self.model, config, num_images=30, rng=np.random.default_rng(0))
