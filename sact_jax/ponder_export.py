@@ -305,15 +305,6 @@ def ponder_figures(results: Sequence[PonderResult], *,
   return figures
 
 
-def save_figures(figures: Sequence[mfigure.Figure], out_dir: str,
-                 stem: str) -> list[str]:
-  """`<stem>.png`, or `<stem>_<k>.png` for several figures; their paths."""
-  names = ([f'{stem}.png'] if len(figures) == 1
-           else [f'{stem}_{k}.png' for k in range(len(figures))])
-  return [visualize.save_figure(fig, os.path.join(out_dir, name))
-          for fig, name in zip(figures, names)]
-
-
 def select_by_cost(costs: Sequence[float], per_group: int
                    ) -> list[tuple[str, int]]:
   """(group, index) of the cheapest, median and dearest `per_group` costs.
@@ -426,7 +417,7 @@ def save_result_figures(model: nnx.Module, results: Sequence[PonderResult],
     num_classes = models.ModelSpec.from_model(model).num_classes
     class_names = data_lib.dataset_info(config.dataset).class_names
     offset = data_lib.label_offset(config.dataset, num_classes)
-  return save_figures(
+  return visualize.save_figures(
       ponder_figures(results, class_names=class_names, label_offset=offset,
                      overlay=overlay), out_dir, stem)
 

@@ -11,6 +11,7 @@ the Agg canvas: no pyplot state, no display needed.
 """
 
 import os
+import re
 from typing import Any, Mapping, Sequence
 
 from flax import nnx
@@ -345,12 +346,29 @@ def save_ponder_maps(model: nnx.Module, config, out_dir: str, *,
     Paths of the PNGs written: `ponder_maps.png`, or `ponder_maps_<k>.png`
     for k = 0, 1, ... when there are more than `ROWS_PER_PAGE` images.
   """
-  figures = ponder_figures(model, config, num_images=num_images,
-                           overlay=overlay)
-  names = (['ponder_maps.png'] if len(figures) == 1
-           else [f'ponder_maps_{k}.png' for k in range(len(figures))])
-  return [save_figure(fig, os.path.join(out_dir, name))
-          for fig, name in zip(figures, names)]
+  return save_figures(ponder_figures(model, config, num_images=num_images,
+                                     overlay=overlay), out_dir, 'ponder_maps')
+
+
+def save_figures(figures: Sequence[mfigure.Figure], out_dir: str,
+                 stem: str) -> list[str]:
+  """`<stem>.png`, or `<stem>_<k>.png` for several figures; their paths.
+
+  Pages of an earlier `<stem>` set that these do not replace (a training
+  run's 16 images on two pages, then an export of 4 on one) are removed
+  once these are written: a directory never mixes two sets of one name.
+  """
+  if not figures:
+    return []
+  names = ([f'{stem}.png'] if len(figures) == 1
+           else [f'{stem}_{k}.png' for k in range(len(figures))])
+  paths = [save_figure(fig, os.path.join(out_dir, name))
+           for fig, name in zip(figures, names)]
+  page = re.compile(rf'{re.escape(stem)}(_\d+)?\.png')
+  for name in os.listdir(out_dir):
+    if page.fullmatch(name) and name not in names:
+      os.remove(os.path.join(out_dir, name))
+  return paths
 
 
 def figure_array(fig: mfigure.Figure) -> np.ndarray:

@@ -142,6 +142,14 @@ class ModelPicturesTest(absltest.TestCase):
                                        num_images=3)
     self.assertEqual(paths, [os.path.join(out_dir, 'ponder_maps.png')])
     self.assertEqual(os.listdir(out_dir), ['ponder_maps.png'])
+    # A later set of another page count replaces the earlier one whole.
+    pages = visualize.save_ponder_maps(
+        self.model, config, out_dir, num_images=visualize.ROWS_PER_PAGE + 1)
+    self.assertEqual(sorted(os.listdir(out_dir)),
+                     ['ponder_maps_0.png', 'ponder_maps_1.png'])
+    visualize.save_ponder_maps(self.model, config, out_dir, num_images=3)
+    self.assertEqual(os.listdir(out_dir), ['ponder_maps.png'])
+    self.assertLen(pages, 2)
     pixels = read_png(paths[0])
     width, height = visualize.figure_pixel_size(3, 5)  # Image, 3 blocks, sum.
     self.assertEqual(pixels.shape, (height, width, 3))
@@ -172,7 +180,7 @@ class ModelPicturesTest(absltest.TestCase):
     results = ponder_export.image_results(model, photos)
     config = ml_collections.ConfigDict({'dataset': 'sact_shapes/tiny'})
     # The figures export_ponder_maps --photos writes.
-    with mock.patch.object(ponder_export, 'save_figures',
+    with mock.patch.object(visualize, 'save_figures',
                            lambda figures, out_dir, stem: figures):
       fig, = ponder_export.save_result_figures(model, results, '/unused',
                                                config=config, stem='photos')
