@@ -94,13 +94,15 @@ def path_str(path: Sequence[Any]) -> str:
   return '/'.join(str(p) for p in path)
 
 
+def _key_path_str(key_path: Sequence[Any]) -> str:
+  """`path_str` of a jax tree key path (dict keys, sequence indices)."""
+  return path_str([getattr(k, 'key', getattr(k, 'idx', k)) for k in key_path])
+
+
 def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   """Path string -> shape, for a nested dict of arrays or array metadata."""
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {
-      '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path):
-          tuple(leaf.shape)
-      for path, leaf in flat}
+  return {_key_path_str(path): tuple(leaf.shape) for path, leaf in flat}
 
 
 def _describe_mismatch(expected: Mapping[str, tuple[int, ...]],
@@ -709,8 +711,8 @@ def _restore_model_variables(manager: ocp.CheckpointManager, step: int,
     restored = restored['ema']
   # A partial restore leaves what the checkpoint lacks abstract: a run of
   # another kind (a detector's workdir for a classifier, or the reverse).
-  lacking = [path_str(getattr(k, 'key', getattr(k, 'idx', k)) for k in path)
-             for path, leaf in jax.tree_util.tree_leaves_with_path(restored)
+  lacking = [_key_path_str(path) for path, leaf
+             in jax.tree_util.tree_leaves_with_path(restored)
              if not isinstance(leaf, jax.Array)]
   if lacking:
     raise CheckpointError(

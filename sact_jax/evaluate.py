@@ -322,11 +322,9 @@ def _eval_split_name(config, info: data_lib.DatasetInfo) -> str:
 
 def _expected_count(config, info: data_lib.DatasetInfo) -> int | None:
   """Size of the evaluated split when the metadata knows it."""
-  if config.get('eval_split', None) not in (None, info.eval_split):
-    return None
+  size = info.eval_size(config.get('eval_split', None))
   limit = config.get('num_eval_examples', None)
-  return (info.num_eval_examples if limit is None
-          else min(limit, info.num_eval_examples))
+  return size if size is None or limit is None else min(limit, size)
 
 
 def _fetch_valid(stats: dict[str, jax.Array], valid_B: jax.Array

@@ -44,6 +44,8 @@ TABLE_MD = 'tradeoff.md'
 TABLE_JSON = 'tradeoff.json'
 FIGURE = 'tradeoff.png'
 _MODEL_ORDER = ('sact', 'act', 'vanilla')
+# Rank of each model type in tables and legends (others last).
+_TYPE_RANK = {t: i for i, t in enumerate(_MODEL_ORDER)}
 # Per model type: the colours of its curves in turn, its marker.
 _STYLE = {'sact': (('C3', 'C1', 'C6', 'C5'), 'o'),
           'act': (('C0', 'C9', 'C4', 'C2'), 's'),
@@ -303,9 +305,8 @@ def collect(paths: Iterable[str]) -> list[dict[str, Any]]:
             [v for v in rows if _setting(v) == _setting(r)],
             r['flops_mean']))
   _label_curves(rows)
-  order = {t: i for i, t in enumerate(_MODEL_ORDER)}
   rows.sort(key=lambda r: (
-      order.get(r['model_type'], len(order)),
+      _TYPE_RANK.get(r['model_type'], len(_TYPE_RANK)),
       0 if r['model_type'] == 'vanilla' else r['depth'],
       _curve_key(r)[1], _sortable(_setting(r)), r['flops_mean']))
   return rows
@@ -338,11 +339,11 @@ def render_figure(rows: Sequence[dict[str, Any]], *,
   curves = collections.defaultdict(list)
   for r in rows:
     curves[_curve_key(r)].append(r)
-  order = {t: i for i, t in enumerate(_MODEL_ORDER)}
   num_vanilla = sum(k[0] == 'vanilla' for k in curves)
   drawn = collections.Counter()
   setting_colors = {}
-  for key in sorted(curves, key=lambda k: order.get(k[0], len(order))):
+  for key in sorted(curves,
+                    key=lambda k: _TYPE_RANK.get(k[0], len(_TYPE_RANK))):
     model_type = key[0]
     group = sorted(curves[key], key=lambda r: r['flops_mean'])
     colors, marker = _STYLE.get(model_type, (('k',), 'x'))

@@ -271,11 +271,11 @@ def check_num_images(config, num_images: int) -> None:
   only once read.)
   """
   info = data_lib.dataset_info(config.dataset)
-  split = config.get('eval_split', None) or info.eval_split
-  if split == info.eval_split and num_images > info.num_eval_examples:
+  size = info.eval_size(config.get('eval_split', None))
+  if size is not None and num_images > size:
     raise ValueError(
-        f'{num_images} images asked for, but the {split} split of '
-        f'{config.dataset} has {info.num_eval_examples}.')
+        f'{num_images} images asked for, but the {info.eval_split} split of '
+        f'{config.dataset} has {size}.')
 
 
 def eval_images(config, num_images: int, batch_size: int | None = None):

@@ -105,9 +105,9 @@ def _check_eval_sizes(config: ml_collections.ConfigDict,
                       info: data_lib.DatasetInfo) -> None:
   """Images asked of the eval split fit it (else evaluation or the ponder
   maps would fail only after training)."""
-  if config.get('eval_split', None) not in (None, info.eval_split):
-    return  # Its size is known only once read.
-  available = info.num_eval_examples
+  available = info.eval_size(config.get('eval_split', None))
+  if available is None:
+    return
   asked = {'num_eval_examples': config.get('num_eval_examples')}
   if config.model_type == 'sact':  # The models whose maps are drawn.
     asked['num_ponder_maps'] = config.get('num_ponder_maps', 0)

@@ -66,6 +66,15 @@ class DatasetInfo:
   resizable: bool = False
   class_names: tuple[str, ...] | None = None
 
+  def eval_size(self, eval_split: str | None) -> int | None:
+    """Images of a config's `eval_split` (None: `eval_split`) when known.
+
+    Only the dataset's own eval split has a size here; another one is
+    known only once read (None).
+    """
+    return (self.num_eval_examples
+            if eval_split in (None, self.eval_split) else None)
+
 
 _CIFAR10_CLASS_NAMES = ('airplane', 'automobile', 'bird', 'cat', 'deer',
                         'dog', 'frog', 'horse', 'ship', 'truck')
