@@ -227,6 +227,13 @@ class _QuietLibraries:
         or 'read_only=True' in message)
 
 
+def _drop_backend_probe(record) -> bool:
+  """Drops jax's INFO line for every platform it finds absent (TPU on a GPU
+  or CPU host); a platform that is present but fails still warns."""
+  return not (record.levelno < py_logging.WARNING
+              and str(record.msg).startswith('Unable to initialize backend'))
+
+
 def define_cache_flag() -> flags.FlagHolder:
   """--compilation_cache_dir of the launchers that compile much.
 
@@ -340,12 +347,13 @@ def run(main: Callable[[list[str]], None]) -> None:
   kept for reuse (`host_memory`) before JAX starts its backend; orbax's and
   tfds's INFO lines are dropped. The flags defined here are key flags of the
   launcher, so that its --help lists them (absl lists only the main
-  module's).
+  module's). jax's INFO line on each absent platform is dropped.
   """
   for flag in flags.FLAGS.get_key_flags_for_module(__name__):
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
   host_memory.reuse_freed_memory()
   logging.get_absl_logger().addFilter(_QuietLibraries())
+  py_logging.getLogger('jax._src.xla_bridge').addFilter(_drop_backend_probe)
   sys.unraisablehook = _drop_restore_noise
   # The same reads' tasks, logged by asyncio ("Task exception was never
   # retrieved"); the launchers run no asyncio code of their own.

@@ -55,8 +55,10 @@ def main(argv):
   # Before the evaluation, which may take long, not after it.
   _cli.check_output_file(output)
   try:
+    # Not logged as well: the table is printed below.
     metrics = evaluate.evaluate_model(model, config,
-                                      sparse=_INFERENCE.value == 'sparse')
+                                      sparse=_INFERENCE.value == 'sparse',
+                                      verbose=False)
   except (evaluate.EvaluationError, data.DatasetNotFoundError) as e:
     _cli.fail(_cli.one_line(e))
   if jax.process_index() == 0:
