@@ -14,7 +14,10 @@ sact_jax/saliency_eval.py); with it, the CAT2000-layout folder's fixations,
 the images resized to a short side of `--image_size` (default: the model
 family's training size). Prints a markdown table (rows: map sources;
 columns: the seven metrics) and, with `--output=PATH.json`, writes the
-numbers.
+numbers (`scores`: {source: {metric: mean}}) with what they were measured
+on: `model` (its spec), `dataset`, `split` and `num_fixations` or
+`cat2000_dir` and `image_size`, `num_images` (those scored: images with
+an empty object mask are skipped) and `seed`.
 
 Bad input (flags, no or two model sources, a missing folder or checkpoint)
 ends with one `error:` line and exit status 2 (see experiments/_cli.py).
@@ -50,7 +53,8 @@ _NUM_FIXATIONS = flags.DEFINE_integer(
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the sampled fixations and '
                              'the metrics\' random negatives.', lower_bound=0)
 _OUTPUT = flags.DEFINE_string(
-    'output', None, 'Also write {source: {metric: mean}} to this .json file.')
+    'output', None, 'Also write the scores and what they were measured on '
+    'to this .json file.')
 
 
 def main(argv):
@@ -96,9 +100,24 @@ def main(argv):
   except (ValueError, FileNotFoundError, data.DatasetNotFoundError) as e:
     # Unreadable fixations, too few images, a dataset without masks.
     _cli.fail(_cli.one_line(e))
+  spec = models.ModelSpec.from_model(model)
+  if cat2000 is not None:
+    source = {'cat2000_dir': os.path.abspath(cat2000),
+              'image_size': (_IMAGE_SIZE.value
+                             or ponder_export.DEFAULT_IMAGE_SIZE[spec.family])}
+  else:
+    source = {'dataset': config.dataset,
+              'split': data.dataset_info(config.dataset).split_to_evaluate(
+                  config.get('eval_split', None)) + f'[:{_NUM_IMAGES.value}]',
+              'num_fixations': _NUM_FIXATIONS.value}
+  print(f'{spec.model_type.upper()} {spec.family} ResNet {spec.units} on '
+        + ', '.join(f'{k}={v}' for k, v in source.items())
+        + f': {scores.num_images} images, seed {_SEED.value}')
   print(saliency_eval.markdown_table(scores, model.model_type))
   if _OUTPUT.value is not None:
-    evaluate.save_json(scores, _OUTPUT.value)
+    evaluate.save_json({'model': spec.to_dict(), **source,
+                        'num_images': scores.num_images, 'seed': _SEED.value,
+                        'scores': scores.scores}, _OUTPUT.value)
     print(f'Wrote {_OUTPUT.value}')
 
 

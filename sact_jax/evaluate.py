@@ -307,7 +307,7 @@ def any_host(flag: bool) -> bool:
 
 
 def _eval_split_name(config, info: data_lib.DatasetInfo) -> str:
-  split = config.get('eval_split', None) or info.eval_split
+  split = info.split_to_evaluate(config.get('eval_split', None))
   limit = config.get('num_eval_examples', None)
   if limit is not None:
     if '[' in split:

@@ -385,8 +385,8 @@ def dataset_results(model: nnx.Module, config, num_images: int
   ran on (`save_npz` stores it as uint8 by its own range, as drawn).
   """
   batch = next(iter(visualize.eval_images(config, num_images)))
-  split = config.get('eval_split', None) or data_lib.dataset_info(
-      config.dataset).eval_split
+  split = data_lib.dataset_info(config.dataset).split_to_evaluate(
+      config.get('eval_split', None))
   images = list(np.asarray(batch['image']))
   results = ponder_results(model, images,
                            [f'{split}[{i}]' for i in range(len(images))])

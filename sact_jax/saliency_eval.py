@@ -17,6 +17,7 @@ centre-bias baseline and the uniform baseline.
 """
 
 from collections.abc import Iterable, Sequence
+import dataclasses
 
 from flax import nnx
 import numpy as np
@@ -35,6 +36,16 @@ SOURCE_NAMES = {'sact': 'SACT ponder maps', 'center_bias': 'centre bias',
 CAT2000_SIGMA_FRACTION = 0.02
 # Images per forward pass: bounds memory on large folders.
 _CHUNK = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class SaliencyScores:
+  """{source: {metric: mean}} and how many images the means are over.
+
+  Fewer than asked where images were skipped (an empty object mask).
+  """
+  scores: dict[str, dict[str, float]]
+  num_images: int
 
 
 def sample_fixations(mask_HxW, num_fixations: int,
@@ -74,17 +85,18 @@ def _ponder_saliency(result: ponder_export.PonderResult) -> np.ndarray:
 def _score(ponder_maps: Sequence[np.ndarray],
            fixation_maps: Sequence[np.ndarray],
            densities: Sequence[np.ndarray],
-           rng: np.random.Generator) -> dict[str, dict[str, float]]:
-  """{source: {metric: mean}}; every source sees the same random draws."""
+           rng: np.random.Generator) -> SaliencyScores:
+  """Every source's means; every source sees the same random draws."""
   seed = int(rng.integers(2**31))
   maps = {
       'sact': ponder_maps,
       'center_bias': [saliency.center_bias(np.shape(m)) for m in ponder_maps],
       'uniform': [saliency.uniform(np.shape(m)) for m in ponder_maps],
   }
-  return {source: saliency.evaluate_maps(
+  return SaliencyScores({source: saliency.evaluate_maps(
       maps[source], fixation_maps, densities,
-      rng=np.random.default_rng(seed)) for source in SOURCES}
+      rng=np.random.default_rng(seed)) for source in SOURCES},
+                        len(ponder_maps))
 
 
 def _chunks(items: Iterable, size: int) -> Iterable[list]:
@@ -101,7 +113,7 @@ def _chunks(items: Iterable, size: int) -> Iterable[list]:
 def evaluate_saliency_on_dataset(model: nnx.Module, config, *,
                                  num_images: int, rng: np.random.Generator,
                                  num_fixations: int = 10
-                                 ) -> dict[str, dict[str, float]]:
+                                 ) -> SaliencyScores:
   """Saliency metrics on the first eval images of a dataset with masks.
 
   Args:
@@ -114,8 +126,7 @@ def evaluate_saliency_on_dataset(model: nnx.Module, config, *,
     num_fixations: points sampled inside each object (see module docstring).
 
   Returns:
-    {source: {metric: mean over images}}, sources `SOURCES`, metrics
-    `saliency.METRICS`.
+    The means of metrics `saliency.METRICS` for sources `SOURCES`.
   """
   if num_images < 2:
     raise ValueError(f'num_images must be >= 2, got {num_images}.')
@@ -155,7 +166,7 @@ def cat2000_density(fixation_map_HxW,
 def evaluate_saliency_on_cat2000(model: nnx.Module, family: str, root: str,
                                  *, image_size: int,
                                  rng: np.random.Generator
-                                 ) -> dict[str, dict[str, float]]:
+                                 ) -> SaliencyScores:
   """Saliency metrics on a CAT2000-layout folder (`saliency.load_cat2000`).
 
   Args:
@@ -167,7 +178,7 @@ def evaluate_saliency_on_cat2000(model: nnx.Module, family: str, root: str,
     rng: draws the metrics' random negatives.
 
   Returns:
-    {source: {metric: mean over images}}, as `evaluate_saliency_on_dataset`.
+    The means over the stimuli, as `evaluate_saliency_on_dataset`.
   """
   ponder_maps, fixation_maps, densities = [], [], []
   for chunk in _chunks(saliency.load_cat2000(root), _CHUNK):
@@ -189,8 +200,7 @@ def evaluate_saliency_on_cat2000(model: nnx.Module, family: str, root: str,
   return _score(ponder_maps, fixation_maps, densities, rng)
 
 
-def markdown_table(scores: dict[str, dict[str, float]],
-                   model_type: str = 'sact') -> str:
+def markdown_table(scores: SaliencyScores, model_type: str = 'sact') -> str:
   """Rows: the sources; columns: the metrics.
 
   The ponder maps' row names the model type that drew them (the 'sact'
@@ -201,5 +211,5 @@ def markdown_table(scores: dict[str, dict[str, float]],
            '| --- |' + ' ---: |' * len(saliency.METRICS)]
   for source in SOURCES:
     lines.append(f'| {names[source]} | ' + ' | '.join(
-        f'{scores[source][m]:.3f}' for m in saliency.METRICS) + ' |')
+        f'{scores.scores[source][m]:.3f}' for m in saliency.METRICS) + ' |')
   return '\n'.join(lines)

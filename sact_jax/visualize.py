@@ -286,7 +286,7 @@ def eval_images(config, num_images: int, batch_size: int | None = None):
   """
   check_num_images(config, num_images)
   info = data_lib.dataset_info(config.dataset)
-  split = config.get('eval_split', None) or info.eval_split
+  split = info.split_to_evaluate(config.get('eval_split', None))
   return data_lib.make_dataset(
       config.dataset, f'{split}[:{num_images}]',
       batch_size=batch_size or num_images, train=False,

@@ -1,5 +1,6 @@
 """Tests of sact_jax/saliency_eval.py and the experiments/saliency launcher."""
 
+import json
 import os
 import subprocess
 import sys
@@ -17,7 +18,9 @@ import saliency_test  # Its CAT2000-layout folder writer.
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def assert_scores(test, scores):
+def assert_scores(test, result, num_images):
+  test.assertEqual(result.num_images, num_images)
+  scores = result.scores
   test.assertEqual(set(scores), set(saliency_eval.SOURCES))
   for source, metrics in scores.items():
     test.assertEqual(set(metrics), set(saliency.METRICS), source)
@@ -56,7 +59,7 @@ class EvaluateTest(absltest.TestCase):
     config = evaluate_test.make_config(os.path.join(self.tmp, 'data'))
     scores = saliency_eval.evaluate_saliency_on_dataset(
         self.model, config, num_images=30, rng=np.random.default_rng(0))
-    assert_scores(self, scores)
+    assert_scores(self, scores, 30)
     table = saliency_eval.markdown_table(scores)
     self.assertLen(table.splitlines(), 5)
     self.assertIn('| SACT ponder maps |', table)
@@ -69,11 +72,11 @@ class EvaluateTest(absltest.TestCase):
 
   def test_cat2000(self):
     root = os.path.join(self.tmp, 'cat2000')
-    saliency_test.write_cat2000(root)
+    stimuli = saliency_test.write_cat2000(root)
     scores = saliency_eval.evaluate_saliency_on_cat2000(
         self.model, 'cifar', root, image_size=16,
         rng=np.random.default_rng(0))
-    assert_scores(self, scores)
+    assert_scores(self, scores, len(stimuli))
 
   def test_cat2000_density(self):
     fixations = np.zeros((10, 50), bool)
@@ -116,7 +119,19 @@ class LauncherTest(absltest.TestCase):
     for row in ('| SACT ponder maps |', '| centre bias |', '| uniform |'):
       self.assertIn(row, ok.stdout)
     self.assertIn('auc_judd', ok.stdout)
-    self.assertTrue(os.path.exists(output))
+    self.assertIn('SACT cifar ResNet (2, 2, 2) on cat2000_dir=', ok.stdout)
+    self.assertIn(': 4 images, seed 0', ok.stdout)
+    with open(output) as f:
+      written = json.load(f)
+    # The numbers and what they were measured on.
+    self.assertEqual(
+        {k: written[k] for k in ('cat2000_dir', 'image_size', 'num_images',
+                                 'seed')},
+        {'cat2000_dir': root, 'image_size': 16, 'num_images': 4, 'seed': 0})
+    self.assertEqual((written['model']['model_type'],
+                      written['model']['units']), ('sact', [2, 2, 2]))
+    assert_scores(self, saliency_eval.SaliencyScores(
+        written['scores'], written['num_images']), 4)
 
 
 if __name__ == '__main__':

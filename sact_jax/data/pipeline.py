@@ -66,6 +66,10 @@ class DatasetInfo:
   resizable: bool = False
   class_names: tuple[str, ...] | None = None
 
+  def split_to_evaluate(self, eval_split: str | None) -> str:
+    """A config's `eval_split`, or (None) the dataset's own."""
+    return eval_split or self.eval_split
+
   def eval_size(self, eval_split: str | None) -> int | None:
     """Images of a config's `eval_split` (None: `eval_split`) when known.
 
@@ -382,8 +386,15 @@ def _data_source(name: str, split: str, data_dir: str | None):
   if base in _GENERATED_DATASETS and not tfds.builder(
       name, data_dir=data_dir).is_prepared():
     # Generated here in seconds.
-    tfds.builder(name, data_dir=data_dir,
-                 file_format='array_record').download_and_prepare()
+    try:
+      tfds.builder(name, data_dir=data_dir,
+                   file_format='array_record').download_and_prepare()
+    except FileExistsError:
+      # Another process (a second launcher on a fresh data_dir) finished
+      # first: tfds's rename of our finished folder found its. The
+      # generator is deterministic, so its data are ours.
+      if not tfds.builder(name, data_dir=data_dir).is_prepared():
+        raise
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir,
                             download=False)
