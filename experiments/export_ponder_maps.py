@@ -134,6 +134,12 @@ def main(argv):
   if config is not None and _NUM_IMAGES.value > 0:
     try:
       if _BY_COST.value:
+        groups = len(ponder_export.COST_GROUPS)
+        if _NUM_IMAGES.value < groups * _PER_GROUP.value:
+          print(f'note: --num_images={_NUM_IMAGES.value} is fewer than '
+                f'{groups} x --per_group={_PER_GROUP.value}: all '
+                f'{_NUM_IMAGES.value} are drawn, split into the {groups} '
+                'cost groups.', file=sys.stderr, flush=True)
         written.append(ponder_export.save_ponder_maps_by_cost(
             model, config, out_dir, num_images=_NUM_IMAGES.value,
             per_group=_PER_GROUP.value, overlay=_OVERLAY.value))

@@ -8,6 +8,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from unittest import mock
 
 from absl import flags
 from absl.testing import absltest
@@ -146,6 +147,28 @@ class BuilderTest(parameterized.TestCase):
         self.assertEqual(example['label'], expected['label'][i])
         np.testing.assert_array_equal(example['mask'], expected['mask'][i])
       self.assertLen(seen, size)
+
+  def test_another_process_prepares_it_first(self):
+    """Two launchers on a fresh data_dir: the one that finishes second reads
+    the first one's data instead of failing on tfds's rename."""
+    data_dir = _tempdir(self)
+    prepare = tfds.core.DatasetBuilder.download_and_prepare
+
+    def loses_the_race(builder, *args, **kwargs):
+      # The other process renames its finished folder into place first.
+      prepare(tfds.builder('sact_shapes/tiny', data_dir=data_dir,
+                           file_format='array_record'))
+      raise FileExistsError(f'Cannot rename: {builder.data_dir} exists.')
+
+    with mock.patch.object(tfds.core.DatasetBuilder, 'download_and_prepare',
+                           loses_the_race):
+      source = pipeline._data_source('sact_shapes/tiny', 'test', data_dir)
+    self.assertLen(source, 64)
+    # Not prepared by anyone: the error stands.
+    with mock.patch.object(tfds.core.DatasetBuilder, 'download_and_prepare',
+                           side_effect=FileExistsError('elsewhere')):
+      with self.assertRaisesRegex(FileExistsError, 'elsewhere'):
+        pipeline._data_source('sact_shapes/tiny', 'test', _tempdir(self))
 
   def test_custom_split_sizes(self):
     data_dir = _tempdir(self)

@@ -239,6 +239,10 @@ class LauncherTest(absltest.TestCase):
         'nothing': [f'--checkpoint={checkpoint}'],
         'ok': [*config, f'--checkpoint={checkpoint}', f'--out_dir={out_dir}',
                '--num_images=1', '--photos', '--photo_size=32'],
+        # Fewer images than 3 groups of 2: all 4 drawn, with a note.
+        'by_cost': [*config, f'--checkpoint={checkpoint}',
+                    f'--out_dir={out_dir}_by_cost', '--by_cost',
+                    '--num_images=4', '--per_group=2'],
     }
     with concurrent.futures.ThreadPoolExecutor(len(runs)) as pool:
       results = dict(zip(runs, pool.map(_run, runs.values())))
@@ -260,6 +264,12 @@ class LauncherTest(absltest.TestCase):
     num_photos = len(visualize.PHOTOS)
     self.assertEqual(read_png(os.path.join(out_dir, 'photos_32.png')).shape,
                      visualize.figure_pixel_size(num_photos, 5)[::-1] + (3,))
+    by_cost = results['by_cost']
+    self.assertEqual(by_cost.returncode, 0, by_cost.stderr[-3000:])
+    self.assertIn('note: --num_images=4 is fewer than 3 x --per_group=2: '
+                  'all 4 are drawn', by_cost.stderr)
+    self.assertEqual(os.listdir(f'{out_dir}_by_cost'),
+                     ['ponder_maps_by_cost.png'])
 
 
 if __name__ == '__main__':
