@@ -54,8 +54,9 @@ from sact_jax import visualize
 
 _MODEL = _cli.ModelFlags('the dataset to draw images from', 'draw')
 _OUT_DIR = flags.DEFINE_string(
-    'out_dir', None, 'Directory for the PNGs (default: ponder_maps/ in the '
-    'workdir or checkpoint directory).')
+    'out_dir', None, 'Directory for the PNGs (default: export_ponder_maps/ '
+    'in the workdir or checkpoint directory, beside training\'s own '
+    'ponder_maps/).')
 _NUM_IMAGES = flags.DEFINE_integer(
     'num_images', 8, 'Eval images of the config\'s dataset to draw.',
     lower_bound=0)
@@ -104,8 +105,9 @@ def main(argv):
   except ponder_export.NoImagesError as e:
     _cli.fail(str(e))
   jax.config.update('jax_default_prng_impl', 'rbg')
+  # Not training's ponder_maps/: a set drawn there would replace its pages.
   out_dir = _OUT_DIR.value or os.path.join(
-      _MODEL.workdir.value or _MODEL.checkpoint.value, 'ponder_maps')
+      _MODEL.workdir.value or _MODEL.checkpoint.value, 'export_ponder_maps')
   try:
     model = evaluate.load_model(config, workdir=_MODEL.workdir.value,
                                 checkpoint=_MODEL.checkpoint.value)

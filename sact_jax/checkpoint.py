@@ -311,7 +311,7 @@ def check_output_directory(directory: str | os.PathLike, *,
         f'{directory} exists and is not a sact_jax model checkpoint; refusing '
         'to replace it even with overwrite.')
   # Outputs other tools wrote beside the weights (evaluate's eval.json,
-  # export_ponder_maps' ponder_maps/) would go with them, and describe the
+  # export_ponder_maps' folder) would go with them, and describe the
   # model replaced.
   others = sorted(p.name for p in directory.iterdir()
                   if p.name not in (STATE_DIR, SPEC_FILE))

@@ -736,6 +736,21 @@ class LauncherTest(parameterized.TestCase):
     self.assertEqual(again['top1_accuracy'], first['top1_accuracy'])
     self.assertEqual(again['dataset'], first['dataset'])
 
+    # Ponder maps drawn again go beside training's, which stay.
+    training_maps = sorted(os.listdir(
+        os.path.join(workdir, main_job.PONDER_MAPS_DIR)))
+    proc = subprocess.run(
+        [sys.executable, '-m', 'experiments.export_ponder_maps',
+         f'--workdir={workdir}', '--num_images=9'],  # Two pages.
+        cwd=_REPO, env=env, capture_output=True, text=True, timeout=240,
+        check=False)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    self.assertEqual(sorted(os.listdir(
+        os.path.join(workdir, main_job.PONDER_MAPS_DIR))), training_maps)
+    self.assertEqual(
+        sorted(os.listdir(os.path.join(workdir, 'export_ponder_maps'))),
+        ['ponder_maps_0.png', 'ponder_maps_1.png'])
+
     # Resumed under settings that are not the run's: refused, its record
     # (config.json) kept.
     with open(os.path.join(workdir, main_job.CONFIG_FILE)) as f:
