@@ -12,8 +12,8 @@ ResNet-101 (56x56x256 .. 7x7x2048) with a random `--fraction` of the
 positions in both index sets, and their rate in GFLOP/s of the stage's
 matmuls. What the rate is measured against: one thread's oneDNN matmul by
 a packed matrix (about 170 GFLOP/s on the Intel Xeon VM at 64 rows) and
-oneDNN's dense convolutions over the map (BUILD.md, "The fused stages'
-remaining time").
+oneDNN's dense convolutions over the map (BUILD.md, "Fewer passes around
+the fused stages").
 
 Each call gets fresh maps (the calls update them in place); the copies are
 made before the clock starts. Writes JSON (`--out`).

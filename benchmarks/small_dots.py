@@ -12,7 +12,7 @@ unit of block 3 (conv1 1024 -> 256, conv2 as im2col 2304 -> 256, conv3
 the shapes interleaved call by call so that the machine's drift hits all
 of them alike, and prints the median time and GFLOP/s, as XLA's dot
 (`x @ w`) and as the sparse path runs them (`conv.rows_matmul`: oneDNN
-under 256 rows where it reads the weights in place, else the same dot).
+under 4096 rows where it reads the weights in place, else the same dot).
 Each call reads another of `--weights` copies of the matrix, so that the
 weights come from memory as they do in a network's pass. Writes JSON
 (`--out`).

@@ -235,9 +235,10 @@ def _drop_backend_probe(record) -> bool:
 
 
 def define_cache_flag() -> flags.FlagHolder:
-  """--compilation_cache_dir of the launchers that compile much.
+  """--compilation_cache_dir of the launchers that compile (all but the
+  converter and the collectors).
 
-  Training and evaluation; the cache also spares `sparse.apply` a slowdown
+  The cache also spares `sparse.apply` a slowdown
   that compiling in-process costs it under `host_memory` (BUILD.md, "Host
   memory").
   """

@@ -87,15 +87,14 @@ def main(argv):
   from sact_jax import models  # pylint: disable=g-import-not-at-top
   from sact_jax import reference  # pylint: disable=g-import-not-at-top
   from sact_jax import tf_checkpoint  # pylint: disable=g-import-not-at-top
-  from sact_jax import workdirs  # pylint: disable=g-import-not-at-top
 
   ema = {'auto': None, 'yes': True, 'no': False}[_EMA.value]
   if not _OUTPUT.value:
     _cli.fail('--output is an empty path.')
   try:
-    # Before reading TF's checkpoint: where the output cannot go.
-    workdirs.ensure_writable_dir(
-        os.path.dirname(os.path.abspath(_OUTPUT.value)))
+    # Before reading TF's checkpoint: where the output cannot go. (A
+    # directory this makes is removed again if the run is refused.)
+    _cli.check_output_dir(os.path.dirname(os.path.abspath(_OUTPUT.value)))
     spec = models.ModelSpec(
         family=_FAMILY.value, units=_parse_units(_UNITS.value),
         model_type=_MODEL_TYPE.value, num_classes=_NUM_CLASSES.value,

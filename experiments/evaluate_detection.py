@@ -5,8 +5,9 @@ r"""Evaluates a trained detector: COCO metrics, extractor FLOPs, pictures.
 Restores the latest checkpoint of the training run in `--workdir` (with
 its `config.json`, or the run's `--config`), prints one line of metrics,
 writes them as JSON to `--output` (default: `eval.json` in the workdir)
-and, with `--pictures=N`, `detections.png` next to it (detections beside
-the extractor's ponder maps).
+and draws `--pictures` eval images (default 8; 0: none) into
+`detections.png` next to it (detections beside the extractor's ponder
+maps).
 
 Bad input (flags, config, dataset, a missing checkpoint, an output that
 cannot be written) ends with one `error:` line and exit status 2 before
@@ -27,6 +28,7 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir.',
                                required=True)
 _OUTPUT = flags.DEFINE_string(
     'output', None, 'JSON output path (default: eval.json in the workdir).')
+_CACHE_DIR = _cli.define_cache_flag()
 _PICTURES = flags.DEFINE_integer(
     'pictures', 8, 'Eval images drawn into detections.png next to the '
     'output; 0: none.', lower_bound=0)
@@ -43,8 +45,7 @@ def main(argv):
               'for eval.json in the workdir.')
   output = _OUTPUT.value or os.path.join(workdir, 'eval.json')
   config = _cli.config_value(_CONFIG)
-  import jax  # pylint: disable=g-import-not-at-top
-  jax.config.update('jax_default_prng_impl', 'rbg')
+  _cli.configure_jax(_CACHE_DIR.value)
   from sact_jax import data  # pylint: disable=g-import-not-at-top
   from sact_jax import evaluate  # pylint: disable=g-import-not-at-top
   from sact_jax import main_job as classification_job  # pylint: disable=g-import-not-at-top

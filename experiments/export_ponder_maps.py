@@ -53,6 +53,7 @@ from sact_jax import ponder_export
 from sact_jax import visualize
 
 _MODEL = _cli.ModelFlags('the dataset to draw images from', 'draw')
+_CACHE_DIR = _cli.define_cache_flag()
 _OUT_DIR = flags.DEFINE_string(
     'out_dir', None, 'Directory for the PNGs (default: export_ponder_maps/ '
     'in the workdir or checkpoint directory, beside training\'s own '
@@ -104,7 +105,7 @@ def main(argv):
     paths = ponder_export.find_images(_IMAGES.value or [])
   except ponder_export.NoImagesError as e:
     _cli.fail(str(e))
-  jax.config.update('jax_default_prng_impl', 'rbg')
+  _cli.configure_jax(_CACHE_DIR.value)
   # Not training's ponder_maps/: a set drawn there would replace its pages.
   out_dir = _OUT_DIR.value or os.path.join(
       _MODEL.workdir.value or _MODEL.checkpoint.value, 'export_ponder_maps')

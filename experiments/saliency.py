@@ -38,6 +38,7 @@ from sact_jax import saliency_eval
 from sact_jax import visualize
 
 _MODEL = _cli.ModelFlags('the dataset to score on', 'score')
+_CACHE_DIR = _cli.define_cache_flag()
 _CAT2000_DIR = flags.DEFINE_string(
     'cat2000_dir', None, 'A CAT2000-layout folder (Stimuli/, FIXATIONMAPS/) '
     'to score on instead of the config\'s dataset.')
@@ -75,7 +76,7 @@ def main(argv):
       visualize.check_num_images(config, _NUM_IMAGES.value)
     except ValueError as e:
       _cli.fail(f'--num_images: {e}')
-  jax.config.update('jax_default_prng_impl', 'rbg')
+  _cli.configure_jax(_CACHE_DIR.value)
   try:
     model = evaluate.load_model(config, workdir=_MODEL.workdir.value,
                                 checkpoint=_MODEL.checkpoint.value)

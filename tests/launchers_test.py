@@ -241,7 +241,7 @@ _CASES = (
       '--output={tmp}/out'],
      'flag --family=mnist'),
     ('convert_missing_tf_checkpoint', 'convert_checkpoint',
-     ['--tf_checkpoint={tmp}/missing', *_CONVERT, '--output={tmp}/out'],
+     ['--tf_checkpoint={tmp}/missing', *_CONVERT, '--output={tmp}/new/out'],
      'No TF checkpoint at {tmp}/missing'),
     ('train_multihost_off_cluster', 'train',
      [_CONFIG, '--workdir={tmp}/w', '--multihost'],
@@ -293,12 +293,19 @@ _CASES = (
 
 # Each case: launcher, flags its --help must list (those defined in
 # experiments/_cli.py among them).
+# The launchers that compile, each with a --compilation_cache_dir.
+_CACHED = ('train', 'sweep', 'train_detection', 'evaluate', 'saliency',
+           'evaluate_detection', 'export_ponder_maps')
+
 _HELP_CASES = (
     ('evaluate', 'evaluate',
      ['config', 'workdir', 'checkpoint', 'compilation_cache_dir', 'output']),
     ('export_ponder_maps', 'export_ponder_maps',
-     ['config', 'workdir', 'checkpoint', 'out_dir']),
-    ('saliency', 'saliency', ['config', 'workdir', 'checkpoint', 'output']),
+     ['config', 'workdir', 'checkpoint', 'out_dir', 'compilation_cache_dir']),
+    ('saliency', 'saliency',
+     ['config', 'workdir', 'checkpoint', 'output', 'compilation_cache_dir']),
+    ('evaluate_detection', 'evaluate_detection',
+     ['config', 'workdir', 'output', 'pictures', 'compilation_cache_dir']),
     ('train', 'train',
      ['config', 'workdir', 'compilation_cache_dir', 'multihost',
       'coordinator_address', 'num_processes', 'process_id']),
@@ -361,8 +368,7 @@ class LauncherConventionTest(parameterized.TestCase):
                    filter(None, [_REPO, env.get('PYTHONPATH')])))
     return subprocess.run(
         [sys.executable, '-m', f'experiments.{launcher}', *args,
-         *(['--compilation_cache_dir='] if launcher in (
-             'train', 'sweep', 'train_detection', 'evaluate') else [])],
+         *(['--compilation_cache_dir='] if launcher in _CACHED else [])],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
         check=False)
 
