@@ -228,19 +228,21 @@ class _QuietLibraries:
 
 
 def _drop_backend_probe(record) -> bool:
-  """Drops jax's INFO line for every platform it finds absent (TPU on a GPU
-  or CPU host); a platform that is present but fails still warns."""
+  """Drops jax's INFO line on each platform it finds absent.
+
+  (TPU on every GPU or CPU host.) A platform that is present but fails
+  still warns.
+  """
   return not (record.levelno < py_logging.WARNING
               and str(record.msg).startswith('Unable to initialize backend'))
 
 
 def define_cache_flag() -> flags.FlagHolder:
-  """--compilation_cache_dir of the launchers that compile (all but the
-  converter and the collectors).
+  """--compilation_cache_dir of every launcher that compiles.
 
-  The cache also spares `sparse.apply` a slowdown
-  that compiling in-process costs it under `host_memory` (BUILD.md, "Host
-  memory").
+  All but the converter and the collectors. The cache also spares
+  `sparse.apply` a slowdown that compiling in-process costs it under
+  `host_memory` (BUILD.md, "Host memory").
   """
   return flags.DEFINE_string(
       'compilation_cache_dir',

@@ -93,10 +93,10 @@ def _score(ponder_maps: Sequence[np.ndarray],
       'center_bias': [saliency.center_bias(np.shape(m)) for m in ponder_maps],
       'uniform': [saliency.uniform(np.shape(m)) for m in ponder_maps],
   }
-  return SaliencyScores({source: saliency.evaluate_maps(
+  scores = {source: saliency.evaluate_maps(
       maps[source], fixation_maps, densities,
-      rng=np.random.default_rng(seed)) for source in SOURCES},
-                        len(ponder_maps))
+      rng=np.random.default_rng(seed)) for source in SOURCES}
+  return SaliencyScores(scores, len(ponder_maps))
 
 
 def _chunks(items: Iterable, size: int) -> Iterable[list]:
