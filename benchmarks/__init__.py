@@ -2,12 +2,19 @@
 
 import json
 import os
+import subprocess
+import tempfile
 
 # JAX's persistent compilation cache of the benchmarks' JAX processes: a
 # process that loads its programs from it runs them at full speed under
 # `sact_jax.host_memory`, one that compiled them itself does not (BUILD.md,
 # "Host memory").
 CACHE_DIR = os.path.join(os.path.expanduser('~'), '.cache', 'sact_jax_jit')
+
+# Where the benchmarks write their JSON by default: this folder's
+# `results/`, wherever they are run from.
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                           'results')
 
 # The paper's two models that the benchmarks time, with their inputs.
 MODELS = {
@@ -69,18 +76,120 @@ def check_choices(flag, allowed, *, empty_ok: bool = False,
   return values
 
 
-def check_positive_ints(flag) -> list[int]:
-  """A list flag's values as integers >= 1, or a one-line UsageError."""
+def check_positive_ints(flag, *, minimum: int = 1,
+                        empty_ok: bool = False) -> list[int]:
+  """A list flag's values as integers >= `minimum` (1 unless given), or a
+  one-line UsageError; no value is an error unless `empty_ok`."""
   from absl import app  # pylint: disable=g-import-not-at-top
   values = flag.value or []
-  if not values or not all(v.isdigit() and int(v) >= 1 for v in values):
+  if ((not values and not empty_ok)
+      or not all(v.isdigit() and int(v) >= minimum for v in values)):
     raise app.UsageError(f'--{flag.name}={",".join(values)}: each must be '
-                         'an integer >= 1.')
+                         f'an integer >= {minimum}.')
   return [int(v) for v in values]
 
 
+def check_at_least(minimum, *holders) -> None:
+  """Each numeric flag of `holders` at least `minimum`, or a one-line
+  UsageError: a count of 0 would time nothing (NaN, or an error after
+  compiling)."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  for flag in holders:
+    if flag.value is None or flag.value < minimum:
+      raise app.UsageError(f'--{flag.name}={flag.value}: must be >= '
+                           f'{minimum}.')
+
+
+def default_out(filename: str) -> str:
+  """`filename` under benchmarks/results/, found from this file (not from
+  the working directory)."""
+  return os.path.join(RESULTS_DIR, filename)
+
+
+_overwrite = None
+
+
+def define_overwrite_flag():
+  """The `--overwrite` flag (once per process, for any benchmark that
+  imports another's): needed to replace a result file git tracks."""
+  global _overwrite
+  if _overwrite is None:
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    _overwrite = flags.DEFINE_bool(
+        'overwrite', False, 'Replace the output file although git tracks '
+        'it (a committed result); without it such a run is refused.')
+  return _overwrite
+
+
+def _tracked(path: str) -> bool:
+  """Whether git tracks `path` (False where git or a repository is not)."""
+  try:
+    return subprocess.run(
+        ['git', 'ls-files', '--error-unmatch', '--', os.path.basename(path)],
+        cwd=os.path.dirname(path), capture_output=True, check=False,
+        timeout=30).returncode == 0
+  except (OSError, subprocess.SubprocessError):
+    return False
+
+
+def check_output(path: str, flag: str = 'out', overwrite: bool = False
+                 ) -> str:
+  """`path` as an absolute path, its folder made; else a one-line
+  UsageError.
+
+  For a benchmark's `main`, before any work: an unwritable path used to
+  fail after the whole run, and a default run to replace a committed
+  result (refused here unless `overwrite`, the `--overwrite` flag).
+
+  Args:
+    path: the output file.
+    flag: the name of the flag that gave it, for the message.
+    overwrite: whether a file that git tracks may be replaced.
+  """
+  from absl import app  # pylint: disable=g-import-not-at-top
+  if not path:
+    raise app.UsageError(f'--{flag} must name a file.')
+  path = os.path.abspath(path)
+  folder = os.path.dirname(path)
+  if os.path.isdir(path):
+    raise app.UsageError(f'--{flag}={path} is a directory.')
+  try:
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder):  # Can a file be made there?
+      pass
+  except (FileExistsError, NotADirectoryError):
+    in_the_way = folder
+    while not os.path.exists(in_the_way):
+      in_the_way = os.path.dirname(in_the_way)
+    raise app.UsageError(f'--{flag}={path} cannot be written: {in_the_way} '
+                         'is not a folder.') from None
+  except OSError as e:
+    raise app.UsageError(f'--{flag}={path} cannot be written: '
+                         f'{e.strerror or e}.') from None
+  if not overwrite and _tracked(path):
+    raise app.UsageError(
+        f'--{flag}={path} is a result git tracks: pass another --{flag}, '
+        'or --overwrite to replace it.')
+  return path
+
+
 def write_json(path: str, data, indent: int = 1) -> None:
-  """A benchmark's results as JSON at `path`, its folder made if need be."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, 'w') as f:
-    json.dump(data, f, indent=indent)
+  """A benchmark's results as JSON at `path`, its folder made if need be.
+
+  Atomic (a temporary file in the same folder, then renamed), so that a
+  run cut off mid-write leaves the previous file; NaN is refused, as it is
+  not JSON (`check_at_least` keeps the counts that would make it out).
+  """
+  path = os.path.abspath(path)
+  folder = os.path.dirname(path)
+  os.makedirs(folder, exist_ok=True)
+  tmp = os.path.join(folder, f'.{os.path.basename(path)}.{os.getpid()}.tmp')
+  try:
+    with open(tmp, 'w') as f:
+      json.dump(data, f, indent=indent, allow_nan=False)
+      f.write('\n')
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise

@@ -89,8 +89,11 @@ _CHAIN = flags.DEFINE_integer(
     'each with its own kernel and reading the one before (the time per '
     'convolution is printed): the kernels then come from memory, and '
     "oneDNN's calls from XLA's threads, as inside a model.")
-_OUT = flags.DEFINE_string('out', 'benchmarks/results/conv_formulations.json',
+_OUT = flags.DEFINE_string('out',
+                           benchmarks.default_out('conv_formulations.json'),
                            'JSON output path.')
+_OVERWRITE = benchmarks.define_overwrite_flag()
+flags.adopt_module_key_flags(benchmarks)
 
 
 def _chained(fn):
@@ -160,23 +163,27 @@ def _onednn_difference(fns, args) -> float | None:
   return worst
 
 
-def _check_flags() -> None:
+def _check_flags() -> str:
   """One-line UsageError for a bad flag, before any timing: a typo would
   otherwise time nothing (or another variant) and write over the results.
+  Returns the output path.
   """
   benchmarks.check_choices(_SHAPES, _SHAPE_SETS)
   benchmarks.check_choices(_FORMULATIONS, conv.FORMULATIONS)
   benchmarks.check_choices(_OPTIONS, _OPTION_NAMES)
   benchmarks.check_positive_ints(_BATCHES)
+  benchmarks.check_at_least(1, _REPEATS, _CHAIN)
+  benchmarks.check_at_least(0, _MIN_SECONDS)
   needs_onednn = [f for f in ('onednn', 'rows') if f in _FORMULATIONS.value]
   if needs_onednn and not onednn.available():
     raise app.UsageError(f'--formulations={needs_onednn[0]}: oneDNN is '
                          'unavailable (the warning above says why)')
+  return benchmarks.check_output(_OUT.value, 'out', _OVERWRITE.value)
 
 
 def main(argv):
   del argv
-  _check_flags()
+  out_path = _check_flags()
   shapes = []
   for shape_set, shape_table in _SHAPE_SETS.items():
     if shape_set in _SHAPES.value:
@@ -232,11 +239,11 @@ def main(argv):
       if difference is not None:
         cells.append(f'  onednn vs conv {difference:.0e}')
       print(f'{name:<14} {batch:>11} ' + ' '.join(cells), flush=True)
-  benchmarks.write_json(_OUT.value, {
+  benchmarks.write_json(out_path, {
       'backend': jax.default_backend(),
       'devices': [str(d) for d in jax.devices()],
       'jax': jax.__version__, 'rows': rows}, indent=2)
-  print(f'Wrote {_OUT.value}')
+  print(f'Wrote {out_path}')
 
 
 if __name__ == '__main__':

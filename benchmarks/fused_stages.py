@@ -19,7 +19,6 @@ Each call gets fresh maps (the calls update them in place); the copies are
 made before the clock starts. Writes JSON (`--out`).
 """
 
-import os
 import statistics
 import time
 
@@ -42,9 +41,11 @@ _BATCH = flags.DEFINE_integer('batch', 32, 'Batch size.')
 _FRACTION = flags.DEFINE_float('fraction', 0.5,
                                'Fraction of the positions in the sets.')
 _REPS = flags.DEFINE_integer('reps', 20, 'Timed calls per case.')
-_OUT = flags.DEFINE_string(
-    'out', os.path.join(os.path.dirname(__file__), 'results',
-                        'fused_stages.json'), 'JSON output path.')
+_OUT = flags.DEFINE_string('out',
+                           benchmarks.default_out('fused_stages.json'),
+                           'JSON output path.')
+_OVERWRITE = benchmarks.define_overwrite_flag()
+flags.adopt_module_key_flags(benchmarks)
 
 # (map side, channels, bottleneck) of ResNet-101's four blocks.
 _BLOCKS = ((56, 256, 64), (28, 512, 128), (14, 1024, 256), (7, 2048, 512))
@@ -96,6 +97,7 @@ def main(argv):
     raise app.UsageError(f'--fraction={_FRACTION.value} is not in (0, 1].')
   if _BATCH.value < 1 or _REPS.value < 1:
     raise app.UsageError('--batch and --reps must be >= 1.')
+  out = benchmarks.check_output(_OUT.value, 'out', _OVERWRITE.value)
   host_memory.reuse_freed_memory()
   if not rows.custom_calls():
     raise SystemExit('The fused stages need the row custom calls (oneDNN '
@@ -122,10 +124,10 @@ def main(argv):
     results.append({'case': case['case'], 'stage': case['stage'],
                     'median_s': median, 'min_s': fastest,
                     'gflop': case['gflop'], 'gflop_per_s': rate})
-  benchmarks.write_json(_OUT.value, {
+  benchmarks.write_json(out, {
       'device': str(jax.devices()[0]), 'batch': _BATCH.value,
       'fraction': _FRACTION.value, 'results': results})
-  print(f'wrote {_OUT.value}')
+  print(f'wrote {out}')
 
 
 if __name__ == '__main__':

@@ -19,6 +19,11 @@
 # dense forward at batch 1 and 32, scanned), `all` (both, and the unrolled
 # forward); FLAGS go to gpu_overhead.py. The JSON is written after each
 # phase, so a run cut off by the limit keeps what it finished.
+#
+# Before it makes or installs anything, `run` checks that the wheels suit
+# the Python it runs (PYTHON, else python3) and that nvidia-smi lists a GPU
+# (GPU_HOST_ALLOW_CPU=1 lets it time the CPU instead); bad input ends in
+# one line and status 2. GPU_HOST_SITE (/tmp/site) is where it installs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -52,10 +57,30 @@ wheels() {
   du -sh .whl
 }
 
+# Prints the first wheel of .whl/ that pip would refuse for the Python
+# that runs it (with that Python's version), and fails; pip's own error came
+# only after OUT was made.
+WHEEL_CHECK='
+import glob, sys
+try:
+  from packaging.tags import sys_tags
+  from packaging.utils import parse_wheel_filename
+except ImportError:
+  from pip._vendor.packaging.tags import sys_tags
+  from pip._vendor.packaging.utils import parse_wheel_filename
+supported = set(sys_tags())
+version = "%d.%d" % sys.version_info[:2]
+for path in sorted(glob.glob(".whl/*.whl")):
+  if not supported & set(parse_wheel_filename(path[5:])[3]):
+    print(path[5:], version)
+    sys.exit(1)
+'
+
 run() {
   local out="${1:-${OUT:-/tmp/gpu_host}}" phase="${2:-train}"
   shift $(($# < 2 ? $# : 2))
   local limit="${GPU_HOST_LIMIT_S:-480}" args=()
+  local python="${PYTHON:-python3}" site="${GPU_HOST_SITE:-/tmp/site}"
   case "$phase" in
     train) args=(--forward_batches= --train_variants=scan) ;;
     forward) args=(--train_batches= --forward_variants=scan) ;;
@@ -68,20 +93,45 @@ run() {
          'wheels` first, and carry .whl' >&2
     return 2
   fi
+  if ! command -v "$python" > /dev/null; then
+    echo "error: no $python here (set PYTHON to the host's Python)" >&2
+    return 2
+  fi
+  local refused
+  if ! refused="$("$python" -c "$WHEEL_CHECK" 2> /dev/null)"; then
+    if [[ -z "$refused" ]]; then
+      echo "error: $python could not check the wheels (no pip?)" >&2
+    else
+      echo "error: .whl/${refused% *} does not suit $python" \
+           "(Python ${refused##* }): run \`bash benchmarks/gpu_host.sh" \
+           "wheels ${refused##* }\` where there is a network" >&2
+    fi
+    return 2
+  fi
+  # nvidia-smi, not JAX: JAX comes with the wheels, installed below.
+  if [[ "${GPU_HOST_ALLOW_CPU:-0}" != 1 ]] \
+      && ! nvidia-smi -L 2> /dev/null | grep -q '^GPU '; then
+    echo 'error: no GPU here (nvidia-smi -L lists none);' \
+         'GPU_HOST_ALLOW_CPU=1 times the CPU instead' >&2
+    return 2
+  fi
   mkdir -p "$out"
-  python3 -m pip install -q --no-index --no-deps --no-compile \
-      --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
+  "$python" -m pip install -q --no-index --no-deps --no-compile \
+      --no-cache-dir --upgrade --target "$site" .whl/*.whl
+  export PYTHONPATH="$site:$PWD" PYTHONUNBUFFERED=1
   nvidia-smi -L || true
-  python3 -c 'import jax, flax; print("jax", jax.__version__, "flax",
+  "$python" -c 'import jax, flax; print("jax", jax.__version__, "flax",
 flax.__version__, jax.devices())'
-  timeout "$limit" python3 -m benchmarks.gpu_overhead "${args[@]}" "$@" \
+  timeout "$limit" "$python" -m benchmarks.gpu_overhead "${args[@]}" "$@" \
       --out="$out/gpu_overhead_$phase.json" 2>&1 | tee "$out/$phase.log"
 }
+
+USAGE='usage: bash benchmarks/gpu_host.sh wheels [PYTHON_VERSION]'
+USAGE+=' | run [OUT_DIR] [train|forward|all] [FLAGS]'
 
 case "${1:-}" in
   wheels) shift; wheels "$@" ;;
   run) shift; run "$@" ;;
-  *) echo 'usage: bash benchmarks/gpu_host.sh wheels [PYTHON_VERSION]' \
-          '| run [OUT_DIR] [train|forward|all] [FLAGS]' >&2; exit 2 ;;
+  -h|--help|help) echo "$USAGE" ;;
+  *) echo "$USAGE" >&2; exit 2 ;;
 esac

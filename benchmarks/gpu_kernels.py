@@ -64,8 +64,10 @@ _LIST_MB = flags.DEFINE_float(
     'list_mb', None, 'Also print, per program, each loop body once (with '
     'its trip count) and its kernels that move at least this many MB a '
     'launch: what they read and write and compute for JAX.')
-_OUT = flags.DEFINE_string('out', 'benchmarks/results/gpu_kernels.json',
+_OUT = flags.DEFINE_string('out', benchmarks.default_out('gpu_kernels.json'),
                            'JSON output path.')
+_OVERWRITE = benchmarks.define_overwrite_flag()
+flags.adopt_module_key_flags(benchmarks)
 
 _MODELS = benchmarks.MODELS
 
@@ -155,8 +157,9 @@ def _print_loop_bodies(kernels: list[dict], min_mb: float) -> None:
               f'{k["source"][:50]}')
 
 
-def _check_flags() -> None:
-  """One-line UsageError for a bad flag, before anything compiles."""
+def _check_flags() -> str:
+  """One-line UsageError for a bad flag, before anything compiles; returns
+  the output path."""
   for program in _PROGRAMS.value:
     fields = program.split(':')
     if (len(fields) != 3 or fields[0] not in ('forward', 'train')
@@ -168,24 +171,41 @@ def _check_flags() -> None:
   benchmarks.check_choices(_TYPES, ('vanilla', 'act', 'sact'),
                            empty_ok=True)
   benchmarks.check_choices(_REMAT, _MODELS, empty_ok=True)
+  benchmarks.check_at_least(0, _SOURCES)
+  if _LIST_MB.value is not None:
+    benchmarks.check_at_least(0, _LIST_MB)
+  return benchmarks.check_output(_OUT.value, 'out', _OVERWRITE.value)
+
+
+def _topology():
+  """The compile-only CUDA target, or a one-line UsageError where this
+  Python has no CUDA plugin for JAX (it used to end in a traceback)."""
+  try:
+    return topologies.get_topology_desc(
+        platform='cuda', topology_name='', topology='1x1x1',
+        target_config=_TARGET)
+  except NotImplementedError as e:
+    raise app.UsageError(
+        f"needs JAX's CUDA plugin (jax[cuda12]) in this Python ({e}); the "
+        'module docstring shows a venv with it.') from None
 
 
 def main(argv):
   del argv
-  _check_flags()
-  topology = topologies.get_topology_desc(
-      platform='cuda', topology_name='', topology='1x1x1',
-      target_config=_TARGET)
+  out = _check_flags()
+  topology = _topology()
   mesh = topologies.make_mesh(topology, (1,), ('x',))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   rows = []
   print(f'{"program":<20} {"type":<8} {"kernels":>8} {"/vanilla":>9} '
         f'{"read GB":>8} {"written GB":>10} {"/vanilla":>9} '
         f'{"per loop iteration":<24}')
+  # Vanilla first, whatever the order given: the others' ratios need it.
+  types = sorted(_TYPES.value, key=lambda t: t != 'vanilla')
   for program in _PROGRAMS.value:
     kind, family, batch = program.split(':')
     base = None
-    for model_type in _TYPES.value:
+    for model_type in types:
       t0 = time.perf_counter()
       hlo = compile_program(kind, family, model_type, int(batch), sharding)
       counts = hlo_counts.count_kernels(hlo)
@@ -208,9 +228,10 @@ def main(argv):
               f'launches {source["mb"] / 1e3:>8.2f} GB', flush=True)
       if _LIST_MB.value is not None:
         _print_loop_bodies(hlo_counts.list_kernels(hlo), _LIST_MB.value)
-  benchmarks.write_json(_OUT.value, {
+  benchmarks.write_json(out, {
       'jax': jax.__version__, 'target': 'H200 (sm_90), compile-only',
       'rows': rows})
+  print(f'Wrote {out}')
 
 
 if __name__ == '__main__':

@@ -2,7 +2,7 @@ r"""What ACT and SACT cost over vanilla on an accelerator: forward and training.
 
 Run by hand on a GPU (it runs on the CPU too, slowly):
 
-  python -m benchmarks.gpu_overhead --out=benchmarks/results/gpu_overhead.json
+  python -m benchmarks.gpu_overhead --out=/tmp/gpu_overhead.json
   # and a profile of each program: its kernels per call, printed
   python -m benchmarks.gpu_overhead --profile_dir=/tmp/gpu_profile
 
@@ -26,6 +26,7 @@ import gzip
 import json
 import os
 import re
+import sys
 import time
 
 from absl import app
@@ -73,10 +74,15 @@ _PROFILE_DIR = flags.DEFINE_string(
     'under it, summarised per kernel kind.')
 _PROFILE_CALLS = flags.DEFINE_integer('profile_calls', 5,
                                       'Calls per profile.')
-_OUT = flags.DEFINE_string('out', 'benchmarks/results/gpu_overhead.json',
+_OUT = flags.DEFINE_string('out',
+                           benchmarks.default_out('gpu_overhead.json'),
                            'JSON output path.')
+_OVERWRITE = benchmarks.define_overwrite_flag()
+flags.adopt_module_key_flags(benchmarks)
 
 _MODELS = benchmarks.MODELS
+_FORWARD_VARIANT_NAMES = ('scan', 'unrolled')
+_MODEL_TYPES = ('vanilla', 'act', 'sact')
 
 
 def lower_forward(family: str, model_type: str, variant: str,
@@ -163,6 +169,8 @@ def kernel_summary(trace_dir: str, calls: int) -> dict:
           if k[0] in device and 'stream' in n.lower()}
   kernels = [e for e in events if e.get('ph') == 'X' and e['pid'] in device
              and (not rows or (e['pid'], e['tid']) in rows)]
+  if not kernels:  # XLA:CPU's profile, for one: not "0 kernels".
+    return {'error': 'no per-kernel rows on this backend'}
   kinds = {}
   for e in kernels:
     args = e.get('args', {})
@@ -196,8 +204,11 @@ def profile(fns: dict, tag: str) -> dict:
     except Exception as e:  # pylint: disable=broad-except
       out[key] = {'error': repr(e)}
     s = out[key]
-    print(f'[profile {tag}-{key}] {s.get("kernels_per_call", 0):.0f} '
-          f'kernels, {s.get("kernel_ms_per_call", 0):.3f} ms per call',
+    if 'error' in s:
+      print(f'[profile {tag}-{key}] {s["error"]}', flush=True)
+      continue
+    print(f'[profile {tag}-{key}] {s["kernels_per_call"]:.0f} '
+          f'kernels, {s["kernel_ms_per_call"]:.3f} ms per call',
           flush=True)
     for kind in s.get('kinds', [])[:12]:
       print(f'    {kind["kind"][:50]:50} {kind["per_call"]:7.1f} '
@@ -275,14 +286,13 @@ def train_phase(result: dict, write):
   """The training step of every family and type at its batch size."""
   lowered, args = {}, {}
   t0 = time.perf_counter()
-  for item in _TRAIN_BATCHES.value:
-    family, batch = item.split(':')
+  for family, batch in _train_batches():
     if family not in _FAMILIES.value:
       continue
     for variant in _TRAIN_VARIANTS.value:
       for model_type in _TYPES.value:
         low, state, batch_arrays, _ = steps.lower_step(
-            _MODELS[family]['depth'], model_type, int(batch), family=family,
+            _MODELS[family]['depth'], model_type, batch, family=family,
             variant=variant)
         key = f'{family}-b{batch}-{variant}-{model_type}'
         lowered[key], args[key] = low, (state, batch_arrays)
@@ -295,8 +305,40 @@ def train_phase(result: dict, write):
     write()
 
 
+def _train_batches() -> list[tuple[str, int]]:
+  """`--train_batches` as (family, batch) pairs, or a one-line UsageError."""
+  pairs = []
+  for item in _TRAIN_BATCHES.value:
+    family, _, batch = item.partition(':')
+    if family not in _MODELS or not batch.isdigit() or int(batch) < 1:
+      raise app.UsageError(
+          f'--train_batches entry {item!r} is not FAMILY:BATCH (FAMILY '
+          f'{" or ".join(_MODELS)}, BATCH >= 1).')
+    pairs.append((family, int(batch)))
+  return pairs
+
+
+def _check_flags() -> str:
+  """One-line UsageError for a bad flag, before anything compiles (the
+  forward phase compiles for minutes on a GPU, and GPU time is rationed);
+  returns the output path."""
+  benchmarks.check_choices(_FAMILIES, _MODELS)
+  benchmarks.check_choices(_TYPES, _MODEL_TYPES)
+  benchmarks.check_positive_ints(_FORWARD_BATCHES, empty_ok=True)
+  if _FORWARD_BATCHES.value:
+    benchmarks.check_choices(_FORWARD_VARIANTS, _FORWARD_VARIANT_NAMES)
+    if _FORWARD_VARIANTS.value[1:]:
+      benchmarks.check_choices(_UNROLLED_FAMILIES, _MODELS, empty_ok=True)
+  if _train_batches():
+    benchmarks.check_choices(_TRAIN_VARIANTS, steps.VARIANT_CONFIG)
+  benchmarks.check_at_least(1, _ROUNDS, _TRAIN_ROUNDS, _THREADS,
+                            _PROFILE_CALLS)
+  return benchmarks.check_output(_OUT.value, 'out', _OVERWRITE.value)
+
+
 def main(argv):
   del argv
+  out = _check_flags()
   benchmarks.configure_jax('')
   device = jax.devices()[0]
   result = {'device': getattr(device, 'device_kind', str(device)),
@@ -305,7 +347,9 @@ def main(argv):
             'profiles': {}}
   print(json.dumps({k: result[k] for k in ('device', 'backend', 'jax',
                                            'flax')}), flush=True)
-  write = lambda: benchmarks.write_json(_OUT.value, result)
+  if result['backend'] == 'cpu':
+    print('No GPU here: timing on the CPU.', file=sys.stderr, flush=True)
+  write = lambda: benchmarks.write_json(out, result)
   # The scanned forward first, then the training steps (the issue's
   # table), then the slower-compiling variants.
   variants = _FORWARD_VARIANTS.value if _FORWARD_BATCHES.value else []

@@ -13,7 +13,6 @@ both alike), and prints the medians, the median of per-call ratios and
 each variant's first call (compile included). Writes JSON (`--out`).
 """
 
-import os
 import statistics
 import time
 
@@ -36,9 +35,11 @@ _CONFIGS = flags.DEFINE_list(
                 'imagenet:101:vanilla:32', 'cifar:110:vanilla:128'],
     'family:depth:model_type:batch.')
 _REPS = flags.DEFINE_integer('reps', 20, 'Timed calls per variant.')
-_OUT = flags.DEFINE_string(
-    'out', os.path.join(os.path.dirname(__file__), 'results',
-                        'in_place_kernels.json'), 'JSON output path.')
+_OUT = flags.DEFINE_string('out',
+                           benchmarks.default_out('in_place_kernels.json'),
+                           'JSON output path.')
+_OVERWRITE = benchmarks.define_overwrite_flag()
+flags.adopt_module_key_flags(benchmarks)
 
 
 def _forward(model, in_place: bool):
@@ -106,6 +107,8 @@ def _check_configs() -> None:
 def main(argv):
   del argv
   _check_configs()
+  benchmarks.check_at_least(1, _REPS)
+  out = benchmarks.check_output(_OUT.value, 'out', _OVERWRITE.value)
   host_memory.reuse_freed_memory()
   results = []
   print(f'{"config":>26} {"in place ms":>12} {"sliced ms":>10} '
@@ -117,10 +120,9 @@ def main(argv):
           f'{row["sliced_s"] * 1e3:>10.1f} {row["ratio"]:>6.3f} '
           f'{row["first_call_s"]["in_place"]:>6.1f} / '
           f'{row["first_call_s"]["sliced"]:<5.1f}', flush=True)
-  benchmarks.write_json(_OUT.value, {'device': str(jax.devices()[0]),
-                                     'reps': _REPS.value,
-                                     'results': results})
-  print(f'wrote {_OUT.value}')
+  benchmarks.write_json(out, {'device': str(jax.devices()[0]),
+                              'reps': _REPS.value, 'results': results})
+  print(f'wrote {out}')
 
 
 if __name__ == '__main__':

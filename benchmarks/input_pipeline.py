@@ -6,11 +6,10 @@ needed) and `cifar10` under `tfds.testing.mock_data` (random images, same
 shapes and preprocessing), each with several preprocessing worker counts.
 Compare the figures with the images/s a training step consumes.
 
-  python benchmarks/input_pipeline.py --workers=0,1,2 \
-      --out=benchmarks/results/input_pipeline.json
+  python -m benchmarks.input_pipeline --workers=0,1,2 \
+      --out=/tmp/input_pipeline.json
 """
 
-import json
 import os
 import platform
 import tempfile
@@ -20,6 +19,7 @@ from absl import app
 from absl import flags
 import tensorflow_datasets as tfds
 
+import benchmarks
 from sact_jax import data
 from sact_jax.data import shapes
 
@@ -35,9 +35,22 @@ _WARMUP = flags.DEFINE_integer('warmup_batches', 10,
                                'Batches read before timing (starts workers).')
 _BATCHES = flags.DEFINE_integer('batches', 100, 'Batches timed.')
 _OUT = flags.DEFINE_string(
-    'out', os.path.join(os.path.dirname(__file__), 'results',
-                        'input_pipeline.json'),
+    'out', benchmarks.default_out('input_pipeline.json'),
     'Where to write the results as JSON.')
+_OVERWRITE = benchmarks.define_overwrite_flag()
+flags.adopt_module_key_flags(benchmarks)
+
+_PIPELINES = ('sact_shapes', 'cifar10_mock')
+
+
+def check_flags() -> list[int]:
+  """One-line UsageError for a bad `--workers`, `--warmup_batches` or
+  `--batches` (also train_throughput's), before any pipeline starts: they
+  used to fail after the first pipeline's timing. Returns the workers."""
+  workers = benchmarks.check_positive_ints(_WORKERS, minimum=0)
+  benchmarks.check_at_least(0, _WARMUP)
+  benchmarks.check_at_least(1, _BATCHES)
+  return workers
 
 
 def _measure(name: str, workers: int) -> dict[str, float]:
@@ -83,11 +96,15 @@ def _time_generation() -> dict[str, float]:
 
 def main(argv):
   del argv
+  benchmarks.check_choices(_DATASETS, _PIPELINES)
+  worker_counts = check_flags()
+  benchmarks.check_at_least(1, _BATCH_SIZE)
+  out = benchmarks.check_output(_OUT.value, 'out', _OVERWRITE.value)
   generation = (_time_generation() if 'sact_shapes' in _DATASETS.value
                 else {})
   rows = []
   for pipeline in _DATASETS.value:
-    for workers in map(int, _WORKERS.value):
+    for workers in worker_counts:
       if pipeline == 'cifar10_mock':
         # Random images from the tfds mock: the real files' decoding cost is
         # not measured (PIL: about 0.1 ms per 32x32 PNG here).
@@ -107,17 +124,15 @@ def main(argv):
   for row in rows:
     print(f'| {row["pipeline"]} | {row["workers"]} | '
           f'{row["images_per_s"]:.0f} | {row["ms_per_batch"]:.1f} |')
-  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  with open(_OUT.value, 'w') as f:
-    json.dump({
-        'batch_size': _BATCH_SIZE.value,
-        'batches': _BATCHES.value,
-        'cpu_count': os.cpu_count(),
-        'machine': platform.processor() or platform.machine(),
-        'sact_shapes_generation': generation,
-        'results': rows,
-    }, f, indent=2)
-  print(f'Wrote {_OUT.value}')
+  benchmarks.write_json(out, {
+      'batch_size': _BATCH_SIZE.value,
+      'batches': _BATCHES.value,
+      'cpu_count': os.cpu_count(),
+      'machine': platform.processor() or platform.machine(),
+      'sact_shapes_generation': generation,
+      'results': rows,
+  }, indent=2)
+  print(f'Wrote {out}')
 
 
 if __name__ == '__main__':

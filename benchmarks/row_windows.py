@@ -18,7 +18,6 @@ them alike (median of `--reps` calls):
 Writes JSON (`--out`).
 """
 
-import os
 import statistics
 import time
 
@@ -37,9 +36,10 @@ from sact_jax import onednn
 from sact_jax.sparse import rows
 
 _REPS = flags.DEFINE_integer('reps', 100, 'Timed calls per case.')
-_OUT = flags.DEFINE_string(
-    'out', os.path.join(os.path.dirname(__file__), 'results',
-                        'row_windows.json'), 'JSON output path.')
+_OUT = flags.DEFINE_string('out', benchmarks.default_out('row_windows.json'),
+                           'JSON output path.')
+_OVERWRITE = benchmarks.define_overwrite_flag()
+flags.adopt_module_key_flags(benchmarks)
 
 # (map side, channels of the dilated map, batch, rows) of the gathers.
 _WINDOWS = ((56, 64, 1, 128), (28, 128, 1, 128), (14, 256, 1, 16),
@@ -85,6 +85,8 @@ def _pool_cases(rng) -> list[dict]:
 
 def main(argv):
   del argv
+  benchmarks.check_at_least(1, _REPS)
+  out = benchmarks.check_output(_OUT.value, 'out', _OVERWRITE.value)
   host_memory.reuse_freed_memory()
   rng = np.random.default_rng(0)
   cases = _window_cases(rng) + _pool_cases(rng)
@@ -105,9 +107,9 @@ def main(argv):
           f'{fastest * 1e6:>8.1f}')
     results.append({'case': case['case'], 'impl': case['impl'],
                     'median_s': median, 'min_s': fastest})
-  benchmarks.write_json(_OUT.value, {'device': str(jax.devices()[0]),
-                                     'results': results})
-  print(f'wrote {_OUT.value}')
+  benchmarks.write_json(out, {'device': str(jax.devices()[0]),
+                              'results': results})
+  print(f'wrote {out}')
 
 
 if __name__ == '__main__':

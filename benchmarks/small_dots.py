@@ -18,7 +18,6 @@ weights come from memory as they do in a network's pass. Writes JSON
 (`--out`).
 """
 
-import os
 import statistics
 import time
 
@@ -38,9 +37,10 @@ _REPS = flags.DEFINE_integer('reps', 100, 'Timed calls per shape.')
 _WEIGHTS = flags.DEFINE_integer(
     'weights', 16, 'Copies of each weight matrix, used in turn (cold '
     'weights; 1: the same matrix every call, from cache).')
-_OUT = flags.DEFINE_string(
-    'out', os.path.join(os.path.dirname(__file__), 'results',
-                        'small_dots.json'), 'JSON output path.')
+_OUT = flags.DEFINE_string('out', benchmarks.default_out('small_dots.json'),
+                           'JSON output path.')
+_OVERWRITE = benchmarks.define_overwrite_flag()
+flags.adopt_module_key_flags(benchmarks)
 
 # (name, K, N) of the matmuls of one bottleneck unit of block 3.
 _SHAPES = (('conv1 1024->256', 1024, 256), ('conv2 2304->256', 2304, 256),
@@ -52,6 +52,7 @@ def main(argv):
   benchmarks.check_positive_ints(_ROWS)
   if _REPS.value < 1 or _WEIGHTS.value < 1:
     raise app.UsageError('--reps and --weights must be >= 1.')
+  out = benchmarks.check_output(_OUT.value, 'out', _OVERWRITE.value)
   host_memory.reuse_freed_memory()
   rng = np.random.default_rng(0)
   impls = {'dot': conv.jit(lambda x, w: x @ w),
@@ -82,10 +83,9 @@ def main(argv):
           f'{median * 1e6:>8.1f} {rate:>8.1f}')
     results.append({k: case[k] for k in ('matmul', 'impl', 'm', 'k', 'n')}
                    | {'median_s': median, 'gflops': rate})
-  benchmarks.write_json(_OUT.value, {'device': str(jax.devices()[0]),
-                                     'weights': _WEIGHTS.value,
-                                     'results': results})
-  print(f'wrote {_OUT.value}')
+  benchmarks.write_json(out, {'device': str(jax.devices()[0]),
+                              'weights': _WEIGHTS.value, 'results': results})
+  print(f'wrote {out}')
 
 
 if __name__ == '__main__':

@@ -28,6 +28,7 @@ import sys
 from absl import app
 from absl import flags
 
+import benchmarks
 from benchmarks import lockstep
 
 _A = flags.DEFINE_string('a', '{}', 'SparseOptions fields of A (JSON).')
@@ -52,7 +53,11 @@ _CACHE = flags.DEFINE_bool(
     'compilation cache. Off by default: both then compile in-process, as '
     'an A and a B with different options would not both find their '
     'programs cached.')
-_OUT = flags.DEFINE_string('output', None, 'Also write the rounds as JSON.')
+_OUT = flags.DEFINE_string(
+    'output', None, 'Also write JSON: the setup, the medians and ratios '
+    'printed, and every round.')
+_OVERWRITE = benchmarks.define_overwrite_flag()
+flags.adopt_module_key_flags(benchmarks)
 
 # Builds a side's `SparseOptions` from its tree's sact_jax (a tree of
 # another commit may have other fields): a bad field fails here, at once,
@@ -100,6 +105,10 @@ def main(argv):
     if check.returncode:
       error = (check.stderr.strip().splitlines() or ['failed'])[-1]
       raise app.UsageError(f'--{name}={json.dumps(options[name])}: {error}')
+  # Checked before the servers start: a missing folder used to fail after
+  # the whole run.
+  out = (None if _OUT.value is None else
+         benchmarks.check_output(_OUT.value, 'output', _OVERWRITE.value))
 
   clients = [lockstep.Client(name, [
       sys.executable, '-m', 'benchmarks.sparse_inference', '--serve',
@@ -120,17 +129,25 @@ def main(argv):
         f'{_BATCH.value}, FLOP fraction '
         f'{ready["a"]["flop_fraction"]:.3f} / {ready["b"]["flop_fraction"]:.3f}'
         f', {len(per_round)} rounds')
+  summary = {}
   for workload in ('sparse', 'dense'):
     a, b = ([r[n][workload] for r in per_round] for n in 'ab')
-    ratio = lockstep.median_ratio(per_round, ('b', workload),
-                                  ('a', workload))
-    print(f'  {workload:6s} A {1e3 * statistics.median(a):8.1f} ms  '
-          f'B {1e3 * statistics.median(b):8.1f} ms  B / A {ratio:.3f}')
-  if _OUT.value:
-    with open(_OUT.value, 'w') as f:
-      json.dump({'options': options, 'env': extra_env, 'ready': ready,
-                 'rounds': per_round},
-                f, indent=1)
+    summary[workload] = {
+        'a_median_s': statistics.median(a),
+        'b_median_s': statistics.median(b),
+        'b_over_a': lockstep.median_ratio(per_round, ('b', workload),
+                                          ('a', workload))}
+    print(f'  {workload:6s} A {1e3 * summary[workload]["a_median_s"]:8.1f} '
+          f'ms  B {1e3 * summary[workload]["b_median_s"]:8.1f} ms  B / A '
+          f'{summary[workload]["b_over_a"]:.3f}')
+  if out:
+    benchmarks.write_json(out, {
+        'family': _FAMILY.value, 'batch': _BATCH.value,
+        'fraction': _FRACTION.value, 'a_tree': _A_TREE.value,
+        'b_tree': _B_TREE.value, 'compilation_cache': _CACHE.value,
+        'options': options, 'env': extra_env, 'ready': ready,
+        'summary': summary, 'rounds': per_round})
+    print(f'Wrote {out}')
 
 
 if __name__ == '__main__':

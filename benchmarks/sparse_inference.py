@@ -23,7 +23,7 @@ photographs (random crops and flips for larger batches).
   python -m benchmarks.sparse_inference --families=imagenet --batch_sizes=1
   python -m benchmarks.sparse_inference --families=cifar,imagenet \
       --batch_sizes=1,32 --fractions=0.3,0.5,0.7 \
-      --out=benchmarks/results/sparse_inference.json
+      --out=/tmp/sparse_inference.json
 
 Other engineers share the 2 cores: the load average is recorded beside each
 measurement, and the minimum over repetitions is reported with the median.
@@ -98,9 +98,11 @@ _SHARD = flags.DEFINE_string(
     'the batch (halting tuned on the whole batch\'s first images, as '
     'without it), for a side of N pinned servers (lockstep.ShardedClient).')
 _OUT = flags.DEFINE_string(
-    'out', os.path.join(os.path.dirname(__file__), 'results',
-                        'sparse_inference.json'),
-    'Where to write the results as JSON.')
+    'out', benchmarks.default_out('sparse_inference.json'),
+    'Where to write the results as JSON (not with --serve).')
+_OVERWRITE = benchmarks.define_overwrite_flag()
+# `--help` lists the flags defined in benchmarks/__init__.py too.
+flags.adopt_module_key_flags(benchmarks)
 
 _CONFIGS = benchmarks.MODELS
 
@@ -700,12 +702,28 @@ def _numbers(flag, kind, valid, what: str) -> list:
   return values
 
 
+def _units_per_block(family: str) -> tuple[int, ...]:
+  presets = (models.CIFAR_PRESETS if family == 'cifar'
+             else models.IMAGENET_PRESETS)
+  return presets[_CONFIGS[family]['depth']]
+
+
 def check_flags() -> dict:
   """The flags checked before any model is built (a typo would fail
   minutes in, or not at all); returns the sparse options."""
   benchmarks.check_choices(_FAMILIES, _CONFIGS)
   benchmarks.check_positive_ints(_BATCH_SIZES)
   _numbers(_FRACTIONS, float, lambda f: 0.0 < f <= 1.0, 'in (0, 1]')
+  benchmarks.check_at_least(1, _REPS, _REPS_LARGE)
+  # The breakdown runs after the family's rows: a bad block failed there.
+  block = _UNIT_BREAKDOWN.value
+  for family in _FAMILIES.value:
+    units = _units_per_block(family)
+    if block != -1 and not (0 <= block < len(units) and units[block] >= 3):
+      usable = [str(i) for i, n in enumerate(units) if n >= 3]
+      raise app.UsageError(
+          f'--unit_breakdown_block={block}: {family} has blocks '
+          f'{", ".join(usable)} of 3 units or more (or -1: none).')
   try:
     options = json.loads(_SPARSE_OPTIONS.value)
   except json.JSONDecodeError as e:
@@ -733,6 +751,8 @@ def main(argv):
       shard = parse_shard(_SHARD.value, int(_BATCH_SIZES.value[0]))
     except ValueError as e:
       raise app.UsageError(str(e)) from None
+  else:
+    out = benchmarks.check_output(_OUT.value, 'out', _OVERWRITE.value)
   benchmarks.start_process(_REUSE.value, _CACHE.value)
   results = []
   device = jax.devices()[0]
@@ -743,7 +763,7 @@ def main(argv):
 
   def write():
     # Rewritten after each row, so that a run cut short keeps its rows.
-    evaluate.save_json(dict(header, results=results), _OUT.value)
+    evaluate.save_json(dict(header, results=results), out)
 
   print(f"backend {header['backend']} ({header['device']}), jax "
         f'{jax.__version__}', flush=True)
@@ -755,7 +775,7 @@ def main(argv):
     measure_family(family, [int(b) for b in _BATCH_SIZES.value],
                    [float(f) for f in _FRACTIONS.value], options,
                    results, write)
-  print(f'wrote {_OUT.value}')
+  print(f'wrote {out}')
 
 
 if __name__ == '__main__':

@@ -15,11 +15,13 @@ Prints a table and writes JSON (`--out`). Every configuration runs in this
 process; the variants of one model are timed in turn, one step of each per
 round (every other round in reverse order), and `/first` is the median of
 per-round ratios to the first variant
-(absolute times on a shared machine are noisy). The step is the trainer's own
-(`train.Trainer`, the family's config of the depth and type): forward +
-backward + SGD momentum update, loss = cross-entropy + tau ponder + L2 (as
-the reference's; CIFAR tau 0.01, ImageNet the config's 0.005), plus its
-metrics, on random images.
+(absolute times on a shared machine are noisy). The model types are timed
+one after another, each in its own loop: `med/vanilla` is a ratio of their
+medians, so the machine's drift between the loops enters it. The step is
+the trainer's own (`train.Trainer`, the family's config of the depth and
+type): forward + backward + SGD momentum update, loss = cross-entropy + tau
+ponder + L2 (as the reference's; CIFAR tau 0.01, ImageNet the config's
+0.005), plus its metrics, on random images.
 """
 
 import json
@@ -58,8 +60,11 @@ _VARIANTS = flags.DEFINE_list(
     "instead of oneDNN's), nnx_bn (flax's nnx.BatchNorm instead of "
     'layers.BatchNorm).')
 _CACHE, _REUSE = benchmarks.define_process_flags()
-_OUT = flags.DEFINE_string('out', 'benchmarks/results/train_step.json',
+_OUT = flags.DEFINE_string('out', benchmarks.default_out('train_step.json'),
                            'JSON output path.')
+_OVERWRITE = benchmarks.define_overwrite_flag()
+# `--help` lists the flags defined in benchmarks/__init__.py too.
+flags.adopt_module_key_flags(benchmarks)
 
 _DEFAULT_DEPTHS = {'cifar': ['32', '110'], 'imagenet': ['101']}
 
@@ -99,18 +104,22 @@ def time_configs(depth, model_type, variants, batch, repeats, compile_only,
   return results
 
 
-def _check_flags() -> None:
-  """One-line UsageError for a bad flag, before any model is built."""
+def _check_flags() -> str:
+  """One-line UsageError for a bad flag, before any model is built;
+  returns the output path."""
   known = cifar10.DEPTHS if _FAMILY.value == 'cifar' else imagenet.DEPTHS
   benchmarks.check_choices(_DEPTHS, sorted(known), empty_ok=True,
                            note=f' ({_FAMILY.value})')
   benchmarks.check_choices(_TYPES, ('vanilla', 'act', 'sact'))
   benchmarks.check_choices(_VARIANTS, steps.VARIANT_CONFIG)
+  benchmarks.check_at_least(1, _BATCH, _REPEATS)
+  benchmarks.check_at_least(0, _IMAGE_SIZE)
+  return benchmarks.check_output(_OUT.value, 'out', _OVERWRITE.value)
 
 
 def main(argv):
   del argv
-  _check_flags()
+  out = _check_flags()
   # Compile times are measured, not loaded from the cache.
   benchmarks.start_process(_REUSE.value,
                            '' if _COMPILE_ONLY.value else _CACHE.value)
@@ -124,9 +133,10 @@ def main(argv):
                             _FAMILY.value, _IMAGE_SIZE.value):
         results.append(r)
         print(json.dumps(r), flush=True)
-  # Table.
+  # Table. `med/vanilla` divides medians of separate loops (one per model
+  # type); `/first` is a median of per-round ratios within one loop.
   print(f'\n{"depth":>5} {"variant":>14} {"type":>8} {"compile s":>10} '
-        f'{"step s":>8} {"/vanilla":>9} {"/first":>7}')
+        f'{"step s":>8} {"med/vanilla":>11} {"/first":>7}')
   for r in results:
     base = [b for b in results if b['depth'] == r['depth']
             and b['variant'] == r['variant'] and b['model_type'] == 'vanilla']
@@ -134,9 +144,13 @@ def main(argv):
              if base and 'step_s' in r else float('nan'))
     print(f'{r["depth"]:>5} {r["variant"]:>14} {r["model_type"]:>8} '
           f'{r["compile_s"]:>10.2f} {r.get("step_s", float("nan")):>8.3f} '
-          f'{ratio:>9.2f} {r.get("vs_first", float("nan")):>7.3f}')
-  benchmarks.write_json(_OUT.value, {'device': str(jax.devices()[0]),
-                                     'results': results})
+          f'{ratio:>11.2f} {r.get("vs_first", float("nan")):>7.3f}')
+  if not _COMPILE_ONLY.value:
+    print('med/vanilla: ratio of medians, each model type timed in its own '
+          'loop; /first: median of per-round ratios to the first variant.')
+  benchmarks.write_json(out, {'device': str(jax.devices()[0]),
+                              'results': results})
+  print(f'Wrote {out}')
 
 
 if __name__ == '__main__':

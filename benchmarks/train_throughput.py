@@ -13,6 +13,12 @@ Three figures, in one process, for `--config` (default: the main job):
   python -m benchmarks.train_throughput \
       --config=sact_jax/configs/default.py --steps=30 --workers=0,1
 
+The pipeline's flags come from benchmarks/input_pipeline.py: `--workers`,
+`--data_dir`, `--warmup_batches` and `--batches` apply here; its
+`--batch_size`, `--datasets` and `--out` do not (the batch size is the
+config's, `--config.batch_size`; the dataset the config's; the output
+`--json_out`) and are refused rather than ignored.
+
 Prints a table and writes JSON to `--json_out`. Timings on a shared machine
 are noisy: compare figures within one run.
 """
@@ -40,18 +46,46 @@ _WARMUP_STEPS = flags.DEFINE_integer(
 _E2E_WORKERS = flags.DEFINE_integer(
     'e2e_workers', 0, 'Pipeline workers of the end-to-end measurement.')
 _JSON_OUT = flags.DEFINE_string(
-    'json_out', os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                             'results', 'train_throughput.json'),
+    'json_out', benchmarks.default_out('train_throughput.json'),
     'Where to write the results as JSON.')
+_OVERWRITE = benchmarks.define_overwrite_flag()
+# `--help` lists the pipeline's flags that apply here, and `--overwrite`.
+for _name in ('workers', 'data_dir', 'warmup_batches', 'batches'):
+  flags.declare_key_flag(_name)
+flags.adopt_module_key_flags(benchmarks)
+
+# input_pipeline's flags that this benchmark does not use, with what does.
+_REFUSED = {'out': '--json_out', 'batch_size': '--config.batch_size',
+            'datasets': "the config's dataset (--config.dataset)"}
+
+
+def _check_flags(config) -> str:
+  """One-line UsageError for a bad or unused flag, before anything is
+  built: --out or --batch_size used to be ignored without a word (and the
+  JSON to land on the committed file). Returns the output path."""
+  from sact_jax.configs import validation  # pylint: disable=g-import-not-at-top
+  for name, instead in _REFUSED.items():
+    if flags.FLAGS[name].present:
+      raise app.UsageError(f'--{name} is input_pipeline\'s and unused here: '
+                           f'use {instead}.')
+  benchmarks.check_at_least(1, _STEPS)
+  benchmarks.check_at_least(0, _WARMUP_STEPS, _E2E_WORKERS)
+  input_pipeline.check_flags()
+  try:
+    validation.validate_config(config)
+  except validation.ConfigError as e:
+    raise app.UsageError(f'--config: {e}') from None
+  return benchmarks.check_output(_JSON_OUT.value, 'json_out',
+                                 _OVERWRITE.value)
 
 
 def _time_steps(trainer, state, batches) -> tuple[float, object]:
   """Seconds per step over `batches` (an iterator of host batches)."""
   from sact_jax import parallel  # pylint: disable=g-import-not-at-top
   for _ in range(_WARMUP_STEPS.value):
-    state, metrics = trainer.train_step(
+    state, _ = trainer.train_step(
         state, parallel.shard_batch(next(batches), trainer.mesh))
-  jax.block_until_ready(metrics)
+  jax.block_until_ready(state)  # Also with no warm-up step.
   start = time.perf_counter()
   for _ in range(_STEPS.value):
     state, metrics = trainer.train_step(
@@ -62,12 +96,12 @@ def _time_steps(trainer, state, batches) -> tuple[float, object]:
 
 def main(argv):
   del argv
+  config = _CONFIG.value
+  out = _check_flags(config)
   jax.config.update('jax_default_prng_impl', 'rbg')
   from sact_jax import parallel  # pylint: disable=g-import-not-at-top
   from sact_jax import train  # pylint: disable=g-import-not-at-top
   from sact_jax.configs import validation  # pylint: disable=g-import-not-at-top
-  config = _CONFIG.value
-  validation.validate_config(config)
   batch_size = config.batch_size
   mesh = parallel.make_mesh()
   info = {
@@ -138,10 +172,10 @@ def main(argv):
           f'{row["images_per_s"]:.0f} |')
   print(f'\ninit {init_s:.1f} s, compile + first step {compile_s:.1f} s; '
         f'pipeline slowdown of training: {100 * (e2e_s / step_s - 1):+.0f}%')
-  benchmarks.write_json(_JSON_OUT.value, {
+  benchmarks.write_json(out, {
       **info, 'init_s': init_s, 'compile_s': compile_s,
       'steps': _STEPS.value, 'results': rows}, indent=2)
-  print(f'Wrote {_JSON_OUT.value}')
+  print(f'Wrote {out}')
 
 
 if __name__ == '__main__':

@@ -92,8 +92,11 @@ _REPS = flags.DEFINE_integer('reps', 5, 'Timed calls per inference process.')
 _TFREF_DIR = flags.DEFINE_string(
     'tfref_dir', os.path.expanduser('~/.cache/sact-tfref'),
     'The TF port with its venv (../shared/tfref/setup.sh).')
-_OUT = flags.DEFINE_string('output', 'benchmarks/results/vs_original.json',
+_OUT = flags.DEFINE_string('output',
+                           benchmarks.default_out('vs_original.json'),
                            'JSON output path.')
+_OVERWRITE = benchmarks.define_overwrite_flag()
+flags.adopt_module_key_flags(benchmarks)
 _REUSE = flags.DEFINE_bool(
     'reuse_freed_memory', True, 'Both sides keep freed host memory for reuse '
     '(`sact_jax.host_memory`, as the launchers do; TF through glibc\'s '
@@ -520,6 +523,8 @@ def table(summary: list[dict]) -> str:
 
 def main(argv):
   del argv
+  # A count of 0 timed nothing and wrote a summary of nulls.
+  benchmarks.check_at_least(1, _PROCESSES, _REPS, _SHARDS)
   if _WORKER.value:
     benchmarks.start_process(_REUSE.value,
                              benchmarks.CACHE_DIR if _CACHE.value else '')
@@ -542,11 +547,25 @@ def main(argv):
       lockstep.cpu_shards(_SHARDS.value)
     except ValueError as e:
       raise app.UsageError(str(e)) from None
+  for config in _CONFIGS.value:  # Bad configs fail before anything runs.
+    c = parse(config)
+    if _SHARDS.value > 1 and c['kind'] != 'train' and (
+        c['batch'] % _SHARDS.value):
+      raise app.UsageError(f'{config}: --shards={_SHARDS.value} must divide '
+                           'its batch size.')
+  out = benchmarks.check_output(_OUT.value, 'output', _OVERWRITE.value)
   tfref = _TFREF_DIR.value
   have_tf = os.path.exists(os.path.join(tfref, 'venv', 'bin', 'python'))
   if not have_tf:
+    # --lockstep pairs a JAX server with a TF one: without TF the rows run
+    # as separate JAX processes, which the notice and the JSON say.
+    dropped = [f for f, on in (('--lockstep', _LOCKSTEP.value),
+                               (f'--shards={_SHARDS.value}',
+                                _SHARDS.value > 1)) if on]
     print(f'No TF port at {tfref} (bash ../shared/tfref/setup.sh makes it): '
-          'timing the JAX side only.', file=sys.stderr)
+          'timing the JAX side only'
+          + (f', one process at a time, without {" and ".join(dropped)}'
+             if dropped else '') + '.', file=sys.stderr)
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu')
   tf_env = dict(env)
   infer_env = dict(env, XLA_FLAGS=' '.join(
@@ -560,14 +579,9 @@ def main(argv):
         host_memory.with_tunables(e, host_memory.HUGE_PAGES_TUNABLE)
         for e in (env, tf_env, infer_env))
   records, summary = [], []
-  for config in _CONFIGS.value:  # Bad configs fail before anything runs.
-    c = parse(config)
-    if _SHARDS.value > 1 and c['kind'] != 'train' and (
-        c['batch'] % _SHARDS.value):
-      raise app.UsageError(f'{config}: --shards={_SHARDS.value} must divide '
-                           'its batch size.')
+  lockstep_run = _LOCKSTEP.value and have_tf
   for config in _CONFIGS.value:
-    if _LOCKSTEP.value and have_tf:
+    if lockstep_run:
       row, lockstep_records = _lockstep(
           config, tfref, env if parse(config)['kind'] == 'train'
           else infer_env, tf_env)
@@ -607,13 +621,20 @@ def main(argv):
     summary.append(row)
     print(json.dumps(row), file=sys.stderr, flush=True)
   print(table(summary))
-  benchmarks.write_json(_OUT.value, {
+  benchmarks.write_json(out, {
       'summary': summary, 'records': records,
+      # As run: without TF, --lockstep and --shards were not applied.
+      'settings': {'tf': have_tf, 'lockstep': lockstep_run,
+                   'shards': _SHARDS.value if lockstep_run else 1,
+                   'processes': _PROCESSES.value, 'reps': _REPS.value,
+                   'compilation_cache': _CACHE.value,
+                   'reuse_freed_memory': _REUSE.value,
+                   'huge_pages': _HUGE_PAGES.value},
       'xla_flags': {'train': env.get('XLA_FLAGS', ''),
                     'infer': infer_env['XLA_FLAGS']},
       'glibc_tunables': {'jax': infer_env.get('GLIBC_TUNABLES', ''),
                          'tf': tf_env.get('GLIBC_TUNABLES', '')}})
-  print(f'Wrote {_OUT.value}')
+  print(f'Wrote {out}')
   sides = ('tf', 'jax') if have_tf else ('jax',)
   timeless = [f'{r["config"]} ({side})' for r in summary for side in sides
               if r[f'{side}_dense'] is None]

@@ -2,8 +2,9 @@
 
 The TF servers need the TF port and minutes; what is checked here is what
 each shard is told to run: its part of the batch, its threads, and (for the
-claim) the whole batch for tuning the halting; and that the JAX side serves
-a training step. The module runs in its own process: its absl flags share
+claim) the whole batch for tuning the halting; that the JAX side serves
+a training step; and that a run without the TF port says, and records,
+that it ran no lockstep. The module runs in its own process: its absl flags share
 names with other benchmarks' that tests import (`sparse_inference`).
 """
 
@@ -11,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 from absl.testing import absltest
@@ -84,6 +86,28 @@ class ServerCommandsTest(parameterized.TestCase):
     self.assertEqual(_flag(tf, 'batch'), '128')
     self.assertEqual(_flag(jax_side, 'worker'), 'train:110:act:128:3')
     self.assertIn('--serve', jax_side)
+
+
+class WithoutTfTest(absltest.TestCase):
+
+  def test_says_and_records_that_lockstep_was_not_applied(self):
+    # Without the TF venv --lockstep was dropped with no word of it.
+    with tempfile.TemporaryDirectory() as tmp:
+      out = os.path.join(tmp, 'vs_original.json')
+      proc = subprocess.run(
+          [sys.executable, '-m', 'benchmarks.vs_original', '--lockstep',
+           f'--tfref_dir={os.path.join(tmp, "none")}', '--reps=1',
+           '--configs=infer:cifar:20:vanilla:1:never',
+           '--compilation_cache=false', f'--output={out}'],
+          cwd=_ROOT, capture_output=True, text=True, check=False,
+          timeout=600, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+      self.assertEqual(proc.returncode, 0, proc.stderr)
+      with open(out) as f:
+        settings = json.load(f)['settings']
+    self.assertIn('without --lockstep', proc.stderr)
+    self.assertEqual((settings['tf'], settings['lockstep'],
+                      settings['reps'], settings['processes']),
+                     (False, False, 1, 1))
 
 
 class TrainServerTest(absltest.TestCase):
