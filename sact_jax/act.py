@@ -15,11 +15,13 @@ Conventions follow the reference implementation (docs/method.md, section 1):
 """
 
 import functools
+import numbers
 from typing import NamedTuple
 
 import jax
 from jax import lax
 import jax.numpy as jnp
+import numpy as np
 
 DEFAULT_EPS = 0.01
 
@@ -37,10 +39,42 @@ def _threshold(eps: float, dtype) -> jax.Array:
 
 
 def _check_eps(eps):
-  """Refuses a threshold 1 - eps outside (0, 1) (an array eps, which may be
-  traced, is trusted)."""
-  if isinstance(eps, (int, float)) and not 0.0 < eps < 1.0:
+  """Refuses a threshold 1 - eps outside (0, 1).
+
+  Every concrete scalar is checked, numpy and JAX ones included (a numpy
+  `1.5` would otherwise halt everything at the first unit); a traced eps
+  cannot be, and is trusted.
+  """
+  if isinstance(eps, jax.core.Tracer):
+    return
+  if not (isinstance(eps, numbers.Real) or hasattr(eps, 'dtype')):
+    raise TypeError(f'eps must be a number in (0, 1), got {eps!r}.')
+  if np.ndim(eps) == 0 and not 0.0 < float(eps) < 1.0:
     raise ValueError(f'eps must lie in (0, 1), got {eps}.')
+
+
+def _check_halting_dtype(halting: jax.Array):
+  """Integer scores would make the threshold 0 (every unit halts at once)."""
+  if not jnp.issubdtype(halting.dtype, jnp.floating):
+    raise TypeError('halting scores must be floats in [0, 1] (sigmoid '
+                    f'outputs), got dtype {halting.dtype}.')
+
+
+def _check_halting_values(halting: jax.Array):
+  """Scores outside [0, 1] or NaN give a confident, wrong N.
+
+  Only concrete arrays are checked: under jit the values are unknown.
+  """
+  if not halting.size:
+    return
+  values = np.asarray(halting)
+  if np.isnan(values).any():
+    raise ValueError('halting scores must be floats in [0, 1] (sigmoid '
+                     'outputs), got NaN.')
+  low, high = values.min(), values.max()
+  if low < 0 or high > 1:
+    raise ValueError('halting scores must be floats in [0, 1] (sigmoid '
+                     f'outputs), got values in [{low:g}, {high:g}].')
 
 
 def _check_leading(name: str, shape, halting_shape):
@@ -64,12 +98,20 @@ def halting_distribution(halting: jax.Array,
 
   Returns:
     The `HaltingDistribution`.
+
+  Raises:
+    TypeError: non-float scores.
+    ValueError: a bad shape or eps, or (when not traced) scores outside
+      [0, 1] or NaN.
   """
   _check_eps(eps)
   if jnp.ndim(halting) < 1 or jnp.shape(halting)[0] < 1:
     raise ValueError('halting must be shaped [L, ...] with L >= 1 units, '
                      f'got shape {jnp.shape(halting)}.')
   halting = jnp.asarray(halting)
+  _check_halting_dtype(halting)
+  if not isinstance(halting, jax.core.Tracer):
+    _check_halting_values(halting[:-1])  # The last score is ignored.
   num_layers = halting.shape[0]
   h = halting.at[num_layers - 1].set(1.0)
   cumulative = jnp.cumsum(h, axis=0)
@@ -125,16 +167,27 @@ def step(state: HaltingState, halting: jax.Array, x: jax.Array,
 
   Args:
     state: the carry after the previous units.
-    halting: `[...]` score of this unit in [0, 1]; pass ones for the last.
-    x: `[..., C...]` this unit's output; broadcast against the halting shape.
+    halting: `[...]` score of this unit in [0, 1] (the halting shape);
+      pass ones for the last.
+    x: `[..., C...]` this unit's output, shaped as `init_state`'s `x`.
     eps: halting threshold is `1 - eps`.
 
   Returns:
     The carry after this unit. Scores of halted positions are ignored.
   """
   _check_eps(eps)
-  _check_leading('halting', jnp.shape(halting), state.cumulative.shape)
-  _check_leading('x', jnp.shape(x), state.cumulative.shape)
+  # Exact shapes: a head's raw `[..., 1]` output, or an `x` without its
+  # channel axis, would broadcast (or fail inside JAX) instead.
+  if tuple(jnp.shape(halting)) != tuple(state.cumulative.shape):
+    raise ValueError(
+        f'halting has shape {tuple(jnp.shape(halting))}; expected the halting '
+        f'shape {tuple(state.cumulative.shape)} (drop the channel axis of a '
+        "head's output).")
+  if tuple(jnp.shape(x)) != tuple(state.output.shape):
+    raise ValueError(
+        f'x has shape {tuple(jnp.shape(x))}; expected the shape of the unit '
+        f'outputs the state was made for, {tuple(state.output.shape)}.')
+  _check_halting_dtype(jnp.asarray(halting))
   num_units = state.num_units + (state.running > 0).astype(jnp.int32)
   floats = _Floats(state.cumulative, state.remainder, state.output,
                    state.ponder_cost, state.running)

@@ -13,6 +13,7 @@ resulting running mask. The head of the last unit does not exist (its score
 is 1), which this pairing expresses without an unused head.
 """
 
+import numbers
 from typing import Callable, Literal
 
 from flax import nnx
@@ -110,6 +111,9 @@ class Block(nnx.Module):
                        f'{model_type!r}.')
     if num_units < 1:
       raise ValueError(f'A block needs at least one unit, got {num_units}.')
+    if not (isinstance(eps, numbers.Real) or hasattr(eps, 'dtype')):
+      # E.g. '0.01', which the comparison below would fail on obscurely.
+      raise TypeError(f'eps must be a number in (0, 1), got {eps!r}.')
     if not 0.0 < eps < 1.0:
       raise ValueError(f'eps must lie in (0, 1), got {eps}.')
     if not is_remat_mode(remat):

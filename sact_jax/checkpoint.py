@@ -258,11 +258,15 @@ def save_model(directory: str | os.PathLike, model: nnx.Module,
     FileExistsError: `directory` exists and `overwrite` is False, or it is
       not a model checkpoint (nor empty).
     CheckpointError: the model does not match `spec`.
+    TypeError: `spec` is not a `ModelSpec` (e.g. its dict).
   """
   if jax.process_count() > 1:
     raise NotImplementedError(
         'save_model is single-process; save multi-host runs through an orbax '
         'CheckpointManager.')
+  if not isinstance(spec, ModelSpec):
+    raise TypeError('spec must be a models.ModelSpec (ModelSpec.from_dict '
+                    f'turns a dict into one), got {type(spec).__name__}.')
   directory = pathlib.Path(directory).absolute()
   check_output_directory(directory, overwrite=overwrite)
   _check_model_matches_spec(model, spec)
@@ -428,6 +432,39 @@ class RestoreReport:
             'checkpoint variable(s) unused')
 
 
+def _tags(predicate: Any) -> list[str]:
+  """The tag filters (strings) anywhere inside an NNX filter predicate."""
+  if isinstance(predicate, nnx.filterlib.WithTag):
+    return [predicate.tag]
+  inner = getattr(predicate, 'predicates', ())
+  if isinstance(predicate, nnx.filterlib.Not):
+    inner = (predicate.predicate,)
+  return [tag for p in inner for tag in _tags(p)]
+
+
+def _exclude_predicate(model: nnx.Module,
+                       exclude: nnx.filterlib.Filter | None):
+  """`restore_into`'s `exclude` as a predicate, refused if it matches nothing.
+
+  A string is an NNX *tag* filter, not a path: `exclude='head'` would match
+  nothing and silently overwrite the halting heads.
+  """
+  if exclude is None:
+    return lambda path, x: False
+  predicate = nnx.filterlib.to_predicate(exclude)
+  tags = _tags(predicate)
+  if tags:
+    raise CheckpointError(
+        f'exclude={exclude!r}: a string is an NNX tag filter, not a path; '
+        f'use checkpoint.HALTING_HEADS or nnx.PathContains({tags[0]!r}).')
+  if not any(predicate(tuple(path), variable)
+             for path, variable in nnx.to_flat_state(nnx.state(model))):
+    raise CheckpointError(
+        f'exclude={exclude!r} matches no variable of the model; filter by '
+        'path, e.g. checkpoint.HALTING_HEADS or nnx.PathContains(\'logits\').')
+  return predicate
+
+
 def restore_into(model: nnx.Module, source: str | os.PathLike | nnx.Module,
                  *, exclude: nnx.filterlib.Filter | None = None
                  ) -> RestoreReport:
@@ -451,8 +488,10 @@ def restore_into(model: nnx.Module, source: str | os.PathLike | nnx.Module,
 
   Raises:
     CheckpointError: a non-excluded model variable is missing from the
-      source or has another shape.
+      source or has another shape, or `exclude` holds a string (a tag
+      filter) or matches no model variable.
   """
+  excluded = _exclude_predicate(model, exclude)
   if isinstance(source, nnx.Module):
     source_model, label = source, 'the source model'
   else:
@@ -460,8 +499,6 @@ def restore_into(model: nnx.Module, source: str | os.PathLike | nnx.Module,
     label = str(source)
   source_flat = {path_str(p): v
                  for p, v in nnx.to_flat_state(nnx.state(source_model))}
-  excluded = (nnx.filterlib.to_predicate(exclude) if exclude is not None
-              else lambda path, x: False)
 
   updates, restored, skipped, missing, mismatched = {}, [], [], [], []
   for path, variable in nnx.to_flat_state(nnx.state(model)):

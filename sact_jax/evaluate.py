@@ -43,6 +43,7 @@ from sact_jax import checkpoint as checkpoint_lib
 from sact_jax import conv
 from sact_jax import data as data_lib
 from sact_jax import models
+from sact_jax.models import base as model_base
 from sact_jax import parallel
 
 TOP_K = 5
@@ -248,6 +249,10 @@ def predict(model: nnx.Module, images_BxHxWx3) -> tuple[jax.Array, dict]:
   Compiled once per architecture and image shape, and shared by evaluation
   and the ponder-map pictures.
   """
+  if not hasattr(images_BxHxWx3, 'dtype'):  # E.g. nested lists.
+    images_BxHxWx3 = np.asarray(images_BxHxWx3)
+  # Checked before the cast, which would hide integer (unnormalised) images.
+  model_base.check_image_dtype(images_BxHxWx3.dtype)
   graphdef, state = eval_split_model(model)
   return _apply(graphdef, state, jnp.asarray(images_BxHxWx3, jnp.float32))
 

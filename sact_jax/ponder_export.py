@@ -41,6 +41,7 @@ import os
 from typing import Sequence
 
 from flax import nnx
+import jax.numpy as jnp
 from matplotlib import figure as mfigure
 import numpy as np
 from PIL import Image
@@ -87,7 +88,11 @@ def find_images(patterns: Sequence[str]) -> list[str]:
 
   Raises:
     NoImagesError: a pattern matches no file.
+    TypeError: `patterns` is one string (it would be read per character).
   """
+  if isinstance(patterns, (str, os.PathLike)):
+    raise TypeError(f'patterns must be a list of files, folders or globs, '
+                    f'got the single {patterns!r}; pass [{patterns!r}].')
   paths = []
   for pattern in patterns:
     if os.path.isdir(pattern):
@@ -139,8 +144,14 @@ def load_images(paths: Sequence[str], image_size: int
     (path -> image, in the order of `paths`; one message per skipped file).
 
   Raises:
-    NoImagesError: none of `paths` is an image.
+    NoImagesError: none of `paths` is an image, or `paths` is empty.
+    TypeError: `paths` is one string (it would be read per character).
   """
+  if isinstance(paths, (str, os.PathLike)):
+    raise TypeError(f'paths must be a list of image files, got the single '
+                    f'{paths!r}; pass [{paths!r}].')
+  if not paths:
+    raise NoImagesError('load_images got no paths.')
   images, skipped = {}, []
   for path in paths:
     try:
@@ -175,7 +186,25 @@ def ponder_results(model: nnx.Module, images: Sequence[np.ndarray],
 
   Returns:
     One `PonderResult` per image, in the order of `images`.
+
+  Raises:
+    TypeError: `names` is a string, or `preprocess` is None and an image
+      has an integer dtype (raw pixel values).
+    ValueError: not one name per image.
   """
+  if isinstance(names, str):
+    raise TypeError(f'names must be a sequence of names, one per image, got '
+                    f'the string {names!r}.')
+  if len(names) != len(images):
+    raise ValueError(f'Got {len(images)} images but {len(names)} names.')
+  if preprocess is None:
+    for name, image in zip(names, images):
+      dtype = np.asarray(image).dtype
+      if not jnp.issubdtype(dtype, jnp.floating):  # bfloat16 too.
+        raise TypeError(
+            f'Image {name!r} has dtype {dtype}, but preprocess=None takes '
+            'images already normalised (floats); pass preprocess=\'cifar\' '
+            'or \'imagenet\' (the model family) for raw pixel values.')
   results = [None] * len(images)
   for group in _group_by_shape(images):
     batch = np.stack([
@@ -204,6 +233,8 @@ def save_npz(results: Sequence[PonderResult], path: str) -> str:
 
   Written whole or not at all (a temporary file and a rename).
   """
+  if not results:
+    raise ValueError('No results to save.')
   arrays = {
       'names': np.array([r.name for r in results], dtype=str),
       'num_blocks': np.array(len(results[0].block_maps), np.int32),
@@ -292,6 +323,10 @@ def ponder_figures(results: Sequence[PonderResult], *,
   Titles default to the name, size, total ponder cost, prediction and
   FLOPs of each image.
   """
+  if not results:
+    raise ValueError('No results to draw.')
+  if titles is not None and len(titles) != len(results):
+    raise ValueError(f'Got {len(results)} results but {len(titles)} titles.')
   if titles is None:
     titles = [_title(r, class_names, label_offset, os.path.basename(r.name))
               for r in results]

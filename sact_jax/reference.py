@@ -8,6 +8,7 @@ head of unit k lives in scan step k+1 (see `blocks.py`), so one NNX variable
 gathers several TF variables.
 """
 
+import os
 from typing import Mapping, Sequence
 
 from flax import nnx
@@ -116,7 +117,13 @@ def load_reference_model(params: Mapping[str, np.ndarray], *, family: str,
 
   Raises:
     ReferenceMismatchError: a variable is missing, unexpected or mis-shaped.
+    TypeError: `params` is a path, not a mapping.
   """
+  if isinstance(params, (str, bytes, os.PathLike)):
+    # `in` on a string tests substrings: every variable would be "missing".
+    raise TypeError(
+        'params must be a mapping of TF names to arrays (e.g. '
+        f'dict(np.load(path))), got the path {os.fspath(params)!r}.')
   abstract = nnx.eval_shape(lambda: factory.create_model(
       family, units, model_type, num_classes=num_classes,
       base_channels=base_channels, rngs=nnx.Rngs(0), **kwargs))
@@ -144,9 +151,12 @@ def load_reference_model(params: Mapping[str, np.ndarray], *, family: str,
       used.add(spec)
     variable.set_value(jnp.asarray(value))
   if missing:
+    # TF's tensor names end in ':0'; variable names do not.
+    hint = (" (the weights' names end in ':0': drop that suffix)"
+            if any(f'{name}:0' in params for name in missing) else '')
     raise ReferenceMismatchError(
         f'{len(missing)} variable(s) missing from the reference weights, '
-        f'e.g. {sorted(missing)[:5]}.')
+        f'e.g. {sorted(missing)[:5]}{hint}.')
   unexpected = sorted(set(params) - used)
   if unexpected:
     raise ReferenceMismatchError(

@@ -48,10 +48,29 @@ def _as_2d(array, name: str) -> np.ndarray:
 
 
 def _fixations(fixation_map, name: str = 'fixation_map') -> np.ndarray:
-  fixations = _as_2d(fixation_map, name) > 0
+  """A binary fixation map (bool, 0/1 or counts) as bool.
+
+  Fractional values are refused: a blurred fixation density is > 0 almost
+  everywhere and would score as fixated everywhere.
+  """
+  array = _as_2d(fixation_map, name)
+  if (np.issubdtype(array.dtype, np.floating)
+      and (array != np.round(array)).any()):
+    raise ValueError(
+        f'{name} has fractional values (in [{array.min():.3g}, '
+        f'{array.max():.3g}]): a fixation density? The location metrics take '
+        'a binary map; pass densities to cc, kl_div and similarity.')
+  fixations = array > 0
   if not fixations.any():
     raise ValueError(f'{name} has no fixations.')
   return fixations
+
+
+def _check_rng(rng) -> None:
+  """A seed would fail later as `'int' object has no attribute 'integers'`."""
+  if not isinstance(rng, np.random.Generator):
+    raise TypeError('rng must be a numpy Generator (e.g. '
+                    f'np.random.default_rng(0)), got {type(rng).__name__}.')
 
 
 def _density(fixation_density) -> np.ndarray:
@@ -166,6 +185,7 @@ def auc_borji(saliency_map, fixation_map, *, num_splits: int = 100,
   thresholds every 0.1 on the map normalised to [0, 1]. The score is the mean
   AUC over splits.
   """
+  _check_rng(rng)
   fixations = _fixations(fixation_map)
   if num_splits < 1:
     raise ValueError(f'num_splits must be >= 1, got {num_splits}.')
@@ -185,6 +205,7 @@ def auc_shuffled(saliency_map, fixation_map, other_fixation_map, *,
   distinct locations from it, which penalises a plain centre bias. Same
   thresholds as `auc_borji`.
   """
+  _check_rng(rng)
   fixations = _fixations(fixation_map)
   others = _fixations(other_fixation_map, 'other_fixation_map')
   if others.shape != fixations.shape:
@@ -317,6 +338,10 @@ def ponder_to_saliency(ponder_map_hxw, image_shape: Sequence[int], *,
   scale. The result is non-negative and sums to 1.
   """
   ponder = _as_2d(ponder_map_hxw, 'ponder_map_hxw').astype(np.float64)
+  if np.ndim(image_shape) != 1:
+    raise ValueError('image_shape must be a shape such as (H, W) or (H, W, '
+                     f'3), got an array of shape {np.shape(image_shape)} '
+                     '(pass image.shape, not the image).')
   shape = tuple(int(s) for s in image_shape[:2])
   if len(shape) != 2 or min(shape) < 1:
     raise ValueError(f'image_shape must start with [H, W], got {image_shape}.')
@@ -371,6 +396,7 @@ def evaluate_maps(saliency_maps: Sequence[np.ndarray],
   Shuffled AUC's negatives are the union of `num_other` random other images'
   fixations (Borji et al. use 10), resized to each image by nearest neighbour.
   """
+  _check_rng(rng)
   count = len(saliency_maps)
   if not count == len(fixation_maps) == len(densities):
     raise ValueError(f'Got {count} saliency maps, {len(fixation_maps)} '

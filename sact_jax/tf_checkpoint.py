@@ -93,7 +93,11 @@ def read_tf_checkpoint(path: str | os.PathLike,
       .[tf]`).
     FileNotFoundError: no checkpoint at `path`.
     CheckpointError: a requested name is not in the checkpoint.
+    TypeError: `names` is one string (it would be read per character).
   """
+  if isinstance(names, str):
+    raise TypeError(f'names must be a list of variable names, got the '
+                    f'single {names!r}; pass [{names!r}].')
   tf = _import_tf()
   prefix = resolve_tf_checkpoint(path)
   with checkpoint_lib.reading(f'the TF checkpoint {prefix}'):
@@ -132,6 +136,12 @@ class VariableSelection:
   used_ema: bool
 
 
+def _check_ema(ema):
+  """`ema='no'` (the converter's flag spelling) is truthy: refused."""
+  if ema is not None and not isinstance(ema, (bool, np.bool_)):
+    raise TypeError(f'ema must be True, False or None, got {ema!r}.')
+
+
 def select_model_variables(names: Iterable[str], family: str, *,
                            ema: bool | None = None) -> VariableSelection:
   """Separates model variables from what training added to a TF checkpoint.
@@ -155,7 +165,9 @@ def select_model_variables(names: Iterable[str], family: str, *,
   Raises:
     CheckpointError: shadows were asked for (or found) but some model
       variables have none.
+    TypeError: `ema` is not True, False or None.
   """
+  _check_ema(ema)
   prefix = reference.top_scope(family) + '/'
   raw, shadows, skipped = set(), {}, {}
   for name in names:
@@ -168,7 +180,7 @@ def select_model_variables(names: Iterable[str], family: str, *,
       skipped[name] = f'optimizer slot ({last})'
     else:
       raw.add(name)
-  use_ema = bool(shadows) if ema is None else ema
+  use_ema = bool(shadows) if ema is None else bool(ema)
   if use_ema and not shadows:
     raise checkpoint_lib.CheckpointError(
         'Moving-average weights were asked for, but the checkpoint has no '
@@ -220,8 +232,13 @@ def convert_tf_checkpoint(tf_checkpoint: str | os.PathLike,
     FileNotFoundError: no TF checkpoint at `tf_checkpoint`.
     FileExistsError: `output` exists (see `checkpoint.save_model`).
     CheckpointError: EMA shadows incomplete (see `select_model_variables`).
+    TypeError: `spec` is not a ModelSpec, or `ema` not True, False or None.
     reference.ReferenceMismatchError: the variables do not fit `spec`.
   """
+  if not isinstance(spec, models.ModelSpec):
+    raise TypeError('spec must be a models.ModelSpec (ModelSpec.from_dict '
+                    f'turns a dict into one), got {type(spec).__name__}.')
+  _check_ema(ema)
   # Fail before the slow part (TF import, reading) if output is taken.
   checkpoint_lib.check_output_directory(output, overwrite=overwrite)
   _import_tf()

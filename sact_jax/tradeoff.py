@@ -64,6 +64,12 @@ class NotFinishedError(TradeoffError):
   """A workdir whose `eval.json` is not its finished run's own evaluation."""
 
 
+def _check_paths(paths: Iterable[str]) -> None:
+  if isinstance(paths, (str, bytes, os.PathLike)):
+    raise TypeError(f'paths must be a list of workdirs, sweep roots or globs, '
+                    f'got the single {paths!r}; pass [{paths!r}].')
+
+
 def find_workdirs(paths: Iterable[str]) -> list[str]:
   """Finished workdirs under `paths`, in name order.
 
@@ -72,7 +78,11 @@ def find_workdirs(paths: Iterable[str]) -> list[str]:
 
   Raises:
     TradeoffError: a path that matches nothing, or no finished run at all.
+    TypeError: `paths` is one string (it would be read per character).
   """
+  _check_paths(paths)
+  if isinstance(paths, (list, tuple)) and not paths:
+    raise TradeoffError('No paths given.')
   found = []
   for pattern in paths:
     matches = sorted(glob.glob(os.path.expanduser(pattern)))
@@ -285,7 +295,9 @@ def collect(paths: Iterable[str]) -> list[dict[str, Any]]:
   Raises:
     TradeoffError: no finished run, an unreadable one, or runs of several
       datasets.
+    TypeError: `paths` is one string (see `find_workdirs`).
   """
+  _check_paths(paths)
   paths = list(paths)
   rows, skipped = [], 0
   for workdir in find_workdirs(paths):

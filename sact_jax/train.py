@@ -158,8 +158,12 @@ class Trainer:
     state = jax.jit(self._init, out_shardings=parallel.replicated(self.mesh))()
     if self.config.get('init_from'):
       model = self.model(state)
+      # A vanilla model (or one of single-unit blocks) has no halting heads
+      # to keep, and `restore_into` refuses a filter that matches nothing.
+      heads = nnx.state(model, checkpoint_lib.HALTING_HEADS)
+      exclude = checkpoint_lib.HALTING_HEADS if jax.tree.leaves(heads) else None
       report = checkpoint_lib.restore_into(
-          model, self.config.init_from, exclude=checkpoint_lib.HALTING_HEADS)
+          model, self.config.init_from, exclude=exclude)
       logging.info('Initialised from %s: %s.', self.config.init_from,
                    report.summary())
       _, params, model_state = nnx.split(model, nnx.Param, ...)

@@ -89,6 +89,8 @@ def shared_norm(values: Sequence[np.ndarray]) -> mcolors.Normalize:
   untrained model's, or ACT's) looks nearly flat, instead of 2.966 and
   2.971 being drawn as the colormap's two ends.
   """
+  if not len(values):
+    raise ValueError('shared_norm needs at least one map.')
   lo = min(float(v.min()) for v in values)
   hi = max(float(v.max()) for v in values)
   if hi - lo < MIN_SPAN:
@@ -108,6 +110,20 @@ def map_columns(maps: Sequence[Sequence[np.ndarray]]
     `(columns, names)`: per block the maps of every image, then (with
     several blocks) their sum on each image's finest grid.
   """
+  if not len(maps):
+    raise ValueError('No maps to draw.')
+  for image_maps in maps:
+    # `ponder_maps` is per block: passed as is, it would be drawn transposed
+    # (silently where the batch has as many images as the model blocks).
+    if getattr(image_maps, 'ndim', None) == 3:
+      raise ValueError(
+          'maps must hold, per image, a list of [h, w] block maps; got a '
+          f'{list(image_maps.shape)} array (visualize.ponder_maps is per '
+          'block: use [[m[i] for m in maps] for i in range(B)]).')
+    for block_map in image_maps:
+      if np.ndim(block_map) != 2:
+        raise ValueError('Every ponder map must be 2-D [h, w], got shape '
+                         f'{np.shape(block_map)}.')
   num_blocks = len(maps[0])
   if any(len(m) != num_blocks for m in maps):
     raise ValueError('Every image needs the same number of ponder maps.')
@@ -165,6 +181,10 @@ def render_ponder_figure(images: Sequence[np.ndarray],
     raise ValueError('No images to draw.')
   if len(maps) != num_rows:
     raise ValueError(f'Got {num_rows} images but maps for {len(maps)}.')
+  for name, values in (('titles', titles), ('masks', masks),
+                       ('highlight', highlight)):
+    if values is not None and len(values) != num_rows:
+      raise ValueError(f'Got {num_rows} images but {len(values)} {name}.')
   columns, names = map_columns(maps)
   if norms is None:
     norms = [shared_norm(column) for column in columns]

@@ -395,10 +395,51 @@ class BadInputTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, 'x has shape'):
       act.step(state, jnp.ones((2, 4, 4)), jnp.zeros((1, 4, 4, 3)))
 
-  @parameterized.parameters(0.0, 1.0, -0.5)
+  def test_step_shapes_are_exact(self):
+    """A head's raw [..., 1] output or an x without channels, which would
+    broadcast or fail deep inside JAX."""
+    x = jnp.ones((1, 4, 4, 8))
+    state = act.init_state(x, (1, 4, 4))
+    with self.assertRaisesRegex(
+        ValueError, r'halting has shape \(1, 4, 4, 1\); expected the halting '
+        r'shape \(1, 4, 4\) \(drop the channel axis'):
+      act.step(state, jnp.full((1, 4, 4, 1), 0.3), x)
+    with self.assertRaisesRegex(ValueError, r'x has shape \(1, 4, 4\); '
+                                r'expected .* \(1, 4, 4, 8\)'):
+      act.step(state, jnp.full((1, 4, 4), 0.3), jnp.ones((1, 4, 4)))
+
+  @parameterized.parameters((0.0,), (1.0,), (-0.5,), (np.float32(1.5),),
+                            (np.float64(0.0),), (np.array(2.0),))
   def test_eps_outside_unit_interval(self, eps):
     with self.assertRaisesRegex(ValueError, r'eps must lie in \(0, 1\)'):
       act.halting_distribution(jnp.ones((3, 2)), eps)
+    state = act.init_state(jnp.zeros((2, 1)), (2,))
+    with self.assertRaisesRegex(ValueError, r'eps must lie in \(0, 1\)'):
+      act.step(state, jnp.ones((2,)), jnp.zeros((2, 1)), eps)
+
+  def test_eps_as_a_string(self):
+    with self.assertRaisesRegex(TypeError,
+                                r"eps must be a number in \(0, 1\), got "
+                                r"'0.01'\."):
+      act.halting_distribution(jnp.ones((3, 2)), '0.01')
+
+  @parameterized.named_parameters(
+      ('int', np.array([[0], [0], [1]]), r'got dtype int'),
+      ('bool', np.array([[False], [False], [True]]), r'got dtype bool'),
+      ('negative', np.array([[-0.5], [0.3], [0.1]], np.float32),
+       r'got values in \[-0.5, 0.3\]'),
+      ('logits', np.array([[2.0], [0.3], [0.1]], np.float32),
+       r'got values in \[0.3, 2\]'),
+      ('nan', np.array([[np.nan], [0.5], [0.9]], np.float32), r'got NaN'))
+  def test_bad_halting_scores(self, halting, message):
+    """Each used to give a confident, wrong halting distribution."""
+    error = TypeError if halting.dtype.kind in 'bi' else ValueError
+    with self.assertRaisesRegex(
+        error, r'halting scores must be floats in \[0, 1\] \(sigmoid '
+        r'outputs\), ' + message):
+      act.halting_distribution(halting)
+    if error is ValueError:  # Values are unknown under jit: not checked.
+      jax.jit(act.halting_distribution)(halting)
 
   @parameterized.parameters(((),), ((0, 2),))
   def test_no_units(self, shape):

@@ -182,6 +182,9 @@ class SaveRestoreTest(absltest.TestCase):
                            base_channels=4)
     with self.assertRaisesRegex(checkpoint.CheckpointError, 'model_type'):
       checkpoint.save_model(self.root / 'ckpt', self.model, act)
+    with self.assertRaisesRegex(TypeError,
+                                r'spec must be a models.ModelSpec .*dict'):
+      checkpoint.save_model(self.root / 'ckpt', self.model, SACT.to_dict())
     self._assert_no_leftovers()
 
   def test_restore_errors(self):
@@ -343,6 +346,24 @@ class RestoreIntoTest(absltest.TestCase):
     self.assertIn('logits/kernel', report.unused)
     np.testing.assert_array_equal(_flat(sact)['logits/kernel'],
                                   before['logits/kernel'])
+
+  def test_exclude_by_string_or_matching_nothing_is_refused(self):
+    """A string is a tag filter: `exclude='head'` would restore the heads."""
+    sact = _random_model(SACT, seed=9)
+    before = _flat(sact)
+    for exclude, message in (
+        ('head', r"exclude='head': a string is an NNX tag filter, not a "
+                 r"path; use checkpoint.HALTING_HEADS or "
+                 r"nnx.PathContains\('head'\)"),
+        (['logits'], r"exclude=\['logits'\]: a string is an NNX tag filter"),
+        (nnx.Any(checkpoint.HALTING_HEADS, 'logits'),
+         r'a string is an NNX tag filter'),
+        (nnx.PathContains('heads'), r'matches no variable of the model')):
+      with self.subTest(exclude=exclude):
+        with self.assertRaisesRegex(checkpoint.CheckpointError, message):
+          checkpoint.restore_into(sact, self.vanilla, exclude=exclude)
+    for name, value in _flat(sact).items():
+      np.testing.assert_array_equal(value, before[name], err_msg=name)
 
 
 def _umask() -> int:

@@ -258,6 +258,27 @@ class SelectModelVariablesTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, 'family'):
       tf_checkpoint.select_model_variables([], 'mnist')
 
+  def test_bad_arguments_are_refused_up_front(self):
+    """`ema='no'` (the flag's spelling) is truthy; a string is a list."""
+    names = ['resnet_v2/logits/weights',
+             'resnet_v2/logits/weights/ExponentialMovingAverage']
+    with self.assertRaisesRegex(TypeError,
+                                "ema must be True, False or None, got 'no'"):
+      tf_checkpoint.select_model_variables(names, 'imagenet', ema='no')
+    self.assertFalse(tf_checkpoint.select_model_variables(
+        names, 'imagenet', ema=np.bool_(False)).used_ema)
+    output = _tempdir(self) / 'out'
+    with self.assertRaisesRegex(TypeError, "ema must be True, False or None"):
+      tf_checkpoint.convert_tf_checkpoint('/nonexistent', output,
+                                          _CIFAR_SPEC, ema='no')
+    with self.assertRaisesRegex(TypeError,
+                                'spec must be a models.ModelSpec .*dict'):
+      tf_checkpoint.convert_tf_checkpoint('/nonexistent', output,
+                                          _CIFAR_SPEC.to_dict())
+    with self.assertRaisesRegex(TypeError, "got the single 'global_step'"):
+      tf_checkpoint.read_tf_checkpoint('/nonexistent', 'global_step')
+    self.assertFalse(output.exists())
+
 
 class WithoutTensorFlowTest(absltest.TestCase):
 

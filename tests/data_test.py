@@ -394,6 +394,24 @@ class Cifar10PipelineTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, 'shard_index'):
       self.make(shard_index=2, shard_count=2)
 
+  @parameterized.named_parameters(
+      ('train_string', dict(train='no'), TypeError,
+       r"train must be True or False, got 'no'\."),
+      ('negative_seed', dict(seed=-1), ValueError,
+       r'seed must be an integer in \[0, 2\*\*32\), got -1\.'),
+      ('large_seed', dict(seed=2**33), ValueError, r'seed must be an integer'),
+      ('float_seed', dict(seed=1.5), ValueError, r'seed must be an integer'),
+      ('fractional_batch', dict(batch_size=2.5), ValueError,
+       r'batch_size must be an integer >= 1, got 2.5\.'),
+      ('empty_batch', dict(batch_size=0), ValueError,
+       r'batch_size must be an integer >= 1, got 0\.'))
+  def test_bad_arguments_before_reading(self, change, error, message):
+    """Refused up front: grain would fail at the first batch, or not."""
+    kwargs = {'batch_size': 8, 'train': False, **change}
+    with self.assertRaisesRegex(error, message):
+      data.make_dataset('sact_shapes/tiny', 'test',
+                        data_dir='/nonexistent', **kwargs)
+
   def test_image_size_must_be_its_own(self):
     _assert_batches_equal(self, _take(self.make(image_size=32), 1),
                           _take(self.make(), 1))
@@ -539,6 +557,10 @@ class HelpersTest(parameterized.TestCase):
     self.assertEqual(data.image_shape('cifar10'), (32, 32, 3))
     with self.assertRaisesRegex(ValueError, 'image_size=224 does not match'):
       data.image_shape('sact_shapes', 224)
+    for size in (-5, 0, 100.7, '64'):
+      with self.assertRaisesRegex(ValueError,
+                                  'image_size must be an integer >= 1'):
+        data.image_shape('imagenet2012', size)
     self.assertEqual([n for n in data.SUPPORTED_DATASETS
                       if data.dataset_info(n).resizable], ['imagenet2012'])
 
@@ -561,6 +583,17 @@ class HelpersTest(parameterized.TestCase):
         data.preprocess_image('imagenet2012', image), out)
     with self.assertRaisesRegex(ValueError, 'Unknown dataset'):
       data.preprocess_image('resnet', image)
+
+  def test_preprocess_image_takes_one_image(self):
+    """A batch would be standardised over all its images, not per image."""
+    for shape, message in (
+        ((2, 4, 4, 3), r'one \[H, W, 3\] image, got shape \(2, 4, 4, 3\); '
+                       r'for a batch, call it per image\.'),
+        ((4, 4), r'got shape \(4, 4\)\.'),
+        ((0, 4, 3), r'got shape \(0, 4, 3\)\.')):
+      with self.subTest(shape=shape):
+        with self.assertRaisesRegex(ValueError, message):
+          data.preprocess_image('cifar', np.ones(shape, np.uint8))
 
   def test_dataset_info(self):
     info = data.dataset_info('sact_shapes')

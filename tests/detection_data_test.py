@@ -412,6 +412,12 @@ class InfoTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, 'max_boxes >= 1'):
       data.make_detection_dataset('coco/2017', 'train', batch_size=1,
                                   train=True, max_boxes=0)
+    with self.assertRaisesRegex(TypeError, 'train must be True or False'):
+      data.make_detection_dataset('coco/2017', 'train', batch_size=1,
+                                  train='no')
+    with self.assertRaisesRegex(ValueError, 'seed must be an integer'):
+      data.make_detection_dataset('coco/2017', 'train', batch_size=1,
+                                  train=True, seed=-1)
 
 
 class CocoPipelineTest(parameterized.TestCase):

@@ -304,6 +304,46 @@ class FasterRCNNTest(parameterized.TestCase):
     with self.assertRaises(ValueError):
       _detector(**change)
 
+  @parameterized.named_parameters(
+      # Each of these used to be accepted and silently change training or
+      # detection (or fail deep inside JAX).
+      ('three_loss_weights', dict(loss_weights=(1.0, 2.0, 1.0)),
+       r'loss_weights needs 4 finite weights >= 0 .*got \(1.0, 2.0, 1.0\)'),
+      ('negative_loss_weight', dict(loss_weights=(1.0, -2.0, 1.0, 2.0)),
+       r'loss_weights needs 4'),
+      ('box_positive_iou_above_1', dict(box_positive_iou=1.5),
+       r'box_positive_iou must lie in \[0, 1\], got 1.5\.'),
+      ('rpn_nms_iou_above_1', dict(rpn_nms_iou=1.5), r'rpn_nms_iou must lie'),
+      ('negative_detection_nms_iou', dict(detection_nms_iou=-0.1),
+       r'detection_nms_iou must lie'),
+      ('score_threshold_1', dict(score_threshold=1.0),
+       r'score_threshold must lie in \[0, 1\), got 1.0\.'),
+      ('box_positive_percentage', dict(box_positive_fraction=25),
+       r'box_positive_fraction must lie'),
+      ('rpn_positive_fraction_above_1', dict(rpn_positive_fraction=1.5),
+       r'rpn_positive_fraction must lie'),
+      ('nan_tau', dict(tau=math.nan), r'tau must be a finite number'),
+      ('fractional_warmup', dict(tau_warmup_steps=2.5),
+       r'tau_warmup_steps must be an integer >= 0, got 2.5\.'),
+      ('fractional_num_classes', dict(num_classes=2.5),
+       r'num_classes must be an integer >= 1, got 2.5\.'),
+      ('float_crop_size', dict(crop_size=4.0), r'crop_size must be an integer'),
+      ('float_feature_blocks', dict(feature_blocks=2.0),
+       r'feature_blocks must be an integer'),
+      ('string_batch_size', dict(rpn_batch_size='16'),
+       r"rpn_batch_size must be an integer >= 1, got '16'\."),
+      ('string_iou', dict(box_positive_iou='0.5'),
+       r"box_positive_iou must lie in \[0, 1\], got '0.5'\."))
+  def test_bad_settings_are_refused_with_the_value(self, change, message):
+    with self.assertRaisesRegex(ValueError, message):
+      _detector(**change)
+
+  def test_backbone_must_be_a_model_spec(self):
+    spec = _detector().backbone
+    with self.assertRaisesRegex(TypeError,
+                                r'backbone must be a models.ModelSpec .*dict'):
+      _detector(backbone=spec.to_dict())
+
 
 class ConfigFileTest(parameterized.TestCase):
 

@@ -340,6 +340,13 @@ class EvaluateModelTest(absltest.TestCase):
       evaluate.evaluate_model(fast_model('sact'),
                               make_config('/nonexistent', dataset='nope'))
 
+  def test_predict_refuses_integer_images(self):
+    """Its float32 cast would hide raw [0, 255] pixels from the model."""
+    model = fast_model('sact')
+    for images in (np.zeros((1, 8, 8, 3), np.uint8), [[[[0, 0, 0]]]]):
+      with self.assertRaisesRegex(TypeError, r'images have dtype (uint8|int)'):
+        evaluate.predict(model, images)
+
   def test_load_model_needs_exactly_one_source(self):
     with self.assertRaisesRegex(ValueError, 'exactly one.*got neither'):
       evaluate.load_model(None)

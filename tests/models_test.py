@@ -304,6 +304,20 @@ class ModelTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, message):
       _model('cifar', 'vanilla')(jnp.zeros(shape))
 
+  @parameterized.parameters(jnp.uint8, jnp.int32, jnp.bool_)
+  def test_integer_images_raise(self, dtype):
+    """Raw pixel values would run as [0, 255] floats, silently."""
+    name = jnp.dtype(dtype).name
+    with self.assertRaisesRegex(
+        TypeError, rf'images have dtype {name}: .*data.preprocess_image'):
+      _model('cifar', 'vanilla')(jnp.zeros((2, 16, 16, 3), dtype))
+
+  def test_images_must_be_an_array(self):
+    with self.assertRaisesRegex(TypeError,
+                                'images must be a jax or numpy array, got '
+                                'list'):
+      _model('cifar', 'vanilla')([[[[0.0, 0.0, 0.0]]]])
+
   def test_one_unit_block(self):
     """A block of one unit: output x^1, N = 1, R = 1, rho = 2, in all types."""
     models = {t: tu.build('cifar', (1,), t, base_channels=4, seed=5)
@@ -437,6 +451,19 @@ class CreateModelTest(parameterized.TestCase):
     kwargs.update(overrides)
     with self.assertRaisesRegex(ValueError, message):
       nnx.eval_shape(lambda: create_model(rngs=nnx.Rngs(0), **kwargs))
+
+  def test_rngs_must_be_rngs(self):
+    for rngs in (0, jax.random.key(0)):
+      with self.assertRaisesRegex(TypeError, r'rngs must be an nnx.Rngs'):
+        create_model('cifar', (1, 1, 1), 'sact', num_classes=10, rngs=rngs)
+
+  def test_eps_as_a_string(self):
+    """A bare comparison error from inside the blocks, before."""
+    with self.assertRaisesRegex(
+        TypeError, r"^eps must be a number in \(0, 1\), got '0.01'\.$"):
+      nnx.eval_shape(lambda: create_model(
+          'cifar', (1, 1, 1), 'sact', num_classes=10, eps='0.01',
+          rngs=nnx.Rngs(0)))
 
 
 if __name__ == '__main__':

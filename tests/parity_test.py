@@ -90,6 +90,17 @@ class ParityTest(parameterized.TestCase):
                                 'missing.*' + victim):
       _load(name, params)
 
+  def test_a_path_or_tensor_names_for_the_weights(self):
+    """A path would read as "every variable missing", by substrings."""
+    path = _case('cifar_vanilla')['params_npz']
+    with self.assertRaisesRegex(TypeError,
+                                r'params must be a mapping .*got the path'):
+      _load('cifar_vanilla', path)
+    params = tu.load_npz(path)
+    with self.assertRaisesRegex(reference.ReferenceMismatchError,
+                                r"names end in ':0': drop that suffix"):
+      _load('cifar_vanilla', {f'{k}:0': v for k, v in params.items()})
+
   @parameterized.parameters('cifar_vanilla', 'imagenet_sact')
   def test_unexpected_variable(self, name):
     params = dict(tu.load_npz(_case(name)['params_npz']))

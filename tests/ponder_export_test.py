@@ -70,6 +70,39 @@ class LibraryTest(absltest.TestCase):
                                 'matches no file'):
       ponder_export.find_images([os.path.join(self.images, '*.jpg')])
 
+  def test_bad_inputs_raise_one_line(self):
+    """Empty inputs, a string for a list, raw pixels without preprocess."""
+    pattern = os.path.join(self.images, '*.png')
+    with self.assertRaisesRegex(TypeError, r'got the single .*; pass \['):
+      ponder_export.find_images(pattern)
+    with self.assertRaisesRegex(TypeError, r'got the single .*; pass \['):
+      ponder_export.load_images(pattern, 16)
+    with self.assertRaisesRegex(ponder_export.NoImagesError, 'no paths'):
+      ponder_export.load_images([], 16)
+    with self.assertRaisesRegex(ValueError, 'No results to draw'):
+      ponder_export.ponder_figures([])
+    with self.assertRaisesRegex(ValueError, 'No results to save'):
+      ponder_export.save_npz([], os.path.join(self.tmp, 'none.npz'))
+    with self.assertRaisesRegex(ValueError, 'No results to draw'):
+      ponder_export.save_image_maps(self.model, {}, self.tmp)
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    with self.assertRaisesRegex(ValueError, 'Got 2 images but 1 names'):
+      ponder_export.ponder_results(self.model, [pixels, pixels], ['a'],
+                                   preprocess='cifar')
+    with self.assertRaisesRegex(TypeError, "names must be a sequence .*'ab'"):
+      ponder_export.ponder_results(self.model, [pixels, pixels], 'ab',
+                                   preprocess='cifar')
+    with self.assertRaisesRegex(
+        TypeError, r"Image 'a' has dtype uint8, but preprocess=None .*"
+        r"preprocess='cifar'"):
+      ponder_export.ponder_results(self.model, [pixels], ['a'])
+    result = ponder_export.PonderResult(
+        name='a', image=pixels, block_maps=[np.ones((2, 2))],
+        total_map=np.ones((8, 8)), ponder_cost=1.0, flops=1.0,
+        predicted_class=0)
+    with self.assertRaisesRegex(ValueError, 'Got 2 results but 1 titles'):
+      ponder_export.ponder_figures([result, result], titles=['a'])
+
   def test_image_modes(self):
     """16-bit greyscale scales to 8 bits (PIL's convert clips it to white);
     palette, greyscale and RGBA come out as their RGB values."""

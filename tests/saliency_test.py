@@ -220,6 +220,18 @@ class PostProcessingTest(parameterized.TestCase):
       saliency.ponder_to_saliency(np.ones((1, 2, 2)), (4, 4))
     with self.assertRaisesRegex(ValueError, 'sigma_fraction'):
       saliency.center_bias((4, 4), sigma_fraction=0.0)
+    with self.assertRaisesRegex(ValueError, r'got an array of shape '
+                                r'\(4, 4, 3\) \(pass image.shape'):
+      saliency.ponder_to_saliency(np.ones((2, 2)), np.zeros((4, 4, 3)))
+    saliency_map, fixations = _random_case()
+    with self.assertRaisesRegex(TypeError, 'rng must be a numpy Generator .*'
+                                'got int'):
+      saliency.auc_borji(saliency_map, fixations, rng=0)
+    with self.assertRaisesRegex(TypeError, 'rng must be a numpy Generator'):
+      saliency.auc_shuffled(saliency_map, fixations, fixations, rng=0)
+    with self.assertRaisesRegex(TypeError, 'rng must be a numpy Generator'):
+      saliency.evaluate_maps([saliency_map] * 2, [fixations] * 2,
+                             [fixations + 0.5] * 2, rng=0)
 
 
 class EvaluateMapsTest(absltest.TestCase):
@@ -268,6 +280,27 @@ class BadInputTest(parameterized.TestCase):
       saliency.auc_borji(np.ones((4, 4)), empty, rng=rng)
     with self.assertRaisesRegex(ValueError, 'other_fixation_map has no'):
       saliency.auc_shuffled(np.ones((4, 4)), np.eye(4), empty, rng=rng)
+
+  def test_a_density_for_a_fixation_map(self):
+    """Blurred, it is > 0 almost everywhere: "fixated everywhere"."""
+    saliency_map, fixations = _random_case()
+    density = fixations + 0.01
+    rng = np.random.default_rng(0)
+    message = (r'fixation_map has fractional values \(in \[0.01, 1.01\]\): '
+               r'a fixation density\?')
+    for fn in (saliency.auc_judd, saliency.nss):
+      with self.assertRaisesRegex(ValueError, message):
+        fn(saliency_map, density)
+    with self.assertRaisesRegex(ValueError, message):
+      saliency.auc_borji(saliency_map, density, rng=rng)
+    with self.assertRaisesRegex(ValueError, 'other_fixation_map has fract'):
+      saliency.auc_shuffled(saliency_map, fixations, density, rng=rng)
+    with self.assertRaisesRegex(ValueError, message):  # Swapped arguments.
+      saliency.evaluate_maps([saliency_map] * 2, [density] * 2,
+                             [fixations] * 2, rng=rng)
+    # 0/1 floats and counts are binary maps.
+    self.assertEqual(saliency.nss(saliency_map, fixations.astype(float)),
+                     saliency.nss(saliency_map, 3 * fixations))
 
   def test_not_2d(self):
     fixations = np.eye(4)

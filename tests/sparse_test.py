@@ -586,6 +586,8 @@ class ApiTest(absltest.TestCase):
       sparse.apply(model, images[..., 0])
     with self.assertRaisesRegex(ValueError, 'no empty dimension'):
       sparse.apply(model, images[:0])
+    with self.assertRaisesRegex(TypeError, 'images have dtype uint8'):
+      sparse.apply(model, images.astype(jnp.uint8))
     with self.assertRaisesRegex(ValueError, 'sact_mode'):
       sparse.SparseOptions(sact_mode='tiles')
     with self.assertRaisesRegex(ValueError, 'dense_head'):
@@ -596,6 +598,20 @@ class ApiTest(absltest.TestCase):
                 dict(compiler_options=('xla_opt',))):
       with self.assertRaisesRegex(ValueError, list(bad)[0]):
         sparse.SparseOptions(**bad)
+    with self.assertRaisesRegex(TypeError,
+                                "adapt must be True or False, got 'no'"):
+      sparse.SparseOptions(adapt='no')
+    for bad in (dict(gather_cost='60'), dict(pipeline='0.1'),
+                dict(dense_head=None), dict(device_rows_floats='1')):
+      with self.assertRaisesRegex(TypeError,
+                                  f'{list(bad)[0]} must be a number, got '):
+        sparse.SparseOptions(**bad)
+    options = sparse.SparseOptions(sact_mode='dense')
+    self.assertIs(sparse.runner_for(model, options=options).options, options)
+    with self.assertRaisesRegex(ValueError, 'either options or keyword'):
+      sparse.apply(model, images, options=options, buckets=2)
+    with self.assertRaisesRegex(TypeError, 'options must be a SparseOptions'):
+      sparse.apply(model, images, options={'sact_mode': 'dense'})
     self.assertEqual(  # Lists and dicts become hashable pairs.
         sparse.SparseOptions(compiler_options=[['a', 1]]).compiler_options,
         sparse.SparseOptions(compiler_options={'a': 1}).compiler_options)
@@ -610,7 +626,8 @@ class ApiTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, 'eval mode'):
       sparse.apply(model, images)
     model.eval()
-    sparse.apply(model, images)
+    _assert_same(self, sparse.apply(model, images),  # The same runner.
+                 sparse.apply(model, images, options=sparse.SparseOptions()))
 
 
 class RowsTest(parameterized.TestCase):

@@ -59,6 +59,19 @@ class ModelSpecTest(parameterized.TestCase):
                   num_classes=10, eps=0.01)
     self.assertEqual(models.ModelSpec.from_config(config).units, expected)
 
+  def test_from_config_names_missing_keys(self):
+    """Not a bare KeyError: the docstring promises a ValueError."""
+    config = dict(family='cifar', units=(2, 2), num_classes=10)
+    with self.assertRaisesRegex(
+        ValueError, r"^config lacks 'model_type', 'eps' \(ModelSpec."
+        r'from_config needs family, units, model_type, num_classes, eps\)\.$'):
+      models.ModelSpec.from_config(config)
+
+  def test_eps_as_a_string(self):
+    """Refused as `create_model` refuses it, not converted."""
+    with self.assertRaisesRegex(TypeError, "eps must be a number .*'0.1'"):
+      models.ModelSpec('cifar', (2, 2), 'sact', num_classes=5, eps='0.1')
+
   def test_from_config_refuses_one_value_that_is_no_depth(self):
     """`--config.units=3` arrives as (3,): a depth, not one block of 3."""
     config = dict(family='cifar', units=(3,), model_type='sact',
@@ -94,6 +107,9 @@ class FromModelTest(parameterized.TestCase):
         'family': 'cifar', 'units': [18, 18, 18], 'model_type': 'sact',
         'num_classes': 10, 'base_channels': 16, 'eps': 0.01})
     self.assertEqual(spec.vanilla_flops((32, 32, 3)), 505_775_360)
+    with self.assertRaisesRegex(ValueError, r'image_shape must hold integers, '
+                                r'got \(32.5, 32, 3\)'):
+      spec.vanilla_flops((32.5, 32, 3))  # Not truncated to 32.
 
   def test_imagenet_round_trip(self):
     """from_model gives back the create_model arguments."""

@@ -128,6 +128,14 @@ class TradeoffTest(parameterized.TestCase):
     with self.assertRaisesRegex(tradeoff.TradeoffError, message):
       tradeoff.collect([os.path.join(self.root, name)])
 
+  def test_a_string_or_nothing_for_the_paths(self):
+    """A string would be read per character ('No such file ...: t')."""
+    for fn in (tradeoff.collect, tradeoff.find_workdirs):
+      with self.assertRaisesRegex(TypeError, r'got the single .*; pass \['):
+        fn(self.root)
+      with self.assertRaisesRegex(tradeoff.TradeoffError, 'No paths given'):
+        fn([])
+
   def test_malformed_eval_json(self):
     workdir = os.path.join(self.root, 'broken')
     os.makedirs(workdir)

@@ -121,6 +121,25 @@ class RenderTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, 'same number of ponder maps'):
       visualize.render_ponder_figure([np.zeros((4, 4, 3))] * 2,
                                      [[np.ones((2, 2))], []])
+    images, maps = [np.zeros((4, 4, 3))] * 2, [[np.ones((2, 2))]] * 2
+    for name in ('titles', 'masks', 'highlight'):
+      with self.assertRaisesRegex(ValueError,
+                                  f'Got 2 images but 1 {name}'):
+        visualize.render_ponder_figure(images, maps,
+                                       **{name: [np.ones((4, 4))]})
+    with self.assertRaisesRegex(ValueError, r'2-D \[h, w\], got shape '
+                                r'\(1, 4, 4\)'):
+      visualize.render_ponder_figure(images[:1], [[np.ones((1, 4, 4))]])
+    with self.assertRaisesRegex(ValueError, 'at least one map'):
+      visualize.shared_norm([])
+
+  def test_per_block_maps_are_refused(self):
+    """`ponder_maps` of 3 images from 3 blocks would draw transposed."""
+    per_block = [np.ones((3, 8 // 2**b, 8 // 2**b)) for b in range(3)]
+    with self.assertRaisesRegex(
+        ValueError, r'per image, a list of \[h, w\] block maps; got a '
+        r'\[3, 8, 8\] array .*\[\[m\[i\] for m in maps\]'):
+      visualize.render_ponder_figure([np.zeros((8, 8, 3))] * 3, per_block)
 
 
 class ModelPicturesTest(absltest.TestCase):

@@ -179,6 +179,7 @@ def make_detection_dataset(
   info = detection_info(name)
   base = name.partition('/')[0]
   pipeline._check_shard(shard_index, shard_count)
+  pipeline._check_batching(batch_size=batch_size, train=train, seed=seed)
   image_size = check_image_size(name, image_size)
   max_boxes = info.max_boxes if max_boxes is None else int(max_boxes)
   if image_size < 1 or max_boxes < 1:

@@ -24,6 +24,7 @@ import functools
 import io
 import json
 import math
+import numbers
 from typing import Any
 
 import grain
@@ -185,6 +186,9 @@ def image_shape(name: str, image_size: int | None = None
   height, width, channels = info.image_shape
   if image_size is None:
     return info.image_shape
+  if not _is_integer(image_size) or image_size < 1:
+    raise ValueError(f'image_size must be an integer >= 1, got '
+                     f'{image_size!r}.')
   if info.resizable:
     return (int(image_size), int(image_size), channels)
   if (image_size, image_size) != (height, width):
@@ -243,6 +247,7 @@ def make_dataset(
   """
   base, _ = _parse_name(name)
   _check_shard(shard_index, shard_count)
+  _check_batching(batch_size=batch_size, train=train, seed=seed)
   size = image_shape(name, image_size)[0]
   source = _data_source(name, split, data_dir)
   load = functools.partial(_load_batch, source=source,
@@ -259,6 +264,26 @@ def _check_shard(shard_index: int, shard_count: int) -> None:
   if not 0 <= shard_index < shard_count:
     raise ValueError(f'Need 0 <= shard_index < shard_count, got {shard_index} '
                      f'and {shard_count}.')
+
+
+def _is_integer(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(
+      value, (bool, np.bool_))
+
+
+def _check_batching(*, batch_size: int, train: bool, seed: int) -> None:
+  """`make_dataset`'s batching arguments, checked before any data is read.
+
+  grain would report a bad batch size or seed only at the first batch, from
+  deep inside; and `train='no'` is truthy (it would shuffle and augment).
+  """
+  if not isinstance(train, (bool, np.bool_)):
+    raise TypeError(f'train must be True or False, got {train!r}.')
+  if not _is_integer(batch_size) or batch_size < 1:
+    raise ValueError(f'batch_size must be an integer >= 1, got '
+                     f'{batch_size!r}.')
+  if not _is_integer(seed) or not 0 <= seed < 2**32:
+    raise ValueError(f'seed must be an integer in [0, 2**32), got {seed!r}.')
 
 
 def _batched_dataset(num_examples: int, load, *, batch_size: int,
@@ -566,6 +591,16 @@ def preprocess_image(name: str, image_HxWxC: np.ndarray) -> np.ndarray:
 
   Returns:
     float32 [H, W, C].
+
+  Raises:
+    ValueError: not one non-empty [H, W, 3] image (e.g. a batch).
   """
   base = _FAMILY_DATASETS.get(name) or _parse_name(name)[0]
-  return _NORMALIZERS[base](np.asarray(image_HxWxC)[None])[0]
+  image = np.asarray(image_HxWxC)
+  # A batch would be standardised over all its images at once, silently.
+  if image.ndim != 3 or image.shape[-1] != 3 or min(image.shape) < 1:
+    raise ValueError(
+        f'preprocess_image takes one [H, W, 3] image, got shape '
+        f'{image.shape}' + ('; for a batch, call it per image.'
+                            if image.ndim == 4 else '.'))
+  return _NORMALIZERS[base](image[None])[0]

@@ -21,6 +21,7 @@ classification.
 import dataclasses
 import functools
 import math
+import numbers
 from typing import Any
 
 from flax import nnx
@@ -44,6 +45,11 @@ from sact_jax.layers import LayerFactory
 # The ImageNet stem (7x7/2 conv, 3x3/2 max pool) and every block after the
 # first halve the resolution.
 _STEM_STRIDE = 4
+
+
+def _is_real(value) -> bool:
+  """A real number: not a bool, a string or an array."""
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 # DetectorConfig fields that a training config sets at its top level.
@@ -119,44 +125,71 @@ class DetectorConfig:
   tau_warmup_steps: int = 0
 
   def __post_init__(self):
+    if not isinstance(self.backbone, models.ModelSpec):
+      raise TypeError(
+          'backbone must be a models.ModelSpec (ModelSpec.from_dict turns a '
+          f'dict into one), got {type(self.backbone).__name__}.')
     if self.backbone.family != 'imagenet':
       raise ValueError(
           'A detector needs an ImageNet-family backbone (bottleneck units, '
           f'stride 16 after block 3), got family {self.backbone.family!r}.')
+    # Floats or numeric strings would pass construction and fail deep in
+    # JAX or Flax as shapes or indices.
+    for name in ('num_classes', 'feature_blocks', 'rpn_channels',
+                 'rpn_batch_size', 'pre_nms_top_k', 'train_proposals',
+                 'eval_proposals', 'box_batch_size', 'crop_size',
+                 'max_detections_per_class', 'max_detections'):
+      models.positive_int(name, getattr(self, name))
     if not 1 <= self.feature_blocks < len(self.backbone.units):
       raise ValueError(
           f'feature_blocks must leave at least one of the backbone\'s '
           f'{len(self.backbone.units)} blocks for the box classifier, got '
           f'{self.feature_blocks}.')
-    for name in ('num_classes', 'rpn_channels', 'rpn_batch_size',
-                 'pre_nms_top_k', 'train_proposals', 'eval_proposals',
-                 'box_batch_size', 'crop_size', 'max_detections_per_class',
-                 'max_detections'):
-      if int(getattr(self, name)) < 1:
-        raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}.')
     if self.crop_size % 2:
       raise ValueError(f'crop_size must be even (crops are max-pooled by 2), '
                        f'got {self.crop_size}.')
     # No anchors, or empty or flipped ones, would only show up as a head
     # with zero outputs or a loss without positives.
-    if not 0 < self.anchor_base_size < math.inf:
+    if not (_is_real(self.anchor_base_size)
+            and 0 < self.anchor_base_size < math.inf):
       raise ValueError(f'anchor_base_size must be > 0, got '
-                       f'{self.anchor_base_size}.')
+                       f'{self.anchor_base_size!r}.')
     for name in ('anchor_scales', 'anchor_ratios'):
       values = getattr(self, name)
       if not (isinstance(values, (tuple, list)) and values
-              and all(0 < v < math.inf for v in values)):
+              and all(_is_real(v) and 0 < v < math.inf for v in values)):
         raise ValueError(f'{name} must be a non-empty sequence of numbers '
                          f'> 0, got {values!r}.')
-    if not 0 <= self.rpn_negative_iou <= self.rpn_positive_iou <= 1:
+    # Out of range, these silently change training or detection: an IoU
+    # never exceeds 1 (NMS at 1.5 suppresses nothing), softmax scores
+    # never reach 1, a fraction of 25 is a percentage.
+    for name, upper in (('rpn_positive_fraction', '1]'),
+                        ('box_positive_fraction', '1]'),
+                        ('rpn_positive_iou', '1]'), ('rpn_negative_iou', '1]'),
+                        ('rpn_nms_iou', '1]'), ('box_positive_iou', '1]'),
+                        ('detection_nms_iou', '1]'),
+                        ('score_threshold', '1)')):
+      value = getattr(self, name)
+      if not (_is_real(value) and 0 <= value <= 1
+              and (upper == '1]' or value < 1)):
+        raise ValueError(f'{name} must lie in [0, {upper}, got {value!r}.')
+    if not self.rpn_negative_iou <= self.rpn_positive_iou:
       raise ValueError('Need 0 <= rpn_negative_iou <= rpn_positive_iou <= 1, '
                        f'got {self.rpn_negative_iou} and '
                        f'{self.rpn_positive_iou}.')
-    if self.tau < 0:
-      raise ValueError(f'tau must be >= 0, got {self.tau}.')
-    if self.tau_warmup_steps < 0:
+    weights = self.loss_weights
+    if not (isinstance(weights, (tuple, list)) and len(weights) == 4
+            and all(_is_real(w) and 0 <= w < math.inf for w in weights)):
       raise ValueError(
-          f'tau_warmup_steps must be >= 0, got {self.tau_warmup_steps}.')
+          'loss_weights needs 4 finite weights >= 0 (rpn_objectness, '
+          'rpn_localization, box_classification, box_localization), got '
+          f'{weights!r}.')
+    if not (_is_real(self.tau) and 0 <= self.tau < math.inf):
+      raise ValueError(f'tau must be a finite number >= 0, got {self.tau!r}.')
+    if not models.is_integer(self.tau_warmup_steps) or (
+        self.tau_warmup_steps < 0):
+      raise ValueError(f'tau_warmup_steps must be an integer >= 0, got '
+                       f'{self.tau_warmup_steps!r}.')
 
   @classmethod
   def config_defaults(cls) -> dict[str, Any]:

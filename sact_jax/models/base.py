@@ -11,13 +11,32 @@ def check_images(images: jax.Array):
   """One clear error for images that no ResNet here can take.
 
   An empty batch is refused too: in training its batch statistics are NaN
-  and would overwrite every BatchNorm's running averages.
+  and would overwrite every BatchNorm's running averages. So are integer
+  images (`check_image_dtype`).
   """
+  if not (hasattr(images, 'shape') and hasattr(images, 'dtype')):
+    raise TypeError('images must be a jax or numpy array, got '
+                    f'{type(images).__name__}.')
   shape = tuple(images.shape)
   if len(shape) != 4 or shape[-1] != 3 or min(shape) < 1:
     raise ValueError(
         'Expected images shaped [batch, height, width, 3] (NHWC, RGB, no '
         f'empty dimension), got shape {shape}.')
+  check_image_dtype(images.dtype)
+
+
+def check_image_dtype(dtype):
+  """Refuses integer and bool images, which would run as raw [0, 255] values.
+
+  The models take float images normalised as their training data (CIFAR
+  standardised per image, ImageNet in [-1, 1]); an image loaded with PIL is
+  uint8 and must go through `data.preprocess_image` first.
+  """
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(
+        f'images have dtype {jnp.dtype(dtype).name}: the models take float '
+        'images normalised as their training data; use '
+        "data.preprocess_image('cifar' or 'imagenet', image) per image.")
 
 
 class AdaptiveResNet(nnx.Module):

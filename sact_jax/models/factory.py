@@ -123,6 +123,10 @@ def create_model(family: str, units: int | Sequence[int], model_type: str, *,
     The model, called as `logits, aux = model(images_BxHxWx3)`.
   """
   units = resolve_units(family, units)
+  if not isinstance(rngs, nnx.Rngs):
+    # A seed or a key would fail deep inside Flax's initialisers.
+    raise TypeError(f'rngs must be an nnx.Rngs (e.g. nnx.Rngs(0)), got '
+                    f'{type(rngs).__name__}.')
   if model_type not in blocks_lib.MODEL_TYPES:
     raise ValueError(f'model_type must be one of {blocks_lib.MODEL_TYPES}, '
                      f'got {model_type!r}.')

@@ -18,6 +18,9 @@ from sact_jax.models import cifar
 from sact_jax.models import factory
 from sact_jax.models import imagenet
 
+# The keys `ModelSpec.from_config` reads (and `base_channels`, optional).
+_CONFIG_KEYS = ('family', 'units', 'model_type', 'num_classes', 'eps')
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
@@ -57,6 +60,9 @@ class ModelSpec:
     object.__setattr__(self, 'base_channels', factory.positive_int(
         'base_channels', factory.default_base_channels(self.family)
         if self.base_channels is None else self.base_channels))
+    if isinstance(self.eps, (str, bytes)):
+      # As `create_model`: a number, not its text.
+      raise TypeError(f'eps must be a number in (0, 1), got {self.eps!r}.')
     if not 0.0 < float(self.eps) < 1.0:
       raise ValueError(f'eps must lie in (0, 1), got {self.eps}.')
     object.__setattr__(self, 'eps', float(self.eps))
@@ -81,6 +87,11 @@ class ModelSpec:
   @classmethod
   def from_config(cls, config: Mapping[str, Any]) -> 'ModelSpec':
     """The architecture a training config describes (ValueError if bad)."""
+    missing = [key for key in _CONFIG_KEYS if key not in config]
+    if missing:
+      raise ValueError(
+          f'config lacks {", ".join(repr(k) for k in missing)} '
+          f'(ModelSpec.from_config needs {", ".join(_CONFIG_KEYS)}).')
     # One value is a depth: `--config.units=3` arrives as (3,).
     units = factory.depth_or_units(config['units'])
     return cls(family=config['family'], units=units,
@@ -136,6 +147,10 @@ class ModelSpec:
     Args:
       image_shape: `(H, W, 3)` of the input images.
     """
+    if not all(factory.is_integer(d) for d in image_shape):
+      # int() would truncate a size of 32.5 to 32, silently.
+      raise ValueError(f'image_shape must hold integers, got '
+                       f'{tuple(image_shape)}.')
     vanilla = dataclasses.replace(self, model_type='vanilla')
     return flops_lib.vanilla_flops(lambda: vanilla.create(nnx.Rngs(0)),
                                    tuple(int(d) for d in image_shape))

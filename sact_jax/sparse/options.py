@@ -7,6 +7,7 @@ or densely ('auto'), and the FLOPs computed beyond the reference count.
 
 import dataclasses
 import math
+import numbers
 from typing import Any
 
 import jax
@@ -146,6 +147,16 @@ class SparseOptions:
     if self.sact_mode not in SACT_MODES:
       raise ValueError(f'sact_mode must be one of {SACT_MODES}, got '
                        f'{self.sact_mode!r}.')
+    if not isinstance(self.adapt, bool):
+      # `adapt='no'` would be truthy.
+      raise TypeError(f'adapt must be True or False, got {self.adapt!r}.')
+    # Numbers given as strings would fail below with a bare comparison error.
+    for name in ('gather_cost', 'slice_cost', 'unit_cost', 'device_flops',
+                 'pipeline', 'dense_head', 'device_rows_floats'):
+      value = getattr(self, name)
+      if not (isinstance(value, numbers.Real)
+              or (value is None and name == 'device_flops')):
+        raise TypeError(f'{name} must be a number, got {value!r}.')
     if min(self.gather_cost, self.slice_cost, self.unit_cost) < 0:
       raise ValueError('gather_cost, slice_cost and unit_cost must be >= 0, '
                        f'got {self.gather_cost}, {self.slice_cost}, '

@@ -138,10 +138,7 @@ class SparseRunner:
 
   def __init__(self, model: nnx.Module, options: SparseOptions | None = None,
                **kwargs):
-    if options is None:
-      options = SparseOptions(**kwargs)
-    elif kwargs:
-      raise ValueError('Pass either options or keyword options, not both.')
+    options = _options(options, kwargs)
     if not isinstance(model, base.AdaptiveResNet):
       raise TypeError('SparseRunner takes a model built by create_model, got '
                       f'{type(model).__name__}.')
@@ -453,16 +450,33 @@ _RUNNERS: 'weakref.WeakKeyDictionary[nnx.Module, dict]' = (
     weakref.WeakKeyDictionary())
 
 
-def runner_for(model: nnx.Module, **options) -> SparseRunner:
-  """The cached `SparseRunner` of `model` with these options."""
-  opts = SparseOptions(**options)
+def _options(options: SparseOptions | None, fields: dict) -> SparseOptions:
+  """`options`, or `SparseOptions(**fields)`: as `SparseRunner` takes them."""
+  if options is None:
+    return SparseOptions(**fields)
+  if fields:
+    raise ValueError('Pass either options or keyword options, not both.')
+  if not isinstance(options, SparseOptions):
+    raise TypeError(f'options must be a SparseOptions, got '
+                    f'{type(options).__name__}.')
+  return options
+
+
+def runner_for(model: nnx.Module, *, options: SparseOptions | None = None,
+               **fields) -> SparseRunner:
+  """The cached `SparseRunner` of `model` with these options.
+
+  Options are a `SparseOptions` or its fields as keywords, not both.
+  """
+  opts = _options(options, fields)
   per_model = _RUNNERS.setdefault(model, {})
   if opts not in per_model:
     per_model[opts] = SparseRunner(model, opts)
   return per_model[opts]
 
 
-def apply(model: nnx.Module, images_BxHxWx3: jax.Array, **options
+def apply(model: nnx.Module, images_BxHxWx3: jax.Array, *,
+          options: SparseOptions | None = None, **fields
           ) -> tuple[jax.Array, dict]:
   """`model(images)` computing only what the halting decisions keep.
 
@@ -470,7 +484,8 @@ def apply(model: nnx.Module, images_BxHxWx3: jax.Array, **options
     model: a model built by `create_model` (any family and type), in eval
       mode. Its weights are read, never changed.
     images_BxHxWx3: input images.
-    **options: `SparseOptions` fields.
+    options: a `SparseOptions`; or, instead, ...
+    **fields: `SparseOptions` fields.
 
   Returns:
     `(logits, aux)` as `model(images)`, aux with the same keys plus
@@ -478,4 +493,4 @@ def apply(model: nnx.Module, images_BxHxWx3: jax.Array, **options
     padding, units run densely, ACT images computed after halting), summed
     over the batch.
   """
-  return runner_for(model, **options)(images_BxHxWx3)
+  return runner_for(model, options=options, **fields)(images_BxHxWx3)
