@@ -1,6 +1,5 @@
 """Benchmarks, run by hand (BUILD.md, "Benchmarks")."""
 
-import json
 import os
 import subprocess
 import tempfile
@@ -176,20 +175,9 @@ def check_output(path: str, flag: str = 'out', overwrite: bool = False
 def write_json(path: str, data, indent: int = 1) -> None:
   """A benchmark's results as JSON at `path`, its folder made if need be.
 
-  Atomic (a temporary file in the same folder, then renamed), so that a
-  run cut off mid-write leaves the previous file; NaN is refused, as it is
-  not JSON (`check_at_least` keeps the counts that would make it out).
+  `evaluate.save_json`'s atomic write, so that a run cut off mid-write
+  leaves the previous file; NaN is refused, as it is not JSON
+  (`check_at_least` keeps the counts that would make it out).
   """
-  path = os.path.abspath(path)
-  folder = os.path.dirname(path)
-  os.makedirs(folder, exist_ok=True)
-  tmp = os.path.join(folder, f'.{os.path.basename(path)}.{os.getpid()}.tmp')
-  try:
-    with open(tmp, 'w') as f:
-      json.dump(data, f, indent=indent, allow_nan=False)
-      f.write('\n')
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  from sact_jax import evaluate  # pylint: disable=g-import-not-at-top
+  evaluate.save_json(data, path, indent=indent)

@@ -548,8 +548,12 @@ def load_model(config, *, workdir: str | None = None,
   return model
 
 
-def save_json(metrics: Mapping[str, Any], path: str) -> None:
-  """Writes `metrics` to `path` atomically (a reader never sees half a file)."""
+def save_json(metrics: Mapping[str, Any], path: str, indent: int = 2
+              ) -> None:
+  """Writes `metrics` to `path` atomically (a reader never sees half a file).
+
+  NaN is refused (`ValueError`): it is not JSON.
+  """
   path = os.path.abspath(path)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   # Same directory (so the rename is atomic), and made by open() so that it
@@ -558,7 +562,7 @@ def save_json(metrics: Mapping[str, Any], path: str) -> None:
                           f'.{os.path.basename(path)}.{os.getpid()}.tmp')
   try:
     with open(tmp_path, 'w') as f:
-      json.dump(metrics, f, indent=2, allow_nan=False)
+      json.dump(metrics, f, indent=indent, allow_nan=False)
       f.write('\n')
     os.replace(tmp_path, path)
   except BaseException:
