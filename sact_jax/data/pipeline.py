@@ -24,7 +24,6 @@ import functools
 import io
 import json
 import math
-import numbers
 from typing import Any
 
 import grain
@@ -33,6 +32,7 @@ import tensorflow_datasets as tfds
 
 from sact_jax.data import inception
 from sact_jax.data import shapes
+from sact_jax.models import factory
 
 Example = dict[str, Any]
 
@@ -186,7 +186,7 @@ def image_shape(name: str, image_size: int | None = None
   height, width, channels = info.image_shape
   if image_size is None:
     return info.image_shape
-  if not _is_integer(image_size) or image_size < 1:
+  if not factory.is_integer(image_size) or image_size < 1:
     raise ValueError(f'image_size must be an integer >= 1, got '
                      f'{image_size!r}.')
   if info.resizable:
@@ -266,11 +266,6 @@ def _check_shard(shard_index: int, shard_count: int) -> None:
                      f'and {shard_count}.')
 
 
-def _is_integer(value) -> bool:
-  return isinstance(value, numbers.Integral) and not isinstance(
-      value, (bool, np.bool_))
-
-
 def _check_batching(*, batch_size: int, train: bool, seed: int) -> None:
   """`make_dataset`'s batching arguments, checked before any data is read.
 
@@ -279,10 +274,10 @@ def _check_batching(*, batch_size: int, train: bool, seed: int) -> None:
   """
   if not isinstance(train, (bool, np.bool_)):
     raise TypeError(f'train must be True or False, got {train!r}.')
-  if not _is_integer(batch_size) or batch_size < 1:
+  if not factory.is_integer(batch_size) or batch_size < 1:
     raise ValueError(f'batch_size must be an integer >= 1, got '
                      f'{batch_size!r}.')
-  if not _is_integer(seed) or not 0 <= seed < 2**32:
+  if not factory.is_integer(seed) or not 0 <= seed < 2**32:
     raise ValueError(f'seed must be an integer in [0, 2**32), got {seed!r}.')
 
 
